@@ -1,0 +1,8 @@
+"""Write and read compressed checkpoints."""
+from .export import densify, export_dense
+from .layout import bytes_on_disk, check_output_dir, staged_directory
+from .reader import load_compressed, read_metadata
+from .writer import write_checkpoint
+
+__all__ = ["bytes_on_disk", "check_output_dir", "densify", "export_dense", "load_compressed",
+           "read_metadata", "staged_directory", "write_checkpoint"]

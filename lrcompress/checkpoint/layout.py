@@ -1,0 +1,66 @@
+"""The compressed checkpoint's on-disk layout (a Hugging Face-style directory).
+
+    config.json                 the original config + an "lrcompress" block (format, per-module specs)
+    model.safetensors           or model-0000i-of-0000N.safetensors + model.safetensors.index.json
+    tokenizer files, recipe.yaml, metrics.json, report.md
+
+Tied tensors (tied embeddings) are stored once; the aliases are listed in the "lrcompress" block.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import CheckpointError
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+METADATA_KEY = "lrcompress"
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to touch an existing directory unless asked; called before any work starts."""
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"output directory {path} exists; pass --overwrite (or output.overwrite: "
+                              "true) to replace it")
+
+
+@contextmanager
+def staged_directory(final: Path, overwrite: bool) -> Iterator[Path]:
+    """Write into a hidden sibling, then swap it in: a crash never leaves a complete-looking directory."""
+    check_output_dir(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(trash)
+        staging.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(final)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def bytes_on_disk(directory: Path) -> int:
+    return sum(p.stat().st_size for p in weight_files(directory))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

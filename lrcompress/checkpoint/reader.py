@@ -1,0 +1,70 @@
+"""Rebuild a compressed model: the architecture from config.json, the compressed modules from their
+specs, then the tensors from safetensors (never pickle)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import CheckpointError
+from ..modules import MODULE_KINDS
+from ..pipeline.targets import replace_submodule
+from .layout import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, weight_files
+
+
+def read_metadata(directory: Path) -> tuple[dict, dict]:
+    """(config without the lrcompress block, the block); raises if the directory is not a checkpoint."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: no {CONFIG_NAME}")
+    config = json.loads(path.read_text())
+    meta = config.pop(METADATA_KEY, None)
+    if meta is None:
+        raise CheckpointError(f"{path} has no '{METADATA_KEY}' block: not an lrcompress checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported "
+                              f"(this lrcompress reads version {FORMAT_VERSION})")
+    return config, meta
+
+
+def build_skeleton(config_dict: dict, meta: dict, dtype: torch.dtype) -> nn.Module:
+    """The model with random-free (uninitialized) weights and the compressed modules swapped in."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, spec in meta["modules"].items():
+        kind = MODULE_KINDS.get(spec["kind"])
+        if kind is None:
+            raise CheckpointError(f"module {name}: unknown compressed kind {spec['kind']!r}")
+        replace_submodule(model, name, kind.from_spec(spec, dtype))
+    return model
+
+
+def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    directory = Path(directory)
+    config_dict, meta = read_metadata(directory)
+    stored_dtype = getattr(torch, meta.get("dtype", "float32"))
+    model = build_skeleton(config_dict, meta, stored_dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    files = weight_files(directory)
+    if not files:
+        raise CheckpointError(f"{directory}: no .safetensors files")
+    for file in files:
+        tensors.update(load_file(file))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = set(meta.get("tied", {}))
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: tensors do not match the model "
+                              f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

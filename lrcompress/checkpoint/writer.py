@@ -1,0 +1,82 @@
+"""Write a (compressed) model as safetensors shards + config.json with the lrcompress block."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..modules import CompressedLinear
+from .layout import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, METADATA_KEY, WEIGHTS_NAME
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def compressed_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: module.spec() for name, module in model.named_modules() if isinstance(module, CompressedLinear)}
+
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with shared tensors stored once; returns it and {alias: stored name}."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def write_checkpoint(model: nn.Module, tokenizer: Any, directory: Path, provenance: dict[str, Any],
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write ``model`` (with its compressed modules) into an existing, empty ``directory``."""
+    tensors, aliases = unique_state_dict(model)
+    write_weights(directory, tensors, max_shard_bytes)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    dtype = next(model.parameters()).dtype
+    config[METADATA_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "dtype": str(dtype).removeprefix("torch."),
+        "modules": compressed_specs(model),
+        "tied": aliases,
+        "provenance": provenance,
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

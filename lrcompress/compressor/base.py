@@ -1,0 +1,111 @@
+"""The compressor contract: a config schema, the statistics it needs, and ``compress``.
+
+A compressor never loads models, reads files or prints: it gets one module and its statistics and
+returns the replacement. The pipeline measures time and output error and keeps the record.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from .linalg import low_rank_params, rank_for_ratio
+from .stats import Statistic
+
+
+class CompressorConfig(BaseModel):
+    """Options of one compression stage; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LowRankConfig(CompressorConfig):
+    """Target size of a low-rank factorization: a parameter ``ratio`` removed, or an explicit ``rank``."""
+
+    ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of the module's parameters removed")
+    rank: int | None = Field(None, ge=1, description="explicit rank (instead of ratio)")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "LowRankConfig":
+        if (self.ratio is None) == (self.rank is None):
+            raise ValueError("give exactly one of 'ratio' or 'rank'")
+        return self
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        if self.rank is not None:
+            return min(self.rank, out_features, in_features)
+        return rank_for_ratio(out_features, in_features, self.ratio or 0.0)
+
+
+@dataclass
+class CompressResult:
+    """The replacement module and what the compressor knows about how it got there."""
+
+    module: nn.Module
+    rank: int | None = None
+    numerical_path: str = "n/a"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """What a compressor will produce for a module, known before any statistics (for --dry-run)."""
+
+    params_after: int
+    rank: int | None = None
+
+
+class Compressor(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[CompressorConfig]] = CompressorConfig
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: CompressorConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def plan(self, module: nn.Module) -> Plan:
+        """Shape of the result without statistics."""
+
+    @abstractmethod
+    def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
+        """Return the replacement for ``module`` (named ``name``, for messages)."""
+
+
+class LowRankCompressor(Compressor):
+    """Shared planning for methods whose output is a rank-r ``LowRankLinear``."""
+
+    Config = LowRankConfig
+    config: LowRankConfig
+
+    def plan(self, module: nn.Module) -> Plan:
+        m, n = module.out_features, module.in_features
+        rank = self.config.rank_for(m, n)
+        bias = getattr(module, "bias", None)
+        return Plan(low_rank_params(m, n, rank) + (bias.numel() if bias is not None else 0), rank)
+
+
+COMPRESSORS: dict[str, type[Compressor]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a compressor available to recipes under ``name``."""
+
+    def wrap(cls: type[Compressor]) -> type[Compressor]:
+        if name in COMPRESSORS:
+            raise ValueError(f"compressor {name!r} registered twice")
+        cls.name = name
+        COMPRESSORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_compressor(name: str) -> type[Compressor]:
+    try:
+        return COMPRESSORS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(COMPRESSORS))}") from None

@@ -1,0 +1,90 @@
+"""Statistics that the pipeline accumulates per target module from its forward calls.
+
+Every statistic is a plain object with ``observe`` (one batch) and ``merge`` (another partial sum), so
+that batches, and later processes (``torch.distributed``), reduce with the same code.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import NumericalError
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 on CPU (cheap and exact enough for any calibration size), float32 on accelerators."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+class Statistic(ABC):
+    """One running statistic of one module."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        """Fold in one forward call: ``inputs`` is the module's first positional input."""
+
+    @abstractmethod
+    def merge(self, other: "Statistic") -> None:
+        """Add another partial statistic of the same module (another batch or another rank)."""
+
+
+class GramStatistic(Statistic):
+    """Running sums of XᵀX, of x and the row count, over every token the module sees."""
+
+    name = "gram"
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        dtype = accumulation_dtype(torch.device(device))
+        self.sum_xx = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.sum_x = torch.zeros(in_features, dtype=dtype, device=device)
+        self.count = 0
+
+    def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).to(device=self.sum_xx.device, dtype=self.sum_xx.dtype)
+        self.sum_xx.addmm_(x.T, x)
+        self.sum_x += x.sum(dim=0)
+        self.count += x.shape[0]
+
+    def merge(self, other: Statistic) -> None:
+        assert isinstance(other, GramStatistic)
+        self.sum_xx += other.sum_xx.to(self.sum_xx)
+        self.sum_x += other.sum_x.to(self.sum_x)
+        self.count += other.count
+
+    def gram(self, module_name: str) -> torch.Tensor:
+        """XᵀX in float64, checked for NaN/Inf."""
+        g = self.sum_xx.to(torch.float64)
+        if not torch.isfinite(g).all():
+            raise NumericalError(f"{module_name}: the calibration Gram XᵀX contains NaN/Inf "
+                                 "(the activations overflowed; try dtype float32 or fewer layers)")
+        return g
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum_x / max(self.count, 1)).to(torch.float64)
+
+
+StatisticFactory = Callable[[nn.Module, torch.device], Statistic]
+
+STATISTICS: dict[str, StatisticFactory] = {
+    "gram": lambda module, device: GramStatistic(_in_features(module), device),
+}
+
+
+def _in_features(module: nn.Module) -> int:
+    features = getattr(module, "in_features", None)
+    if features is None:
+        raise TypeError(f"cannot collect a Gram for {type(module).__name__}: it has no in_features")
+    return int(features)
+
+
+def make_statistic(kind: str, module: nn.Module, device: torch.device) -> Statistic:
+    try:
+        factory = STATISTICS[kind]
+    except KeyError:
+        raise KeyError(f"unknown statistic {kind!r}; known: {sorted(STATISTICS)}") from None
+    return factory(module, device)

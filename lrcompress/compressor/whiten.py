@@ -1,0 +1,45 @@
+"""``whiten`` (alias ``asvd``): activation-aware SVD as in SVD-LLM (Wang et al., 2024).
+
+With G = XᵀX = S·Sᵀ, ‖X(W−Ŵ)ᵀ‖_F = ‖(W−Ŵ)·S‖_F, so the best rank-r Ŵ is the truncated SVD of W·S
+mapped back by S⁻¹: Ŵ = U_r Σ_r V_rᵀ S⁻¹. S is the (damped) Cholesky factor, with the fallbacks of
+``linalg.whitening``.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from pydantic import Field
+from torch import nn
+
+from ..modules import LowRankLinear, dense_weight
+from .base import CompressResult, LowRankCompressor, LowRankConfig, register
+from .linalg import balanced_factors, truncated_svd, whitening
+from .stats import GramStatistic, Statistic
+
+
+class WhitenConfig(LowRankConfig):
+    damping: float = Field(1e-4, ge=0.0, description="λ in G + λ·mean(diag G)·I before Cholesky")
+
+
+@register("whiten")
+class WhitenedSVD(LowRankCompressor):
+    Config = WhitenConfig
+    config: WhitenConfig
+    needs = frozenset({"gram"})
+
+    def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
+        gram_stat = stats["gram"]
+        assert isinstance(gram_stat, GramStatistic)
+        weight = dense_weight(module).detach()
+        rank = self.plan(module).rank
+        white = whitening(gram_stat.gram(name), self.config.damping, name)
+        u, s, vh = truncated_svd(weight.to(white.factor) @ white.factor, rank)
+        up, down = balanced_factors(u, s, vh)
+        down = down @ white.inverse
+        replacement = LowRankLinear.from_factors(up, down, getattr(module, "bias", None), weight.dtype)
+        return CompressResult(replacement, rank=rank, numerical_path=white.path)
+
+
+@register("asvd")
+class ActivationAwareSVD(WhitenedSVD):
+    """Alias of ``whiten`` under the name DESIGN.md also uses."""

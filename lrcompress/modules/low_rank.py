@@ -1,0 +1,62 @@
+"""LowRankLinear: y = B·(A·x) + b, the module of every low-rank compressor."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import CompressedLinear, register_module_kind
+
+
+@register_module_kind
+class LowRankLinear(CompressedLinear):
+    """Two thin linears: ``down`` (A, rank × in) then ``up`` (B, out × rank, carries the bias).
+
+    Stored as two standard ``nn.Linear`` so that the factors keep familiar names in safetensors
+    (``<module>.down.weight``, ``<module>.up.weight``) and export directly as LoRA-style pairs.
+    """
+
+    kind = "low_rank"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype) -> "LowRankLinear":
+        """Build from B (out × r) and A (r × in); factors are cast to ``dtype``."""
+        out_features, rank = up.shape
+        module = cls(down.shape[1], out_features, rank, bias=bias is not None, dtype=dtype,
+                     device=up.device)
+        with torch.no_grad():
+            module.up.weight.copy_(up.to(dtype))
+            module.down.weight.copy_(down.to(dtype))
+            if bias is not None:
+                module.up.bias.copy_(bias.to(dtype))
+        return module
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.up.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.up.weight @ self.down.weight
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.up.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> "LowRankLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

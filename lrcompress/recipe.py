@@ -1,0 +1,180 @@
+"""The recipe: a YAML file validated before any work starts.
+
+Every section forbids unknown keys. Stage options are validated against the chosen method's own
+config schema, so a typo such as ``ratoi`` is reported as ``stages.0.ratoi`` together with the file.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .compressor import COMPRESSORS, CompressorConfig
+from .errors import RecipeError
+
+DEFAULT_TARGETS = ["*"]  # every nn.Linear inside the decoder layers (the adapter defines that set)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Section):
+    path: str = Field(description="local HF directory, safetensors directory, .gguf file or hub id")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class CalibrationSpec(Section):
+    dataset: str = Field("wikitext2", description="dataset name (wikitext2, ...) or a .txt/.jsonl path")
+    split: str = "validation"
+    num_samples: int = Field(32, ge=1)
+    seq_len: int = Field(512, ge=2)
+    seed: int = 0
+
+
+class StageSpec(Section):
+    """One compression stage. Method options sit beside ``method`` and are checked by the method."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    ignore: list[str] = Field(default_factory=list)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in COMPRESSORS:
+            hint = difflib.get_close_matches(method, COMPRESSORS, n=1)
+            raise ValueError(f"unknown method {method!r}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                             + f"; known: {', '.join(sorted(COMPRESSORS))}")
+        return method
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RuntimeSpec(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(4, ge=1, description="calibration windows per forward call")
+    offload_device: Literal["cpu", "cuda"] = "cpu"
+    sequential: bool = Field(True, description="feed the compressed layer's outputs to the next layer")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+
+class OutputSpec(Section):
+    dir: str = "runs/out"
+    overwrite: bool = False
+    save: bool = True
+
+
+class PerplexitySpec(Section):
+    dataset: str = "wikitext2"
+    split: str = "test"
+    seq_len: int = Field(512, ge=2)
+    max_windows: int | None = Field(None, ge=1)
+
+
+class EvalSpec(Section):
+    perplexity: list[PerplexitySpec] = Field(default_factory=lambda: [PerplexitySpec()])
+    baseline: bool = Field(False, description="also evaluate the uncompressed model")
+
+
+class Recipe(Section):
+    model: ModelSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    stages: list[StageSpec] = Field(default_factory=list)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    data_dir: str | None = Field(None, description="where dataset names resolve to local files")
+    seed: int = 0
+
+    def stage_config(self, index: int) -> CompressorConfig:
+        stage = self.stages[index]
+        return COMPRESSORS[stage.method].Config(**stage.options)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(source: str, error: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in prefix + tuple(item["loc"])) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
+            message += f" (got {item['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; the value is parsed as YAML (numbers, booleans, lists)."""
+    for override in overrides:
+        if "=" not in override:
+            raise RecipeError(f"--set {override!r}: expected KEY=VALUE, e.g. stages.0.ratio=0.3")
+        key, raw = override.split("=", 1)
+        node: Any = data
+        parts = key.strip().split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, create=True, where=".".join(parts[: depth + 1]), source=source)
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[_index(node, last, key, source)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _index(node: list, part: str, where: str, source: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"{source}: --set {where}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _child(node: Any, part: str, create: bool, where: str, source: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where, source)]
+    if not isinstance(node, dict):
+        raise RecipeError(f"{source}: --set {where}: cannot descend into a {type(node).__name__}")
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections (model, calibration, stages, ...)")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(_format_errors(source, error)) from None
+    for index, stage in enumerate(recipe.stages):
+        try:
+            recipe.stage_config(index)
+        except ValidationError as error:
+            raise RecipeError(_format_errors(source, error, ("stages", index))) from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    data = apply_overrides(data or {}, overrides or [], str(path))
+    return parse_recipe(data, str(path))

@@ -1,0 +1,160 @@
+"""``lrcompress run``: recipe -> model + calibration windows -> pipeline -> checkpoint -> evaluation.
+
+The library function behind the CLI: it holds the orchestration, the CLI only parses and renders.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .checkpoint import bytes_on_disk, check_output_dir, staged_directory, write_checkpoint
+from .compressor import get_compressor
+from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
+from .eval import compression_summary, perplexity, render_report, unique_param_count, versions, write_metrics
+from .models import adapter_for, load_model
+from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, select_targets
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedModule:
+    name: str
+    stage: int
+    method: str
+    out_features: int
+    in_features: int
+    params_before: int
+    params_after: int
+    rank: int | None
+
+
+@dataclass
+class RunResult:
+    output_dir: Path | None
+    metrics: dict[str, Any]
+    plan: list[PlannedModule] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import LrcompressError
+
+        raise LrcompressError("runtime.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_stages(recipe: Recipe) -> list[Stage]:
+    return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore)
+            for i, spec in enumerate(recipe.stages)]
+
+
+def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
+    """Every target module with its method and size before/after, without touching any weight."""
+    adapter = adapter_for(model)
+    planned: list[PlannedModule] = []
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        prefix = adapter.layer_prefix(index)
+        for stage in stages:
+            for name in select_targets(layer, prefix, stage.targets, stage.ignore):
+                module = layer.get_submodule(name)
+                plan = stage.compressor.plan(module)
+                before = sum(p.numel() for p in module.parameters())
+                planned.append(PlannedModule(f"{prefix}.{name}", stage.index, stage.compressor.name,
+                                             module.out_features, module.in_features, before,
+                                             plan.params_after, plan.rank))
+    return planned
+
+
+def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
+               dry_run: bool = False) -> RunResult:
+    observer = observer or PipelineObserver()
+    timing: dict[str, float] = {}
+    output_dir = Path(recipe.output.dir)
+    if not dry_run and recipe.output.save:
+        check_output_dir(output_dir, recipe.output.overwrite)
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
+    torch.manual_seed(recipe.seed)
+    stages = build_stages(recipe)
+
+    started = time.perf_counter()
+    observer.phase(f"loading {recipe.model.path}")
+    loaded = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    timing["load"] = time.perf_counter() - started
+    plan = plan_modules(model, stages)
+    if dry_run:
+        return RunResult(None, {}, plan)
+
+    directory = data_dir(data_directory, recipe.data_dir)
+    compute = resolve_device(recipe.runtime.device)
+    params_before = unique_param_count(model)
+    metrics: dict[str, Any] = {"eval": {"perplexity": {}}}
+    if recipe.eval.baseline:
+        metrics["eval"]["baseline_perplexity"] = _evaluate(model, tokenizer, recipe, directory, compute, observer)
+
+    started = time.perf_counter()
+    cal = recipe.calibration
+    observer.phase(f"tokenizing calibration data {cal.dataset}/{cal.split}")
+    source = load_text(cal.dataset, cal.split, directory)
+    windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
+    timing["calibration_data"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    settings = PipelineSettings(recipe.runtime.batch_size, compute, torch.device(recipe.runtime.offload_device),
+                                recipe.runtime.sequential)
+    records = LayerwisePipeline(model, adapter_for(model), stages, settings, observer).run(windows)
+    timing["compress"] = time.perf_counter() - started
+
+    recipe_yaml = yaml.safe_dump(recipe.model_dump(), sort_keys=False)
+    provenance = {
+        "versions": versions(), "seed": recipe.seed, "recipe_fingerprint": recipe.fingerprint(),
+        "model_source": recipe.model.path,
+        "calibration": {"source": source.description, "text_sha256": source.fingerprint,
+                        "windows_sha256": windows_fingerprint(windows), "num_samples": cal.num_samples,
+                        "seq_len": cal.seq_len, "seed": cal.seed},
+    }
+    metrics["provenance"] = provenance
+    written_bytes = None
+    if recipe.output.save:
+        started = time.perf_counter()
+        observer.phase(f"writing {output_dir}")
+        with staged_directory(output_dir, recipe.output.overwrite) as staging:
+            write_checkpoint(model, tokenizer, staging, provenance)
+            (staging / "recipe.yaml").write_text(recipe_yaml)
+            written_bytes = bytes_on_disk(staging)
+        timing["write"] = time.perf_counter() - started
+
+    dtype_bytes = next(model.parameters()).element_size()
+    metrics["compression"] = compression_summary(records, params_before, unique_param_count(model),
+                                                 written_bytes, dtype_bytes)
+    metrics["eval"]["perplexity"] = _evaluate(model, tokenizer, recipe, directory, compute, observer)
+    timing["eval"] = sum(r["seconds"] for r in metrics["eval"]["perplexity"].values())
+    metrics["timing"] = timing
+    metrics["modules"] = [r.to_dict() for r in records]
+    if recipe.output.save:
+        write_metrics(output_dir / "metrics.json", metrics)
+        (output_dir / "report.md").write_text(render_report(metrics, recipe_yaml))
+    return RunResult(output_dir if recipe.output.save else None, metrics, plan)
+
+
+def _evaluate(model: nn.Module, tokenizer, recipe: Recipe, directory, device: torch.device,
+              observer: PipelineObserver) -> dict[str, dict[str, Any]]:
+    results = {}
+    for spec in recipe.eval.perplexity:
+        observer.phase(f"perplexity on {spec.dataset}/{spec.split} (seq_len {spec.seq_len})")
+        result = perplexity(model, tokenizer, spec.dataset, spec.split, spec.seq_len, spec.max_windows,
+                            directory, recipe.runtime.batch_size, device)
+        results[f"{spec.dataset}/{spec.split}"] = result.to_dict()
+    return results

@@ -1,0 +1,43 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from helpers import save_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared data directory ($LRCOMPRESS_DATA, set by the Makefile)."""
+    value = os.environ.get("LRCOMPRESS_DATA")
+    path = Path(value) if value else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (path / "wikitext-2-raw" / "wiki.valid.raw").is_file():
+        pytest.skip(f"shared data not found at {path} (set LRCOMPRESS_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def calibration_file(tmp_path_factory) -> Path:
+    """A small local text file, so that tiny-model runs need no shared data."""
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    words = ("the model compresses layers of weights into factors while the data flows through "
+             "every decoder block and the statistics accumulate in float64 ").split()
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(words), (6000,), generator=g).tolist()
+    path.write_text(" ".join(words[i] for i in picks))
+    return path

@@ -1,0 +1,47 @@
+"""Tiny random models and a byte-level tokenizer, built from configs (no hub, no downloads)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_DIMS = dict(vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every byte is one token (ids 3..258)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(sorted(byte_chars))})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    dims = {**TINY_DIMS, **overrides}
+    config = AutoConfig.for_model(family, **dims)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def save_tiny(directory: Path, family: str = "llama", **overrides) -> Path:
+    model = tiny_model(family, **overrides)
+    model.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def correlated_inputs(rows: int, features: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with a strongly non-isotropic covariance (like real activations), float64."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=g, dtype=torch.float64)
+    scales = torch.logspace(0, -3, features, dtype=torch.float64)
+    return torch.randn(rows, features, generator=g, dtype=torch.float64) @ (mixing * scales[:, None])
