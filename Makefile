@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= models/smollm2-135m
+# Dataset names resolve under this directory (the shared data beside the checkout, when it exists).
+export LRCOMPRESS_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export LRCOMPRESS_SMOLLM2 ?= $(abspath $(MODEL))
+
+.PHONY: venv model demo test test-fast bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+model: $(MODEL)/config.json
+
+$(MODEL)/config.json: | $(VENV)/.installed
+	$(PY) scripts/fetch_demo_model.py --out $(MODEL)
+
+demo: venv model
+	$(VENV)/bin/lrcompress run recipes/demo-lord.yaml --overwrite
+
+test: venv model
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not real_model"
+
+bench: venv model
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,141 @@
+"""The click application. Thin: it parses, calls the library, renders with rich."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import LrcompressError
+from .render import console, make_observer, plan_table, setup_logging, summary_table
+
+stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.version_option(package_name="lrcompress")
+def cli(verbose: bool) -> None:
+    """Post-training compression of large language models."""
+    setup_logging(verbose)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe key, e.g. stages.0.ratio=0.3")
+@click.option("--dry-run", is_flag=True, help="print the plan (targets, shapes, parameters) and stop")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--output", "output_dir", type=click.Path(path_type=Path), help="output directory (overrides output.dir)")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="where dataset names resolve (else recipe data_dir, $LRCOMPRESS_DATA)")
+def run(recipe: Path, overrides: tuple[str, ...], dry_run: bool, overwrite: bool, output_dir: Path | None,
+        data_dir: Path | None) -> None:
+    """Compress a model as RECIPE says, write the checkpoint and evaluate it."""
+    from ..recipe import load_recipe
+    from ..runner import run_recipe
+
+    extra = list(overrides)
+    if overwrite:
+        extra.append("output.overwrite=true")
+    if output_dir:
+        extra.append(f"output.dir={output_dir}")
+    try:
+        parsed = load_recipe(recipe, extra)
+        result = run_recipe(parsed, make_observer(), str(data_dir) if data_dir else None, dry_run=dry_run)
+    except LrcompressError as error:
+        _fail(error)
+    if dry_run:
+        stdout.print(plan_table(result.plan))
+        return
+    stdout.print(summary_table(result.metrics, result.output_dir))
+
+
+@cli.command("eval")
+@click.argument("checkpoint")
+@click.option("--dataset", default="wikitext2", show_default=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--seq-len", default=512, show_default=True)
+@click.option("--max-windows", type=int, default=None, help="cap the number of windows (cost)")
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--data-dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_windows: int | None, batch_size: int,
+                 device: str, data_dir: Path | None, as_json: bool) -> None:
+    """Perplexity of any checkpoint, compressed or not (HF dir, .gguf, lrcompress dir)."""
+    from ..data import data_dir as resolve_data_dir
+    from ..eval import perplexity
+    from ..models import load_model
+    from ..runner import resolve_device
+
+    try:
+        loaded = load_model(checkpoint)
+        result = perplexity(loaded.model, loaded.tokenizer, dataset, split, seq_len, max_windows,
+                            resolve_data_dir(str(data_dir) if data_dir else None), batch_size, resolve_device(device))
+    except LrcompressError as error:
+        _fail(error)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    stdout.print(f"perplexity {result.value:.4f}  ({result.protocol}; {result.source})")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+def inspect(checkpoint: Path) -> None:
+    """What was compressed: modules, kinds, ranks, sizes, errors (from metrics.json when present)."""
+    from ..checkpoint import bytes_on_disk, read_metadata
+
+    try:
+        _, meta = read_metadata(checkpoint)
+    except LrcompressError as error:
+        _fail(error)
+    metrics_path = checkpoint / "metrics.json"
+    records = {}
+    if metrics_path.is_file():
+        records = {m["name"]: m for m in json.loads(metrics_path.read_text()).get("modules", [])}
+    table = Table(title=f"{checkpoint} ({bytes_on_disk(checkpoint) / 2**20:.1f} MiB of weights)")
+    for column in ("module", "kind", "shape (out×in)", "rank", "params after", "rel. error", "path"):
+        table.add_column(column)
+    for name, spec in meta["modules"].items():
+        record = records.get(name, {})
+        table.add_row(name, spec["kind"], f"{spec['out_features']}×{spec['in_features']}", str(spec.get("rank", "–")),
+                      f"{record.get('params_after', 0):,}" if record else "?",
+                      f"{record['relative_error']:.4f}" if record else "?", record.get("numerical_path", "?"))
+    stdout.print(table)
+    provenance = meta.get("provenance", {})
+    if provenance:
+        stdout.print_json(json.dumps(provenance))
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--dense", is_flag=True, required=True, help="write a plain dense HF checkpoint")
+@click.option("--overwrite", is_flag=True)
+def export(checkpoint: Path, output: Path, dense: bool, overwrite: bool) -> None:
+    """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads)."""
+    from ..checkpoint import export_dense
+    from ..models import load_model
+
+    try:
+        loaded = load_model(str(checkpoint))
+        export_dense(loaded.model, loaded.tokenizer, output, overwrite)
+    except LrcompressError as error:
+        _fail(error)
+    stdout.print(f"wrote dense checkpoint to {output}")
+
+
+def main() -> None:
+    cli(prog_name="lrcompress")
+
+
+if __name__ == "__main__":
+    main()

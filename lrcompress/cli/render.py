@@ -1,0 +1,106 @@
+"""Rendering for the CLI: rich progress on a terminal, plain log lines otherwise; summary tables."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
+
+console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, markup=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    for noisy in ("transformers", "accelerate", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown the pipeline's own
+
+
+class RichObserver(PipelineObserver):
+    """Two bars: layers, and the modules of the current layer."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.layers_task: Any = None
+        self.modules_task: Any = None
+
+    def phase(self, description: str) -> None:
+        console.log(description)
+
+    def layers_started(self, total: int) -> None:
+        self.progress.start()
+        self.layers_task = self.progress.add_task("layers", total=total)
+        self.modules_task = self.progress.add_task("modules", total=0)
+
+    def layer_started(self, index: int, modules: int) -> None:
+        self.progress.reset(self.modules_task, total=modules, description=f"layer {index} modules")
+
+    def module_done(self, record: ModuleRecord) -> None:
+        self.progress.advance(self.modules_task)
+
+    def layer_done(self, index: int, seconds: float) -> None:
+        self.progress.advance(self.layers_task)
+
+    def finished(self) -> None:
+        self.progress.stop()
+
+
+def make_observer() -> PipelineObserver:
+    return RichObserver() if console.is_terminal else LoggingObserver()
+
+
+def plan_table(plan) -> Table:
+    table = Table(title="compression plan")
+    for column in ("module", "stage", "method", "shape (out×in)", "params before", "params after", "rank"):
+        table.add_column(column, justify="right" if "params" in column or column == "rank" else "left")
+    for p in plan:
+        table.add_row(p.name, str(p.stage), p.method, f"{p.out_features}×{p.in_features}", f"{p.params_before:,}",
+                      f"{p.params_after:,}", "–" if p.rank is None else str(p.rank))
+    before = sum(p.params_before for p in plan)
+    after = sum(p.params_after for p in plan)
+    table.caption = (f"{len(plan)} target modules; {before:,} → {after:,} parameters "
+                     f"({100 * (1 - after / before) if before else 0:.1f}% removed)")
+    return table
+
+
+def summary_table(metrics: dict[str, Any], output_dir) -> Table:
+    c = metrics["compression"]
+    table = Table(title="lrcompress summary", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("output", str(output_dir) if output_dir else "(not saved)")
+    table.add_row("targeted modules", str(c["targeted_modules"]))
+    table.add_row("targeted ratio (removed)", f"{100 * c['targeted_ratio']:.1f}%")
+    table.add_row("whole-model ratio (removed)", f"{100 * c['model_ratio']:.1f}%")
+    table.add_row("parameters", f"{c['model_params_before']:,} → {c['model_params_after']:,}")
+    if c.get("bytes") is not None:
+        table.add_row("weights on disk", f"{c['bytes'] / 2**20:.1f} MiB (dense {c['dense_bytes'] / 2**20:.1f} MiB)")
+    errors = [m["relative_error"] for m in metrics.get("modules", [])]
+    if errors:
+        worst = max(metrics["modules"], key=lambda m: m["relative_error"])
+        table.add_row("relative output error", f"mean {sum(errors) / len(errors):.4f}, "
+                      f"worst {worst['relative_error']:.4f} ({worst['name']})")
+    for name, result in metrics.get("eval", {}).get("baseline_perplexity", {}).items():
+        table.add_row(f"dense perplexity {name}", f"{result['value']:.3f}")
+    for name, result in metrics.get("eval", {}).get("perplexity", {}).items():
+        table.add_row(f"perplexity {name}", f"{result['value']:.3f}  [{result['protocol']}]")
+    for name, seconds in metrics.get("timing", {}).items():
+        table.add_row(f"time {name}", f"{seconds:.1f} s")
+    return table
