@@ -42,6 +42,7 @@ class RunResult:
     output_dir: Path | None
     metrics: dict[str, Any]
     plan: list[PlannedModule] = field(default_factory=list)
+    model: nn.Module | None = None          # the compressed model, in memory (for library users)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,7 +147,7 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
     if recipe.output.save:
         write_metrics(output_dir / "metrics.json", metrics)
         (output_dir / "report.md").write_text(render_report(metrics, recipe_yaml))
-    return RunResult(output_dir if recipe.output.save else None, metrics, plan)
+    return RunResult(output_dir if recipe.output.save else None, metrics, plan, model)
 
 
 def _evaluate(model: nn.Module, tokenizer, recipe: Recipe, directory, device: torch.device,

@@ -1,0 +1,55 @@
+"""The CLI end to end on a tiny model: exit codes, messages, and the files it leaves."""
+import json
+
+import yaml
+from click.testing import CliRunner
+
+from lrcompress.cli.main import cli
+from tiny_runs import tiny_recipe_dict
+
+
+def _recipe_file(tmp_path, tiny_llama_dir, calibration_file, **kwargs):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out", **kwargs)))
+    return path
+
+
+def test_run_then_inspect_eval_and_export(tiny_llama_dir, calibration_file, tmp_path):
+    runner = CliRunner()
+    recipe = _recipe_file(tmp_path, tiny_llama_dir, calibration_file)
+    result = runner.invoke(cli, ["run", str(recipe), "--set", "stages.0.ratio=0.4"])
+    assert result.exit_code == 0, result.output
+    assert "lrcompress summary" in result.output and "perplexity" in result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert 0.39 <= metrics["compression"]["targeted_ratio"] <= 0.45
+
+    again = runner.invoke(cli, ["run", str(recipe)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+    inspected = runner.invoke(cli, ["inspect", str(tmp_path / "out")])
+    assert inspected.exit_code == 0 and "low_rank" in inspected.output
+
+    evaluated = runner.invoke(cli, ["eval", str(tmp_path / "out"), "--dataset", str(calibration_file),
+                                    "--seq-len", "48", "--max-windows", "3", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    ppl = json.loads(evaluated.output)
+    recorded = metrics["eval"]["perplexity"][f"{calibration_file}/test"]["value"]
+    assert abs(ppl["value"] - recorded) < 1e-3 * recorded
+
+    exported = runner.invoke(cli, ["export", str(tmp_path / "out"), str(tmp_path / "dense"), "--dense"])
+    assert exported.exit_code == 0 and (tmp_path / "dense" / "config.json").is_file()
+
+
+def test_dry_run_prints_the_plan(tiny_llama_dir, calibration_file, tmp_path):
+    recipe = _recipe_file(tmp_path, tiny_llama_dir, calibration_file)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.1.mlp.down_proj" in result.output and "14 target modules" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_typo_exits_2_naming_the_key(tiny_llama_dir, calibration_file, tmp_path):
+    recipe = _recipe_file(tmp_path, tiny_llama_dir, calibration_file)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "stages.0.ratoi=0.3"])
+    assert result.exit_code == 2
+    assert "stages.0.ratoi" in result.output and str(recipe) in result.output

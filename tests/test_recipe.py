@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from lrcompress.errors import RecipeError
+from lrcompress.recipe import apply_overrides, load_recipe, parse_recipe
+
+BASE = {"model": {"path": "some/model"}, "stages": [{"method": "lord", "ratio": 0.2}]}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_recipe_and_defaults():
+    recipe = parse_recipe(BASE)
+    assert recipe.stages[0].targets == ["*"]
+    assert recipe.stage_config(0).ratio == 0.2
+    assert recipe.runtime.sequential is True
+
+
+def test_typo_in_stage_option_names_the_file_and_key(tmp_path):
+    path = _write(tmp_path, "model: {path: m}\nstages:\n  - {method: lord, ratoi: 0.2}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value) and "stages.0.ratoi" in str(info.value)
+
+
+def test_typo_in_section_key_names_it(tmp_path):
+    path = _write(tmp_path, "model: {path: m}\nruntime: {batch_sise: 4}\n")
+    with pytest.raises(RecipeError, match=r"runtime\.batch_sise: unknown key"):
+        load_recipe(path)
+
+
+def test_unknown_method_suggests_the_closest():
+    with pytest.raises(RecipeError, match=r"stages\.0\.method.*did you mean 'lord'"):
+        parse_recipe({"model": {"path": "m"}, "stages": [{"method": "lrod", "ratio": 0.2}]})
+
+
+@pytest.mark.parametrize("stage, key", [({"method": "whiten", "ratio": 1.5}, "stages.0.ratio"),
+                                        ({"method": "svd"}, "stages.0"),
+                                        ({"method": "svd", "ratio": 0.2, "rank": 3}, "stages.0")])
+def test_bad_values_fail_before_any_work(stage, key):
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        parse_recipe({"model": {"path": "m"}, "stages": [stage]})
+
+
+def test_wrong_type_is_reported_with_the_value():
+    with pytest.raises(RecipeError, match=r"calibration\.num_samples.*'many'"):
+        parse_recipe({"model": {"path": "m"}, "calibration": {"num_samples": "many"}})
+
+
+def test_overrides_set_nested_keys_and_list_items(tmp_path):
+    path = _write(tmp_path, "model: {path: m}\nstages:\n  - {method: lord, ratio: 0.2}\n")
+    recipe = load_recipe(path, ["stages.0.ratio=0.3", "runtime.sequential=false", "output.dir=x/y"])
+    assert recipe.stage_config(0).ratio == 0.3
+    assert recipe.runtime.sequential is False and recipe.output.dir == "x/y"
+
+
+def test_override_of_an_unknown_key_is_rejected(tmp_path):
+    path = _write(tmp_path, "model: {path: m}\n")
+    with pytest.raises(RecipeError, match=r"runtime\.speed: unknown key"):
+        load_recipe(path, ["runtime.speed=3"])
+    with pytest.raises(RecipeError, match="not an index"):
+        apply_overrides({"stages": []}, ["stages.2.ratio=1"], "r.yaml")
+
+
+def test_missing_recipe_file_names_the_path(tmp_path):
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_shipped_recipes_validate():
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = sorted(root.glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        load_recipe(path)

@@ -1,0 +1,77 @@
+"""End to end on a tiny model: recipe -> compressed checkpoint -> metrics.json/report.md."""
+import json
+
+import pytest
+
+from lrcompress.errors import CheckpointError, LrcompressError
+from lrcompress.runner import run_recipe
+from tiny_runs import tiny_recipe
+
+
+def test_run_writes_checkpoint_metrics_and_report(tiny_llama_dir, calibration_file, tmp_path):
+    out = tmp_path / "run"
+    result = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))
+    assert result.output_dir == out
+    metrics = json.loads((out / "metrics.json").read_text())
+    c = metrics["compression"]
+    assert c["targeted_modules"] == 14
+    assert 0.19 <= c["targeted_ratio"] <= 0.25  # ratio 0.2 with floor() on the rank
+    assert 0 < c["model_ratio"] < c["targeted_ratio"]
+    assert c["bytes"] == sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    ppl = metrics["eval"]["perplexity"][f"{calibration_file}/test"]
+    assert {"value", "dataset", "split", "seq_len", "windows"} <= set(ppl)
+    assert ppl["windows"] == 3 and ppl["seq_len"] == 48 and ppl["value"] > 1
+    assert "token-level" in ppl["protocol"]
+    assert {"load", "compress", "eval"} <= set(metrics["timing"])
+    assert len(metrics["modules"]) == 14
+    prov = metrics["provenance"]
+    assert prov["seed"] == 0 and prov["versions"]["torch"] and prov["calibration"]["windows_sha256"]
+    report = (out / "report.md").read_text()
+    assert "model.layers.1.mlp.down_proj" in report and "```yaml" in report
+    assert (out / "recipe.yaml").is_file()
+
+
+def test_runs_are_reproducible(tiny_llama_dir, calibration_file, tmp_path):
+    first = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "a")).metrics
+    second = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "b")).metrics
+    assert first["provenance"]["calibration"] == second["provenance"]["calibration"]
+    assert [m["relative_error"] for m in first["modules"]] == [m["relative_error"] for m in second["modules"]]
+
+
+def test_existing_output_is_not_overwritten_without_the_flag(tiny_llama_dir, calibration_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_a_crash_while_writing_leaves_no_checkpoint(tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
+    import lrcompress.runner as runner
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner, "write_checkpoint", broken)
+    out = tmp_path / "run"
+    with pytest.raises(OSError):
+        run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no partial directory either
+
+
+def test_missing_model_and_dataset_name_the_path(tiny_llama_dir, calibration_file, tmp_path):
+    with pytest.raises(LrcompressError, match="no-such-model"):
+        run_recipe(tiny_recipe(tmp_path / "no-such-model", calibration_file, tmp_path / "o"))
+    recipe = tiny_recipe(tiny_llama_dir, tmp_path / "missing.txt", tmp_path / "o2")
+    with pytest.raises(LrcompressError, match="missing.txt"):
+        run_recipe(recipe)
+
+
+def test_dry_run_plans_without_writing(tiny_llama_dir, calibration_file, tmp_path):
+    result = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "o"), dry_run=True)
+    assert len(result.plan) == 14 and not (tmp_path / "o").exists()
+    q = next(p for p in result.plan if p.name.endswith("layers.0.self_attn.q_proj"))
+    assert (q.out_features, q.in_features, q.params_before) == (64, 64, 4096)
+    assert q.params_after == q.rank * 128 <= 0.8 * 4096
