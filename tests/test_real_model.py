@@ -76,3 +76,20 @@ def test_saved_checkpoint_reloads_with_the_same_logits(runs, smollm2):
     assert (actual - expected).abs().max().item() <= 1e-4
     dense_bytes = sum(p.stat().st_size for p in smollm2.glob("*.safetensors"))
     assert run.metrics["compression"]["bytes"] < dense_bytes
+
+
+def test_gguf_file_loads_through_the_conversion_cache(smollm2, tmp_path, monkeypatch):
+    """A .gguf path is dequantized once into the cache, then loads like the converted demo directory."""
+    gguf = smollm2.parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.fail(f"{gguf} missing: run `make model`")
+    monkeypatch.setenv("LRCOMPRESS_CACHE", str(tmp_path))
+    from_gguf = load_model(str(gguf))
+    reference = load_model(str(smollm2))
+    assert from_gguf.local_dir.parent == tmp_path / "gguf"
+    ids = reference.tokenizer("The tower is 324 metres tall.", return_tensors="pt").input_ids
+    assert torch.equal(from_gguf.tokenizer("The tower is 324 metres tall.", return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        diff = (from_gguf.model(input_ids=ids).logits - reference.model(input_ids=ids).logits).abs().max()
+    assert diff.item() == 0.0
+    assert from_gguf.model.lm_head.weight.data_ptr() == from_gguf.model.model.embed_tokens.weight.data_ptr()
