@@ -19,7 +19,7 @@ from torch import nn
 
 from ..modules import LowRankLinear, dense_weight
 from .base import CompressResult, LowRankCompressor, LowRankConfig, register
-from .stats import GramStatistic, Statistic
+from .stats import Statistic, gram_of
 
 
 class LoRDConfig(LowRankConfig):
@@ -33,8 +33,7 @@ class LoRD(LowRankCompressor):
     needs = frozenset({"gram"})
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
-        gram_stat = stats["gram"]
-        assert isinstance(gram_stat, GramStatistic)
+        gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()
         w = weight.to(torch.float64)
         gram = gram_stat.gram(name).to(w.device)

@@ -6,7 +6,7 @@ that batches, and later processes (``torch.distributed``), reduce with the same 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -88,3 +88,11 @@ def make_statistic(kind: str, module: nn.Module, device: torch.device) -> Statis
     except KeyError:
         raise KeyError(f"unknown statistic {kind!r}; known: {sorted(STATISTICS)}") from None
     return factory(module, device)
+
+
+def gram_of(stats: Mapping[str, Statistic]) -> GramStatistic:
+    """The module's Gram statistic (every stage gets one: the pipeline always collects it)."""
+    statistic = stats.get("gram")
+    if not isinstance(statistic, GramStatistic):
+        raise KeyError("no Gram statistic was collected for this module")
+    return statistic

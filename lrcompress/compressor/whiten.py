@@ -14,7 +14,7 @@ from torch import nn
 from ..modules import LowRankLinear, dense_weight
 from .base import CompressResult, LowRankCompressor, LowRankConfig, register
 from .linalg import balanced_factors, truncated_svd, whitening
-from .stats import GramStatistic, Statistic
+from .stats import Statistic, gram_of
 
 
 class WhitenConfig(LowRankConfig):
@@ -28,8 +28,7 @@ class WhitenedSVD(LowRankCompressor):
     needs = frozenset({"gram"})
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
-        gram_stat = stats["gram"]
-        assert isinstance(gram_stat, GramStatistic)
+        gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()
         rank = self.plan(module).rank
         white = whitening(gram_stat.gram(name), self.config.damping, name)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compressor import Compressor, GramStatistic, Statistic, make_statistic
+from ..compressor import Compressor, Statistic, make_statistic
+from ..compressor.stats import gram_of
 from ..compressor.linalg import relative_output_error
 from ..errors import NumericalError
 from ..models import ArchitectureAdapter
@@ -136,8 +137,7 @@ class LayerwisePipeline:
         if not torch.isfinite(approx).all():
             raise NumericalError(f"{full_name}: {stage.compressor.name} produced NaN/Inf factors "
                                  f"(path: {result.numerical_path})")
-        gram = stats["gram"]
-        assert isinstance(gram, GramStatistic)
+        gram = gram_of(stats)
         weight = dense_weight(module).detach()
         error = relative_output_error(weight, approx, gram.gram(full_name).to(weight.device))
         replace_submodule(layer, name, replacement)
