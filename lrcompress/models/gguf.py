@@ -1,0 +1,46 @@
+"""GGUF files: dequantize once through transformers + gguf, cache as a safetensors HF directory."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LRCOMPRESS_CACHE", Path.home() / ".cache" / "lrcompress"))
+
+
+def _gguf_key(path: Path) -> str:
+    stat = path.stat()
+    ident = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def converted_gguf_dir(path: Path, target: Path | None = None) -> Path:
+    """The cached HF directory for ``path``; converts on first use (~30 s for a 135M model)."""
+    target = target or cache_root() / "gguf" / f"{path.stem}-{_gguf_key(path)}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors checkpoint in %s (once)", path, target)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are already dequantized to float; drop the GGUF quantizer so the model saves plainly.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
