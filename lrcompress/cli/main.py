@@ -22,10 +22,13 @@ def _fail(error: Exception) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.option("--log-json", is_flag=True, help="log JSON lines on stderr (for batch systems), no progress bars")
 @click.version_option(package_name="lrcompress")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, log_json: bool) -> None:
     """Post-training compression of large language models."""
-    setup_logging(verbose)
+    setup_logging(verbose, log_json)
+    ctx.obj = {"log_json": log_json}
 
 
 @cli.command()
@@ -35,7 +38,8 @@ def cli(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), help="output directory (overrides output.dir)")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="where dataset names resolve (else recipe data_dir, $LRCOMPRESS_DATA)")
-def run(recipe: Path, overrides: tuple[str, ...], dry_run: bool, overwrite: bool, output_dir: Path | None,
+@click.pass_context
+def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: bool, overwrite: bool, output_dir: Path | None,
         data_dir: Path | None) -> None:
     """Compress a model as RECIPE says, write the checkpoint and evaluate it."""
     from ..recipe import load_recipe
@@ -48,7 +52,7 @@ def run(recipe: Path, overrides: tuple[str, ...], dry_run: bool, overwrite: bool
         extra.append(f"output.dir={output_dir}")
     try:
         parsed = load_recipe(recipe, extra)
-        result = run_recipe(parsed, make_observer(), str(data_dir) if data_dir else None, dry_run=dry_run)
+        result = run_recipe(parsed, make_observer(ctx.obj["log_json"]), str(data_dir) if data_dir else None, dry_run=dry_run)
     except LrcompressError as error:
         _fail(error)
     if dry_run:

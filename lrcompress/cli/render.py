@@ -1,6 +1,7 @@
 """Rendering for the CLI: rich progress on a terminal, plain log lines otherwise; summary tables."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -11,20 +12,37 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
+from ..pipeline.memory import describe_peak_memory
 
 console = Console(stderr=True)
 
 
-def setup_logging(verbose: bool) -> None:
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line, for batch systems: time, level, logger, message and structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                   "logger": record.name, "message": record.getMessage()}
+        payload.update(getattr(record, "fields", {}))
+        return json.dumps(payload, default=str)
+
+
+def setup_logging(verbose: bool, json_lines: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     handler: logging.Handler
-    if console.is_terminal:
+    if json_lines:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonLineFormatter())
+        fmt = None
+    elif console.is_terminal:
         handler = RichHandler(console=console, show_path=False, markup=False)
         fmt = "%(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    if fmt is not None:
+        handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("transformers", "accelerate", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -33,11 +51,12 @@ def setup_logging(verbose: bool) -> None:
 
 
 class RichObserver(PipelineObserver):
-    """Two bars: layers, and the modules of the current layer."""
+    """Two bars: layers (with ETA and peak memory so far), and the modules of the current layer."""
 
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[memory]}"),
+                                 console=console, transient=False)
         self.layers_task: Any = None
         self.modules_task: Any = None
 
@@ -46,8 +65,8 @@ class RichObserver(PipelineObserver):
 
     def layers_started(self, total: int) -> None:
         self.progress.start()
-        self.layers_task = self.progress.add_task("layers", total=total)
-        self.modules_task = self.progress.add_task("modules", total=0)
+        self.layers_task = self.progress.add_task("layers", total=total, memory="")
+        self.modules_task = self.progress.add_task("modules", total=0, memory="")
 
     def layer_started(self, index: int, modules: int) -> None:
         self.progress.reset(self.modules_task, total=modules, description=f"layer {index} modules")
@@ -56,14 +75,14 @@ class RichObserver(PipelineObserver):
         self.progress.advance(self.modules_task)
 
     def layer_done(self, index: int, seconds: float) -> None:
-        self.progress.advance(self.layers_task)
+        self.progress.update(self.layers_task, advance=1, memory=describe_peak_memory())
 
     def finished(self) -> None:
         self.progress.stop()
 
 
-def make_observer() -> PipelineObserver:
-    return RichObserver() if console.is_terminal else LoggingObserver()
+def make_observer(json_lines: bool = False) -> PipelineObserver:
+    return RichObserver() if console.is_terminal and not json_lines else LoggingObserver()
 
 
 def plan_table(plan) -> Table:

@@ -53,3 +53,15 @@ def test_recipe_typo_exits_2_naming_the_key(tiny_llama_dir, calibration_file, tm
     result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "stages.0.ratoi=0.3"])
     assert result.exit_code == 2
     assert "stages.0.ratoi" in result.output and str(recipe) in result.output
+
+
+def test_log_json_writes_one_json_object_per_line(tiny_llama_dir, calibration_file, tmp_path):
+    recipe = _recipe_file(tmp_path, tiny_llama_dir, calibration_file)
+    result = CliRunner().invoke(cli, ["--log-json", "run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    layers = [line for line in lines if line.get("event") == "layer"]
+    assert [line["layer"] for line in layers] == [0, 1] and layers[-1]["layers_total"] == 2
+    assert layers[-1]["peak_rss_bytes"] > 0
+    modules = [line for line in lines if line.get("event") == "module"]
+    assert len(modules) == 14 and all("relative_error" in m for m in modules)
