@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -46,14 +45,20 @@ def main() -> None:
     base.setdefault("runtime", {})["sequential"] = not args.no_sequential
     ppl_spec = base["eval"]["perplexity"][0]
 
-    rows = []
+    cal = base["calibration"]
+    print(f"Model {base['model']['path']}; calibration {cal['dataset']}/{cal.get('split', 'validation')} "
+          f"{cal['num_samples']}×{cal['seq_len']} seed {cal.get('seed', 0)}; all decoder-layer linears; "
+          f"sequential={not args.no_sequential}")
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("| method | ratio | perplexity | ppl / dense | compress s | run s |")
+    print("|---|---|---|---|---|---|", flush=True)  # rows are printed as they are measured
+
     started = time.perf_counter()
     loaded = load_model(base["model"]["path"], base["model"].get("dtype", "float32"))
     dense = perplexity(loaded.model, loaded.tokenizer, ppl_spec["dataset"], ppl_spec["split"], ppl_spec["seq_len"],
                        ppl_spec.get("max_windows"), data_dir(None, base.get("data_dir")), 4)
-    rows.append(("dense", "-", dense.value, 0.0, time.perf_counter() - started))
     del loaded
-    print(f"dense: {dense.value:.3f}  [{dense.protocol}]", file=sys.stderr, flush=True)
+    print(f"| dense | - | {dense.value:.2f} | 1.00× | 0 | {time.perf_counter() - started:.0f} |", flush=True)
     for method in args.methods.split(","):
         for ratio in [float(r) for r in args.ratios.split(",")]:
             recipe = copy.deepcopy(base)
@@ -62,20 +67,9 @@ def main() -> None:
             result = run_recipe(parse_recipe(recipe, f"{args.base} ({method} {ratio})"))
             total = time.perf_counter() - started
             value = next(iter(result.metrics["eval"]["perplexity"].values()))["value"]
-            rows.append((method, f"{ratio:.1f}", value, result.metrics["timing"]["compress"], total))
-            print(f"{method} {ratio}: {value:.3f} ({total:.0f}s)", file=sys.stderr, flush=True)
-
-    cal = base["calibration"]
-    print(f"\nModel {base['model']['path']}; calibration {cal['dataset']}/{cal.get('split', 'validation')} "
-          f"{cal['num_samples']}×{cal['seq_len']} seed {cal.get('seed', 0)}; all decoder-layer linears; "
-          f"sequential={not args.no_sequential}")
-    print(f"Perplexity: {dense.protocol}")
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| method | ratio | perplexity | ppl / dense | compress s | run s |")
-    print("|---|---|---|---|---|---|")
-    for method, ratio, value, compress, total in rows:
-        print(f"| {method} | {ratio} | {value:.2f} | {value / dense.value:.2f}× | {compress:.0f} | {total:.0f} |")
-
+            print(f"| {method} | {ratio:.1f} | {value:.2f} | {value / dense.value:.2f}× | "
+                  f"{result.metrics['timing']['compress']:.0f} | {total:.0f} |", flush=True)
+    print(f"\nPerplexity: {dense.protocol}")
 
 if __name__ == "__main__":
     main()
