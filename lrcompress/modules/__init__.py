@@ -1,7 +1,11 @@
 """nn.Modules that compressed weights become."""
-from .base import (MODULE_KINDS, CompressedLinear, dense_weight, register_module_kind,
-                   stored_params, to_dense_linear)
+from .base import (MODULE_KINDS, CompressedLinear, compressed_modules, dense_weight, module_from_spec,
+                   module_spec, register_module_kind, storage_bytes, stored_params, to_dense_linear)
+from .compensated import CompensatedLinear
 from .low_rank import LowRankLinear
+from .quantized import QuantizedLinear
+from .sparse import MaskedSparseLinear, NMSparseLinear
 
-__all__ = ["MODULE_KINDS", "CompressedLinear", "LowRankLinear", "dense_weight", "register_module_kind",
-           "stored_params", "to_dense_linear"]
+__all__ = ["MODULE_KINDS", "CompensatedLinear", "CompressedLinear", "LowRankLinear", "MaskedSparseLinear",
+           "NMSparseLinear", "QuantizedLinear", "compressed_modules", "dense_weight", "module_from_spec",
+           "module_spec", "register_module_kind", "storage_bytes", "stored_params", "to_dense_linear"]

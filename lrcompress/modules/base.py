@@ -37,8 +37,13 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def stored_params(self) -> int:
-        """Number of stored values, the unit of the ratio accounting."""
+        """Number of stored weight values, the unit of the ratio accounting (metadata such as
+        quantization scales, sparse masks or indices is not a value; ``storage_bytes`` counts it)."""
         return sum(p.numel() for p in self.parameters())
+
+    def storage_bytes(self) -> int:
+        """Exact bytes of every tensor this module writes to the checkpoint."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
@@ -54,6 +59,43 @@ def stored_params(module: nn.Module) -> int:
     if isinstance(module, CompressedLinear):
         return module.stored_params()
     return sum(p.numel() for p in module.parameters())
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes the module occupies in a checkpoint (dense: its parameters in their dtype)."""
+    if isinstance(module, CompressedLinear):
+        return module.storage_bytes()
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def compressed_modules(model: nn.Module) -> list[tuple[str, CompressedLinear]]:
+    """The outermost compressed modules (a compressed module nested in another, such as the base
+    of a compensated module, belongs to its parent's spec and is not listed)."""
+    found: list[tuple[str, CompressedLinear]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear) and not any(name.startswith(p + ".") for p, _ in found):
+            found.append((name, module))
+    return found
+
+
+def module_spec(module: nn.Module) -> dict[str, Any]:
+    """The spec of a compressed module, or of a plain ``nn.Linear`` (kind "linear"), for nesting."""
+    if isinstance(module, CompressedLinear):
+        return module.spec()
+    if isinstance(module, nn.Linear):
+        return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+    raise TypeError(f"{type(module).__name__} has no spec: neither nn.Linear nor a compressed module")
+
+
+def module_from_spec(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """Inverse of :func:`module_spec`: an empty module of the right shape, to load tensors into."""
+    if spec["kind"] == "linear":
+        return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
+    kind = MODULE_KINDS.get(spec["kind"])
+    if kind is None:
+        raise KeyError(f"unknown compressed module kind {spec['kind']!r}; known: {sorted(MODULE_KINDS)}")
+    return kind.from_spec(spec, dtype)
 
 
 def to_dense_linear(module: nn.Module) -> nn.Linear:

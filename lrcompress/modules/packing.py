@@ -1,0 +1,54 @@
+"""Bit packing of small unsigned integer codes (quantization codes, sparse masks and N:M indices).
+
+Codes are laid out row-major and packed 8 at a time into ``bits`` bytes, little-endian inside the
+group of 8: code k of a group occupies bits [k·bits, (k+1)·bits) of the group's 8·bits-bit word. The
+group of 8 makes every width from 1 to 8 bits land on whole bytes, so one vectorized shift-and-mask
+covers all widths and the stored size is exactly ceil(N/8)·bits bytes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def packed_bytes(count: int, bits: int) -> int:
+    """Bytes that ``count`` codes of ``bits`` bits occupy."""
+    return math.ceil(count / 8) * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor."""
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) to pack them in {bits} bits")
+    if bits == 8:
+        return flat.to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    shifts = bits * torch.arange(8, device=flat.device, dtype=torch.int64)
+    words = (flat.view(-1, 8) << shifts).sum(dim=1)          # ≤ 56 bits: no int64 overflow
+    byte_shifts = 8 * torch.arange(bits, device=flat.device, dtype=torch.int64)
+    return ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``count`` codes as int64."""
+    _check_bits(bits)
+    if packed.numel() != packed_bytes(count, bits):
+        raise ValueError(f"{packed.numel()} packed bytes do not hold {count} codes of {bits} bits")
+    raw = packed.reshape(-1).to(torch.int64)
+    if bits == 8:
+        return raw
+    byte_shifts = 8 * torch.arange(bits, device=raw.device, dtype=torch.int64)
+    words = (raw.view(-1, bits) << byte_shifts).sum(dim=1)
+    shifts = bits * torch.arange(8, device=raw.device, dtype=torch.int64)
+    codes = (words[:, None] >> shifts) & (2**bits - 1)
+    return codes.reshape(-1)[:count]
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bit width must be between 1 and 8, got {bits}")

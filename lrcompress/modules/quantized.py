@@ -1,0 +1,122 @@
+"""QuantizedLinear: packed integer codes + per-group scales and zero points, dequantized on the fly."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import CompressedLinear, register_module_kind
+from .packing import pack_codes, packed_bytes, unpack_codes
+
+# Scales are kept as the raw bits of their float format in an integer buffer of the same width, so that
+# ``model.to(dtype)`` (which casts every floating tensor) never changes what is stored or its size.
+SCALE_FORMATS: dict[str, tuple[torch.dtype, torch.dtype]] = {
+    "float16": (torch.float16, torch.int16),
+    "bfloat16": (torch.bfloat16, torch.int16),
+    "float32": (torch.float32, torch.int32),
+}
+
+
+@register_module_kind
+class QuantizedLinear(CompressedLinear):
+    """W[i, j] = (q[i, j] − z[i, g(j)]) · s[i, g(j)], asymmetric integer codes q of ``bits`` bits.
+
+    Columns form groups of ``group_size`` consecutive inputs (the last group may be shorter). With
+    ``act_order`` the codes are stored in the column order in which GPTQ quantized them and ``perm``
+    maps them back: W[:, perm[k]] = Ŵ_stored[:, k]; groups are contiguous in the stored order.
+    Tensors: ``qweight`` (uint8, packed), ``scales`` (raw float bits), ``zeros`` (uint8 per group),
+    optional ``perm`` (int32) and ``bias`` (model dtype).
+    """
+
+    kind = "quantized"
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 scale_dtype: str = "float16", bias: bool = False, act_order: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if scale_dtype not in SCALE_FORMATS:
+            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_FORMATS)}, got {scale_dtype!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.scale_dtype = bits, min(group_size, in_features), scale_dtype
+        self.act_order = act_order
+        self.dtype = dtype or torch.get_default_dtype()
+        groups = math.ceil(in_features / self.group_size)
+        raw = SCALE_FORMATS[scale_dtype][1]
+        self.register_buffer("qweight", torch.zeros(packed_bytes(out_features * in_features, bits),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=raw, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        if act_order:
+            self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
+        else:
+            self.perm = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                   group_size: int, scale_dtype: str, bias: torch.Tensor | None, dtype: torch.dtype,
+                   perm: torch.Tensor | None = None) -> "QuantizedLinear":
+        """Build from codes (out × in, stored column order), scales and zero points (out × groups).
+
+        ``scales`` must already be representable in ``scale_dtype`` (the quantizer rounds them
+        before computing codes, so that the stored module reproduces its computation exactly).
+        """
+        out_features, in_features = codes.shape
+        module = cls(in_features, out_features, bits, group_size, scale_dtype, bias=bias is not None,
+                     act_order=perm is not None, dtype=dtype, device=codes.device)
+        float_format = SCALE_FORMATS[scale_dtype][0]
+        with torch.no_grad():
+            module.qweight.copy_(pack_codes(codes, bits))
+            module.scales.copy_(scales.to(float_format).view(module.scales.dtype))
+            module.zeros.copy_(zeros.to(torch.uint8))
+            if perm is not None:
+                module.perm.copy_(perm.to(torch.int32))
+            if bias is not None:
+                module.bias.copy_(bias.to(dtype))
+        return module
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes (out × in, stored column order), int64."""
+        count = self.out_features * self.in_features
+        return unpack_codes(self.qweight, self.bits, count).view(self.out_features, self.in_features)
+
+    def scale_values(self) -> torch.Tensor:
+        return self.scales.view(SCALE_FORMATS[self.scale_dtype][0])
+
+    def dense_weight(self) -> torch.Tensor:
+        # float32 is exact here: (q − z) is a small integer and the scale has ≤ 24 mantissa bits.
+        width = self.group_size
+        scale = self.scale_values().to(torch.float32).repeat_interleave(width, dim=1)[:, : self.in_features]
+        zero = self.zeros.to(torch.float32).repeat_interleave(width, dim=1)[:, : self.in_features]
+        stored = (self.codes().to(torch.float32) - zero) * scale
+        if self.perm is not None:
+            weight = torch.empty_like(stored)
+            weight[:, self.perm.long()] = stored
+            stored = weight
+        return stored.to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dense_weight().to(x.dtype), bias)
+
+    def stored_params(self) -> int:
+        """Every weight is still one stored value (a code); scales, zeros and perm are metadata that
+        :meth:`storage_bytes` counts."""
+        return self.out_features * self.in_features + (self.bias.numel() if self.bias is not None else 0)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group_size": self.group_size, "scale_dtype": self.scale_dtype,
+                "act_order": self.act_order, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> "QuantizedLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                   spec["scale_dtype"], bias=spec["bias"], act_order=spec["act_order"], dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, act_order={self.act_order}")
