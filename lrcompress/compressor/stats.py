@@ -68,11 +68,44 @@ class GramStatistic(Statistic):
         return (self.sum_x / max(self.count, 1)).to(torch.float64)
 
 
+class OriginalWeight(Statistic):
+    """The dense weight a module had before the first stage of this run touched it.
+
+    Not accumulated from forward calls: the pipeline builds it from the original module (see
+    ``SNAPSHOTS``), so that a later stage (a compensation such as EoRA) sees W next to the W_c it
+    receives. ``observe`` and ``merge`` leave it unchanged.
+    """
+
+    name = "original_weight"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        return None
+
+    def merge(self, other: Statistic) -> None:
+        assert isinstance(other, OriginalWeight)
+
+
 StatisticFactory = Callable[[nn.Module, torch.device], Statistic]
 
 STATISTICS: dict[str, StatisticFactory] = {
     "gram": lambda module, device: GramStatistic(_in_features(module), device),
 }
+
+
+# Statistics made from the target module *as it was before the first stage of the run* (the pipeline
+# keeps that module object and calls these factories with it instead of the current one).
+SNAPSHOTS: dict[str, StatisticFactory] = {
+    "original_weight": lambda original, device: OriginalWeight(_original_weight(original, device)),
+}
+
+
+def _original_weight(module: nn.Module, device: torch.device) -> torch.Tensor:
+    from ..modules import dense_weight
+
+    return dense_weight(module).detach().to(device)
 
 
 def _in_features(module: nn.Module) -> int:
@@ -82,11 +115,16 @@ def _in_features(module: nn.Module) -> int:
     return int(features)
 
 
-def make_statistic(kind: str, module: nn.Module, device: torch.device) -> Statistic:
+def make_statistic(kind: str, module: nn.Module, device: torch.device,
+                   original: nn.Module | None = None) -> Statistic:
+    """A fresh statistic of ``kind`` for ``module``; snapshot kinds are built from ``original`` (the
+    module before the run's first stage replaced it; ``module`` itself when no stage has yet)."""
+    if kind in SNAPSHOTS:
+        return SNAPSHOTS[kind](original if original is not None else module, device)
     try:
         factory = STATISTICS[kind]
     except KeyError:
-        raise KeyError(f"unknown statistic {kind!r}; known: {sorted(STATISTICS)}") from None
+        raise KeyError(f"unknown statistic {kind!r}; known: {sorted(STATISTICS) + sorted(SNAPSHOTS)}") from None
     return factory(module, device)
 
 
