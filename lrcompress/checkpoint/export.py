@@ -6,14 +6,14 @@ from typing import Any
 
 from torch import nn
 
-from ..modules import CompressedLinear, to_dense_linear
+from ..modules import compressed_modules, to_dense_linear
 from ..pipeline.targets import replace_submodule
 from .layout import staged_directory
 
 
 def densify(model: nn.Module) -> nn.Module:
     """Replace every compressed module by an equivalent nn.Linear, in place."""
-    names = [name for name, m in model.named_modules() if isinstance(m, CompressedLinear)]
+    names = [name for name, _ in compressed_modules(model)]
     for name in names:
         replace_submodule(model, name, to_dense_linear(model.get_submodule(name)))
     return model

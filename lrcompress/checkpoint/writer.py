@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..modules import CompressedLinear
+from ..modules import compressed_modules
 from .layout import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, METADATA_KEY, WEIGHTS_NAME
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 def compressed_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {name: module.spec() for name, module in model.named_modules() if isinstance(module, CompressedLinear)}
+    return {name: module.spec() for name, module in compressed_modules(model)}
 
 
 def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

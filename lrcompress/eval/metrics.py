@@ -12,11 +12,16 @@ from ..pipeline.records import ModuleRecord
 
 
 def unique_param_count(model: nn.Module) -> int:
-    """Parameters counted once even when tied (embeddings shared with the LM head)."""
+    """Stored values counted once even when tied (embeddings shared with the LM head); a compressed
+    module counts its ``stored_params()`` (quantization codes live in buffers, not parameters)."""
+    from ..modules import compressed_modules
+
+    compressed = compressed_modules(model)
+    inside = {id(p) for _, module in compressed for p in module.parameters()}
+    total = sum(module.stored_params() for _, module in compressed)
     seen: set[int] = set()
-    total = 0
     for parameter in model.parameters():  # .parameters() already yields shared tensors once
-        if id(parameter) not in seen:
+        if id(parameter) not in seen and id(parameter) not in inside:
             seen.add(id(parameter))
             total += parameter.numel()
     return total
@@ -28,10 +33,17 @@ def compression_summary(records: Iterable[ModuleRecord], model_params_before: in
     stage's "before" and its last stage's "after"."""
     before: dict[str, int] = {}
     after: dict[str, int] = {}
+    bytes_before: dict[str, int | None] = {}
+    bytes_after: dict[str, int | None] = {}
     for record in records:
         before.setdefault(record.name, record.params_before)
         after[record.name] = record.params_after
+        bytes_before.setdefault(record.name, record.bytes_before)
+        bytes_after[record.name] = record.bytes_after
     targeted_before, targeted_after = sum(before.values()), sum(after.values())
+    byte_counts = None
+    if all(v is not None for v in [*bytes_before.values(), *bytes_after.values()]):
+        byte_counts = (sum(bytes_before.values()), sum(bytes_after.values()))  # type: ignore[arg-type]
     return {
         "targeted_modules": len(before),
         "targeted_params_before": targeted_before,
@@ -42,7 +54,12 @@ def compression_summary(records: Iterable[ModuleRecord], model_params_before: in
         "model_ratio": 1 - model_params_after / model_params_before if model_params_before else 0.0,
         "bytes": bytes_on_disk,
         "dense_bytes": model_params_before * bytes_per_param,
-        "accounting": "stored values; low-rank modules store r·(m+n) (+ bias); ratios are fractions removed",
+        "targeted_bytes_before": byte_counts[0] if byte_counts else None,
+        "targeted_bytes_after": byte_counts[1] if byte_counts else None,
+        "targeted_bytes_ratio": 1 - byte_counts[1] / byte_counts[0] if byte_counts and byte_counts[0] else None,
+        "accounting": ("params = stored weight values (low-rank r·(m+n), sparse kept values, quantized one "
+                       "code per weight; + bias); bytes = every tensor written, scales/zeros/masks/indices "
+                       "included; ratios are fractions removed"),
     }
 
 

@@ -16,6 +16,9 @@ def render_report(metrics: dict[str, Any], recipe_yaml: str) -> str:
               f"| targeted ratio (removed) | {_fmt_ratio(c['targeted_ratio'])} |",
               f"| whole-model ratio (removed) | {_fmt_ratio(c['model_ratio'])} |",
               f"| parameters | {c['model_params_before']:,} → {c['model_params_after']:,} |"]
+    if c.get("targeted_bytes_ratio") is not None:
+        lines.append(f"| targeted bytes | {c['targeted_bytes_before']:,} → {c['targeted_bytes_after']:,} "
+                     f"({_fmt_ratio(c['targeted_bytes_ratio'])} removed) |")
     if c.get("bytes") is not None:
         lines.append(f"| bytes on disk (weights) | {c['bytes']:,} (dense: {c['dense_bytes']:,}) |")
     for name, result in metrics.get("eval", {}).get("perplexity", {}).items():

@@ -5,6 +5,11 @@ run every batch to accumulate their statistics, compress them and swap the repla
 the batches once more through the (now compressed) layer to produce the next layer's inputs
 (sequential mode), or reuse the outputs of the uncompressed layer (``sequential: false``). The engine
 knows compressors only through their contract; it never branches on a method name.
+
+Compressors return replacements and never modify the module they get, so the engine keeps each
+target's module as it was before the first stage of the run touched it ("original"): snapshot
+statistics (``SNAPSHOTS``, e.g. ``original_weight`` for a compensation stage) are built from it, and
+every record's output error is measured against the original weight.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from ..compressor.stats import gram_of
 from ..compressor.linalg import relative_output_error
 from ..errors import NumericalError
 from ..models import ArchitectureAdapter
-from ..modules import dense_weight, stored_params
+from ..modules import dense_weight, storage_bytes, stored_params
 from .capture import LayerInputs, capture_layer_inputs, layer_output, move
 from .observer import PipelineObserver
 from .records import ModuleRecord
@@ -87,20 +92,26 @@ class LayerwisePipeline:
         self.observer.layer_started(index, sum(len(names) for _, names in plans))
         records: list[ModuleRecord] = []
         uncompressed_outputs: LayerInputs | None = None
+        originals: dict[str, nn.Module] = {}
         for stage, names in plans:
             if not names:
                 continue
+            for name in names:
+                originals.setdefault(name, layer.get_submodule(name))
             keep_outputs = not self.settings.sequential and not records  # first pass: layer intact
-            stats, outputs = self._collect(layer, names, stage.needs, inputs, keep_outputs)
+            stats, outputs = self._collect(layer, names, stage.needs, inputs, keep_outputs, originals)
             if keep_outputs:
                 uncompressed_outputs = outputs
             for name in names:
-                records.append(self._compress_module(index, layer, prefix, name, stage, stats[name]))
+                records.append(self._compress_module(index, layer, prefix, name, stage, stats[name],
+                                                     originals[name]))
         return records, uncompressed_outputs
 
     def _collect(self, layer: nn.Module, names: list[str], needs: frozenset[str], inputs: LayerInputs,
-                 keep_outputs: bool) -> tuple[dict[str, dict[str, Statistic]], LayerInputs | None]:
-        stats = {name: {kind: make_statistic(kind, layer.get_submodule(name), self.settings.compute)
+                 keep_outputs: bool, originals: dict[str, nn.Module],
+                 ) -> tuple[dict[str, dict[str, Statistic]], LayerInputs | None]:
+        stats = {name: {kind: make_statistic(kind, layer.get_submodule(name), self.settings.compute,
+                                             originals[name])
                         for kind in sorted(needs)} for name in names}
 
         def observer_for(name: str):
@@ -126,7 +137,7 @@ class LayerwisePipeline:
         return LayerInputs(hidden, inputs.kwargs)
 
     def _compress_module(self, index: int, layer: nn.Module, prefix: str, name: str, stage: Stage,
-                         stats: dict[str, Statistic]) -> ModuleRecord:
+                         stats: dict[str, Statistic], original: nn.Module) -> ModuleRecord:
         full_name = f"{prefix}.{name}"
         module = layer.get_submodule(name)
         started = time.perf_counter()
@@ -138,7 +149,7 @@ class LayerwisePipeline:
             raise NumericalError(f"{full_name}: {stage.compressor.name} produced NaN/Inf factors "
                                  f"(path: {result.numerical_path})")
         gram = gram_of(stats)
-        weight = dense_weight(module).detach()
+        weight = dense_weight(original).detach().to(approx.device)
         error = relative_output_error(weight, approx, gram.gram(full_name).to(weight.device))
         replace_submodule(layer, name, replacement)
         record = ModuleRecord(
@@ -147,6 +158,7 @@ class LayerwisePipeline:
             params_before=stored_params(module), params_after=stored_params(replacement),
             rank=result.rank, relative_error=error, numerical_path=result.numerical_path,
             seconds=seconds, details=result.details,
+            bytes_before=storage_bytes(module), bytes_after=storage_bytes(replacement),
         )
         self.observer.module_done(record)
         return record
