@@ -122,18 +122,29 @@ def inspect(checkpoint: Path) -> None:
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--dense", is_flag=True, required=True, help="write a plain dense HF checkpoint")
+@click.option("--dense", is_flag=True, help="write a plain dense HF checkpoint")
+@click.option("--peft", is_flag=True, help="write OUTPUT/base (dense base model) + OUTPUT/adapter (the "
+              "compensation paths as a PEFT LoRA adapter)")
 @click.option("--overwrite", is_flag=True)
-def export(checkpoint: Path, output: Path, dense: bool, overwrite: bool) -> None:
-    """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads)."""
-    from ..checkpoint import export_dense
+def export(checkpoint: Path, output: Path, dense: bool, peft: bool, overwrite: bool) -> None:
+    """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads; --peft: base + LoRA adapter)."""
+    from ..checkpoint import export_dense, export_peft
     from ..models import load_model
 
+    if dense == peft:
+        _fail(click.UsageError("give exactly one of --dense or --peft"))
     try:
         loaded = load_model(str(checkpoint))
-        export_dense(loaded.model, loaded.tokenizer, output, overwrite)
+        if peft:
+            written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
+        else:
+            export_dense(loaded.model, loaded.tokenizer, output, overwrite)
     except LrcompressError as error:
         _fail(error)
+    if peft:
+        stdout.print(f"wrote base model to {written.base_dir} and a LoRA adapter for {written.modules} modules "
+                     f"to {written.adapter_dir}")
+        return
     stdout.print(f"wrote dense checkpoint to {output}")
 
 

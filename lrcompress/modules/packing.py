@@ -3,7 +3,7 @@
 Codes are laid out row-major and packed 8 at a time into ``bits`` bytes, little-endian inside the
 group of 8: code k of a group occupies bits [k·bits, (k+1)·bits) of the group's 8·bits-bit word. The
 group of 8 makes every width from 1 to 8 bits land on whole bytes, so one vectorized shift-and-mask
-covers all widths and the stored size is exactly ceil(N/8)·bits bytes.
+covers all widths and the stored size is exactly ceil(N/8)·bits bytes (N bytes for 8-bit codes, which need no packing).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 
 
 def packed_bytes(count: int, bits: int) -> int:
-    """Bytes that ``count`` codes of ``bits`` bits occupy."""
-    return math.ceil(count / 8) * bits
+    """Bytes that ``count`` codes of ``bits`` bits occupy (8-bit codes are stored as they are)."""
+    return count if bits == 8 else math.ceil(count / 8) * bits
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
