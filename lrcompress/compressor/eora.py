@@ -34,7 +34,7 @@ from ..modules import CompensatedLinear, dense_weight, stored_params
 from .base import CompressResult, Compressor, CompressorConfig, Plan, register
 from .linalg import balanced_factors, truncated_svd
 from .quantgrid import QuantConfig, ScaleDtype, quantized_linear, round_to_nearest
-from .stats import GramStatistic, OriginalWeight, Statistic
+from .stats import OriginalWeight, Statistic, gram_of
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,10 @@ class EoRA(Compressor):
         return Plan(stored_params(module) + rank * (m + n), rank)
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
-        original = stats["original_weight"]
-        gram_stat = stats["gram"]
-        assert isinstance(original, OriginalWeight) and isinstance(gram_stat, GramStatistic)
+        original = stats.get("original_weight")
+        if not isinstance(original, OriginalWeight):
+            raise KeyError("eora needs the 'original_weight' snapshot statistic")
+        gram_stat = gram_of(stats)
         current = dense_weight(module).detach()
         delta = original.weight.to(device=current.device, dtype=torch.float64) - current.to(torch.float64)
         if not bool(delta.any()):

@@ -34,7 +34,7 @@ from .base import CompressResult, register
 from .linalg import whitening
 from .quantgrid import QuantConfig, ScaleDtype, dequantize, fit_grid, quantize, quantized_linear
 from .rtn import QuantizingCompressor
-from .stats import GramStatistic, Statistic
+from .stats import Statistic, gram_of
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,7 @@ class GPTQ(QuantizingCompressor):
     needs = frozenset({"gram"})
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
-        gram_stat = stats["gram"]
-        assert isinstance(gram_stat, GramStatistic)
+        gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()
         c = self.config
         result = gptq_quantize(weight, gram_stat.gram(name), c.bits, c.group_size, c.scale_dtype, c.damping,

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..modules import MaskedSparseLinear, NMSparseLinear, dense_weight
 from .base import CompressorConfig, CompressResult, Compressor, Plan, register
-from .stats import GramStatistic, Statistic
+from .stats import Statistic, gram_of
 
 
 class PruneConfig(CompressorConfig):
@@ -113,9 +113,7 @@ class Prune(Compressor):
         weight = dense_weight(module).detach()
         gram = None
         if self.config.scoring == "wanda":
-            gram_stat = stats["gram"]
-            assert isinstance(gram_stat, GramStatistic)
-            gram = gram_stat.gram(name).to(weight.device)
+            gram = gram_of(stats).gram(name).to(weight.device)
         keep = prune_mask(scores(weight, self.config.scoring, gram), self.config)
         bias = getattr(module, "bias", None)
         if self.config.pattern is not None:
