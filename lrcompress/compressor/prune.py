@@ -57,6 +57,19 @@ class PruneConfig(CompressorConfig):
         n, m = self.pattern.split(":")  # type: ignore[union-attr]
         return int(n), int(m)
 
+    def competition(self) -> str:
+        """Who competes for the kept places in unstructured mode."""
+        return self.comparison or ("row" if self.scoring == "wanda" else "matrix")
+
+    def kept(self, out_features: int, in_features: int) -> int:
+        """Exact number of weights kept in an out × in matrix."""
+        if self.pattern is not None:
+            n, m = self.n_m()
+            return out_features * (in_features // m) * n
+        if self.competition() == "row":
+            return out_features * (in_features - math.floor(self.sparsity * in_features))
+        return out_features * in_features - math.floor(self.sparsity * out_features * in_features)
+
 
 def scores(weight: torch.Tensor, scoring: str, gram: torch.Tensor | None) -> torch.Tensor:
     """Importance of each weight (float64, out × in)."""
@@ -83,11 +96,9 @@ def prune_mask(score: torch.Tensor, config: PruneConfig) -> torch.Tensor:
             raise ValueError(f"{n}:{m} pruning needs in_features divisible by {m}, got {in_features}")
         grouped = score.view(out_features, in_features // m, m)
         return top_k_mask(grouped, n).view(out_features, in_features)
-    comparison = config.comparison or ("row" if config.scoring == "wanda" else "matrix")
-    if comparison == "row":
-        keep = in_features - math.floor(config.sparsity * in_features)
-        return top_k_mask(score, keep)
-    keep = score.numel() - math.floor(config.sparsity * score.numel())
+    keep = config.kept(out_features, in_features)
+    if config.competition() == "row":
+        return top_k_mask(score, keep // out_features)
     return top_k_mask(score.reshape(-1), keep).view(out_features, in_features)
 
 
@@ -98,15 +109,8 @@ class Prune(Compressor):
     needs = frozenset({"gram"})
 
     def plan(self, module: nn.Module) -> Plan:
-        m, n = module.out_features, module.in_features
         bias = getattr(module, "bias", None)
-        if self.config.pattern is not None:
-            keep_n, group = self.config.n_m()
-            kept = m * (n // group) * keep_n
-        elif (self.config.comparison or ("row" if self.config.scoring == "wanda" else "matrix")) == "row":
-            kept = m * (n - math.floor(self.config.sparsity * n))
-        else:
-            kept = m * n - math.floor(self.config.sparsity * m * n)
+        kept = self.config.kept(module.out_features, module.in_features)
         return Plan(kept + (bias.numel() if bias is not None else 0))
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:

@@ -89,3 +89,13 @@ def test_bad_options_are_recipe_errors():
                            ({"method": "prune", "sparsity": 0.5, "pattern": "2:4"}, "exactly one")]:
         with pytest.raises(RecipeError, match=message):
             parse_recipe({**base, "stages": [stage]})
+
+
+@pytest.mark.parametrize("options", [{"pattern": "2:4"}, {"sparsity": 0.3}, {"sparsity": 0.3, "scoring": "magnitude"},
+                                     {"sparsity": 0.7, "comparison": "row", "scoring": "magnitude"}])
+def test_plan_predicts_the_stored_values(options):
+    _, linear, gram = _layer()
+    cls = get_compressor("prune")
+    compressor = cls(cls.Config(**options))
+    module = compressor.compress("m", linear, {"gram": gram}).module
+    assert compressor.plan(linear).params_after == module.stored_params() == int((dense_weight(module) != 0).sum())
