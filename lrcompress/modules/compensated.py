@@ -44,7 +44,8 @@ class CompensatedLinear(CompressedLinear):
         return dense_weight(self.up) @ dense_weight(self.down)
 
     def dense_weight(self) -> torch.Tensor:
-        return dense_weight(self.base) + self.residual_weight().to(dense_weight(self.base).dtype)
+        base = dense_weight(self.base)
+        return base + self.residual_weight().to(base.dtype)
 
     def stored_params(self) -> int:
         return stored_params(self.base) + stored_params(self.down) + stored_params(self.up)
