@@ -15,15 +15,19 @@ from helpers import correlated_inputs, tiny_model
 OUT, IN, RANK = 20, 28, 5
 
 
-def _compressed_layer(seed=0):
-    """A float64 layer, its Gram on positive-definite correlated inputs, and its RTN 3-bit version."""
+BASES = {"rtn": {"bits": 3, "group_size": 8}, "gptq": {"bits": 3, "group_size": 8},
+         "prune": {"pattern": "2:4"}, "whiten": {"rank": 6}, "lord": {"rank": 6}}
+
+
+def _compressed_layer(seed=0, method="rtn"):
+    """A float64 layer, its Gram on positive-definite correlated inputs, and a compressed version."""
     torch.manual_seed(seed)
     x = correlated_inputs(500, IN, seed=seed)
     linear = nn.Linear(IN, OUT, bias=True).double()
     gram = GramStatistic(IN)
     gram.observe(x, linear(x))
-    rtn = get_compressor("rtn")
-    base = rtn(rtn.Config(bits=3, group_size=8)).compress("m", linear, {}).module
+    cls = get_compressor(method)
+    base = cls(cls.Config(**BASES[method])).compress("m", linear, {"gram": gram}).module
     return x, linear, gram, base
 
 
@@ -45,9 +49,10 @@ def _whitened_optimum(x, delta, rank):
     return torch.linalg.norm(x @ (delta - best).T).item()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_eora_reaches_the_whitened_optimum_and_beats_the_plain_residual_svd(seed):
-    x, linear, gram, base = _compressed_layer(seed)
+@pytest.mark.parametrize("seed,method", [(0, "rtn"), (1, "rtn"), (0, "gptq"), (0, "prune"), (0, "whiten"),
+                                         (0, "lord")])
+def test_eora_reaches_the_whitened_optimum_and_beats_the_plain_residual_svd(seed, method):
+    x, linear, gram, base = _compressed_layer(seed, method)
     w = linear.weight.detach()
     delta = w - dense_weight(base).double()
     eora = _eora(base, linear, gram, rank=RANK)
