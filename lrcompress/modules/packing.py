@@ -34,19 +34,30 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: the first ``count`` codes as int64."""
+def unpack_codes(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``count`` codes, as ``dtype``.
+
+    This runs on every forward call of a quantized module, so it uses the narrowest integers that
+    hold a group: widths dividing 8 unpack byte by byte in uint8 (the little-endian group layout is
+    then the plain per-byte layout), 3 bits in int32 words (24 bits), 5–7 bits in int64 words.
+    """
     _check_bits(bits)
     if packed.numel() != packed_bytes(count, bits):
         raise ValueError(f"{packed.numel()} packed bytes do not hold {count} codes of {bits} bits")
-    raw = packed.reshape(-1).to(torch.int64)
-    if bits == 8:
-        return raw
-    byte_shifts = 8 * torch.arange(bits, device=raw.device, dtype=torch.int64)
-    words = (raw.view(-1, bits) << byte_shifts).sum(dim=1)
-    shifts = bits * torch.arange(8, device=raw.device, dtype=torch.int64)
-    codes = (words[:, None] >> shifts) & (2**bits - 1)
-    return codes.reshape(-1)[:count]
+    raw = packed.reshape(-1)
+    mask = 2**bits - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, device=raw.device, dtype=torch.uint8)
+        codes = (raw[:, None] >> shifts) & mask
+    else:
+        wide = torch.int32 if 8 * bits <= 31 else torch.int64
+        groups = raw.view(-1, bits)
+        words = groups[:, 0].to(wide)
+        for j in range(1, bits):
+            words = words | (groups[:, j].to(wide) << (8 * j))
+        shifts = bits * torch.arange(8, device=raw.device, dtype=wide)
+        codes = (words[:, None] >> shifts) & mask
+    return codes.reshape(-1)[:count].to(dtype)
 
 
 def _check_bits(bits: int) -> None:

@@ -78,20 +78,26 @@ class QuantizedLinear(CompressedLinear):
                 module.bias.copy_(bias.to(dtype))
         return module
 
-    def codes(self) -> torch.Tensor:
-        """The integer codes (out × in, stored column order), int64."""
+    def codes(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """The integer codes (out × in, stored column order)."""
         count = self.out_features * self.in_features
-        return unpack_codes(self.qweight, self.bits, count).view(self.out_features, self.in_features)
+        return unpack_codes(self.qweight, self.bits, count, dtype).view(self.out_features, self.in_features)
 
     def scale_values(self) -> torch.Tensor:
         return self.scales.view(SCALE_FORMATS[self.scale_dtype][0])
 
     def dense_weight(self) -> torch.Tensor:
         # float32 is exact here: (q − z) is a small integer and the scale has ≤ 24 mantissa bits.
-        width = self.group_size
-        scale = self.scale_values().to(torch.float32).repeat_interleave(width, dim=1)[:, : self.in_features]
-        zero = self.zeros.to(torch.float32).repeat_interleave(width, dim=1)[:, : self.in_features]
-        stored = (self.codes().to(torch.float32) - zero) * scale
+        # Groups as a (out × groups × width) view; a ragged last group is padded, then cut off.
+        groups, width = self.scales.shape[1], self.group_size
+        codes = self.codes(torch.float32)
+        pad = groups * width - self.in_features
+        if pad:
+            codes = F.pad(codes, (0, pad))
+        scale = self.scale_values().to(torch.float32)[:, :, None]
+        zero = self.zeros.to(torch.float32)[:, :, None]
+        stored = ((codes.view(self.out_features, groups, width) - zero) * scale).view(self.out_features, -1)
+        stored = stored[:, : self.in_features]
         if self.perm is not None:
             weight = torch.empty_like(stored)
             weight[:, self.perm.long()] = stored
