@@ -71,6 +71,53 @@ def dense_perplexity(model: str, args: argparse.Namespace) -> dict:
     return {"perplexity": result.value, "protocol": result.protocol, "seconds": result.seconds}
 
 
+def module_errors(model_path: str, names: list[str], ranks: list[int], windows: int) -> str:
+    """Layer-wise relative output errors ‖X(W−Ŵ)ᵀ‖/‖XWᵀ‖ of single real modules (cheap: no pipeline, no
+    perplexity): Grams from ``windows`` windows of wiki.valid through the dense model, each base, then
+    the svd residual and eora at each rank on top of it."""
+    import torch
+
+    from lrcompress.compressor import GramStatistic, OriginalWeight, get_compressor
+    from lrcompress.compressor.linalg import relative_output_error
+    from lrcompress.data import data_dir, load_text, tokenize
+    from lrcompress.models import load_model
+    from lrcompress.modules import dense_weight
+
+    loaded = load_model(model_path)
+    model = loaded.model
+    ids = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", data_dir(None)).text)
+    ids = ids[: windows * 512].view(windows, 512)
+    grams = {n: GramStatistic(model.get_submodule(n).in_features) for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: grams[n].observe(a[0], o))
+             for n in names]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+
+    def compress(method, module, stats, **options):
+        cls = get_compressor(method)
+        return cls(cls.Config(**options)).compress("m", module, stats).module
+
+    lines = ["| module | base | none | " + " | ".join(f"svd r{r} | eora r{r}" for r in ranks) + " |",
+             "|---|---|---|" + "---|---|" * len(ranks)]
+    for name in names:
+        linear = model.get_submodule(name)
+        w = linear.weight.detach()
+        stats = {"gram": grams[name], "original_weight": OriginalWeight(w)}
+        g = grams[name].gram(name)
+        for base_key, (label, options) in BASES.items():
+            options = {k: v for k, v in options.items() if k != "method"}
+            base = compress(BASES[base_key][1]["method"], linear, stats, **options)
+            cells = [f"{relative_output_error(w, dense_weight(base), g):.4f}"]
+            for rank in ranks:
+                for space in ("weight", "eigen"):
+                    module = compress("eora", base, stats, rank=rank, space=space)
+                    cells.append(f"{relative_output_error(w, dense_weight(module), g):.4f}")
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], dense: dict | None) -> str:
     lines = []
     if dense:
@@ -97,7 +144,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--module-errors", default=None, metavar="NAMES",
+                        help="instead of perplexity runs: layer-wise output errors of these modules (comma-separated)")
     args = parser.parse_args()
+    if args.module_errors:
+        print(module_errors(args.model, args.module_errors.split(","), [int(r) for r in args.ranks.split(",")],
+                            args.calibration_samples))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
