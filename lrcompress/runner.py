@@ -19,7 +19,7 @@ from .compressor import get_compressor
 from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
 from .eval import compression_summary, perplexity, render_report, unique_param_count, versions, write_metrics
 from .models import adapter_for, load_model
-from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, select_targets
+from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,12 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
     started = time.perf_counter()
     settings = PipelineSettings(recipe.runtime.batch_size, compute, torch.device(recipe.runtime.offload_device),
                                 recipe.runtime.sequential)
-    records = LayerwisePipeline(model, adapter_for(model), stages, settings, observer).run(windows)
+    adapter = adapter_for(model)
+    prepass = run_prepasses(model, adapter, stages, windows, settings, observer)  # e.g. Fisher, once
+    if prepass.reports:
+        metrics["prepass"] = prepass.reports
+        timing["prepass"] = prepass.seconds
+    records = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics).run(windows)
     timing["compress"] = time.perf_counter() - started
 
     recipe_yaml = yaml.safe_dump(recipe.model_dump(), sort_keys=False)

@@ -1,9 +1,12 @@
 """The layer-wise calibration pipeline."""
 from .capture import LayerInputs, capture_layer_inputs
 from .engine import LayerwisePipeline, PipelineSettings, Stage
+from . import fisher  # noqa: F401  (registers the "fisher" pre-pass)
 from .observer import LoggingObserver, PipelineObserver
+from .prepass import PREPASSES, PrePassOutput, PrePassResult, register_prepass, run_prepasses
 from .records import ModuleRecord
 from .targets import select_targets
 
 __all__ = ["LayerInputs", "LayerwisePipeline", "LoggingObserver", "ModuleRecord", "PipelineObserver",
-           "PipelineSettings", "Stage", "capture_layer_inputs", "select_targets"]
+           "PipelineSettings", "PREPASSES", "PrePassOutput", "PrePassResult", "Stage", "capture_layer_inputs",
+           "register_prepass", "run_prepasses", "select_targets"]

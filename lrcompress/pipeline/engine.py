@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -22,11 +23,12 @@ from torch import nn
 from ..compressor import Compressor, Statistic, make_statistic
 from ..compressor.stats import gram_of
 from ..compressor.linalg import relative_output_error
-from ..errors import NumericalError
+from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
 from ..modules import dense_weight, storage_bytes, stored_params
 from .capture import LayerInputs, capture_layer_inputs, layer_output, move
 from .observer import PipelineObserver
+from .prepass import is_prepass_kind
 from .records import ModuleRecord
 from .targets import replace_submodule, select_targets
 
@@ -56,10 +58,14 @@ class PipelineSettings:
 
 class LayerwisePipeline:
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage],
-                 settings: PipelineSettings, observer: PipelineObserver | None = None) -> None:
+                 settings: PipelineSettings, observer: PipelineObserver | None = None,
+                 precomputed: Mapping[str, Mapping[str, Statistic]] | None = None) -> None:
+        """``precomputed``: full module name → {kind: Statistic} for the kinds that come from a
+        pre-pass (see ``pipeline.prepass``); they are handed to the compressor with the forward ones."""
         self.model, self.adapter, self.stages = model, adapter, stages
         self.settings = settings
         self.observer = observer or PipelineObserver()
+        self.precomputed = precomputed or {}
 
     @torch.no_grad()
     def run(self, windows: torch.Tensor) -> list[ModuleRecord]:
@@ -112,7 +118,7 @@ class LayerwisePipeline:
                  ) -> tuple[dict[str, dict[str, Statistic]], LayerInputs | None]:
         stats = {name: {kind: make_statistic(kind, layer.get_submodule(name), self.settings.compute,
                                              originals[name])
-                        for kind in sorted(needs)} for name in names}
+                        for kind in sorted(needs) if not is_prepass_kind(kind)} for name in names}
 
         def observer_for(name: str):
             def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -136,10 +142,20 @@ class LayerwisePipeline:
             hidden.append(out.to(s.offload))
         return LayerInputs(hidden, inputs.kwargs)
 
+    def _precomputed_for(self, full_name: str, stage: Stage) -> dict[str, Statistic]:
+        kinds = [kind for kind in stage.needs if is_prepass_kind(kind)]
+        given = self.precomputed.get(full_name, {})
+        missing = [kind for kind in kinds if kind not in given]
+        if missing:
+            raise LrcompressError(f"{full_name}: {stage.compressor.name} needs {missing}, which come from a "
+                                  "pre-pass that was not run for this module (see pipeline.run_prepasses)")
+        return {kind: given[kind] for kind in kinds}
+
     def _compress_module(self, index: int, layer: nn.Module, prefix: str, name: str, stage: Stage,
                          stats: dict[str, Statistic], original: nn.Module) -> ModuleRecord:
         full_name = f"{prefix}.{name}"
         module = layer.get_submodule(name)
+        stats = {**stats, **self._precomputed_for(full_name, stage)}
         started = time.perf_counter()
         result = stage.compressor.compress(full_name, module, stats)
         seconds = time.perf_counter() - started
