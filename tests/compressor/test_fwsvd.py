@@ -134,21 +134,10 @@ def test_config_validation() -> None:
 
 # --- through the pipeline -------------------------------------------------------------------------
 
-def _recipe(model_dir, calibration_file, stages, tmp_path):
-    from lrcompress.recipe import parse_recipe
-
-    return parse_recipe({
-        "model": {"path": str(model_dir)},
-        "calibration": {"dataset": str(calibration_file), "num_samples": 3, "seq_len": 32},
-        "stages": stages,
-        "runtime": {"device": "cpu", "batch_size": 2},
-        "output": {"dir": str(tmp_path / "out"), "save": False},
-        "eval": {"perplexity": [{"dataset": str(calibration_file), "seq_len": 32, "max_windows": 2}]},
-    })
-
-
 def test_combination_recipe_runs_the_fisher_pass_once(tiny_llama_dir, calibration_file, tmp_path,
                                                       monkeypatch) -> None:
+    from tiny_runs import tiny_recipe
+
     from lrcompress import pipeline
     from lrcompress.runner import run_recipe
 
@@ -163,16 +152,18 @@ def test_combination_recipe_runs_the_fisher_pass_once(tiny_llama_dir, calibratio
     stages = [{"method": "fwsvd", "ratio": 0.3, "targets": ["*.mlp.*"]},
               {"method": "whiten", "ratio": 0.3, "targets": ["*.q_proj", "*.k_proj"]},
               {"method": "fwsvd", "ratio": 0.3, "targets": ["*.v_proj", "*.o_proj"], "two_sided": True}]
-    result = run_recipe(_recipe(tiny_llama_dir, calibration_file, stages, tmp_path))
+    recipe = tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "out", stages=stages,
+                         output={"dir": str(tmp_path / "out"), "save": False})
+    result = run_recipe(recipe)
     assert len(calls) == 1
     expected = {f"model.layers.{i}.{name}" for i in range(2) for name in
                 ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.v_proj", "self_attn.o_proj")}
     assert set(calls[0]) == expected
     methods = {m["name"]: m["method"] for m in result.metrics["modules"]}
     assert len(methods) == 14 and {methods[name] for name in expected} == {"fwsvd"}
-    assert all(m["details"]["fisher_windows"] == 3 for m in result.metrics["modules"] if m["method"] == "fwsvd")
+    assert all(m["details"]["fisher_windows"] == 6 for m in result.metrics["modules"] if m["method"] == "fwsvd")
     report = result.metrics["prepass"]["fisher"]
-    assert report["windows"] == 3 and report["targets"] == 10 and report["peak_memory_bytes"] > 0
+    assert report["windows"] == 6 and report["targets"] == 10 and report["peak_memory_bytes"] > 0
 
 
 def test_module_without_gradient_gets_zero_fisher_and_finite_factors() -> None:

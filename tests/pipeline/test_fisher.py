@@ -124,3 +124,29 @@ def test_fisher_statistic_refuses_forward_observation() -> None:
 
     with pytest.raises(TypeError, match="pre-pass"):
         FisherStatistic(3, 4).observe(torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+@pytest.mark.real_model
+def test_fisher_pass_on_smollm2_matches_autograd() -> None:
+    """SmolLM2-135M (float32): hook sums of the top and bottom layers' linears equal those from full
+    ``.grad`` tensors, over 2 short windows; the weights are untouched."""
+    import os
+    from pathlib import Path
+
+    from lrcompress.models import load_model
+
+    path = Path(os.environ.get("LRCOMPRESS_SMOLLM2", "models/smollm2-135m"))
+    if not (path / "config.json").is_file():
+        pytest.skip(f"SmolLM2 not found at {path} (set LRCOMPRESS_SMOLLM2)")
+    model = load_model(str(path), "float32").model
+    windows = torch.randint(100, 40000, (2, 48), generator=torch.Generator().manual_seed(0))
+    targets = [t for t in _targets(model) if t.startswith(("model.layers.0.", "model.layers.29."))]
+    probe = model.get_submodule(targets[0]).weight.detach().clone()
+    result = _fisher(model, windows, targets, batch_size=2)
+    assert torch.equal(model.get_submodule(targets[0]).weight, probe)
+    columns, rows, mean_loss = _autograd_reference(model, windows, targets)
+    for name in targets:
+        stat = result.statistics[name]
+        torch.testing.assert_close(stat.input_importance(name), columns[name].double(), rtol=2e-3, atol=0)
+        torch.testing.assert_close(stat.output_importance(name), rows[name].double(), rtol=2e-3, atol=0)
+    assert result.report["mean_loss"] == pytest.approx(mean_loss, rel=1e-4)
