@@ -20,7 +20,7 @@ weights are never written. Activation memory is one decoder layer's graph plus t
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from .capture import capture_layer_inputs, layer_output, move
 from .memory import PeakMemory
 from .observer import PipelineObserver
 from .prepass import PrePassResult, register_prepass
+
+if TYPE_CHECKING:
+    from .engine import PipelineSettings
 
 
 @contextlib.contextmanager
@@ -115,10 +118,12 @@ def _layer_backward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
 
 @register_prepass("fisher")
 def fisher_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
-                settings: Any, observer: PipelineObserver) -> PrePassResult:
+                settings: "PipelineSettings", observer: PipelineObserver) -> PrePassResult:
     """Fisher row/column sums for every target module (full names) over all calibration windows."""
     compute, offload = settings.compute, settings.offload
     grouped = _group_by_layer(model, adapter, targets, compute)
+    if not grouped:
+        return PrePassResult({}, {"windows": len(windows), "layers_swept": 0})
     layers = adapter.decoder_layers(model)
     lowest = min(grouped, default=len(layers))
     head_modules = [model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head)]
