@@ -31,9 +31,12 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.1,0.2,0.3")
     parser.add_argument("--num-samples", type=int, default=None, help="override calibration.num_samples")
     parser.add_argument("--max-windows", type=int, default=None, help="override the eval max_windows")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a shared machine)")
     parser.add_argument("--no-sequential", action="store_true", help="statistics from the uncompressed model")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = yaml.safe_load(Path(args.base).read_text())
     base["output"] = {"dir": "unused", "save": False}
     base["eval"]["baseline"] = False
