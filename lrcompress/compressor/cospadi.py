@@ -33,7 +33,7 @@ from ..modules.sparse_dict import INT16_ATOMS, dictionary_shares, index_cost
 from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, register
 from .dictionary import ksvd, refit_values, sparsity_budget
 from .linalg import whitening
-from .stats import GramStatistic, Statistic
+from .stats import Statistic, gram_of
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,4 @@ class CoSpaDi(Compressor):
 
 
 def _gram(member: GroupMember) -> torch.Tensor:
-    stat = member.stats["gram"]
-    assert isinstance(stat, GramStatistic)
-    return stat.gram(member.name)
+    return gram_of(member.stats).gram(member.name)

@@ -178,29 +178,33 @@ def ksvd(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int, se
 def _update_atoms(dictionary: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor,
                   power_steps: int) -> list[int]:
     """The K-SVD dictionary stage, in place on all three tensors; returns the unused atoms."""
-    unused = []
-    for j in range(dictionary.shape[1]):
-        users = codes[j].nonzero().flatten()
-        if len(users) == 0:
-            unused.append(j)
-            continue
-        atom, coef = dictionary[:, j], codes[j, users]
-        block = residual[:, users] + torch.outer(atom, coef)         # E_ω
-        sigma = coef.norm()
-        for _ in range(power_steps):
-            direction = block @ coef
-            norm = direction.norm()
-            if norm == 0:
-                break
-            atom = direction / norm
-            coef = atom @ block
-            previous, sigma = sigma, coef.norm()
-            if (sigma - previous).abs() <= POWER_TOL * sigma:
-                break
-        residual[:, users] = block - torch.outer(atom, coef)
-        dictionary[:, j] = atom
-        codes[j, users] = coef
-    return unused
+    return [j for j in range(dictionary.shape[1]) if not update_atom(dictionary, codes, residual, j, power_steps)]
+
+
+def update_atom(dictionary: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, j: int,
+                power_steps: int) -> bool:
+    """Replace atom j and its nonzero coefficients by the rank-1 approximation of the residual on the
+    columns that use it (in place, residual kept equal to X − D·S). False when no column uses it."""
+    users = codes[j].nonzero().flatten()
+    if len(users) == 0:
+        return False
+    atom, coef = dictionary[:, j], codes[j, users]
+    block = residual[:, users] + torch.outer(atom, coef)             # E_ω
+    sigma = coef.norm()
+    for _ in range(power_steps):
+        direction = block @ coef
+        norm = direction.norm()
+        if norm == 0:
+            break
+        atom = direction / norm
+        coef = atom @ block
+        previous, sigma = sigma, coef.norm()
+        if (sigma - previous).abs() <= POWER_TOL * sigma:
+            break
+    residual[:, users] = block - torch.outer(atom, coef)
+    dictionary[:, j] = atom
+    codes[j, users] = coef
+    return True
 
 
 def _rarely_used(codes: torch.Tensor) -> list[int]:
