@@ -44,10 +44,12 @@ def collect_grams(model: nn.Module, names: list[str], windows: torch.Tensor, bat
     return stats
 
 
-def target_names(model: nn.Module) -> list[str]:
+def target_names(model: nn.Module, layers: range | None = None) -> list[str]:
     adapter = adapter_for(model)
     names = []
     for i, layer in enumerate(adapter.decoder_layers(model)):
+        if layers is not None and i not in layers:
+            continue
         prefix = adapter.layer_prefix(i)
         names += [f"{prefix}.{n}" for n in select_targets(layer, prefix, ["*"], [])]
     return names
@@ -107,7 +109,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--configs", default="whiten,cospadi,lord,cospadi-group",
+    parser.add_argument("--layers", default=None, help="compress only decoder layers FIRST-LAST (e.g. 0-9)")
+    parser.add_argument("--configs", default="whiten,cospadi,cospadi-group,lord",
                         help="which rows, in order, per ratio")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,7 +120,11 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     source = load_text("wikitext2", "validation", directory)
     windows = calibration_windows(tokenize(tokenizer, source.text), args.num_samples, 512, 0)
-    names = target_names(model)
+    layers = None
+    if args.layers:
+        first, last = (int(v) for v in args.layers.split("-"))
+        layers = range(first, last + 1)
+    names = target_names(model, layers)
     stats = collect_grams(model, names, windows, 4)
     print(f"grams of {len(names)} modules from {len(windows)} windows in {time.perf_counter() - started:.0f}s",
           file=sys.stderr, flush=True)
@@ -142,8 +149,8 @@ def main() -> None:
                   f"ratio {result['ratio']:.3f}, mean rel. error {result['mean_error']:.4f}; per module: {kinds}",
                   file=sys.stderr, flush=True)
     print(f"\nModel {args.model} ({unique_param_count(model):,} params); calibration wikitext2/validation "
-          f"{args.num_samples}×512 seed 0, Grams from the uncompressed model; all {len(names)} decoder-layer "
-          f"linears; cospadi: rho 2, {args.iterations} K-SVD iteration(s), group size {args.group_size} "
+          f"{args.num_samples}×512 seed 0, Grams from the uncompressed model; {len(names)} decoder-layer "
+          f"linears (layers {args.layers or 'all'}); cospadi: rho 2, {args.iterations} K-SVD iteration(s), group size {args.group_size} "
           f"for the group rows")
     print(f"Perplexity: {protocol}")
     print(f"Machine: {platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}\n")

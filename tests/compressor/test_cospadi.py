@@ -114,7 +114,7 @@ def test_sequential_mode_holds_between_groups_not_inside_them():
     reference = tiny_model("llama", num_hidden_layers=4)
     names = [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
     originals = {n: dense_weight(model.get_submodule(n)).detach().clone() for n in names}
-    stage = Stage(0, cospadi(ratio=0.3, iterations=2, group_size=2), ["*"])
+    stage = Stage(0, cospadi(ratio=0.5, iterations=2, group_size=2), ["*.q_proj", "*.o_proj", "*.down_proj"])
     records = {r.name: r for r in LayerwisePipeline(model, adapter_for(model), [stage],
                                                     PipelineSettings(batch_size=2)).run(WINDOWS)}
 
@@ -130,7 +130,7 @@ def test_sequential_mode_holds_between_groups_not_inside_them():
 
 def test_group_mode_shares_one_dictionary_and_survives_the_checkpoint(tmp_path):
     model = tiny_model("llama", num_hidden_layers=4)
-    stage = Stage(0, cospadi(ratio=0.3, iterations=2, group_size=2), ["*.mlp.*"])
+    stage = Stage(0, cospadi(ratio=0.3, iterations=2, group_size=2), ["*.up_proj"])
     records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(WINDOWS)
     layers = model.model.layers
     assert layers[0].mlp.up_proj.dictionary is layers[1].mlp.up_proj.dictionary
@@ -152,3 +152,39 @@ def test_group_mode_shares_one_dictionary_and_survives_the_checkpoint(tmp_path):
     assert loaded.model.layers[0].mlp.up_proj.dictionary is loaded.model.layers[1].mlp.up_proj.dictionary
     with torch.no_grad():
         assert torch.allclose(loaded(WINDOWS).logits, logits, atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_cospadi_groups_on_smollm2_write_a_checkpoint_that_reloads(data_dir, tmp_path):
+    """Layers 0-1 of SmolLM2 in one dictionary group: budget met, shared dictionaries, exact reload."""
+    import os
+    from pathlib import Path
+
+    import lrcompress
+    from lrcompress.recipe import parse_recipe
+    from lrcompress.runner import run_recipe
+
+    model = Path(os.environ.get("LRCOMPRESS_SMOLLM2", Path(__file__).resolve().parents[2] / "models" / "smollm2-135m"))
+    if not (model / "config.json").is_file():
+        pytest.fail(f"SmolLM2 not found at {model}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
+    recipe = {
+        "model": {"path": str(model)},
+        "calibration": {"dataset": "wikitext2", "split": "validation", "num_samples": 4, "seq_len": 256},
+        "stages": [{"method": "cospadi", "ratio": 0.2, "iterations": 2, "group_size": 2,
+                    "targets": ["re:model\\.layers\\.[01]\\..*"]}],
+        "runtime": {"device": "cpu", "batch_size": 4},
+        "output": {"dir": str(tmp_path / "out"), "save": True},
+        "eval": {"perplexity": [{"dataset": "wikitext2", "split": "test", "seq_len": 512, "max_windows": 2}]},
+        "data_dir": str(data_dir),
+    }
+    run = run_recipe(parse_recipe(recipe))
+    records = run.metrics["modules"]
+    assert len(records) == 14 and run.metrics["compression"]["targeted_ratio"] >= 0.2
+    assert all(0 < r["relative_error"] < 0.5 for r in records), [r["relative_error"] for r in records]
+    assert all(r["details"]["ratio_with_indices"] >= 0.2 for r in records)
+    reloaded = lrcompress.load(run.output_dir)
+    layers = reloaded.model.layers
+    assert layers[0].mlp.down_proj.dictionary is layers[1].mlp.down_proj.dictionary
+    window = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (reloaded(input_ids=window).logits - run.model(input_ids=window).logits).abs().max() <= 1e-4
