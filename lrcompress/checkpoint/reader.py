@@ -47,6 +47,17 @@ def build_skeleton(config_dict: dict, meta: dict, dtype: torch.dtype) -> nn.Modu
     return model
 
 
+def restore_aliases(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make every alias the very tensor it was stored as (tied embeddings, shared dictionaries)."""
+    for alias, source in aliases.items():
+        owner_name, _, attr = alias.rpartition(".")
+        source_owner, _, source_attr = source.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        shared = getattr(model.get_submodule(source_owner), source_attr)
+        if getattr(owner, attr) is not shared:
+            setattr(owner, attr, shared)
+
+
 def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     directory = Path(directory)
     config_dict, meta = read_metadata(directory)
@@ -64,6 +75,7 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     if missing or unexpected:
         raise CheckpointError(f"{directory}: tensors do not match the model "
                               f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    restore_aliases(model, meta.get("tied", {}))
     model.tie_weights()
     if dtype is not None:
         model.to(dtype)

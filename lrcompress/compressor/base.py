@@ -58,6 +58,15 @@ class Plan:
     rank: int | None = None
 
 
+@dataclass
+class GroupMember:
+    """One module of a group compressed together (same relative name in consecutive layers)."""
+
+    name: str
+    module: nn.Module
+    stats: Mapping[str, Statistic]
+
+
 class Compressor(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[CompressorConfig]] = CompressorConfig
@@ -65,6 +74,18 @@ class Compressor(ABC):
 
     def __init__(self, config: CompressorConfig) -> None:
         self.config = config
+
+    @property
+    def group_size(self) -> int:
+        """Consecutive decoder layers whose modules of one kind are compressed together (1: alone).
+
+        With a size g > 1 the pipeline collects the statistics of g layers before calling
+        ``compress_group`` once per module kind (e.g. ``mlp.down_proj``) with the g members."""
+        return 1
+
+    def compress_group(self, members: list[GroupMember]) -> list[CompressResult]:
+        """Compress modules that share something (a dictionary); by default each one alone."""
+        return [self.compress(m.name, m.module, m.stats) for m in members]
 
     @abstractmethod
     def plan(self, module: nn.Module) -> Plan:

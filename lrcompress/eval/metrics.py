@@ -58,7 +58,8 @@ def compression_summary(records: Iterable[ModuleRecord], model_params_before: in
         "targeted_bytes_after": byte_counts[1] if byte_counts else None,
         "targeted_bytes_ratio": 1 - byte_counts[1] / byte_counts[0] if byte_counts and byte_counts[0] else None,
         "accounting": ("params = stored weight values (low-rank r·(m+n), sparse kept values, quantized one "
-                       "code per weight; + bias); bytes = every tensor written, scales/zeros/masks/indices "
+                       "code per weight; sparse dictionaries d_in·k (a shared one split among its group) + s·d_out "
+                       "values + indices at their byte size in units of one value; + bias); bytes = every tensor written, scales/zeros/masks/indices "
                        "included; ratios are fractions removed"),
     }
 

@@ -5,7 +5,9 @@ from .compensated import CompensatedLinear
 from .low_rank import LowRankLinear
 from .quantized import QuantizedLinear
 from .sparse import MaskedSparseLinear, NMSparseLinear
+from .sparse_dict import SparseDictLinear
 
 __all__ = ["MODULE_KINDS", "CompensatedLinear", "CompressedLinear", "LowRankLinear", "MaskedSparseLinear",
-           "NMSparseLinear", "QuantizedLinear", "compressed_modules", "dense_weight", "module_from_spec",
-           "module_spec", "register_module_kind", "storage_bytes", "stored_params", "to_dense_linear"]
+           "NMSparseLinear", "QuantizedLinear", "SparseDictLinear", "compressed_modules", "dense_weight",
+           "module_from_spec", "module_spec", "register_module_kind", "storage_bytes", "stored_params",
+           "to_dense_linear"]

@@ -10,6 +10,15 @@ Compressors return replacements and never modify the module they get, so the eng
 target's module as it was before the first stage of the run touched it ("original"): snapshot
 statistics (``SNAPSHOTS``, e.g. ``original_weight`` for a compensation stage) are built from it, and
 every record's output error is measured against the original weight.
+
+Groups: a compressor whose ``group_size`` is g > 1 compresses the same module (relative name) of g
+consecutive layers together. The engine walks blocks of layers (the largest group size of the
+stages); per stage it runs a group's layers one after the other, collecting every layer's statistics
+with its predecessors in the group still uncompressed by that stage (a group cannot be compressed
+before all of its statistics exist), calls ``compress_group`` per module name, and only then re-runs
+the group from its input through the compressed layers, so that the layers *after* the group see
+compressed inputs: sequential mode holds between groups, not inside one. With every group size 1
+this is exactly the plain per-layer flow.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..compressor import Compressor, Statistic, make_statistic
+from ..compressor import Compressor, CompressResult, GroupMember, Statistic, make_statistic
 from ..compressor.stats import gram_of
 from ..compressor.linalg import relative_output_error
 from ..errors import LrcompressError, NumericalError
@@ -47,6 +56,10 @@ class Stage:
         # The Gram is always collected: it gives every module's relative output error.
         return self.compressor.needs | {"gram"}
 
+    @property
+    def group_size(self) -> int:
+        return self.compressor.group_size
+
 
 @dataclass
 class PipelineSettings:
@@ -67,51 +80,105 @@ class LayerwisePipeline:
         self.observer = observer or PipelineObserver()
         self.precomputed = precomputed or {}
 
+    def block_size(self) -> int:
+        """Layers handled together: the largest group size; every other size must divide it."""
+        sizes = {stage.group_size for stage in self.stages} or {1}
+        block = max(sizes)
+        if any(block % size for size in sizes):
+            raise ValueError(f"stage group sizes {sorted(sizes)} must all divide the largest one")
+        return block
+
     @torch.no_grad()
     def run(self, windows: torch.Tensor) -> list[ModuleRecord]:
         s = self.settings
+        block = self.block_size()
         self.observer.phase(f"capturing the inputs of layer 0 for {len(windows)} windows")
         inputs = capture_layer_inputs(self.model, self.adapter, windows, s.batch_size, s.compute, s.offload)
         layers = self.adapter.decoder_layers(self.model)
         records: list[ModuleRecord] = []
         self.observer.layers_started(len(layers))
-        for index, layer in enumerate(layers):
+        for start in range(0, len(layers), block):
+            indices = list(range(start, min(start + block, len(layers))))
             started = time.perf_counter()
-            home = next(layer.parameters()).device
-            layer.to(s.compute)
-            layer_records, outputs = self._compress_layer(index, layer, inputs)
+            homes = [next(layers[i].parameters()).device for i in indices]
+            for i in indices:
+                layers[i].to(s.compute)
+            block_records, outputs = self._compress_block(indices, layers, inputs)
             if outputs is None:
-                outputs = self._forward(layer, inputs)
-            layer.to(home)
-            records.extend(layer_records)
+                outputs = inputs
+                for i in indices:
+                    outputs = self._forward(layers[i], outputs)
+            for i, home in zip(indices, homes):
+                layers[i].to(home)
+            records.extend(block_records)
             inputs = outputs
-            self.observer.layer_done(index, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            for i in indices:
+                self.observer.layer_done(i, seconds / len(indices))
         self.observer.finished()
         return records
 
-    def _compress_layer(self, index: int, layer: nn.Module,
-                        inputs: LayerInputs) -> tuple[list[ModuleRecord], LayerInputs | None]:
-        """Run every stage on this layer; return the records and, in non-sequential mode, the outputs
-        of the uncompressed layer (computed during the first statistics pass, for free)."""
-        prefix = self.adapter.layer_prefix(index)
-        plans = [(stage, select_targets(layer, prefix, stage.targets, stage.ignore)) for stage in self.stages]
-        self.observer.layer_started(index, sum(len(names) for _, names in plans))
+    def _compress_block(self, indices: list[int], layers, inputs: LayerInputs
+                        ) -> tuple[list[ModuleRecord], LayerInputs | None]:
+        """Run every stage on these layers; return the records and, in non-sequential mode, the
+        outputs of the uncompressed block (computed during the first statistics pass, for free)."""
+        prefixes = {i: self.adapter.layer_prefix(i) for i in indices}
+        plans = {(stage.index, i): select_targets(layers[i], prefixes[i], stage.targets, stage.ignore)
+                 for stage in self.stages for i in indices}
+        for i in indices:
+            self.observer.layer_started(i, sum(len(plans[(stage.index, i)]) for stage in self.stages))
         records: list[ModuleRecord] = []
         uncompressed_outputs: LayerInputs | None = None
-        originals: dict[str, nn.Module] = {}
-        for stage, names in plans:
-            if not names:
+        originals: dict[tuple[int, str], nn.Module] = {}
+        for stage in self.stages:
+            for i in indices:
+                for name in plans[(stage.index, i)]:
+                    originals.setdefault((i, name), layers[i].get_submodule(name))
+            if not any(plans[(stage.index, i)] for i in indices):
                 continue
-            for name in names:
-                originals.setdefault(name, layer.get_submodule(name))
-            keep_outputs = not self.settings.sequential and not records  # first pass: layer intact
-            stats, outputs = self._collect(layer, names, stage.needs, inputs, keep_outputs, originals)
-            if keep_outputs:
-                uncompressed_outputs = outputs
-            for name in names:
-                records.append(self._compress_module(index, layer, prefix, name, stage, stats[name],
-                                                     originals[name]))
+            first_pass = not self.settings.sequential and not records      # the block is still intact
+            groups = _chunks(indices, stage.group_size)
+            x = inputs
+            for number, group in enumerate(groups):
+                last_group = number + 1 == len(groups)
+                group_inputs, collected = x, {}
+                for position, i in enumerate(group):
+                    keep = position + 1 < len(group) or not last_group or first_pass
+                    layer_originals = {n: originals[(i, n)] for n in plans[(stage.index, i)]}
+                    collected[i], outputs = self._collect(layers[i], plans[(stage.index, i)], stage.needs, x, keep,
+                                                          layer_originals)
+                    x = outputs if outputs is not None else x
+                records.extend(self._compress_group(stage, group, layers, prefixes, plans, collected, originals))
+                if self.settings.sequential and not last_group:     # the next group sees this one compressed
+                    x = group_inputs
+                    for i in group:
+                        x = self._forward(layers[i], x)
+            if first_pass:
+                uncompressed_outputs = x
         return records, uncompressed_outputs
+
+    def _compress_group(self, stage: Stage, group: list[int], layers, prefixes: dict[int, str],
+                        plans: dict, collected: dict, originals: dict) -> list[ModuleRecord]:
+        """Compress, per module name, the members found in the group's layers (in layer order)."""
+        names: list[str] = []
+        for i in group:
+            names += [n for n in plans[(stage.index, i)] if n not in names]
+        records = []
+        for name in names:
+            owners = [i for i in group if name in plans[(stage.index, i)]]
+            members = [GroupMember(f"{prefixes[i]}.{name}", layers[i].get_submodule(name),
+                                   {**collected[i][name], **self._precomputed_for(f"{prefixes[i]}.{name}", stage)})
+                       for i in owners]
+            started = time.perf_counter()
+            results = stage.compressor.compress_group(members)
+            seconds = (time.perf_counter() - started) / len(members)
+            if len(results) != len(members):
+                raise RuntimeError(f"{stage.compressor.name}: compress_group returned {len(results)} results "
+                                   f"for {len(members)} modules")
+            for i, member, result in zip(owners, members, results):
+                records.append(self._apply(i, layers[i], name, member, stage, result, seconds,
+                                           originals[(i, name)]))
+        return records
 
     def _collect(self, layer: nn.Module, names: list[str], needs: frozenset[str], inputs: LayerInputs,
                  keep_outputs: bool, originals: dict[str, nn.Module],
@@ -151,20 +218,16 @@ class LayerwisePipeline:
                                   "pre-pass that was not run for this module (see pipeline.run_prepasses)")
         return {kind: given[kind] for kind in kinds}
 
-    def _compress_module(self, index: int, layer: nn.Module, prefix: str, name: str, stage: Stage,
-                         stats: dict[str, Statistic], original: nn.Module) -> ModuleRecord:
-        full_name = f"{prefix}.{name}"
-        module = layer.get_submodule(name)
-        stats = {**stats, **self._precomputed_for(full_name, stage)}
-        started = time.perf_counter()
-        result = stage.compressor.compress(full_name, module, stats)
-        seconds = time.perf_counter() - started
+    def _apply(self, index: int, layer: nn.Module, name: str, member: GroupMember, stage: Stage,
+               result: CompressResult, seconds: float, original: nn.Module) -> ModuleRecord:
+        """Check the replacement, measure its output error, swap it in and record it."""
+        full_name, module = member.name, member.module
         replacement = result.module.to(self.settings.compute)
         approx = dense_weight(replacement).detach()
         if not torch.isfinite(approx).all():
             raise NumericalError(f"{full_name}: {stage.compressor.name} produced NaN/Inf factors "
                                  f"(path: {result.numerical_path})")
-        gram = gram_of(stats)
+        gram = gram_of(member.stats)
         weight = dense_weight(original).detach().to(approx.device)
         error = relative_output_error(weight, approx, gram.gram(full_name).to(weight.device))
         replace_submodule(layer, name, replacement)
@@ -178,3 +241,7 @@ class LayerwisePipeline:
         )
         self.observer.module_done(record)
         return record
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,245 @@
+"""Sparse coding and dictionary learning: batched OMP, K-SVD, and the least-squares refit of values.
+
+Orientation: signals are the columns of X (n × N); a dictionary D is n × k with unit-norm atoms; a
+code has exactly s entries per column, stored in the fixed-nnz layout indices/values [s, N].
+
+Batched OMP is Batch-OMP (Rubinstein, Zibulevsky & Elad 2008) run for all columns at once: it works
+on the Gram G = DᵀD and the correlations DᵀX only, grows the Cholesky factor of G[I, I] one row per
+step through its inverse L⁻¹ (``triton_kernels.omp_step``), and updates the residual correlations
+α ← α − y_t·Dᵀq_t with one GEMM over all columns. Nothing loops over columns in Python.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import triton_kernels
+
+log = logging.getLogger(__name__)
+
+OMP_STATE_BUDGET = 1 << 24      # elements of L⁻¹ ([columns, s, s]) held at once: chunks columns
+SPAN_TOL = 1e-10                # δ² ≤ tol·G_ii: the atom lies in the span of the chosen ones
+POWER_TOL = 1e-7                # rank-1 power iteration stops when σ changes less than this, relatively
+DUPLICATE_COS = 0.99            # K-SVD practice: an atom this close to another one is re-seeded,
+RARE_USE = 0.25                 # ... and so is one used by under a quarter of the average atom's columns
+ORTHONORMAL_TOL = 1e-9          # ‖DᵀD − I‖_max below this: OMP reduces to the top-s projections
+
+
+def batched_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP with exactly ``sparsity`` atoms for every column of X, given G = DᵀD [k, k] and DᵀX [k, N].
+
+    Returns (indices [s, N] int64 in selection order, values [s, N] = least squares on the support),
+    in the dtype of the inputs. A column already represented exactly before s atoms gets zero values
+    on its remaining slots (atoms still distinct). For an orthonormal D the greedy selection is the
+    top-s of |DᵀX| and the values are the projections: that case (the SVD initialization of K-SVD)
+    skips the iteration.
+    """
+    k, n_cols = correlations.shape
+    if not 1 <= sparsity <= k:
+        raise ValueError(f"sparsity {sparsity} must be between 1 and the number of atoms {k}")
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    if (gram - eye).abs().max().item() < ORTHONORMAL_TOL:
+        top = correlations.abs().topk(sparsity, dim=0).indices
+        return top, correlations.gather(0, top)
+    chunk = max(1, min(n_cols, OMP_STATE_BUDGET // (sparsity * sparsity)))
+    indices, values = [], []
+    for start in range(0, n_cols, chunk):
+        idx, val = _omp_chunk(gram, correlations[:, start:start + chunk].T.contiguous(), sparsity)
+        indices.append(idx)
+        values.append(val)
+    return torch.cat(indices, dim=1), torch.cat(values, dim=1)
+
+
+def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, k = alpha0.shape
+    dev, dtype = alpha0.device, alpha0.dtype
+    alpha = alpha0.clone()
+    support = torch.zeros(batch, s, dtype=torch.int64, device=dev)
+    linv = torch.zeros(batch, s, s, dtype=dtype, device=dev)
+    y = torch.zeros(batch, s, dtype=dtype, device=dev)
+    selected = torch.zeros(batch, k, dtype=torch.bool, device=dev)
+    valid = torch.zeros(batch, s, dtype=torch.bool, device=dev)
+    scattered = torch.zeros(batch, k, dtype=dtype, device=dev)
+    for t in range(s):
+        triton_kernels.omp_step(gram, alpha, alpha0, support, linv, y, selected, valid, t, SPAN_TOL)
+        if t + 1 == s:
+            break
+        # Dᵀq_t = G[:, I]·(row t of L⁻¹): scatter the row into k slots, one GEMM for all columns.
+        scattered.zero_()
+        scattered.scatter_(1, support[:, : t + 1], linv[:, t, : t + 1])
+        alpha.sub_(y[:, t : t + 1] * (scattered @ gram))
+    coefficients = torch.bmm(y.unsqueeze(1), linv).squeeze(1)          # γ = L⁻ᵀ y
+    return support.T.contiguous(), coefficients.T.contiguous()
+
+
+def refit_values(gram: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
+                 ridge: float = 1e-12) -> tuple[torch.Tensor, int]:
+    """Least-squares values on fixed supports: for each column j, solve G[I_j, I_j]·v = b[I_j, j].
+
+    ``gram`` is AᵀMA and ``targets`` AᵀMW for a metric M (M = I in the whitened space, or one layer's
+    own XᵀX for a shared dictionary). A relative ``ridge`` keeps exactly dependent supports solvable;
+    columns whose Cholesky still fails go through a least-squares solver. Returns (values, failures).
+    """
+    s, n_cols = indices.shape
+    scale = torch.diagonal(gram).mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    eye = torch.eye(s, dtype=gram.dtype, device=gram.device)
+    chunk = max(1, OMP_STATE_BUDGET // (s * s))
+    out = torch.empty(s, n_cols, dtype=gram.dtype, device=gram.device)
+    failures = 0
+    for start in range(0, n_cols, chunk):
+        idx = indices[:, start:start + chunk].T                          # [B, s]
+        sub = gram[idx[:, :, None], idx[:, None, :]] + ridge * scale * eye
+        rhs = targets[:, start:start + chunk].gather(0, idx.T).T.unsqueeze(-1)
+        factor, info = torch.linalg.cholesky_ex(sub)
+        solved = torch.cholesky_solve(rhs, factor)
+        bad = (info != 0).nonzero().flatten()
+        if len(bad):
+            failures += len(bad)
+            solved[bad] = torch.linalg.lstsq(sub[bad], rhs[bad]).solution
+        out[:, start:start + chunk] = solved.squeeze(-1).T
+    return out, failures
+
+
+def dense_codes(indices: torch.Tensor, values: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """The k × N coefficient matrix of a fixed-nnz code."""
+    dense = torch.zeros(n_atoms, indices.shape[1], dtype=values.dtype, device=values.device)
+    return dense.scatter_add_(0, indices, values)
+
+
+@dataclass
+class KSVDResult:
+    dictionary: torch.Tensor              # n × k, unit-norm atoms
+    indices: torch.Tensor                 # s × N int64
+    values: torch.Tensor                  # s × N
+    errors: list[float] = field(default_factory=list)   # ‖X − DS‖/‖X‖ after each iteration
+    reseeded: int = 0                     # atoms re-seeded because no column used them
+
+
+def initial_dictionary(signals: torch.Tensor, n_atoms: int, seed: int) -> torch.Tensor:
+    """Leading left singular vectors of X; beyond its rank, normalized columns of X (seeded pick)."""
+    u, sv, _ = torch.linalg.svd(signals, full_matrices=False)
+    rank = int((sv > sv[0] * max(signals.shape) * torch.finfo(signals.dtype).eps).sum()) if len(sv) else 0
+    atoms = [u[:, : min(rank, n_atoms)]]
+    missing = n_atoms - atoms[0].shape[1]
+    if missing > 0:
+        g = torch.Generator().manual_seed(seed)
+        picks = torch.randperm(signals.shape[1], generator=g)[:missing]
+        extra = signals[:, picks.to(signals.device)]
+        if extra.shape[1] < missing:   # fewer columns than atoms: random directions
+            extra = torch.cat([extra, torch.randn(signals.shape[0], missing - extra.shape[1], generator=g,
+                                                  dtype=signals.dtype).to(signals.device)], dim=1)
+        atoms.append(_normalize(extra))
+    return torch.cat(atoms, dim=1)
+
+
+def _normalize(atoms: torch.Tensor) -> torch.Tensor:
+    norms = atoms.norm(dim=0, keepdim=True)
+    return atoms / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def ksvd(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int, seed: int = 0,
+         init: torch.Tensor | None = None, power_steps: int = 30,
+         code_dtype: torch.dtype | None = None) -> KSVDResult:
+    """K-SVD (Aharon, Elad & Bruckstein 2006) on the columns of ``signals`` (float64).
+
+    Each iteration: sparse-code every column with batched OMP (in ``code_dtype``, default the
+    signals' dtype), then update the atoms one after the other: atom j and its coefficients become
+    the rank-1 approximation of the residual restricted to the columns that use j, computed by power
+    iteration warm-started from the current (atom, coefficients) — every step of it is an exact
+    alternating least-squares step, so an update never increases the error; it runs until σ settles
+    (the approximate K-SVD's single step recovers markedly fewer atoms). Between iterations, atoms
+    that are unused, rarely used or duplicates of another atom are re-seeded with the worst-
+    approximated signals (normalized), as in K-SVD practice: this is what gets K-SVD out of the local
+    minima where one atom mixes two true ones.
+    """
+    x = signals
+    dictionary = _normalize(init.clone()) if init is not None else initial_dictionary(x, n_atoms, seed)
+    code_dtype = code_dtype or x.dtype
+    x_norm = x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+    result = KSVDResult(dictionary, torch.empty(0), torch.empty(0))
+    for iteration in range(iterations):
+        d_code = dictionary.to(code_dtype)
+        indices, values = batched_omp(d_code.T @ d_code, d_code.T @ x.to(code_dtype), sparsity)
+        codes = dense_codes(indices, values.to(x.dtype), n_atoms)
+        residual = x - dictionary @ codes
+        unused = _update_atoms(dictionary, codes, residual, power_steps)
+        result.errors.append((residual.norm() / x_norm).item())
+        result.indices, result.values = indices, codes.gather(0, indices)
+        if iteration + 1 < iterations:   # a re-seeded atom needs a new sparse coding to be used
+            replace = unused + _rarely_used(codes) + _duplicates(dictionary)
+            result.reseeded += _reseed(dictionary, x, residual, replace)
+    result.dictionary = dictionary
+    return result
+
+
+def _update_atoms(dictionary: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor,
+                  power_steps: int) -> list[int]:
+    """The K-SVD dictionary stage, in place on all three tensors; returns the unused atoms."""
+    return [j for j in range(dictionary.shape[1]) if not update_atom(dictionary, codes, residual, j, power_steps)]
+
+
+def update_atom(dictionary: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, j: int,
+                power_steps: int) -> bool:
+    """Replace atom j and its nonzero coefficients by the rank-1 approximation of the residual on the
+    columns that use it (in place, residual kept equal to X − D·S). False when no column uses it."""
+    users = codes[j].nonzero().flatten()
+    if len(users) == 0:
+        return False
+    atom, coef = dictionary[:, j], codes[j, users]
+    block = residual[:, users] + torch.outer(atom, coef)             # E_ω
+    sigma = coef.norm()
+    for _ in range(power_steps):
+        direction = block @ coef
+        norm = direction.norm()
+        if norm == 0:
+            break
+        atom = direction / norm
+        coef = atom @ block
+        previous, sigma = sigma, coef.norm()
+        if (sigma - previous).abs() <= POWER_TOL * sigma:
+            break
+    residual[:, users] = block - torch.outer(atom, coef)
+    dictionary[:, j] = atom
+    codes[j, users] = coef
+    return True
+
+
+def _rarely_used(codes: torch.Tensor) -> list[int]:
+    """Atoms used by fewer than RARE_USE × the average number of columns per atom."""
+    users = (codes != 0).sum(dim=1).to(torch.float64)
+    return (users < RARE_USE * users.mean()).nonzero().flatten().tolist()
+
+
+def _duplicates(dictionary: torch.Tensor) -> list[int]:
+    """Atoms nearly parallel (|cos| > DUPLICATE_COS) to an earlier atom: they waste a slot."""
+    cos = (dictionary.T @ dictionary).abs().triu(diagonal=1)
+    return (cos.max(dim=0).values > DUPLICATE_COS).nonzero().flatten().tolist()
+
+
+def _reseed(dictionary: torch.Tensor, signals: torch.Tensor, residual: torch.Tensor, atoms: list[int]) -> int:
+    """Replace ``atoms`` by the normalized signals that are worst approximated (largest residual)."""
+    atoms = sorted(set(atoms))
+    if not atoms:
+        return 0
+    worst = residual.norm(dim=0).argsort(descending=True)[: len(atoms)]
+    for j, column in zip(atoms, worst.tolist()):
+        vector = signals[:, column]
+        norm = vector.norm()
+        if norm > 0:
+            dictionary[:, j] = vector / norm
+    return len(atoms)
+
+
+def sparsity_budget(d_in: int, d_out: int, ratio: float, rho: float, group: int,
+                    index_cost: float) -> int:
+    """Largest s with (ρ·s·d_in)/group + s·d_out·(1 + index_cost) ≤ (1 − ratio)·d_in·d_out.
+
+    ``index_cost`` is the size of one stored index in units of one stored value (0 to leave the
+    indices out of the budget); a dictionary shared by ``group`` modules is charged 1/group each.
+    """
+    budget = (1.0 - ratio) * d_in * d_out
+    per_s = rho * d_in / group + d_out * (1.0 + index_cost)
+    return max(1, math.floor(budget / per_s))

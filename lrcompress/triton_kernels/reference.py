@@ -1,0 +1,49 @@
+"""Pure-torch references of the Triton kernels: what runs without a GPU, and what the kernels are
+tested against. Each function has the same signature and in-place semantics as its kernel."""
+from __future__ import annotations
+
+import torch
+
+
+def sparse_dict_matmul(z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """y[..., j] = Σ_t z[..., indices[t, j]] · values[t, j]  (z: [..., k]; indices, values: [s, n]).
+
+    Computed by scattering the fixed-nnz columns into a dense k×n matrix and one matmul: the
+    gather form would materialize [tokens, s, n]."""
+    k = z.shape[-1]
+    dense = torch.zeros(k, values.shape[1], dtype=values.dtype, device=values.device)
+    dense.scatter_add_(0, indices.long(), values)
+    return z @ dense.to(z.dtype)
+
+
+def omp_step(gram: torch.Tensor, alpha: torch.Tensor, alpha0: torch.Tensor, support: torch.Tensor,
+             linv: torch.Tensor, y: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor,
+             step: int, tol: float) -> None:
+    """One Batch-OMP step for every column at once: select, then append a row to L⁻¹.
+
+    State (B columns, k atoms, s slots): ``alpha`` [B, k] correlations of the residual with the atoms;
+    ``alpha0`` [B, k] those of the signal; ``support`` [B, s] chosen atoms; ``linv`` [B, s, s] the
+    inverse of the Cholesky factor L of G[I, I] (G = DᵀD); ``y`` [B, s] = L⁻¹·alpha0[I], the
+    coefficients in the orthonormalized basis Q = D_I·L⁻ᵀ; ``selected`` [B, k] bool; ``valid`` [B, s]
+    bool (False for a slot whose atom is already in the span: the column is exactly represented and
+    the slot gets a zero coefficient, decoupled from the others). Updates everything but ``alpha``
+    in place; the caller then subtracts y_t·(Dᵀq_t) from ``alpha`` with one GEMM.
+    """
+    t = step
+    rows = torch.arange(alpha.shape[0], device=alpha.device)
+    score = alpha.abs().masked_fill(selected, -1.0)
+    atom = score.argmax(dim=1)
+    selected[rows, atom] = True
+    support[:, t] = atom
+    g_ii = gram[atom, atom]
+    g = gram[support[:, :t], atom[:, None]] * valid[:, :t]                       # G[I, i], [B, t]
+    rows_t = linv[:, :t, :]           # whole rows (zero beyond the diagonal): a strided view, no copy
+    w = torch.bmm(rows_t[:, :, :t], g.unsqueeze(-1)).squeeze(-1) if t else g     # L⁻¹·g
+    d2 = g_ii - (w * w).sum(dim=1)
+    ok = d2 > tol * g_ii
+    delta = torch.where(ok, d2.clamp_min(torch.finfo(d2.dtype).tiny).sqrt(), torch.ones_like(d2))
+    w = w * ok[:, None]
+    linv[:, t, :t] = -torch.bmm(w.unsqueeze(1), rows_t).squeeze(1)[:, :t] / delta[:, None]
+    linv[:, t, t] = 1.0 / delta
+    y[:, t] = torch.where(ok, (alpha0[rows, atom] - (w * y[:, :t]).sum(dim=1)) / delta, torch.zeros_like(d2))
+    valid[:, t] = ok

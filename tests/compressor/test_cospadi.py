@@ -1,0 +1,193 @@
+"""cospadi: data-aware dictionary compression, budget accounting, per-group mode in the pipeline."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lrcompress.checkpoint import load_compressed, write_checkpoint
+from lrcompress.compressor import GramStatistic, GroupMember, get_compressor
+from lrcompress.compressor.linalg import relative_output_error
+from lrcompress.compressor.whiten import WhitenedSVD, WhitenConfig
+from lrcompress.models import adapter_for
+from lrcompress.modules import SparseDictLinear, dense_weight
+from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from helpers import correlated_inputs, tiny_model
+
+WINDOWS = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def cospadi(**options):
+    cls = get_compressor("cospadi")
+    return cls(cls.Config(**options))
+
+
+def linear_with_stats(x: torch.Tensor, out_features: int, seed: int = 0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(x.shape[1], out_features, bias=True).double()
+    stat = GramStatistic(x.shape[1])
+    stat.observe(x, linear(x))
+    return linear, {"gram": stat}
+
+
+def output_error(x, linear, module) -> float:
+    with torch.no_grad():
+        return ((linear(x) - module(x)).norm() / (linear(x) - linear.bias).norm()).item()
+
+
+def test_data_aware_dictionary_beats_the_same_learning_without_whitening():
+    x = correlated_inputs(2000, 48)
+    linear, stats = linear_with_stats(x, 40)
+    identity = GramStatistic(48)
+    identity.sum_xx = torch.eye(48, dtype=torch.float64)               # "no calibration": plain weights
+    compressor = cospadi(ratio=0.4, iterations=5, damping=0.0)
+    aware = compressor.compress("m", linear, stats).module
+    blind = compressor.compress("m", linear, {"gram": identity}).module
+    w = linear.weight.detach()
+    g = stats["gram"].gram("m")
+    aware_error = relative_output_error(w, dense_weight(aware).detach(), g)
+    blind_error = relative_output_error(w, dense_weight(blind).detach(), g)
+    assert aware_error < 0.8 * blind_error
+    assert aware_error == pytest.approx(output_error(x, linear, aware), rel=1e-6)   # ‖X(W−Ŵ)ᵀ‖ from G
+
+
+def test_budget_and_both_ratios_are_reported():
+    x = correlated_inputs(500, 64)
+    linear, stats = linear_with_stats(x, 96)
+    result = cospadi(ratio=0.3, iterations=2).compress("m", linear, stats)
+    module = result.module
+    assert isinstance(module, SparseDictLinear)
+    s, k = result.details["sparsity"], result.details["atoms"]
+    assert module.values.dtype == torch.float64 and module.indices.dtype == torch.int16
+    assert (k, s) == (module.atoms, module.sparsity) and k == 2 * s
+    dense = 64 * 96 + 96
+    stored = 64 * k + 96 * s + 96                                        # dictionary + values + bias
+    index_values = 96 * s * 2 / 8                                        # int16 index = 1/4 of a float64
+    assert module.stored_params() == stored + index_values
+    assert result.details["ratio_with_indices"] == pytest.approx(1 - (stored + index_values) / dense)
+    assert result.details["ratio_without_indices"] == pytest.approx(1 - stored / dense)
+    assert result.details["ratio_with_indices"] >= 0.3 - 1e-9
+    assert cospadi(ratio=0.3).plan(linear).params_after == module.stored_params()
+    free = cospadi(ratio=0.3, count_indices=False, iterations=1).compress("m", linear, stats)
+    assert free.details["sparsity"] >= s and free.details["ratio_without_indices"] >= 0.3 - 1e-9
+
+
+class RecordingGroupWhiten(WhitenedSVD):
+    """A group-size-2 compressor that records how the engine calls it (the engine is generic)."""
+
+    calls: list[list[str]]
+
+    @property
+    def group_size(self) -> int:
+        return 2
+
+    def compress_group(self, members: list[GroupMember]):
+        self.calls.append([m.name for m in members])
+        return super().compress_group(members)
+
+
+def test_engine_collects_the_whole_group_before_compressing_it():
+    model = tiny_model("llama", num_hidden_layers=4)
+    compressor = RecordingGroupWhiten(WhitenConfig(ratio=0.5))
+    compressor.calls = []
+    stage = Stage(0, compressor, ["*.q_proj", "*.down_proj"])
+    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(WINDOWS)
+    assert compressor.calls == [[f"model.layers.{i}.{name}" for i in pair]
+                                for pair in ((0, 1), (2, 3)) for name in ("self_attn.q_proj", "mlp.down_proj")]
+    assert [r.layer for r in records] == [0, 1, 0, 1, 2, 3, 2, 3]
+
+
+def _input_gram(model, name):
+    stat = GramStatistic(model.get_submodule(name).in_features)
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, o: stat.observe(a[0], o))
+    with torch.no_grad():
+        model(input_ids=WINDOWS, use_cache=False)
+    handle.remove()
+    return stat.gram(name)
+
+
+def test_sequential_mode_holds_between_groups_not_inside_them():
+    model = tiny_model("llama", num_hidden_layers=4)
+    reference = tiny_model("llama", num_hidden_layers=4)
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
+    originals = {n: dense_weight(model.get_submodule(n)).detach().clone() for n in names}
+    stage = Stage(0, cospadi(ratio=0.5, iterations=2, group_size=2), ["*.q_proj", "*.o_proj", "*.down_proj"])
+    records = {r.name: r for r in LayerwisePipeline(model, adapter_for(model), [stage],
+                                                    PipelineSettings(batch_size=2)).run(WINDOWS)}
+
+    def error_with(gram_model, name):
+        return relative_output_error(originals[name], dense_weight(model.get_submodule(name)).detach(),
+                                     _input_gram(gram_model, name))
+    # layer 2 opens a group: its statistics came from the compressed layers 0-1 (the final model)
+    assert records[names[2]].relative_error == pytest.approx(error_with(model, names[2]), rel=1e-6)
+    # layer 1 sits inside the first group: its statistics came from the uncompressed layer 0
+    assert records[names[1]].relative_error == pytest.approx(error_with(reference, names[1]), rel=1e-6)
+    assert records[names[1]].relative_error != pytest.approx(error_with(model, names[1]), rel=1e-3)
+
+
+def test_group_mode_shares_one_dictionary_and_survives_the_checkpoint(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=4)
+    stage = Stage(0, cospadi(ratio=0.3, iterations=2, group_size=2), ["*.up_proj"])
+    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(WINDOWS)
+    layers = model.model.layers
+    assert layers[0].mlp.up_proj.dictionary is layers[1].mlp.up_proj.dictionary
+    assert layers[1].mlp.up_proj.dictionary is not layers[2].mlp.up_proj.dictionary
+    shares = [r.params_after for r in records if r.name.endswith("up_proj")]
+    module = layers[0].mlp.up_proj
+    total = 2 * (module.in_features * module.atoms) + sum(
+        layers[i].mlp.up_proj.values.numel() + layers[i].mlp.up_proj.index_params() for i in range(4))
+    assert sum(shares) == total                                          # each dictionary counted once
+    with torch.no_grad():
+        logits = model(WINDOWS).logits
+    write_checkpoint(model, None, tmp_path, {})
+    stored = load_file(tmp_path / "model.safetensors")
+    assert sum(1 for k in stored if k.endswith("up_proj.dictionary")) == 2
+    on_disk = sum(t.numel() * t.element_size() for k, t in stored.items() if ".up_proj." in k)
+    assert on_disk == sum(layers[i].mlp.up_proj.storage_bytes() for i in range(4))   # shared bytes once
+    assert stored["model.layers.0.mlp.up_proj.indices"].dtype == torch.int16
+    tied = json.loads((tmp_path / "config.json").read_text())["lrcompress"]["tied"]
+    assert tied["model.layers.1.mlp.up_proj.dictionary"] == "model.layers.0.mlp.up_proj.dictionary"
+    loaded = load_compressed(tmp_path)
+    assert loaded.model.layers[0].mlp.up_proj.dictionary is loaded.model.layers[1].mlp.up_proj.dictionary
+    with torch.no_grad():
+        assert torch.allclose(loaded(WINDOWS).logits, logits, atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_cospadi_groups_on_smollm2_write_a_checkpoint_that_reloads(data_dir, tmp_path):
+    """The attention of layers 0-1 of SmolLM2 in dictionary groups: budget met, shared dictionaries,
+    exact reload."""
+    import os
+    from pathlib import Path
+
+    import lrcompress
+    from lrcompress.recipe import parse_recipe
+    from lrcompress.runner import run_recipe
+
+    model = Path(os.environ.get("LRCOMPRESS_SMOLLM2", Path(__file__).resolve().parents[2] / "models" / "smollm2-135m"))
+    if not (model / "config.json").is_file():
+        pytest.fail(f"SmolLM2 not found at {model}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
+    recipe = {
+        "model": {"path": str(model)},
+        "calibration": {"dataset": "wikitext2", "split": "validation", "num_samples": 4, "seq_len": 256},
+        "stages": [{"method": "cospadi", "ratio": 0.2, "iterations": 2, "group_size": 2,
+                    "targets": ["re:model\\.layers\\.[01]\\.self_attn\\..*"]}],
+        "runtime": {"device": "cpu", "batch_size": 4},
+        "output": {"dir": str(tmp_path / "out"), "save": True},
+        "eval": {"perplexity": [{"dataset": "wikitext2", "split": "test", "seq_len": 512, "max_windows": 2}]},
+        "data_dir": str(data_dir),
+    }
+    run = run_recipe(parse_recipe(recipe))
+    records = run.metrics["modules"]
+    assert len(records) == 8 and run.metrics["compression"]["targeted_ratio"] >= 0.2
+    assert all(0 < r["relative_error"] < 0.5 for r in records), [r["relative_error"] for r in records]
+    assert all(r["details"]["ratio_with_indices"] >= 0.2 for r in records)
+    reloaded = lrcompress.load(run.output_dir)
+    layers = reloaded.model.layers
+    assert layers[0].self_attn.o_proj.dictionary is layers[1].self_attn.o_proj.dictionary
+    window = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (reloaded(input_ids=window).logits - run.model(input_ids=window).logits).abs().max() <= 1e-4

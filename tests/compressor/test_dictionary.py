@@ -1,0 +1,127 @@
+"""Batched OMP, K-SVD and the least-squares refit against independent computations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrcompress.compressor.dictionary import (batched_omp, dense_codes, ksvd, refit_values, sparsity_budget,
+                                              update_atom)
+
+
+def synthetic(n: int = 64, k: int = 48, s: int = 4, cols: int = 400, seed: int = 0):
+    """W = D₀·S₀ with random unit atoms and exactly s-sparse columns (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    d0 = torch.randn(n, k, generator=g, dtype=torch.float64)
+    d0 /= d0.norm(dim=0)
+    s0 = torch.zeros(k, cols, dtype=torch.float64)
+    for j in range(cols):
+        support = torch.randperm(k, generator=g)[:s]
+        magnitude = 1 + torch.rand(s, generator=g, dtype=torch.float64)
+        sign = torch.randint(0, 2, (s,), generator=g) * 2 - 1
+        s0[support, j] = magnitude * sign
+    return d0, s0
+
+
+def naive_omp(d: torch.Tensor, x: torch.Tensor, s: int) -> tuple[list[int], torch.Tensor]:
+    """Textbook OMP for one column: pick argmax |Dᵀr|, refit by least squares, repeat."""
+    support: list[int] = []
+    residual = x.clone()
+    coef = torch.zeros(0, dtype=x.dtype)
+    for _ in range(s):
+        scores = (d.T @ residual).abs()
+        scores[support] = -1
+        support.append(int(scores.argmax()))
+        coef = torch.linalg.lstsq(d[:, support], x.unsqueeze(1)).solution.squeeze(1)
+        residual = x - d[:, support] @ coef
+    return support, coef
+
+
+def test_omp_recovers_the_true_sparse_code_exactly():
+    d0, s0 = synthetic()
+    x = d0 @ s0
+    indices, values = batched_omp(d0.T @ d0, d0.T @ x, 4)
+    recovered = dense_codes(indices, values, d0.shape[1])
+    assert torch.equal(recovered != 0, s0 != 0)                       # the supports
+    assert torch.allclose(recovered, s0, atol=1e-10, rtol=0)          # and the values
+
+
+def test_omp_matches_textbook_omp_and_least_squares_on_its_support():
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(20, 31, generator=g, dtype=torch.float64)
+    d /= d.norm(dim=0)
+    x = torch.randn(20, 17, generator=g, dtype=torch.float64)          # not sparse at all
+    indices, values = batched_omp(d.T @ d, d.T @ x, 7)
+    for j in range(x.shape[1]):
+        support, coef = naive_omp(d, x[:, j], 7)
+        assert indices[:, j].tolist() == support
+        brute = torch.linalg.lstsq(d[:, indices[:, j]], x[:, j:j + 1]).solution.squeeze(1)
+        assert torch.allclose(values[:, j], brute, atol=1e-9)
+        assert torch.allclose(values[:, j], coef, atol=1e-9)
+
+
+def test_omp_on_an_orthonormal_dictionary_keeps_the_largest_projections():
+    q, _ = torch.linalg.qr(torch.randn(30, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(30, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    indices, values = batched_omp(q.T @ q, q.T @ x, 5)
+    for j in range(x.shape[1]):
+        support, coef = naive_omp(q, x[:, j], 5)
+        assert indices[:, j].tolist() == support
+        assert torch.allclose(values[:, j], coef, atol=1e-10)
+
+
+def test_omp_column_exactly_represented_early_gets_zero_values_on_distinct_atoms():
+    d = torch.eye(6, dtype=torch.float64)[:, :5] + 0.1
+    d /= d.norm(dim=0)
+    x = 2.0 * d[:, 3:4]                                                # 1-sparse, asked for 3
+    indices, values = batched_omp(d.T @ d, d.T @ x, 3)
+    assert indices[0, 0] == 3 and len(set(indices[:, 0].tolist())) == 3
+    assert torch.allclose(dense_codes(indices, values, 5)[:, 0], torch.tensor([0, 0, 0, 2.0, 0], dtype=torch.float64))
+
+
+def test_ksvd_recovers_most_atoms_from_its_default_initialization():
+    d0, s0 = synthetic()
+    result = ksvd(d0 @ s0, 48, 4, iterations=30)
+    cos = (result.dictionary.T @ d0).abs().max(dim=0).values           # best learned match per true atom
+    assert (cos > 0.99).double().mean() >= 0.85
+    assert result.errors[-1] * 5 <= result.errors[0]
+    assert torch.allclose(result.dictionary.norm(dim=0), torch.ones(48, dtype=torch.float64))
+
+
+def test_each_atom_update_never_increases_the_error():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(24, 60, generator=g, dtype=torch.float64)
+    d = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    d /= d.norm(dim=0)
+    indices, values = batched_omp(d.T @ d, d.T @ x, 3)
+    codes = dense_codes(indices, values, 16)
+    residual = x - d @ codes
+    error = residual.norm().item()
+    for j in range(16):
+        update_atom(d, codes, residual, j, power_steps=1)
+        assert torch.allclose(residual, x - d @ codes, atol=1e-10)   # the residual stays consistent
+        new_error = residual.norm().item()
+        assert new_error <= error + 1e-12
+        error = new_error
+
+
+def test_refit_values_is_least_squares_in_the_given_metric():
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    metric = a.T @ a
+    indices = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(6)], dim=1)
+    values, failures = refit_values(d.T @ metric @ d, d.T @ metric @ w, indices, ridge=0.0)
+    assert failures == 0
+    for j in range(6):
+        brute = torch.linalg.lstsq(a @ d[:, indices[:, j]], (a @ w[:, j]).unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(values[:, j], brute, atol=1e-9)
+
+
+@pytest.mark.parametrize("d_in,d_out,ratio,group,cost", [(576, 1536, 0.2, 1, 0.5), (64, 160, 0.3, 2, 1.0),
+                                                         (1536, 576, 0.5, 3, 0.0)])
+def test_sparsity_budget_is_the_largest_s_that_fits(d_in, d_out, ratio, group, cost):
+    def cost_of(s):
+        return 2 * s * d_in / group + s * d_out * (1 + cost)
+    s = sparsity_budget(d_in, d_out, ratio, 2.0, group, cost)
+    assert cost_of(s) <= (1 - ratio) * d_in * d_out < cost_of(s + 1)

@@ -1,0 +1,70 @@
+"""SparseDictLinear: forward against the definition, fixed-nnz layout on disk, spec round trip."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lrcompress.modules import SparseDictLinear
+from lrcompress.modules.sparse_dict import dictionary_shares
+
+
+def random_module(in_features=13, out_features=11, atoms=9, sparsity=3, bias=True, seed=0,
+                  dtype=torch.float32) -> SparseDictLinear:
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(in_features, atoms, generator=g)
+    indices = torch.stack([torch.randperm(atoms, generator=g)[:sparsity] for _ in range(out_features)], dim=1)
+    values = torch.randn(sparsity, out_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    return SparseDictLinear.from_code(dictionary, indices, values, b, dtype)
+
+
+def test_forward_is_the_gather_definition_and_the_dense_weight():
+    module = random_module()
+    x = torch.randn(2, 5, 13)
+    z = x @ module.dictionary
+    expected = torch.zeros(2, 5, 11)
+    for j in range(11):                                       # y[:, j] = Σ_t z[:, idx[t, j]]·val[t, j]
+        for t in range(3):
+            expected[..., j] += z[..., int(module.indices[t, j])] * module.values[t, j]
+    expected += module.bias
+    with torch.no_grad():
+        assert torch.allclose(module(x), expected, atol=1e-5)
+        assert torch.allclose(module(x), x @ module.dense_weight().T + module.bias, atol=1e-5)
+
+
+def test_index_dtype_is_int16_below_32768_atoms_and_int32_from_there():
+    assert random_module(in_features=2, atoms=32767, out_features=3).indices.dtype == torch.int16
+    assert random_module(in_features=2, atoms=32768, out_features=3).indices.dtype == torch.int32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_accounting_matches_the_bytes_on_disk(tmp_path, dtype):
+    module = random_module(in_features=40, out_features=37, atoms=20, sparsity=5, dtype=dtype)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+    tensors = load_file(path)
+    index_bytes = tensors["indices"].numel() * tensors["indices"].element_size()
+    assert tensors["indices"].dtype == torch.int16 and index_bytes == 5 * 37 * 2
+    assert tensors["values"].dtype == dtype and tuple(tensors["values"].shape) == (5, 37)
+    value_bytes = torch.finfo(dtype).bits // 8
+    assert module.index_params() == math.ceil(index_bytes / value_bytes)
+    stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert module.stored_params() * value_bytes - stored_bytes in range(0, value_bytes)
+
+
+def test_spec_round_trip_rebuilds_an_identical_module():
+    module = random_module()
+    rebuilt = SparseDictLinear.from_spec(module.spec(), torch.float32)
+    rebuilt.load_state_dict(module.state_dict())
+    x = torch.randn(4, 13)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), module(x))
+    assert rebuilt.spec() == module.spec()
+
+
+def test_dictionary_shares_add_up_and_are_even():
+    shares = dictionary_shares(7, 5, 3)
+    assert sum(shares) == 35 and max(shares) - min(shares) <= 1
