@@ -30,7 +30,7 @@ LOCAL_TASKS = {name: f"lrc_{name}" for name in TASK_DATA}   # user-facing name -
 ACCURACY = "fraction of documents whose gold answer has the highest log-likelihood"
 PROTOCOLS = {
     "acc": f"lm-eval acc: {ACCURACY}",
-    "acc_norm": f"lm-eval acc_norm: {ACCURACY} after dividing by the answer's length in bytes",
+    "acc_norm": f"lm-eval acc_norm: {ACCURACY} after dividing by the answer's length in characters",
     "perplexity": "lm-eval target-word perplexity: exp(-mean log p(final word | passage)) over passages "
                   "(not token-level perplexity)",
     "word_perplexity": "lm-eval word perplexity: exp(total NLL / words) over whole documents",
