@@ -59,6 +59,11 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         stdout.print(plan_table(result.plan))
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
+    from .render_eval import lm_eval_table
+
+    tasks = lm_eval_table(result.metrics["eval"])
+    if tasks is not None:
+        stdout.print(tasks)
 
 
 @cli.command("eval")

@@ -132,3 +132,17 @@ def test_recipe_lm_eval_section_is_validated(tiny_llama_dir, calibration_file, t
         parse_recipe(data, "r.yaml")
     assert "eval.lm_eval.limt: unknown key" in str(error.value)
     assert "eval.lm_eval.tasks" in str(error.value)
+
+
+def test_eval_of_the_written_checkpoint_reproduces_the_run(runs, task_data_dir, tmp_path):
+    """lm-eval on the checkpoint as lrcompress.load rebuilds it gives the numbers of the in-memory model."""
+    root, first, _ = runs
+    output = tmp_path / "reloaded.json"
+    result = CliRunner().invoke(cli, ["eval", str(root / "svd-0.3"), "--no-perplexity", "--tasks", "lambada_openai",
+                                      "--limit", "2", "--batch-size", "2", "--data-dir", str(task_data_dir),
+                                      "--device", "cpu", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    reloaded = json.loads(output.read_text())["eval"]["lm_eval"]["lambada_openai"]
+    in_memory = first.metrics["eval"]["lm_eval"]["lambada_openai"]
+    assert reloaded["perplexity"] == pytest.approx(in_memory["perplexity"], rel=1e-5)
+    assert reloaded["acc"] == in_memory["acc"]
