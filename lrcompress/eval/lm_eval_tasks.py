@@ -87,6 +87,14 @@ def describe_source(task: str, directory: Path | None) -> str:
     return ", ".join(str(p) for p in local_files(task, directory))
 
 
+class _CustomDatasetHint(logging.Filter):
+    """lm-eval warns on every task with a ``custom_dataset`` hook that kwargs can go to ``--metadata``:
+    advice for its own CLI, noise for lrcompress users. Drop that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
 def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
                    num_fewshot: int | None = None, data_directory: str | Path | None = None,
                    device: torch.device | str = "cpu", bootstrap_iters: int = 1000) -> dict[str, dict[str, Any]]:
@@ -102,6 +110,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=any(t not in LOCAL_TASKS for t in tasks),
                           metadata={"lrcompress_data_dir": str(directory) if directory else None})
     device = torch.device(device)
+    task_logger, hint = logging.getLogger("lm_eval.api.task"), _CustomDatasetHint()
+    task_logger.addFilter(hint)
     home = next(model.parameters()).device
     model.to(device)
     try:
@@ -112,6 +122,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
         raise LrcompressError(f"lm-eval does not know task {error}; shipped tasks: {', '.join(LOCAL_TASKS)}") from None
     finally:
         model.to(home)
+        task_logger.removeFilter(hint)
     if output is None:
         raise LrcompressError("lm-eval returned no results")
     seconds = time.perf_counter() - started

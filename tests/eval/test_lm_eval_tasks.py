@@ -23,10 +23,27 @@ def model_and_tokenizer():
     return tiny_model("llama", max_position_embeddings=1024), byte_tokenizer()
 
 
+NETWORK_ATTEMPTS: list = []
+
+
 @pytest.fixture(scope="module")
 def results(model_and_tokenizer, task_data_dir):
+    """All four tasks in one lm-eval call, with every socket connection refused and recorded."""
+    import socket
+
+    def refuse(self, address, *args):
+        NETWORK_ATTEMPTS.append(address)
+        raise OSError(f"test: network access to {address} refused")
+
     model, tokenizer = model_and_tokenizer
-    return evaluate_tasks(model, tokenizer, TASKS, limit=3, batch_size=2, data_directory=task_data_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", refuse)
+        patch.setattr(socket.socket, "connect_ex", refuse)
+        return evaluate_tasks(model, tokenizer, TASKS, limit=3, batch_size=2, data_directory=task_data_dir)
+
+
+def test_nothing_reaches_for_the_network(results):
+    assert NETWORK_ATTEMPTS == []
 
 
 @torch.no_grad()
