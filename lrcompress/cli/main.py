@@ -81,7 +81,8 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
 @click.option("--data-dir", type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(path_type=Path), help="write the results as JSON (usable as check --baseline)")
 @click.option("--cache", is_flag=True, help="reuse/store the result in the baseline cache (model + settings fingerprint)")
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--json", "as_json", is_flag=True,
+              help="print JSON: the perplexity result; with --tasks the whole eval section")
 def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_windows: int | None, perplexity: bool,
                  tasks: str | None, limit: int | None, num_fewshot: int | None, batch_size: int, device: str,
                  data_dir: Path | None, output: Path | None, cache: bool, as_json: bool) -> None:
@@ -113,8 +114,9 @@ def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_wi
     document = {"eval": section, "model_source": checkpoint, "baseline_cache": cached}
     if output:
         write_metrics(output, document)
-    if as_json:
-        click.echo(json.dumps(section, indent=2))
+    if as_json:  # perplexity alone: its result object, as before lm-eval tasks existed; else the section
+        alone = lm_spec is None and len(section["perplexity"]) == 1
+        click.echo(json.dumps(next(iter(section["perplexity"].values())) if alone else section, indent=2))
         return
     for line in perplexity_lines(section):
         stdout.print(line, highlight=False)
