@@ -106,7 +106,8 @@ def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_wi
             raise LrcompressError("nothing to evaluate: --no-perplexity and no --tasks")
         section, cached = evaluate_checkpoint(checkpoint, ppl_specs, lm_spec,
                                               resolve_data_dir(str(data_dir) if data_dir else None),
-                                              resolve_device(device), batch_size, cache, console.log)
+                                              resolve_device(device), batch_size, cache,
+                                              None if as_json else console.log)
     except ValidationError as error:
         _fail(LrcompressError("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())))
     except LrcompressError as error:
