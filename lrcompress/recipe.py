@@ -82,9 +82,19 @@ class PerplexitySpec(Section):
     max_windows: int | None = Field(None, ge=1)
 
 
+class LmEvalSpec(Section):
+    """Zero-shot tasks through lm-eval (arc_easy, arc_challenge, piqa, lambada_openai read local files)."""
+
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(None, ge=1, description="first N documents of each task (cost)")
+    batch_size: int = Field(8, ge=1)
+    num_fewshot: int | None = Field(None, ge=0)
+
+
 class EvalSpec(Section):
     perplexity: list[PerplexitySpec] = Field(default_factory=lambda: [PerplexitySpec()])
-    baseline: bool = Field(False, description="also evaluate the uncompressed model")
+    lm_eval: LmEvalSpec | None = None
+    baseline: bool = Field(False, description="also evaluate the uncompressed model (cached by fingerprint)")
 
 
 class Recipe(Section):

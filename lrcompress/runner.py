@@ -17,7 +17,9 @@ from torch import nn
 from .checkpoint import bytes_on_disk, check_output_dir, staged_directory, write_checkpoint
 from .compressor import get_compressor
 from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
-from .eval import compression_summary, perplexity, render_report, unique_param_count, versions, write_metrics
+from .eval import compression_summary, unique_param_count, versions, write_metrics, write_report
+from .eval.baseline_cache import cached_evaluation, eval_settings
+from .eval.suite import evaluate_model
 from .models import adapter_for, load_model
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
 from .recipe import Recipe
@@ -103,7 +105,7 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
     params_before = unique_param_count(model)
     metrics: dict[str, Any] = {"eval": {"perplexity": {}}}
     if recipe.eval.baseline:
-        metrics["eval"]["baseline_perplexity"] = _evaluate(model, tokenizer, recipe, directory, compute, observer)
+        metrics["eval"].update(_dense_baseline(model, tokenizer, recipe, directory, compute, observer))
 
     started = time.perf_counter()
     cal = recipe.calibration
@@ -145,22 +147,32 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
     dtype_bytes = next(model.parameters()).element_size()
     metrics["compression"] = compression_summary(records, params_before, unique_param_count(model),
                                                  written_bytes, dtype_bytes)
-    metrics["eval"]["perplexity"] = _evaluate(model, tokenizer, recipe, directory, compute, observer)
-    timing["eval"] = sum(r["seconds"] for r in metrics["eval"]["perplexity"].values())
+    started = time.perf_counter()
+    metrics["eval"].update(_evaluate(model, tokenizer, recipe, directory, compute, observer))
+    timing["eval"] = time.perf_counter() - started
     metrics["timing"] = timing
     metrics["modules"] = [r.to_dict() for r in records]
     if recipe.output.save:
         write_metrics(output_dir / "metrics.json", metrics)
-        (output_dir / "report.md").write_text(render_report(metrics, recipe_yaml))
+        write_report(output_dir, metrics, recipe_yaml)
     return RunResult(output_dir if recipe.output.save else None, metrics, plan, model)
 
 
 def _evaluate(model: nn.Module, tokenizer, recipe: Recipe, directory, device: torch.device,
-              observer: PipelineObserver) -> dict[str, dict[str, Any]]:
-    results = {}
-    for spec in recipe.eval.perplexity:
-        observer.phase(f"perplexity on {spec.dataset}/{spec.split} (seq_len {spec.seq_len})")
-        result = perplexity(model, tokenizer, spec.dataset, spec.split, spec.seq_len, spec.max_windows,
-                            directory, recipe.runtime.batch_size, device)
-        results[f"{spec.dataset}/{spec.split}"] = result.to_dict()
-    return results
+              observer: PipelineObserver) -> dict[str, Any]:
+    """Token-level perplexity, then lm-eval tasks when the recipe names them (``eval.lm_eval``)."""
+    return evaluate_model(model, tokenizer, recipe.eval.perplexity, recipe.eval.lm_eval, directory, device,
+                          recipe.runtime.batch_size, observer.phase)
+
+
+def _dense_baseline(model: nn.Module, tokenizer, recipe: Recipe, directory, device: torch.device,
+                    observer: PipelineObserver) -> dict[str, Any]:
+    """The uncompressed model's evaluation, reused from the baseline cache when model and settings match."""
+    settings = eval_settings(recipe.eval.perplexity, recipe.eval.lm_eval, directory)
+    section, cache = cached_evaluation(recipe.model.path, recipe.model.dtype, settings,
+                                       lambda: _evaluate(model, tokenizer, recipe, directory, device, observer))
+    observer.phase(f"dense baseline {'from cache' if cache['hit'] else 'computed and cached'}: {cache['path']}")
+    baseline = {"baseline_perplexity": section["perplexity"], "baseline_cache": cache}
+    if "lm_eval" in section:
+        baseline["baseline_lm_eval"] = section["lm_eval"]
+    return baseline

@@ -59,6 +59,11 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         stdout.print(plan_table(result.plan))
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
+    from .render_eval import lm_eval_table
+
+    tasks = lm_eval_table(result.metrics["eval"])
+    if tasks is not None:
+        stdout.print(tasks)
 
 
 @cli.command("eval")
@@ -67,28 +72,99 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
 @click.option("--split", default="test", show_default=True)
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--max-windows", type=int, default=None, help="cap the number of windows (cost)")
+@click.option("--perplexity/--no-perplexity", default=True, show_default=True, help="token-level perplexity")
+@click.option("--tasks", help="lm-eval tasks, comma-separated (arc_easy,arc_challenge,piqa,lambada_openai read local files)")
+@click.option("--limit", type=int, default=None, help="lm-eval: first N documents of each task")
+@click.option("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--data-dir", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_windows: int | None, batch_size: int,
-                 device: str, data_dir: Path | None, as_json: bool) -> None:
-    """Perplexity of any checkpoint, compressed or not (HF dir, .gguf, lrcompress dir)."""
+@click.option("--output", type=click.Path(path_type=Path), help="write the results as JSON (usable as check --baseline)")
+@click.option("--cache", is_flag=True, help="reuse/store the result in the baseline cache (model + settings fingerprint)")
+@click.option("--json", "as_json", is_flag=True,
+              help="print JSON: the perplexity result; with --tasks the whole eval section")
+def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_windows: int | None, perplexity: bool,
+                 tasks: str | None, limit: int | None, num_fewshot: int | None, batch_size: int, device: str,
+                 data_dir: Path | None, output: Path | None, cache: bool, as_json: bool) -> None:
+    """Perplexity and lm-eval tasks of any checkpoint, compressed or not (HF dir, .gguf, lrcompress dir)."""
+    from pydantic import ValidationError
+
     from ..data import data_dir as resolve_data_dir
-    from ..eval import perplexity
-    from ..models import load_model
+    from ..eval import write_metrics
+    from ..eval.lm_eval_tasks import parse_tasks
+    from ..eval.suite import evaluate_checkpoint
+    from ..recipe import LmEvalSpec, PerplexitySpec
     from ..runner import resolve_device
+    from .render_eval import lm_eval_table, perplexity_lines
 
     try:
-        loaded = load_model(checkpoint)
-        result = perplexity(loaded.model, loaded.tokenizer, dataset, split, seq_len, max_windows,
-                            resolve_data_dir(str(data_dir) if data_dir else None), batch_size, resolve_device(device))
+        ppl_specs = [PerplexitySpec(dataset=dataset, split=split, seq_len=seq_len, max_windows=max_windows)] \
+            if perplexity else []
+        lm_spec = LmEvalSpec(tasks=parse_tasks(tasks), limit=limit, batch_size=batch_size,
+                             num_fewshot=num_fewshot) if tasks else None
+        if not ppl_specs and lm_spec is None:
+            raise LrcompressError("nothing to evaluate: --no-perplexity and no --tasks")
+        section, cached = evaluate_checkpoint(checkpoint, ppl_specs, lm_spec,
+                                              resolve_data_dir(str(data_dir) if data_dir else None),
+                                              resolve_device(device), batch_size, cache,
+                                              None if as_json else console.log)
+    except ValidationError as error:
+        _fail(LrcompressError("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())))
     except LrcompressError as error:
         _fail(error)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+    document = {"eval": section, "model_source": checkpoint, "baseline_cache": cached}
+    if output:
+        write_metrics(output, document)
+    if as_json:  # perplexity alone: its result object, as before lm-eval tasks existed; else the section
+        alone = lm_spec is None and len(section["perplexity"]) == 1
+        click.echo(json.dumps(next(iter(section["perplexity"].values())) if alone else section, indent=2))
         return
-    stdout.print(f"perplexity {result.value:.4f}  ({result.protocol}; {result.source})")
+    for line in perplexity_lines(section):
+        stdout.print(line, highlight=False)
+    table = lm_eval_table(section)
+    if table is not None:
+        stdout.print(table)
+    if cached:
+        stdout.print(f"baseline cache: {'hit' if cached['hit'] else 'stored'} {cached['path']}", highlight=False)
+
+
+@cli.command()
+@click.argument("metrics", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="baseline metrics.json / eval --output / cache file (default: the run's own dense baseline)")
+@click.option("--gate", "gate_file", type=click.Path(path_type=Path), help="YAML gate file with the thresholds")
+@click.option("--max-ppl-increase", type=float, help="max relative perplexity increase, e.g. 0.1 for +10%")
+@click.option("--min-recovery", type=float, help="min accuracy recovery (run / baseline), e.g. 0.95")
+@click.option("--bound", "bounds", multiple=True, metavar="METRIC<=X|METRIC>=X", help="absolute bound, repeatable")
+def check(metrics: Path, baseline: Path | None, gate_file: Path | None, max_ppl_increase: float | None,
+          min_recovery: float | None, bounds: tuple[str, ...]) -> None:
+    """Regression gate: exit 0 when every metric passes, 1 on a regression, 2 on bad input."""
+    from ..eval.gate import gate_from_options, run_gate
+    from .render_eval import gate_table
+
+    try:
+        result = run_gate(metrics, baseline, gate_from_options(gate_file, max_ppl_increase, min_recovery, list(bounds)))
+    except LrcompressError as error:
+        _fail(error)
+    stdout.print(gate_table(result))
+    sys.exit(0 if result.passed else 1)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="where compare.md and rate_distortion.png go")
+def compare(runs: tuple[Path, ...], output: Path) -> None:
+    """Compare run directories: a table and a rate–distortion plot (perplexity vs whole-model ratio)."""
+    from ..eval.compare import compare_runs
+    from .render_eval import compare_table
+
+    try:
+        header, rows, table, plot = compare_runs(list(runs), output)
+    except LrcompressError as error:
+        _fail(error)
+    stdout.print(compare_table(header, rows))
+    stdout.print(f"wrote {table} and {plot}", highlight=False)
 
 
 @cli.command()

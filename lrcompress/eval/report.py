@@ -1,14 +1,51 @@
-"""report.md: the recipe, the headline numbers and the per-module table of one run."""
+"""report.md: the recipe, the headline numbers, lm-eval results, the per-module table and plots of one run."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+PLOTS = {"relative_error.png": "Relative output error per module across depth",
+         "kept_params.png": "Kept parameters per module"}
 
 
 def _fmt_ratio(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def render_report(metrics: dict[str, Any], recipe_yaml: str) -> str:
+def _rank_or_sparsity(module: dict[str, Any]) -> str:
+    if module.get("rank") is not None:
+        return f"rank {module['rank']}"
+    sparsity = module.get("details", {}).get("sparsity")
+    return f"sparsity {sparsity:.2f}" if isinstance(sparsity, (int, float)) else "–"
+
+
+def _fmt_metric(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
+def lm_eval_lines(evaluation: dict[str, Any]) -> list[str]:
+    """A table of lm-eval metrics (with the dense baseline beside them when it was measured)."""
+    tasks = evaluation.get("lm_eval", {})
+    if not tasks:
+        return []
+    baseline = evaluation.get("baseline_lm_eval", {})
+    lines = ["", "## Zero-shot tasks (lm-eval)", "",
+             "| task | metric | value ± stderr | dense | documents | protocol |", "|---|---|---|---|---|---|"]
+    for task, result in tasks.items():
+        for metric, protocol in result.get("protocols", {}).items():
+            dense = baseline.get(task, {})
+            lines.append(f"| {task} | {metric} | {_fmt_metric(result.get(metric), result.get(metric + '_stderr'))} | "
+                         f"{_fmt_metric(dense.get(metric), dense.get(metric + '_stderr')) if dense else '–'} | "
+                         f"{result.get('samples')} ({result.get('num_fewshot', 0)}-shot) | {protocol} |")
+    sources = "; ".join(f"{task}: {result.get('source')}" for task, result in tasks.items())
+    lines += ["", f"Data: {sources}"]
+    return lines
+
+
+def render_report(metrics: dict[str, Any], recipe_yaml: str, plots: list[str] | None = None) -> str:
+    """``plots``: file names of PNGs beside report.md to embed."""
     c = metrics["compression"]
     lines = ["# lrcompress run report", "", "## Result", ""]
     lines += ["| metric | value |", "|---|---|",
@@ -28,15 +65,33 @@ def render_report(metrics: dict[str, Any], recipe_yaml: str) -> str:
     protocols = [r["protocol"] for r in metrics.get("eval", {}).get("perplexity", {}).values()]
     if protocols:
         lines += ["", "Protocol: " + "; ".join(protocols)]
+    lines += lm_eval_lines(metrics.get("eval", {}))
     timing = metrics.get("timing", {})
     if timing:
         lines += ["", "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items())]
     lines += ["", "## Modules", "",
-              "| module | method | shape (out×in) | params before → after | rank | rel. output error | path | s |",
+              "| module | method | shape (out×in) | params before → after | rank / sparsity | rel. output error | path | s |",
               "|---|---|---|---|---|---|---|---|"]
     for m in metrics.get("modules", []):
         lines.append(f"| {m['name']} | {m['method']} | {m['out_features']}×{m['in_features']} | "
-                     f"{m['params_before']:,} → {m['params_after']:,} | {m['rank'] if m['rank'] is not None else '–'} | "
+                     f"{m['params_before']:,} → {m['params_after']:,} | {_rank_or_sparsity(m)} | "
                      f"{m['relative_error']:.4f} | {m['numerical_path']} | {m['seconds']:.2f} |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{PLOTS.get(name, name)}]({name})" for name in plots]
     lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def write_report(directory: Path, metrics: dict[str, Any], recipe_yaml: str) -> Path:
+    """report.md and its PNG plots (per-module error across depth, kept parameters) in ``directory``."""
+    from .plots import plot_kept_params, plot_module_errors
+
+    modules = metrics.get("modules", [])
+    plots = []
+    if modules:
+        plot_module_errors(modules, directory / "relative_error.png")
+        plot_kept_params(modules, directory / "kept_params.png")
+        plots = list(PLOTS)
+    path = directory / "report.md"
+    path.write_text(render_report(metrics, recipe_yaml, plots))
+    return path

@@ -1,0 +1,49 @@
+"""Rich tables for the evaluation commands: lm-eval results, the regression gate, run comparisons."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def _fmt(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
+def perplexity_lines(section: dict[str, Any]) -> list[str]:
+    return [f"perplexity {r['value']:.4f}  ({r['protocol']}; {r['source']})" for r in section.get("perplexity", {}).values()]
+
+
+def lm_eval_table(section: dict[str, Any]) -> Table | None:
+    tasks = section.get("lm_eval")
+    if not tasks:
+        return None
+    table = Table(title="lm-eval tasks")
+    for column in ("task", "metric", "value ± stderr", "documents", "protocol"):
+        table.add_column(column, overflow="fold")
+    for task, result in tasks.items():
+        for metric, protocol in result["protocols"].items():
+            table.add_row(task, metric, _fmt(result.get(metric), result.get(f"{metric}_stderr")),
+                          f"{result.get('samples')} ({result.get('num_fewshot', 0)}-shot)", protocol)
+    return table
+
+
+def gate_table(result) -> Table:
+    table = Table(title="lrcompress check: " + ("[green]PASS[/]" if result.passed else "[red]REGRESSION[/]"))
+    for column in ("metric", "value", "baseline", "bound", "result", "protocol"):
+        table.add_column(column, overflow="fold")
+    for check in result.checks:
+        table.add_row(check.metric, _fmt(check.value), _fmt(check.baseline), check.bound,
+                      "[green]pass[/]" if check.passed else "[red]FAIL[/]", check.protocol)
+    return table
+
+
+def compare_table(header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title="lrcompress compare")
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -1,0 +1,138 @@
+"""Zero-shot tasks through lm-eval: ``HFLM(pretrained=<model object>)`` + ``simple_evaluate``.
+
+The four tasks lrcompress ships (arc_easy, arc_challenge, piqa, lambada_openai) run from task YAMLs in
+``lrcompress/eval/tasks`` that read the local release files under the data directory; any other name is
+handed to lm-eval's own task registry (which needs a reachable hub). lm-eval is imported only here, and
+only when a task runs: importing lrcompress stays fast.
+
+Results keep lm-eval's metric names with their stderr. lm-eval's perplexities (LAMBADA's target-word
+perplexity) are labeled as such and live under ``eval.lm_eval``, apart from lrcompress's token-level
+perplexity under ``eval.perplexity``: the two protocols are never compared with each other.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LrcompressError
+from .task_data import TASK_DATA, local_files
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+LOCAL_TASKS = {name: f"lrc_{name}" for name in TASK_DATA}   # user-facing name -> shipped YAML task
+ACCURACY = "fraction of documents whose gold answer has the highest log-likelihood"
+PROTOCOLS = {
+    "acc": f"lm-eval acc: {ACCURACY}",
+    "acc_norm": f"lm-eval acc_norm: {ACCURACY} after dividing by the answer's length in characters",
+    "perplexity": "lm-eval target-word perplexity: exp(-mean log p(final word | passage)) over passages "
+                  "(not token-level perplexity)",
+    "word_perplexity": "lm-eval word perplexity: exp(total NLL / words) over whole documents",
+    "byte_perplexity": "lm-eval byte perplexity: exp(total NLL / UTF-8 bytes) over whole documents",
+    "bits_per_byte": "lm-eval bits per byte: total NLL / (bytes · ln 2)",
+}
+TASK_PROTOCOLS = {  # where a metric means something else for one task
+    "lambada_openai": {"acc": "lm-eval acc: fraction of passages whose final word is the greedy continuation"},
+}
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+
+def parse_tasks(value: str | list[str]) -> list[str]:
+    """``"arc_easy,piqa"`` or a list -> names, in order, without duplicates."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    cleaned = [n.strip() for n in names if n and n.strip()]
+    if not cleaned:
+        raise LrcompressError("no lm-eval task named (e.g. --tasks arc_easy,piqa)")
+    return list(dict.fromkeys(cleaned))
+
+
+def _number(value: Any) -> float | None:
+    """lm-eval writes "N/A" for an undefined stderr (one document, say)."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def task_result(task: str, raw: dict[str, Any], samples: int | None) -> dict[str, Any]:
+    """One task's entry of ``simple_evaluate(...)["results"]`` -> {metric, metric_stderr, protocols}."""
+    labels = {**PROTOCOLS, **TASK_PROTOCOLS.get(task, {})}
+    result: dict[str, Any] = {}
+    protocols: dict[str, str] = {}
+    for key, value in raw.items():
+        if "," not in key:
+            continue  # "alias", "name", ...
+        metric, _filter = key.split(",", 1)
+        if metric.endswith("_stderr"):
+            result[metric] = _number(value)
+            continue
+        result[metric] = _number(value)
+        protocols[metric] = labels.get(metric, f"lm-eval {metric}")
+    result["samples"] = samples
+    result["protocols"] = protocols
+    return result
+
+
+def describe_source(task: str, directory: Path | None) -> str:
+    if task not in LOCAL_TASKS:
+        return "lm-eval's own task definition (hub data)"
+    if directory is None:
+        hub_id, config, _ = TASK_DATA[task].hub
+        return f"hub {hub_id}" + (f"/{config}" if config else "")
+    return ", ".join(str(p) for p in local_files(task, directory))
+
+
+class _CustomDatasetHint(logging.Filter):
+    """lm-eval warns on every task with a ``custom_dataset`` hook that kwargs can go to ``--metadata``:
+    advice for its own CLI, noise for lrcompress users. Drop that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+                   num_fewshot: int | None = None, data_directory: str | Path | None = None,
+                   device: torch.device | str = "cpu", bootstrap_iters: int = 1000) -> dict[str, dict[str, Any]]:
+    """Run lm-eval on ``model`` (any nn.Module with a HF causal-LM interface, compressed or not)."""
+    directory = Path(data_directory) if data_directory is not None else None
+    sources = {task: describe_source(task, directory) for task in tasks}   # fails early on a missing file
+    started = time.perf_counter()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm_names = {task: LOCAL_TASKS.get(task, task) for task in tasks}
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=any(t not in LOCAL_TASKS for t in tasks),
+                          metadata={"lrcompress_data_dir": str(directory) if directory else None})
+    device = torch.device(device)
+    task_logger, hint = logging.getLogger("lm_eval.api.task"), _CustomDatasetHint()
+    task_logger.addFilter(hint)
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        output = simple_evaluate(model=lm, tasks=list(lm_names.values()), num_fewshot=num_fewshot, limit=limit,
+                                 task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters)
+    except KeyError as error:
+        raise LrcompressError(f"lm-eval does not know task {error}; shipped tasks: {', '.join(LOCAL_TASKS)}") from None
+    finally:
+        model.to(home)
+        task_logger.removeFilter(hint)
+    if output is None:
+        raise LrcompressError("lm-eval returned no results")
+    seconds = time.perf_counter() - started
+    results: dict[str, dict[str, Any]] = {}
+    for task, lm_name in lm_names.items():
+        if lm_name not in output["results"]:
+            raise LrcompressError(f"lm-eval produced no result for task {task} ({lm_name})")
+        counts = output.get("n-samples", {}).get(lm_name, {})
+        entry = task_result(task, output["results"][lm_name], counts.get("effective"))
+        entry.update(source=sources[task], limit=limit, num_fewshot=num_fewshot or 0, lm_eval_task=lm_name)
+        results[task] = entry
+    log.info("lm-eval: %d task(s) in %.1f s", len(tasks), seconds)
+    return results
