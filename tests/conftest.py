@@ -11,6 +11,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 from helpers import save_tiny  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Caches (converted GGUF, dense baselines) go to a temporary directory, never the user's home."""
+    previous = os.environ.get("LRCOMPRESS_CACHE")
+    os.environ["LRCOMPRESS_CACHE"] = str(tmp_path_factory.mktemp("lrcompress-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LRCOMPRESS_CACHE", None)
+    else:
+        os.environ["LRCOMPRESS_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared data directory ($LRCOMPRESS_DATA, set by the Makefile)."""
