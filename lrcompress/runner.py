@@ -22,6 +22,7 @@ from .eval.baseline_cache import cached_evaluation, eval_settings
 from .eval.suite import evaluate_model
 from .models import adapter_for, load_model
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
+from .pipeline.blocks import is_block_stage, select_blocks
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,17 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
     for index, layer in enumerate(adapter.decoder_layers(model)):
         prefix = adapter.layer_prefix(index)
         for stage in stages:
-            for name in select_targets(layer, prefix, stage.targets, stage.ignore):
+            block = is_block_stage(stage)  # whole blocks (e.g. MoE) map hidden -> hidden
+            names = select_blocks(layer, prefix, stage) if block else select_targets(layer, prefix, stage.targets,
+                                                                                      stage.ignore)
+            for name in names:
                 module = layer.get_submodule(name)
                 plan = stage.compressor.plan(module)
                 before = sum(p.numel() for p in module.parameters())
+                out_f, in_f = ((model.config.hidden_size,) * 2 if block
+                               else (module.out_features, module.in_features))
                 planned.append(PlannedModule(f"{prefix}.{name}", stage.index, stage.compressor.name,
-                                             module.out_features, module.in_features, before,
-                                             plan.params_after, plan.rank))
+                                             out_f, in_f, before, plan.params_after, plan.rank))
     return planned
 
 

@@ -35,6 +35,7 @@ from ..compressor.linalg import relative_output_error
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
 from ..modules import dense_weight, storage_bytes, stored_params
+from .blocks import block_needs, check_coverage, compress_block, is_block_stage, select_blocks
 from .capture import LayerInputs, capture_layer_inputs, layer_output, move
 from .observer import PipelineObserver
 from .prepass import is_prepass_kind
@@ -53,6 +54,8 @@ class Stage:
 
     @property
     def needs(self) -> frozenset[str]:
+        if is_block_stage(self):  # block stages: their own statistics + a sample for the block error
+            return block_needs(self.compressor)
         # The Gram is always collected: it gives every module's relative output error.
         return self.compressor.needs | {"gram"}
 
@@ -79,6 +82,7 @@ class LayerwisePipeline:
         self.settings = settings
         self.observer = observer or PipelineObserver()
         self.precomputed = precomputed or {}
+        self.config_updates: dict[str, tuple] = {}     # config key -> (value, block that set it)
 
     def block_size(self) -> int:
         """Layers handled together: the largest group size; every other size must divide it."""
@@ -92,6 +96,7 @@ class LayerwisePipeline:
     def run(self, windows: torch.Tensor) -> list[ModuleRecord]:
         s = self.settings
         block = self.block_size()
+        check_coverage(self.model, self.adapter, self.stages)
         self.observer.phase(f"capturing the inputs of layer 0 for {len(windows)} windows")
         inputs = capture_layer_inputs(self.model, self.adapter, windows, s.batch_size, s.compute, s.offload)
         layers = self.adapter.decoder_layers(self.model)
@@ -123,7 +128,8 @@ class LayerwisePipeline:
         """Run every stage on these layers; return the records and, in non-sequential mode, the
         outputs of the uncompressed block (computed during the first statistics pass, for free)."""
         prefixes = {i: self.adapter.layer_prefix(i) for i in indices}
-        plans = {(stage.index, i): select_targets(layers[i], prefixes[i], stage.targets, stage.ignore)
+        plans = {(stage.index, i): select_blocks(layers[i], prefixes[i], stage) if is_block_stage(stage)
+                 else select_targets(layers[i], prefixes[i], stage.targets, stage.ignore)
                  for stage in self.stages for i in indices}
         for i in indices:
             self.observer.layer_started(i, sum(len(plans[(stage.index, i)]) for stage in self.stages))
@@ -166,6 +172,12 @@ class LayerwisePipeline:
         records = []
         for name in names:
             owners = [i for i in group if name in plans[(stage.index, i)]]
+            if is_block_stage(stage):  # whole blocks: block output error, config updates (pipeline.blocks)
+                for i in owners:
+                    records.append(compress_block(self.model, i, layers[i], prefixes[i], name, stage,
+                                                  collected[i][name], self.settings.compute, self.config_updates))
+                    self.observer.module_done(records[-1])
+                continue
             members = [GroupMember(f"{prefixes[i]}.{name}", layers[i].get_submodule(name),
                                    {**collected[i][name], **self._precomputed_for(f"{prefixes[i]}.{name}", stage)})
                        for i in owners]

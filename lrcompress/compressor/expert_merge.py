@@ -1,0 +1,105 @@
+"""Expert clustering and merging: the tensor algorithms behind ``submoe`` and its baselines.
+
+Everything here is pure float64 tensor code (no modules, no I/O), so it is tested on its own.
+"""
+from __future__ import annotations
+
+import torch
+
+KMEANS_ITERATIONS = 100
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding (seeded); returns a label per row, clusters never empty.
+
+    Labels are renumbered in order of each cluster's smallest member, so equal partitions give equal
+    labels whatever the seed. An emptied cluster is re-seeded with the point farthest from its centroid.
+    """
+    x = points.to(torch.float64)
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot make {k} clusters of {n} points")
+    g = torch.Generator().manual_seed(seed)
+    centers = [x[int(torch.randint(n, (1,), generator=g))]]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centers)).min(dim=1).values.pow(2)
+        if float(d2.sum()) <= 0.0:       # fewer distinct points than clusters: any unused point
+            used = {int(torch.cdist(c[None], x).argmin()) for c in centers}
+            choice = next(i for i in range(n) if i not in used)
+        else:
+            choice = int(torch.multinomial(d2 / d2.sum(), 1, generator=g))
+        centers.append(x[choice])
+    c = torch.stack(centers)
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(iterations):
+        distances = torch.cdist(x, c)
+        new = distances.argmin(dim=1)
+        for cluster in range(k):
+            if not (new == cluster).any():
+                own = distances.gather(1, new[:, None]).squeeze(1)
+                donors = torch.bincount(new, minlength=k)[new] > 1
+                far = int(torch.where(donors, own, torch.full_like(own, -1.0)).argmax())
+                new[far] = cluster
+        if torch.equal(new, labels):
+            break
+        labels = new
+        c = torch.stack([x[labels == cluster].mean(dim=0) for cluster in range(k)])
+    return canonical_labels(labels)
+
+
+def canonical_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Renumber clusters by first appearance (0 for the cluster holding item 0, ...)."""
+    mapping: dict[int, int] = {}
+    for value in labels.tolist():
+        mapping.setdefault(value, len(mapping))
+    return torch.tensor([mapping[v] for v in labels.tolist()], dtype=torch.long)
+
+
+def cluster_experts(similarity: torch.Tensor, clusters: int, seed: int) -> list[list[int]]:
+    """Group experts by the similarity of their outputs: K-means on the rows of the E × E mean-cosine
+    matrix (expert i is described by how it relates to every expert; two experts whose outputs agree
+    have near-equal rows). Returns the member lists, ordered by their first member."""
+    labels = kmeans(similarity, clusters, seed)
+    return [torch.nonzero(labels == c).flatten().tolist() for c in range(clusters)]
+
+
+def merge_weights(frequencies: torch.Tensor, members: list[int]) -> torch.Tensor:
+    """w_i = f_i / Σ f_j over the cluster; uniform when no member was ever routed to."""
+    f = frequencies[members].to(torch.float64)
+    total = float(f.sum())
+    return f / total if total > 0 else torch.full_like(f, 1.0 / len(members))
+
+
+def union_svd_merge(weights: torch.Tensor, w: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """Sub-MoE's subspace merge of n experts' weights (n × out × in, one weight type).
+
+    [W_1, …, W_n] (out × n·in) = U Σ [V_1ᵀ, …, V_nᵀ]; U Σ is shared, the per-expert blocks V_i are
+    merged as V = Σ w_i V_i, and the merged weight is U Σ Vᵀ (optionally truncated to ``rank``
+    singular triplets). Without truncation this equals Σ w_i W_i exactly (U Σ V_iᵀ = W_i and the merge
+    is linear); the shared subspace makes a difference only once truncated.
+    """
+    n, out, inp = weights.shape
+    concat = weights.to(torch.float64).permute(1, 0, 2).reshape(out, n * inp)
+    u, s, vh = torch.linalg.svd(concat, full_matrices=False)
+    if rank is not None:
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    blocks = vh.reshape(len(s), n, inp)                       # blocks[:, i] = V_iᵀ
+    merged_vt = torch.einsum("i,rin->rn", w.to(torch.float64), blocks)
+    return (u * s) @ merged_vt
+
+
+def average_merge(weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """M-SMoE-style frequency-weighted average Σ w_i W_i (n × out × in → out × in)."""
+    return torch.einsum("i,ioj->oj", w.to(torch.float64), weights.to(torch.float64))
+
+
+def merge_rows(rows: torch.Tensor, clusters: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
+    """Router rows (or any per-expert tensor) of the merged experts: Σ w_i r_i over each cluster."""
+    r = rows.to(torch.float64)
+    return torch.stack([torch.einsum("i,i...->...", w, r[members]) for members, w in zip(clusters, weights)])
+
+
+def most_frequent(frequencies: torch.Tensor, keep: int) -> list[int]:
+    """Indices of the ``keep`` most routed-to experts, in their original order (ties: lower index)."""
+    order = sorted(range(len(frequencies)), key=lambda i: (-float(frequencies[i]), i))
+    return sorted(order[:keep])
