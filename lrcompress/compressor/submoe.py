@@ -85,7 +85,8 @@ class ExpertReducer(BlockCompressor):
         experts = expert_count(module)
         kept = self.config.kept(experts)
         per_expert = sum(t[0].numel() for t in expert_weights(module).types().values())
-        per_expert += sum(t[0].numel() for t in router_tensors(module).values())
+        parameters = dict(module.gate.named_parameters(recurse=False))   # buffers are not parameters
+        per_expert += sum(t[0].numel() for key, t in router_tensors(module).items() if key in parameters)
         total = sum(p.numel() for p in module.parameters())
         return Plan(total - (experts - kept) * per_expert)
 

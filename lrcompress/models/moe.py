@@ -114,9 +114,9 @@ def rebuild_block(block: nn.Module, weights: ExpertWeights, router: dict[str, to
     if count < top_k:
         raise LrcompressError(f"cannot keep {count} experts: the router picks {top_k} per token")
     groups = getattr(block.gate, "num_group", None)
-    if groups and count % groups:
+    if groups and (count % groups or count // groups < 2):   # DeepSeek-V3 scores a group by its top 2
         raise LrcompressError(f"cannot keep {count} experts: group-limited routing needs a multiple of "
-                              f"n_group={groups}")
+                              f"n_group={groups} with at least 2 experts per group")
     # Deep-copy the block but share (not copy) the tensors about to be replaced: they may be large.
     replaced = [block.experts.gate_up_proj, block.experts.down_proj]
     replaced += [getattr(block.gate, name) for name in router]
