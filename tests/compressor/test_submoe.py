@@ -244,3 +244,26 @@ def test_a_stage_must_cover_every_moe_block():
     dense = tiny_model("llama")
     with pytest.raises(LrcompressError, match="no moe blocks"):
         LayerwisePipeline(dense, adapter_for(dense), [_stage("submoe", num_experts=2)], PipelineSettings()).run(WINDOWS)
+
+
+def test_recipe_run_writes_a_plain_checkpoint(tmp_path, calibration_file):
+    from lrcompress.recipe import parse_recipe
+    from lrcompress.runner import run_recipe
+    from helpers import byte_tokenizer
+    from tiny_runs import tiny_recipe_dict
+
+    model_dir = tmp_path / "moe"
+    tiny_moe("qwen2_moe").save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    recipe = tiny_recipe_dict(model_dir, calibration_file, tmp_path / "out", method="expert_average")
+    recipe["stages"] = [{"method": "expert_average", "expert_ratio": 0.5}]
+    dry = run_recipe(parse_recipe(recipe), dry_run=True)
+    assert [p.name for p in dry.plan] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    result = run_recipe(parse_recipe(recipe))
+    assert [m["params_after"] for m in result.metrics["modules"]] == [p.params_after for p in dry.plan]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.num_experts == 2
+    assert reloaded.model.layers[0].mlp.experts.down_proj.shape[0] == 2
+    bad = dict(recipe, stages=[{"method": "submoe", "num_experts": 2, "ratio": 0.2}])
+    with pytest.raises(Exception, match="stages.0.ratio"):
+        parse_recipe(bad)

@@ -1,0 +1,82 @@
+"""Expert-reduction benchmark: submoe vs expert_prune vs expert_average on the SmolLM2-MoE fixture.
+
+    python bench/moe_fixture.py --out runs/fixtures/smollm2-moe-e8k2        # once (see its docstring)
+    python bench/submoe.py --fixture runs/fixtures/smollm2-moe-e8k2 [--kept 6,4] [--max-windows 40]
+
+Every row runs the real layer-wise pipeline (sequential, statistics from the partly merged model) on
+the same calibration windows, then WikiText-2 test perplexity with the same windows; the E-expert
+fixture itself is measured in the same run and is the baseline of the ratio column.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from lrcompress.compressor import get_compressor
+from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
+from lrcompress.eval import perplexity
+from lrcompress.models import adapter_for, load_model
+from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+
+
+def evaluate(model, tokenizer, args) -> tuple[float, str, float]:
+    started = time.perf_counter()
+    result = perplexity(model, tokenizer, "wikitext2", "test", 512, args.max_windows, data_dir(None, None), 4,
+                        torch.device("cpu"))
+    return result.value, result.protocol, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixture", required=True)
+    parser.add_argument("--methods", default="expert_prune,expert_average,submoe")
+    parser.add_argument("--kept", default="6,4", help="experts kept per block (E')")
+    parser.add_argument("--num-samples", type=int, default=16, help="calibration windows of 512 tokens")
+    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--extra", default="", help="extra submoe options, e.g. subspace_rank=96")
+    args = parser.parse_args()
+
+    loaded = load_model(args.fixture)
+    experts = loaded.model.config.num_local_experts
+    text = load_text("wikitext2", "validation", data_dir(None, None))
+    windows = calibration_windows(tokenize(loaded.tokenizer, text.text), args.num_samples, 512, 0)
+    base, protocol, seconds = evaluate(loaded.model, loaded.tokenizer, args)
+    print(f"fixture E={experts}: {base:.3f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
+    rows = [("fixture (no reduction)", experts, base, 0.0, 0.0, seconds)]
+    extra = dict(item.split("=") for item in args.extra.split(",") if item)
+    variants = [(m, {}) for m in args.methods.split(",")]
+    if extra:
+        variants.append(("submoe", {k: int(v) for k, v in extra.items()}))
+    for kept in [int(k) for k in args.kept.split(",")]:
+        for method, options in variants:
+            model = load_model(args.fixture).model
+            cls = get_compressor(method)
+            stage = Stage(0, cls(cls.Config(num_experts=kept, **options)), ["*"])
+            started = time.perf_counter()
+            records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=4)).run(windows)
+            compress = time.perf_counter() - started
+            error = sum(r.relative_error for r in records) / len(records)
+            value, _, seconds = evaluate(model, loaded.tokenizer, args)
+            label = method + "".join(f" {k}={v}" for k, v in options.items())
+            rows.append((label, kept, value, error, compress, seconds))
+            print(f"{label} E'={kept}: {value:.3f} (block err {error:.3f}; {compress:.0f}s + {seconds:.0f}s)",
+                  file=sys.stderr, flush=True)
+
+    print(f"\nFixture {args.fixture} (Mixtral-format SmolLM2-135M, E={experts}, "
+          f"top-{loaded.model.config.num_experts_per_tok}); calibration wikitext2/validation "
+          f"{args.num_samples}×512 seed 0; every MoE block reduced; sequential")
+    print(f"Perplexity: {protocol}")
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__} "
+          "(shared with other jobs: timings are indicative only)\n")
+    print("| method | experts kept | perplexity | ppl / fixture | mean block rel. error | compress s | eval s |")
+    print("|---|---|---|---|---|---|---|")
+    for label, kept, value, error, compress, seconds in rows:
+        print(f"| {label} | {kept} | {value:.2f} | {value / base:.2f}× | {error:.3f} | {compress:.0f} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
