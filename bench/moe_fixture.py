@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,7 @@ def moefy_layer(mlp: nn.Module, x: torch.Tensor, experts: int, top_k: int, seed:
     return gate_up, down_e, router, float(agreement.double().mean())
 
 
+@torch.no_grad()
 def build(dense: nn.Module, inputs: list[torch.Tensor], experts: int, top_k: int, seed: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -120,7 +122,7 @@ def build(dense: nn.Module, inputs: list[torch.Tensor], experts: int, top_k: int
             block.gate.weight.copy_(router.float())
             sample = x[:512]
             block.gate.top_k = experts                    # all experts: must reproduce the dense MLP
-            full = block(sample[None])[0] / top_k
+            full = block(sample[None])[0] * experts / top_k     # weights ≈ 1/E each, experts × k
             block.gate.top_k = top_k
             exact = (full - layer.mlp(sample)).norm() / layer.mlp(sample).norm()
         print(f"layer {index:2d}: router picks the true top-{top_k} on {agreement:.1%} of tokens; "
@@ -137,8 +139,10 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--windows", type=int, default=8, help="calibration windows of 512 tokens")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
-    import os
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     source = args.model or os.environ.get("LRCOMPRESS_SMOLLM2", "models/smollm2-135m")
     started = time.perf_counter()

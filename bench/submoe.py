@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16, help="calibration windows of 512 tokens")
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--extra", default="", help="extra submoe options, e.g. subspace_rank=96")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(args.fixture)
     experts = loaded.model.config.num_local_experts
