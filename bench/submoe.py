@@ -47,9 +47,15 @@ def main() -> None:
     experts = loaded.model.config.num_local_experts
     text = load_text("wikitext2", "validation", data_dir(None, None))
     windows = calibration_windows(tokenize(loaded.tokenizer, text.text), args.num_samples, 512, 0)
+    print(f"Fixture {args.fixture} (Mixtral-format SmolLM2-135M, E={experts}, "
+          f"top-{loaded.model.config.num_experts_per_tok}); calibration wikitext2/validation "
+          f"{args.num_samples}×512 seed 0; every MoE block reduced; sequential")
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__} "
+          "(shared with other jobs: timings are indicative only)\n")
+    print("| method | experts kept | perplexity | ppl / fixture | mean block rel. error | compress s | eval s |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     base, protocol, seconds = evaluate(loaded.model, loaded.tokenizer, args)
-    print(f"fixture E={experts}: {base:.3f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
-    rows = [("fixture (no reduction)", experts, base, 0.0, 0.0, seconds)]
+    row("fixture (no reduction)", experts, base, base, None, 0.0, seconds)
     extra = dict(item.split("=") for item in args.extra.split(",") if item)
     variants = [(m, {}) for m in args.methods.split(",")]
     if extra:
@@ -65,21 +71,16 @@ def main() -> None:
             error = sum(r.relative_error for r in records) / len(records)
             value, _, seconds = evaluate(model, loaded.tokenizer, args)
             label = method + "".join(f" {k}={v}" for k, v in options.items())
-            rows.append((label, kept, value, error, compress, seconds))
-            print(f"{label} E'={kept}: {value:.3f} (block err {error:.3f}; {compress:.0f}s + {seconds:.0f}s)",
-                  file=sys.stderr, flush=True)
+            row(label, kept, value, base, error, compress, seconds)
+    print(f"\nPerplexity: {protocol}")
 
-    print(f"\nFixture {args.fixture} (Mixtral-format SmolLM2-135M, E={experts}, "
-          f"top-{loaded.model.config.num_experts_per_tok}); calibration wikitext2/validation "
-          f"{args.num_samples}×512 seed 0; every MoE block reduced; sequential")
-    print(f"Perplexity: {protocol}")
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__} "
-          "(shared with other jobs: timings are indicative only)\n")
-    print("| method | experts kept | perplexity | ppl / fixture | mean block rel. error | compress s | eval s |")
-    print("|---|---|---|---|---|---|---|")
-    for label, kept, value, error, compress, seconds in rows:
-        print(f"| {label} | {kept} | {value:.2f} | {value / base:.2f}× | {error:.3f} | {compress:.0f} | {seconds:.0f} |")
 
+def row(label: str, kept: int, value: float, base: float, error: float | None, compress: float,
+        seconds: float) -> None:
+    """One table row, printed as soon as it is measured (a long run shows its rows as they come)."""
+    err = "–" if error is None else f"{error:.3f}"
+    print(f"| {label} | {kept} | {value:.2f} | {value / base:.2f}× | {err} | {compress:.0f} | {seconds:.0f} |",
+          flush=True)
 
 if __name__ == "__main__":
     main()
