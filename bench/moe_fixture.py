@@ -7,7 +7,8 @@ No pretrained MoE is available offline here, so the fixture is made from the rea
 attention, norms and rotary embedding are Llama's, so the dense weights carry over unchanged):
 
 * each layer's 1536 MLP neurons are split into E equal groups by balanced k-means on their
-  co-activation pattern (|act(gate·x)·(up·x)| over calibration tokens), so experts are functionally
+  co-activation pattern (|act(gate·x)·(up·x)| over calibration tokens, normalized, randomly projected
+  to 256 dimensions), so experts are functionally
   distinct (neurons that fire together stay together) and the sum of all experts is the dense MLP;
 * a linear router is fitted by ridge least squares to predict each expert's output norm from the
   MLP input, then scaled down so that its logits are ~1e-3: the renormalized top-k weights are then
@@ -38,6 +39,7 @@ from lrcompress.models import load_model
 
 ROUTER_LOGIT_SCALE = 1e-3      # std of the router logits: top-k weights ≈ 1/k
 RIDGE = 1e-3                   # × mean(diag XᵀX)
+PROJECTION = 256               # dimensions of the neuron features clustered
 
 
 def collect_mlp_inputs(model: nn.Module, windows: torch.Tensor, batch: int) -> list[torch.Tensor]:
@@ -83,6 +85,10 @@ def moefy_layer(mlp: nn.Module, x: torch.Tensor, experts: int, top_k: int, seed:
     h = nn.functional.silu(x @ gate.T) * (x @ up.T)                       # T × 1536
     features = h.abs().T
     features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # Random Gaussian projection of the T-dim co-activation patterns to PROJECTION dims (distances are
+    # kept up to a few %, Johnson-Lindenstrauss) so that k-means costs seconds, not minutes, per layer.
+    g = torch.Generator().manual_seed(seed)
+    features = features @ torch.randn(features.shape[1], PROJECTION, generator=g, dtype=features.dtype)
     groups = balanced_groups(features.float(), experts, seed)
     norms = torch.stack([(h[:, g] @ down[:, g].T).norm(dim=1) for g in groups], dim=1)   # T × E
     g = x.T @ x
