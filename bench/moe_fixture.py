@@ -146,9 +146,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="calibration windows of 512 tokens")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--retarget", default=None, help="derive from this fixture with --top-k instead of building")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retarget:
+        retarget_top_k(Path(args.retarget), Path(args.out), args.top_k)
+        return
 
     source = args.model or os.environ.get("LRCOMPRESS_SMOLLM2", "models/smollm2-135m")
     started = time.perf_counter()
@@ -165,6 +169,26 @@ def main() -> None:
         "seq_len": 512, "seed": args.seed, "calibration": text.description,
         "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     print(f"wrote {out} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+
+
+
+
+def retarget_top_k(source: Path, out: Path, top_k: int) -> None:
+    """The same fixture with another top-k: nothing but the ×k scale of the down projections depends on k
+    (the router and the expert split do not), so rescale them instead of rebuilding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    old = model.config.num_experts_per_tok
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.down_proj.mul_(top_k / old)
+            layer.mlp.gate.top_k = top_k
+    model.config.num_experts_per_tok = top_k
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    meta = json.loads((source / "fixture.json").read_text())
+    (out / "fixture.json").write_text(json.dumps({**meta, "top_k": top_k, "retargeted_from": str(source)}, indent=2))
 
 
 if __name__ == "__main__":

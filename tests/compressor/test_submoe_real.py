@@ -41,7 +41,7 @@ def test_fixture_with_every_expert_active_is_the_dense_model(two_layer_moe):
     dense, moe, windows = two_layer_moe
     for layer in moe.model.layers:          # all experts, down projections scaled back: Σ experts = dense MLP
         layer.mlp.gate.top_k = 8
-        layer.mlp.experts.down_proj.data /= 4.0   # weights ≈ 1/8 each, experts carry ×2 (top-2)
+        layer.mlp.experts.down_proj.data *= 4.0   # weights ≈ 1/8 each and experts carry ×2 (top-2): ×8/2
     try:
         with torch.no_grad():
             expected = dense(input_ids=windows[2:], use_cache=False).logits
@@ -50,7 +50,7 @@ def test_fixture_with_every_expert_active_is_the_dense_model(two_layer_moe):
     finally:
         for layer in moe.model.layers:
             layer.mlp.gate.top_k = 2
-            layer.mlp.experts.down_proj.data *= 4.0
+            layer.mlp.experts.down_proj.data /= 4.0
 
 
 @pytest.mark.parametrize("method", ["submoe", "expert_average", "expert_prune"])
