@@ -45,3 +45,16 @@ def correlated_inputs(rows: int, features: int, seed: int = 0) -> torch.Tensor:
     mixing = torch.randn(features, features, generator=g, dtype=torch.float64)
     scales = torch.logspace(0, -3, features, dtype=torch.float64)
     return torch.randn(rows, features, generator=g, dtype=torch.float64) @ (mixing * scales[:, None])
+
+
+def smollm2_path() -> Path:
+    """The converted demo model (``make model``); real-model tests fail, not skip, without it."""
+    import os
+
+    import pytest
+
+    default = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m"
+    path = Path(os.environ.get("LRCOMPRESS_SMOLLM2", default))
+    if not (path / "config.json").is_file():
+        pytest.fail(f"SmolLM2 not found at {path}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
+    return path

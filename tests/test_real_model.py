@@ -2,7 +2,6 @@
 
 Select them with `-m real_model`, skip them with `-m "not real_model"`.
 """
-import os
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,14 @@ from lrcompress.eval import perplexity
 from lrcompress.models import load_model
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe
+from helpers import smollm2_path
 
 pytestmark = pytest.mark.real_model
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    path = Path(os.environ.get("LRCOMPRESS_SMOLLM2", ROOT / "models" / "smollm2-135m"))
-    if not (path / "config.json").is_file():
-        pytest.fail(f"SmolLM2 not found at {path}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
+    path = smollm2_path()
     return path
 
 

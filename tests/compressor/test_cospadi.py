@@ -15,7 +15,7 @@ from lrcompress.compressor.whiten import WhitenedSVD, WhitenConfig
 from lrcompress.models import adapter_for
 from lrcompress.modules import SparseDictLinear, dense_weight
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
-from helpers import correlated_inputs, tiny_model
+from helpers import correlated_inputs, tiny_model, smollm2_path
 
 WINDOWS = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -160,16 +160,12 @@ def test_group_mode_shares_one_dictionary_and_survives_the_checkpoint(tmp_path):
 def test_cospadi_groups_on_smollm2_write_a_checkpoint_that_reloads(data_dir, tmp_path):
     """The attention of layers 0-1 of SmolLM2 in dictionary groups: budget met, shared dictionaries,
     exact reload."""
-    import os
-    from pathlib import Path
 
     import lrcompress
     from lrcompress.recipe import parse_recipe
     from lrcompress.runner import run_recipe
 
-    model = Path(os.environ.get("LRCOMPRESS_SMOLLM2", Path(__file__).resolve().parents[2] / "models" / "smollm2-135m"))
-    if not (model / "config.json").is_file():
-        pytest.fail(f"SmolLM2 not found at {model}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
+    model = smollm2_path()
     recipe = {
         "model": {"path": str(model)},
         "calibration": {"dataset": "wikitext2", "split": "validation", "num_samples": 4, "seq_len": 256},

@@ -4,8 +4,6 @@ The orderings the papers claim, per module, in the layer-wise output error on re
 inputs: GPTQ < RTN at 3 bits, Wanda < magnitude at 2:4, and EoRA < plain residual SVD < no
 compensation on top of each base. Perplexity-level numbers are in bench/eora.py.
 """
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +13,15 @@ from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.data import load_text, tokenize
 from lrcompress.models import load_model
 from lrcompress.modules import dense_weight
+from helpers import smollm2_path
 
 pytestmark = pytest.mark.real_model
-ROOT = Path(__file__).resolve().parents[2]
 MODULES = ["model.layers.3.self_attn.o_proj", "model.layers.3.mlp.down_proj"]  # 576×576, 576×1536
 
 
 @pytest.fixture(scope="module")
 def real(data_dir):
-    path = Path(os.environ.get("LRCOMPRESS_SMOLLM2", ROOT / "models" / "smollm2-135m"))
-    if not (path / "config.json").is_file():
-        pytest.fail(f"SmolLM2 not found at {path}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
+    path = smollm2_path()
     loaded = load_model(str(path))
     model = loaded.model
     ids = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", data_dir).text)[: 4 * 512].view(4, 512)

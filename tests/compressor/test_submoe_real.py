@@ -1,7 +1,6 @@
 """Sub-MoE on a real-weight MoE: the first two layers of SmolLM2-135M split into experts by the bench
 fixture builder (bench/moe_fixture.py), then merged. Slow-ish; marked real_model."""
 import copy
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from lrcompress.compressor import get_compressor
 from lrcompress.data import calibration_windows, load_text, tokenize
 from lrcompress.models import adapter_for, load_model
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from helpers import smollm2_path
 
 pytestmark = pytest.mark.real_model
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,9 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def two_layer_moe(data_dir):
     from moe_fixture import build, collect_mlp_inputs
 
-    path = Path(os.environ.get("LRCOMPRESS_SMOLLM2", ROOT / "models" / "smollm2-135m"))
-    if not (path / "config.json").is_file():
-        pytest.fail(f"SmolLM2 not found at {path}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
+    path = smollm2_path()
     loaded = load_model(str(path))
     dense = loaded.model
     dense.model.layers = dense.model.layers[:2]

@@ -1,17 +1,15 @@
 """lm-eval on the real SmolLM2-135M, dense and compressed (slow: marked real_model)."""
-import os
 from pathlib import Path
 
 import pytest
+from helpers import smollm2_path
 
 pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    path = Path(os.environ.get("LRCOMPRESS_SMOLLM2", "models/smollm2-135m"))
-    if not (path / "config.json").is_file():
-        pytest.skip(f"SmolLM2 not found at {path} (make model; LRCOMPRESS_SMOLLM2)")
+    path = smollm2_path()
     return path
 
 

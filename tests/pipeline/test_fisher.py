@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_model, smollm2_path
 from torch import nn
 
 from lrcompress.models import adapter_for
@@ -130,14 +130,10 @@ def test_fisher_statistic_refuses_forward_observation() -> None:
 def test_fisher_pass_on_smollm2_matches_autograd() -> None:
     """SmolLM2-135M (float32): hook sums of the top and bottom layers' linears equal those from full
     ``.grad`` tensors, over 2 short windows; the weights are untouched."""
-    import os
-    from pathlib import Path
 
     from lrcompress.models import load_model
 
-    path = Path(os.environ.get("LRCOMPRESS_SMOLLM2", "models/smollm2-135m"))
-    if not (path / "config.json").is_file():
-        pytest.skip(f"SmolLM2 not found at {path} (set LRCOMPRESS_SMOLLM2)")
+    path = smollm2_path()
     model = load_model(str(path), "float32").model
     windows = torch.randint(100, 40000, (2, 48), generator=torch.Generator().manual_seed(0))
     targets = [t for t in _targets(model) if t.startswith(("model.layers.0.", "model.layers.29."))]
