@@ -39,6 +39,12 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tied_dir(tmp_path_factory) -> Path:
+    """A tiny Llama whose LM head is tied to its embeddings."""
+    return save_tiny(tmp_path_factory.mktemp("tied"), "llama", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 

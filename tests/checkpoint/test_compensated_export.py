@@ -13,7 +13,6 @@ from lrcompress.checkpoint import read_metadata
 from lrcompress.cli.main import cli
 from lrcompress.modules import CompensatedLinear, NMSparseLinear, QuantizedLinear, dense_weight, storage_bytes
 from lrcompress.runner import run_recipe
-from helpers import save_tiny
 from tiny_runs import tiny_recipe
 
 IDS = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -21,11 +20,6 @@ STAGES = [{"method": "gptq", "bits": 3, "group_size": 32, "act_order": True, "ta
           {"method": "prune", "pattern": "2:4", "targets": ["*.mlp.*"]},
           {"method": "eora", "rank": 4, "targets": ["*.q_proj", "*.v_proj", "*.mlp.*"]},
           {"method": "eora", "rank": 3, "bits": 4, "targets": ["*.o_proj"]}]
-
-
-@pytest.fixture(scope="module")
-def tied_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tied"), "llama", tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

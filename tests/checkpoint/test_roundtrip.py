@@ -11,15 +11,9 @@ from lrcompress.errors import CheckpointError
 from lrcompress.models import load_model
 from lrcompress.modules import LowRankLinear
 from lrcompress.runner import run_recipe
-from helpers import save_tiny
 from tiny_runs import tiny_recipe
 
 IDS = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module")
-def tied_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tied"), "llama", tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
