@@ -1,4 +1,11 @@
-"""Base class of the modules that compressed weights become, and the registry the loader uses."""
+"""Base classes of the modules that compressed weights become, and the registry the loader uses.
+
+``CompressedModule`` is what the checkpoint writer and reader know: a kind, a ``spec()`` saved in
+config.json, ``from_spec`` to rebuild an empty module, and the params/bytes accounting.
+``CompressedLinear`` is the common case, a drop-in ``nn.Linear`` (a Linear target of later stages);
+other compressed modules (the low-rank experts of an MoE block) derive from ``CompressedModule``
+directly, so that they are written and loaded but never taken for Linears.
+"""
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -6,34 +13,33 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-MODULE_KINDS: dict[str, type["CompressedLinear"]] = {}
+MODULE_KINDS: dict[str, type["CompressedModule"]] = {}
 
 
-def register_module_kind(cls: type["CompressedLinear"]) -> type["CompressedLinear"]:
+def register_module_kind(cls: type["CompressedModule"]) -> type["CompressedModule"]:
     MODULE_KINDS[cls.kind] = cls
     return cls
 
 
-class CompressedLinear(nn.Module):
-    """A drop-in replacement of ``nn.Linear`` whose weight is stored in a compressed form.
+class CompressedModule(nn.Module):
+    """A module stored in a compressed form that the checkpoint reader rebuilds.
 
     Subclasses describe their shape in ``spec()`` (saved in config.json) so that the loader can
     rebuild an empty module of the right shape with ``from_spec`` before reading the tensors.
     """
 
     kind: ClassVar[str]
-    in_features: int
-    out_features: int
 
     def spec(self) -> dict[str, Any]:
         raise NotImplementedError
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> "CompressedLinear":
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> "CompressedModule":
         raise NotImplementedError
 
-    def dense_weight(self) -> torch.Tensor:
-        """The equivalent dense weight (out × in), for errors, export and later stages."""
+    def to_dense(self) -> nn.Module:
+        """A plain module computing the same function, with the parameter names of the uncompressed
+        architecture (for the dense export)."""
         raise NotImplementedError
 
     def stored_params(self) -> int:
@@ -46,6 +52,20 @@ class CompressedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
 
+class CompressedLinear(CompressedModule):
+    """A drop-in replacement of ``nn.Linear`` whose weight is stored in a compressed form."""
+
+    in_features: int
+    out_features: int
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense weight (out × in), for errors, export and later stages."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        return to_dense_linear(self)
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The effective (out × in) weight of a Linear or of any compressed replacement."""
     if isinstance(module, CompressedLinear):
@@ -56,31 +76,31 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 def stored_params(module: nn.Module) -> int:
-    if isinstance(module, CompressedLinear):
+    if isinstance(module, CompressedModule):
         return module.stored_params()
     return sum(p.numel() for p in module.parameters())
 
 
 def storage_bytes(module: nn.Module) -> int:
     """Bytes the module occupies in a checkpoint (dense: its parameters in their dtype)."""
-    if isinstance(module, CompressedLinear):
+    if isinstance(module, CompressedModule):
         return module.storage_bytes()
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def compressed_modules(model: nn.Module) -> list[tuple[str, CompressedLinear]]:
+def compressed_modules(model: nn.Module) -> list[tuple[str, CompressedModule]]:
     """The outermost compressed modules (a compressed module nested in another, such as the base
     of a compensated module, belongs to its parent's spec and is not listed)."""
-    found: list[tuple[str, CompressedLinear]] = []
+    found: list[tuple[str, CompressedModule]] = []
     for name, module in model.named_modules():
-        if isinstance(module, CompressedLinear) and not any(name.startswith(p + ".") for p, _ in found):
+        if isinstance(module, CompressedModule) and not any(name.startswith(p + ".") for p, _ in found):
             found.append((name, module))
     return found
 
 
 def module_spec(module: nn.Module) -> dict[str, Any]:
     """The spec of a compressed module, or of a plain ``nn.Linear`` (kind "linear"), for nesting."""
-    if isinstance(module, CompressedLinear):
+    if isinstance(module, CompressedModule):
         return module.spec()
     if isinstance(module, nn.Linear):
         return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,

@@ -264,6 +264,6 @@ def test_recipe_run_writes_a_plain_checkpoint(tmp_path, calibration_file):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert reloaded.config.num_experts == 2
     assert reloaded.model.layers[0].mlp.experts.down_proj.shape[0] == 2
-    bad = dict(recipe, stages=[{"method": "submoe", "num_experts": 2, "ratio": 0.2}])
+    bad = dict(recipe, stages=[{"method": "expert_average", "num_experts": 2, "ratio": 0.2}])
     with pytest.raises(Exception, match="stages.0.ratio"):
         parse_recipe(bad)
