@@ -26,17 +26,24 @@ CHUNK_TOKENS = 512
 COSINE_EPS = 1e-12
 
 
-class ExpertStatistic(Statistic):
+class _BlockStatistic(Statistic):
+    """A statistic of one MoE block that runs its experts on chunks of tokens."""
+
+    def __init__(self, block: nn.Module, device: torch.device | str, chunk_tokens: int) -> None:
+        self.block = block
+        self.chunk_tokens = chunk_tokens
+        self.dtype = accumulation_dtype(torch.device(device))
+
+
+class ExpertStatistic(_BlockStatistic):
     name = EXPERT_STATS
 
     def __init__(self, block: nn.Module, device: torch.device | str = "cpu",
                  chunk_tokens: int = CHUNK_TOKENS) -> None:
-        self.block = block
-        self.chunk_tokens = chunk_tokens
+        super().__init__(block, device, chunk_tokens)
         experts = expert_count(block)
-        dtype = accumulation_dtype(torch.device(device))
         self.counts = torch.zeros(experts, dtype=torch.float64)
-        self.cosine_sum = torch.zeros(experts, experts, dtype=dtype, device=device)
+        self.cosine_sum = torch.zeros(experts, experts, dtype=self.dtype, device=device)
         self.tokens = 0
 
     def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
@@ -69,20 +76,17 @@ class ExpertStatistic(Statistic):
         return s
 
 
-class ExpertGramStatistic(Statistic):
+class ExpertGramStatistic(_BlockStatistic):
     """Per-expert Grams of the routed tokens: gate/up inputs and down inputs (see the module doc)."""
 
     name = EXPERT_GRAMS
 
     def __init__(self, block: nn.Module, device: torch.device | str = "cpu",
                  chunk_tokens: int = CHUNK_TOKENS) -> None:
-        self.block = block
-        self.chunk_tokens = chunk_tokens
-        weights = expert_weights(block)
-        experts, inner, hidden = weights.gate.shape
-        dtype = accumulation_dtype(torch.device(device))
-        self.inputs = torch.zeros(experts, hidden, hidden, dtype=dtype, device=device)
-        self.intermediate = torch.zeros(experts, inner, inner, dtype=dtype, device=device)
+        super().__init__(block, device, chunk_tokens)
+        experts, inner, hidden = expert_weights(block).gate.shape
+        self.inputs = torch.zeros(experts, hidden, hidden, dtype=self.dtype, device=device)
+        self.intermediate = torch.zeros(experts, inner, inner, dtype=self.dtype, device=device)
         self.counts = torch.zeros(experts, dtype=torch.long)
 
     def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:

@@ -82,15 +82,22 @@ def test_merge_weights_and_most_frequent():
 
 # --- statistics ----------------------------------------------------------------------------------
 
-def test_expert_statistic_against_a_token_by_token_computation():
-    model = tiny_moe("qwen2_moe")
+def _observed_in_two_parts(statistic, family, tokens, seed):
+    """(block, inputs 2 × tokens × hidden, statistic): two windows observed separately with different
+    chunk sizes, then merged, so that chunking and ``merge`` are both exercised."""
+    model = tiny_moe(family)
     block = model.model.layers[0].mlp
-    x = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    stat = ExpertStatistic(block, chunk_tokens=4)
+    x = torch.randn(2, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    stat = statistic(block, chunk_tokens=4)
     stat.observe(x[:1], None)
-    other = ExpertStatistic(block, chunk_tokens=5)
+    other = statistic(block, chunk_tokens=7)
     other.observe(x[1:], None)
     stat.merge(other)
+    return block, x, stat
+
+
+def test_expert_statistic_against_a_token_by_token_computation():
+    block, x, stat = _observed_in_two_parts(ExpertStatistic, "qwen2_moe", tokens=9, seed=3)
     tokens = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
         chosen = block.gate(tokens)[2]
@@ -321,14 +328,7 @@ def test_whitened_truncation_has_lower_routed_token_error_than_unwhitened():
 
 
 def test_expert_gram_statistic_against_a_token_by_token_computation():
-    model = tiny_moe("olmoe")
-    block = model.model.layers[0].mlp
-    x = torch.randn(2, 11, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
-    stat = ExpertGramStatistic(block, chunk_tokens=4)
-    stat.observe(x[:1], None)
-    other = ExpertGramStatistic(block, chunk_tokens=7)
-    other.observe(x[1:], None)
-    stat.merge(other)
+    block, x, stat = _observed_in_two_parts(ExpertGramStatistic, "olmoe", tokens=11, seed=4)
     tokens = x.reshape(-1, x.shape[-1])
     weights = expert_weights(block)
     with torch.no_grad():
