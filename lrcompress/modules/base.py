@@ -42,6 +42,11 @@ class CompressedModule(nn.Module):
         architecture (for the dense export)."""
         raise NotImplementedError
 
+    @classmethod
+    def describe_shape(cls, spec: dict[str, Any]) -> str:
+        """The shape a spec describes, for people (``inspect``): out × in for a linear."""
+        return f"{spec['out_features']}×{spec['in_features']}"
+
     def stored_params(self) -> int:
         """Number of stored weight values, the unit of the ratio accounting (metadata such as
         quantization scales, sparse masks or indices is not a value; ``storage_bytes`` counts it)."""
@@ -106,6 +111,12 @@ def module_spec(module: nn.Module) -> dict[str, Any]:
         return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
     raise TypeError(f"{type(module).__name__} has no spec: neither nn.Linear nor a compressed module")
+
+
+def spec_shape(spec: dict[str, Any]) -> str:
+    """Human-readable shape of a compressed module's spec (any registered kind)."""
+    kind = MODULE_KINDS.get(spec["kind"])
+    return kind.describe_shape(spec) if kind is not None else "?"
 
 
 def module_from_spec(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:

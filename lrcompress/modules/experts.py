@@ -140,6 +140,11 @@ class LowRankExperts(CompressedModule):
         return cls(spec["num_experts"], spec["hidden_size"], spec["intermediate_size"], spec["rank"], spec["act"],
                    dtype=dtype)
 
+    @classmethod
+    def describe_shape(cls, spec: dict[str, Any]) -> str:
+        h, i = spec["hidden_size"], spec["intermediate_size"]
+        return f"{spec['num_experts']} experts × (gate/up {i}×{h}, down {h}×{i})"
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, rank={self.rank}, act={self.act}")

@@ -5,7 +5,7 @@ import torch
 from lrcompress.checkpoint.export import densify
 from lrcompress.models.moe import expert_weights
 from lrcompress.modules import (FusedExperts, LowRankExperts, compressed_modules, module_from_spec,
-                                storage_bytes, stored_params)
+                                spec_shape, storage_bytes, stored_params)
 from lrcompress.modules.experts import activation_name
 from moe_helpers import MOE_FAMILIES, tiny_moe
 
@@ -66,6 +66,7 @@ def test_spec_round_trip_and_accounting():
     low = LowRankExperts(5, 16, 24, 3, "silu", dtype=torch.bfloat16)
     rebuilt = module_from_spec(low.spec(), torch.bfloat16)
     assert isinstance(rebuilt, LowRankExperts) and rebuilt.spec() == low.spec()
+    assert spec_shape(low.spec()) == "5 experts × (gate/up 24×16, down 16×24)"
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in low.state_dict().items()}
     params = 5 * 3 * ((24 + 16) + (24 + 16) + (16 + 24))       # gate, up, down: r·(out + in) each
     assert stored_params(low) == params
