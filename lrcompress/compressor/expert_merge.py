@@ -106,27 +106,28 @@ def union_svd_factors(weights: torch.Tensor, w: torch.Tensor, rank: int | None =
     n, out, inp = weights.shape
     blocks = weights.to(torch.float64)
     if whitenings is not None:
-        blocks = torch.stack([b @ white.factor for b, white in zip(blocks, whitenings)])
+        blocks = torch.stack([b @ white.factor.to(b) for b, white in zip(blocks, whitenings)])
     concat = blocks.permute(1, 0, 2).reshape(out, n * inp)
     u, s, vh = torch.linalg.svd(concat, full_matrices=False)
     if rank is not None:
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     v_blocks = vh.reshape(len(s), n, inp)                     # v_blocks[:, i] = V_iᵀ (whitened: Ṽ_iᵀ)
     if whitenings is not None:
-        v_blocks = torch.stack([v_blocks[:, i] @ white.inverse for i, white in enumerate(whitenings)], dim=1)
-    merged_vt = torch.einsum("i,rin->rn", w.to(torch.float64), v_blocks)
+        v_blocks = torch.stack([v_blocks[:, i] @ white.inverse.to(blocks) for i, white in enumerate(whitenings)],
+                               dim=1)
+    merged_vt = torch.einsum("i,rin->rn", w.to(blocks), v_blocks)     # w lives on the CPU, the weights need not
     return u, s, merged_vt
 
 
 def average_merge(weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """M-SMoE-style frequency-weighted average Σ w_i W_i (n × out × in → out × in)."""
-    return torch.einsum("i,ioj->oj", w.to(torch.float64), weights.to(torch.float64))
+    return torch.einsum("i,ioj->oj", w.to(weights.device, torch.float64), weights.to(torch.float64))
 
 
 def merge_rows(rows: torch.Tensor, clusters: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
     """Router rows (or any per-expert tensor) of the merged experts: Σ w_i r_i over each cluster."""
     r = rows.to(torch.float64)
-    return torch.stack([torch.einsum("i,i...->...", w, r[members]) for members, w in zip(clusters, weights)])
+    return torch.stack([torch.einsum("i,i...->...", w.to(r), r[members]) for members, w in zip(clusters, weights)])
 
 
 def most_frequent(frequencies: torch.Tensor, keep: int) -> list[int]:
