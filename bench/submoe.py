@@ -2,10 +2,13 @@
 
     python bench/moe_fixture.py --out runs/fixtures/smollm2-moe-e8k2        # once (see its docstring)
     python bench/submoe.py --fixture runs/fixtures/smollm2-moe-e8k2 [--kept 6,4] [--max-windows 40]
+    python bench/submoe.py --fixture ... --methods submoe,submoe_lowrank --ratio 0.3,0.5   # Sub-MoE†
 
 Every row runs the real layer-wise pipeline (sequential, statistics from the partly merged model) on
 the same calibration windows, then WikiText-2 test perplexity with the same windows; the E-expert
 fixture itself is measured in the same run and is the baseline of the ratio column.
+``submoe_lowrank`` is Sub-MoE† (``submoe`` with the intra-expert ``ratio``: whitened union SVD, low-rank
+merged experts), one row per ``--ratio``; "block params" is the MoE blocks' stored parameters after / before.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import platform
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16, help="calibration windows of 512 tokens")
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--extra", default="", help="extra submoe options, e.g. subspace_rank=96")
+    parser.add_argument("--ratio", default="0.5", help="submoe_lowrank: intra-expert ratios (comma list)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -52,16 +57,13 @@ def main() -> None:
           f"{args.num_samples}×512 seed 0; every MoE block reduced; sequential")
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__} "
           "(shared with other jobs: timings are indicative only)\n")
-    print("| method | experts kept | perplexity | ppl / fixture | mean block rel. error | compress s | eval s |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| method | experts kept | block params | perplexity | ppl / fixture | mean block rel. error | compress s "
+          "| eval s |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     base, protocol, seconds = evaluate(loaded.model, loaded.tokenizer, args)
-    row("fixture (no reduction)", experts, base, base, None, 0.0, seconds)
-    extra = dict(item.split("=") for item in args.extra.split(",") if item)
-    variants = [(m, {}) for m in args.methods.split(",")]
-    if extra:
-        variants.append(("submoe", {k: int(v) for k, v in extra.items()}))
+    row("fixture (no reduction)", experts, 1.0, base, base, None, 0.0, seconds)
     for kept in [int(k) for k in args.kept.split(",")]:
-        for method, options in variants:
+        for label, method, options in variants(args):
             model = load_model(args.fixture).model
             cls = get_compressor(method)
             stage = Stage(0, cls(cls.Config(num_experts=kept, **options)), ["*"])
@@ -69,18 +71,32 @@ def main() -> None:
             records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=4)).run(windows)
             compress = time.perf_counter() - started
             error = sum(r.relative_error for r in records) / len(records)
+            kept_params = sum(r.params_after for r in records) / sum(r.params_before for r in records)
             value, _, seconds = evaluate(model, loaded.tokenizer, args)
-            label = method + "".join(f" {k}={v}" for k, v in options.items())
-            row(label, kept, value, base, error, compress, seconds)
+            row(label, kept, kept_params, value, base, error, compress, seconds)
     print(f"\nPerplexity: {protocol}")
 
 
-def row(label: str, kept: int, value: float, base: float, error: float | None, compress: float,
+def variants(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
+    """(row label, compressor, options) for every requested method; submoe_lowrank: one per --ratio."""
+    rows: list[tuple[str, str, dict[str, Any]]] = []
+    for method in args.methods.split(","):
+        if method == "submoe_lowrank":
+            rows += [(f"submoe_lowrank ratio={r}", "submoe", {"ratio": float(r)}) for r in args.ratio.split(",")]
+        else:
+            rows.append((method, method, {}))
+    extra = {k: int(v) for k, v in (item.split("=") for item in args.extra.split(",") if item)}
+    if extra:
+        rows.append(("submoe" + "".join(f" {k}={v}" for k, v in extra.items()), "submoe", extra))
+    return rows
+
+
+def row(label: str, kept: int, params: float, value: float, base: float, error: float | None, compress: float,
         seconds: float) -> None:
     """One table row, printed as soon as it is measured (a long run shows its rows as they come)."""
     err = "–" if error is None else f"{error:.3f}"
-    print(f"| {label} | {kept} | {value:.2f} | {value / base:.2f}× | {err} | {compress:.0f} | {seconds:.0f} |",
-          flush=True)
+    print(f"| {label} | {kept} | {params:.1%} | {value:.2f} | {value / base:.2f}× | {err} | {compress:.0f} "
+          f"| {seconds:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -6,16 +6,15 @@ from typing import Any
 
 from torch import nn
 
-from ..modules import compressed_modules, to_dense_linear
+from ..modules import compressed_modules
 from ..pipeline.targets import replace_submodule
 from .layout import staged_directory
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every compressed module by an equivalent nn.Linear, in place."""
-    names = [name for name, _ in compressed_modules(model)]
-    for name in names:
-        replace_submodule(model, name, to_dense_linear(model.get_submodule(name)))
+    """Replace every compressed module by its plain equivalent (an nn.Linear, fused experts), in place."""
+    for name, module in compressed_modules(model):
+        replace_submodule(model, name, module.to_dense())
     return model
 
 

@@ -172,6 +172,7 @@ def compare(runs: tuple[Path, ...], output: Path) -> None:
 def inspect(checkpoint: Path) -> None:
     """What was compressed: modules, kinds, ranks, sizes, errors (from metrics.json when present)."""
     from ..checkpoint import bytes_on_disk, read_metadata
+    from ..modules import spec_shape
 
     try:
         _, meta = read_metadata(checkpoint)
@@ -186,7 +187,7 @@ def inspect(checkpoint: Path) -> None:
         table.add_column(column)
     for name, spec in meta["modules"].items():
         record = records.get(name, {})
-        table.add_row(name, spec["kind"], f"{spec['out_features']}×{spec['in_features']}", str(spec.get("rank", "–")),
+        table.add_row(name, spec["kind"], spec_shape(spec), str(spec.get("rank", "–")),
                       f"{record.get('params_after', 0):,}" if record else "?",
                       f"{record['relative_error']:.4f}" if record else "?", record.get("numerical_path", "?"))
     stdout.print(table)

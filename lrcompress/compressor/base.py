@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Mapping
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .linalg import low_rank_params, rank_for_ratio
+from .linalg import low_rank_params, target_rank
 from .stats import Statistic
 
 
@@ -35,9 +35,7 @@ class LowRankConfig(CompressorConfig):
         return self
 
     def rank_for(self, out_features: int, in_features: int) -> int:
-        if self.rank is not None:
-            return min(self.rank, out_features, in_features)
-        return rank_for_ratio(out_features, in_features, self.ratio or 0.0)
+        return target_rank(out_features, in_features, self.rank, self.ratio)
 
 
 @dataclass

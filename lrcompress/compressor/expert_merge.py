@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .linalg import Whitening
+
 KMEANS_ITERATIONS = 100
 
 
@@ -78,25 +80,54 @@ def union_svd_merge(weights: torch.Tensor, w: torch.Tensor, rank: int | None = N
     singular triplets). Without truncation this equals Σ w_i W_i exactly (U Σ V_iᵀ = W_i and the merge
     is linear); the shared subspace makes a difference only once truncated.
     """
+    u, s, merged_vt = union_svd_factors(weights, w, rank)
+    return (u * s) @ merged_vt
+
+
+def union_svd_factors(weights: torch.Tensor, w: torch.Tensor, rank: int | None = None,
+                      whitenings: list[Whitening] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The union SVD merge as factors (U_r: out × r, Σ_r: r, merged Vᵀ: r × in), optionally whitened;
+    the merged weight is U_r Σ_r Vᵀ.
+
+    Sub-MoE† whitens each member by its routed-token Gram G_i = X_iᵀX_i = S_i S_iᵀ before the SVD:
+    [W_1 S_1, …, W_n S_n] = U Σ [Ṽ_1ᵀ, …, Ṽ_nᵀ]. Truncating it to rank r minimizes
+    Σ_i ‖X_i (W_i − U_r U_rᵀ W_i)ᵀ‖_F² over the shared output subspace U_r: the error every member makes
+    on the tokens actually routed to it. Because the G_i are sums over tokens (not means), a member that
+    gets more tokens pulls U_r harder; that is the cluster's Gram entering, as Σ_i of the members' own
+    whitened errors, instead of one pooled Gram for all members (members see different tokens).
+
+    The V blocks are merged *after un-whitening* (V_iᵀ = Ṽ_iᵀ S_i⁻¹, then V = Σ w_i V_i): each V_iᵀ is
+    then in the input coordinates where U_r Σ_r V_iᵀ ≈ W_i, so the blocks are comparable and the merge is
+    the same frequency-weighted merge as the unwhitened path; at full rank it is exactly Σ w_i W_i. Merging
+    the whitened Ṽ_i instead would need one un-whitening for the merged expert (by the pooled Gram's
+    factor S_c), which at full rank gives Σ w_i W_i S_i S_c⁻¹ ≠ Σ w_i W_i unless all S_i are equal.
+    """
     n, out, inp = weights.shape
-    concat = weights.to(torch.float64).permute(1, 0, 2).reshape(out, n * inp)
+    blocks = weights.to(torch.float64)
+    if whitenings is not None:
+        blocks = torch.stack([b @ white.factor.to(b) for b, white in zip(blocks, whitenings)])
+    concat = blocks.permute(1, 0, 2).reshape(out, n * inp)
     u, s, vh = torch.linalg.svd(concat, full_matrices=False)
     if rank is not None:
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    blocks = vh.reshape(len(s), n, inp)                       # blocks[:, i] = V_iᵀ
-    merged_vt = torch.einsum("i,rin->rn", w.to(torch.float64), blocks)
-    return (u * s) @ merged_vt
+    v_blocks = vh.reshape(len(s), n, inp)                     # v_blocks[:, i] = V_iᵀ (whitened: Ṽ_iᵀ)
+    if whitenings is not None:
+        v_blocks = torch.stack([v_blocks[:, i] @ white.inverse.to(blocks) for i, white in enumerate(whitenings)],
+                               dim=1)
+    merged_vt = torch.einsum("i,rin->rn", w.to(blocks), v_blocks)     # w lives on the CPU, the weights need not
+    return u, s, merged_vt
 
 
 def average_merge(weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """M-SMoE-style frequency-weighted average Σ w_i W_i (n × out × in → out × in)."""
-    return torch.einsum("i,ioj->oj", w.to(torch.float64), weights.to(torch.float64))
+    return torch.einsum("i,ioj->oj", w.to(weights.device, torch.float64), weights.to(torch.float64))
 
 
 def merge_rows(rows: torch.Tensor, clusters: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
     """Router rows (or any per-expert tensor) of the merged experts: Σ w_i r_i over each cluster."""
     r = rows.to(torch.float64)
-    return torch.stack([torch.einsum("i,i...->...", w, r[members]) for members, w in zip(clusters, weights)])
+    return torch.stack([torch.einsum("i,i...->...", w.to(r), r[members]) for members, w in zip(clusters, weights)])
 
 
 def most_frequent(frequencies: torch.Tensor, keep: int) -> list[int]:

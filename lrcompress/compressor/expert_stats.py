@@ -3,7 +3,11 @@
 * routing frequencies: for each expert, the number of tokens whose top-k (chosen by the block's own
   router) includes it, and the token count;
 * expert similarity: the sum over tokens of the cosine similarity between the outputs of experts i and
-  j on that token, where every expert is run on every token (E × E, float64).
+  j on that token, where every expert is run on every token (E × E, float64);
+* routed Grams (``expert_grams``, only for Sub-MoE†): for each expert, XᵀX of the tokens routed to it
+  (the input of its gate/up projections, E × hidden × hidden) and HᵀH of its intermediate activations
+  on those tokens (the input of its down projection, E × I × I), with the routed-token counts. These are
+  sums, not means: an expert that gets more tokens weighs more in a whitened union SVD.
 
 Experts run on chunks of ``CHUNK_TOKENS`` tokens so that memory stays at E × chunk × (2I + hidden).
 """
@@ -13,25 +17,33 @@ import torch
 from torch import nn
 
 from ..errors import NumericalError
-from ..models.moe import expert_count, expert_outputs, route
+from ..models.moe import expert_count, expert_intermediate, expert_outputs, expert_weights, route
 from .stats import STATISTICS, Statistic, accumulation_dtype
 
 EXPERT_STATS = "expert_outputs"
+EXPERT_GRAMS = "expert_grams"
 CHUNK_TOKENS = 512
 COSINE_EPS = 1e-12
 
 
-class ExpertStatistic(Statistic):
+class _BlockStatistic(Statistic):
+    """A statistic of one MoE block that runs its experts on chunks of tokens."""
+
+    def __init__(self, block: nn.Module, device: torch.device | str, chunk_tokens: int) -> None:
+        self.block = block
+        self.chunk_tokens = chunk_tokens
+        self.dtype = accumulation_dtype(torch.device(device))
+
+
+class ExpertStatistic(_BlockStatistic):
     name = EXPERT_STATS
 
     def __init__(self, block: nn.Module, device: torch.device | str = "cpu",
                  chunk_tokens: int = CHUNK_TOKENS) -> None:
-        self.block = block
-        self.chunk_tokens = chunk_tokens
+        super().__init__(block, device, chunk_tokens)
         experts = expert_count(block)
-        dtype = accumulation_dtype(torch.device(device))
         self.counts = torch.zeros(experts, dtype=torch.float64)
-        self.cosine_sum = torch.zeros(experts, experts, dtype=dtype, device=device)
+        self.cosine_sum = torch.zeros(experts, experts, dtype=self.dtype, device=device)
         self.tokens = 0
 
     def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
@@ -64,4 +76,47 @@ class ExpertStatistic(Statistic):
         return s
 
 
+class ExpertGramStatistic(_BlockStatistic):
+    """Per-expert Grams of the routed tokens: gate/up inputs and down inputs (see the module doc)."""
+
+    name = EXPERT_GRAMS
+
+    def __init__(self, block: nn.Module, device: torch.device | str = "cpu",
+                 chunk_tokens: int = CHUNK_TOKENS) -> None:
+        super().__init__(block, device, chunk_tokens)
+        experts, inner, hidden = expert_weights(block).gate.shape
+        self.inputs = torch.zeros(experts, hidden, hidden, dtype=self.dtype, device=device)
+        self.intermediate = torch.zeros(experts, inner, inner, dtype=self.dtype, device=device)
+        self.counts = torch.zeros(experts, dtype=torch.long)
+
+    def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1])
+        for chunk in x.split(self.chunk_tokens):
+            selected = route(self.block, chunk)
+            for index in range(len(self.counts)):
+                routed = chunk[(selected == index).any(dim=1)]
+                if not len(routed):
+                    continue
+                hidden = expert_intermediate(self.block, index, routed)
+                xs, hs = routed.to(self.inputs), hidden.to(self.intermediate)
+                self.inputs[index].addmm_(xs.T, xs)
+                self.intermediate[index].addmm_(hs.T, hs)
+                self.counts[index] += len(routed)
+
+    def merge(self, other: Statistic) -> None:
+        assert isinstance(other, ExpertGramStatistic)
+        self.inputs += other.inputs.to(self.inputs)
+        self.intermediate += other.intermediate.to(self.intermediate)
+        self.counts += other.counts
+
+    def grams(self, block_name: str, index: int) -> dict[str, torch.Tensor]:
+        """{weight type: the Gram of its input} of expert ``index`` in float64, checked for NaN/Inf."""
+        g_in = self.inputs[index].to(torch.float64).cpu()
+        g_mid = self.intermediate[index].to(torch.float64).cpu()
+        if not (torch.isfinite(g_in).all() and torch.isfinite(g_mid).all()):
+            raise NumericalError(f"{block_name}: the routed-token Grams of expert {index} contain NaN/Inf")
+        return {"gate": g_in, "up": g_in, "down": g_mid}
+
+
 STATISTICS[EXPERT_STATS] = lambda module, device, *_: ExpertStatistic(module, device)
+STATISTICS[EXPERT_GRAMS] = lambda module, device, *_: ExpertGramStatistic(module, device)

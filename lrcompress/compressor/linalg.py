@@ -23,6 +23,13 @@ def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
     return max(1, min(rank, m, n))
 
 
+def target_rank(out_features: int, in_features: int, rank: int | None, ratio: float | None) -> int:
+    """The rank a recipe asks for: ``rank`` capped at min(out, in), or the rank of ``ratio``."""
+    if rank is not None:
+        return min(rank, out_features, in_features)
+    return rank_for_ratio(out_features, in_features, ratio or 0.0)
+
+
 def low_rank_params(out_features: int, in_features: int, rank: int) -> int:
     return rank * (out_features + in_features)
 

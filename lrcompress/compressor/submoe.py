@@ -16,23 +16,36 @@ model stays a plain checkpoint with a smaller expert count in its config:
    often each was used, so its logit should be the logit of the typical member token; for a 1-expert
    cluster it is exactly the old row, and pruning keeps the kept experts' rows unchanged (the softmax
    renormalizes over the remaining experts). Shared experts are never touched.
+
+Sub-MoE† (``submoe`` with ``rank`` or ``ratio``): step 3 runs on weights whitened by each member's
+routed-token Gram and is truncated to rank r, and the merged experts are stored as low-rank pairs in a
+``LowRankExperts`` module (see ``expert_merge.union_svd_factors`` for the choices); every expert,
+singleton clusters included, becomes rank r. Such a checkpoint loads with ``lrcompress.load``.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..errors import LrcompressError
-from ..models.moe import ExpertWeights, expert_count, expert_weights, rebuild_block, router_tensors
+from ..errors import LrcompressError, NumericalError
+from ..models.moe import (ExpertWeights, expert_activation, expert_count, expert_weights, rebuild_block,
+                          router_tensors)
+from ..modules.experts import LowRankExperts, activation_name
 from .base import CompressorConfig, Plan, register
 from .block import INPUT_SAMPLE, BlockCompressor, BlockResult
 from .expert_merge import (average_merge, cluster_experts, merge_rows, merge_weights, most_frequent,
-                           union_svd_merge)
-from .expert_stats import EXPERT_STATS, ExpertStatistic
+                           union_svd_factors, union_svd_merge)
+from .expert_stats import EXPERT_GRAMS, EXPERT_STATS, ExpertGramStatistic, ExpertStatistic
+from .linalg import Whitening, balanced_factors, low_rank_params, target_rank, whitening
 from .stats import Statistic
+
+log = logging.getLogger(__name__)
 
 
 class ExpertReductionConfig(CompressorConfig):
@@ -60,9 +73,43 @@ class ExpertReductionConfig(CompressorConfig):
 
 
 class SubMoEConfig(ExpertReductionConfig):
+    """Sub-MoE options; ``rank`` or ``ratio`` turns on Sub-MoE† (whitened, low-rank merged experts)."""
+
     subspace_rank: int | None = Field(
         None, ge=1, description="keep only this many singular triplets of the shared subspace (the merged "
                                 "weights stay dense); none: full rank")
+    rank: int | None = Field(None, ge=1, description="Sub-MoE†: rank of every merged expert weight "
+                                                     "(capped at min(out, in))")
+    ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Sub-MoE†: fraction of each merged expert "
+                                                                 "weight's parameters removed (rank from it)")
+    damping: float = Field(1e-4, ge=0.0, description="Sub-MoE†: λ in G + λ·mean(diag G)·I before Cholesky")
+
+    @model_validator(mode="after")
+    def _one_intra_size(self) -> "SubMoEConfig":
+        if self.rank is not None and self.ratio is not None:
+            raise ValueError("give at most one of 'rank' or 'ratio' (the intra-expert size of Sub-MoE†)")
+        if self.subspace_rank is not None and self.low_rank:
+            raise ValueError("'subspace_rank' (dense truncation) and 'rank'/'ratio' (Sub-MoE†, low-rank "
+                             "experts) are two truncations of the same subspace: give one")
+        return self
+
+    @property
+    def low_rank(self) -> bool:
+        return self.rank is not None or self.ratio is not None
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        """Rank of a merged (out × in) expert weight: ``rank`` capped at min(out, in), or the ratio's rank."""
+        return target_rank(out_features, in_features, self.rank, self.ratio)
+
+
+@dataclass
+class MergedExperts:
+    """The merged experts of a block: dense weights or a replacement experts module, and how."""
+
+    experts: ExpertWeights | nn.Module
+    numerical_path: str = "float64"
+    rank: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class ExpertReducer(BlockCompressor):
@@ -81,14 +128,27 @@ class ExpertReducer(BlockCompressor):
         """One weight type of one cluster (n × out × in) -> the merged weight (out × in)."""
         raise NotImplementedError
 
+    def merged_rank(self, module: nn.Module) -> int | None:
+        """Rank of every merged expert weight; None: the merged experts are dense."""
+        return None
+
+    def merged_expert_params(self, module: nn.Module) -> int:
+        """Stored weights of one merged expert: dense like an original expert, or three rank-r pairs."""
+        rank = self.merged_rank(module)
+        shapes = [t.shape[1:] for t in expert_weights(module).types().values()]
+        if rank is None:
+            return sum(out * inp for out, inp in shapes)
+        return sum(low_rank_params(out, inp, rank) for out, inp in shapes)
+
     def plan(self, module: nn.Module) -> Plan:
         experts = expert_count(module)
         kept = self.config.kept(experts)
         per_expert = sum(t[0].numel() for t in expert_weights(module).types().values())
         parameters = dict(module.gate.named_parameters(recurse=False))   # buffers are not parameters
-        per_expert += sum(t[0].numel() for key, t in router_tensors(module).items() if key in parameters)
+        per_router = sum(t[0].numel() for key, t in router_tensors(module).items() if key in parameters)
         total = sum(p.numel() for p in module.parameters())
-        return Plan(total - (experts - kept) * per_expert)
+        after = kept * (self.merged_expert_params(module) + per_router)
+        return Plan(total - experts * (per_expert + per_router) + after, rank=self.merged_rank(module))
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> BlockResult:
         statistic = stats[EXPERT_STATS]
@@ -98,17 +158,22 @@ class ExpertReducer(BlockCompressor):
         similarity = statistic.similarity(name)
         groups = self.groups(frequencies, similarity, kept)
         mix = [merge_weights(frequencies, members) for members in groups]
-        original = expert_weights(module)
-        merged = ExpertWeights(**{
-            kind: torch.stack([self._merge_group(tensor, members, w) for members, w in zip(groups, mix)])
-            for kind, tensor in original.types().items()})
+        merged = self.merge_experts(name, module, groups, mix, stats)
         router = {key: merge_rows(rows, groups, mix) for key, rows in router_tensors(module).items()}
-        block = rebuild_block(module, merged, router)
-        details = {"experts_before": len(original), "experts_after": kept, "groups": groups,
+        block = rebuild_block(module, merged.experts, router)
+        details = {"experts_before": expert_count(module), "experts_after": kept, "groups": groups,
                    "frequencies": [round(float(f), 6) for f in frequencies],
-                   "merge_weights": [[round(float(v), 6) for v in w] for w in mix]}
-        return BlockResult(block, numerical_path="float64", details=details,
+                   "merge_weights": [[round(float(v), 6) for v in w] for w in mix], **merged.details}
+        return BlockResult(block, rank=merged.rank, numerical_path=merged.numerical_path, details=details,
                            config_updates={"num_experts": kept})
+
+    def merge_experts(self, name: str, module: nn.Module, groups: list[list[int]], mix: list[torch.Tensor],
+                      stats: Mapping[str, Statistic]) -> MergedExperts:
+        """Dense merged weights, one ``merge`` per cluster and weight type."""
+        original = expert_weights(module)
+        return MergedExperts(ExpertWeights(**{
+            kind: torch.stack([self._merge_group(tensor, members, w) for members, w in zip(groups, mix)])
+            for kind, tensor in original.types().items()}))
 
     def _merge_group(self, tensor: torch.Tensor, members: list[int], w: torch.Tensor) -> torch.Tensor:
         if len(members) == 1:
@@ -118,13 +183,78 @@ class ExpertReducer(BlockCompressor):
 
 @register("submoe")
 class SubMoE(ExpertReducer):
-    """Sub-MoE: output-similarity clusters merged in a shared subspace (union SVD)."""
+    """Sub-MoE: output-similarity clusters merged in a shared subspace (union SVD); with ``rank`` or
+    ``ratio``, Sub-MoE†: the union SVD of routed-token-whitened weights, low-rank merged experts."""
 
     Config = SubMoEConfig
     config: SubMoEConfig
 
+    @property
+    def needs(self) -> frozenset[str]:       # type: ignore[override]
+        return ExpertReducer.needs | ({EXPERT_GRAMS} if self.config.low_rank else set())
+
     def merge(self, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return union_svd_merge(weights, w, self.config.subspace_rank)
+
+    def merged_rank(self, module: nn.Module) -> int | None:
+        if not self.config.low_rank:
+            return None
+        ranks = {self.config.rank_for(*t.shape[1:]) for t in expert_weights(module).types().values()}
+        assert len(ranks) == 1, ranks     # (I × hidden) and (hidden × I): the formulas are symmetric
+        return ranks.pop()
+
+    def merge_experts(self, name: str, module: nn.Module, groups: list[list[int]], mix: list[torch.Tensor],
+                      stats: Mapping[str, Statistic]) -> MergedExperts:
+        rank = self.merged_rank(module)
+        if rank is None:
+            return super().merge_experts(name, module, groups, mix, stats)
+        grams = stats[EXPERT_GRAMS]
+        assert isinstance(grams, ExpertGramStatistic)
+        original = expert_weights(module)
+        paths: Counter[str] = Counter()
+        factors: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {k: ([], []) for k in original.types()}
+        for members, w in zip(groups, mix):
+            members, w = _reached(members, w, grams.counts)
+            whites = [self._whitenings(name, grams, member) for member in members]
+            for kind, tensor in original.types().items():
+                chosen = [white[kind] for white in whites]
+                paths.update(white.path for white in chosen)
+                b, a = balanced_factors(*union_svd_factors(tensor[members], w, rank, chosen))
+                factors[kind][0].append(b)
+                factors[kind][1].append(a)
+        stacked = {kind: (torch.stack(bs), torch.stack(as_)) for kind, (bs, as_) in factors.items()}
+        if not all(torch.isfinite(t).all() for pair in stacked.values() for t in pair):
+            raise NumericalError(f"{name}: the low-rank merged expert factors contain NaN/Inf")
+        dtype = original.gate.dtype
+        experts = LowRankExperts.from_factors(stacked, activation_name(expert_activation(module)), dtype)
+        summary = ", ".join(f"{path}×{count}" for path, count in sorted(paths.items()))
+        log.info("%s: Sub-MoE† whitening paths: %s", name, summary)
+        return MergedExperts(experts, numerical_path=f"float64; whitening {summary}", rank=rank,
+                             details={"rank": rank, "routed_tokens": grams.counts.tolist()})
+
+    def _whitenings(self, name: str, grams: ExpertGramStatistic, member: int) -> dict[str, Whitening]:
+        """One damped factor per distinct Gram of the member (gate and up share their input's)."""
+        by_kind = grams.grams(name, member)
+        inputs = whitening(by_kind["gate"], self.config.damping, f"{name}.experts[{member}].gate_up")
+        down = whitening(by_kind["down"], self.config.damping, f"{name}.experts[{member}].down")
+        return {"gate": inputs, "up": inputs, "down": down}
+
+
+def _reached(members: list[int], w: torch.Tensor, counts: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """The members some calibration token was routed to, with their merge weights renormalized.
+
+    A member no token reached has merge weight 0 (its frequency is 0) and zero routed-token error
+    whatever its approximation, so it is left out of the whitened union SVD rather than spending rank
+    on it. When no member was reached, all are kept: their Grams are empty, ``whitening`` returns the
+    identity (logged) and the cluster gets the plain union SVD with uniform weights.
+    """
+    keep = [i for i, m in enumerate(members) if int(counts[m]) > 0]
+    if not keep or len(keep) == len(members):
+        return members, w
+    kept_w = w[keep]
+    total = float(kept_w.sum())
+    kept_w = kept_w / total if total > 0 else torch.full_like(kept_w, 1.0 / len(keep))
+    return [members[i] for i in keep], kept_w
 
 
 @register("expert_average")

@@ -85,12 +85,30 @@ def expert_weights(block: nn.Module) -> ExpertWeights:
     return ExpertWeights(gate_up[:, :inner], gate_up[:, inner:], block.experts.down_proj.detach())
 
 
+def _glu(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate·x) ⊙ (up·x) from the fused projection's output (last dimension 2I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
 def expert_outputs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Every expert applied to every token of ``x`` (T × hidden): E × T × hidden, unweighted."""
     experts = block.experts
     x = x.to(experts.gate_up_proj.dtype)
-    gate, up = torch.einsum("th,eoh->eto", x, experts.gate_up_proj).chunk(2, dim=-1)
-    return torch.einsum("eti,ehi->eth", experts.act_fn(gate) * up, experts.down_proj)
+    hidden = _glu(experts, torch.einsum("th,eoh->eto", x, experts.gate_up_proj))
+    return torch.einsum("eti,ehi->eth", hidden, experts.down_proj)
+
+
+def expert_intermediate(block: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``index``'s intermediate activations act(gate·x) ⊙ (up·x) (the input of its down
+    projection) on the tokens ``x`` (T × hidden): T × I."""
+    experts = block.experts
+    return _glu(experts, nn.functional.linear(x.to(experts.gate_up_proj.dtype), experts.gate_up_proj[index]))
+
+
+def expert_activation(block: nn.Module) -> nn.Module:
+    """The experts' activation module (act_fn of the fused experts)."""
+    return block.experts.act_fn
 
 
 def route(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,10 +124,13 @@ def router_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in tensors.items() if t.ndim >= 1 and t.shape[0] == count}
 
 
-def rebuild_block(block: nn.Module, weights: ExpertWeights, router: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``block`` with E' experts: the given expert weights and router rows; shared experts,
-    activation and routing settings are copied unchanged. The original block is not modified."""
-    count = len(weights)
+def rebuild_block(block: nn.Module, weights: ExpertWeights | nn.Module, router: dict[str, torch.Tensor]
+                  ) -> nn.Module:
+    """A copy of ``block`` with E' experts: the given expert weights (dense, fused into the block's own
+    experts module) or a replacement experts module (e.g. low-rank experts) with the same forward, and
+    the given router rows; shared experts, activation and routing settings are copied unchanged. The
+    original block is not modified."""
+    count = len(weights) if isinstance(weights, ExpertWeights) else int(weights.num_experts)
     top_k = getattr(block.gate, "top_k", 1)
     if count < top_k:
         raise LrcompressError(f"cannot keep {count} experts: the router picks {top_k} per token")
@@ -117,15 +138,20 @@ def rebuild_block(block: nn.Module, weights: ExpertWeights, router: dict[str, to
     if groups and (count % groups or count // groups < 2):   # DeepSeek-V3 scores a group by its top 2
         raise LrcompressError(f"cannot keep {count} experts: group-limited routing needs a multiple of "
                               f"n_group={groups} with at least 2 experts per group")
-    # Deep-copy the block but share (not copy) the tensors about to be replaced: they may be large.
-    replaced = [block.experts.gate_up_proj, block.experts.down_proj]
+    # Deep-copy the block but share (not copy) what is about to be replaced: it may be large.
+    replaced: list = [block.experts.gate_up_proj, block.experts.down_proj]
+    if not isinstance(weights, ExpertWeights):
+        replaced.append(block.experts)
     replaced += [getattr(block.gate, name) for name in router]
     new = copy.deepcopy(block, memo={id(t): t for t in replaced})
-    dtype = block.experts.gate_up_proj.dtype
-    gate_up = torch.cat([weights.gate, weights.up], dim=1).to(dtype).contiguous()
-    new.experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
-    new.experts.down_proj = nn.Parameter(weights.down.to(dtype).contiguous(), requires_grad=False)
-    new.experts.num_experts = count
+    if isinstance(weights, ExpertWeights):
+        dtype = block.experts.gate_up_proj.dtype
+        gate_up = torch.cat([weights.gate, weights.up], dim=1).to(dtype).contiguous()
+        new.experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        new.experts.down_proj = nn.Parameter(weights.down.to(dtype).contiguous(), requires_grad=False)
+        new.experts.num_experts = count
+    else:
+        new.experts = weights
     for name, tensor in router.items():
         old = getattr(block.gate, name)
         value = tensor.to(old.dtype).contiguous()

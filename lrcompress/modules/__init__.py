@@ -1,13 +1,15 @@
 """nn.Modules that compressed weights become."""
-from .base import (MODULE_KINDS, CompressedLinear, compressed_modules, dense_weight, module_from_spec,
-                   module_spec, register_module_kind, storage_bytes, stored_params, to_dense_linear)
+from .base import (MODULE_KINDS, CompressedLinear, CompressedModule, compressed_modules, dense_weight,
+                   module_from_spec, module_spec, register_module_kind, spec_shape, storage_bytes, stored_params,
+                   to_dense_linear)
 from .compensated import CompensatedLinear
+from .experts import FusedExperts, LowRankExperts
 from .low_rank import LowRankLinear
 from .quantized import QuantizedLinear
 from .sparse import MaskedSparseLinear, NMSparseLinear
 from .sparse_dict import SparseDictLinear
 
-__all__ = ["MODULE_KINDS", "CompensatedLinear", "CompressedLinear", "LowRankLinear", "MaskedSparseLinear",
-           "NMSparseLinear", "QuantizedLinear", "SparseDictLinear", "compressed_modules", "dense_weight",
-           "module_from_spec", "module_spec", "register_module_kind", "storage_bytes", "stored_params",
-           "to_dense_linear"]
+__all__ = ["MODULE_KINDS", "CompensatedLinear", "CompressedLinear", "CompressedModule", "FusedExperts",
+           "LowRankExperts", "LowRankLinear", "MaskedSparseLinear", "NMSparseLinear", "QuantizedLinear",
+           "SparseDictLinear", "compressed_modules", "dense_weight", "module_from_spec", "module_spec",
+           "register_module_kind", "spec_shape", "storage_bytes", "stored_params", "to_dense_linear"]

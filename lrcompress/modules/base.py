@@ -1,4 +1,11 @@
-"""Base class of the modules that compressed weights become, and the registry the loader uses."""
+"""Base classes of the modules that compressed weights become, and the registry the loader uses.
+
+``CompressedModule`` is what the checkpoint writer and reader know: a kind, a ``spec()`` saved in
+config.json, ``from_spec`` to rebuild an empty module, and the params/bytes accounting.
+``CompressedLinear`` is the common case, a drop-in ``nn.Linear`` (a Linear target of later stages);
+other compressed modules (the low-rank experts of an MoE block) derive from ``CompressedModule``
+directly, so that they are written and loaded but never taken for Linears.
+"""
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -6,35 +13,39 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-MODULE_KINDS: dict[str, type["CompressedLinear"]] = {}
+MODULE_KINDS: dict[str, type["CompressedModule"]] = {}
 
 
-def register_module_kind(cls: type["CompressedLinear"]) -> type["CompressedLinear"]:
+def register_module_kind(cls: type["CompressedModule"]) -> type["CompressedModule"]:
     MODULE_KINDS[cls.kind] = cls
     return cls
 
 
-class CompressedLinear(nn.Module):
-    """A drop-in replacement of ``nn.Linear`` whose weight is stored in a compressed form.
+class CompressedModule(nn.Module):
+    """A module stored in a compressed form that the checkpoint reader rebuilds.
 
     Subclasses describe their shape in ``spec()`` (saved in config.json) so that the loader can
     rebuild an empty module of the right shape with ``from_spec`` before reading the tensors.
     """
 
     kind: ClassVar[str]
-    in_features: int
-    out_features: int
 
     def spec(self) -> dict[str, Any]:
         raise NotImplementedError
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> "CompressedLinear":
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> "CompressedModule":
         raise NotImplementedError
 
-    def dense_weight(self) -> torch.Tensor:
-        """The equivalent dense weight (out × in), for errors, export and later stages."""
+    def to_dense(self) -> nn.Module:
+        """A plain module computing the same function, with the parameter names of the uncompressed
+        architecture (for the dense export)."""
         raise NotImplementedError
+
+    @classmethod
+    def describe_shape(cls, spec: dict[str, Any]) -> str:
+        """The shape a spec describes, for people (``inspect``): out × in for a linear."""
+        return f"{spec['out_features']}×{spec['in_features']}"
 
     def stored_params(self) -> int:
         """Number of stored weight values, the unit of the ratio accounting (metadata such as
@@ -44,6 +55,20 @@ class CompressedLinear(nn.Module):
     def storage_bytes(self) -> int:
         """Exact bytes of every tensor this module writes to the checkpoint."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+class CompressedLinear(CompressedModule):
+    """A drop-in replacement of ``nn.Linear`` whose weight is stored in a compressed form."""
+
+    in_features: int
+    out_features: int
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense weight (out × in), for errors, export and later stages."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        return to_dense_linear(self)
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
@@ -56,36 +81,42 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 def stored_params(module: nn.Module) -> int:
-    if isinstance(module, CompressedLinear):
+    if isinstance(module, CompressedModule):
         return module.stored_params()
     return sum(p.numel() for p in module.parameters())
 
 
 def storage_bytes(module: nn.Module) -> int:
     """Bytes the module occupies in a checkpoint (dense: its parameters in their dtype)."""
-    if isinstance(module, CompressedLinear):
+    if isinstance(module, CompressedModule):
         return module.storage_bytes()
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def compressed_modules(model: nn.Module) -> list[tuple[str, CompressedLinear]]:
+def compressed_modules(model: nn.Module) -> list[tuple[str, CompressedModule]]:
     """The outermost compressed modules (a compressed module nested in another, such as the base
     of a compensated module, belongs to its parent's spec and is not listed)."""
-    found: list[tuple[str, CompressedLinear]] = []
+    found: list[tuple[str, CompressedModule]] = []
     for name, module in model.named_modules():
-        if isinstance(module, CompressedLinear) and not any(name.startswith(p + ".") for p, _ in found):
+        if isinstance(module, CompressedModule) and not any(name.startswith(p + ".") for p, _ in found):
             found.append((name, module))
     return found
 
 
 def module_spec(module: nn.Module) -> dict[str, Any]:
     """The spec of a compressed module, or of a plain ``nn.Linear`` (kind "linear"), for nesting."""
-    if isinstance(module, CompressedLinear):
+    if isinstance(module, CompressedModule):
         return module.spec()
     if isinstance(module, nn.Linear):
         return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
     raise TypeError(f"{type(module).__name__} has no spec: neither nn.Linear nor a compressed module")
+
+
+def spec_shape(spec: dict[str, Any]) -> str:
+    """Human-readable shape of a compressed module's spec (any registered kind)."""
+    kind = MODULE_KINDS.get(spec["kind"])
+    return kind.describe_shape(spec) if kind is not None else "?"
 
 
 def module_from_spec(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:

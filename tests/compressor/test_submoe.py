@@ -8,11 +8,14 @@ from lrcompress.checkpoint import write_checkpoint
 from lrcompress.compressor import get_compressor
 from lrcompress.compressor.block import INPUT_SAMPLE, InputSample
 from lrcompress.compressor.expert_merge import (average_merge, kmeans, merge_weights, most_frequent,
-                                                union_svd_merge)
-from lrcompress.compressor.expert_stats import EXPERT_STATS, ExpertStatistic
+                                                union_svd_factors, union_svd_merge)
+from lrcompress.compressor.expert_stats import EXPERT_GRAMS, EXPERT_STATS, ExpertGramStatistic, ExpertStatistic
+from lrcompress.compressor.linalg import rank_for_ratio, whitening
+from lrcompress.compressor.submoe import _reached
 from lrcompress.errors import LrcompressError
 from lrcompress.models import adapter_for
-from lrcompress.models.moe import expert_count_key, moe_blocks, route
+from lrcompress.models.moe import expert_count_key, expert_weights, moe_blocks, route
+from lrcompress.modules import LowRankExperts, storage_bytes, stored_params
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
 from helpers import tiny_model
 from moe_helpers import MOE_FAMILIES, tiny_moe
@@ -79,15 +82,22 @@ def test_merge_weights_and_most_frequent():
 
 # --- statistics ----------------------------------------------------------------------------------
 
-def test_expert_statistic_against_a_token_by_token_computation():
-    model = tiny_moe("qwen2_moe")
+def _observed_in_two_parts(statistic, family, tokens, seed):
+    """(block, inputs 2 × tokens × hidden, statistic): two windows observed separately with different
+    chunk sizes, then merged, so that chunking and ``merge`` are both exercised."""
+    model = tiny_moe(family)
     block = model.model.layers[0].mlp
-    x = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    stat = ExpertStatistic(block, chunk_tokens=4)
+    x = torch.randn(2, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    stat = statistic(block, chunk_tokens=4)
     stat.observe(x[:1], None)
-    other = ExpertStatistic(block, chunk_tokens=5)
+    other = statistic(block, chunk_tokens=7)
     other.observe(x[1:], None)
     stat.merge(other)
+    return block, x, stat
+
+
+def test_expert_statistic_against_a_token_by_token_computation():
+    block, x, stat = _observed_in_two_parts(ExpertStatistic, "qwen2_moe", tokens=9, seed=3)
     tokens = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
         chosen = block.gate(tokens)[2]
@@ -264,6 +274,179 @@ def test_recipe_run_writes_a_plain_checkpoint(tmp_path, calibration_file):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert reloaded.config.num_experts == 2
     assert reloaded.model.layers[0].mlp.experts.down_proj.shape[0] == 2
-    bad = dict(recipe, stages=[{"method": "submoe", "num_experts": 2, "ratio": 0.2}])
+    bad = dict(recipe, stages=[{"method": "expert_average", "num_experts": 2, "ratio": 0.2}])
     with pytest.raises(Exception, match="stages.0.ratio"):
         parse_recipe(bad)
+
+
+# --- Sub-MoE† (intra-expert low-rank compression) ------------------------------------------------------
+
+def _spd_gram(n, tokens, seed, scales=None):
+    """XᵀX of ``tokens`` anisotropic rows (column scales ``scales``), and X itself."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    x = x * (scales if scales is not None else torch.logspace(0, -2, n, dtype=torch.float64))
+    return x.T @ x, x
+
+
+def test_whitened_union_svd_at_full_rank_is_the_untruncated_merge():
+    g = torch.Generator().manual_seed(5)
+    w3 = torch.randn(3, 6, 4, dtype=torch.float64, generator=g)
+    w = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    whites = [whitening(_spd_gram(4, 20, seed)[0], 1e-4) for seed in range(3)]
+    u, s, vt = union_svd_factors(w3, w, rank=min(6, 3 * 4), whitenings=whites)
+    torch.testing.assert_close((u * s) @ vt, union_svd_merge(w3, w))
+
+
+def _member_errors(weights, xs, rank, whitenings):
+    """Σ_i ‖X_i (W_i − U_r Σ_r V_iᵀ)ᵀ‖² with member i's own reconstruction (merge weight e_i)."""
+    total = 0.0
+    for i, x in enumerate(xs):
+        one_hot = torch.zeros(len(xs), dtype=torch.float64)
+        one_hot[i] = 1.0
+        u, s, vt = union_svd_factors(weights, one_hot, rank, whitenings)
+        total += float((x @ (weights[i] - (u * s) @ vt).T).pow(2).sum())
+    return total
+
+
+def test_whitened_truncation_has_lower_routed_token_error_than_unwhitened():
+    """The whitened union SVD minimizes the members' routed-token output error; the plain one does not."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(12, 16, dtype=torch.float64, generator=g)
+    weights = torch.stack([base + 0.1 * torch.randn(12, 16, dtype=torch.float64, generator=g) for _ in range(2)])
+    grams, xs = zip(*[_spd_gram(16, 200, seed) for seed in (7, 8)])
+    whites = [whitening(gram, 0.0) for gram in grams]
+    w = torch.tensor([0.6, 0.4], dtype=torch.float64)
+    for rank in (2, 4, 8):
+        assert _member_errors(weights, xs, rank, whites) < 0.8 * _member_errors(weights, xs, rank, None)
+        merged = {}
+        for label, white in (("whitened", whites), ("plain", None)):
+            u, s, vt = union_svd_factors(weights, w, rank, white)
+            merged[label] = sum(wi * float((x @ (wi_w - (u * s) @ vt).T).pow(2).sum())
+                                for wi, x, wi_w in zip(w.tolist(), xs, weights))
+        assert merged["whitened"] < merged["plain"]
+
+
+def test_expert_gram_statistic_against_a_token_by_token_computation():
+    block, x, stat = _observed_in_two_parts(ExpertGramStatistic, "olmoe", tokens=11, seed=4)
+    tokens = x.reshape(-1, x.shape[-1])
+    weights = expert_weights(block)
+    with torch.no_grad():
+        chosen = block.gate(tokens)[2]
+    for e in range(4):
+        routed = tokens[(chosen == e).any(dim=1)].double()
+        hidden = torch.nn.functional.silu(routed @ weights.gate[e].double().T) * (routed @ weights.up[e].double().T)
+        grams = stat.grams("b", e)
+        assert int(stat.counts[e]) == len(routed)
+        torch.testing.assert_close(grams["gate"], routed.T @ routed, rtol=1e-5, atol=1e-6)
+        assert grams["up"] is grams["gate"]
+        torch.testing.assert_close(grams["down"], hidden.T @ hidden, rtol=1e-4, atol=1e-6)
+
+
+def _dagger_stats(block, tokens=64, seed=0):
+    stats, x = _stats_for(block, tokens, seed)
+    stats[EXPERT_GRAMS] = ExpertGramStatistic(block)
+    with torch.no_grad():
+        stats[EXPERT_GRAMS].observe(x, None)
+    return stats
+
+
+def test_dagger_config_and_needs():
+    cls = get_compressor("submoe")
+    with pytest.raises(ValueError, match="at most one of 'rank' or 'ratio'"):
+        cls.Config(num_experts=2, rank=4, ratio=0.5)
+    with pytest.raises(ValueError, match="give one"):
+        cls.Config(num_experts=2, rank=4, subspace_rank=4)
+    with pytest.raises(ValueError):
+        cls.Config(num_experts=2, ratio=1.0)
+    assert EXPERT_GRAMS in _compressor("submoe", num_experts=2, ratio=0.5).needs
+    assert EXPERT_GRAMS not in _compressor("submoe", num_experts=2).needs
+    assert cls.Config(num_experts=2, rank=1000).rank_for(32, 64) == 32
+    assert cls.Config(num_experts=2, ratio=0.5).rank_for(32, 64) == rank_for_ratio(32, 64, 0.5)
+
+
+def test_dagger_compress_gives_low_rank_experts_with_the_planned_size():
+    model = tiny_moe("mixtral", num_local_experts=6, num_hidden_layers=1)
+    block = model.model.layers[0].mlp
+    stats = _dagger_stats(block, tokens=96)
+    compressor = _compressor("submoe", num_experts=3, ratio=0.5)
+    result = compressor.compress("b", block, stats)
+    experts = result.module.experts
+    rank = rank_for_ratio(32, 64, 0.5)
+    assert isinstance(experts, LowRankExperts) and experts.num_experts == 3 and result.rank == rank == experts.rank
+    assert compressor.plan(block).params_after == stored_params(result.module)
+    assert compressor.plan(block).rank == rank
+    assert "cholesky" in result.numerical_path
+    dense = _compressor("expert_average", num_experts=3).compress("b", block, stats)
+    assert result.details["groups"] == dense.details["groups"]
+    torch.testing.assert_close(result.module.gate.weight, dense.module.gate.weight)
+    # rank I = 32 is full for gate/up (I × hidden, out ≤ n·in): they equal the frequency-weighted average
+    full = _compressor("submoe", num_experts=3, rank=32).compress("b", block, stats).module.experts.dense_weights()
+    fused = dense.module.experts.gate_up_proj
+    torch.testing.assert_close(torch.cat([full["gate"], full["up"]], dim=1), fused, rtol=1e-4, atol=1e-5)
+
+
+def test_dagger_with_unreached_experts_gives_finite_factors(caplog):
+    """Experts no token reached have empty Grams: left out of their cluster's SVD, or (a cluster nobody
+    reached) whitened with the identity; the factors stay finite either way."""
+    model = tiny_moe("mixtral", num_local_experts=4, num_hidden_layers=1)
+    block = model.model.layers[0].mlp
+    stats = _dagger_stats(block, tokens=5)       # 5 tokens: every reached expert's Gram is rank-deficient
+    grams = stats[EXPERT_GRAMS]
+    for e in (1, 3):
+        grams.inputs[e].zero_()
+        grams.intermediate[e].zero_()
+        grams.counts[e] = 0
+        stats[EXPERT_STATS].counts[e] = 0
+    result = _compressor("submoe", num_experts=2, rank=8).compress("b", block, stats)
+    assert all(torch.isfinite(p).all() for p in result.module.experts.parameters())
+    members, w = _reached([0, 1, 3], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), grams.counts)
+    assert members == [0] and w.tolist() == [1.0]
+    for e in range(4):
+        grams.inputs[e].zero_()
+        grams.intermediate[e].zero_()
+        grams.counts[e] = 0
+    with caplog.at_level("WARNING"):
+        empty = _compressor("submoe", num_experts=2, rank=8).compress("b", block, stats)
+    assert "identity" in empty.numerical_path and "empty or degenerate Gram" in caplog.text
+    assert all(torch.isfinite(p).all() for p in empty.module.experts.parameters())
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_dagger_pipeline_checkpoint_reloads_with_lrcompress_load(family, tmp_path):
+    import lrcompress
+
+    model = tiny_moe(family)
+    stage = _stage("submoe", num_experts=2, ratio=0.3)
+    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(WINDOWS)
+    assert getattr(model.config, expert_count_key(model.config)) == 2
+    blocks = [layer.mlp for layer in model.model.layers if isinstance(getattr(layer.mlp, "experts", None),
+                                                                       LowRankExperts)]
+    assert len(blocks) == len(records) > 0
+    assert all(r.bytes_after == storage_bytes(b) and r.params_after == stored_params(b)
+               for r, b in zip(records, blocks))
+    with torch.no_grad():
+        logits = model(input_ids=WINDOWS, use_cache=False).logits
+    write_checkpoint(model, None, tmp_path, provenance={})
+    reloaded = lrcompress.load(tmp_path)
+    assert isinstance(reloaded.model.layers[-1].mlp.experts, LowRankExperts)
+    assert getattr(reloaded.config, expert_count_key(reloaded.config)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=WINDOWS, use_cache=False).logits, logits, rtol=0, atol=1e-4)
+
+
+def test_dagger_checkpoint_exports_dense_and_loads_with_from_pretrained(tmp_path):
+    import lrcompress
+    from lrcompress.checkpoint import export_dense
+
+    model = tiny_moe("qwen3_moe")
+    LayerwisePipeline(model, adapter_for(model), [_stage("submoe", num_experts=2, rank=6)],
+                      PipelineSettings(batch_size=2)).run(WINDOWS)
+    (tmp_path / "c").mkdir()
+    write_checkpoint(model, None, tmp_path / "c", provenance={})
+    with torch.no_grad():
+        logits = model(input_ids=WINDOWS, use_cache=False).logits
+    export_dense(lrcompress.load(tmp_path / "c"), None, tmp_path / "d")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=WINDOWS, use_cache=False).logits, logits, rtol=0, atol=1e-4)
