@@ -53,15 +53,15 @@ def main() -> None:
           f"{cal['num_samples']}×{cal['seq_len']} seed {cal.get('seed', 0)}; all decoder-layer linears; "
           f"sequential={not args.no_sequential}")
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| method | ratio | perplexity | ppl / dense | compress s | run s |")
-    print("|---|---|---|---|---|---|", flush=True)  # rows are printed as they are measured
+    print("| method | ratio | perplexity | ppl / dense | compress s | run s | pre-pass |")
+    print("|---|---|---|---|---|---|---|", flush=True)  # rows are printed as they are measured
 
     started = time.perf_counter()
     loaded = load_model(base["model"]["path"], base["model"].get("dtype", "float32"))
     dense = perplexity(loaded.model, loaded.tokenizer, ppl_spec["dataset"], ppl_spec["split"], ppl_spec["seq_len"],
                        ppl_spec.get("max_windows"), data_dir(None, base.get("data_dir")), 4)
     del loaded
-    print(f"| dense | - | {dense.value:.2f} | 1.00× | 0 | {time.perf_counter() - started:.0f} |", flush=True)
+    print(f"| dense | - | {dense.value:.2f} | 1.00× | 0 | {time.perf_counter() - started:.0f} | - |", flush=True)
     for method in args.methods.split(","):
         for ratio in [float(r) for r in args.ratios.split(",")]:
             recipe = copy.deepcopy(base)
@@ -71,8 +71,20 @@ def main() -> None:
             total = time.perf_counter() - started
             value = next(iter(result.metrics["eval"]["perplexity"].values()))["value"]
             print(f"| {method} | {ratio:.1f} | {value:.2f} | {value / dense.value:.2f}× | "
-                  f"{result.metrics['timing']['compress']:.0f} | {total:.0f} |", flush=True)
+                  f"{result.metrics['timing']['compress']:.0f} | {total:.0f} | {_prepass_cell(result.metrics)} |",
+                  flush=True)
     print(f"\nPerplexity: {dense.protocol}")
+
+def _prepass_cell(metrics: dict) -> str:
+    """Whole-model pre-passes (FWSVD's Fisher pass): seconds and peak-memory growth, or '-' when none ran."""
+    reports = metrics.get("prepass") or {}
+    cells = []
+    for kind, report in reports.items():
+        growth = report.get("peak_memory_growth_bytes")
+        memory = f", +{growth / 2**20:.0f} MiB peak ({report.get('memory_measure')})" if growth is not None else ""
+        cells.append(f"{kind} {metrics['timing'].get('prepass', 0):.0f} s{memory}")
+    return "; ".join(cells) or "-"
+
 
 if __name__ == "__main__":
     main()
