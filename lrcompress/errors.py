@@ -15,3 +15,7 @@ class NumericalError(LrcompressError):
 
 class CheckpointError(LrcompressError):
     """A checkpoint directory that is missing, incomplete or of an unknown format."""
+
+
+class OutOfMemory(LrcompressError):
+    """The compute (or host) device ran out of memory; the message names where and the knobs that help."""

@@ -1,6 +1,9 @@
 """``lrcompress run``: recipe -> model + calibration windows -> pipeline -> checkpoint -> evaluation.
 
 The library function behind the CLI: it holds the orchestration, the CLI only parses and renders.
+Under ``torchrun`` every process runs this function on its shard of the calibration windows (see
+``pipeline.distributed``); only rank 0 writes the checkpoint, metrics and report and evaluates, the
+others wait for it at a barrier.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from .eval.suite import evaluate_model
 from .models import adapter_for, load_model
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
 from .pipeline.blocks import is_block_stage, select_blocks
+from .pipeline.distributed import Collective, process_group
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,16 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
 
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
                dry_run: bool = False) -> RunResult:
-    observer = observer or PipelineObserver()
+    """Run ``recipe``; in one process, or in each of the processes torchrun started."""
+    with process_group(resolve_device(recipe.runtime.device)) as collective:
+        result = _run_recipe(recipe, observer or PipelineObserver(), data_directory, dry_run, collective)
+        collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
+    return result
+
+
+def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str | None, dry_run: bool,
+                collective: Collective) -> RunResult:
+    writer = collective.is_writer
     timing: dict[str, float] = {}
     output_dir = Path(recipe.output.dir)
     if not dry_run and recipe.output.save:
@@ -106,10 +119,10 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
         return RunResult(None, {}, plan)
 
     directory = data_dir(data_directory, recipe.data_dir)
-    compute = resolve_device(recipe.runtime.device)
+    compute = collective.place(resolve_device(recipe.runtime.device))
     params_before = unique_param_count(model)
     metrics: dict[str, Any] = {"eval": {"perplexity": {}}}
-    if recipe.eval.baseline:
+    if recipe.eval.baseline and writer:
         metrics["eval"].update(_dense_baseline(model, tokenizer, recipe, directory, compute, observer))
 
     started = time.perf_counter()
@@ -120,14 +133,16 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
     timing["calibration_data"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    settings = PipelineSettings(recipe.runtime.batch_size, compute, torch.device(recipe.runtime.offload_device),
-                                recipe.runtime.sequential)
+    settings = PipelineSettings(recipe.runtime.batch_size, compute,
+                                collective.place(torch.device(recipe.runtime.offload_device)),
+                                recipe.runtime.sequential, collective, len(windows))
     adapter = adapter_for(model)
-    prepass = run_prepasses(model, adapter, stages, windows, settings, observer)  # e.g. Fisher, once
+    shard = collective.shard(windows)                       # this process's windows (all of them alone)
+    prepass = run_prepasses(model, adapter, stages, shard, settings, observer)  # e.g. Fisher, once
     if prepass.reports:
         metrics["prepass"] = prepass.reports
         timing["prepass"] = prepass.seconds
-    records = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics).run(windows)
+    records = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics).run(shard)
     timing["compress"] = time.perf_counter() - started
 
     recipe_yaml = yaml.safe_dump(recipe.model_dump(), sort_keys=False)
@@ -139,8 +154,10 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
                         "seq_len": cal.seq_len, "seed": cal.seed},
     }
     metrics["provenance"] = provenance
+    if collective.world_size > 1:
+        provenance["processes"] = collective.world_size
     written_bytes = None
-    if recipe.output.save:
+    if recipe.output.save and writer:
         started = time.perf_counter()
         observer.phase(f"writing {output_dir}")
         with staged_directory(output_dir, recipe.output.overwrite) as staging:
@@ -152,15 +169,16 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
     dtype_bytes = next(model.parameters()).element_size()
     metrics["compression"] = compression_summary(records, params_before, unique_param_count(model),
                                                  written_bytes, dtype_bytes)
-    started = time.perf_counter()
-    metrics["eval"].update(_evaluate(model, tokenizer, recipe, directory, compute, observer))
-    timing["eval"] = time.perf_counter() - started
+    if writer:
+        started = time.perf_counter()
+        metrics["eval"].update(_evaluate(model, tokenizer, recipe, directory, compute, observer))
+        timing["eval"] = time.perf_counter() - started
     metrics["timing"] = timing
     metrics["modules"] = [r.to_dict() for r in records]
-    if recipe.output.save:
+    if recipe.output.save and writer:
         write_metrics(output_dir / "metrics.json", metrics)
         write_report(output_dir, metrics, recipe_yaml)
-    return RunResult(output_dir if recipe.output.save else None, metrics, plan, model)
+    return RunResult(output_dir if recipe.output.save and writer else None, metrics, plan, model)
 
 
 def _evaluate(model: nn.Module, tokenizer, recipe: Recipe, directory, device: torch.device,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import LrcompressError
+from ..pipeline import PipelineObserver
 from .render import console, make_observer, plan_table, setup_logging, summary_table
 
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
@@ -38,12 +40,22 @@ def cli(ctx: click.Context, verbose: bool, log_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), help="output directory (overrides output.dir)")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="where dataset names resolve (else recipe data_dir, $LRCOMPRESS_DATA)")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="processes on this machine: re-runs this command under torchrun (data parallel)")
 @click.pass_context
 def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: bool, overwrite: bool, output_dir: Path | None,
-        data_dir: Path | None) -> None:
+        data_dir: Path | None, nproc: int) -> None:
     """Compress a model as RECIPE says, write the checkpoint and evaluate it."""
+    from ..pipeline.distributed import launched_rank, launched_world_size
     from ..recipe import load_recipe
     from ..runner import run_recipe
+    from .launch import relaunch_under_torchrun
+
+    if nproc > 1 and launched_world_size() == 1:
+        relaunch_under_torchrun(nproc, sys.argv[1:])     # does not return
+    writer = launched_rank() == 0
+    if not writer:                                        # one voice: rank 0 logs and renders
+        logging.getLogger().setLevel(logging.WARNING)
 
     extra = list(overrides)
     if overwrite:
@@ -52,9 +64,12 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         extra.append(f"output.dir={output_dir}")
     try:
         parsed = load_recipe(recipe, extra)
-        result = run_recipe(parsed, make_observer(ctx.obj["log_json"]), str(data_dir) if data_dir else None, dry_run=dry_run)
+        observer = make_observer(ctx.obj["log_json"]) if writer else PipelineObserver()
+        result = run_recipe(parsed, observer, str(data_dir) if data_dir else None, dry_run=dry_run)
     except LrcompressError as error:
         _fail(error)
+    if not writer:
+        return
     if dry_run:
         stdout.print(plan_table(result.plan))
         return

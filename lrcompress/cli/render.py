@@ -8,10 +8,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
+from ..pipeline.observer import LayerProgress
 from ..pipeline.memory import describe_peak_memory
 
 console = Console(stderr=True)
@@ -51,12 +52,14 @@ def setup_logging(verbose: bool, json_lines: bool = False) -> None:
 
 
 class RichObserver(PipelineObserver):
-    """Two bars: layers (with ETA and peak memory so far), and the modules of the current layer."""
+    """Two bars: layers (done/total, ETA from the mean time of a finished layer, peak memory so far), and
+    the modules of the current layer."""
 
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[memory]}"),
-                                 console=console, transient=False)
+                                 TimeElapsedColumn(), TextColumn("{task.fields[eta]}"),
+                                 TextColumn("{task.fields[memory]}"), console=console, transient=False)
+        self.layers = LayerProgress()
         self.layers_task: Any = None
         self.modules_task: Any = None
 
@@ -64,9 +67,10 @@ class RichObserver(PipelineObserver):
         console.log(description)
 
     def layers_started(self, total: int) -> None:
+        self.layers = LayerProgress(total)
         self.progress.start()
-        self.layers_task = self.progress.add_task("layers", total=total, memory="")
-        self.modules_task = self.progress.add_task("modules", total=0, memory="")
+        self.layers_task = self.progress.add_task("layers", total=total, memory="", eta=self.layers.eta_text())
+        self.modules_task = self.progress.add_task("modules", total=0, memory="", eta="")
 
     def layer_started(self, index: int, modules: int) -> None:
         self.progress.reset(self.modules_task, total=modules, description=f"layer {index} modules")
@@ -75,7 +79,8 @@ class RichObserver(PipelineObserver):
         self.progress.advance(self.modules_task)
 
     def layer_done(self, index: int, seconds: float) -> None:
-        self.progress.update(self.layers_task, advance=1, memory=describe_peak_memory())
+        self.layers.finish(seconds)
+        self.progress.update(self.layers_task, advance=1, memory=describe_peak_memory(), eta=self.layers.eta_text())
 
     def finished(self) -> None:
         self.progress.stop()

@@ -73,6 +73,14 @@ class InputSample(Statistic):
         if other.rows is not None:
             self._keep(other.rows, other.keys)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Rows and their keys (none before the first batch); the generator stays with each process."""
+        return {} if self.rows is None else {"rows": self.rows, "keys": self.keys}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.rows = state["rows"].clone() if "rows" in state else None
+        self.keys = state["keys"].clone() if "keys" in state else torch.empty(0)
+
     def _keep(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         if self.rows is not None:
             rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])

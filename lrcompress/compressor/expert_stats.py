@@ -62,6 +62,15 @@ class ExpertStatistic(_BlockStatistic):
         self.cosine_sum += other.cosine_sum.to(self.cosine_sum)
         self.tokens += other.tokens
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"counts": self.counts, "cosine_sum": self.cosine_sum,
+                "tokens": torch.tensor(self.tokens, dtype=torch.int64)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.counts = state["counts"].to(self.counts, copy=True)
+        self.cosine_sum = state["cosine_sum"].to(self.cosine_sum, copy=True)
+        self.tokens = int(state["tokens"])
+
     def frequencies(self) -> torch.Tensor:
         """f_i: share of the tokens whose top-k includes expert i (float64)."""
         return self.counts / max(self.tokens, 1)

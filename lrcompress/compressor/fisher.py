@@ -57,6 +57,15 @@ class FisherStatistic(Statistic):
         self.output_sums += other.output_sums.to(self.output_sums)
         self.count += other.count
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"input_sums": self.input_sums, "output_sums": self.output_sums,
+                "count": torch.tensor(self.count, dtype=torch.int64)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.input_sums = state["input_sums"].to(self.input_sums, copy=True)
+        self.output_sums = state["output_sums"].to(self.output_sums, copy=True)
+        self.count = int(state["count"])
+
     def input_importance(self, module_name: str) -> torch.Tensor:
         """f_j = Σ_i I_ij (up to the 1/count scale), float64, checked for NaN/Inf."""
         return _checked(self.input_sums, module_name, "input-column")

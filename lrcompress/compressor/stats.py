@@ -1,7 +1,8 @@
 """Statistics that the pipeline accumulates per target module from its forward calls.
 
 Every statistic is a plain object with ``observe`` (one batch) and ``merge`` (another partial sum), so
-that batches, and later processes (``torch.distributed``), reduce with the same code.
+that batches and processes (``torch.distributed``) reduce with the same code. Its running state travels
+between processes as named tensors (``state``/``load_state``, counts included): never pickled.
 """
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ class Statistic(ABC):
     def merge(self, other: "Statistic") -> None:
         """Add another partial statistic of the same module (another batch or another rank)."""
 
+    @abstractmethod
+    def state(self) -> dict[str, torch.Tensor]:
+        """The running state as named tensors (counts as 0-d int64), for moving it between processes."""
+
+    @abstractmethod
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the running state by ``state`` (from ``state()`` of the same kind and module).
+
+        Rebinds every field to new tensors (on this statistic's device), never writes into the old
+        ones: a shallow copy of a statistic can load another process's state without touching it."""
+
 
 class GramStatistic(Statistic):
     """Running sums of XᵀX, of x and the row count, over every token the module sees."""
@@ -55,6 +67,14 @@ class GramStatistic(Statistic):
         self.sum_xx += other.sum_xx.to(self.sum_xx)
         self.sum_x += other.sum_x.to(self.sum_x)
         self.count += other.count
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sum_xx": self.sum_xx, "sum_x": self.sum_x, "count": torch.tensor(self.count, dtype=torch.int64)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.sum_xx = state["sum_xx"].to(self.sum_xx, copy=True)
+        self.sum_x = state["sum_x"].to(self.sum_x, copy=True)
+        self.count = int(state["count"])
 
     def gram(self, module_name: str) -> torch.Tensor:
         """XᵀX in float64, checked for NaN/Inf."""
@@ -86,6 +106,13 @@ class OriginalWeight(Statistic):
 
     def merge(self, other: Statistic) -> None:
         assert isinstance(other, OriginalWeight)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Nothing to move: every process builds the snapshot from its own (identical) original module."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        return None
 
 
 StatisticFactory = Callable[[nn.Module, torch.device], Statistic]

@@ -19,9 +19,15 @@ before all of its statistics exist), calls ``compress_group`` per module name, a
 the group from its input through the compressed layers, so that the layers *after* the group see
 compressed inputs: sequential mode holds between groups, not inside one. With every group size 1
 this is exactly the plain per-layer flow.
+
+Several processes (``torchrun``): each one runs its shard of the windows; the engine reduces the
+statistics at the end of every collection pass and spreads a group's decompositions through
+``settings.collective`` (``pipeline.distributed``), so every process swaps in the same replacements.
+Out-of-memory errors name the layer and module (``pipeline.oom``).
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -37,7 +43,9 @@ from ..models import ArchitectureAdapter
 from ..modules import dense_weight, storage_bytes, stored_params
 from .blocks import block_needs, check_coverage, compress_block, is_block_stage, select_blocks
 from .capture import LayerInputs, capture_layer_inputs, layer_output, move
+from .distributed import Collective, CompressJob
 from .observer import PipelineObserver
+from .oom import naming_out_of_memory
 from .prepass import is_prepass_kind
 from .records import ModuleRecord
 from .targets import replace_submodule, select_targets
@@ -70,6 +78,10 @@ class PipelineSettings:
     compute: torch.device = torch.device("cpu")
     offload: torch.device = torch.device("cpu")
     sequential: bool = True
+    # The processes this run is spread over (one by default). A field of the settings so that the
+    # engine and every pre-pass reach it the same way.
+    collective: Collective = field(default_factory=Collective)
+    num_samples: int | None = None        # calibration windows over all processes, for memory hints
 
 
 class LayerwisePipeline:
@@ -170,27 +182,40 @@ class LayerwisePipeline:
         for i in group:
             names += [n for n in plans[(stage.index, i)] if n not in names]
         records = []
-        for name in names:
-            owners = [i for i in group if name in plans[(stage.index, i)]]
-            if is_block_stage(stage):  # whole blocks: block output error, config updates (pipeline.blocks)
-                for i in owners:
-                    records.append(compress_block(self.model, i, layers[i], prefixes[i], name, stage,
-                                                  collected[i][name], self.settings.compute, self.config_updates))
+        owners = {name: [i for i in group if name in plans[(stage.index, i)]] for name in names}
+        if is_block_stage(stage):  # whole blocks: block output error, config updates (pipeline.blocks)
+            # Every process compresses every block: a block replacement has no spec to send, and its
+            # statistics (reduced) and seeded compressor are the same on every process.
+            for name in names:
+                for i in owners[name]:
+                    with naming_out_of_memory(f"in layer {i} while compressing {prefixes[i]}.{name}", self.settings):
+                        records.append(compress_block(self.model, i, layers[i], prefixes[i], name, stage,
+                                                      collected[i][name], self.settings.compute,
+                                                      self.config_updates))
                     self.observer.module_done(records[-1])
-                continue
-            members = [GroupMember(f"{prefixes[i]}.{name}", layers[i].get_submodule(name),
-                                   {**collected[i][name], **self._precomputed_for(f"{prefixes[i]}.{name}", stage)})
-                       for i in owners]
-            started = time.perf_counter()
-            results = stage.compressor.compress_group(members)
-            seconds = (time.perf_counter() - started) / len(members)
-            if len(results) != len(members):
-                raise RuntimeError(f"{stage.compressor.name}: compress_group returned {len(results)} results "
-                                   f"for {len(members)} modules")
-            for i, member, result in zip(owners, members, results):
+            return records
+        members = {name: [GroupMember(f"{prefixes[i]}.{name}", layers[i].get_submodule(name),
+                                      {**collected[i][name], **self._precomputed_for(f"{prefixes[i]}.{name}", stage)})
+                          for i in owners[name]] for name in names}
+        jobs = [CompressJob(sum(_cost(m.module) for m in members[name]),
+                            functools.partial(self._compress_members, stage, owners[name][0], members[name]))
+                for name in names]
+        for name, outcome in zip(names, self.settings.collective.run_jobs(jobs)):
+            seconds = outcome.seconds / len(members[name])
+            for i, member, result in zip(owners[name], members[name], outcome.results):
                 records.append(self._apply(i, layers[i], name, member, stage, result, seconds,
                                            originals[(i, name)]))
         return records
+
+    def _compress_members(self, stage: Stage, layer: int, members: list[GroupMember]) -> list[CompressResult]:
+        """One ``compress_group`` call (a job: it may run on another process), checked."""
+        with naming_out_of_memory(f"in layer {layer} while compressing {members[0].name} "
+                                  f"({stage.compressor.name})", self.settings):
+            results = stage.compressor.compress_group(members)
+        if len(results) != len(members):
+            raise RuntimeError(f"{stage.compressor.name}: compress_group returned {len(results)} results "
+                               f"for {len(members)} modules")
+        return results
 
     def _collect(self, layer: nn.Module, names: list[str], needs: frozenset[str], inputs: LayerInputs,
                  keep_outputs: bool, originals: dict[str, nn.Module],
@@ -211,15 +236,27 @@ class LayerwisePipeline:
         finally:
             for handle in handles:
                 handle.remove()
-        return stats, outputs if keep_outputs else None
+        return self._reduce(stats), outputs if keep_outputs else None
+
+    def _reduce(self, stats: dict[str, dict[str, Statistic]]) -> dict[str, dict[str, Statistic]]:
+        """Every process's partial statistics of this layer, merged (the identity in one process)."""
+        flat = {f"{name}/{kind}": statistic for name, kinds in stats.items() for kind, statistic in kinds.items()}
+        reduced = self.settings.collective.reduce_statistics(flat)
+        return {name: {kind: reduced[f"{name}/{kind}"] for kind in kinds} for name, kinds in stats.items()}
 
     def _forward(self, layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
         s = self.settings
         hidden = []
-        for batch, kwargs in zip(inputs.hidden, inputs.kwargs):
-            out = layer_output(layer(batch.to(s.compute), **move(kwargs, s.compute)))
-            hidden.append(out.to(s.offload))
+        for number, (batch, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            with naming_out_of_memory(lambda: f"in layer {self._index_of(layer)} running batch "
+                                      f"{number + 1}/{len(inputs)}", s):
+                out = layer_output(layer(batch.to(s.compute), **move(kwargs, s.compute)))
+                hidden.append(out.to(s.offload))
         return LayerInputs(hidden, inputs.kwargs)
+
+    def _index_of(self, layer: nn.Module) -> int:
+        """The decoder-layer index of ``layer`` (only looked up for an error message)."""
+        return next(i for i, candidate in enumerate(self.adapter.decoder_layers(self.model)) if candidate is layer)
 
     def _precomputed_for(self, full_name: str, stage: Stage) -> dict[str, Statistic]:
         kinds = [kind for kind in stage.needs if is_prepass_kind(kind)]
@@ -253,6 +290,11 @@ class LayerwisePipeline:
         )
         self.observer.module_done(record)
         return record
+
+
+def _cost(module: nn.Module) -> int:
+    """The size of a decomposition, for balancing jobs across processes: in × out."""
+    return int(getattr(module, "in_features", 1)) * int(getattr(module, "out_features", 1))
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:

@@ -91,6 +91,8 @@ def run_prepasses(model: nn.Module, adapter: ArchitectureAdapter, stages: list["
         observer.phase(f"pre-pass {kind!r} over {len(windows)} windows for {len(targets)} modules")
         started = time.perf_counter()
         result = PREPASSES[kind](model, adapter, targets, windows, settings, observer)
+        # Each process ran its shard of the windows: merge every process's statistics, in rank order.
+        result.statistics = settings.collective.reduce_statistics(result.statistics)
         result.report.setdefault("seconds", time.perf_counter() - started)
         result.report.setdefault("targets", len(targets))
         missing = [name for name in targets if name not in result.statistics]

@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny model: exit codes, messages, and the files it leaves."""
 import json
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -63,5 +64,8 @@ def test_log_json_writes_one_json_object_per_line(tiny_llama_dir, calibration_fi
     layers = [line for line in lines if line.get("event") == "layer"]
     assert [line["layer"] for line in layers] == [0, 1] and layers[-1]["layers_total"] == 2
     assert layers[-1]["peak_rss_bytes"] > 0
+    assert [line["layers_done"] for line in layers] == [1, 2]
+    assert layers[0]["eta_seconds"] == pytest.approx(layers[0]["seconds"]) and layers[-1]["eta_seconds"] == 0
+    assert "1/2 layers, ETA" in layers[0]["message"]
     modules = [line for line in lines if line.get("event") == "module"]
     assert len(modules) == 14 and all("relative_error" in m for m in modules)
