@@ -118,6 +118,14 @@ class ExpertGramStatistic(_BlockStatistic):
         self.intermediate += other.intermediate.to(self.intermediate)
         self.counts += other.counts
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"inputs": self.inputs, "intermediate": self.intermediate, "counts": self.counts}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.inputs = state["inputs"].to(self.inputs, copy=True)
+        self.intermediate = state["intermediate"].to(self.intermediate, copy=True)
+        self.counts = state["counts"].to(self.counts, copy=True)
+
     def grams(self, block_name: str, index: int) -> dict[str, torch.Tensor]:
         """{weight type: the Gram of its input} of expert ``index`` in float64, checked for NaN/Inf."""
         g_in = self.inputs[index].to(torch.float64).cpu()

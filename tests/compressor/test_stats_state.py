@@ -5,6 +5,7 @@ The cases below must cover every registered kind: a new statistic without a case
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from lrcompress.compressor import GramStatistic, OriginalWeight
 from lrcompress.compressor.block import InputSample
-from lrcompress.compressor.expert_stats import ExpertStatistic
+from lrcompress.compressor.expert_stats import ExpertGramStatistic, ExpertStatistic
 from lrcompress.compressor.fisher import FisherStatistic
 from lrcompress.compressor.stats import SNAPSHOTS, STATISTICS, Statistic
 from lrcompress.pipeline import PREPASSES
@@ -53,11 +54,15 @@ def _sample(part: int | None) -> Statistic:
 _BLOCK = None
 
 
-def _experts(part: int | None) -> Statistic:
+def _block() -> torch.nn.Module:
     global _BLOCK
     if _BLOCK is None:
         _BLOCK = tiny_moe("mixtral").model.layers[0].mlp
-    stat = ExpertStatistic(_BLOCK, chunk_tokens=4)
+    return _BLOCK
+
+
+def _experts(part: int | None, kind: type = ExpertStatistic) -> Statistic:
+    stat = kind(_block(), chunk_tokens=4)
     if part is not None:
         with torch.no_grad():
             stat.observe(_data(part, 1, 5 + part, 64), None)
@@ -66,7 +71,7 @@ def _experts(part: int | None) -> Statistic:
 
 CASES: dict[str, Callable[[int | None], Statistic]] = {
     "gram": _gram, "original_weight": _original, "fisher": _fisher, "block_input_sample": _sample,
-    "expert_outputs": _experts,
+    "expert_outputs": _experts, "expert_grams": lambda part: _experts(part, ExpertGramStatistic),
 }
 
 
@@ -78,7 +83,9 @@ def _assert_same_state(a: Statistic, b: Statistic) -> None:
 
 
 def _subclasses(cls: type) -> set[type]:
-    return {sub for direct in cls.__subclasses__() for sub in {direct} | _subclasses(direct)}
+    """Every concrete subclass (abstract bases such as the MoE block statistics' base are skipped)."""
+    found = {sub for direct in cls.__subclasses__() for sub in {direct} | _subclasses(direct)}
+    return {sub for sub in found if not inspect.isabstract(sub)}
 
 
 def test_every_statistic_kind_has_a_case():
