@@ -73,3 +73,12 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchitectureAdapter, windows
         for module, home in zip(outer, homes):
             module.to(home)
     return captured
+
+
+def forward_layer(layer: nn.Module, inputs: LayerInputs, compute: torch.device, offload: torch.device) -> LayerInputs:
+    """Every batch through one decoder layer on ``compute``; the outputs are kept on ``offload``."""
+    hidden = []
+    for batch, kwargs in zip(inputs.hidden, inputs.kwargs):
+        out = layer_output(layer(batch.to(compute), **move(kwargs, compute)))
+        hidden.append(out.to(offload))
+    return LayerInputs(hidden, inputs.kwargs)
