@@ -29,7 +29,7 @@ from .models.lazy import LayerStore, LazyLayers, ResidentLayers, load_lazy
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
 from .pipeline.blocks import is_block_stage, select_blocks
 from .pipeline.journal import StagedJournal
-from .pipeline.memory import PeakMemory, peak_rss_bytes
+from .pipeline.memory import PeakMemory, image_peak_rss_bytes
 from .pipeline.prepass import is_prepass_kind
 from .pipeline.resume import open_staging, run_fingerprint
 from .recipe import Recipe
@@ -167,7 +167,7 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
         records = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics, store,
                                     journal).run(windows)
     timing["compress"] = time.perf_counter() - started
-    metrics["memory"] = {"compress": peak.report(), "process_peak_rss_bytes": peak_rss_bytes(), "lazy": lazy}
+    metrics["memory"] = {"compress": peak.report(), "process_peak_rss_bytes": image_peak_rss_bytes(), "lazy": lazy}
 
     recipe_yaml = yaml.safe_dump(recipe.model_dump(), sort_keys=False)
     provenance = {

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from ..models.shards import read_all
 from .layout import CONFIG_NAME, replace_durably, swap_into_place, write_durable
 from .writer import checkpoint_config, write_index
 
@@ -101,7 +102,7 @@ class StagingDir:
         path = self.path / f"{_stem(layers)}.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{self.state_file} lists layers {layers} but {path} is missing")
-        return load_file(path), self.block_info(layers)
+        return read_all(path), self.block_info(layers)
 
     def finalize(self, final: Path, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
                  dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any,

@@ -8,24 +8,17 @@ host memory holds one block of layers at a time instead of the model.
 """
 from __future__ import annotations
 
-import json
-import logging
-from collections import defaultdict
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import LrcompressError
 from .adapters import ArchitectureAdapter, adapter_for
 from .loading import DTYPES, LoadedModel, is_compressed_dir, resolve_model_dir
+from .shards import ShardIndex
 
-log = logging.getLogger(__name__)
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 class LayerStore(Protocol):
@@ -44,36 +37,6 @@ class ResidentLayers:
 
     def release(self, indices: list[int]) -> None:
         pass
-
-
-class ShardIndex:
-    """Which safetensors file of ``directory`` holds each tensor (the index's weight_map, or the one file)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        index = self.directory / INDEX_NAME
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif (self.directory / SINGLE_NAME).is_file():
-            with safe_open(self.directory / SINGLE_NAME, framework="pt") as handle:
-                self.weight_map = {key: SINGLE_NAME for key in handle.keys()}
-        else:
-            raise LrcompressError(f"{self.directory}: no {INDEX_NAME} or {SINGLE_NAME}; lazy loading reads "
-                                  "safetensors checkpoints only")
-
-    def keys_under(self, prefix: str) -> list[str]:
-        return [key for key in self.weight_map if key.startswith(prefix + ".")]
-
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """These tensors only, each file opened once and closed again (its mapping is dropped)."""
-        by_file: dict[str, list[str]] = defaultdict(list)
-        for key in keys:
-            by_file[self.weight_map[key]].append(key)
-        tensors: dict[str, torch.Tensor] = {}
-        for file, names in by_file.items():
-            with safe_open(self.directory / file, framework="pt") as handle:
-                tensors.update({name: handle.get_tensor(name) for name in names})
-        return tensors
 
 
 class LazyLayers:

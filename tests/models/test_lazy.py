@@ -33,6 +33,9 @@ def assert_same_tensors(a, b) -> None:
     assert not different, f"tensors differ: {different[:5]}"
 
 
+pytestmark = pytest.mark.usefixtures("no_report")
+
+
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory):
     """A tiny Llama saved in several shards with an index, tied embeddings."""

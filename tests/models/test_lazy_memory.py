@@ -1,6 +1,15 @@
 """Lazy mode under a real memory limit: a synthetic random-weight checkpoint several times larger than
 the budget is compressed in a subprocess whose data segment (RLIMIT_DATA, set after the imports) may
-grow by the budget only. The default mode must fail under the same limit, so the limit is real."""
+grow by the budget only. The default mode must fail under the same limit, so the limit is real.
+
+The budget covers what lazy mode holds at once: the process's own growth after its imports (~36 MB:
+modules transformers imports at the first forward, the calibration data), one layer, its float64
+Grams (twice a square weight's size) and the compressor's workspace (RTN int4 here: the cheapest, so
+the test is about memory, not decompositions). Peak RSS is VmHWM, which exec resets (ru_maxrss would
+inherit pytest's). glibc's allocator is pinned to mmap
+every allocation above 128 KiB (MALLOC_MMAP_THRESHOLD_): its default threshold adapts upwards to the
+size of freed chunks (up to 32 MiB), so the few-MB tensors of this small synthetic model would be
+recycled through the heap and fragment it; real layers' tensors are above that cap anyway."""
 import json
 import os
 import subprocess
@@ -13,16 +22,20 @@ from helpers import save_tiny
 from tiny_runs import tiny_recipe_dict
 
 ROOT = Path(__file__).resolve().parents[2]
-BUDGET = 48 * 2**20
-SYNTHETIC = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=8,
-                 num_key_value_heads=2)        # 16 layers × 8.9 MB fp32 ≈ 143 MB on disk, ~3× the budget
+BUDGET = 80 * 2**20
+SYNTHETIC = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=32, num_attention_heads=8,
+                 num_key_value_heads=2)        # 32 layers × 8.9 MB fp32 ≈ 286 MB on disk, 3.4× the budget
 
 LIMITED = """
 import json, resource, sys
 import torch
 import transformers.models.llama.modeling_llama  # noqa: F401 (code is imported before the limit)
+import lrcompress.runner
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe
+
+# report.md's plots import and run matplotlib: not the pipeline, and not proportional to the model
+lrcompress.runner.write_report = lambda *args, **kwargs: None
 
 
 def status(field):
@@ -40,21 +53,21 @@ try:
 except (MemoryError, RuntimeError) as error:
     print(json.dumps({"ok": False, "error": str(error)[:300]}))
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"ok": True, "growth": peak - start_rss, "compress": metrics["memory"]["compress"]}))
+    print(json.dumps({"ok": True, "growth": status("VmHWM") - start_rss, "compress": metrics["memory"]["compress"]}))
 """
 
 
 def run_limited(tmp_path: Path, model_dir: Path, calibration_file: Path, lazy: bool) -> dict:
-    recipe = tiny_recipe_dict(model_dir, calibration_file, tmp_path / f"out-{lazy}", method="svd", ratio=0.5,
-                              runtime={"device": "cpu", "batch_size": 2, "lazy": lazy})
+    recipe = tiny_recipe_dict(model_dir, calibration_file, tmp_path / f"out-{lazy}",
+                              runtime={"device": "cpu", "batch_size": 2, "lazy": lazy},
+                              stages=[{"method": "rtn", "bits": 4, "group_size": 128}])
     recipe["calibration"].update(num_samples=4, seq_len=32)
     recipe["eval"]["perplexity"][0].update(seq_len=32, max_windows=2)
     recipe_file = tmp_path / f"recipe-{lazy}.json"
     recipe_file.write_text(json.dumps(recipe))
     script = tmp_path / "limited.py"
     script.write_text(LIMITED)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     done = subprocess.run([sys.executable, str(script), str(recipe_file), str(BUDGET)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -64,13 +77,13 @@ def run_limited(tmp_path: Path, model_dir: Path, calibration_file: Path, lazy: b
 
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("synthetic"), "llama", max_shard_size="40MB", **SYNTHETIC)
+    return save_tiny(tmp_path_factory.mktemp("synthetic"), "llama", max_shard_size="100MB", **SYNTHETIC)
 
 
 def test_lazy_mode_compresses_a_model_several_times_larger_than_its_memory_budget(synthetic_dir, calibration_file,
                                                                                    tmp_path):
     size = sum(p.stat().st_size for p in synthetic_dir.glob("*.safetensors"))
-    assert size > 2.5 * BUDGET
+    assert size > 3 * BUDGET
     eager = run_limited(tmp_path, synthetic_dir, calibration_file, lazy=False)
     assert not eager["ok"], "the default mode fit in the budget: the limit proves nothing"
     lazy = run_limited(tmp_path, synthetic_dir, calibration_file, lazy=True)
