@@ -30,26 +30,22 @@ GIB = 2**30
 def child(args: argparse.Namespace) -> None:
     """One mode, in this process: run the recipe, print one JSON line with the measurements."""
     import torch
-    import yaml
 
     from lrcompress.pipeline.memory import image_peak_rss_bytes
-    from lrcompress.recipe import parse_recipe
+    from lrcompress.recipe import load_recipe
     from lrcompress.runner import run_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = yaml.safe_load(Path(args.base).read_text())
-    recipe["stages"][0]["ratio"] = args.ratio
-    recipe["output"] = {"dir": str(Path(args.out) / args.child), "overwrite": True}
-    recipe["eval"]["baseline"] = False
+    overrides = [f"stages.0.ratio={args.ratio}", f"output.dir={Path(args.out) / args.child}", "output.overwrite=true",
+                 "eval.baseline=false", f"runtime.lazy={str(args.child == 'lazy').lower()}"]
     if args.num_samples:
-        recipe["calibration"]["num_samples"] = args.num_samples
+        overrides.append(f"calibration.num_samples={args.num_samples}")
     if args.max_windows:
-        for spec in recipe["eval"]["perplexity"]:
-            spec["max_windows"] = args.max_windows
-    recipe.setdefault("runtime", {})["lazy"] = args.child == "lazy"
+        overrides.append(f"eval.perplexity.0.max_windows={args.max_windows}")
+    recipe = load_recipe(args.base, overrides)
     started = time.perf_counter()
-    metrics = run_recipe(parse_recipe(recipe)).metrics
+    metrics = run_recipe(recipe).metrics
     seconds = time.perf_counter() - started
     ppl = next(iter(metrics["eval"]["perplexity"].values()))
     print(json.dumps({
