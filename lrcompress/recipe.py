@@ -67,6 +67,8 @@ class RuntimeSpec(Section):
     offload_device: Literal["cpu", "cuda"] = "cpu"
     sequential: bool = Field(True, description="feed the compressed layer's outputs to the next layer")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    lazy: bool = Field(False, description="meta-device skeleton; each decoder layer is read from the safetensors "
+                                          "shards when processed and released after it is written")
 
 
 class OutputSpec(Section):

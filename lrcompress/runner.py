@@ -17,16 +17,25 @@ import torch
 import yaml
 from torch import nn
 
-from .checkpoint import bytes_on_disk, check_output_dir, staged_directory, write_checkpoint
+from .checkpoint import bytes_on_disk, check_output_dir
+from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
 from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
+from .errors import LrcompressError
 from .eval import compression_summary, unique_param_count, versions, write_metrics, write_report
 from .eval.baseline_cache import cached_evaluation, eval_settings
+from .eval.perplexity import WindowsNll, windows_nll
+from .eval.streamed import StreamedNll
 from .eval.suite import evaluate_model
-from .models import adapter_for, load_model
+from .models import DTYPES, adapter_for, load_model
+from .models.lazy import LayerStore, LazyLayers, ResidentLayers, load_lazy
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
 from .pipeline.blocks import is_block_stage, select_blocks
 from .pipeline.distributed import Collective, process_group
+from .pipeline.journal import StagedJournal
+from .pipeline.memory import PeakMemory, image_peak_rss_bytes
+from .pipeline.prepass import is_prepass_kind
+from .pipeline.resume import open_staging, read_staging, run_fingerprint
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -56,8 +65,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import LrcompressError
-
         raise LrcompressError("runtime.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
 
@@ -88,6 +95,22 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
     return planned
 
 
+def check_lazy(recipe: Recipe, stages: list[Stage]) -> None:
+    """What lazy mode cannot do, refused before any work: it writes layers as they finish (so it needs
+    an output directory) and never holds the whole model (no lm-eval tasks, no whole-model pre-pass)."""
+    if not recipe.output.save:
+        raise LrcompressError("runtime.lazy writes each block of layers as it finishes: it needs output.save: true")
+    if recipe.eval.lm_eval is not None:
+        raise LrcompressError("runtime.lazy: lm-eval tasks need the whole model in memory; remove eval.lm_eval "
+                              "(perplexity is streamed layer by layer) or evaluate the checkpoint afterwards "
+                              "with `lrcompress eval` on a machine that holds it")
+    for stage in stages:
+        kinds = sorted(kind for kind in stage.needs if is_prepass_kind(kind))
+        if kinds:
+            raise LrcompressError(f"runtime.lazy: stage {stage.index} ({stage.compressor.name}) needs {kinds}, a pass "
+                                  "over the whole model; use runtime.lazy: false")
+
+
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
                dry_run: bool = False) -> RunResult:
     """Run ``recipe``; in one process, or in each of the processes torchrun started."""
@@ -109,9 +132,13 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     torch.manual_seed(recipe.seed)
     stages = build_stages(recipe)
 
+    lazy = recipe.runtime.lazy
+    if lazy:
+        check_lazy(recipe, stages)
+
     started = time.perf_counter()
-    observer.phase(f"loading {recipe.model.path}")
-    loaded = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    observer.phase(f"loading {recipe.model.path}" + (" (lazy: tensors outside the decoder layers only)" if lazy else ""))
+    loaded = (load_lazy if lazy else load_model)(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     timing["load"] = time.perf_counter() - started
     plan = plan_modules(model, stages)
@@ -120,10 +147,13 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
 
     directory = data_dir(data_directory, recipe.data_dir)
     compute = collective.place(resolve_device(recipe.runtime.device))
+    adapter = adapter_for(model)
+    store: LayerStore = LazyLayers(model, adapter, loaded.local_dir) if lazy else ResidentLayers()
     params_before = unique_param_count(model)
     metrics: dict[str, Any] = {"eval": {"perplexity": {}}}
     if recipe.eval.baseline and writer:
-        metrics["eval"].update(_dense_baseline(model, tokenizer, recipe, directory, compute, observer))
+        nll = StreamedNll(store, adapter) if lazy else windows_nll
+        metrics["eval"].update(_dense_baseline(model, tokenizer, recipe, directory, compute, observer, nll))
 
     started = time.perf_counter()
     cal = recipe.calibration
@@ -132,18 +162,35 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
     timing["calibration_data"] = time.perf_counter() - started
 
+    journal = staging = None
+    if recipe.output.save:  # finished blocks go to <out>.partial as they finish; a matching one is resumed
+        fingerprint = run_fingerprint(recipe.model_dump(), loaded.local_dir, recipe.model.path,
+                                      windows_fingerprint(windows), versions())
+        # Rank 0 alone creates, resumes or discards the staging directory and writes to it; the other
+        # processes read what was finished before this run (to skip and replay it as rank 0 does) and keep
+        # the blocks compressed now in memory (identical to rank 0's: the same bytes were broadcast).
+        if writer:
+            staging = open_staging(output_dir, fingerprint, recipe.output.overwrite, observer.phase)
+        collective.barrier()
+        if not writer:
+            staging = read_staging(output_dir)
+        if staging is not None:
+            journal = StagedJournal(staging, adapter, DTYPES[recipe.model.dtype], writes=writer)
+
     started = time.perf_counter()
     settings = PipelineSettings(recipe.runtime.batch_size, compute,
                                 collective.place(torch.device(recipe.runtime.offload_device)),
                                 recipe.runtime.sequential, collective, len(windows))
-    adapter = adapter_for(model)
     shard = collective.shard(windows)                       # this process's windows (all of them alone)
-    prepass = run_prepasses(model, adapter, stages, shard, settings, observer)  # e.g. Fisher, once
-    if prepass.reports:
-        metrics["prepass"] = prepass.reports
-        timing["prepass"] = prepass.seconds
-    records = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics).run(shard)
+    with PeakMemory(torch.device("cpu")) as peak:
+        prepass = run_prepasses(model, adapter, stages, shard, settings, observer)  # e.g. Fisher, once
+        if prepass.reports:
+            metrics["prepass"] = prepass.reports
+            timing["prepass"] = prepass.seconds
+        records = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics, store,
+                                    journal).run(shard)
     timing["compress"] = time.perf_counter() - started
+    metrics["memory"] = {"compress": peak.report(), "process_peak_rss_bytes": image_peak_rss_bytes(), "lazy": lazy}
 
     recipe_yaml = yaml.safe_dump(recipe.model_dump(), sort_keys=False)
     provenance = {
@@ -157,21 +204,23 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     if collective.world_size > 1:
         provenance["processes"] = collective.world_size
     written_bytes = None
-    if recipe.output.save and writer:
+    dtype = next(model.parameters()).dtype
+    if staging is not None and writer:
         started = time.perf_counter()
         observer.phase(f"writing {output_dir}")
-        with staged_directory(output_dir, recipe.output.overwrite) as staging:
-            write_checkpoint(model, tokenizer, staging, provenance)
-            (staging / "recipe.yaml").write_text(recipe_yaml)
-            written_bytes = bytes_on_disk(staging)
+        outer, aliases = unique_tensors((name, t) for name, t in model.state_dict().items()
+                                        if not name.startswith(adapter.layers + "."))
+        staging.finalize(output_dir, outer, aliases, model.config, dtype, provenance, tokenizer,
+                         {"recipe.yaml": recipe_yaml})
+        written_bytes = bytes_on_disk(output_dir)
         timing["write"] = time.perf_counter() - started
 
-    dtype_bytes = next(model.parameters()).element_size()
     metrics["compression"] = compression_summary(records, params_before, unique_param_count(model),
-                                                 written_bytes, dtype_bytes)
+                                                 written_bytes, dtype.itemsize)
     if writer:
         started = time.perf_counter()
-        metrics["eval"].update(_evaluate(model, tokenizer, recipe, directory, compute, observer))
+        nll = _streamed_from_checkpoint(model, adapter, output_dir) if lazy else windows_nll
+        metrics["eval"].update(_evaluate(model, tokenizer, recipe, directory, compute, observer, nll))
         timing["eval"] = time.perf_counter() - started
     metrics["timing"] = timing
     metrics["modules"] = [r.to_dict() for r in records]
@@ -181,19 +230,27 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     return RunResult(output_dir if recipe.output.save and writer else None, metrics, plan, model)
 
 
+def _streamed_from_checkpoint(model: nn.Module, adapter, checkpoint: Path) -> WindowsNll:
+    """Lazy mode evaluates the written checkpoint one layer at a time (its layers are not in memory)."""
+    from .checkpoint import read_metadata
+
+    _, meta = read_metadata(checkpoint)
+    return StreamedNll(LazyLayers(model, adapter, checkpoint, meta.get("tied", {})), adapter)
+
+
 def _evaluate(model: nn.Module, tokenizer, recipe: Recipe, directory, device: torch.device,
-              observer: PipelineObserver) -> dict[str, Any]:
+              observer: PipelineObserver, nll: WindowsNll = windows_nll) -> dict[str, Any]:
     """Token-level perplexity, then lm-eval tasks when the recipe names them (``eval.lm_eval``)."""
     return evaluate_model(model, tokenizer, recipe.eval.perplexity, recipe.eval.lm_eval, directory, device,
-                          recipe.runtime.batch_size, observer.phase)
+                          recipe.runtime.batch_size, observer.phase, nll)
 
 
 def _dense_baseline(model: nn.Module, tokenizer, recipe: Recipe, directory, device: torch.device,
-                    observer: PipelineObserver) -> dict[str, Any]:
+                    observer: PipelineObserver, nll: WindowsNll) -> dict[str, Any]:
     """The uncompressed model's evaluation, reused from the baseline cache when model and settings match."""
     settings = eval_settings(recipe.eval.perplexity, recipe.eval.lm_eval, directory)
     section, cache = cached_evaluation(recipe.model.path, recipe.model.dtype, settings,
-                                       lambda: _evaluate(model, tokenizer, recipe, directory, device, observer))
+                                       lambda: _evaluate(model, tokenizer, recipe, directory, device, observer, nll))
     observer.phase(f"dense baseline {'from cache' if cache['hit'] else 'computed and cached'}: {cache['path']}")
     baseline = {"baseline_perplexity": section["perplexity"], "baseline_cache": cache}
     if "lm_eval" in section:

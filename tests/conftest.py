@@ -59,3 +59,11 @@ def calibration_file(tmp_path_factory) -> Path:
     picks = torch.randint(0, len(words), (6000,), generator=g).tolist()
     path.write_text(" ".join(words[i] for i in picks))
     return path
+
+
+@pytest.fixture
+def no_report(monkeypatch):
+    """Runs whose report.md (matplotlib plots, most of a tiny run's time) is not under test skip it."""
+    import lrcompress.runner
+
+    monkeypatch.setattr(lrcompress.runner, "write_report", lambda *args, **kwargs: None)

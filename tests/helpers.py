@@ -32,9 +32,11 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def save_tiny(directory: Path, family: str = "llama", **overrides) -> Path:
+def save_tiny(directory: Path, family: str = "llama", max_shard_size: str | None = None, **overrides) -> Path:
+    """A random model of the tiny family (dims overridable: also for synthetic checkpoints of any size),
+    saved as safetensors (in shards with an index when ``max_shard_size`` is given) with a tokenizer."""
     model = tiny_model(family, **overrides)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     byte_tokenizer().save_pretrained(directory)
     return directory
 

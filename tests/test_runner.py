@@ -47,18 +47,24 @@ def test_existing_output_is_not_overwritten_without_the_flag(tiny_llama_dir, cal
     assert (out / "keep.txt").read_text() == "precious"
 
 
-def test_a_crash_while_writing_leaves_no_checkpoint(tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
-    import lrcompress.runner as runner
+def test_a_crash_while_writing_leaves_no_checkpoint_but_a_resumable_staging_dir(tiny_llama_dir, calibration_file,
+                                                                                tmp_path, monkeypatch):
+    import lrcompress.checkpoint.staging as staging
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runner, "write_checkpoint", broken)
     out = tmp_path / "run"
-    with pytest.raises(OSError):
-        run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))
+    with monkeypatch.context() as patch:
+        patch.setattr(staging, "swap_into_place", broken)  # everything written, the final rename fails
+        with pytest.raises(OSError):
+            run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []  # no partial directory either
+    assert [p.name for p in tmp_path.iterdir()] == ["run.partial"]
+    assert json.loads((tmp_path / "run.partial" / "state.json").read_text())["blocks"] == [[0], [1]]
+    run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))  # the same command finishes the run
+    assert (out / "config.json").is_file() and not (tmp_path / "run.partial").exists()
+    assert not (out / "state.json").exists()
 
 
 def test_missing_model_and_dataset_name_the_path(tiny_llama_dir, calibration_file, tmp_path):

@@ -43,6 +43,12 @@ def staged_directory(final: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    swap_into_place(staging, final)
+
+
+def swap_into_place(staging: Path, final: Path) -> None:
+    """Rename a finished ``staging`` directory to ``final``, replacing an existing one (the caller
+    checked ``overwrite``): the old directory is moved aside first and removed last."""
     if final.exists():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(trash)
@@ -50,6 +56,7 @@ def staged_directory(final: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         staging.rename(final)
+    fsync_directory(final.parent)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -64,3 +71,30 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make renames inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to disk, rename it over ``path`` and flush the rename: after a crash (kill -9,
+    power loss) ``path`` holds either its old content or the new one, never a torn file."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def write_durable(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    replace_durably(tmp, path)

@@ -58,6 +58,29 @@ def restore_aliases(model: nn.Module, aliases: dict[str, str]) -> None:
             setattr(owner, attr, shared)
 
 
+def assign_tensors(model: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+                   where: str | Path) -> None:
+    """Put ``tensors`` (full names under ``prefix``) into ``model.get_submodule(prefix)`` by assignment, so
+    that a module on the meta device gets real tensors without a copy; floating tensors take the dtype
+    the module already has. Every tensor of the submodule must be given, except the aliases, which
+    are then re-pointed at their stored tensor."""
+    module = model.get_submodule(prefix) if prefix else model
+    strip = len(prefix) + 1 if prefix else 0
+    current = module.state_dict(keep_vars=True)
+    local: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        key = name[strip:]
+        target = current.get(key)
+        local[key] = tensor.to(target.dtype) if target is not None and target.is_floating_point() else tensor
+    missing, unexpected = module.load_state_dict(local, strict=False, assign=True)
+    inside = {alias: source for alias, source in aliases.items() if not prefix or alias.startswith(prefix + ".")}
+    missing = [name for name in missing if (prefix + "." + name if prefix else name) not in inside]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: tensors do not match {prefix or 'the model'} "
+                              f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    restore_aliases(model, inside)
+
+
 def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     directory = Path(directory)
     config_dict, meta = read_metadata(directory)
@@ -69,13 +92,7 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
         raise CheckpointError(f"{directory}: no .safetensors files")
     for file in files:
         tensors.update(load_file(file))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = set(meta.get("tied", {}))
-    missing = [name for name in missing if name not in tied]
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: tensors do not match the model "
-                              f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
-    restore_aliases(model, meta.get("tied", {}))
+    assign_tensors(model, "", tensors, meta.get("tied", {}), directory)
     model.tie_weights()
     if dtype is not None:
         model.to(dtype)

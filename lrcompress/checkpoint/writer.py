@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -19,12 +19,13 @@ def compressed_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: module.spec() for name, module in compressed_modules(model)}
 
 
-def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with shared tensors stored once; returns it and {alias: stored name}."""
+def unique_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Named tensors with shared ones stored once (tied embeddings, a group's shared dictionary);
+    returns them (on the CPU, contiguous) and {alias: stored name}."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    for name, tensor in named:
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
@@ -32,6 +33,11 @@ def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
         seen[key] = name
         tensors[name] = tensor.detach().cpu().contiguous()
     return tensors, aliases
+
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with shared tensors stored once; returns it and {alias: stored name}."""
+    return unique_tensors(model.state_dict(keep_vars=False).items())
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -57,9 +63,28 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, directory / file, metadata={"format": "pt"})
         weight_map.update({name: file for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_index(directory, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """The Hugging Face shard index: which file holds each tensor."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def checkpoint_config(model_config: Any, dtype: torch.dtype, specs: dict[str, dict[str, Any]],
+                      aliases: dict[str, str], provenance: dict[str, Any]) -> dict[str, Any]:
+    """config.json's content: the model's config plus the lrcompress block the reader needs."""
+    config = model_config.to_dict()
+    config.pop("quantization_config", None)
+    config[METADATA_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "dtype": str(dtype).removeprefix("torch."),
+        "modules": specs,
+        "tied": aliases,
+        "provenance": provenance,
+    }
+    return config
 
 
 def write_checkpoint(model: nn.Module, tokenizer: Any, directory: Path, provenance: dict[str, Any],
@@ -67,16 +92,8 @@ def write_checkpoint(model: nn.Module, tokenizer: Any, directory: Path, provenan
     """Write ``model`` (with its compressed modules) into an existing, empty ``directory``."""
     tensors, aliases = unique_state_dict(model)
     write_weights(directory, tensors, max_shard_bytes)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    dtype = next(model.parameters()).dtype
-    config[METADATA_KEY] = {
-        "format_version": FORMAT_VERSION,
-        "dtype": str(dtype).removeprefix("torch."),
-        "modules": compressed_specs(model),
-        "tied": aliases,
-        "provenance": provenance,
-    }
+    config = checkpoint_config(model.config, next(model.parameters()).dtype, compressed_specs(model), aliases,
+                               provenance)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -12,20 +12,22 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .perplexity import perplexity
+from .perplexity import WindowsNll, perplexity, windows_nll
 
 Announce = Callable[[str], None]
 
 
 def evaluate_model(model: nn.Module, tokenizer, perplexity_specs: list, lm_eval_spec, data_directory: Path | None,
-                   device: torch.device, batch_size: int = 4, announce: Announce | None = None) -> dict[str, Any]:
-    """``perplexity_specs``: PerplexitySpec-like items; ``lm_eval_spec``: an LmEvalSpec or None."""
+                   device: torch.device, batch_size: int = 4, announce: Announce | None = None,
+                   nll: WindowsNll = windows_nll) -> dict[str, Any]:
+    """``perplexity_specs``: PerplexitySpec-like items; ``lm_eval_spec``: an LmEvalSpec or None; ``nll``:
+    how perplexity runs the model (``eval.streamed`` for a model whose layers are not in memory)."""
     announce = announce or (lambda message: None)
     section: dict[str, Any] = {"perplexity": {}}
     for spec in perplexity_specs:
         announce(f"perplexity on {spec.dataset}/{spec.split} (seq_len {spec.seq_len})")
         result = perplexity(model, tokenizer, spec.dataset, spec.split, spec.seq_len, spec.max_windows,
-                            data_directory, batch_size, device)
+                            data_directory, batch_size, device, nll)
         section["perplexity"][f"{spec.dataset}/{spec.split}"] = result.to_dict()
     if lm_eval_spec is not None:
         from .lm_eval_tasks import evaluate_tasks

@@ -1,8 +1,9 @@
 """Capture what decoder layer 0 receives (hidden states + keyword inputs) for every window."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -73,3 +74,17 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchitectureAdapter, windows
         for module, home in zip(outer, homes):
             module.to(home)
     return captured
+
+
+def forward_layer(layer: nn.Module, inputs: LayerInputs, compute: torch.device, offload: torch.device,
+                  guard: Callable[[int, int], ContextManager] | None = None) -> LayerInputs:
+    """Every batch through one decoder layer on ``compute``; the outputs are kept on ``offload``.
+
+    ``guard(batch number, batches)`` wraps each batch (the engine uses it to name the layer and batch in
+    an out-of-memory error)."""
+    hidden = []
+    for number, (batch, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        with guard(number, len(inputs)) if guard else nullcontext():
+            out = layer_output(layer(batch.to(compute), **move(kwargs, compute)))
+            hidden.append(out.to(offload))
+    return LayerInputs(hidden, inputs.kwargs)

@@ -40,10 +40,12 @@ from ..compressor.stats import gram_of
 from ..compressor.linalg import relative_output_error
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
+from ..models.lazy import LayerStore, ResidentLayers
 from ..modules import dense_weight, storage_bytes, stored_params
 from .blocks import block_needs, check_coverage, compress_block, is_block_stage, select_blocks
-from .capture import LayerInputs, capture_layer_inputs, layer_output, move
+from .capture import LayerInputs, capture_layer_inputs, forward_layer
 from .distributed import Collective, CompressJob
+from .journal import BlockJournal, MemoryJournal
 from .observer import PipelineObserver
 from .oom import naming_out_of_memory
 from .prepass import is_prepass_kind
@@ -87,10 +89,15 @@ class PipelineSettings:
 class LayerwisePipeline:
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage],
                  settings: PipelineSettings, observer: PipelineObserver | None = None,
-                 precomputed: Mapping[str, Mapping[str, Statistic]] | None = None) -> None:
+                 precomputed: Mapping[str, Mapping[str, Statistic]] | None = None,
+                 store: LayerStore | None = None, journal: BlockJournal | None = None) -> None:
         """``precomputed``: full module name → {kind: Statistic} for the kinds that come from a
-        pre-pass (see ``pipeline.prepass``); they are handed to the compressor with the forward ones."""
+        pre-pass (see ``pipeline.prepass``); they are handed to the compressor with the forward ones.
+        ``store``: where the layers' original weights come from (default: already in memory);
+        ``journal``: where finished blocks are recorded (default: nowhere)."""
         self.model, self.adapter, self.stages = model, adapter, stages
+        self.store: LayerStore = store or ResidentLayers()
+        self.journal: BlockJournal = journal or MemoryJournal()
         self.settings = settings
         self.observer = observer or PipelineObserver()
         self.precomputed = precomputed or {}
@@ -106,6 +113,9 @@ class LayerwisePipeline:
 
     @torch.no_grad()
     def run(self, windows: torch.Tensor) -> list[ModuleRecord]:
+        """Each block: its original weights come from the layer store, it is compressed and committed
+        to the journal (or, when a resumed run finds it finished there, its records are read back),
+        restored from the journal, then the calibration inputs go through it to the next block."""
         s = self.settings
         block = self.block_size()
         check_coverage(self.model, self.adapter, self.stages)
@@ -117,16 +127,27 @@ class LayerwisePipeline:
         for start in range(0, len(layers), block):
             indices = list(range(start, min(start + block, len(layers))))
             started = time.perf_counter()
-            homes = [next(layers[i].parameters()).device for i in indices]
-            for i in indices:
-                layers[i].to(s.compute)
-            block_records, outputs = self._compress_block(indices, layers, inputs)
-            if outputs is None:
-                outputs = inputs
+            resumed = self.journal.finished(indices)
+            outputs: LayerInputs | None = None
+            if not (resumed and s.sequential):   # a resumed block needs its original only to replay it
+                self.store.load(indices)
+            if resumed:
+                self.observer.phase(f"layers {indices[0]}-{indices[-1]}: finished in an earlier run, replaying")
+                block_records = self.journal.records(indices)
+                if not s.sequential:           # the next block's inputs come from the uncompressed block
+                    outputs = self._propagate(layers, indices, inputs)
+            else:
+                homes = [next(layers[i].parameters()).device for i in indices]
                 for i in indices:
-                    outputs = self._forward(layers[i], outputs)
-            for i, home in zip(indices, homes):
-                layers[i].to(home)
+                    layers[i].to(s.compute)
+                block_records, outputs = self._compress_block(indices, layers, inputs)
+                for i, home in zip(indices, homes):
+                    layers[i].to(home)
+                self.journal.commit(self.model, indices, block_records)
+            self.journal.restore(self.model, indices)
+            if outputs is None:
+                outputs = self._propagate(layers, indices, inputs)
+            self.store.release(indices)
             records.extend(block_records)
             inputs = outputs
             seconds = time.perf_counter() - started
@@ -134,6 +155,15 @@ class LayerwisePipeline:
                 self.observer.layer_done(i, seconds / len(indices))
         self.observer.finished()
         return records
+
+    def _propagate(self, layers, indices: list[int], inputs: LayerInputs) -> LayerInputs:
+        """The block's outputs for ``inputs``, on the compute device and back."""
+        for i in indices:
+            home = next(layers[i].parameters()).device
+            layers[i].to(self.settings.compute)
+            inputs = self._forward(layers[i], inputs)
+            layers[i].to(home)
+        return inputs
 
     def _compress_block(self, indices: list[int], layers, inputs: LayerInputs
                         ) -> tuple[list[ModuleRecord], LayerInputs | None]:
@@ -246,13 +276,11 @@ class LayerwisePipeline:
 
     def _forward(self, layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
         s = self.settings
-        hidden = []
-        for number, (batch, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-            with naming_out_of_memory(lambda: f"in layer {self._index_of(layer)} running batch "
-                                      f"{number + 1}/{len(inputs)}", s):
-                out = layer_output(layer(batch.to(s.compute), **move(kwargs, s.compute)))
-                hidden.append(out.to(s.offload))
-        return LayerInputs(hidden, inputs.kwargs)
+
+        def guard(number: int, batches: int):
+            return naming_out_of_memory(lambda: f"in layer {self._index_of(layer)} running batch "
+                                        f"{number + 1}/{batches}", s)
+        return forward_layer(layer, inputs, s.compute, s.offload, guard)
 
     def _index_of(self, layer: nn.Module) -> int:
         """The decoder-layer index of ``layer`` (only looked up for an error message)."""

@@ -93,3 +93,16 @@ class PeakMemory:
             growth = max(self.peak_bytes - self.baseline_bytes, 0)
         return {"peak_memory_bytes": self.peak_bytes, "baseline_memory_bytes": self.baseline_bytes,
                 "peak_memory_growth_bytes": growth, "memory_measure": self.method}
+
+
+def image_peak_rss_bytes() -> int:
+    """Peak resident set of this process image: VmHWM, which execve resets, unlike ru_maxrss, which a
+    child started by fork + exec inherits from its parent (a benchmark's parent, a test runner)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()

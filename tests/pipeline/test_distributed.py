@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+from lrcompress.checkpoint.layout import weight_files
 from lrcompress.compressor import GramStatistic, GroupMember, OriginalWeight, get_compressor
 from lrcompress.errors import LrcompressError, NumericalError
 from lrcompress.modules import CompensatedLinear, LowRankLinear, QuantizedLinear, SparseDictLinear
@@ -172,6 +173,14 @@ def _recipe_file(tmp: Path, model_dir: Path, text: Path, name: str) -> Path:
     return path
 
 
+def _all_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whatever its shards (per-block files + the outer tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(checkpoint):
+        tensors.update(load_file(file))
+    return tensors
+
+
 def test_two_processes_write_the_checkpoint_of_one(tiny_llama_dir, calibration_file, tmp_path):
     from click.testing import CliRunner
 
@@ -186,7 +195,7 @@ def test_two_processes_write_the_checkpoint_of_one(tiny_llama_dir, calibration_f
     assert double.returncode == 0, double.stdout + double.stderr
     assert double.stdout.count("lrcompress summary") == 1          # rank 1 stays silent
 
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    one, two = (_all_tensors(tmp_path / name) for name in ("one", "two"))
     assert one.keys() == two.keys()
     for key in one:
         assert one[key].dtype == two[key].dtype

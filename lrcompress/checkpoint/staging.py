@@ -1,0 +1,134 @@
+"""The staging directory of a run, ``<out>.partial``: finished blocks of layers, durably, until the
+checkpoint is complete and renamed to ``<out>``.
+
+    state.json                        format, the run's fingerprint, the finished blocks (written last)
+    layers-00000-00001.safetensors    the (compressed) layers of one block, shared tensors stored once
+    layers-00000-00001.json           their module specs, aliases and module records
+
+A block's files are flushed to disk before state.json names it, and every file is replaced
+atomically, so after a crash at any point (kill -9, preemption) state.json lists only blocks whose
+files are complete; a block it does not list is simply computed and written again. ``finalize`` adds
+the tensors outside the layers, the shard index, config.json and the tokenizer, renames the directory
+to ``<out>`` (so a complete-looking checkpoint never exists before it is complete) and drops the
+journal files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from ..models.shards import read_all
+from .layout import CONFIG_NAME, replace_durably, swap_into_place, write_durable
+from .writer import checkpoint_config, write_index
+
+STATE_NAME = "state.json"
+STATE_FORMAT = 1
+OUTER_NAME = "model-outer.safetensors"
+
+
+def staging_path(final: Path) -> Path:
+    """Deterministic, so that the same command finds the run it was interrupted in."""
+    return final.with_name(final.name + ".partial")
+
+
+def _stem(layers: list[int]) -> str:
+    return f"layers-{layers[0]:05d}-{layers[-1]:05d}"
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {name: t.numel() * t.element_size() for name, t in tensors.items()}
+
+
+class StagingDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / STATE_NAME
+
+    def read_state(self) -> dict[str, Any] | None:
+        """The state, or None when there is no state.json; raises on an unreadable one."""
+        if not self.state_file.is_file():
+            return None
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{self.state_file} is unreadable: {error}") from None
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{self.state_file}: state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        return state
+
+    def create(self, fingerprint: dict[str, Any]) -> None:
+        """Start empty (removing whatever was there: the caller decided it may go)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        self._write_state({"format": STATE_FORMAT, "fingerprint": fingerprint, "blocks": []})
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        write_durable(self.state_file, json.dumps(state, indent=2, sort_keys=True))
+
+    def finished(self) -> list[list[int]]:
+        state = self.read_state()
+        return [] if state is None else [list(block) for block in state["blocks"]]
+
+    def write_block(self, layers: list[int], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Write a finished block's tensors and info, flush them, then record the block in state.json."""
+        stem = _stem(layers)
+        tmp = self.path / f"{stem}.safetensors.tmp"
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        replace_durably(tmp, self.path / f"{stem}.safetensors")
+        write_durable(self.path / f"{stem}.json", json.dumps({**info, "layers": layers, "tensors": _nbytes(tensors)},
+                                                             indent=2, sort_keys=True))
+        state = self.read_state()
+        if state is None:
+            raise CheckpointError(f"{self.state_file} disappeared while the run was writing into {self.path}")
+        state["blocks"] = [block for block in state["blocks"] if block != layers] + [layers]
+        self._write_state(state)
+
+    def block_info(self, layers: list[int]) -> dict[str, Any]:
+        path = self.path / f"{_stem(layers)}.json"
+        if not path.is_file():
+            raise CheckpointError(f"{self.state_file} lists layers {layers} but {path} is missing")
+        return json.loads(path.read_text())
+
+    def read_block(self, layers: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        path = self.path / f"{_stem(layers)}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{self.state_file} lists layers {layers} but {path} is missing")
+        return read_all(path), self.block_info(layers)
+
+    def finalize(self, final: Path, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
+                 dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any,
+                 extra_files: dict[str, str]) -> None:
+        """Complete the checkpoint and rename it to ``final`` (replacing one the caller may overwrite)."""
+        blocks = [self.block_info(layers) for layers in self.finished()]
+        save_file(outer, self.path / OUTER_NAME, metadata={"format": "pt"})
+        weight_map = {name: OUTER_NAME for name in outer}
+        sizes = _nbytes(outer)
+        specs, aliases = {}, dict(outer_aliases)
+        for info in blocks:
+            file = f"{_stem(info['layers'])}.safetensors"
+            weight_map.update({name: file for name in info["tensors"]})
+            sizes.update(info["tensors"])
+            specs.update(info["specs"])
+            aliases.update(info["aliases"])
+        write_index(self.path, weight_map, sum(sizes.values()))
+        config = checkpoint_config(model_config, dtype, specs, aliases, provenance)
+        (self.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.path)
+        for name, text in extra_files.items():
+            (self.path / name).write_text(text)
+        for leftover in self.path.glob("*.tmp"):  # a write a crash interrupted, since redone
+            leftover.unlink()
+        swap_into_place(self.path, final)
+        for layers in [info["layers"] for info in blocks]:
+            (final / f"{_stem(layers)}.json").unlink()
+        (final / STATE_NAME).unlink()

@@ -1,0 +1,134 @@
+"""Lazy, per-layer weights (``runtime.lazy``): a model skeleton on the meta device whose decoder layers
+get their tensors from the safetensors shards only while the pipeline works on them.
+
+The engine talks to a ``LayerStore`` (load the original weights of some layers, release them); the
+default mode's store does nothing because every layer is already in memory. Only the tensors outside
+the decoder layers (embeddings, final norm, LM head, rotary buffers) are materialized up front, so
+host memory holds one block of layers at a time instead of the model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..errors import LrcompressError
+from .adapters import ArchitectureAdapter, adapter_for
+from .loading import DTYPES, LoadedModel, is_compressed_dir, resolve_model_dir
+from .shards import ShardIndex
+
+
+
+class LayerStore(Protocol):
+    """Where the engine gets a decoder layer's original weights and gives them back."""
+
+    def load(self, indices: list[int]) -> None: ...
+
+    def release(self, indices: list[int]) -> None: ...
+
+
+class ResidentLayers:
+    """The default mode: the whole model is in memory, so loading and releasing cost nothing."""
+
+    def load(self, indices: list[int]) -> None:
+        pass
+
+    def release(self, indices: list[int]) -> None:
+        pass
+
+
+class LazyLayers:
+    """Materialize decoder layers of ``model`` from the checkpoint in ``directory``; release them to meta.
+
+    ``aliases`` ({alias: stored name}, a compressed checkpoint's "tied" list) covers tensors stored once
+    for several modules, such as a dictionary shared by a group of layers."""
+
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, directory: Path,
+                 aliases: dict[str, str] | None = None) -> None:
+        self.model, self.adapter = model, adapter
+        self.index = ShardIndex(directory)
+        self.aliases = aliases or {}
+
+    def load(self, indices: list[int]) -> None:
+        from ..checkpoint.reader import assign_tensors
+
+        for i in indices:
+            prefix = self.adapter.layer_prefix(i)
+            keys = self.index.keys_under(prefix)
+            if not keys:
+                raise LrcompressError(f"{self.index.directory}: no tensors under {prefix}. (lazy loading reads the "
+                                      "checkpoint's own tensor names; use runtime.lazy: false for checkpoints "
+                                      "that transformers converts while loading)")
+            assign_tensors(self.model, prefix, self.index.read(keys), self.aliases, self.index.directory)
+            _check_materialized(self.model.get_submodule(prefix), prefix)
+
+    def release(self, indices: list[int]) -> None:
+        layers = self.adapter.decoder_layers(self.model)
+        for i in indices:
+            layers[i].to(torch.device("meta"))
+
+
+def _check_materialized(module: nn.Module, where: str) -> None:
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise LrcompressError(f"{where}: no weights for {left[:5]} after loading (lazy mode cannot rebuild "
+                              "non-persistent buffers inside decoder layers; use runtime.lazy: false)")
+
+
+def lazy_model_dir(source: str) -> Path:
+    """The local safetensors directory lazy mode reads (a .gguf is converted and cached once, a hub id
+    is resolved to its downloaded snapshot)."""
+    local = resolve_model_dir(source)
+    if local is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as error:  # noqa: BLE001 - any hub failure becomes one clear message
+            raise LrcompressError(f"runtime.lazy: could not resolve {source!r} to a local directory: {error}") from None
+    if is_compressed_dir(local):
+        raise LrcompressError(f"runtime.lazy: {local} is an lrcompress checkpoint; lazy mode compresses dense "
+                              "safetensors checkpoints")
+    if not any(local.glob("*.safetensors")):
+        raise LrcompressError(f"runtime.lazy needs a safetensors checkpoint and {local} has no *.safetensors "
+                              "file (convert it, or use runtime.lazy: false)")
+    return local
+
+
+def build_lazy_skeleton(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model on the meta device, with only the tensors outside the decoder layers read from disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    adapter = adapter_for(model)
+    index = ShardIndex(directory)
+    outer = [name for name in model.state_dict() if not name.startswith(adapter.layers + ".")]
+    tensors = index.read([name for name in outer if name in index.weight_map])
+    current = model.state_dict(keep_vars=True)
+    model.load_state_dict({name: t.to(current[name].dtype) for name, t in tensors.items()}, strict=False,
+                          assign=True)
+    model.tie_weights()
+    if adapter.rotary:  # its frequencies are non-persistent buffers, computed from the config
+        from ..pipeline.targets import replace_submodule
+
+        rotary = model.get_submodule(adapter.rotary)
+        replace_submodule(model, adapter.rotary, type(rotary)(config=model.config))
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and not name.startswith(adapter.layers + ".")]
+    if left:
+        raise LrcompressError(f"{directory}: tensors outside the decoder layers not found: {left[:5]}")
+    return model.eval()
+
+
+def load_lazy(source: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    """The meta skeleton of ``source`` and its tokenizer; pair it with ``LazyLayers(model, ..., local_dir)``."""
+    from transformers import AutoTokenizer
+
+    local = lazy_model_dir(source)
+    model = build_lazy_skeleton(local, DTYPES[dtype], trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+    return LoadedModel(model, tokenizer, source, local)

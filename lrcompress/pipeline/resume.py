@@ -1,0 +1,115 @@
+"""Resume: a run's fingerprint, and the decision to continue a staged run, start one, or refuse.
+
+The fingerprint holds what decides the compressed tensors: the model files (name, size and mtime of
+weight files, content hash of the small JSON files), the recipe without the keys that cannot change
+them (``output``, ``eval``, ``runtime.lazy``: lazy and default mode give identical tensors, so a run
+killed for memory may be resumed in lazy mode; ``model.path``: the files identify the model), the
+calibration windows' sha256 and the library versions.
+
+A staging directory with the same fingerprint is always resumed, ``--overwrite`` or not (the result is
+the uninterrupted run's). One that differs is refused, naming each field that differs, unless
+``--overwrite`` (``output.overwrite: true``) is given: then it is discarded and the run starts over.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+from ..checkpoint.staging import StagingDir, staging_path
+from ..errors import CheckpointError
+
+IGNORED_RECIPE_KEYS = ("output", "eval", "runtime.lazy", "model.path")
+SMALL_FILE_SUFFIXES = {".json", ".jinja", ".txt", ".model"}
+
+
+def model_identity(directory: Path | None, source: str) -> dict[str, Any]:
+    """Files of the model directory; a model the hub loaded without a local directory is its id only."""
+    if directory is None:
+        return {"hub_id": source}
+    identity: dict[str, Any] = {}
+    for path in sorted(p for p in Path(directory).iterdir() if p.is_file()):
+        if path.suffix in SMALL_FILE_SUFFIXES:
+            identity[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        else:
+            stat = path.stat()
+            identity[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return identity
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts and lists as {"a.b.0.c": leaf}."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if items is None:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, child in items:
+        flat.update(flatten(child, f"{prefix}.{key}" if prefix else str(key)))
+    return flat or {prefix: value}
+
+
+def run_fingerprint(recipe_dump: dict[str, Any], model_dir: Path | None, source: str, windows_sha256: str,
+                    versions: dict[str, str]) -> dict[str, Any]:
+    recipe = {key: value for key, value in flatten(recipe_dump).items()
+              if not any(key == ignored or key.startswith(ignored + ".") for ignored in IGNORED_RECIPE_KEYS)}
+    return {"model": model_identity(model_dir, source), "recipe": recipe,
+            "calibration_windows_sha256": windows_sha256, "versions": versions}
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """One line per differing fingerprint field: its name, the staged value and the current one."""
+    before, after = flatten(saved), flatten(now)
+    missing = object()
+    lines = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key, missing), after.get(key, missing)
+        if old != new:
+            shown = ["(absent)" if v is missing else repr(v) for v in (old, new)]
+            lines.append(f"{key}: {shown[0]} in the staged run, {shown[1]} now")
+    return lines
+
+
+def _changes_config(staging: StagingDir) -> list[int]:
+    """Layers of finished blocks whose stage changed the model config (e.g. merged experts)."""
+    layers = []
+    for block in staging.finished():
+        records = staging.block_info(block)["records"]
+        if any(record["details"].get("config_updates") for record in records):
+            layers += block
+    return layers
+
+
+def open_staging(final: Path, fingerprint: dict[str, Any], overwrite: bool,
+                 announce: Callable[[str], None]) -> StagingDir:
+    """The staging directory of ``final``: resumed when its fingerprint matches, else created."""
+    staging = StagingDir(staging_path(final))
+    if not staging.path.exists():
+        staging.create(fingerprint)
+        return staging
+    try:
+        state = staging.read_state()
+        problems = ["it has no state.json"] if state is None else differences(state["fingerprint"], fingerprint)
+        if not problems and (changed := _changes_config(staging)):
+            problems = [f"layers {changed} were compressed by a stage that changes the model config; resuming "
+                        "such a run is not supported"]
+    except CheckpointError as error:
+        problems = [str(error)]
+    if problems:
+        if overwrite:
+            announce(f"discarding {staging.path} (it cannot be resumed: {problems[0]})")
+            staging.create(fingerprint)
+            return staging
+        raise CheckpointError(
+            f"{staging.path} holds an interrupted run that this command cannot resume:\n  "
+            + "\n  ".join(problems)
+            + f"\nDelete {staging.path}, or pass --overwrite (output.overwrite: true), to start over.")
+    announce(f"resuming from {staging.path}: {len(staging.finished())} block(s) of layers already finished")
+    return staging
+
+
+def read_staging(final: Path) -> StagingDir | None:
+    """The staging directory of ``final`` as rank 0 opened it, for reading only (None when this process
+    cannot see it: then it has nothing to resume, which is right only when rank 0 has nothing either —
+    resuming a torchrun job needs the output directory on a filesystem every process sees)."""
+    staging = StagingDir(staging_path(final))
+    return staging if staging.path.exists() else None

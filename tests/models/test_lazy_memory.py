@@ -1,0 +1,93 @@
+"""Lazy mode under a real memory limit: a synthetic random-weight checkpoint several times larger than
+the budget is compressed in a subprocess whose data segment (RLIMIT_DATA, set after the imports) may
+grow by the budget only. The default mode must fail under the same limit, so the limit is real.
+
+The budget covers what lazy mode holds at once: the process's own growth after its imports (~36 MB:
+modules transformers imports at the first forward, the calibration data), one layer, its float64
+Grams (twice a square weight's size) and the compressor's workspace (RTN int4 here: the cheapest, so
+the test is about memory, not decompositions). Peak RSS is VmHWM, which exec resets (ru_maxrss would
+inherit pytest's). glibc's allocator is pinned to mmap
+every allocation above 128 KiB (MALLOC_MMAP_THRESHOLD_): its default threshold adapts upwards to the
+size of freed chunks (up to 32 MiB), so the few-MB tensors of this small synthetic model would be
+recycled through the heap and fragment it; real layers' tensors are above that cap anyway."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import save_tiny
+from tiny_runs import tiny_recipe_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+BUDGET = 88 * 2**20
+SYNTHETIC = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=32, num_attention_heads=8,
+                 num_key_value_heads=2)        # 32 layers × 8.9 MB fp32 ≈ 286 MB (273 MiB) on disk, 3.1× the budget
+
+LIMITED = """
+import json, resource, sys
+import torch
+import transformers.models.llama.modeling_llama  # noqa: F401 (code is imported before the limit)
+import lrcompress.runner
+from lrcompress.recipe import parse_recipe
+from lrcompress.runner import run_recipe
+
+# report.md's plots import and run matplotlib: not the pipeline, and not proportional to the model
+lrcompress.runner.write_report = lambda *args, **kwargs: None
+
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+torch.set_num_threads(1)
+start_rss = status("VmRSS")
+soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+resource.setrlimit(resource.RLIMIT_DATA, (status("VmData") + int(sys.argv[2]), hard))
+try:
+    metrics = run_recipe(parse_recipe(json.loads(open(sys.argv[1]).read()))).metrics
+except (MemoryError, RuntimeError) as error:
+    print(json.dumps({"ok": False, "error": str(error)[:300]}))
+else:
+    print(json.dumps({"ok": True, "growth": status("VmHWM") - start_rss, "compress": metrics["memory"]["compress"]}))
+"""
+
+
+def run_limited(tmp_path: Path, model_dir: Path, calibration_file: Path, lazy: bool) -> dict:
+    recipe = tiny_recipe_dict(model_dir, calibration_file, tmp_path / f"out-{lazy}",
+                              runtime={"device": "cpu", "batch_size": 2, "lazy": lazy},
+                              stages=[{"method": "rtn", "bits": 4, "group_size": 128}])
+    recipe["calibration"].update(num_samples=4, seq_len=32)
+    recipe["eval"]["perplexity"][0].update(seq_len=32, max_windows=2)
+    recipe_file = tmp_path / f"recipe-{lazy}.json"
+    recipe_file.write_text(json.dumps(recipe))
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run([sys.executable, str(script), str(recipe_file), str(BUDGET)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no result (exit {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("synthetic"), "llama", max_shard_size="100MB", **SYNTHETIC)
+
+
+def test_lazy_mode_compresses_a_model_several_times_larger_than_its_memory_budget(synthetic_dir, calibration_file,
+                                                                                   tmp_path):
+    size = sum(p.stat().st_size for p in synthetic_dir.glob("*.safetensors"))
+    assert size > 3 * BUDGET
+    eager = run_limited(tmp_path, synthetic_dir, calibration_file, lazy=False)
+    assert not eager["ok"], "the default mode fit in the budget: the limit proves nothing"
+    lazy = run_limited(tmp_path, synthetic_dir, calibration_file, lazy=True)
+    assert lazy["ok"], lazy
+    assert lazy["growth"] < BUDGET, lazy
+    assert lazy["compress"]["peak_memory_growth_bytes"] < BUDGET, lazy
+    assert (tmp_path / "out-True" / "model.safetensors.index.json").is_file()

@@ -1,0 +1,148 @@
+"""Resume: a run killed mid-way (SIGKILL, or an exception) continues from its last finished block and
+writes exactly the uninterrupted run's checkpoint; a changed recipe refuses to resume and says why."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import save_tiny
+from lrcompress.errors import CheckpointError
+from lrcompress.pipeline import PipelineObserver
+from lrcompress.recipe import parse_recipe
+from lrcompress.runner import run_recipe
+from models.test_lazy import assert_same_tensors, checkpoint_tensors
+from tiny_runs import tiny_recipe_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES_PER_LAYER = 7
+
+KILLER = """
+import json, os, signal, sys
+from lrcompress.pipeline import PipelineObserver
+from lrcompress.recipe import parse_recipe
+from lrcompress.runner import run_recipe
+
+class KillAfter(PipelineObserver):
+    def __init__(self, modules):
+        self.left = modules
+
+    def module_done(self, record):
+        self.left -= 1
+        if self.left == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run_recipe(parse_recipe(json.loads(open(sys.argv[1]).read())), KillAfter(int(sys.argv[2])))
+"""
+
+
+class Interrupt(PipelineObserver):
+    """Raise after ``modules`` compressed modules (an in-process stand-in for a crash)."""
+
+    def __init__(self, modules: int) -> None:
+        self.left = modules
+
+    def module_done(self, record) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+
+
+pytestmark = pytest.mark.usefixtures("no_report")
+
+
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("six"), "llama", num_hidden_layers=6)
+
+
+def without_time(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "seconds"}
+
+
+def state_blocks(out: Path) -> list[list[int]]:
+    return json.loads((out.with_name(out.name + ".partial") / "state.json").read_text())["blocks"]
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_layers, calibration_file, tmp_path):
+    recipe = tiny_recipe_dict(six_layers, calibration_file, tmp_path / "resumed")
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe))
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    kill_at = 3 * MODULES_PER_LAYER + 2           # in layer 3: layers 0-2 are finished
+    done = subprocess.run([sys.executable, str(script), str(recipe_file), str(kill_at)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert state_blocks(tmp_path / "resumed") == [[0], [1], [2]]
+    assert not (tmp_path / "resumed").exists()
+
+    replayed = []
+
+    class Watch(PipelineObserver):
+        def phase(self, description: str) -> None:
+            replayed.append(description)
+
+    run_recipe(parse_recipe(recipe), Watch())
+    assert sum("finished in an earlier run" in line for line in replayed) == 3
+    run_recipe(parse_recipe({**recipe, "output": {"dir": str(tmp_path / "straight")}}))
+    resumed, straight = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("resumed", "straight"))
+    assert_same_tensors(tmp_path / "resumed", tmp_path / "straight")
+    assert [without_time(m) for m in resumed["modules"]] == [without_time(m) for m in straight["modules"]]
+    assert [p["value"] for p in resumed["eval"]["perplexity"].values()] == \
+        [p["value"] for p in straight["eval"]["perplexity"].values()]
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+@pytest.mark.parametrize("case", ["non-sequential", "lazy", "cospadi-group"])
+def test_an_interrupted_run_resumes_exactly(case, six_layers, calibration_file, tmp_path):
+    extra: dict = {"runtime": {"device": "cpu", "batch_size": 3, "sequential": case != "non-sequential",
+                               "lazy": case == "lazy"}}
+    per_block = MODULES_PER_LAYER
+    if case == "cospadi-group":  # one dictionary per projection shared by 2 layers: blocks of 2 layers
+        extra["stages"] = [{"method": "cospadi", "ratio": 0.3, "group_size": 2, "iterations": 1,
+                            "targets": ["*.mlp.up_proj"]}]
+        per_block = 2
+    recipe = tiny_recipe_dict(six_layers, calibration_file, tmp_path / "resumed", **extra)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(parse_recipe(recipe), Interrupt(per_block + 1))
+    assert len(state_blocks(tmp_path / "resumed")) == 1
+    run_recipe(parse_recipe(recipe))
+    run_recipe(parse_recipe({**recipe, "output": {"dir": str(tmp_path / "straight")}}))
+    assert_same_tensors(tmp_path / "resumed", tmp_path / "straight")
+    if case == "cospadi-group":
+        config = json.loads((tmp_path / "resumed" / "config.json").read_text())
+        shared = [alias for alias in config["lrcompress"]["tied"] if alias.endswith("dictionary")]
+        assert len(shared) == 3                       # 3 blocks × up_proj, stored once each
+        assert not set(shared) & set(checkpoint_tensors(tmp_path / "resumed"))
+
+
+def test_a_changed_recipe_refuses_to_resume_and_names_the_field(six_layers, calibration_file, tmp_path):
+    out = tmp_path / "out"
+    recipe = tiny_recipe_dict(six_layers, calibration_file, out)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(parse_recipe(recipe), Interrupt(MODULES_PER_LAYER + 1))
+    changed = tiny_recipe_dict(six_layers, calibration_file, out, ratio=0.3)
+    with pytest.raises(CheckpointError, match=r"recipe\.stages\.0\.ratio: 0\.2 in the staged run, 0\.3 now") as error:
+        run_recipe(parse_recipe(changed))
+    assert "out.partial" in str(error.value) and "--overwrite" in str(error.value)
+    fewer = tiny_recipe_dict(six_layers, calibration_file, out)
+    fewer["calibration"]["num_samples"] = 4
+    with pytest.raises(CheckpointError, match="calibration_windows_sha256") as error:
+        run_recipe(parse_recipe(fewer))
+    assert "recipe.calibration.num_samples: 6 in the staged run, 4 now" in str(error.value)
+    assert state_blocks(out) == [[0]]                 # refusing touched nothing
+    changed["output"]["overwrite"] = True             # start over with the new recipe
+    run_recipe(parse_recipe(changed))
+    assert json.loads((out / "config.json").read_text())["lrcompress"]["provenance"]["recipe_fingerprint"] == \
+        parse_recipe(changed).fingerprint()
+
+
+def test_a_staging_dir_without_state_is_refused(tiny_llama_dir, calibration_file, tmp_path):
+    (tmp_path / "out.partial").mkdir()
+    with pytest.raises(CheckpointError, match="it has no state.json"):
+        run_recipe(parse_recipe(tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out")))
