@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from lrcompress.compressor import GroupMember, get_compressor, make_statistic
+from lrcompress.compressor import GroupMember, get_compressor
 from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
 from lrcompress.eval import perplexity, unique_param_count
@@ -29,19 +29,7 @@ from lrcompress.models import adapter_for, load_model
 from lrcompress.modules import dense_weight, stored_params
 from lrcompress.pipeline.targets import replace_submodule, select_targets
 
-
-@torch.no_grad()
-def collect_grams(model: nn.Module, names: list[str], windows: torch.Tensor, batch: int) -> dict:
-    stats = {n: {"gram": make_statistic("gram", model.get_submodule(n), torch.device("cpu"))} for n in names}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda _m, args, out, n=n: stats[n]["gram"].observe(args[0], out)) for n in names]
-    try:
-        for chunk in windows.split(batch):
-            model(input_ids=chunk, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
+from grams import collect_grams
 
 
 def target_names(model: nn.Module, layers: range | None = None) -> list[str]:
@@ -125,7 +113,7 @@ def main() -> None:
         first, last = (int(v) for v in args.layers.split("-"))
         layers = range(first, last + 1)
     names = target_names(model, layers)
-    stats = collect_grams(model, names, windows, 4)
+    stats = {n: {"gram": gram} for n, gram in collect_grams(model, names, windows, 4).items()}
     print(f"grams of {len(names)} modules from {len(windows)} windows in {time.perf_counter() - started:.0f}s",
           file=sys.stderr, flush=True)
     configs = {

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrcompress.compressor import GramStatistic, get_compressor
+from lrcompress.compressor import get_compressor
 from lrcompress.compressor.fwsvd import importance_scale
 from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
@@ -34,6 +34,8 @@ from lrcompress.models import adapter_for, load_model
 from lrcompress.modules import dense_weight
 from lrcompress.pipeline import PipelineSettings, Stage, run_prepasses, select_targets
 from lrcompress.pipeline.targets import replace_submodule
+
+from grams import collect_grams
 
 METHODS = ("svd", "whiten", "fwsvd")
 
@@ -46,20 +48,6 @@ def target_names(model: nn.Module) -> list[str]:
     adapter = adapter_for(model)
     return [f"{adapter.layer_prefix(i)}.{name}" for i, layer in enumerate(adapter.decoder_layers(model))
             for name in select_targets(layer, adapter.layer_prefix(i), ["*"], [])]
-
-
-@torch.no_grad()
-def collect_grams(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int) -> dict:
-    stats = {n: GramStatistic(model.get_submodule(n).in_features) for n in names}
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: stats[n].observe(a[0], o))
-               for n in names]
-    try:
-        for batch in windows.split(batch_size):
-            model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
 
 
 def weighted_error(weight: torch.Tensor, approx: torch.Tensor, d: torch.Tensor) -> float:
