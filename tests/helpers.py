@@ -49,6 +49,28 @@ def correlated_inputs(rows: int, features: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, features, generator=g, dtype=torch.float64) @ (mixing * scales[:, None])
 
 
+def observed_linear(rows: int, out_features: int, in_features: int, seed: int = 0, bias: bool = False):
+    """A float64 Linear, correlated inputs ``x`` and their Gram statistic: the compressor tests' setting."""
+    from torch import nn
+
+    from lrcompress.compressor import GramStatistic
+
+    torch.manual_seed(seed)
+    x = correlated_inputs(rows, in_features, seed=seed)
+    linear = nn.Linear(in_features, out_features, bias=bias).double()
+    gram = GramStatistic(in_features)
+    gram.observe(x, linear(x))
+    return x, linear, gram
+
+
+def compress_with(method: str, module, statistics: dict, name: str = "test.module", **options):
+    """The module ``method`` (configured by ``options``) returns for ``module``, given its statistics."""
+    from lrcompress.compressor import get_compressor
+
+    cls = get_compressor(method)
+    return cls(cls.Config(**options)).compress(name, module, statistics).module
+
+
 def smollm2_path() -> Path:
     """The converted demo model (``make model``); real-model tests fail, not skip, without it."""
     import os

@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from lrcompress.compressor import GramStatistic, OriginalWeight, get_compressor
+from lrcompress.compressor import OriginalWeight, get_compressor
 from lrcompress.compressor.eora import eigenspace_factors
 from lrcompress.errors import LrcompressError
 from lrcompress.models import adapter_for
 from lrcompress.modules import CompensatedLinear, QuantizedLinear, dense_weight
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
-from helpers import correlated_inputs, tiny_model
+from helpers import compress_with, observed_linear, tiny_model
 
 OUT, IN, RANK = 20, 28, 5
 
@@ -21,14 +21,8 @@ BASES = {"rtn": {"bits": 3, "group_size": 8}, "gptq": {"bits": 3, "group_size": 
 
 def _compressed_layer(seed=0, method="rtn"):
     """A float64 layer, its Gram on positive-definite correlated inputs, and a compressed version."""
-    torch.manual_seed(seed)
-    x = correlated_inputs(500, IN, seed=seed)
-    linear = nn.Linear(IN, OUT, bias=True).double()
-    gram = GramStatistic(IN)
-    gram.observe(x, linear(x))
-    cls = get_compressor(method)
-    base = cls(cls.Config(**BASES[method])).compress("m", linear, {"gram": gram}).module
-    return x, linear, gram, base
+    x, linear, gram = observed_linear(500, OUT, IN, seed, bias=True)
+    return x, linear, gram, compress_with(method, linear, {"gram": gram}, name="m", **BASES[method])
 
 
 def _eora(base, linear, gram, **options):

@@ -5,23 +5,17 @@ from torch import nn
 
 from lrcompress.compressor import COMPRESSORS, GramStatistic, get_compressor
 from lrcompress.modules import LowRankLinear, dense_weight
-from helpers import correlated_inputs
+from helpers import compress_with, observed_linear
 
 OUT, IN, RANK = 24, 32, 6
 
 
 def _setup(seed=0, bias=False):
-    torch.manual_seed(seed)
-    x = correlated_inputs(512, IN, seed=seed)
-    linear = nn.Linear(IN, OUT, bias=bias).double()
-    gram = GramStatistic(IN)
-    gram.observe(x, linear(x))
-    return x, linear, gram
+    return observed_linear(512, OUT, IN, seed, bias)
 
 
 def _compress(method, linear, gram, **options):
-    compressor = get_compressor(method)(get_compressor(method).Config(rank=RANK, **options))
-    return compressor.compress("test.module", linear, {"gram": gram}).module
+    return compress_with(method, linear, {"gram": gram}, rank=RANK, **options)
 
 
 def _output_error(x, linear, module):

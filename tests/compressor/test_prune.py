@@ -8,23 +8,17 @@ from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.errors import RecipeError
 from lrcompress.modules import MaskedSparseLinear, NMSparseLinear, dense_weight
 from lrcompress.recipe import parse_recipe
-from helpers import correlated_inputs
+from helpers import compress_with, observed_linear
 
 OUT, IN = 12, 32
 
 
 def _layer(seed=0):
-    torch.manual_seed(seed)
-    x = correlated_inputs(300, IN, seed=seed)
-    linear = nn.Linear(IN, OUT, bias=False).double()
-    gram = GramStatistic(IN)
-    gram.observe(x, linear(x))
-    return x, linear, gram
+    return observed_linear(300, OUT, IN, seed)
 
 
 def _prune(linear, gram, **options):
-    cls = get_compressor("prune")
-    return cls(cls.Config(**options)).compress("m", linear, {"gram": gram}).module
+    return compress_with("prune", linear, {"gram": gram}, name="m", **options)
 
 
 @pytest.mark.parametrize("scoring", ["magnitude", "wanda"])

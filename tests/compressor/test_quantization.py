@@ -4,29 +4,22 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from lrcompress.compressor import GramStatistic, get_compressor
+from lrcompress.compressor import GramStatistic
 from lrcompress.compressor.gptq import gptq_quantize
 from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.modules import QuantizedLinear, dense_weight
-from helpers import correlated_inputs
+from helpers import compress_with, observed_linear
 
 OUT, IN = 16, 40
 
 
 def _layer(seed=0):
-    torch.manual_seed(seed)
-    x = correlated_inputs(400, IN, seed=seed)
-    linear = nn.Linear(IN, OUT, bias=True).double()
-    gram = GramStatistic(IN)
-    gram.observe(x, linear(x))
-    return x, linear, gram
+    return observed_linear(400, OUT, IN, seed, bias=True)
 
 
 def _run(method, linear, gram, **options):
-    cls = get_compressor(method)
-    return cls(cls.Config(**options)).compress("test.module", linear, {"gram": gram}).module
+    return compress_with(method, linear, {"gram": gram}, **options)
 
 
 def _reference_grid(group, bits):
