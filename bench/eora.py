@@ -9,6 +9,10 @@ same invocation.
 
     python bench/eora.py --model $LRCOMPRESS_SMOLLM2 --out runs/bench-eora [--bases rtn3,gptq3]
                          [--ranks 16,32,64] [--compensations none,svd,eora] [--calibration-samples 32]
+                         [--factor-bits 4]
+
+``--factor-bits`` quantizes the compensation factors A and B (round-to-nearest, as the paper's 4-bit
+setting); such rows are kept apart from the float-factor rows in the JSONL and labelled in the table.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ SPACES = {"svd": "weight", "eora": "eigen"}
 def recipe_dict(model: str, base: str, compensation: str, rank: int | None, args: argparse.Namespace) -> dict:
     stages = [dict(BASES[base][1])]
     if compensation != "none":
-        stages.append({"method": "eora", "rank": rank, "space": SPACES[compensation]})
+        stages.append({"method": "eora", "rank": rank, "space": SPACES[compensation], "bits": args.factor_bits})
     return {
         "model": {"path": model},
         "calibration": {"dataset": "wikitext2", "split": "validation", "num_samples": args.calibration_samples,
@@ -126,9 +130,11 @@ def table(rows: list[dict], dense: dict | None) -> str:
               "|---|---|---|---|---|---|---|"]
     none = {r["base"]: r["perplexity"] for r in rows if r["compensation"] == "none"}
     order = {name: i for i, name in enumerate(BASES)}
-    for r in sorted(rows, key=lambda r: (order[r["base"]], r["rank"] or 0, r["compensation"])):
+    for r in sorted(rows, key=lambda r: (order[r["base"]], r["rank"] or 0, r.get("factor_bits") or 0,
+                                         r["compensation"])):
         delta = f"{r['perplexity'] - none[r['base']]:+.3f}" if r["base"] in none and r["compensation"] != "none" else "–"
-        lines.append(f"| {BASES[r['base']][0]} | {r['compensation']} | {r['rank'] or '–'} | {r['added_params']:,} | "
+        bits = f" (A, B {r['factor_bits']}-bit)" if r.get("factor_bits") else ""
+        lines.append(f"| {BASES[r['base']][0]} | {r['compensation']}{bits} | {r['rank'] or '–'} | {r['added_params']:,} | "
                      f"{r['targeted_bytes_after'] / 2**20:.2f} | {r['perplexity']:.3f} | {delta} |")
     return "\n".join(lines)
 
@@ -143,6 +149,8 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--factor-bits", type=int, default=None,
+                        help="quantize the compensation factors A and B to this many bits (the paper uses 4)")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--module-errors", default=None, metavar="NAMES",
                         help="instead of perplexity runs: layer-wise output errors of these modules (comma-separated)")
@@ -158,16 +166,19 @@ def main() -> None:
     if not args.skip_dense and not dense_file.exists():
         dense_file.write_text(json.dumps(dense_perplexity(args.model, args)))
     dense = json.loads(dense_file.read_text()) if dense_file.exists() else None
-    done = {(r["base"], r["compensation"], r["rank"], r["calibration_samples"]) for r in rows}
+    def key_of(r: dict) -> tuple:
+        bits = r.get("factor_bits") if r["compensation"] != "none" else None
+        return r["base"], r["compensation"], r["rank"], r["calibration_samples"], bits
+
+    done = {key_of(r) for r in rows}
     ranks = [int(r) for r in args.ranks.split(",")]
     for base in args.bases.split(","):
         for compensation in args.compensations.split(","):
             for rank in ([None] if compensation == "none" else ranks):
-                key = (base, compensation, rank, args.calibration_samples)
-                if key in done:
-                    continue
                 row = {"base": base, "compensation": compensation, "rank": rank,
-                       "calibration_samples": args.calibration_samples}
+                       "calibration_samples": args.calibration_samples, "factor_bits": args.factor_bits}
+                if key_of(row) in done:
+                    continue
                 row.update(run_one(recipe_dict(args.model, base, compensation, rank, args)))
                 rows.append(row)
                 with results_file.open("a") as handle:
