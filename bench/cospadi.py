@@ -27,7 +27,8 @@ from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
 from lrcompress.eval import perplexity, unique_param_count
 from lrcompress.models import adapter_for, load_model
 from lrcompress.modules import dense_weight, stored_params
-from lrcompress.pipeline.targets import replace_submodule, select_targets
+from lrcompress.modules.surgery import replace_submodule
+from lrcompress.pipeline.targets import select_targets
 
 from grams import collect_grams
 

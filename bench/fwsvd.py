@@ -33,7 +33,7 @@ from lrcompress.eval import perplexity
 from lrcompress.models import adapter_for, load_model
 from lrcompress.modules import dense_weight
 from lrcompress.pipeline import PipelineSettings, Stage, run_prepasses, select_targets
-from lrcompress.pipeline.targets import replace_submodule
+from lrcompress.modules.surgery import replace_submodule
 
 from grams import collect_grams
 

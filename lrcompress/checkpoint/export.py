@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..modules import compressed_modules
-from ..pipeline.targets import replace_submodule
+from ..modules.surgery import replace_submodule
 from .layout import staged_directory
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..modules import CompensatedLinear, compressed_modules, dense_weight
-from ..pipeline.targets import replace_submodule
+from ..modules.surgery import replace_submodule
 from .export import densify
 from .layout import staged_directory
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..modules import MODULE_KINDS
-from ..pipeline.targets import replace_submodule
+from ..modules.surgery import replace_submodule
 from .layout import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, weight_files
 
 

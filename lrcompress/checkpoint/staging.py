@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from ..models.shards import read_all
+from .shards import read_all
 from .layout import CONFIG_NAME, replace_durably, swap_into_place, write_durable
 from .writer import checkpoint_config, write_index
 

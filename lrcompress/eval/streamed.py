@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import LrcompressError
 from ..models import ArchitectureAdapter
 from ..models.lazy import LayerStore
-from ..pipeline.capture import capture_layer_inputs, forward_layer
+from ..models.capture import capture_layer_inputs, forward_layer
 from .perplexity import batch_nll
 
 UNSUPPORTED_HEAD_SETTINGS = ("final_logit_softcapping", "logit_scale")

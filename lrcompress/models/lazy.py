@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import LrcompressError
 from .adapters import ArchitectureAdapter, adapter_for
 from .loading import DTYPES, LoadedModel, is_compressed_dir, resolve_model_dir
-from .shards import ShardIndex
+from ..checkpoint.shards import ShardIndex
 
 
 
@@ -113,7 +113,7 @@ def build_lazy_skeleton(directory: Path, dtype: torch.dtype, trust_remote_code: 
                           assign=True)
     model.tie_weights()
     if adapter.rotary:  # its frequencies are non-persistent buffers, computed from the config
-        from ..pipeline.targets import replace_submodule
+        from ..modules.surgery import replace_submodule
 
         rotary = model.get_submodule(adapter.rotary)
         replace_submodule(model, adapter.rotary, type(rotary)(config=model.config))

@@ -1,6 +1,7 @@
 """The layer-wise calibration pipeline."""
-from .capture import LayerInputs, capture_layer_inputs
-from .engine import LayerwisePipeline, PipelineSettings, Stage
+from ..models.capture import LayerInputs, capture_layer_inputs
+from .engine import LayerwisePipeline
+from .settings import PipelineSettings, Stage
 from . import fisher  # noqa: F401  (registers the "fisher" pre-pass)
 from .observer import LoggingObserver, PipelineObserver
 from .prepass import PREPASSES, PrePassOutput, PrePassResult, register_prepass, run_prepasses

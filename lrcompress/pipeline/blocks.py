@@ -23,7 +23,8 @@ from ..models import ArchitectureAdapter
 from ..models.blocks import block_kind
 from ..modules import storage_bytes, stored_params
 from .records import ModuleRecord
-from .targets import _matches, replace_submodule
+from ..modules.surgery import replace_submodule
+from .targets import _matches
 
 
 def is_block_stage(stage: Any) -> bool:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -42,48 +41,17 @@ from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
 from ..models.lazy import LayerStore, ResidentLayers
 from ..modules import dense_weight, storage_bytes, stored_params
-from .blocks import block_needs, check_coverage, compress_block, is_block_stage, select_blocks
-from .capture import LayerInputs, capture_layer_inputs, forward_layer
-from .distributed import Collective, CompressJob
+from .blocks import check_coverage, compress_block, is_block_stage, select_blocks
+from ..models.capture import LayerInputs, capture_layer_inputs, forward_layer
+from .distributed import CompressJob
 from .journal import BlockJournal, MemoryJournal
 from .observer import PipelineObserver
 from .oom import naming_out_of_memory
+from .settings import PipelineSettings, Stage
 from .prepass import is_prepass_kind
 from .records import ModuleRecord
-from .targets import replace_submodule, select_targets
-
-
-@dataclass
-class Stage:
-    """A compressor bound to its target patterns (one entry of the recipe's ``stages``)."""
-
-    index: int
-    compressor: Compressor
-    targets: list[str]
-    ignore: list[str] = field(default_factory=list)
-
-    @property
-    def needs(self) -> frozenset[str]:
-        if is_block_stage(self):  # block stages: their own statistics + a sample for the block error
-            return block_needs(self.compressor)
-        # The Gram is always collected: it gives every module's relative output error.
-        return self.compressor.needs | {"gram"}
-
-    @property
-    def group_size(self) -> int:
-        return self.compressor.group_size
-
-
-@dataclass
-class PipelineSettings:
-    batch_size: int = 4
-    compute: torch.device = torch.device("cpu")
-    offload: torch.device = torch.device("cpu")
-    sequential: bool = True
-    # The processes this run is spread over (one by default). A field of the settings so that the
-    # engine and every pre-pass reach it the same way.
-    collective: Collective = field(default_factory=Collective)
-    num_samples: int | None = None        # calibration windows over all processes, for memory hints
+from ..modules.surgery import replace_submodule
+from .targets import select_targets
 
 
 class LayerwisePipeline:

@@ -20,7 +20,7 @@ weights are never written. Activation memory is one decoder layer's graph plus t
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +29,12 @@ from torch import nn
 from ..compressor.fisher import FisherStatistic
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
-from .capture import capture_layer_inputs, layer_output, move
+from ..models.capture import capture_layer_inputs, layer_output, move
 from .memory import PeakMemory
 from .observer import PipelineObserver
 from .prepass import PrePassResult, register_prepass
 
-if TYPE_CHECKING:
-    from .engine import PipelineSettings
+from .settings import PipelineSettings
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from ..checkpoint.writer import unique_tensors
 from ..models import ArchitectureAdapter
 from ..modules import compressed_modules, module_from_spec
 from .records import ModuleRecord
-from .targets import replace_submodule
+from ..modules.surgery import replace_submodule
 
 
 class BlockJournal(Protocol):

@@ -8,15 +8,14 @@ the settings that lower memory.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..errors import OutOfMemory
 from .memory import describe_peak_memory
 
-if TYPE_CHECKING:
-    from .engine import PipelineSettings
+from .settings import PipelineSettings
 
 # What the CPU allocator says when an allocation fails (it raises a plain RuntimeError).
 CPU_MESSAGES = ("not enough memory", "can't allocate memory")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -20,8 +20,7 @@ from ..models import ArchitectureAdapter
 from .observer import PipelineObserver
 from .targets import select_targets
 
-if TYPE_CHECKING:  # the engine imports this module; only the type is needed here
-    from .engine import PipelineSettings, Stage
+from .settings import PipelineSettings, Stage
 
 
 @dataclass

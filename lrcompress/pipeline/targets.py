@@ -38,9 +38,3 @@ def select_targets(layer: nn.Module, prefix: str, targets: list[str], ignore: li
         if any(_matches(full, p) for p in targets) and not any(_matches(full, p) for p in ignore):
             selected.append(name)
     return selected
-
-
-def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)

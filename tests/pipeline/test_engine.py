@@ -8,7 +8,7 @@ from lrcompress.errors import NumericalError
 from lrcompress.models import adapter_for
 from lrcompress.modules import LowRankLinear, dense_weight
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage, capture_layer_inputs
-from lrcompress.pipeline.capture import layer_output
+from lrcompress.models.capture import layer_output
 from helpers import tiny_model
 
 WINDOWS = torch.randint(3, 259, (6, 32), generator=torch.Generator().manual_seed(0))

@@ -1,5 +1,6 @@
 from lrcompress.modules import LowRankLinear
-from lrcompress.pipeline.targets import replace_submodule, select_targets
+from lrcompress.modules.surgery import replace_submodule
+from lrcompress.pipeline.targets import select_targets
 from helpers import tiny_model
 
 

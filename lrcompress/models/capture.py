@@ -8,7 +8,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
-from ..models import ArchitectureAdapter
+from .adapters import ArchitectureAdapter
 
 
 class _StopForward(Exception):

@@ -1,0 +1,47 @@
+"""What the engine and every pre-pass are configured with: the stages and the run settings.
+
+Kept apart from the engine so that the pre-passes and the out-of-memory helper can name these types
+without importing the engine (which imports them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..compressor import Compressor
+from .blocks import block_needs, is_block_stage
+from .distributed import Collective
+
+
+@dataclass
+class Stage:
+    """A compressor bound to its target patterns (one entry of the recipe's ``stages``)."""
+
+    index: int
+    compressor: Compressor
+    targets: list[str]
+    ignore: list[str] = field(default_factory=list)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        if is_block_stage(self):  # block stages: their own statistics + a sample for the block error
+            return block_needs(self.compressor)
+        # The Gram is always collected: it gives every module's relative output error.
+        return self.compressor.needs | {"gram"}
+
+    @property
+    def group_size(self) -> int:
+        return self.compressor.group_size
+
+
+@dataclass
+class PipelineSettings:
+    batch_size: int = 4
+    compute: torch.device = torch.device("cpu")
+    offload: torch.device = torch.device("cpu")
+    sequential: bool = True
+    # The processes this run is spread over (one by default). A field of the settings so that the
+    # engine and every pre-pass reach it the same way.
+    collective: Collective = field(default_factory=Collective)
+    num_samples: int | None = None        # calibration windows over all processes, for memory hints
