@@ -137,5 +137,5 @@ def check_growth(recipe: Recipe, plan: list[PlannedModule]) -> None:
                           f"{p.params_after:,} parameters" for p in grown[:2])
         raise PlanRefused(
             f"stages.{index} ({spec.method}): {len(grown)} module(s) would not shrink, e.g. {shown}. A rank at or "
-            "above m·n/(m+n) stores more than the dense weight; lower the rank or raise the ratio, or set "
+            "above m·n/(m+n) stores at least as much as the dense weight; lower the rank or raise the ratio, or set "
             f"stages.{index}.allow_growth: true to accept it", plan)

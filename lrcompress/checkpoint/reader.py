@@ -34,7 +34,7 @@ def read_metadata(directory: Path) -> tuple[dict, dict]:
     return config, meta
 
 
-def build_skeleton(config_dict: dict, meta: dict, dtype: torch.dtype) -> nn.Module:
+def build_skeleton(config_dict: dict, meta: dict, dtype: torch.dtype, source: str | Path = CONFIG_NAME) -> nn.Module:
     """The model with random-free (uninitialized) weights and the compressed modules swapped in."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -47,18 +47,18 @@ def build_skeleton(config_dict: dict, meta: dict, dtype: torch.dtype) -> nn.Modu
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, KeyError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"config.json: transformers cannot build model_type {model_type!r}: {first}") from None
+        raise CheckpointError(f"{source}: transformers cannot build model_type {model_type!r}: {first}") from None
     for name, spec in meta.get("modules", {}).items():
         kind = MODULE_KINDS.get(spec.get("kind")) if isinstance(spec, dict) else None
         if kind is None:
             shown = spec.get("kind") if isinstance(spec, dict) else spec
-            raise CheckpointError(f"config.json lrcompress block: module {name}: unknown compressed kind {shown!r} "
+            raise CheckpointError(f"{source}, lrcompress block: module {name}: unknown compressed kind {shown!r} "
                                   f"(this lrcompress knows {', '.join(sorted(MODULE_KINDS))}); the checkpoint was "
                                   "written by a newer lrcompress, or it is damaged")
         try:
             replace_submodule(model, name, kind.from_spec(spec, dtype))
         except (AttributeError, KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"config.json lrcompress block: module {name}: invalid {spec['kind']} spec "
+            raise CheckpointError(f"{source}, lrcompress block: module {name}: invalid {spec['kind']} spec "
                                   f"({type(error).__name__}: {error})") from None
     return model
 
@@ -104,7 +104,7 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     directory = Path(directory)
     config_dict, meta = read_metadata(directory)
     stored_dtype = getattr(torch, meta.get("dtype", "float32"))
-    model = build_skeleton(config_dict, meta, stored_dtype)
+    model = build_skeleton(config_dict, meta, stored_dtype, directory / CONFIG_NAME)
     tensors: dict[str, torch.Tensor] = {}
     files = weight_files(directory)
     if not files:

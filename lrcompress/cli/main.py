@@ -33,7 +33,7 @@ def _debug() -> bool:
 def _fail(error: Exception, code: int = 2) -> None:
     if _debug():
         console.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
-    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 

@@ -68,12 +68,29 @@ def _transformers_refused(what: str, error: Exception) -> LrcompressError:
                            "models that ship their own code need model.trust_remote_code: true)")
 
 
+def _check_model_type(path: Path, config: dict, trust_remote_code: bool) -> None:
+    """The architecture a config.json names must be one transformers knows (or ship its own code)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise LrcompressError(f"{path} has no model_type key, so transformers cannot tell which architecture it "
+                              "is; a Hugging Face causal LM's config.json names one (e.g. \"model_type\": \"llama\")")
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
+        raise LrcompressError(f"{path}: model_type {model_type!r} is not an architecture transformers "
+                              f"{transformers.__version__} knows; upgrade transformers, or set "
+                              "model.trust_remote_code: true if the model ships its own code")
+
+
 def load_config(source: str, local: Path | None, trust_remote_code: bool = False):
     """The transformers config of a model (local directory or hub id), without any weights."""
     from transformers import AutoConfig
 
     where = str(local) if local is not None else source
     what = f"{local / 'config.json'}" if local is not None else f"model {source!r}"
+    if local is not None:
+        _check_model_type(local / "config.json", read_config_json(local), trust_remote_code)
     try:
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError, TypeError) as error:
@@ -92,7 +109,7 @@ def model_skeleton(source: str, dtype: str = "float32", trust_remote_code: bool 
 
         config_dict, meta = read_metadata(local)
         with torch.device("meta"):
-            return build_skeleton(config_dict, meta, DTYPES[dtype])
+            return build_skeleton(config_dict, meta, DTYPES[dtype], local / "config.json")
     config = load_config(source, local, trust_remote_code)
     try:
         with torch.device("meta"):
