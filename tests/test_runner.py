@@ -1,4 +1,5 @@
 """End to end on a tiny model: recipe -> compressed checkpoint -> metrics.json/report.md."""
+import hashlib
 import json
 
 import pytest
@@ -36,6 +37,9 @@ def test_runs_are_reproducible(tiny_llama_dir, calibration_file, tmp_path):
     second = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "b")).metrics
     assert first["provenance"]["calibration"] == second["provenance"]["calibration"]
     assert [m["relative_error"] for m in first["modules"]] == [m["relative_error"] for m in second["modules"]]
+    digests = [{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / run).glob("*.safetensors"))}
+               for run in ("a", "b")]
+    assert digests[0] == digests[1] and len(digests[0]) == 3     # two blocks of layers + the outer tensors
 
 
 def test_existing_output_is_not_overwritten_without_the_flag(tiny_llama_dir, calibration_file, tmp_path):
