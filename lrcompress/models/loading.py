@@ -93,7 +93,9 @@ def load_config(source: str, local: Path | None, trust_remote_code: bool = False
         _check_model_type(local / "config.json", read_config_json(local), trust_remote_code)
     try:
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError, TypeError) as error:
+    except OSError as error:   # a hub id that cannot be reached or does not exist
+        raise LrcompressError(f"could not load the config of model {source!r}: {error}") from None
+    except (ValueError, KeyError, TypeError) as error:
         raise _transformers_refused(what, error) from None
 
 
