@@ -39,3 +39,12 @@ def family_model(family: str, seed: int = 0):
 
 def family_windows(count: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 259, (count, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def save_family(directory, family: str):
+    """``family_model(family)`` saved as safetensors with the byte tokenizer."""
+    from helpers import byte_tokenizer
+
+    family_model(family).save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
