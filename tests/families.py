@@ -29,12 +29,27 @@ DENSE_FAMILIES: dict[str, dict] = {
 
 FAMILIES = [*DENSE_FAMILIES, *MOE_FAMILIES]
 
+# The families transformers dequantizes from GGUF, in settings a GGUF file can express: its metadata has
+# no sliding-window layer selection for Mistral (written as llama.cpp does, as a Llama) or Qwen2/3, no
+# head_dim for Qwen3 (transformers' default 128 applies) and no layer_types for Gemma 3 (the default
+# pattern applies).
+GGUF_FAMILIES: dict[str, dict] = {
+    "llama": dict(),
+    "mistral": dict(sliding_window=None),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=128),
+    "phi3": dict(SPECIAL_IDS),
+    "gemma2": dict(sliding_window=8),
+    "gemma3_text": dict(sliding_window=8),
+}
 
-def family_model(family: str, seed: int = 0):
-    """A tiny random model of ``family`` (hidden 32-64, 2-4 layers), in eval mode."""
+
+def family_model(family: str, seed: int = 0, gguf: bool = False):
+    """A tiny random model of ``family`` (hidden 32-64, 2-4 layers), in eval mode; ``gguf``: in the
+    settings of ``GGUF_FAMILIES``."""
     if family in MOE_FAMILIES:
         return tiny_moe(family, seed=seed)
-    return tiny_model(family, seed=seed, **{**SMALL, **DENSE_FAMILIES[family]})
+    return tiny_model(family, seed=seed, **{**SMALL, **(GGUF_FAMILIES if gguf else DENSE_FAMILIES)[family]})
 
 
 def family_windows(count: int = 4, seed: int = 0) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _recipe(model_dir, text, out):
     recipe = tiny_recipe(model_dir, text, out, method="whiten", ratio=0.3)
     recipe.calibration.num_samples, recipe.calibration.seq_len = 4, SEQ
     recipe.runtime.batch_size = 2
-    recipe.eval.perplexity[0].seq_len, recipe.eval.perplexity[0].max_windows = SEQ, 1
+    recipe.eval.perplexity = []
     return recipe
 
 

@@ -111,8 +111,8 @@ def test_the_expert_count_key_is_the_one_the_modeling_code_reads(family):
     model = tiny_moe(family)
     key = expert_count_key(model.config)
     assert getattr(model.config, key) == 4
-    assert getattr(model.config, OLD_TABLE[family]) == 4 and key in (OLD_TABLE[family],) + tuple(
-        name for name, target in getattr(model.config, "attribute_map", {}).items() if target == OLD_TABLE[family])
+    setattr(model.config, key, 3)                   # the same setting as the one the modeling code reads
+    assert getattr(model.config, OLD_TABLE[family]) == 3
 
 
 def test_blocks_are_found_by_structure_under_any_name():
