@@ -87,7 +87,7 @@ class LayerwisePipeline:
         s = self.settings
         block = self.block_size()
         check_coverage(self.model, self.adapter, self.stages)
-        self.observer.phase(f"capturing the inputs of layer 0 for {len(windows)} windows")
+        self.observer.phase(f"capturing the decoder layers' inputs for {len(windows)} windows")
         inputs = capture_layer_inputs(self.model, self.adapter, windows, s.batch_size, s.compute, s.offload)
         layers = self.adapter.decoder_layers(self.model)
         records: list[ModuleRecord] = []
@@ -253,13 +253,9 @@ class LayerwisePipeline:
         s = self.settings
 
         def guard(number: int, batches: int):
-            return naming_out_of_memory(lambda: f"in layer {self._index_of(layer)} running batch "
+            return naming_out_of_memory(lambda: f"in layer {inputs.layer} running batch "
                                         f"{number + 1}/{batches}", s)
         return forward_layer(layer, inputs, s.compute, s.offload, guard)
-
-    def _index_of(self, layer: nn.Module) -> int:
-        """The decoder-layer index of ``layer`` (only looked up for an error message)."""
-        return next(i for i, candidate in enumerate(self.adapter.decoder_layers(self.model)) if candidate is layer)
 
     def _precomputed_for(self, full_name: str, stage: Stage) -> dict[str, Statistic]:
         kinds = [kind for kind in stage.needs if is_prepass_kind(kind)]
