@@ -29,6 +29,16 @@ class PlannedModule:
     grows: bool = False         # a method meant to shrink that would not (e.g. a rank at or above m·n/(m+n))
 
 
+def could_shrink(out_features: int, in_features: int) -> bool:
+    """Whether any factorization makes this module smaller: a rank-1 pair, m + n values, is below m·n.
+
+    Modules no rank can shrink (a 1×n gate vector, such as Qwen2-MoE's shared_expert_gate) are compressed
+    at rank 1 as the recipe's targets say, and not refused: the recipe did not ask for a size that fails,
+    the shape did. A module that could shrink but whose planned size does not (ratio 0, a rank at or
+    above the break-even m·n/(m+n)) is what ``preflight.check_growth`` refuses."""
+    return out_features + in_features < out_features * in_features
+
+
 def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
     """Every target module with its method and size before/after, without touching any weight."""
     adapter = adapter_for(model)
@@ -45,7 +55,7 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
                 before = sum(p.numel() for p in module.parameters())
                 out_f, in_f = ((model.config.hidden_size,) * 2 if block
                                else (module.out_features, module.in_features))
-                grows = stage.compressor.shrinks and plan.params_after >= before
+                grows = stage.compressor.shrinks and plan.params_after >= before and could_shrink(out_f, in_f)
                 planned.append(PlannedModule(f"{prefix}.{name}", stage.index, stage.compressor.name,
                                              out_f, in_f, before, plan.params_after, plan.rank, grows))
     return planned
