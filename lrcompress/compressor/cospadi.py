@@ -20,7 +20,6 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -29,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from ..modules import SparseDictLinear, dense_weight
-from ..modules.sparse_dict import INT16_ATOMS, dictionary_shares, index_cost
+from ..modules.sparse_dict import INT16_ATOMS, dictionary_shares, index_cost, sparse_dict_params
 from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, register
 from .dictionary import ksvd, refit_values, sparsity_budget
 from .linalg import whitening
@@ -86,11 +85,10 @@ class CoSpaDi(Compressor):
     def plan(self, module: nn.Module) -> Plan:
         weight = dense_weight(module)
         shape = self.shape_for(module.in_features, module.out_features, weight.dtype, self.config.group_size)
-        bias = getattr(module, "bias", None)
-        values = shape.sparsity * module.out_features
-        params = (module.in_features * shape.atoms // self.config.group_size + values
-                  + math.ceil(values * shape.index_cost) + (bias.numel() if bias is not None else 0))
-        return Plan(params)
+        share = module.in_features * shape.atoms // self.config.group_size
+        # the stored indices are charged at their real size even when the budget leaves them out
+        return Plan(sparse_dict_params(module.in_features, module.out_features, shape.atoms, shape.sparsity,
+                                       weight.dtype, getattr(module, "bias", None) is not None, share))
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         return self.compress_group([GroupMember(name, module, stats)])[0]
@@ -111,7 +109,8 @@ class CoSpaDi(Compressor):
         shape = self.shape_for(d_in, d_out, dtype, len(members))
         stacked = torch.cat([factor.T @ w.to(factor).T for w in weights], dim=1)       # n × g·d_out
         code_dtype = torch.float32 if c.omp_dtype == "float32" else torch.float64
-        learned = ksvd(stacked, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, code_dtype=code_dtype)
+        learned = ksvd(stacked, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, power_steps=c.power_steps,
+                       code_dtype=code_dtype)
         dictionary = white.inverse.T @ learned.dictionary                               # D = F⁻ᵀ·D_F
         shared = nn.Parameter(dictionary.to(dtype))
         shares = dictionary_shares(d_in, shape.atoms, len(members))
@@ -119,7 +118,7 @@ class CoSpaDi(Compressor):
         for i, (member, weight, gram) in enumerate(zip(members, weights, grams)):
             cols = slice(i * d_out, (i + 1) * d_out)
             indices = learned.indices[:, cols]
-            metric = gram + c.damping * torch.diagonal(gram).mean() * torch.eye(d_in, dtype=gram.dtype)
+            metric = gram + c.damping * torch.diagonal(gram).mean() * torch.eye(d_in, dtype=gram.dtype, device=gram.device)
             projected = dictionary.T @ metric
             values, failures = refit_values(projected @ dictionary, projected @ weight.to(metric).T, indices)
             module = SparseDictLinear.from_code(shared, indices, values, getattr(member.module, "bias", None),

@@ -31,6 +31,24 @@ def index_cost(atoms: int, value_dtype: torch.dtype) -> float:
     return index_dtype_for(atoms).itemsize / value_dtype.itemsize
 
 
+def index_bytes(count: int, atoms: int) -> int:
+    """Bytes of ``count`` stored indices into a dictionary of ``atoms`` atoms."""
+    return count * index_dtype_for(atoms).itemsize
+
+
+def index_params(count: int, atoms: int, value_dtype: torch.dtype) -> int:
+    """Stored indices in units of stored values: index bytes / bytes per value, rounded up."""
+    return math.ceil(index_bytes(count, atoms) / value_dtype.itemsize)
+
+
+def sparse_dict_params(in_features: int, out_features: int, atoms: int, sparsity: int, value_dtype: torch.dtype,
+                       bias: bool, dictionary_share: int | None = None) -> int:
+    """What ``SparseDictLinear.stored_params`` reports, from the shapes alone (a compressor's plan)."""
+    share = in_features * atoms if dictionary_share is None else dictionary_share
+    values = sparsity * out_features
+    return share + values + index_params(values, atoms, value_dtype) + (out_features if bias else 0)
+
+
 def dictionary_shares(in_features: int, atoms: int, members: int) -> list[int]:
     """Split the d_in·k dictionary values among ``members`` modules; the shares sum exactly."""
     total = in_features * atoms
@@ -96,11 +114,11 @@ class SparseDictLinear(CompressedLinear):
 
     def index_params(self) -> int:
         """The indices in units of stored values (bytes of indices / bytes per value, rounded up)."""
-        return math.ceil(self.indices.numel() * self.indices.element_size() / self.values.element_size())
+        return index_params(self.indices.numel(), self.atoms, self.values.dtype)
 
     def stored_params(self) -> int:
-        bias = self.bias.numel() if self.bias is not None else 0
-        return self.dictionary_share + self.values.numel() + self.index_params() + bias
+        return sparse_dict_params(self.in_features, self.out_features, self.atoms, self.sparsity, self.values.dtype,
+                                  self.bias is not None, self.dictionary_share)
 
     def storage_bytes(self) -> int:
         """Checkpoint bytes, with a shared dictionary charged at this module's share."""

@@ -187,3 +187,23 @@ def test_cospadi_groups_on_smollm2_write_a_checkpoint_that_reloads(data_dir, tmp
     window = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (reloaded(input_ids=window).logits - run.model(input_ids=window).logits).abs().max() <= 1e-4
+
+
+def test_power_steps_reach_the_atom_updates():
+    x = correlated_inputs(400, 32)
+    linear, stats = linear_with_stats(x, 48)
+    weights = [dense_weight(cospadi(ratio=0.3, iterations=2, power_steps=steps).compress("m", linear, stats).module)
+               for steps in (1, 40)]
+    assert not torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("count_indices", [True, False])
+def test_plan_equals_the_record(dtype, count_indices):
+    x = correlated_inputs(300, 40)
+    linear, stats = linear_with_stats(x, 56)
+    linear.to(dtype)
+    compressor = cospadi(ratio=0.25, iterations=1, count_indices=count_indices)
+    module = compressor.compress("m", linear, stats).module
+    assert module.values.dtype == dtype
+    assert compressor.plan(linear).params_after == module.stored_params()
