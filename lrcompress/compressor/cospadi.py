@@ -7,9 +7,10 @@ damped Gram G = XᵀX + η·mean(diag G)·I = F·Fᵀ (F lower triangular, ``lin
 D = F⁻ᵀ·D_F. The layer computes y = (x·D)·S with S column-sparse (``SparseDictLinear``).
 
 Choices the paper leaves open, made here:
-- Budget: k = ρ·s atoms (ρ ≥ 1), s from the ratio with the indices counted at their stored size
-  (an int16 index = 2 bytes, i.e. half a float32 value); ``count_indices: false`` leaves them out.
-  Both ratios are reported in the record details.
+- Budget: k = ρ·s atoms (ρ ≥ 1), s from the ratio with the indices counted at their stored size:
+  bit-packed at ⌈log₂ k⌉ bits (k = 408: 9 bits, 0.28 of a float32 value, 0.56 of a bfloat16 one);
+  ``count_indices: false`` leaves them out of the budget (the record still counts them: they are
+  stored). Both ratios are reported in the record details.
 - After K-SVD the values are refit by exact least squares on the final supports, in each layer's own
   (damped) metric; this can only lower the objective.
 - Per-group mode (``group_size`` g > 1): the same projection of g consecutive layers shares one
@@ -28,7 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from ..modules import SparseDictLinear, dense_weight
-from ..modules.sparse_dict import INT16_ATOMS, dictionary_shares, index_cost, sparse_dict_params
+from ..modules.sparse_dict import dictionary_shares, index_bits, sparse_dict_params
 from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, register
 from .dictionary import ksvd, refit_values, sparsity_budget
 from .linalg import whitening
@@ -68,17 +69,22 @@ class CoSpaDi(Compressor):
         return self.config.group_size
 
     def shape_for(self, in_features: int, out_features: int, dtype: torch.dtype, members: int) -> Shape:
-        """s and k for a module of this size whose dictionary is shared by ``members`` modules."""
-        c = self.config
-        shape = self._shape(in_features, out_features, dtype, members, atoms_hint=1)
-        if shape.atoms >= INT16_ATOMS:      # int32 indices: a costlier index, re-solve once
-            shape = self._shape(in_features, out_features, dtype, members, atoms_hint=INT16_ATOMS)
-        return shape
+        """s and k for a module of this size whose dictionary is shared by ``members`` modules.
 
-    def _shape(self, in_features: int, out_features: int, dtype: torch.dtype, members: int,
-               atoms_hint: int) -> Shape:
+        The index width ⌈log₂ k⌉ depends on k = ρ·s, which depends on the index cost: try widths
+        from 1 bit up and keep the first whose k fits it (a wider index only lowers s).
+        """
         c = self.config
-        cost = index_cost(atoms_hint, dtype) if c.count_indices else 0.0
+        if not c.count_indices:
+            return self._shape(in_features, out_features, members, 0.0)
+        for bits in range(1, 33):
+            shape = self._shape(in_features, out_features, members, bits / (8 * dtype.itemsize))
+            if index_bits(shape.atoms) <= bits:
+                return shape
+        raise AssertionError("a 32-bit index names every atom")
+
+    def _shape(self, in_features: int, out_features: int, members: int, cost: float) -> Shape:
+        c = self.config
         s = min(sparsity_budget(in_features, out_features, c.ratio, c.rho, members, cost), in_features)
         return Shape(s, max(s, int(c.rho * s)), cost)
 
@@ -134,9 +140,9 @@ class CoSpaDi(Compressor):
         without = module.dictionary_share + module.values.numel() + bias
         return {
             "sparsity": shape.sparsity, "atoms": shape.atoms, "rho": self.config.rho, "group_members": members,
-            "index_dtype": str(module.indices.dtype).removeprefix("torch."),
-            "index_accounting": (f"indices {module.indices.element_size()} B each = "
-                                 f"{module.indices.element_size() / module.values.element_size():g} value; "
+            "index_bits": index_bits(module.atoms),
+            "index_accounting": (f"indices bit-packed at {index_bits(module.atoms)} bits each = "
+                                 f"{index_bits(module.atoms) / (8 * module.values.element_size()):g} value; "
                                  + ("counted in the budget" if self.config.count_indices else "not in the budget")),
             "ratio_with_indices": 1 - (without + module.index_params()) / (dense + bias),
             "ratio_without_indices": 1 - without / (dense + bias),
