@@ -8,7 +8,7 @@ The Grams come from ``--num-samples`` calibration windows of WikiText-2 validati
 of the uncompressed model). Each config compresses every listed module through its compressor
 contract; the phases are timed by wrapping the functions that do them (whitening, the SVD
 initialization, batched OMP, the atom updates, the value refit). A config is ``whiten`` or
-``cospadi:ITERATIONS[:OMP_DTYPE]``. The relative output error is ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ from the Gram.
+``cospadi:ITERATIONS[:OMP_DTYPE[:POWER_STEPS]]`` (e.g. ``cospadi:1::30``). The relative output error is ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ from the Gram.
 """
 from __future__ import annotations
 
@@ -57,8 +57,10 @@ def parse(config: str) -> tuple[str, dict]:
     if method == "whiten":
         return method, {}
     options: dict = {"iterations": int(rest[0]) if rest else 4}
-    if len(rest) > 1:
+    if len(rest) > 1 and rest[1]:
         options["omp_dtype"] = rest[1]
+    if len(rest) > 2:
+        options["power_steps"] = int(rest[2])
     return method, options
 
 

@@ -146,7 +146,9 @@ def refit_values(gram: torch.Tensor, targets: torch.Tensor, indices: torch.Tenso
         sub = gram[idx[:, :, None], idx[:, None, :]] + ridge * scale * eye
         rhs = targets[:, start:start + chunk].gather(0, idx.T).T.unsqueeze(-1)
         factor, info = torch.linalg.cholesky_ex(sub)
-        solved = torch.cholesky_solve(rhs, factor)
+        # two triangular solves: the same as cholesky_solve, several times faster on a CPU batch
+        solved = torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, rhs, upper=False),
+                                               upper=True)
         bad = (info != 0).nonzero().flatten()
         if len(bad):
             failures += len(bad)
