@@ -69,8 +69,8 @@ def check_data(recipe: Recipe, directory: Path | None) -> None:
         where = _located(f"eval.perplexity.{i}", spec.dataset, spec.split, directory)
         if where == calibration and not recipe.eval.allow_calibration_split:
             raise RecipeError(f"eval.perplexity.{i} evaluates on the text calibration reads ({where}): the "
-                              "perplexity would be optimistic. Evaluate on another split (e.g. wikitext2 test), or "
-                              "set eval.allow_calibration_split: true if this is intended")
+                              "perplexity would be optimistic. Calibrate and evaluate on different texts (e.g. calibration.split: "
+                              "validation, eval split: test), or set eval.allow_calibration_split: true if this is intended")
     if recipe.eval.lm_eval is not None and directory is not None:
         from .eval.lm_eval_tasks import LOCAL_TASKS
         from .eval.task_data import local_files
