@@ -20,7 +20,8 @@ from torch import nn
 from .checkpoint import bytes_on_disk, check_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
-from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
+from .data import TextSource, calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
+from .data.checks import check_recipe_data
 from .errors import LrcompressError
 from .eval import compression_summary, unique_param_count, versions, write_metrics, write_report
 from .eval.baseline_cache import cached_evaluation, eval_settings
@@ -28,6 +29,7 @@ from .eval.perplexity import WindowsNll, windows_nll
 from .eval.streamed import StreamedNll
 from .eval.suite import evaluate_model
 from .models import DTYPES, adapter_for, load_model
+from .models.loading import LoadedModel
 from .models.lazy import LayerStore, LazyLayers, ResidentLayers, load_lazy
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
 from .pipeline.blocks import is_block_stage, select_blocks
@@ -51,6 +53,8 @@ class PlannedModule:
     params_before: int
     params_after: int
     rank: int | None
+    bytes_before: int = 0
+    bytes_after: int = 0
 
 
 @dataclass
@@ -59,6 +63,7 @@ class RunResult:
     metrics: dict[str, Any]
     plan: list[PlannedModule] = field(default_factory=list)
     model: nn.Module | None = None          # the compressed model, in memory (for library users)
+    data_sources: list[str] = field(default_factory=list)   # where each dataset and task is read from
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,9 +80,13 @@ def build_stages(recipe: Recipe) -> list[Stage]:
 
 
 def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
-    """Every target module with its method and size before/after, without touching any weight."""
+    """Every target module with its method and size (bytes and parameters) before/after, without touching
+    any weight. A compressor plans from the uncompressed module; for a module an earlier stage already
+    planned, the later stage's change (after − uncompressed) is added to the earlier stage's result:
+    exact for compensation stages (EoRA adds its factors to whatever the base stored)."""
     adapter = adapter_for(model)
     planned: list[PlannedModule] = []
+    current: dict[str, tuple[int, int]] = {}           # name -> (params, bytes) after the stages so far
     for index, layer in enumerate(adapter.decoder_layers(model)):
         prefix = adapter.layer_prefix(index)
         for stage in stages:
@@ -87,11 +96,19 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
             for name in names:
                 module = layer.get_submodule(name)
                 plan = stage.compressor.plan(module)
-                before = sum(p.numel() for p in module.parameters())
+                dense_params = sum(p.numel() for p in module.parameters())
+                dense_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+                itemsize = next(module.parameters()).element_size()
+                after_bytes = plan.bytes_after if plan.bytes_after is not None else plan.params_after * itemsize
+                full = f"{prefix}.{name}"
+                params_before, bytes_before = current.get(full, (dense_params, dense_bytes))
+                params_after = params_before + plan.params_after - dense_params
+                bytes_after = bytes_before + after_bytes - dense_bytes
+                current[full] = (params_after, bytes_after)
                 out_f, in_f = ((model.config.hidden_size,) * 2 if block
                                else (module.out_features, module.in_features))
-                planned.append(PlannedModule(f"{prefix}.{name}", stage.index, stage.compressor.name,
-                                             out_f, in_f, before, plan.params_after, plan.rank))
+                planned.append(PlannedModule(full, stage.index, stage.compressor.name, out_f, in_f, params_before,
+                                             params_after, plan.rank, bytes_before, bytes_after))
     return planned
 
 
@@ -112,16 +129,28 @@ def check_lazy(recipe: Recipe, stages: list[Stage]) -> None:
 
 
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
-               dry_run: bool = False) -> RunResult:
-    """Run ``recipe``; in one process, or in each of the processes torchrun started."""
+               dry_run: bool = False, given: GivenInputs | None = None) -> RunResult:
+    """Run ``recipe``; in one process, or in each of the processes torchrun started. ``given``: a model
+    and/or calibration data the caller already holds (``lrcompress.run``), used instead of the recipe's."""
     with process_group(resolve_device(recipe.runtime.device)) as collective:
-        result = _run_recipe(recipe, observer or PipelineObserver(), data_directory, dry_run, collective)
+        result = _run_recipe(recipe, observer or PipelineObserver(), data_directory, dry_run, collective,
+                             given or GivenInputs())
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
 
 
+@dataclass
+class GivenInputs:
+    """What a library caller hands over: a loaded model (compressed in place) and calibration data, as
+    text (``TextSource``) or as token windows (a LongTensor, num_samples × seq_len)."""
+
+    loaded: LoadedModel | None = None
+    calibration: TextSource | torch.Tensor | None = None
+
+
 def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str | None, dry_run: bool,
-                collective: Collective) -> RunResult:
+                collective: Collective, given: GivenInputs | None = None) -> RunResult:
+    given = given or GivenInputs()
     writer = collective.is_writer
     timing: dict[str, float] = {}
     output_dir = Path(recipe.output.dir)
@@ -136,16 +165,22 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     if lazy:
         check_lazy(recipe, stages)
 
+    directory = data_dir(data_directory, recipe.data_dir)
+    observer.phase("checking the datasets and tasks")
+    data_sources = check_recipe_data(recipe, directory, given.calibration is not None)  # before the model load
     started = time.perf_counter()
     observer.phase(f"loading {recipe.model.path}" + (" (lazy: tensors outside the decoder layers only)" if lazy else ""))
-    loaded = (load_lazy if lazy else load_model)(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    loaded = given.loaded or (load_lazy if lazy else load_model)(recipe.model.path, recipe.model.dtype,
+                                                                 recipe.model.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     timing["load"] = time.perf_counter() - started
     plan = plan_modules(model, stages)
+    if recipe.calibration.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise LrcompressError("calibration.chat_template is true but the tokenizer of "
+                              f"{recipe.model.path} has no chat template")
     if dry_run:
-        return RunResult(None, {}, plan)
+        return RunResult(None, {}, plan, data_sources=data_sources)
 
-    directory = data_dir(data_directory, recipe.data_dir)
     compute = collective.place(resolve_device(recipe.runtime.device))
     adapter = adapter_for(model)
     store: LayerStore = LazyLayers(model, adapter, loaded.local_dir) if lazy else ResidentLayers()
@@ -158,8 +193,14 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     started = time.perf_counter()
     cal = recipe.calibration
     observer.phase(f"tokenizing calibration data {cal.dataset}/{cal.split}")
-    source = load_text(cal.dataset, cal.split, directory)
-    windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
+    if isinstance(given.calibration, torch.Tensor):
+        windows = given.calibration
+        source = TextSource("", f"{len(windows)} token windows given in memory", windows_fingerprint(windows))
+    else:
+        source = given.calibration or load_text(cal.dataset, cal.split, directory, config=cal.config,
+                                                text_column=cal.text_column,
+                                                chat_tokenizer=tokenizer if cal.chat_template else None)
+        windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
     timing["calibration_data"] = time.perf_counter() - started
 
     journal = staging = None

@@ -28,7 +28,7 @@ class StreamedNll:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, windows: torch.Tensor, batch_size: int,
-                 device: torch.device) -> tuple[float, int]:
+                 device: torch.device) -> list[float]:
         settings = [key for key in UNSUPPORTED_HEAD_SETTINGS if getattr(model.config, key, None)]
         if settings:
             raise LrcompressError(f"streamed perplexity computes norm + lm_head only; this model also uses {settings}")
@@ -43,15 +43,13 @@ class StreamedNll:
             self.store.release([i])
         head = [model.get_submodule(self.adapter.final_norm), model.get_submodule(self.adapter.lm_head)]
         homes = [next(module.parameters()).device for module in head]
-        total, count = 0.0, 0
+        sums: list[float] = []
         try:
             for module in head:
                 module.to(device)
             for states, batch in zip(hidden.hidden, windows.split(batch_size)):
-                nll, tokens = batch_nll(head[1](head[0](states.to(device))), batch.to(device))
-                total += nll
-                count += tokens
+                sums += batch_nll(head[1](head[0](states.to(device))), batch.to(device))
         finally:
             for module, home in zip(head, homes):
                 module.to(home)
-        return total, count
+        return sums
