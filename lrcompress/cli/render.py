@@ -103,21 +103,24 @@ def make_observer(json_lines: bool = False) -> PipelineObserver:
 def plan_table(plan) -> Table:
     table = Table(title="compression plan")
     for column in ("module", "stage", "method", "shape (out×in)", "bytes before", "bytes after", "params before",
-                   "params after", "rank"):
-        table.add_column(column, justify="left" if column in ("module", "method", "shape (out×in)") else "right")
+                   "params after", "rank", "note"):
+        table.add_column(column, justify="left" if column in ("module", "method", "shape (out×in)", "note") else "right")
     for p in plan:
         table.add_row(p.name, str(p.stage), p.method, f"{p.out_features}×{p.in_features}", format_bytes(p.bytes_before),
                       format_bytes(p.bytes_after), f"{p.params_before:,}", f"{p.params_after:,}",
-                      "–" if p.rank is None else str(p.rank))
+                      "–" if p.rank is None else str(p.rank), "[bold red]does not shrink[/]" if p.grows else "")
     first: dict[str, Any] = {}
     last: dict[str, Any] = {}
     for p in plan:                        # a module of several stages: its first "before", its last "after"
         first.setdefault(p.name, p)
         last[p.name] = p
     names = list(first)
+    grown = sum(p.grows for p in plan)
     table.caption = (f"{len(names)} target modules; "
                      f"{describe_change(sum(first[n].bytes_before for n in names), sum(last[n].bytes_after for n in names), 'bytes')}; "
-                     f"parameters {describe_change(sum(first[n].params_before for n in names), sum(last[n].params_after for n in names), 'params')}")
+                     f"parameters {describe_change(sum(first[n].params_before for n in names), sum(last[n].params_after for n in names), 'params')}"
+                     + (f"; {grown} module(s) would not shrink (refused unless the stage sets allow_growth: true)"
+                        if grown else ""))
     return table
 
 

@@ -26,8 +26,11 @@ def check_recipe_data(recipe: Any, directory: Path | None, calibration_given: bo
         from ..eval.lm_eval_tasks import check_tasks
 
         spec = recipe.eval.lm_eval
-        for task, where in check_tasks(spec.tasks, directory, spec.include_path).items():
-            lines.append(f"lm-eval {task}: {where}")
+        try:
+            checked = check_tasks(spec.tasks, directory, spec.include_path)
+        except LrcompressError as error:
+            raise LrcompressError(f"eval.lm_eval.tasks: {error}") from None
+        lines += [f"lm-eval {task}: {where}" for task, where in checked.items()]
     return lines
 
 

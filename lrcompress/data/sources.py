@@ -209,14 +209,14 @@ def check_source(ref: DatasetRef, directory: Path | None) -> str:
     if ref.dataset in KNOWN_DATASETS:
         local, hub_id, hub_config, where = _known_local(ref, directory)
         if local is not None:
-            return str(local)
+            return str(local.resolve())
         _check_hub(hub_id, hub_config, ref.split, "text", where)
-        return f"hub {hub_id}/{hub_config}"
+        return f"hub {hub_id}/{hub_config} {ref.split}"
     if ref.is_local():
         _check_file(ref.path, ref.text_column)
-        return str(ref.path)
+        return str(ref.path.resolve())
     _check_hub(ref.dataset, ref.config, ref.split, ref.text_column, f"{ref.dataset!r} is not a local file")
-    return f"hub {ref.dataset}" + (f"/{ref.config}" if ref.config else "")
+    return f"hub {ref.dataset}" + (f"/{ref.config}" if ref.config else "") + f" {ref.split}"
 
 
 def read_records(ref: DatasetRef, directory: Path | None) -> tuple[list[Any], str]:

@@ -41,7 +41,7 @@ def test_a_missing_column_names_the_columns_there(tmp_path):
 def test_a_text_file_is_read_whole_and_a_missing_file_is_not_sent_to_the_hub(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("plain text")
-    assert check_source(DatasetRef(str(path)), None) == str(path)
+    assert check_source(DatasetRef(str(path)), None) == str(path.resolve())
     assert load_text(str(path), "validation", None).text == "plain text"
     with pytest.raises(LrcompressError, match="dataset file not found: .*missing.jsonl"):
         check_source(DatasetRef(str(tmp_path / "missing.jsonl")), None)
@@ -84,7 +84,7 @@ class _Rows(dict):
 def test_hub_ids_go_through_datasets_with_config_split_and_column(monkeypatch):
     fake = _FakeDatasets({"text": ["hub one", "hub two"]})
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    assert check_source(DatasetRef("org/corpus", "train", "en"), None) == "hub org/corpus/en"
+    assert check_source(DatasetRef("org/corpus", "train", "en"), None) == "hub org/corpus/en train"
     source = load_text("org/corpus", "train", None, config="en")
     assert source.text == "hub one\n\nhub two"
     assert ("load", "org/corpus", "en", "train") in fake.calls
