@@ -207,9 +207,16 @@ class LayerwisePipeline:
 
     def _compress_members(self, stage: Stage, layer: int, members: list[GroupMember]) -> list[CompressResult]:
         """One ``compress_group`` call (a job: it may run on another process), checked."""
+        for member in members:
+            _check_finite_weight(member.name, member.module)
         with naming_out_of_memory(f"in layer {layer} while compressing {members[0].name} "
                                   f"({stage.compressor.name})", self.settings):
-            results = stage.compressor.compress_group(members)
+            try:
+                results = stage.compressor.compress_group(members)
+            except torch.linalg.LinAlgError as error:
+                first = str(error).strip().splitlines()[0]
+                raise NumericalError(f"{members[0].name}: {stage.compressor.name} failed to decompose it ({first}); "
+                                     "check the module's weights and calibration statistics for NaN/Inf") from None
         if len(results) != len(members):
             raise RuntimeError(f"{stage.compressor.name}: compress_group returned {len(results)} results "
                                f"for {len(members)} modules")
@@ -282,6 +289,15 @@ class LayerwisePipeline:
         )
         self.observer.module_done(record)
         return record
+
+
+def _check_finite_weight(name: str, module: nn.Module) -> None:
+    """A weight holding NaN/Inf cannot be compressed (a decomposition of it fails or spreads NaN)."""
+    weight = dense_weight(module).detach()
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise NumericalError(f"{name}: its weight holds {bad} NaN/Inf value(s) before compression; the "
+                             "checkpoint (or an earlier stage) is damaged")
 
 
 def _cost(module: nn.Module) -> int:
