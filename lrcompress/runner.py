@@ -30,6 +30,7 @@ from .eval.suite import evaluate_model
 from .models import DTYPES, adapter_for, load_model
 from .models.lazy import LayerStore, LazyLayers, ResidentLayers, load_lazy
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
+from .pipeline.allocation import allocate, needs_allocation, strategy_of
 from .pipeline.blocks import is_block_stage, select_blocks
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
@@ -70,8 +71,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
-    return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore)
-            for i, spec in enumerate(recipe.stages)]
+    return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore,
+                  spec.allocation) for i, spec in enumerate(recipe.stages)]
 
 
 def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
@@ -86,7 +87,7 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
                                                                                       stage.ignore)
             for name in names:
                 module = layer.get_submodule(name)
-                plan = stage.compressor.plan(module)
+                plan = stage.compressor.plan_for(f"{prefix}.{name}", module)
                 before = sum(p.numel() for p in module.parameters())
                 out_f, in_f = ((model.config.hidden_size,) * 2 if block
                                else (module.out_features, module.in_features))
@@ -106,6 +107,8 @@ def check_lazy(recipe: Recipe, stages: list[Stage]) -> None:
                               "with `lrcompress eval` on a machine that holds it")
     for stage in stages:
         kinds = sorted(kind for kind in stage.needs if is_prepass_kind(kind))
+        if strategy_of(stage) == "global":
+            kinds.append("output_gradient (allocation: global)")
         if kinds:
             raise LrcompressError(f"runtime.lazy: stage {stage.index} ({stage.compressor.name}) needs {kinds}, a pass "
                                   "over the whole model; use runtime.lazy: false")
@@ -142,7 +145,7 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     model, tokenizer = loaded.model, loaded.tokenizer
     timing["load"] = time.perf_counter() - started
     plan = plan_modules(model, stages)
-    if dry_run:
+    if dry_run and not needs_allocation(stages):
         return RunResult(None, {}, plan)
 
     directory = data_dir(data_directory, recipe.data_dir)
@@ -151,7 +154,7 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     store: LayerStore = LazyLayers(model, adapter, loaded.local_dir) if lazy else ResidentLayers()
     params_before = unique_param_count(model)
     metrics: dict[str, Any] = {"eval": {"perplexity": {}}}
-    if recipe.eval.baseline and writer:
+    if recipe.eval.baseline and writer and not dry_run:
         nll = StreamedNll(store, adapter) if lazy else windows_nll
         metrics["eval"].update(_dense_baseline(model, tokenizer, recipe, directory, compute, observer, nll))
 
@@ -161,6 +164,20 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     source = load_text(cal.dataset, cal.split, directory)
     windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
     timing["calibration_data"] = time.perf_counter() - started
+
+    settings = PipelineSettings(recipe.runtime.batch_size, compute,
+                                collective.place(torch.device(recipe.runtime.offload_device)),
+                                recipe.runtime.sequential, collective, len(windows))
+    shard = collective.shard(windows)                       # this process's windows (all of them alone)
+    # A budget over a stage's modules: the spectra pre-pass chooses every module's rank (and binds it
+    # to the stage) before any decomposition; --dry-run stops right after it, with the ranks planned.
+    started = time.perf_counter()
+    allocation = allocate(model, adapter, stages, shard, settings, observer, store)
+    if allocation is not None:
+        metrics["allocation"] = allocation.to_dict()
+        timing["allocation"] = time.perf_counter() - started
+    if dry_run:
+        return RunResult(None, metrics, plan_modules(model, stages))
 
     journal = staging = None
     if recipe.output.save:  # finished blocks go to <out>.partial as they finish; a matching one is resumed
@@ -178,10 +195,6 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
             journal = StagedJournal(staging, adapter, DTYPES[recipe.model.dtype], writes=writer)
 
     started = time.perf_counter()
-    settings = PipelineSettings(recipe.runtime.batch_size, compute,
-                                collective.place(torch.device(recipe.runtime.offload_device)),
-                                recipe.runtime.sequential, collective, len(windows))
-    shard = collective.shard(windows)                       # this process's windows (all of them alone)
     with PeakMemory(torch.device("cpu")) as peak:
         prepass = run_prepasses(model, adapter, stages, shard, settings, observer)  # e.g. Fisher, once
         if prepass.reports:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import LrcompressError
 from ..pipeline import PipelineObserver
-from .render import console, make_observer, plan_table, setup_logging, summary_table
+from .render import allocation_table, console, make_observer, plan_table, setup_logging, summary_table
 
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
 
@@ -72,6 +72,8 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         return
     if dry_run:
         stdout.print(plan_table(result.plan))
+        if "allocation" in result.metrics:   # the spectra pre-pass ran to choose the ranks above
+            stdout.print(allocation_table(result.metrics["allocation"]))
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
     from .render_eval import lm_eval_table
@@ -194,9 +196,11 @@ def inspect(checkpoint: Path) -> None:
     except LrcompressError as error:
         _fail(error)
     metrics_path = checkpoint / "metrics.json"
-    records = {}
+    records, allocation = {}, None
     if metrics_path.is_file():
-        records = {m["name"]: m for m in json.loads(metrics_path.read_text()).get("modules", [])}
+        saved = json.loads(metrics_path.read_text())
+        records = {m["name"]: m for m in saved.get("modules", [])}
+        allocation = saved.get("allocation")
     table = Table(title=f"{checkpoint} ({bytes_on_disk(checkpoint) / 2**20:.1f} MiB of weights)")
     for column in ("module", "kind", "shape (out×in)", "rank", "params after", "rel. error", "path"):
         table.add_column(column)
@@ -206,6 +210,8 @@ def inspect(checkpoint: Path) -> None:
                       f"{record.get('params_after', 0):,}" if record else "?",
                       f"{record['relative_error']:.4f}" if record else "?", record.get("numerical_path", "?"))
     stdout.print(table)
+    if allocation:
+        stdout.print(allocation_table(allocation))
     provenance = meta.get("provenance", {})
     if provenance:
         stdout.print_json(json.dumps(provenance))
