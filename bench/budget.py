@@ -1,7 +1,7 @@
 """Budget allocation benchmark: uniform vs spectrum vs global, with and without output matching.
 
     python bench/budget.py [--methods whiten] [--ratios 0.2,0.3] [--strategies uniform,spectrum,global]
-                           [--targets compressed,original] [--threads 1] [--jsonl runs/budget.jsonl]
+                           [--targets layer,original] [--threads 1] [--jsonl runs/budget.jsonl]
 
 Every row is a real ``run_recipe`` on the demo model (recipes/whiten.yaml's model, calibration and
 evaluation: 32 windows of 512 from wiki.valid, 40 test windows of 512 from wiki.test, all decoder-layer
@@ -39,7 +39,7 @@ def recipe_for(base: dict, method: str, ratio: float, strategy: str, target: str
     data["output"] = {"dir": "unused", "save": False}
     data["eval"]["baseline"] = False
     data.setdefault("runtime", {}).update({"threads": threads, "device": "cpu"})
-    if target != "compressed":
+    if target != "layer":
         data["runtime"]["target"] = target
     return data
 
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--methods", default="whiten")
     parser.add_argument("--ratios", default="0.2,0.3")
     parser.add_argument("--strategies", default="uniform,spectrum,global")
-    parser.add_argument("--targets", default="compressed", help="compressed (today) and/or original (output matching)")
+    parser.add_argument("--targets", default="layer", help="layer (today) and/or original (output matching)")
     parser.add_argument("--model", default=os.environ.get("LRCOMPRESS_SMOLLM2"),
                         help="model path (default: $LRCOMPRESS_SMOLLM2, else the base recipe's)")
     parser.add_argument("--threads", type=int, default=1)

@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from ..compressor import Compressor, Plan, RankKnob
-from ..compressor.fisher import OutputGradientStatistic
 from ..errors import LrcompressError
 from ..models import ArchitectureAdapter
 from ..models.lazy import LayerStore
 from .observer import PipelineObserver
+from .prepass import PREPASSES
 from .settings import PipelineSettings, Stage
 from .spectra import ModuleSpectrum, collect_spectra
 from .targets import select_targets
@@ -214,6 +214,11 @@ class AllocatedCompressor(Compressor):
     def group_size(self) -> int:
         return self.inner.group_size
 
+    @property
+    def takes_target(self) -> bool:
+        """Output matching (runtime.target: original) treats the wrapped method as it would alone."""
+        return bool(getattr(self.inner, "takes_target", False))
+
     def _for(self, name: str) -> Compressor:
         return self.inner.with_rank(self.ranks[name]) if name in self.ranks else self.inner
 
@@ -309,15 +314,12 @@ def _output_diagonals(model, adapter, stages: list[Stage], per_stage: dict[int, 
                       windows: torch.Tensor, settings: PipelineSettings, observer: PipelineObserver
                       ) -> tuple[dict[str, torch.Tensor], dict]:
     """diag(G_y) of every module of the ``global`` stages, from one backward pre-pass (reduced)."""
-    from .fisher import gradient_sweep
-
     names = []
     for stage in stages:
         if strategy_of(stage) == "global":
             names += [m.name for m in per_stage[stage.index] if m.name not in names]
     observer.phase(f"output-gradient pre-pass over {len(windows)} windows for {len(names)} modules")
-    result = gradient_sweep(model, adapter, names, windows, settings, observer, OutputGradientStatistic.for_module,
-                            label="output-gradient pass")
+    result = PREPASSES["output_gradient"](model, adapter, names, windows, settings, observer)
     statistics = settings.collective.reduce_statistics(result.statistics)
     diagonals = {name: statistic.diagonal(name) for name, statistic in statistics.items()}
     return diagonals, {k: v for k, v in result.report.items() if isinstance(v, (int, float, str))}

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compressor.fisher import FisherStatistic
+from ..compressor.fisher import FisherStatistic, OutputGradientStatistic
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
 from ..models.capture import capture_layer_inputs, layer_output, move
@@ -124,6 +124,14 @@ def fisher_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[st
                 settings: "PipelineSettings", observer: PipelineObserver) -> PrePassResult:
     """Fisher row/column sums for every target module (full names) over all calibration windows."""
     return gradient_sweep(model, adapter, targets, windows, settings, observer, FisherStatistic.for_module)
+
+
+@register_prepass("output_gradient")
+def output_gradient_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
+                         settings: "PipelineSettings", observer: PipelineObserver) -> PrePassResult:
+    """diag E[g·gᵀ] of every target's output gradient (the K-FAC output factor's diagonal)."""
+    return gradient_sweep(model, adapter, targets, windows, settings, observer, OutputGradientStatistic.for_module,
+                          label="output-gradient pass")
 
 
 def gradient_sweep(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
