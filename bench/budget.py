@@ -78,6 +78,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kinds_table(rows: list[dict]) -> str:
+    """Per module kind: mean kept rank and mean relative output error of every row (the 'why')."""
+    rows = sorted(rows, key=lambda r: (r["method"], r["ratio"], r["target"], r["strategy"]))
+    kinds = sorted({kind for r in rows for kind in r["per_kind"]})
+    head = "| module kind | " + " | ".join(f"{r['method']} {r['ratio']} {r['strategy']} {r['target']}" for r in rows) + " |"
+    lines = [head, "|---|" + "---|" * len(rows)]
+    for kind in kinds:
+        cells = [f"{r['per_kind'][kind]['mean_rank']:.0f} / {r['per_kind'][kind]['mean_error']:.3f}"
+                 if kind in r["per_kind"] else "–" for r in rows]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="recipes/whiten.yaml", help="recipe whose model/calibration/eval are used")
@@ -118,6 +131,8 @@ def main() -> None:
                         handle.write(json.dumps(row) + "\n")
                     print(f"{key}: perplexity {row['perplexity']:.2f} ({row['run_seconds']:.0f} s)", flush=True)
     print(table(list(done.values())))
+    print("\nMean kept rank / mean relative output error per module kind:\n")
+    print(kinds_table(list(done.values())))
 
 
 if __name__ == "__main__":
