@@ -65,7 +65,8 @@ def run_row(base: dict, method: str, ratio: float, strategy: str, target: str, t
             "targeted_ratio": metrics["compression"]["targeted_ratio"],
             "budget_params": allocation.get("budget_params"), "allocated_params": allocation.get("allocated_params"),
             "timing": metrics.get("timing", {}), "run_seconds": time.perf_counter() - started,
-            "per_kind": per_kind(metrics)}
+            "per_kind": per_kind(metrics),
+            "ranks": {m["name"]: m["rank"] for m in allocation.get("modules", [])}}
 
 
 def table(rows: list[dict]) -> str:
