@@ -34,6 +34,7 @@ from .models import DTYPES, adapter_for, load_model
 from .models.loading import LoadedModel
 from .models.lazy import LayerStore, LazyLayers, ResidentLayers, load_lazy
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses
+from .pipeline.allocation import allocate, needs_allocation, strategy_of
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
@@ -64,8 +65,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
-    return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore)
-            for i, spec in enumerate(recipe.stages)]
+    return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore,
+                  spec.allocation) for i, spec in enumerate(recipe.stages)]
 
 
 def check_lazy(recipe: Recipe, stages: list[Stage]) -> None:
@@ -79,6 +80,8 @@ def check_lazy(recipe: Recipe, stages: list[Stage]) -> None:
                               "with `lrcompress eval` on a machine that holds it")
     for stage in stages:
         kinds = sorted(kind for kind in stage.needs if is_prepass_kind(kind))
+        if strategy_of(stage) == "global":
+            kinds.append("output_gradient (allocation: global)")
         if kinds:
             raise LrcompressError(f"runtime.lazy: stage {stage.index} ({stage.compressor.name}) needs {kinds}, a pass "
                                   "over the whole model; use runtime.lazy: false")
@@ -106,12 +109,14 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
                          model=given.loaded.model if given.loaded else None, sources=sources,
                          calibration_given=given.calibration is not None)
         check_growth(recipe, plan)
-        if dry_run:
+        if dry_run and not needs_allocation(stages):
             return RunResult(None, {}, plan, data_sources=sources)
-        claims = collective.is_writer and recipe.output.save
+        # A dry run with a budget allocation loads the model and runs the spectra pre-pass (nothing written).
+        claims = collective.is_writer and recipe.output.save and not dry_run
         with claim_output_dir(Path(recipe.output.dir), recipe.output.overwrite, log.warning) if claims \
                 else nullcontext():
-            result = _run_recipe(recipe, observer, directory, collective, stages, plan, given)
+            result = _run_recipe(recipe, observer, directory, collective, stages, plan, given, dry_run)
+        result.data_sources = sources
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
 
@@ -126,7 +131,8 @@ class GivenInputs:
 
 
 def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | None, collective: Collective,
-                stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None) -> RunResult:
+                stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None,
+                dry_run: bool = False) -> RunResult:
     given = given or GivenInputs()
     writer = collective.is_writer
     timing: dict[str, float] = {}
@@ -151,7 +157,7 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
     store: LayerStore = LazyLayers(model, adapter, loaded.local_dir) if lazy else ResidentLayers()
     params_before = unique_param_count(model)
     metrics: dict[str, Any] = {"eval": {"perplexity": {}}}
-    if recipe.eval.baseline and writer:
+    if recipe.eval.baseline and writer and not dry_run:
         nll = StreamedNll(store, adapter) if lazy else windows_nll
         metrics["eval"].update(_dense_baseline(model, tokenizer, recipe, directory, compute, observer, nll))
 
@@ -167,6 +173,19 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
                                                 chat_tokenizer=tokenizer if cal.chat_template else None)
         windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
     timing["calibration_data"] = time.perf_counter() - started
+
+    settings = PipelineSettings(recipe.runtime.batch_size, compute,
+                                collective.place(torch.device(recipe.runtime.offload_device)),
+                                recipe.runtime.sequential, collective, len(windows))
+    # A budget over a stage's modules: the spectra pre-pass chooses every module's rank (and binds it
+    # to the stage) before any decomposition; --dry-run stops right after it, with the ranks planned.
+    started = time.perf_counter()
+    allocation = allocate(model, adapter, stages, collective.shard(windows), settings, observer, store)
+    if allocation is not None:
+        metrics["allocation"] = allocation.to_dict()
+        timing["allocation"] = time.perf_counter() - started
+    if dry_run:
+        return RunResult(None, metrics, plan_modules(model, stages))
 
     journal = staging = None
     if recipe.output.save:  # finished blocks go to <out>.partial as they finish; a matching one is resumed
@@ -189,8 +208,8 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
         if written:
             records = restore_written(model, journal, store)
         else:
-            records = _compress(model, adapter, stages, recipe, windows, compute, collective, observer, store,
-                                journal, metrics, timing)
+            records = _compress(model, adapter, stages, windows, settings, observer, store, journal, metrics,
+                                timing)
     timing["compress"] = time.perf_counter() - started
     metrics["memory"] = {"compress": peak.report(), "process_peak_rss_bytes": image_peak_rss_bytes(), "lazy": lazy}
 
@@ -234,14 +253,11 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
     return RunResult(output_dir if recipe.output.save and writer else None, metrics, plan, model)
 
 
-def _compress(model: nn.Module, adapter, stages: list[Stage], recipe: Recipe, windows: torch.Tensor,
-              compute: torch.device, collective: Collective, observer: PipelineObserver, store: LayerStore,
-              journal: StagedJournal | None, metrics: dict[str, Any], timing: dict[str, float]) -> list:
+def _compress(model: nn.Module, adapter, stages: list[Stage], windows: torch.Tensor, settings: PipelineSettings,
+              observer: PipelineObserver, store: LayerStore, journal: StagedJournal | None, metrics: dict[str, Any],
+              timing: dict[str, float]) -> list:
     """The pre-passes (e.g. Fisher) and the layer-wise pipeline over this process's windows."""
-    settings = PipelineSettings(recipe.runtime.batch_size, compute,
-                                collective.place(torch.device(recipe.runtime.offload_device)),
-                                recipe.runtime.sequential, collective, len(windows))
-    shard = collective.shard(windows)                       # this process's windows (all of them alone)
+    shard = settings.collective.shard(windows)              # this process's windows (all of them alone)
     prepass = run_prepasses(model, adapter, stages, shard, settings, observer)  # e.g. Fisher, once
     if prepass.reports:
         metrics["prepass"] = prepass.reports

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from ..errors import LrcompressError
 from ..pipeline import PipelineObserver
-from .render import (console, inspect_table, make_observer, plan_table, provenance_table, result_event, setup_logging,
-                     summary_table)
+from .render import (allocation_table, console, inspect_table, make_observer, plan_table, provenance_table,
+                     result_event, setup_logging, summary_table)
 
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
 
@@ -124,6 +124,8 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         stdout.print(plan_table(result.plan))
         for line in result.data_sources:
             stdout.print(line, highlight=False)
+        if "allocation" in result.metrics:   # the spectra pre-pass ran to choose the ranks above
+            stdout.print(allocation_table(result.metrics["allocation"]))
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
     from .render_eval import lm_eval_table
@@ -258,10 +260,14 @@ def inspect(checkpoint: Path) -> None:
 
     _, meta = read_metadata(checkpoint)
     metrics_path = checkpoint / "metrics.json"
-    records = {}
+    records, allocation = {}, None
     if metrics_path.is_file():
-        records = {m["name"]: m for m in json.loads(metrics_path.read_text()).get("modules", [])}
+        saved = json.loads(metrics_path.read_text())
+        records = {m["name"]: m for m in saved.get("modules", [])}
+        allocation = saved.get("allocation")
     stdout.print(inspect_table(checkpoint, bytes_on_disk(checkpoint), meta["modules"], records, spec_shape))
+    if allocation:
+        stdout.print(allocation_table(allocation))
     provenance = meta.get("provenance", {})
     if provenance:
         stdout.print(provenance_table(provenance))

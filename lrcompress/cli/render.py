@@ -207,3 +207,30 @@ def provenance_table(provenance: dict[str, Any]) -> Table:
     for key, value in _flatten(provenance):
         table.add_row(key, value)
     return table
+
+
+def allocation_table(allocation: dict[str, Any]) -> Table:
+    """Per stage and module kind: the ranks a budget allocation chose against the uniform ones."""
+    table = Table(title="budget allocation (rank per module kind: min / mean / max, uniform)")
+    for column in ("stage", "strategy", "module kind", "modules", "min", "mean", "max", "uniform"):
+        table.add_column(column, justify="left" if column in ("strategy", "module kind") else "right")
+    captions = []
+    for stage in allocation.get("stages", []):
+        kinds: dict[str, list[dict[str, Any]]] = {}
+        for module in stage["modules"]:
+            kinds.setdefault(module["kind"], []).append(module)
+        for kind, modules in kinds.items():
+            ranks = [m["rank"] for m in modules]
+            uniform = sorted({m["uniform_rank"] for m in modules})
+            table.add_row(str(stage["stage"]), stage["strategy"], kind, str(len(modules)), str(min(ranks)),
+                          f"{sum(ranks) / len(ranks):.1f}", str(max(ranks)), "/".join(map(str, uniform)))
+        captions.append(f"stage {stage['stage']} ({stage['method']}, {stage['strategy']}): "
+                        f"{stage['allocated_params']:,} of a budget of {stage['budget_params']:,.0f} parameters "
+                        f"(uniform: {stage['uniform_params']:,})")
+    spectra = allocation.get("prepass", {}).get("spectra", {})
+    if spectra:
+        captions.append(f"spectra pre-pass over the uncompressed model: {spectra.get('modules', 0)} modules, "
+                        f"{spectra.get('spectra_bytes', 0) / 1024:.1f} KiB kept, {spectra.get('seconds', 0):.1f} s"
+                        + (", with output gradients" if spectra.get("with_output_gradients") else ""))
+    table.caption = "\n".join(captions)
+    return table

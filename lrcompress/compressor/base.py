@@ -57,6 +57,24 @@ class Plan:
     bytes_after: int | None = None     # when it differs from params_after × the weight's element size
 
 
+@dataclass(frozen=True)
+class RankKnob:
+    """What a compressor's size knob (a rank, a sparsity) costs for one module, for budget allocation.
+
+    The stored parameters are ``fixed_params + rank·step_params``; the stage's own setting (its ratio
+    or rank) would give ``rank`` and corresponds to ``budget_params`` (the unrounded allowance of the
+    rank-dependent part: (1 − ratio)·m·n for a ratio). ``max_rank`` is the largest rank worth storing
+    (for a low-rank factorization, the rank at which it stops being smaller than the dense matrix).
+    """
+
+    step_params: int
+    max_rank: int
+    rank: int
+    budget_params: float
+    dense_params: int
+    fixed_params: int = 0
+
+
 @dataclass
 class GroupMember:
     """One module of a group compressed together (same relative name in consecutive layers)."""
@@ -94,6 +112,18 @@ class Compressor(ABC):
     def plan(self, module: nn.Module) -> Plan:
         """Shape of the result without statistics."""
 
+    def plan_for(self, name: str, module: nn.Module) -> Plan:
+        """The plan of the module named ``name`` (a budget allocation may give each module its own)."""
+        return self.plan(module)
+
+    def rank_knob(self, module: nn.Module) -> RankKnob | None:
+        """The price of this method's size knob for ``module``; None: no knob a budget can move."""
+        return None
+
+    def with_rank(self, rank: int) -> "Compressor":
+        """A copy of this compressor that gives every module ``rank`` (its knob's unit)."""
+        raise NotImplementedError(f"{self.name} has no rank knob")
+
     @abstractmethod
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         """Return the replacement for ``module`` (named ``name``, for messages)."""
@@ -111,6 +141,19 @@ class LowRankCompressor(Compressor):
         rank = self.config.rank_for(m, n)
         bias = getattr(module, "bias", None)
         return Plan(low_rank_params(m, n, rank) + (bias.numel() if bias is not None else 0), rank)
+
+    def rank_knob(self, module: nn.Module) -> RankKnob:
+        m, n = module.out_features, module.in_features
+        bias = getattr(module, "bias", None)
+        c = self.config
+        budget = (c.rank * (m + n)) if c.rank is not None else (1.0 - (c.ratio or 0.0)) * m * n
+        # Beyond m·n/(m+n) the two factors store more than the dense matrix.
+        return RankKnob(step_params=m + n, max_rank=max(1, min(m, n, (m * n) // (m + n))),
+                        rank=self.plan(module).rank, budget_params=float(budget), dense_params=m * n,
+                        fixed_params=bias.numel() if bias is not None else 0)
+
+    def with_rank(self, rank: int) -> "LowRankCompressor":
+        return type(self)(self.config.model_copy(update={"rank": int(rank), "ratio": None}))
 
 
 COMPRESSORS: dict[str, type[Compressor]] = {}

@@ -114,6 +114,31 @@ def plot_kept_params(modules: list[dict[str, Any]], path: Path) -> Path:
                       (0.0, max(1.05, 1.05 * max(values))) if values else None)
 
 
+def kept_rank(module: dict[str, Any]) -> int | None:
+    """A module's rank, or its sparsity for methods whose knob is one (CoSpaDi's s)."""
+    rank = module.get("rank")
+    return rank if rank is not None else (module.get("details") or {}).get("sparsity")
+
+
+def plot_kept_rank(modules: list[dict[str, Any]], path: Path, uniform: dict[str, int] | None = None) -> Path:
+    """Kept rank (or sparsity) of every module across depth, one line per module kind; with a budget
+    allocation, the uniform rank of each kind as a dashed line of the same colour."""
+    series = _series([m for m in modules if kept_rank(m) is not None], kept_rank)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, (xs, ys) in series.items():
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=label)
+        kind = label.split(" (")[0]
+        if uniform and kind in uniform:
+            ax.axhline(uniform[kind], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("kept rank")
+    ax.set_title("kept rank per layer and module kind" + (" (dashed: uniform)" if uniform else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
 def plot_rate_distortion(points: dict[str, list[tuple[float, float]]], path: Path, metric: str,
                          dense: tuple[float, float] | None = None) -> Path:
     """Perplexity against the whole model's size in bytes (MiB on the axis), one line per method; the

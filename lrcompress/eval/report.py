@@ -7,7 +7,8 @@ from typing import Any
 from .metrics import describe_change, format_bytes
 
 PLOTS = {"relative_error.png": "Relative output error per module across depth",
-         "kept_params.png": "Kept size (bytes after / before) per module"}
+         "kept_params.png": "Kept size (bytes after / before) per module",
+         "kept_rank.png": "Kept rank per layer and module kind"}
 
 
 def _rank_or_sparsity(module: dict[str, Any]) -> str:
@@ -40,6 +41,33 @@ def lm_eval_lines(evaluation: dict[str, Any]) -> list[str]:
     sources = "; ".join(f"{task}: {result.get('source')}" for task, result in tasks.items())
     lines += ["", f"Data: {sources}"]
     return lines
+
+
+def allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
+    """The budget allocation per stage and module kind (ranks chosen against the uniform ones)."""
+    if not allocation:
+        return []
+    lines = ["", "## Budget allocation", "",
+             "| stage | strategy | module kind | min rank | mean rank | max rank | uniform rank |",
+             "|---|---|---|---|---|---|---|"]
+    notes = []
+    for stage in allocation["stages"]:
+        for kind, modules in _by_kind(stage["modules"]).items():
+            ranks = [m["rank"] for m in modules]
+            lines.append(f"| {stage['stage']} | {stage['strategy']} | {kind} | {min(ranks)} | "
+                         f"{sum(ranks) / len(ranks):.1f} | {max(ranks)} | {modules[0]['uniform_rank']} |")
+        notes.append(f"Stage {stage['stage']} ({stage['method']}): {stage['allocated_params']:,} parameters "
+                     f"allocated of a budget of {stage['budget_params']:,.0f} (uniform: "
+                     f"{stage['uniform_params']:,}); floor {stage['floor']}, ceiling {stage['ceiling']} of each "
+                     "module's largest rank.")
+    return lines + [""] + notes
+
+
+def _by_kind(modules: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for module in modules:
+        kinds.setdefault(module["kind"], []).append(module)
+    return kinds
 
 
 def render_report(metrics: dict[str, Any], recipe_yaml: str, plots: list[str] | None = None) -> str:
@@ -81,6 +109,7 @@ def render_report(metrics: dict[str, Any], recipe_yaml: str, plots: list[str] | 
         lines.append(f"| {m['name']} | {m['method']} | {m['out_features']}×{m['in_features']} | {size} | "
                      f"{m['params_before']:,} → {m['params_after']:,} | {_rank_or_sparsity(m)} | "
                      f"{m['relative_error']:.4f} | {m['numerical_path']} | {m['seconds']:.2f} |")
+    lines += allocation_lines(metrics.get("allocation"))
     if plots:
         lines += ["", "## Plots", ""] + [f"![{PLOTS.get(name, name)}]({name})" for name in plots]
     lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
@@ -89,14 +118,20 @@ def render_report(metrics: dict[str, Any], recipe_yaml: str, plots: list[str] | 
 
 def write_report(directory: Path, metrics: dict[str, Any], recipe_yaml: str) -> Path:
     """report.md and its PNG plots (per-module error across depth, kept parameters) in ``directory``."""
-    from .plots import plot_kept_params, plot_module_errors
+    from .plots import kept_rank, plot_kept_params, plot_kept_rank, plot_module_errors
 
     modules = metrics.get("modules", [])
     plots = []
     if modules:
         plot_module_errors(modules, directory / "relative_error.png")
         plot_kept_params(modules, directory / "kept_params.png")
-        plots = list(PLOTS)
+        plots = ["relative_error.png", "kept_params.png"]
+    if any(kept_rank(m) is not None for m in modules):
+        allocation = metrics.get("allocation") or {"stages": []}
+        uniform = {kind: group[0]["uniform_rank"] for stage in allocation["stages"]
+                   for kind, group in _by_kind(stage["modules"]).items()}
+        plot_kept_rank(modules, directory / "kept_rank.png", uniform or None)
+        plots.append("kept_rank.png")
     path = directory / "report.md"
     path.write_text(render_report(metrics, recipe_yaml, plots))
     return path

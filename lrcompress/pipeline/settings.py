@@ -6,6 +6,7 @@ without importing the engine (which imports them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +23,8 @@ class Stage:
     compressor: Compressor
     targets: list[str]
     ignore: list[str] = field(default_factory=list)
+    # The recipe's AllocationSpec (strategy, floor, ceiling); None or "uniform": the method's own size.
+    allocation: Any = None
 
     @property
     def needs(self) -> frozenset[str]:
