@@ -21,6 +21,7 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 

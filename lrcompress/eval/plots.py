@@ -121,21 +121,27 @@ def kept_rank(module: dict[str, Any]) -> int | None:
 
 
 def plot_kept_rank(modules: list[dict[str, Any]], path: Path, uniform: dict[str, int] | None = None) -> Path:
-    """Kept rank (or sparsity) of every module across depth, one line per module kind; with a budget
-    allocation, the uniform rank of each kind as a dashed line of the same colour."""
+    """Kept rank (or sparsity) of every module across depth, one colour per module kind and one style per
+    method; with a budget allocation, the uniform rank of each kind as a thin dashed line of its colour."""
+    from matplotlib.ticker import MaxNLocator
+
     series = _series([m for m in modules if kept_rank(m) is not None], kept_rank)
+    styles = _styles(series)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, (xs, ys) in series.items():
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=label)
-        kind = label.split(" (")[0]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for (kind, method), (xs, ys) in series.items():
+        ax.plot(xs, ys, markersize=3, linewidth=1, label=f"{kind} ({method})", **styles[(kind, method)])
         if uniform and kind in uniform:
-            ax.axhline(uniform[kind], color=line.get_color(), linestyle="--", linewidth=0.8)
+            ax.axhline(uniform[kind], color=styles[(kind, method)]["color"], linestyle="--", linewidth=0.6)
+    values = [v for _, ys in series.values() for v in ys] + list((uniform or {}).values())
+    if values:
+        ax.set_ylim(*linear_limits(values))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("kept rank")
     ax.set_title("kept rank per layer and module kind" + (" (dashed: uniform)" if uniform else ""))
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
 
 
