@@ -180,16 +180,19 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     started = time.perf_counter()
     settings = PipelineSettings(recipe.runtime.batch_size, compute,
                                 collective.place(torch.device(recipe.runtime.offload_device)),
-                                recipe.runtime.sequential, collective, len(windows))
+                                recipe.runtime.sequential, collective, len(windows),
+                                target=recipe.runtime.target, target_damping=recipe.runtime.target_damping)
     shard = collective.shard(windows)                       # this process's windows (all of them alone)
     with PeakMemory(torch.device("cpu")) as peak:
         prepass = run_prepasses(model, adapter, stages, shard, settings, observer)  # e.g. Fisher, once
         if prepass.reports:
             metrics["prepass"] = prepass.reports
             timing["prepass"] = prepass.seconds
-        records = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics, store,
-                                    journal).run(shard)
+        pipeline = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics, store, journal)
+        records = pipeline.run(shard)
     timing["compress"] = time.perf_counter() - started
+    if pipeline.reference is not None:
+        metrics["output_matching"] = pipeline.reference.report()
     metrics["memory"] = {"compress": peak.report(), "process_peak_rss_bytes": image_peak_rss_bytes(), "lazy": lazy}
 
     recipe_yaml = yaml.safe_dump(recipe.model_dump(), sort_keys=False)
