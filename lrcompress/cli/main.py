@@ -169,13 +169,16 @@ def check(metrics: Path, baseline: Path | None, gate_file: Path | None, max_ppl_
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="where compare.md and rate_distortion.png go")
-def compare(runs: tuple[Path, ...], output: Path) -> None:
-    """Compare run directories: a table and a rate–distortion plot (perplexity vs whole-model ratio)."""
+@click.option("--x", "x_axis", type=click.Choice(["bytes", "ratio"]), default=None,
+              help="size axis of the plot and the frontier: bytes on disk (default when every run wrote a "
+                   "checkpoint) or whole-model parameters removed")
+def compare(runs: tuple[Path, ...], output: Path, x_axis: str | None) -> None:
+    """Compare run directories: a table and a rate–distortion plot (perplexity vs bytes on disk)."""
     from ..eval.compare import compare_runs
     from .render_eval import compare_table
 
     try:
-        header, rows, table, plot = compare_runs(list(runs), output)
+        header, rows, table, plot = compare_runs(list(runs), output, x_axis)
     except LrcompressError as error:
         _fail(error)
     stdout.print(compare_table(header, rows))

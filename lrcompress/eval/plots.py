@@ -74,21 +74,30 @@ def plot_kept_params(modules: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_rate_distortion(points: dict[str, list[tuple[float, float]]], path: Path, metric: str,
-                         dense: float | None = None) -> Path:
-    """Perplexity against whole-model ratio removed, one line per method; the dense model at ratio 0."""
+                         dense: float | None = None, x_label: str = "whole-model parameters removed (%)",
+                         x_scale: float = 100.0, dense_x: float = 0.0,
+                         frontier: list[tuple[float, float]] | None = None) -> Path:
+    """``metric`` against a size measure, one line per method; the dense model as a star at ``dense_x``.
+
+    x values are multiplied by ``x_scale`` (100: ratios as percent; 2⁻²⁰: bytes as MiB). ``frontier``: the
+    points no other run beats in both size and metric, joined by a dashed line."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for method, pairs in sorted(points.items()):
         pairs = sorted(pairs)
-        ax.plot([100 * r for r, _ in pairs], [p for _, p in pairs], marker="o", label=method)
+        ax.plot([x_scale * r for r, _ in pairs], [p for _, p in pairs], marker="o", label=method)
+    if frontier:
+        best = sorted(frontier)
+        ax.plot([x_scale * x for x, _ in best], [p for _, p in best], linestyle="--", color="black", alpha=0.5,
+                linewidth=1, label="frontier", zorder=1)
     if dense is not None:
-        ax.scatter([0.0], [dense], marker="*", s=150, color="black", zorder=5, label="dense")
+        ax.scatter([x_scale * dense_x], [dense], marker="*", s=150, color="black", zorder=5, label="dense")
     values = [p for pairs in points.values() for _, p in pairs] + ([dense] if dense is not None else [])
     if values and min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
-    ax.set_xlabel("whole-model parameters removed (%)")
+    ax.set_xlabel(x_label)
     ax.set_ylabel(metric)
     ax.set_title("rate–distortion")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     return _save(fig, path)
