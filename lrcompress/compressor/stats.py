@@ -78,11 +78,7 @@ class GramStatistic(Statistic):
 
     def gram(self, module_name: str) -> torch.Tensor:
         """XᵀX in float64, checked for NaN/Inf."""
-        g = self.sum_xx.to(torch.float64)
-        if not torch.isfinite(g).all():
-            raise NumericalError(f"{module_name}: the calibration Gram XᵀX contains NaN/Inf "
-                                 "(the activations overflowed; try dtype float32 or fewer layers)")
-        return g
+        return _finite(self.sum_xx, module_name, "calibration Gram XᵀX")
 
     def mean(self) -> torch.Tensor:
         return (self.sum_x / max(self.count, 1)).to(torch.float64)

@@ -66,6 +66,23 @@ def test_low_rank_with_the_target_is_the_best_rank_r_fit_of_the_original_outputs
     assert objective(approx) < objective(plain)
 
 
+def test_gptq_with_the_target_quantizes_w_star_in_the_metric_of_the_compressed_inputs():
+    """GPTAQ's objective: at 8 bits the result is W* up to rounding, and at 3 bits the matched objective is
+    lower than GPTQ's on W."""
+    x, x_hat, linear, stats = _problem(rows=400, features=16, out=12, seed=2)
+    w = linear.weight.detach()
+    objective = lambda a: float((x_hat @ a.T - x @ w.T).norm())  # noqa: E731
+    for bits in (8, 3):
+        stage = _stage("gptq", bits=bits, group_size=None, damping=0.01)
+        member, = _targeted(stage, [GroupMember("m", linear, stats)], [linear], damping=0.01)
+        approx = dense_weight(stage.compressor.compress("m", member.module, member.stats).module).detach()
+        target = member.module.weight.detach()
+        if bits == 8:
+            assert float((approx - target).norm() / target.norm()) < 0.01
+        plain = dense_weight(stage.compressor.compress("m", linear, stats).module).detach()
+        assert objective(approx) < objective(plain)
+
+
 def test_eora_compensates_toward_the_target_not_the_original_weight():
     """After an earlier stage made W_c, eora's rank-r path minimises ‖X̂(W_c + BA)ᵀ − XWᵀ‖."""
     x, x_hat, linear, stats = _problem(seed=1)
