@@ -63,6 +63,7 @@ class CoSpaDi(Compressor):
     Config = CoSpaDiConfig
     config: CoSpaDiConfig
     needs = frozenset({"gram"})
+    shrinks = True
 
     @property
     def takes_target(self) -> bool:

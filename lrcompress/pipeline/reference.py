@@ -136,20 +136,25 @@ class ReferenceStream:
         try:
             for batch in range(len(inputs)):
                 started = time.perf_counter()
-                reference_hidden += self.forward(pristine, _one_batch(reference, batch)).hidden
+                reference_hidden.append(self._run_batch(pristine, reference, batch))
                 extra[0] += time.perf_counter() - started
-                hidden += self.forward(layer, _one_batch(inputs, batch)).hidden
+                hidden.append(self._run_batch(layer, inputs, batch))
                 stash.clear()
         finally:
             for handle in handles:
                 handle.remove()
         self.forwards += 1
         self.seconds += extra[0]
-        self.inputs.setdefault(index + 1, LayerInputs(reference_hidden, reference.kwargs))
+        self.inputs.setdefault(index + 1, reference.following(reference_hidden))
         self._measure()
         size = sum(s.nbytes() for kinds in paired.values() for s in kinds if isinstance(s, CrossGramStatistic))
         self.peak_statistic_bytes = max(self.peak_statistic_bytes, size)
-        return LayerInputs(hidden, inputs.kwargs)
+        return inputs.following(hidden)
+
+    def _run_batch(self, layer: nn.Module, inputs: LayerInputs, batch: int) -> torch.Tensor:
+        """One batch through ``layer`` on the compute device; the output back on the offload device."""
+        s = self.settings
+        return inputs.call(batch).to(s.compute)(layer, inputs.hidden[batch].to(s.compute)).to(s.offload)
 
     # ------------------------------------------------------------------ targets and records
     def target_members(self, stage: Stage, members: list[GroupMember], originals: list[nn.Module]
@@ -212,10 +217,6 @@ class ReferenceStream:
     def _measure(self) -> None:
         size = sum(t.numel() * t.element_size() for inputs in self.inputs.values() for t in inputs.hidden)
         self.peak_activation_bytes = max(self.peak_activation_bytes, size)
-
-
-def _one_batch(inputs: LayerInputs, batch: int) -> LayerInputs:
-    return LayerInputs([inputs.hidden[batch]], [inputs.kwargs[batch]])
 
 
 def _cross(stats) -> CrossGramStatistic:

@@ -10,7 +10,7 @@ from lrcompress.compressor import GramStatistic, GroupMember, OriginalWeight, ge
 from lrcompress.compressor.stats import CrossGramStatistic
 from lrcompress.errors import LrcompressError
 from lrcompress.models import adapter_for
-from lrcompress.models.capture import LayerInputs
+from lrcompress.models.capture import LayerCalls, LayerInputs
 from lrcompress.modules import dense_weight
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
 from lrcompress.pipeline.reference import ReferenceStream
@@ -47,7 +47,7 @@ def _best_rank_r(x_hat, y, rank):
 
 
 def _targeted(stage, members, originals, damping=0.0):
-    stream = ReferenceStream(LayerInputs([], []), PipelineSettings(target="original", target_damping=damping), None)
+    stream = ReferenceStream(LayerInputs(0, [], LayerCalls()), PipelineSettings(target="original", target_damping=damping), None)
     return stream.target_members(stage, members, originals)
 
 
