@@ -119,6 +119,12 @@ class RuntimeSpec(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     lazy: bool = Field(False, description="meta-device skeleton; each decoder layer is read from the safetensors "
                                           "shards when processed and released after it is written")
+    target: Literal["layer", "original"] = Field(
+        "layer", description="what a module is fitted to: its own outputs on the inputs it receives (layer) or the "
+                             "uncompressed model's outputs (original: one more forward per layer, see "
+                             "docs/output-matching.md)")
+    target_damping: float = Field(1e-2, ge=0.0, description="λ of the ridge toward W in the target W* (target: "
+                                                            "original), relative to mean(diag X̂ᵀX̂)")
 
 
 class OutputSpec(Section):

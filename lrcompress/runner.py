@@ -176,7 +176,8 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
 
     settings = PipelineSettings(recipe.runtime.batch_size, compute,
                                 collective.place(torch.device(recipe.runtime.offload_device)),
-                                recipe.runtime.sequential, collective, len(windows))
+                                recipe.runtime.sequential, collective, len(windows),
+                                target=recipe.runtime.target, target_damping=recipe.runtime.target_damping)
     # A budget over a stage's modules: the spectra pre-pass chooses every module's rank (and binds it
     # to the stage) before any decomposition; --dry-run stops right after it, with the ranks planned.
     started = time.perf_counter()
@@ -262,7 +263,11 @@ def _compress(model: nn.Module, adapter, stages: list[Stage], windows: torch.Ten
     if prepass.reports:
         metrics["prepass"] = prepass.reports
         timing["prepass"] = prepass.seconds
-    return LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics, store, journal).run(shard)
+    pipeline = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics, store, journal)
+    records = pipeline.run(shard)
+    if pipeline.reference is not None:     # output matching: its extra time and memory
+        metrics["output_matching"] = pipeline.reference.report()
+    return records
 
 
 def _streamed_from_checkpoint(model: nn.Module, adapter, checkpoint: Path) -> WindowsNll:

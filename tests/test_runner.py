@@ -91,6 +91,14 @@ def test_dry_run_plans_without_writing(tiny_llama_dir, calibration_file, tmp_pat
     assert q.params_after == q.rank * 128 <= 0.8 * 4096
 
 
+def test_output_matching_reports_its_cost(tiny_llama_dir, calibration_file, tmp_path):
+    recipe = tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "run")
+    recipe.runtime.target = "original"
+    metrics = run_recipe(recipe).metrics
+    cost = metrics["output_matching"]
+    assert cost["target"] == "original" and cost["extra_seconds"] > 0 and cost["reference_forwards"] == 2
+    assert cost["peak_reference_activation_bytes"] > 0 and cost["peak_cross_gram_bytes_per_layer"] > 0
+    assert all(m["details"]["target"] == "original" for m in metrics["modules"])
 def test_chat_template_calibration_renders_conversations(tiny_llama_dir, calibration_file, tmp_path):
     """An instruct model's calibration text: each record of a 'messages' column through the chat template."""
     import shutil

@@ -104,6 +104,15 @@ class Compressor(ABC):
         ``compress_group`` once per module kind (e.g. ``mlp.down_proj``) with the g members."""
         return 1
 
+    @property
+    def takes_target(self) -> bool:
+        """Whether ``runtime.target: original`` may hand this compressor the output-matching target W*
+        in place of the original W (as the module's weight when no earlier stage touched the module, and
+        as the ``original_weight`` snapshot): true when the result minimises ‖X̂(T − Ŵ)ᵀ‖ in the metric of
+        the Gram X̂ᵀX̂ it receives, for the weight T it is given. Data-free and weight-space methods keep
+        False and the switch leaves them alone (docs/output-matching.md)."""
+        return False
+
     def compress_group(self, members: list[GroupMember]) -> list[CompressResult]:
         """Compress modules that share something (a dictionary); by default each one alone."""
         return [self.compress(m.name, m.module, m.stats) for m in members]

@@ -69,6 +69,11 @@ class CoSpaDi(Compressor):
     shrinks = True
 
     @property
+    def takes_target(self) -> bool:
+        """Dictionary learned on the whitened T, values refit in the metric X̂ᵀX̂."""
+        return True
+
+    @property
     def group_size(self) -> int:
         return self.config.group_size
 

@@ -48,3 +48,7 @@ class PipelineSettings:
     # engine and every pre-pass reach it the same way.
     collective: Collective = field(default_factory=Collective)
     num_samples: int | None = None        # calibration windows over all processes, for memory hints
+    # What each module is fitted to: "layer" (its own weight's outputs on the inputs it receives, the
+    # classic layer-wise objective) or "original" (the uncompressed model's outputs; pipeline.reference).
+    target: str = "layer"
+    target_damping: float = 1e-2          # λ of the ridge toward W in the output-matching target W*

@@ -15,7 +15,7 @@ from lrcompress.compressor import GramStatistic, OriginalWeight
 from lrcompress.compressor.block import InputSample
 from lrcompress.compressor.expert_stats import ExpertGramStatistic, ExpertStatistic
 from lrcompress.compressor.fisher import FisherStatistic, OutputGradientStatistic
-from lrcompress.compressor.stats import SNAPSHOTS, STATISTICS, Statistic
+from lrcompress.compressor.stats import SNAPSHOTS, STATISTICS, CrossGramStatistic, Statistic
 from lrcompress.pipeline import PREPASSES
 from lrcompress.pipeline.distributed import merge_in_rank_order
 from lrcompress.pipeline.transfer import decode_state, encode_state
@@ -30,6 +30,13 @@ def _gram(part: int | None) -> Statistic:
     stat = GramStatistic(5)
     if part is not None:
         stat.observe(_data(part, 2, 3 + part, 5), None)
+    return stat
+
+
+def _cross(part: int | None) -> Statistic:
+    stat = CrossGramStatistic(5)
+    if part is not None:
+        stat.observe_pair(_data(part, 2, 3 + part, 5), _data(part + 20, 2, 3 + part, 5))
     return stat
 
 
@@ -77,8 +84,8 @@ def _experts(part: int | None, kind: type = ExpertStatistic) -> Statistic:
 
 
 CASES: dict[str, Callable[[int | None], Statistic]] = {
-    "gram": _gram, "original_weight": _original, "fisher": _fisher, "output_gradient": _output_gradient,
-    "block_input_sample": _sample,
+    "gram": _gram, "cross_gram": _cross, "original_weight": _original, "fisher": _fisher,
+    "output_gradient": _output_gradient, "block_input_sample": _sample,
     "expert_outputs": _experts, "expert_grams": lambda part: _experts(part, ExpertGramStatistic),
 }
 

@@ -123,10 +123,13 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_l
     assert not (tmp_path / "resumed.partial").exists()
 
 
-@pytest.mark.parametrize("case", ["non-sequential", "lazy", "cospadi-group"])
+@pytest.mark.parametrize("case", ["non-sequential", "lazy", "cospadi-group", "lazy-target-original"])
 def test_an_interrupted_run_resumes_exactly(case, six_layers, calibration_file, tmp_path):
+    """``lazy-target-original``: output matching replays finished blocks from their originals (read again
+    from the shards) to carry the uncompressed stream forward."""
     extra: dict = {"runtime": {"device": "cpu", "batch_size": 3, "sequential": case != "non-sequential",
-                               "lazy": case == "lazy"}}
+                               "lazy": case.startswith("lazy"),
+                               "target": "original" if case.endswith("target-original") else "layer"}}
     per_block = MODULES_PER_LAYER
     if case == "cospadi-group":  # one dictionary per projection shared by 2 layers: blocks of 2 layers
         extra["stages"] = [{"method": "cospadi", "ratio": 0.3, "group_size": 2, "iterations": 1,
