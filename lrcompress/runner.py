@@ -211,7 +211,7 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
         outer, aliases = unique_tensors((name, t) for name, t in model.state_dict().items()
                                         if not name.startswith(adapter.layers + "."))
         staging.finalize(output_dir, outer, aliases, model.config, dtype, provenance, tokenizer,
-                         {"recipe.yaml": recipe_yaml})
+                         {"recipe.yaml": recipe_yaml}, source=loaded.local_dir or recipe.model.path)
         written_bytes = bytes_on_disk(output_dir)
         timing["write"] = time.perf_counter() - started
 

@@ -74,8 +74,6 @@ def export_peft(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool
     for name in ranks:
         replace_submodule(model, name, model.get_submodule(name).base)
     densify(model)
-    if hasattr(model.config, "lrcompress"):
-        del model.config.lrcompress
     out_dir = Path(out_dir)
     final_base = (out_dir / "base").resolve()
     with staged_directory(out_dir, overwrite) as staging:

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..modules import MODULE_KINDS
+from ..modules import MODULE_KINDS, prepare_for_inference
 from ..modules.surgery import replace_submodule
-from .layout import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, weight_files
+from .layout import (CONFIG_NAME, FORMAT_VERSION, GUARD_KEY, METADATA_KEY, QUANTIZATION_KEY, lrcompress_block,
+                     weight_files)
 
 
 def read_metadata(directory: Path) -> tuple[dict, dict]:
@@ -21,9 +22,11 @@ def read_metadata(directory: Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: no {CONFIG_NAME}")
     config = json.loads(path.read_text())
-    meta = config.pop(METADATA_KEY, None)
+    meta = lrcompress_block(config)
     if meta is None:
-        raise CheckpointError(f"{path} has no '{METADATA_KEY}' block: not an lrcompress checkpoint")
+        raise CheckpointError(f"{path} has no lrcompress {QUANTIZATION_KEY}: not an lrcompress checkpoint")
+    for key in (QUANTIZATION_KEY, METADATA_KEY, GUARD_KEY):
+        config.pop(key, None)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported "
                               f"(this lrcompress reads version {FORMAT_VERSION})")
@@ -81,7 +84,9 @@ def assign_tensors(model: nn.Module, prefix: str, tensors: dict[str, torch.Tenso
     restore_aliases(model, inside)
 
 
-def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+def load_compressed(directory: str | Path, dtype: torch.dtype | None = None, kernels: bool = True) -> nn.Module:
+    """The compressed model of ``directory``; with ``kernels`` its modules build their fast inference
+    layouts (packed int4 CPU kernels), else they compute the exact dequantized reference."""
     directory = Path(directory)
     config_dict, meta = read_metadata(directory)
     stored_dtype = getattr(torch, meta.get("dtype", "float32"))
@@ -96,4 +101,6 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     model.tie_weights()
     if dtype is not None:
         model.to(dtype)
+    if kernels:
+        prepare_for_inference(model)
     return model.eval()

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from .carry import write_carried_files
 from .shards import read_all
 from .layout import CONFIG_NAME, replace_durably, swap_into_place, write_durable
 from .writer import checkpoint_config, write_index
@@ -106,8 +107,9 @@ class StagingDir:
 
     def finalize(self, final: Path, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
                  dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any,
-                 extra_files: dict[str, str]) -> None:
-        """Complete the checkpoint and rename it to ``final`` (replacing one the caller may overwrite)."""
+                 extra_files: dict[str, str], source: str | Path | None = None) -> None:
+        """Complete the checkpoint and rename it to ``final`` (replacing one the caller may overwrite);
+        ``source``'s generation config and tokenizer files are copied unchanged."""
         blocks = [self.block_info(layers) for layers in self.finished()]
         save_file(outer, self.path / OUTER_NAME, metadata={"format": "pt"})
         weight_map = {name: OUTER_NAME for name in outer}
@@ -122,8 +124,7 @@ class StagingDir:
         write_index(self.path, weight_map, sum(sizes.values()))
         config = checkpoint_config(model_config, dtype, specs, aliases, provenance)
         (self.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.path)
+        write_carried_files(self.path, source, tokenizer)
         for name, text in extra_files.items():
             (self.path / name).write_text(text)
         for leftover in self.path.glob("*.tmp"):  # a write a crash interrupted, since redone

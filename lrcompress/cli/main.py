@@ -240,6 +240,31 @@ def export(checkpoint: Path, output: Path, dense: bool, peft: bool, overwrite: b
     stdout.print(f"wrote dense checkpoint to {output}")
 
 
+@cli.command("bench-infer")
+@click.argument("checkpoint")
+@click.option("--dense", help="the dense original (default: the source model the checkpoint's provenance names)")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="prefill length")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="tokens generated")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="median over this many")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the report as JSON")
+def bench_infer(checkpoint: str, dense: str | None, prompt_tokens: int, new_tokens: int, batch: int, threads: int,
+                repeats: int, json_path: Path | None) -> None:
+    """Prefill and decode tokens/s and memory of CHECKPOINT and its dense original, in one process."""
+    from ..eval.inference_bench import InferenceSettings, bench_checkpoint
+    from .render import inference_table
+
+    settings = InferenceSettings(prompt_tokens, new_tokens, batch, threads, repeats)
+    try:
+        report = bench_checkpoint(checkpoint, dense, settings)
+    except LrcompressError as error:
+        _fail(error)
+    stdout.print(inference_table(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     cli(prog_name="lrcompress")
 

@@ -45,8 +45,10 @@ def resolve_model_dir(source: str) -> Path | None:
 
 
 def is_compressed_dir(path: Path) -> bool:
+    from ..checkpoint.layout import lrcompress_block
+
     config = path / "config.json"
-    return config.is_file() and "lrcompress" in json.loads(config.read_text())
+    return config.is_file() and lrcompress_block(json.loads(config.read_text())) is not None
 
 
 def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:

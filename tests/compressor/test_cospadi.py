@@ -148,7 +148,7 @@ def test_group_mode_shares_one_dictionary_and_survives_the_checkpoint(tmp_path):
     on_disk = sum(t.numel() * t.element_size() for k, t in stored.items() if ".up_proj." in k)
     assert on_disk == sum(layers[i].mlp.up_proj.storage_bytes() for i in range(4))   # shared bytes once
     assert stored["model.layers.0.mlp.up_proj.indices"].dtype == torch.int16
-    tied = json.loads((tmp_path / "config.json").read_text())["lrcompress"]["tied"]
+    tied = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["tied"]
     assert tied["model.layers.1.mlp.up_proj.dictionary"] == "model.layers.0.mlp.up_proj.dictionary"
     loaded = load_compressed(tmp_path)
     assert loaded.model.layers[0].mlp.up_proj.dictionary is loaded.model.layers[1].mlp.up_proj.dictionary
