@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import torch
 import yaml
 from torch import nn
 
-from .checkpoint import bytes_on_disk, check_output_dir
+from .checkpoint import bytes_on_disk
+from .checkpoint.layout import disk_errors
+from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
 from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
@@ -29,28 +32,17 @@ from .eval.streamed import StreamedNll
 from .eval.suite import evaluate_model
 from .models import DTYPES, adapter_for, load_model
 from .models.lazy import LayerStore, LazyLayers, ResidentLayers, load_lazy
-from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses, select_targets
-from .pipeline.blocks import is_block_stage, select_blocks
+from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
+from .pipeline.plan import PlannedModule, plan_modules  # noqa: F401  (re-exported: runner.PlannedModule)
 from .pipeline.prepass import is_prepass_kind
-from .pipeline.resume import open_staging, read_staging, run_fingerprint
+from .pipeline.resume import open_staging, read_staging, restore_written, run_fingerprint
+from .preflight import check_growth, preflight
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PlannedModule:
-    name: str
-    stage: int
-    method: str
-    out_features: int
-    in_features: int
-    params_before: int
-    params_after: int
-    rank: int | None
 
 
 @dataclass
@@ -74,27 +66,6 @@ def build_stages(recipe: Recipe) -> list[Stage]:
             for i, spec in enumerate(recipe.stages)]
 
 
-def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
-    """Every target module with its method and size before/after, without touching any weight."""
-    adapter = adapter_for(model)
-    planned: list[PlannedModule] = []
-    for index, layer in enumerate(adapter.decoder_layers(model)):
-        prefix = adapter.layer_prefix(index)
-        for stage in stages:
-            block = is_block_stage(stage)  # whole blocks (e.g. MoE) map hidden -> hidden
-            names = select_blocks(layer, prefix, stage) if block else select_targets(layer, prefix, stage.targets,
-                                                                                      stage.ignore)
-            for name in names:
-                module = layer.get_submodule(name)
-                plan = stage.compressor.plan(module)
-                before = sum(p.numel() for p in module.parameters())
-                out_f, in_f = ((model.config.hidden_size,) * 2 if block
-                               else (module.out_features, module.in_features))
-                planned.append(PlannedModule(f"{prefix}.{name}", stage.index, stage.compressor.name,
-                                             out_f, in_f, before, plan.params_after, plan.rank))
-    return planned
-
-
 def check_lazy(recipe: Recipe, stages: list[Stage]) -> None:
     """What lazy mode cannot do, refused before any work: it writes layers as they finish (so it needs
     an output directory) and never holds the whole model (no lm-eval tasks, no whole-model pre-pass)."""
@@ -113,39 +84,46 @@ def check_lazy(recipe: Recipe, stages: list[Stage]) -> None:
 
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
                dry_run: bool = False) -> RunResult:
-    """Run ``recipe``; in one process, or in each of the processes torchrun started."""
+    """Run ``recipe``; in one process, or in each of the processes torchrun started.
+
+    Everything that can be checked without the weights is checked first (``preflight``: data, targets,
+    sizes, sequence lengths), then the writing process claims the output directory (its lock, held until
+    the run ends), and only then is the model loaded."""
+    observer = observer or PipelineObserver()
     with process_group(resolve_device(recipe.runtime.device)) as collective:
-        result = _run_recipe(recipe, observer or PipelineObserver(), data_directory, dry_run, collective)
+        stages = build_stages(recipe)
+        if recipe.runtime.lazy:
+            check_lazy(recipe, stages)
+        directory = data_dir(data_directory, recipe.data_dir)
+        quiet = (lambda message: None)
+        plan = preflight(recipe, stages, directory, log.warning if collective.is_writer else quiet)
+        check_growth(recipe, plan)
+        if dry_run:
+            return RunResult(None, {}, plan)
+        claims = collective.is_writer and recipe.output.save
+        with claim_output_dir(Path(recipe.output.dir), recipe.output.overwrite, log.warning) if claims \
+                else nullcontext():
+            result = _run_recipe(recipe, observer, directory, collective, stages, plan)
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
 
 
-def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str | None, dry_run: bool,
-                collective: Collective) -> RunResult:
+def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | None, collective: Collective,
+                stages: list[Stage], plan: list[PlannedModule]) -> RunResult:
     writer = collective.is_writer
     timing: dict[str, float] = {}
     output_dir = Path(recipe.output.dir)
-    if not dry_run and recipe.output.save:
-        check_output_dir(output_dir, recipe.output.overwrite)
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     torch.manual_seed(recipe.seed)
-    stages = build_stages(recipe)
-
     lazy = recipe.runtime.lazy
-    if lazy:
-        check_lazy(recipe, stages)
 
     started = time.perf_counter()
     observer.phase(f"loading {recipe.model.path}" + (" (lazy: tensors outside the decoder layers only)" if lazy else ""))
     loaded = (load_lazy if lazy else load_model)(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     timing["load"] = time.perf_counter() - started
-    plan = plan_modules(model, stages)
-    if dry_run:
-        return RunResult(None, {}, plan)
 
-    directory = data_dir(data_directory, recipe.data_dir)
     compute = collective.place(resolve_device(recipe.runtime.device))
     adapter = adapter_for(model)
     store: LayerStore = LazyLayers(model, adapter, loaded.local_dir) if lazy else ResidentLayers()
@@ -176,19 +154,15 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
             staging = read_staging(output_dir)
         if staging is not None:
             journal = StagedJournal(staging, adapter, DTYPES[recipe.model.dtype], writes=writer)
+    written = staging is not None and staging.is_written()   # killed during evaluation: only that is left
 
     started = time.perf_counter()
-    settings = PipelineSettings(recipe.runtime.batch_size, compute,
-                                collective.place(torch.device(recipe.runtime.offload_device)),
-                                recipe.runtime.sequential, collective, len(windows))
-    shard = collective.shard(windows)                       # this process's windows (all of them alone)
     with PeakMemory(torch.device("cpu")) as peak:
-        prepass = run_prepasses(model, adapter, stages, shard, settings, observer)  # e.g. Fisher, once
-        if prepass.reports:
-            metrics["prepass"] = prepass.reports
-            timing["prepass"] = prepass.seconds
-        records = LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics, store,
-                                    journal).run(shard)
+        if written:
+            records = restore_written(model, journal, store)
+        else:
+            records = _compress(model, adapter, stages, recipe, windows, compute, collective, observer, store,
+                                journal, metrics, timing)
     timing["compress"] = time.perf_counter() - started
     metrics["memory"] = {"compress": peak.report(), "process_peak_rss_bytes": image_peak_rss_bytes(), "lazy": lazy}
 
@@ -207,27 +181,45 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
     dtype = next(model.parameters()).dtype
     if staging is not None and writer:
         started = time.perf_counter()
-        observer.phase(f"writing {output_dir}")
-        outer, aliases = unique_tensors((name, t) for name, t in model.state_dict().items()
-                                        if not name.startswith(adapter.layers + "."))
-        staging.finalize(output_dir, outer, aliases, model.config, dtype, provenance, tokenizer,
-                         {"recipe.yaml": recipe_yaml}, source=loaded.local_dir or recipe.model.path)
-        written_bytes = bytes_on_disk(output_dir)
+        if not written:
+            observer.phase(f"writing {staging.path}")
+            outer, aliases = unique_tensors((name, t) for name, t in model.state_dict().items()
+                                            if not name.startswith(adapter.layers + "."))
+            staging.complete(outer, aliases, model.config, dtype, provenance, tokenizer, {"recipe.yaml": recipe_yaml},
+                             source=loaded.local_dir or recipe.model.path)
+        written_bytes = bytes_on_disk(staging.path)
         timing["write"] = time.perf_counter() - started
 
     metrics["compression"] = compression_summary(records, params_before, unique_param_count(model),
                                                  written_bytes, dtype.itemsize)
     if writer:
         started = time.perf_counter()
-        nll = _streamed_from_checkpoint(model, adapter, output_dir) if lazy else windows_nll
+        nll = _streamed_from_checkpoint(model, adapter, staging.path) if lazy else windows_nll
         metrics["eval"].update(_evaluate(model, tokenizer, recipe, directory, compute, observer, nll))
         timing["eval"] = time.perf_counter() - started
     metrics["timing"] = timing
     metrics["modules"] = [r.to_dict() for r in records]
-    if recipe.output.save and writer:
-        write_metrics(output_dir / "metrics.json", metrics)
-        write_report(output_dir, metrics, recipe_yaml)
+    if staging is not None and writer:   # the run is complete when its metrics are: only then is <out> there
+        with disk_errors(f"writing metrics.json and report.md into {staging.path}", staging.path):
+            write_metrics(staging.path / "metrics.json", metrics)
+            write_report(staging.path, metrics, recipe_yaml)
+        staging.publish(output_dir)
     return RunResult(output_dir if recipe.output.save and writer else None, metrics, plan, model)
+
+
+def _compress(model: nn.Module, adapter, stages: list[Stage], recipe: Recipe, windows: torch.Tensor,
+              compute: torch.device, collective: Collective, observer: PipelineObserver, store: LayerStore,
+              journal: StagedJournal | None, metrics: dict[str, Any], timing: dict[str, float]) -> list:
+    """The pre-passes (e.g. Fisher) and the layer-wise pipeline over this process's windows."""
+    settings = PipelineSettings(recipe.runtime.batch_size, compute,
+                                collective.place(torch.device(recipe.runtime.offload_device)),
+                                recipe.runtime.sequential, collective, len(windows))
+    shard = collective.shard(windows)                       # this process's windows (all of them alone)
+    prepass = run_prepasses(model, adapter, stages, shard, settings, observer)  # e.g. Fisher, once
+    if prepass.reports:
+        metrics["prepass"] = prepass.reports
+        timing["prepass"] = prepass.seconds
+    return LayerwisePipeline(model, adapter, stages, settings, observer, prepass.statistics, store, journal).run(shard)
 
 
 def _streamed_from_checkpoint(model: nn.Module, adapter, checkpoint: Path) -> WindowsNll:

@@ -16,8 +16,13 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
+from torch import nn
+
 from ..checkpoint.staging import StagingDir, staging_path
 from ..errors import CheckpointError
+from ..models.lazy import LayerStore
+from .journal import StagedJournal
+from .records import ModuleRecord
 
 IGNORED_RECIPE_KEYS = ("output", "eval", "runtime.lazy", "model.path")
 SMALL_FILE_SUFFIXES = {".json", ".jinja", ".txt", ".model"}
@@ -103,7 +108,10 @@ def open_staging(final: Path, fingerprint: dict[str, Any], overwrite: bool,
             f"{staging.path} holds an interrupted run that this command cannot resume:\n  "
             + "\n  ".join(problems)
             + f"\nDelete {staging.path}, or pass --overwrite (output.overwrite: true), to start over.")
-    announce(f"resuming from {staging.path}: {len(staging.finished())} block(s) of layers already finished")
+    if staging.is_written():
+        announce(f"resuming from {staging.path}: the checkpoint is written, only the evaluation is left")
+    else:
+        announce(f"resuming from {staging.path}: {len(staging.finished())} block(s) of layers already finished")
     return staging
 
 
@@ -113,3 +121,15 @@ def read_staging(final: Path) -> StagingDir | None:
     resuming a torchrun job needs the output directory on a filesystem every process sees)."""
     staging = StagingDir(staging_path(final))
     return staging if staging.path.exists() else None
+
+
+def restore_written(model: nn.Module, journal: StagedJournal, store: LayerStore) -> list[ModuleRecord]:
+    """A staged run whose checkpoint is completely written (killed or failed during evaluation): put its
+    compressed layers back into ``model`` and return its records, compressing and replaying nothing —
+    only the evaluation is left to do. Lazy mode releases each block again once restored."""
+    records: list[ModuleRecord] = []
+    for block in sorted(journal.staging.finished()):
+        journal.restore(model, block)
+        store.release(block)
+        records += journal.records(block)
+    return records
