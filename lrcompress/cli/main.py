@@ -243,22 +243,34 @@ def inspect(checkpoint: Path) -> None:
 @click.option("--dense", is_flag=True, help="write a plain dense HF checkpoint")
 @click.option("--peft", is_flag=True, help="write OUTPUT/base (dense base model) + OUTPUT/adapter (the "
               "compensation paths as a PEFT LoRA adapter)")
+@click.option("--format", "format_", type=click.Choice(["compressed-tensors"]),
+              help="a standard quantized format (rtn/gptq checkpoints; needs the compressed-tensors package)")
 @click.option("--overwrite", is_flag=True)
-def export(checkpoint: Path, output: Path, dense: bool, peft: bool, overwrite: bool) -> None:
-    """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads; --peft: base + LoRA adapter)."""
+def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str | None, overwrite: bool) -> None:
+    """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads; --peft: base + LoRA adapter;
+    --format compressed-tensors: the quantized weights in that format)."""
     from ..checkpoint import export_dense, export_peft
+    from ..checkpoint.compressed_tensors import export_compressed_tensors
     from ..models import load_model
 
-    if dense == peft:
-        raise LrcompressError("give exactly one of --dense or --peft")
-    loaded = load_model(str(checkpoint))
-    if peft:
-        written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
-    else:
-        export_dense(loaded.model, loaded.tokenizer, output, overwrite)
+    if [dense, peft, format_ is not None].count(True) != 1:
+        _fail(click.UsageError("give exactly one of --dense, --peft or --format"))
+    try:
+        loaded = load_model(str(checkpoint))
+        if peft:
+            written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
+        elif format_:
+            count = export_compressed_tensors(loaded.model, loaded.tokenizer, output, overwrite)
+        else:
+            export_dense(loaded.model, loaded.tokenizer, output, overwrite)
+    except LrcompressError as error:
+        _fail(error)
     if peft:
         stdout.print(f"wrote base model to {written.base_dir} and a LoRA adapter for {written.modules} modules "
                      f"to {written.adapter_dir}")
+        return
+    if format_:
+        stdout.print(f"wrote {count} quantized modules as {format_} to {output}")
         return
     stdout.print(f"wrote dense checkpoint to {output}")
 
