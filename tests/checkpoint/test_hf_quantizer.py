@@ -152,3 +152,13 @@ def test_the_loaded_model_refuses_save_pretrained(checkpoints, tmp_path):
     native = AutoModelForCausalLM.from_pretrained(checkpoints["lord"])
     with pytest.raises(ValueError):
         native.save_pretrained(tmp_path / "resaved")
+
+
+def test_import_lrcompress_first_then_transformers(checkpoints):
+    """The registration runs when transformers' quantizer registry is first imported (after lrcompress)."""
+    script = ("import lrcompress\nfrom transformers import AutoModelForCausalLM\n"
+              f"model = AutoModelForCausalLM.from_pretrained({str(checkpoints['rtn4'])!r})\n"
+              "print(type(model.model.layers[0].mlp.up_proj).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("QuantizedLinear")
