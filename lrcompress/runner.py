@@ -23,7 +23,7 @@ from .checkpoint.layout import disk_errors
 from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
-from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
+from .data import TextSource, calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
 from .errors import LrcompressError
 from .eval import compression_summary, unique_param_count, versions, write_metrics, write_report
 from .eval.baseline_cache import cached_evaluation, eval_settings
@@ -31,6 +31,7 @@ from .eval.perplexity import WindowsNll, windows_nll
 from .eval.streamed import StreamedNll
 from .eval.suite import evaluate_model
 from .models import DTYPES, adapter_for, load_model
+from .models.loading import LoadedModel
 from .models.lazy import LayerStore, LazyLayers, ResidentLayers, load_lazy
 from .pipeline import LayerwisePipeline, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.distributed import Collective, process_group
@@ -51,6 +52,7 @@ class RunResult:
     metrics: dict[str, Any]
     plan: list[PlannedModule] = field(default_factory=list)
     model: nn.Module | None = None          # the compressed model, in memory (for library users)
+    data_sources: list[str] = field(default_factory=list)   # where each dataset and task is read from
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,33 +85,49 @@ def check_lazy(recipe: Recipe, stages: list[Stage]) -> None:
 
 
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
-               dry_run: bool = False) -> RunResult:
-    """Run ``recipe``; in one process, or in each of the processes torchrun started.
+               dry_run: bool = False, given: GivenInputs | None = None) -> RunResult:
+    """Run ``recipe``; in one process, or in each of the processes torchrun started. ``given``: a model
+    and/or calibration data the caller already holds (``lrcompress.run``), used instead of the recipe's.
 
     Everything that can be checked without the weights is checked first (``preflight``: data, targets,
     sizes, sequence lengths), then the writing process claims the output directory (its lock, held until
     the run ends), and only then is the model loaded."""
     observer = observer or PipelineObserver()
+    given = given or GivenInputs()
     with process_group(resolve_device(recipe.runtime.device)) as collective:
         stages = build_stages(recipe)
         if recipe.runtime.lazy:
             check_lazy(recipe, stages)
         directory = data_dir(data_directory, recipe.data_dir)
         quiet = (lambda message: None)
-        plan = preflight(recipe, stages, directory, log.warning if collective.is_writer else quiet)
+        sources: list[str] = []
+        observer.phase("checking the datasets, tasks and targets")
+        plan = preflight(recipe, stages, directory, log.warning if collective.is_writer else quiet,
+                         model=given.loaded.model if given.loaded else None, sources=sources,
+                         calibration_given=given.calibration is not None)
         check_growth(recipe, plan)
         if dry_run:
-            return RunResult(None, {}, plan)
+            return RunResult(None, {}, plan, data_sources=sources)
         claims = collective.is_writer and recipe.output.save
         with claim_output_dir(Path(recipe.output.dir), recipe.output.overwrite, log.warning) if claims \
                 else nullcontext():
-            result = _run_recipe(recipe, observer, directory, collective, stages, plan)
+            result = _run_recipe(recipe, observer, directory, collective, stages, plan, given)
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
 
 
+@dataclass
+class GivenInputs:
+    """What a library caller hands over: a loaded model (compressed in place) and calibration data, as
+    text (``TextSource``) or as token windows (a LongTensor, num_samples × seq_len)."""
+
+    loaded: LoadedModel | None = None
+    calibration: TextSource | torch.Tensor | None = None
+
+
 def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | None, collective: Collective,
-                stages: list[Stage], plan: list[PlannedModule]) -> RunResult:
+                stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None) -> RunResult:
+    given = given or GivenInputs()
     writer = collective.is_writer
     timing: dict[str, float] = {}
     output_dir = Path(recipe.output.dir)
@@ -120,9 +138,13 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
 
     started = time.perf_counter()
     observer.phase(f"loading {recipe.model.path}" + (" (lazy: tensors outside the decoder layers only)" if lazy else ""))
-    loaded = (load_lazy if lazy else load_model)(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    loaded = given.loaded or (load_lazy if lazy else load_model)(recipe.model.path, recipe.model.dtype,
+                                                                 recipe.model.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     timing["load"] = time.perf_counter() - started
+    if recipe.calibration.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise LrcompressError("calibration.chat_template is true but the tokenizer of "
+                              f"{recipe.model.path} has no chat template")
 
     compute = collective.place(resolve_device(recipe.runtime.device))
     adapter = adapter_for(model)
@@ -136,8 +158,14 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
     started = time.perf_counter()
     cal = recipe.calibration
     observer.phase(f"tokenizing calibration data {cal.dataset}/{cal.split}")
-    source = load_text(cal.dataset, cal.split, directory)
-    windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
+    if isinstance(given.calibration, torch.Tensor):
+        windows = given.calibration
+        source = TextSource("", f"{len(windows)} token windows given in memory", windows_fingerprint(windows))
+    else:
+        source = given.calibration or load_text(cal.dataset, cal.split, directory, config=cal.config,
+                                                text_column=cal.text_column,
+                                                chat_tokenizer=tokenizer if cal.chat_template else None)
+        windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
     timing["calibration_data"] = time.perf_counter() - started
 
     journal = staging = None

@@ -57,10 +57,17 @@ def compression_summary(records: Iterable[ModuleRecord], model_params_before: in
         "targeted_bytes_before": byte_counts[0] if byte_counts else None,
         "targeted_bytes_after": byte_counts[1] if byte_counts else None,
         "targeted_bytes_ratio": 1 - byte_counts[1] / byte_counts[0] if byte_counts and byte_counts[0] else None,
+        # the whole model's weights in memory: dense size, with the targeted modules' bytes swapped
+        "model_bytes_before": model_params_before * bytes_per_param,
+        "model_bytes_after": (model_params_before * bytes_per_param - byte_counts[0] + byte_counts[1])
+        if byte_counts else None,
+        "model_bytes_ratio": (byte_counts[0] - byte_counts[1]) / (model_params_before * bytes_per_param)
+        if byte_counts and model_params_before else None,
         "accounting": ("params = stored weight values (low-rank r·(m+n), sparse kept values, quantized one "
                        "code per weight; sparse dictionaries d_in·k (a shared one split among its group) + s·d_out "
                        "values + indices at their byte size in units of one value; + bias); bytes = every tensor written, scales/zeros/masks/indices "
-                       "included; ratios are fractions removed"),
+                       "included; bytes are the primary size (quantization keeps every weight as a code, so its parameter "
+                       "count does not shrink); ratios are fractions removed"),
     }
 
 
@@ -78,3 +85,22 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     from ..checkpoint.layout import write_atomic
 
     write_atomic(path, json.dumps(metrics, indent=2, default=str))
+
+
+def format_bytes(count: int | float | None) -> str:
+    """1.5 GiB, 432.0 MiB, 12.3 KiB, 512 B."""
+    if count is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(count) >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
+
+
+def describe_change(before: int, after: int, unit: str) -> str:
+    """"a → b (x% removed)", or "(+x% …)" when it grew: never a negative "removed"."""
+    text = f"{before:,} → {after:,}" if unit == "params" else f"{format_bytes(before)} → {format_bytes(after)}"
+    if not before:
+        return text
+    change = 1 - after / before
+    return text + (f" ({100 * change:.1f}% removed)" if change >= 0 else f" (+{-100 * change:.1f}%)")

@@ -27,7 +27,8 @@ def evaluate_model(model: nn.Module, tokenizer, perplexity_specs: list, lm_eval_
     for spec in perplexity_specs:
         announce(f"perplexity on {spec.dataset}/{spec.split} (seq_len {spec.seq_len})")
         result = perplexity(model, tokenizer, spec.dataset, spec.split, spec.seq_len, spec.max_windows,
-                            data_directory, batch_size, device, nll)
+                            data_directory, batch_size, device, nll, config=getattr(spec, "config", None),
+                            text_column=getattr(spec, "text_column", "text"))
         section["perplexity"][f"{spec.dataset}/{spec.split}"] = result.to_dict()
     if lm_eval_spec is not None:
         from .lm_eval_tasks import evaluate_tasks
@@ -35,7 +36,7 @@ def evaluate_model(model: nn.Module, tokenizer, perplexity_specs: list, lm_eval_
         announce(f"lm-eval tasks {', '.join(lm_eval_spec.tasks)} (limit {lm_eval_spec.limit})")
         section["lm_eval"] = evaluate_tasks(model, tokenizer, list(lm_eval_spec.tasks), lm_eval_spec.limit,
                                             lm_eval_spec.batch_size, lm_eval_spec.num_fewshot, data_directory,
-                                            device)
+                                            device, include_path=getattr(lm_eval_spec, "include_path", None))
     return section
 
 

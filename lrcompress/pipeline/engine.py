@@ -45,7 +45,7 @@ from .blocks import check_coverage, compress_block, is_block_stage, select_block
 from ..models.capture import LayerInputs, capture_layer_inputs, forward_layer
 from .distributed import CompressJob
 from .journal import BlockJournal, MemoryJournal
-from .observer import PipelineObserver
+from .observer import PipelineObserver, PlannedWork
 from .oom import naming_out_of_memory
 from .settings import PipelineSettings, Stage
 from .prepass import is_prepass_kind
@@ -92,6 +92,7 @@ class LayerwisePipeline:
         layers = self.adapter.decoder_layers(self.model)
         records: list[ModuleRecord] = []
         self.observer.layers_started(len(layers))
+        self.observer.work_planned(self._planned_work(layers))
         for start in range(0, len(layers), block):
             indices = list(range(start, min(start + block, len(layers))))
             started = time.perf_counter()
@@ -124,6 +125,17 @@ class LayerwisePipeline:
         self.observer.finished()
         return records
 
+    def _targets(self, layer: nn.Module, index: int, stage: Stage) -> list[str]:
+        prefix = self.adapter.layer_prefix(index)
+        return (select_blocks(layer, prefix, stage) if is_block_stage(stage)
+                else select_targets(layer, prefix, stage.targets, stage.ignore))
+
+    def _planned_work(self, layers) -> list[PlannedWork]:
+        """Every target module's size (parameters, read from the skeleton: no weight is loaded), for the ETA."""
+        return [PlannedWork(i, stage.index, sum(p.numel() for p in layer.get_submodule(name).parameters()))
+                for i, layer in enumerate(layers) for stage in self.stages
+                for name in self._targets(layer, i, stage)]
+
     def _propagate(self, layers, indices: list[int], inputs: LayerInputs) -> LayerInputs:
         """The block's outputs for ``inputs``, on the compute device and back."""
         for i in indices:
@@ -138,9 +150,7 @@ class LayerwisePipeline:
         """Run every stage on these layers; return the records and, in non-sequential mode, the
         outputs of the uncompressed block (computed during the first statistics pass, for free)."""
         prefixes = {i: self.adapter.layer_prefix(i) for i in indices}
-        plans = {(stage.index, i): select_blocks(layers[i], prefixes[i], stage) if is_block_stage(stage)
-                 else select_targets(layers[i], prefixes[i], stage.targets, stage.ignore)
-                 for stage in self.stages for i in indices}
+        plans = {(stage.index, i): self._targets(layers[i], i, stage) for stage in self.stages for i in indices}
         for i in indices:
             self.observer.layer_started(i, sum(len(plans[(stage.index, i)]) for stage in self.stages))
         records: list[ModuleRecord] = []
@@ -198,11 +208,15 @@ class LayerwisePipeline:
         jobs = [CompressJob(sum(_cost(m.module) for m in members[name]),
                             functools.partial(self._compress_members, stage, owners[name][0], members[name]))
                 for name in names]
-        for name, outcome in zip(names, self.settings.collective.run_jobs(jobs)):
+
+        def finished(index: int, outcome) -> None:   # as each job ends: its modules are logged at once
+            name = names[index]
             seconds = outcome.seconds / len(members[name])
             for i, member, result in zip(owners[name], members[name], outcome.results):
                 records.append(self._apply(i, layers[i], name, member, stage, result, seconds,
                                            originals[(i, name)]))
+
+        self.settings.collective.run_jobs(jobs, on_done=finished)
         return records
 
     def _compress_members(self, stage: Stage, layer: int, members: list[GroupMember]) -> list[CompressResult]:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -196,7 +200,7 @@ CASES = [
     Case("evaluating on the calibration text", _args("--set", "eval.allow_calibration_split=false"),
          "evaluates on the text calibration reads"),
     Case("unknown evaluation dataset", _args("--set", "eval.perplexity.0.dataset=no_such_set"),
-         "eval.perplexity.0: dataset not found"),
+         "eval.perplexity.0.dataset 'no_such_set'"),
     Case("lm-eval task files missing", _missing_task_files, "eval.lm_eval.tasks: task arc_easy"),
     Case("output exists", _existing_output, "--overwrite"),
     Case("output locked by another run", _locked, "is being written by another run: pid"),
@@ -285,3 +289,27 @@ def test_allow_growth_lets_the_plan_through_and_says_so(tiny_llama_dir, calibrat
     result = invoke(case, ctx, case.prepare(ctx))
     assert result.exit_code == 0, result.output
     assert "does not shrink" in result.output and "would not shrink" in " ".join(result.output.split())
+
+
+@pytest.mark.usefixtures("no_report")
+def test_a_real_write_limit_is_one_message_and_leaves_a_resumable_run(tiny_llama_dir, calibration_file, tmp_path):
+    """Not a patched writer: the kernel refuses the first block's file (RLIMIT_FSIZE; Python ignores
+    SIGXFSZ, so the write fails with EFBIG as a full disk fails with ENOSPC). Then the limit is lifted and
+    the same command resumes and finishes."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out")))
+    command = [sys.executable, "-m", "lrcompress", "run", str(recipe)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    limited = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             preexec_fn=small_files)
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    message = " ".join(limited.stderr[limited.stderr.index("error:"):].split())
+    assert "File too large" in message and "rerun the same command" in message and "Traceback" not in message
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "state.json").is_file()
+    finished = CliRunner().invoke(cli, ["run", str(recipe)])
+    assert finished.exit_code == 0, finished.output
+    assert (tmp_path / "out" / "metrics.json").is_file()
