@@ -72,6 +72,10 @@ class LrcompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         restore_aliases(model, self.quantization_config.tied)
+        for module in model.modules():    # transformers assigns tensors without load_state_dict's hooks
+            unpack = getattr(module, "unpack_indices", None)
+            if callable(unpack):
+                unpack()
         return prepare_for_inference(model)
 
     def is_serializable(self, **kwargs: Any) -> bool:
