@@ -233,7 +233,8 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
             observer.phase(f"writing {staging.path}")
             outer, aliases = unique_tensors((name, t) for name, t in model.state_dict().items()
                                             if not name.startswith(adapter.layers + "."))
-            staging.complete(outer, aliases, model.config, dtype, provenance, tokenizer, {"recipe.yaml": recipe_yaml})
+            staging.complete(outer, aliases, model.config, dtype, provenance, tokenizer, {"recipe.yaml": recipe_yaml},
+                             source=loaded.local_dir or recipe.model.path)
         written_bytes = bytes_on_disk(staging.path)
         timing["write"] = time.perf_counter() - started
 

@@ -155,6 +155,24 @@ def summary_table(metrics: dict[str, Any], output_dir) -> Table:
     return table
 
 
+def inference_table(report: dict[str, Any]) -> Table:
+    """bench-infer: tokens/s and memory of the dense and compressed models, and their ratios."""
+    settings = report["settings"]
+    table = Table(title=f"{report['checkpoint']} vs {report['dense']} — batch {settings['batch']}, "
+                        f"{settings['threads']} threads, median of {settings['repeats']}")
+    for column in ("model", f"prefill {settings['prompt_tokens']} tok/s", f"decode {settings['new_tokens']} tok/s",
+                   "tensor MiB", "decode peak RSS +MiB"):
+        table.add_column(column, justify="right")
+    for name, speed in report["speeds"].items():
+        peak = speed["decode_peak_rss_delta_bytes"]
+        table.add_row(name, f"{speed['prefill_tokens_per_s']:.1f}", f"{speed['decode_tokens_per_s']:.2f}",
+                      f"{speed['tensor_bytes'] / 2**20:.1f}", "?" if peak is None else f"{peak / 2**20:.1f}")
+    ratio = report["ratios"]
+    table.add_row("compressed ÷ dense", f"{ratio['prefill']:.2f}×", f"{ratio['decode']:.2f}×",
+                  f"{ratio['tensor_bytes']:.2f}×", "")
+    return table
+
+
 def result_event(result, dry_run: bool) -> dict[str, Any]:
     """``run --log-json``'s one line on stdout: what a batch system needs to know about the run."""
     if dry_run:

@@ -45,8 +45,10 @@ def resolve_model_dir(source: str) -> Path | None:
 
 
 def is_compressed_dir(path: Path) -> bool:
+    from ..checkpoint.layout import lrcompress_block
+
     config = path / "config.json"
-    return config.is_file() and "lrcompress" in read_config_json(path)
+    return config.is_file() and lrcompress_block(read_config_json(path)) is not None
 
 
 def read_config_json(directory: Path) -> dict:

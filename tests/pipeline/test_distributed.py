@@ -202,7 +202,7 @@ def test_two_processes_write_the_checkpoint_of_one(tiny_llama_dir, calibration_f
     for key in one:
         assert one[key].dtype == two[key].dtype
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
-    config = [json.loads((tmp_path / n / "config.json").read_text())["lrcompress"] for n in ("one", "two")]
+    config = [json.loads((tmp_path / n / "config.json").read_text())["quantization_config"] for n in ("one", "two")]
     assert config[0]["modules"] == config[1]["modules"] and config[0]["tied"] == config[1]["tied"]
     assert config[1]["provenance"]["processes"] == 2
 

@@ -144,7 +144,7 @@ def test_an_interrupted_run_resumes_exactly(case, six_layers, calibration_file, 
     assert_same_tensors(tmp_path / "resumed", tmp_path / "straight")
     if case == "cospadi-group":
         config = json.loads((tmp_path / "resumed" / "config.json").read_text())
-        shared = [alias for alias in config["lrcompress"]["tied"] if alias.endswith("dictionary")]
+        shared = [alias for alias in config["quantization_config"]["tied"] if alias.endswith("dictionary")]
         assert len(shared) == 3                       # 3 blocks × up_proj, stored once each
         assert not set(shared) & set(checkpoint_tensors(tmp_path / "resumed"))
 
@@ -166,7 +166,7 @@ def test_a_changed_recipe_refuses_to_resume_and_names_the_field(six_layers, cali
     assert state_blocks(out) == [[0]]                 # refusing touched nothing
     changed["output"]["overwrite"] = True             # start over with the new recipe
     run_recipe(parse_recipe(changed))
-    assert json.loads((out / "config.json").read_text())["lrcompress"]["provenance"]["recipe_fingerprint"] == \
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["provenance"]["recipe_fingerprint"] == \
         parse_recipe(changed).fingerprint()
 
 
