@@ -67,7 +67,10 @@ def linear_limits(values: list[float]) -> tuple[float, float]:
     return 0.0, max(1.08 * max(values), 1e-12)
 
 
-def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool, limits: tuple[float, float] | None) -> Path:
+def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool, limits: tuple[float, float] | None,
+               references: dict[str, float] | None = None) -> Path:
+    """One line per (module kind, method) across depth; ``references`` adds a thin dashed horizontal line
+    per module kind in that kind's colour (e.g. the uniform rank a budget allocation departed from)."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
@@ -75,6 +78,8 @@ def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool, limits:
     styles = _styles(series)
     for (kind, method), (xs, ys) in series.items():
         ax.plot(xs, ys, markersize=3, linewidth=1, label=f"{kind} ({method})", **styles[(kind, method)])
+        if references and kind in references:
+            ax.axhline(references[kind], color=styles[(kind, method)]["color"], linestyle="--", linewidth=0.6)
     if log_y:
         ax.set_yscale("log")
     elif limits is not None:
@@ -123,26 +128,11 @@ def kept_rank(module: dict[str, Any]) -> int | None:
 def plot_kept_rank(modules: list[dict[str, Any]], path: Path, uniform: dict[str, int] | None = None) -> Path:
     """Kept rank (or sparsity) of every module across depth, one colour per module kind and one style per
     method; with a budget allocation, the uniform rank of each kind as a thin dashed line of its colour."""
-    from matplotlib.ticker import MaxNLocator
-
     series = _series([m for m in modules if kept_rank(m) is not None], kept_rank)
-    styles = _styles(series)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for (kind, method), (xs, ys) in series.items():
-        ax.plot(xs, ys, markersize=3, linewidth=1, label=f"{kind} ({method})", **styles[(kind, method)])
-        if uniform and kind in uniform:
-            ax.axhline(uniform[kind], color=styles[(kind, method)]["color"], linestyle="--", linewidth=0.6)
     values = [v for _, ys in series.values() for v in ys] + list((uniform or {}).values())
-    if values:
-        ax.set_ylim(*linear_limits(values))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("kept rank")
-    ax.set_title("kept rank per layer and module kind" + (" (dashed: uniform)" if uniform else ""))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    return _save(fig, path)
+    title = "kept rank per layer and module kind" + (" (dashed: uniform)" if uniform else "")
+    return _line_plot(series, title, "kept rank", path, False, linear_limits(values) if values else None,
+                      references=uniform)
 
 
 def plot_rate_distortion(points: dict[str, list[tuple[float, float]]], path: Path, metric: str,
