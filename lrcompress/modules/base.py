@@ -46,6 +46,10 @@ class CompressedModule(nn.Module):
         """Build once, after loading, whatever layout makes the forward fast (a packed kernel weight).
         Nothing by default; called on every compressed module by :func:`prepare_for_inference`."""
 
+    def inference_tensors(self) -> list[torch.Tensor]:
+        """The tensors :meth:`prepare_inference` built (outside the state dict), for memory accounting."""
+        return []
+
     @classmethod
     def describe_shape(cls, spec: dict[str, Any]) -> str:
         """The shape a spec describes, for people (``inspect``): out × in for a linear."""
