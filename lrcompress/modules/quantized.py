@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CompressedLinear, register_module_kind
+from .base import CompressedLinear, column_major, register_module_kind
 from .cpu_kernels import PackedInt4Weight, int4_kernel_available, kernel_group
 from .packing import pack_codes, packed_bytes, unpack_codes
 
@@ -121,6 +121,7 @@ class QuantizedLinear(CompressedLinear):
                                                self.group_size, self.perm)
         else:
             self._inference = self.dense_weight().detach()
+            column_major(self._inference)
 
     def inference_tensors(self) -> list[torch.Tensor]:
         prepared = self._inference

@@ -61,7 +61,7 @@ def test_group_sizes_without_a_kernel_use_the_weight_dequantized_once():
         reference = module(x)
         prepare_for_inference(module)
         assert isinstance(module._inference, torch.Tensor)
-        torch.testing.assert_close(module(x), reference, rtol=0, atol=0)
+        torch.testing.assert_close(module(x), reference)   # same weight; summation order differs
 
 
 def test_inputs_that_need_gradients_take_the_reference_path():

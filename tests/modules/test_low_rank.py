@@ -29,3 +29,16 @@ def test_gradients_reach_the_factors_after_prepare():
     prepare_for_inference(module)
     module(torch.randn(2, 8, requires_grad=True)).sum().backward()
     assert module.down.weight.grad is not None and module.up.weight.grad is not None
+
+
+def test_factors_are_stored_column_major_with_unchanged_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    module = _module(40, 24, 6)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    prepare_for_inference(module)
+    assert module.down.weight.t().is_contiguous() and module.up.weight.t().is_contiguous()
+    assert module.down.weight.shape == (6, 40)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp_path / "m.safetensors")
+    for key, tensor in load_file(tmp_path / "m.safetensors").items():
+        torch.testing.assert_close(tensor, before[key], rtol=0, atol=0)
