@@ -32,8 +32,8 @@ def test_run_writes_checkpoint_metrics_and_report(tiny_llama_dir, calibration_fi
 
 
 def test_runs_are_reproducible(tiny_llama_dir, calibration_file, tmp_path):
-    first = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "a")).metrics
-    second = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "b")).metrics
+    first = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "a")).metrics.dump()
+    second = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "b")).metrics.dump()
     assert first["provenance"]["calibration"] == second["provenance"]["calibration"]
     assert [m["relative_error"] for m in first["modules"]] == [m["relative_error"] for m in second["modules"]]
 
@@ -61,7 +61,7 @@ def test_a_crash_while_writing_leaves_no_checkpoint_but_a_resumable_staging_dir(
             run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run.partial"]
-    assert json.loads((tmp_path / "run.partial" / "state.json").read_text())["blocks"] == [[0], [1]]
+    assert json.loads((tmp_path / "run.partial" / "state.json").read_text())["segments"] == [[0], [1]]
     run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))  # the same command finishes the run
     assert (out / "config.json").is_file() and not (tmp_path / "run.partial").exists()
     assert not (out / "state.json").exists()
@@ -81,3 +81,27 @@ def test_dry_run_plans_without_writing(tiny_llama_dir, calibration_file, tmp_pat
     q = next(p for p in result.plan if p.name.endswith("layers.0.self_attn.q_proj"))
     assert (q.out_features, q.in_features, q.params_before) == (64, 64, 4096)
     assert q.params_after == q.rank * 128 <= 0.8 * 4096
+
+
+def test_a_moe_recipe_run_writes_a_plain_checkpoint(tmp_path, calibration_file):
+    from lrcompress.recipe import parse_recipe
+    from transformers import AutoModelForCausalLM
+    from helpers import byte_tokenizer
+    from moe_helpers import tiny_moe
+    from tiny_runs import tiny_recipe_dict
+
+    model_dir = tmp_path / "moe"
+    tiny_moe("qwen2_moe").save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    recipe = tiny_recipe_dict(model_dir, calibration_file, tmp_path / "out", method="expert_average")
+    recipe["stages"] = [{"method": "expert_average", "expert_ratio": 0.5}]
+    dry = run_recipe(parse_recipe(recipe), dry_run=True)
+    assert [p.name for p in dry.plan] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    result = run_recipe(parse_recipe(recipe))
+    assert [m["params_after"] for m in result.metrics.dump()["modules"]] == [p.params_after for p in dry.plan]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.num_experts == 2
+    assert reloaded.model.layers[0].mlp.experts.down_proj.shape[0] == 2
+    bad = dict(recipe, stages=[{"method": "expert_average", "num_experts": 2, "ratio": 0.2}])
+    with pytest.raises(Exception, match="stages.0.ratio"):
+        parse_recipe(bad)

@@ -1,13 +1,13 @@
-"""The staging directory of a run, ``<out>.partial``: finished blocks of layers, durably, until the
+"""The staging directory of a run, ``<out>.partial``: finished segments of layers, durably, until the
 checkpoint is complete and renamed to ``<out>``.
 
-    state.json                        format, the run's fingerprint, the finished blocks (written last)
-    layers-00000-00001.safetensors    the (compressed) layers of one block, shared tensors stored once
+    state.json                        format, the run's fingerprint, the finished segments (written last)
+    layers-00000-00001.safetensors    the (compressed) layers of one segment, shared tensors stored once
     layers-00000-00001.json           their module specs, aliases and module records
 
-A block's files are flushed to disk before state.json names it, and every file is replaced
-atomically, so after a crash at any point (kill -9, preemption) state.json lists only blocks whose
-files are complete; a block it does not list is simply computed and written again. ``finalize`` adds
+A segment's files are flushed to disk before state.json names it, and every file is replaced
+atomically, so after a crash at any point (kill -9, preemption) state.json lists only segments whose
+files are complete; a segment it does not list is simply computed and written again. ``finalize`` adds
 the tensors outside the layers, the shard index, config.json and the tokenizer, renames the directory
 to ``<out>`` (so a complete-looking checkpoint never exists before it is complete) and drops the
 journal files.
@@ -28,7 +28,7 @@ from .layout import CONFIG_NAME, replace_durably, swap_into_place, write_durable
 from .writer import checkpoint_config, write_index
 
 STATE_NAME = "state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2            # 2: "segments" (format 1 called them "blocks")
 OUTER_NAME = "model-outer.safetensors"
 
 
@@ -69,17 +69,17 @@ class StagingDir:
         """Start empty (removing whatever was there: the caller decided it may go)."""
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True)
-        self._write_state({"format": STATE_FORMAT, "fingerprint": fingerprint, "blocks": []})
+        self._write_state({"format": STATE_FORMAT, "fingerprint": fingerprint, "segments": []})
 
     def _write_state(self, state: dict[str, Any]) -> None:
         write_durable(self.state_file, json.dumps(state, indent=2, sort_keys=True))
 
     def finished(self) -> list[list[int]]:
         state = self.read_state()
-        return [] if state is None else [list(block) for block in state["blocks"]]
+        return [] if state is None else [list(segment) for segment in state["segments"]]
 
-    def write_block(self, layers: list[int], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-        """Write a finished block's tensors and info, flush them, then record the block in state.json."""
+    def write_segment(self, layers: list[int], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Write a finished segment's tensors and info, flush them, then record it in state.json."""
         stem = _stem(layers)
         tmp = self.path / f"{stem}.safetensors.tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -89,31 +89,31 @@ class StagingDir:
         state = self.read_state()
         if state is None:
             raise CheckpointError(f"{self.state_file} disappeared while the run was writing into {self.path}")
-        state["blocks"] = [block for block in state["blocks"] if block != layers] + [layers]
+        state["segments"] = [segment for segment in state["segments"] if segment != layers] + [layers]
         self._write_state(state)
 
-    def block_info(self, layers: list[int]) -> dict[str, Any]:
+    def segment_info(self, layers: list[int]) -> dict[str, Any]:
         path = self.path / f"{_stem(layers)}.json"
         if not path.is_file():
             raise CheckpointError(f"{self.state_file} lists layers {layers} but {path} is missing")
         return json.loads(path.read_text())
 
-    def read_block(self, layers: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def read_segment(self, layers: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         path = self.path / f"{_stem(layers)}.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{self.state_file} lists layers {layers} but {path} is missing")
-        return read_all(path), self.block_info(layers)
+        return read_all(path), self.segment_info(layers)
 
     def finalize(self, final: Path, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
                  dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any,
                  extra_files: dict[str, str]) -> None:
         """Complete the checkpoint and rename it to ``final`` (replacing one the caller may overwrite)."""
-        blocks = [self.block_info(layers) for layers in self.finished()]
+        segments = [self.segment_info(layers) for layers in self.finished()]
         save_file(outer, self.path / OUTER_NAME, metadata={"format": "pt"})
         weight_map = {name: OUTER_NAME for name in outer}
         sizes = _nbytes(outer)
         specs, aliases = {}, dict(outer_aliases)
-        for info in blocks:
+        for info in segments:
             file = f"{_stem(info['layers'])}.safetensors"
             weight_map.update({name: file for name in info["tensors"]})
             sizes.update(info["tensors"])
@@ -129,6 +129,6 @@ class StagingDir:
         for leftover in self.path.glob("*.tmp"):  # a write a crash interrupted, since redone
             leftover.unlink()
         swap_into_place(self.path, final)
-        for layers in [info["layers"] for info in blocks]:
+        for layers in [info["layers"] for info in segments]:
             (final / f"{_stem(layers)}.json").unlink()
         (final / STATE_NAME).unlink()

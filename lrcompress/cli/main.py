@@ -8,11 +8,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from ..errors import LrcompressError
 from ..pipeline import PipelineObserver
-from .render import console, make_observer, plan_table, setup_logging, summary_table
+from .render import console, inspection_table, make_observer, plan_table, setup_logging, summary_table
 
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
 
@@ -76,7 +75,7 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
     stdout.print(summary_table(result.metrics, result.output_dir))
     from .render_eval import lm_eval_table
 
-    tasks = lm_eval_table(result.metrics["eval"])
+    tasks = lm_eval_table(result.metrics.eval)
     if tasks is not None:
         stdout.print(tasks)
 
@@ -105,11 +104,12 @@ def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_wi
     from pydantic import ValidationError
 
     from ..data import data_dir as resolve_data_dir
-    from ..eval import write_metrics
+    from ..eval import EvalContext
     from ..eval.lm_eval_tasks import parse_tasks
+    from ..eval.metrics import EvalReport
     from ..eval.suite import evaluate_checkpoint
-    from ..recipe import LmEvalSpec, PerplexitySpec
-    from ..runner import resolve_device
+    from ..pipeline.settings import resolve_device
+    from ..recipe import EvalSpec, LmEvalSpec, PerplexitySpec
     from .render_eval import lm_eval_table, perplexity_lines
 
     try:
@@ -119,20 +119,20 @@ def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_wi
                              num_fewshot=num_fewshot) if tasks else None
         if not ppl_specs and lm_spec is None:
             raise LrcompressError("nothing to evaluate: --no-perplexity and no --tasks")
-        section, cached = evaluate_checkpoint(checkpoint, ppl_specs, lm_spec,
-                                              resolve_data_dir(str(data_dir) if data_dir else None),
-                                              resolve_device(device), batch_size, cache,
-                                              None if as_json else console.log)
+        context = EvalContext(resolve_data_dir(str(data_dir) if data_dir else None), resolve_device(device),
+                              batch_size, (lambda message: None) if as_json else console.log)
+        section, cached = evaluate_checkpoint(checkpoint, EvalSpec(perplexity=ppl_specs, lm_eval=lm_spec), context,
+                                              cache)
     except ValidationError as error:
         _fail(LrcompressError("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())))
     except LrcompressError as error:
         _fail(error)
-    document = {"eval": section, "model_source": checkpoint, "baseline_cache": cached}
     if output:
-        write_metrics(output, document)
+        EvalReport(eval=section, model_source=checkpoint, baseline_cache=cached).save(output)
     if as_json:  # perplexity alone: its result object, as before lm-eval tasks existed; else the section
-        alone = lm_spec is None and len(section["perplexity"]) == 1
-        click.echo(json.dumps(next(iter(section["perplexity"].values())) if alone else section, indent=2))
+        alone = lm_spec is None and len(section.perplexity) == 1
+        shown = next(iter(section.perplexity.values())).model_dump() if alone else section.dump()
+        click.echo(json.dumps(shown, indent=2))
         return
     for line in perplexity_lines(section):
         stdout.print(line, highlight=False)
@@ -140,7 +140,7 @@ def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_wi
     if table is not None:
         stdout.print(table)
     if cached:
-        stdout.print(f"baseline cache: {'hit' if cached['hit'] else 'stored'} {cached['path']}", highlight=False)
+        stdout.print(f"baseline cache: {'hit' if cached.hit else 'stored'} {cached.path}", highlight=False)
 
 
 @cli.command()
@@ -186,29 +186,15 @@ def compare(runs: tuple[Path, ...], output: Path) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 def inspect(checkpoint: Path) -> None:
     """What was compressed: modules, kinds, ranks, sizes, errors (from metrics.json when present)."""
-    from ..checkpoint import bytes_on_disk, read_metadata
-    from ..modules import spec_shape
+    from ..eval.inspect import inspect_checkpoint
 
     try:
-        _, meta = read_metadata(checkpoint)
+        inspection = inspect_checkpoint(checkpoint)
     except LrcompressError as error:
         _fail(error)
-    metrics_path = checkpoint / "metrics.json"
-    records = {}
-    if metrics_path.is_file():
-        records = {m["name"]: m for m in json.loads(metrics_path.read_text()).get("modules", [])}
-    table = Table(title=f"{checkpoint} ({bytes_on_disk(checkpoint) / 2**20:.1f} MiB of weights)")
-    for column in ("module", "kind", "shape (out×in)", "rank", "params after", "rel. error", "path"):
-        table.add_column(column)
-    for name, spec in meta["modules"].items():
-        record = records.get(name, {})
-        table.add_row(name, spec["kind"], spec_shape(spec), str(spec.get("rank", "–")),
-                      f"{record.get('params_after', 0):,}" if record else "?",
-                      f"{record['relative_error']:.4f}" if record else "?", record.get("numerical_path", "?"))
-    stdout.print(table)
-    provenance = meta.get("provenance", {})
-    if provenance:
-        stdout.print_json(json.dumps(provenance))
+    stdout.print(inspection_table(inspection))
+    if inspection.provenance:
+        stdout.print_json(json.dumps(inspection.provenance))
 
 
 @cli.command()

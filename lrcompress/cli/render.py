@@ -11,6 +11,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..eval.inspect import Inspection
+from ..eval.metrics import RunMetrics
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
 from ..pipeline.observer import LayerProgress
 from ..pipeline.memory import describe_peak_memory
@@ -104,27 +106,41 @@ def plan_table(plan) -> Table:
     return table
 
 
-def summary_table(metrics: dict[str, Any], output_dir) -> Table:
-    c = metrics["compression"]
+def summary_table(metrics: RunMetrics, output_dir) -> Table:
+    c = metrics.compression
     table = Table(title="lrcompress summary", show_header=False)
     table.add_column("what")
     table.add_column("value")
     table.add_row("output", str(output_dir) if output_dir else "(not saved)")
-    table.add_row("targeted modules", str(c["targeted_modules"]))
-    table.add_row("targeted ratio (removed)", f"{100 * c['targeted_ratio']:.1f}%")
-    table.add_row("whole-model ratio (removed)", f"{100 * c['model_ratio']:.1f}%")
-    table.add_row("parameters", f"{c['model_params_before']:,} → {c['model_params_after']:,}")
-    if c.get("bytes") is not None:
-        table.add_row("weights on disk", f"{c['bytes'] / 2**20:.1f} MiB (dense {c['dense_bytes'] / 2**20:.1f} MiB)")
-    errors = [m["relative_error"] for m in metrics.get("modules", [])]
+    if c is not None:
+        table.add_row("targeted modules", str(c.targeted_modules))
+        table.add_row("targeted ratio (removed)", f"{100 * c.targeted_ratio:.1f}%")
+        table.add_row("whole-model ratio (removed)", f"{100 * c.model_ratio:.1f}%")
+        table.add_row("parameters", f"{c.model_params_before:,} → {c.model_params_after:,}")
+        if c.bytes is not None:
+            table.add_row("weights on disk", f"{c.bytes / 2**20:.1f} MiB (dense {c.dense_bytes / 2**20:.1f} MiB)")
+    errors = [m.relative_error for m in metrics.modules]
     if errors:
-        worst = max(metrics["modules"], key=lambda m: m["relative_error"])
+        worst = max(metrics.modules, key=lambda m: m.relative_error)
         table.add_row("relative output error", f"mean {sum(errors) / len(errors):.4f}, "
-                      f"worst {worst['relative_error']:.4f} ({worst['name']})")
-    for name, result in metrics.get("eval", {}).get("baseline_perplexity", {}).items():
-        table.add_row(f"dense perplexity {name}", f"{result['value']:.3f}")
-    for name, result in metrics.get("eval", {}).get("perplexity", {}).items():
-        table.add_row(f"perplexity {name}", f"{result['value']:.3f}  [{result['protocol']}]")
-    for name, seconds in metrics.get("timing", {}).items():
+                      f"worst {worst.relative_error:.4f} ({worst.name})")
+    for name, result in (metrics.eval.baseline_perplexity or {}).items():
+        table.add_row(f"dense perplexity {name}", f"{result.value:.3f}")
+    for name, result in metrics.eval.perplexity.items():
+        table.add_row(f"perplexity {name}", f"{result.value:.3f}  [{result.protocol}]")
+    for name, seconds in metrics.timing.items():
         table.add_row(f"time {name}", f"{seconds:.1f} s")
+    return table
+
+
+def inspection_table(inspection: Inspection) -> Table:
+    """One row per compressed module of a checkpoint, with its run's record when there is one."""
+    table = Table(title=f"{inspection.checkpoint} ({inspection.weight_bytes / 2**20:.1f} MiB of weights)")
+    for column in ("module", "kind", "shape (out×in)", "rank", "params after", "rel. error", "path"):
+        table.add_column(column)
+    for m in inspection.modules:
+        r = m.record
+        table.add_row(m.name, m.kind, m.shape, "–" if m.rank is None else str(m.rank),
+                      f"{r.params_after:,}" if r else "?", f"{r.relative_error:.4f}" if r else "?",
+                      r.numerical_path if r else "?")
     return table

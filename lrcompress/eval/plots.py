@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from ..pipeline.records import ModuleRecord
 
 
 def _pyplot():
@@ -27,11 +30,11 @@ def module_kind(name: str) -> str:
     return name
 
 
-def _series(modules: Iterable[dict[str, Any]], value) -> dict[str, tuple[list[int], list[float]]]:
+def _series(modules: Iterable["ModuleRecord"], value) -> dict[str, tuple[list[int], list[float]]]:
     """One (layers, values) series per module kind and method, ordered by depth."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for m in modules:
-        series[f"{module_kind(m['name'])} ({m['method']})"].append((m["layer"], value(m)))
+        series[f"{module_kind(m.name)} ({m.method})"].append((m.layer, value(m)))
     return {label: ([p[0] for p in sorted(points)], [p[1] for p in sorted(points)])
             for label, points in sorted(series.items())}
 
@@ -58,18 +61,18 @@ def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool) -> Path
     return _save(fig, path)
 
 
-def plot_module_errors(modules: list[dict[str, Any]], path: Path) -> Path:
+def plot_module_errors(modules: list["ModuleRecord"], path: Path) -> Path:
     """Relative output error of every compressed module across depth, one line per module kind."""
-    series = _series(modules, lambda m: m["relative_error"])
+    series = _series(modules, lambda m: m.relative_error)
     values = [v for _, ys in series.values() for v in ys]
     log_y = bool(values) and min(values) > 0 and max(values) / min(values) > 20
     return _line_plot(series, "relative output error per module (calibration inputs)",
                       "‖X(W−Ŵ)ᵀ‖ / ‖XWᵀ‖", path, log_y)
 
 
-def plot_kept_params(modules: list[dict[str, Any]], path: Path) -> Path:
+def plot_kept_params(modules: list["ModuleRecord"], path: Path) -> Path:
     """Fraction of each module's parameters kept (after / before), one line per module kind."""
-    series = _series(modules, lambda m: m["params_after"] / m["params_before"] if m["params_before"] else 0.0)
+    series = _series(modules, lambda m: m.params_after / m.params_before if m.params_before else 0.0)
     return _line_plot(series, "kept parameters per module", "params after / before", path, False)
 
 

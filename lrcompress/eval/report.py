@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+from ..pipeline.records import ModuleRecord
+from .metrics import EvalSection, LmEvalResult, RunMetrics
+from .plots import plot_kept_params, plot_module_errors
 
 PLOTS = {"relative_error.png": "Relative output error per module across depth",
          "kept_params.png": "Kept parameters per module"}
@@ -12,10 +15,10 @@ def _fmt_ratio(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _rank_or_sparsity(module: dict[str, Any]) -> str:
-    if module.get("rank") is not None:
-        return f"rank {module['rank']}"
-    sparsity = module.get("details", {}).get("sparsity")
+def _rank_or_sparsity(module: ModuleRecord) -> str:
+    if module.rank is not None:
+        return f"rank {module.rank}"
+    sparsity = module.details.get("sparsity")
     return f"sparsity {sparsity:.2f}" if isinstance(sparsity, (int, float)) else "–"
 
 
@@ -25,68 +28,71 @@ def _fmt_metric(value: float | None, stderr: float | None) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
-def lm_eval_lines(evaluation: dict[str, Any]) -> list[str]:
+def _fmt_lm_eval(result: LmEvalResult, metric: str) -> str:
+    return _fmt_metric(result.metric(metric), result.metric(metric + "_stderr"))
+
+
+def lm_eval_lines(evaluation: EvalSection) -> list[str]:
     """A table of lm-eval metrics (with the dense baseline beside them when it was measured)."""
-    tasks = evaluation.get("lm_eval", {})
+    tasks = evaluation.lm_eval or {}
     if not tasks:
         return []
-    baseline = evaluation.get("baseline_lm_eval", {})
+    baseline = evaluation.baseline_lm_eval or {}
     lines = ["", "## Zero-shot tasks (lm-eval)", "",
              "| task | metric | value ± stderr | dense | documents | protocol |", "|---|---|---|---|---|---|"]
     for task, result in tasks.items():
-        for metric, protocol in result.get("protocols", {}).items():
-            dense = baseline.get(task, {})
-            lines.append(f"| {task} | {metric} | {_fmt_metric(result.get(metric), result.get(metric + '_stderr'))} | "
-                         f"{_fmt_metric(dense.get(metric), dense.get(metric + '_stderr')) if dense else '–'} | "
-                         f"{result.get('samples')} ({result.get('num_fewshot', 0)}-shot) | {protocol} |")
-    sources = "; ".join(f"{task}: {result.get('source')}" for task, result in tasks.items())
+        for metric, protocol in result.protocols.items():
+            dense = baseline.get(task)
+            lines.append(f"| {task} | {metric} | {_fmt_lm_eval(result, metric)} | "
+                         f"{_fmt_lm_eval(dense, metric) if dense else '–'} | "
+                         f"{result.samples} ({result.num_fewshot}-shot) | {protocol} |")
+    sources = "; ".join(f"{task}: {result.metric('source')}" for task, result in tasks.items())
     lines += ["", f"Data: {sources}"]
     return lines
 
 
-def render_report(metrics: dict[str, Any], recipe_yaml: str, plots: list[str] | None = None) -> str:
+def render_report(metrics: RunMetrics, recipe_yaml: str, plots: list[str] | None = None) -> str:
     """``plots``: file names of PNGs beside report.md to embed."""
-    c = metrics["compression"]
+    c = metrics.compression
+    assert c is not None, "a run's metrics have a compression section"
     lines = ["# lrcompress run report", "", "## Result", ""]
     lines += ["| metric | value |", "|---|---|",
-              f"| targeted modules | {c['targeted_modules']} |",
-              f"| targeted ratio (removed) | {_fmt_ratio(c['targeted_ratio'])} |",
-              f"| whole-model ratio (removed) | {_fmt_ratio(c['model_ratio'])} |",
-              f"| parameters | {c['model_params_before']:,} → {c['model_params_after']:,} |"]
-    if c.get("targeted_bytes_ratio") is not None:
-        lines.append(f"| targeted bytes | {c['targeted_bytes_before']:,} → {c['targeted_bytes_after']:,} "
-                     f"({_fmt_ratio(c['targeted_bytes_ratio'])} removed) |")
-    if c.get("bytes") is not None:
-        lines.append(f"| bytes on disk (weights) | {c['bytes']:,} (dense: {c['dense_bytes']:,}) |")
-    for name, result in metrics.get("eval", {}).get("perplexity", {}).items():
-        lines.append(f"| perplexity {name} | {result['value']:.3f} |")
-    for name, result in metrics.get("eval", {}).get("baseline_perplexity", {}).items():
-        lines.append(f"| dense perplexity {name} | {result['value']:.3f} |")
-    protocols = [r["protocol"] for r in metrics.get("eval", {}).get("perplexity", {}).values()]
+              f"| targeted modules | {c.targeted_modules} |",
+              f"| targeted ratio (removed) | {_fmt_ratio(c.targeted_ratio)} |",
+              f"| whole-model ratio (removed) | {_fmt_ratio(c.model_ratio)} |",
+              f"| parameters | {c.model_params_before:,} → {c.model_params_after:,} |"]
+    if c.targeted_bytes_ratio is not None:
+        lines.append(f"| targeted bytes | {c.targeted_bytes_before:,} → {c.targeted_bytes_after:,} "
+                     f"({_fmt_ratio(c.targeted_bytes_ratio)} removed) |")
+    if c.bytes is not None:
+        lines.append(f"| bytes on disk (weights) | {c.bytes:,} (dense: {c.dense_bytes:,}) |")
+    for name, result in metrics.eval.perplexity.items():
+        lines.append(f"| perplexity {name} | {result.value:.3f} |")
+    for name, result in (metrics.eval.baseline_perplexity or {}).items():
+        lines.append(f"| dense perplexity {name} | {result.value:.3f} |")
+    protocols = [r.protocol for r in metrics.eval.perplexity.values()]
     if protocols:
         lines += ["", "Protocol: " + "; ".join(protocols)]
-    lines += lm_eval_lines(metrics.get("eval", {}))
-    timing = metrics.get("timing", {})
+    lines += lm_eval_lines(metrics.eval)
+    timing = metrics.timing
     if timing:
         lines += ["", "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items())]
     lines += ["", "## Modules", "",
               "| module | method | shape (out×in) | params before → after | rank / sparsity | rel. output error | path | s |",
               "|---|---|---|---|---|---|---|---|"]
-    for m in metrics.get("modules", []):
-        lines.append(f"| {m['name']} | {m['method']} | {m['out_features']}×{m['in_features']} | "
-                     f"{m['params_before']:,} → {m['params_after']:,} | {_rank_or_sparsity(m)} | "
-                     f"{m['relative_error']:.4f} | {m['numerical_path']} | {m['seconds']:.2f} |")
+    for m in metrics.modules:
+        lines.append(f"| {m.name} | {m.method} | {m.out_features}×{m.in_features} | "
+                     f"{m.params_before:,} → {m.params_after:,} | {_rank_or_sparsity(m)} | "
+                     f"{m.relative_error:.4f} | {m.numerical_path} | {m.seconds:.2f} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{PLOTS.get(name, name)}]({name})" for name in plots]
     lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
-def write_report(directory: Path, metrics: dict[str, Any], recipe_yaml: str) -> Path:
+def write_report(directory: Path, metrics: RunMetrics, recipe_yaml: str) -> Path:
     """report.md and its PNG plots (per-module error across depth, kept parameters) in ``directory``."""
-    from .plots import plot_kept_params, plot_module_errors
-
-    modules = metrics.get("modules", [])
+    modules = metrics.modules
     plots = []
     if modules:
         plot_module_errors(modules, directory / "relative_error.png")

@@ -4,7 +4,7 @@ get their tensors from the safetensors shards only while the pipeline works on t
 The engine talks to a ``LayerStore`` (load the original weights of some layers, release them); the
 default mode's store does nothing because every layer is already in memory. Only the tensors outside
 the decoder layers (embeddings, final norm, LM head, rotary buffers) are materialized up front, so
-host memory holds one block of layers at a time instead of the model.
+host memory holds one segment of layers at a time instead of the model.
 """
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..checkpoint.reader import assign_tensors
+from ..checkpoint.shards import ShardIndex
 from ..errors import LrcompressError
+from ..modules.surgery import replace_submodule
 from .adapters import ArchitectureAdapter, adapter_for
 from .loading import DTYPES, LoadedModel, is_compressed_dir, resolve_model_dir
-from ..checkpoint.shards import ShardIndex
 
 
 
@@ -52,8 +54,6 @@ class LazyLayers:
         self.aliases = aliases or {}
 
     def load(self, indices: list[int]) -> None:
-        from ..checkpoint.reader import assign_tensors
-
         for i in indices:
             prefix = self.adapter.layer_prefix(i)
             keys = self.index.keys_under(prefix)
@@ -113,8 +113,6 @@ def build_lazy_skeleton(directory: Path, dtype: torch.dtype, trust_remote_code: 
                           assign=True)
     model.tie_weights()
     if adapter.rotary:  # its frequencies are non-persistent buffers, computed from the config
-        from ..modules.surgery import replace_submodule
-
         rotary = model.get_submodule(adapter.rotary)
         replace_submodule(model, adapter.rotary, type(rotary)(config=model.config))
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()]

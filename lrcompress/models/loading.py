@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint.reader import load_compressed
 from ..errors import LrcompressError
 from .gguf import converted_gguf_dir
 
@@ -55,8 +56,6 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
 
     local = resolve_model_dir(source)
     if local is not None and is_compressed_dir(local):
-        from ..checkpoint.reader import load_compressed
-
         model = load_compressed(local, dtype=DTYPES[dtype])
     else:
         where = str(local) if local is not None else source

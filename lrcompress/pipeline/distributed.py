@@ -85,6 +85,11 @@ def _timed(job: CompressJob) -> JobOutcome:
     return JobOutcome(results, time.perf_counter() - started)
 
 
+def run_locally(jobs: Sequence[CompressJob]) -> list[JobOutcome]:
+    """Every job here, in order (one process; or work every process does itself)."""
+    return [_timed(job) for job in jobs]
+
+
 class Collective:
     """A single process: the whole calibration set, statistics as they are, jobs run in order."""
 
@@ -107,7 +112,7 @@ class Collective:
         return dict(stats)
 
     def run_jobs(self, jobs: Sequence[CompressJob]) -> list[JobOutcome]:
-        return [_timed(job) for job in jobs]
+        return run_locally(jobs)
 
     def barrier(self) -> None:
         return None

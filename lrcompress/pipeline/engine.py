@@ -4,16 +4,19 @@ For each decoder layer: move it to the compute device; for each stage, hook the 
 run every batch to accumulate their statistics, compress them and swap the replacements in; then run
 the batches once more through the (now compressed) layer to produce the next layer's inputs
 (sequential mode), or reuse the outputs of the uncompressed layer (``sequential: false``). The engine
-knows compressors only through their contract; it never branches on a method name.
+knows compressors only through their contract; it never branches on a method name. Linear targets
+and block targets (e.g. MoE layers) take the same path; ``Stage.kind`` answers what differs (selection,
+statistics, output error, config updates; ``pipeline.targets``, ``pipeline.blocks``).
 
 Compressors return replacements and never modify the module they get, so the engine keeps each
 target's module as it was before the first stage of the run touched it ("original"): snapshot
 statistics (``SNAPSHOTS``, e.g. ``original_weight`` for a compensation stage) are built from it, and
 every record's output error is measured against the original weight.
 
-Groups: a compressor whose ``group_size`` is g > 1 compresses the same module (relative name) of g
-consecutive layers together. The engine walks blocks of layers (the largest group size of the
-stages); per stage it runs a group's layers one after the other, collecting every layer's statistics
+Segments and groups: a compressor whose ``group_size`` is g > 1 compresses the same module (relative
+name) of g consecutive layers together. The engine walks segments of consecutive layers (as long as the
+largest group size of the stages; one layer when every size is 1), each compressed, written and resumed
+as a unit; per stage it runs a group's layers one after the other, collecting every layer's statistics
 with its predecessors in the group still uncompressed by that stage (a group cannot be compressed
 before all of its statistics exist), calls ``compress_group`` per module name, and only then re-runs
 the group from its input through the compressed layers, so that the layers *after* the group see
@@ -34,89 +37,86 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..compressor import Compressor, CompressResult, GroupMember, Statistic, make_statistic
-from ..compressor.stats import gram_of
-from ..compressor.linalg import relative_output_error
-from ..errors import LrcompressError, NumericalError
+from ..compressor import CompressResult, GroupMember, Statistic, make_statistic
+from ..errors import LrcompressError
 from ..models import ArchitectureAdapter
-from ..models.lazy import LayerStore, ResidentLayers
-from ..modules import dense_weight, storage_bytes, stored_params
-from .blocks import check_coverage, compress_block, is_block_stage, select_blocks
 from ..models.capture import LayerInputs, capture_layer_inputs, forward_layer
-from .distributed import CompressJob
-from .journal import BlockJournal, MemoryJournal
+from ..models.lazy import LayerStore, ResidentLayers
+from ..modules import storage_bytes, stored_params
+from ..modules.surgery import replace_submodule
+from .blocks import check_coverage
+from .distributed import CompressJob, run_locally
+from .journal import MemoryJournal, SegmentJournal
 from .observer import PipelineObserver
 from .oom import naming_out_of_memory
-from .settings import PipelineSettings, Stage
 from .prepass import is_prepass_kind
 from .records import ModuleRecord
-from ..modules.surgery import replace_submodule
-from .targets import select_targets
+from .settings import PipelineSettings, Stage
 
 
 class LayerwisePipeline:
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage],
-                 settings: PipelineSettings, observer: PipelineObserver | None = None,
+                 settings: PipelineSettings, observer: PipelineObserver | None = None, *,
                  precomputed: Mapping[str, Mapping[str, Statistic]] | None = None,
-                 store: LayerStore | None = None, journal: BlockJournal | None = None) -> None:
+                 layers: LayerStore | None = None, journal: SegmentJournal | None = None) -> None:
         """``precomputed``: full module name → {kind: Statistic} for the kinds that come from a
         pre-pass (see ``pipeline.prepass``); they are handed to the compressor with the forward ones.
-        ``store``: where the layers' original weights come from (default: already in memory);
-        ``journal``: where finished blocks are recorded (default: nowhere)."""
+        ``layers``: where the layers' original weights come from (default: already in memory);
+        ``journal``: where finished segments are recorded (default: nowhere)."""
         self.model, self.adapter, self.stages = model, adapter, stages
-        self.store: LayerStore = store or ResidentLayers()
-        self.journal: BlockJournal = journal or MemoryJournal()
+        self.store: LayerStore = layers or ResidentLayers()
+        self.journal: SegmentJournal = journal or MemoryJournal()
         self.settings = settings
         self.observer = observer or PipelineObserver()
         self.precomputed = precomputed or {}
-        self.config_updates: dict[str, tuple] = {}     # config key -> (value, block that set it)
+        self.config_updates: dict[str, tuple] = {}     # config key -> (value, module that set it)
 
-    def block_size(self) -> int:
+    def segment_size(self) -> int:
         """Layers handled together: the largest group size; every other size must divide it."""
         sizes = {stage.group_size for stage in self.stages} or {1}
-        block = max(sizes)
-        if any(block % size for size in sizes):
+        size = max(sizes)
+        if any(size % other for other in sizes):
             raise ValueError(f"stage group sizes {sorted(sizes)} must all divide the largest one")
-        return block
+        return size
 
     @torch.no_grad()
     def run(self, windows: torch.Tensor) -> list[ModuleRecord]:
-        """Each block: its original weights come from the layer store, it is compressed and committed
+        """Each segment: its original weights come from the layer store, it is compressed and committed
         to the journal (or, when a resumed run finds it finished there, its records are read back),
-        restored from the journal, then the calibration inputs go through it to the next block."""
+        restored from the journal, then the calibration inputs go through it to the next segment."""
         s = self.settings
-        block = self.block_size()
+        size = self.segment_size()
         check_coverage(self.model, self.adapter, self.stages)
         self.observer.phase(f"capturing the inputs of layer 0 for {len(windows)} windows")
         inputs = capture_layer_inputs(self.model, self.adapter, windows, s.batch_size, s.compute, s.offload)
         layers = self.adapter.decoder_layers(self.model)
         records: list[ModuleRecord] = []
         self.observer.layers_started(len(layers))
-        for start in range(0, len(layers), block):
-            indices = list(range(start, min(start + block, len(layers))))
+        for start in range(0, len(layers), size):
+            indices = list(range(start, min(start + size, len(layers))))
             started = time.perf_counter()
             resumed = self.journal.finished(indices)
             outputs: LayerInputs | None = None
-            if not (resumed and s.sequential):   # a resumed block needs its original only to replay it
+            if not (resumed and s.sequential):   # a resumed segment needs its original only to replay it
                 self.store.load(indices)
             if resumed:
                 self.observer.phase(f"layers {indices[0]}-{indices[-1]}: finished in an earlier run, replaying")
-                block_records = self.journal.records(indices)
-                if not s.sequential:           # the next block's inputs come from the uncompressed block
+                segment_records = self.journal.records(indices)
+                if not s.sequential:           # the next segment's inputs come from the uncompressed one
                     outputs = self._propagate(layers, indices, inputs)
             else:
                 homes = [next(layers[i].parameters()).device for i in indices]
                 for i in indices:
                     layers[i].to(s.compute)
-                block_records, outputs = self._compress_block(indices, layers, inputs)
+                segment_records, outputs = self._compress_segment(indices, layers, inputs)
                 for i, home in zip(indices, homes):
                     layers[i].to(home)
-                self.journal.commit(self.model, indices, block_records)
+                self.journal.commit(self.model, indices, segment_records)
             self.journal.restore(self.model, indices)
             if outputs is None:
                 outputs = self._propagate(layers, indices, inputs)
             self.store.release(indices)
-            records.extend(block_records)
+            records.extend(segment_records)
             inputs = outputs
             seconds = time.perf_counter() - started
             for i in indices:
@@ -125,7 +125,7 @@ class LayerwisePipeline:
         return records
 
     def _propagate(self, layers, indices: list[int], inputs: LayerInputs) -> LayerInputs:
-        """The block's outputs for ``inputs``, on the compute device and back."""
+        """The segment's outputs for ``inputs``, on the compute device and back."""
         for i in indices:
             home = next(layers[i].parameters()).device
             layers[i].to(self.settings.compute)
@@ -133,14 +133,12 @@ class LayerwisePipeline:
             layers[i].to(home)
         return inputs
 
-    def _compress_block(self, indices: list[int], layers, inputs: LayerInputs
-                        ) -> tuple[list[ModuleRecord], LayerInputs | None]:
+    def _compress_segment(self, indices: list[int], layers, inputs: LayerInputs
+                          ) -> tuple[list[ModuleRecord], LayerInputs | None]:
         """Run every stage on these layers; return the records and, in non-sequential mode, the
-        outputs of the uncompressed block (computed during the first statistics pass, for free)."""
+        outputs of the uncompressed segment (computed during the first statistics pass, for free)."""
         prefixes = {i: self.adapter.layer_prefix(i) for i in indices}
-        plans = {(stage.index, i): select_blocks(layers[i], prefixes[i], stage) if is_block_stage(stage)
-                 else select_targets(layers[i], prefixes[i], stage.targets, stage.ignore)
-                 for stage in self.stages for i in indices}
+        plans = {(stage.index, i): stage.select(layers[i], prefixes[i]) for stage in self.stages for i in indices}
         for i in indices:
             self.observer.layer_started(i, sum(len(plans[(stage.index, i)]) for stage in self.stages))
         records: list[ModuleRecord] = []
@@ -152,7 +150,7 @@ class LayerwisePipeline:
                     originals.setdefault((i, name), layers[i].get_submodule(name))
             if not any(plans[(stage.index, i)] for i in indices):
                 continue
-            first_pass = not self.settings.sequential and not records      # the block is still intact
+            first_pass = not self.settings.sequential and not records      # the segment is still intact
             groups = _chunks(indices, stage.group_size)
             x = inputs
             for number, group in enumerate(groups):
@@ -179,26 +177,16 @@ class LayerwisePipeline:
         names: list[str] = []
         for i in group:
             names += [n for n in plans[(stage.index, i)] if n not in names]
-        records = []
         owners = {name: [i for i in group if name in plans[(stage.index, i)]] for name in names}
-        if is_block_stage(stage):  # whole blocks: block output error, config updates (pipeline.blocks)
-            # Every process compresses every block: a block replacement has no spec to send, and its
-            # statistics (reduced) and seeded compressor are the same on every process.
-            for name in names:
-                for i in owners[name]:
-                    with naming_out_of_memory(f"in layer {i} while compressing {prefixes[i]}.{name}", self.settings):
-                        records.append(compress_block(self.model, i, layers[i], prefixes[i], name, stage,
-                                                      collected[i][name], self.settings.compute,
-                                                      self.config_updates))
-                    self.observer.module_done(records[-1])
-            return records
         members = {name: [GroupMember(f"{prefixes[i]}.{name}", layers[i].get_submodule(name),
                                       {**collected[i][name], **self._precomputed_for(f"{prefixes[i]}.{name}", stage)})
                           for i in owners[name]] for name in names}
         jobs = [CompressJob(sum(_cost(m.module) for m in members[name]),
                             functools.partial(self._compress_members, stage, owners[name][0], members[name]))
                 for name in names]
-        for name, outcome in zip(names, self.settings.collective.run_jobs(jobs)):
+        run = self.settings.collective.run_jobs if stage.kind.distributed else run_locally
+        records = []
+        for name, outcome in zip(names, run(jobs)):
             seconds = outcome.seconds / len(members[name])
             for i, member, result in zip(owners[name], members[name], outcome.results):
                 records.append(self._apply(i, layers[i], name, member, stage, result, seconds,
@@ -265,24 +253,19 @@ class LayerwisePipeline:
 
     def _apply(self, index: int, layer: nn.Module, name: str, member: GroupMember, stage: Stage,
                result: CompressResult, seconds: float, original: nn.Module) -> ModuleRecord:
-        """Check the replacement, measure its output error, swap it in and record it."""
-        full_name, module = member.name, member.module
+        """Check the replacement and measure its output error, swap it in (with the config settings it
+        implies) and record it: the one path for Linears and blocks."""
         replacement = result.module.to(self.settings.compute)
-        approx = dense_weight(replacement).detach()
-        if not torch.isfinite(approx).all():
-            raise NumericalError(f"{full_name}: {stage.compressor.name} produced NaN/Inf factors "
-                                 f"(path: {result.numerical_path})")
-        gram = gram_of(member.stats)
-        weight = dense_weight(original).detach().to(approx.device)
-        error = relative_output_error(weight, approx, gram.gram(full_name).to(weight.device))
+        measured = stage.kind.measure(member, original, replacement, result, stage.compressor.name)
         replace_submodule(layer, name, replacement)
+        stage.kind.update_config(self.model, stage.compressor, result, self.config_updates, member.name)
         record = ModuleRecord(
-            name=full_name, layer=index, stage=stage.index, method=stage.compressor.name,
-            in_features=weight.shape[1], out_features=weight.shape[0],
-            params_before=stored_params(module), params_after=stored_params(replacement),
-            rank=result.rank, relative_error=error, numerical_path=result.numerical_path,
-            seconds=seconds, details=result.details,
-            bytes_before=storage_bytes(module), bytes_after=storage_bytes(replacement),
+            name=member.name, layer=index, stage=stage.index, method=stage.compressor.name,
+            in_features=measured.in_features, out_features=measured.out_features,
+            params_before=stored_params(member.module), params_after=stored_params(replacement),
+            rank=result.rank, relative_error=measured.error, numerical_path=result.numerical_path,
+            seconds=seconds, details=stage.kind.details(result),
+            bytes_before=storage_bytes(member.module), bytes_after=storage_bytes(replacement),
         )
         self.observer.module_done(record)
         return record

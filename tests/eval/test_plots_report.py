@@ -3,8 +3,10 @@ import struct
 
 import pytest
 
+from lrcompress.eval.metrics import RunMetrics
 from lrcompress.eval.plots import module_kind, plot_kept_params, plot_module_errors, plot_rate_distortion
 from lrcompress.eval.report import render_report, write_report
+from lrcompress.pipeline.records import ModuleRecord
 
 
 def png_size(path) -> tuple[int, int]:
@@ -24,12 +26,19 @@ def modules(layers: int = 3):
     rows = []
     for layer in range(layers):
         for kind, rank in (("self_attn.q_proj", 8), ("mlp.down_proj", None)):
-            rows.append({"name": f"model.layers.{layer}.{kind}", "layer": layer, "stage": 0,
-                         "method": "lord" if rank else "prune", "in_features": 64, "out_features": 64,
-                         "params_before": 4096, "params_after": 1024 if rank else 2048 + layer, "rank": rank,
-                         "relative_error": 0.01 * (layer + 1), "numerical_path": "eigh", "seconds": 0.1,
-                         "details": {} if rank else {"sparsity": 0.5}})
+            rows.append(ModuleRecord(name=f"model.layers.{layer}.{kind}", layer=layer, stage=0,
+                                     method="lord" if rank else "prune", in_features=64, out_features=64,
+                                     params_before=4096, params_after=1024 if rank else 2048 + layer, rank=rank,
+                                     relative_error=0.01 * (layer + 1), numerical_path="eigh", seconds=0.1,
+                                     details={} if rank else {"sparsity": 0.5}))
     return rows
+
+
+def compression(**values) -> dict:
+    """A compression section: the given values, the rest zero or absent."""
+    return {"targeted_params_before": 0, "targeted_params_after": 0, "bytes": None, "dense_bytes": 0,
+            "targeted_bytes_before": None, "targeted_bytes_after": None, "targeted_bytes_ratio": None,
+            "accounting": "", **values}
 
 
 def test_module_kind():
@@ -48,14 +57,14 @@ def test_plots_are_written_and_not_blank(tmp_path):
 
 
 def test_report_table_columns_and_plots(tmp_path):
-    metrics = {"compression": {"targeted_modules": 6, "targeted_ratio": 0.6, "model_ratio": 0.3,
-                               "model_params_before": 100, "model_params_after": 70, "bytes": None},
+    metrics = {"compression": compression(targeted_modules=6, targeted_ratio=0.6, model_ratio=0.3,
+                                          model_params_before=100, model_params_after=70),
                "eval": {"perplexity": {"wikitext2/test": {"value": 12.5, "protocol": "token-level perplexity, x"}},
                         "lm_eval": {"piqa": {"acc": 0.6, "acc_stderr": 0.1, "samples": 20, "num_fewshot": 0,
                                              "source": "piqa/valid.jsonl", "protocols": {"acc": "lm-eval acc: p"}}},
-                        "baseline_lm_eval": {"piqa": {"acc": 0.7, "acc_stderr": 0.1}}},
+                        "baseline_lm_eval": {"piqa": {"acc": 0.7, "acc_stderr": 0.1, "protocols": {"acc": "p"}}}},
                "modules": modules(2)}
-    write_report(tmp_path, metrics, "model: {path: x}\n")
+    write_report(tmp_path, RunMetrics.model_validate(metrics), "model: {path: x}\n")
     report = (tmp_path / "report.md").read_text()
     assert "| rank / sparsity |" in report
     assert "| model.layers.1.self_attn.q_proj | lord | 64×64 | 4,096 → 1,024 | rank 8 | 0.0200 | eigh | 0.10 |" in report
@@ -68,6 +77,6 @@ def test_report_table_columns_and_plots(tmp_path):
 
 
 def test_report_without_modules_has_no_plots():
-    metrics = {"compression": {"targeted_modules": 0, "targeted_ratio": 0.0, "model_ratio": 0.0,
-                               "model_params_before": 1, "model_params_after": 1}, "modules": []}
-    assert "## Plots" not in render_report(metrics, "")
+    metrics = {"compression": compression(targeted_modules=0, targeted_ratio=0.0, model_ratio=0.0,
+                                          model_params_before=1, model_params_after=1), "modules": []}
+    assert "## Plots" not in render_report(RunMetrics.model_validate(metrics), "")

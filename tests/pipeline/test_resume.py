@@ -1,4 +1,4 @@
-"""Resume: a run killed mid-way (SIGKILL, or an exception) continues from its last finished block and
+"""Resume: a run killed mid-way (SIGKILL, or an exception) continues from its last finished segment and
 writes exactly the uninterrupted run's checkpoint; a changed recipe refuses to resume and says why."""
 import json
 import os
@@ -63,8 +63,8 @@ def without_time(record: dict) -> dict:
     return {key: value for key, value in record.items() if key != "seconds"}
 
 
-def state_blocks(out: Path) -> list[list[int]]:
-    return json.loads((out.with_name(out.name + ".partial") / "state.json").read_text())["blocks"]
+def state_segments(out: Path) -> list[list[int]]:
+    return json.loads((out.with_name(out.name + ".partial") / "state.json").read_text())["segments"]
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_layers, calibration_file, tmp_path):
@@ -78,7 +78,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_l
     done = subprocess.run([sys.executable, str(script), str(recipe_file), str(kill_at)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
-    assert state_blocks(tmp_path / "resumed") == [[0], [1], [2]]
+    assert state_segments(tmp_path / "resumed") == [[0], [1], [2]]
     assert not (tmp_path / "resumed").exists()
 
     replayed = []
@@ -102,22 +102,22 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_l
 def test_an_interrupted_run_resumes_exactly(case, six_layers, calibration_file, tmp_path):
     extra: dict = {"runtime": {"device": "cpu", "batch_size": 3, "sequential": case != "non-sequential",
                                "lazy": case == "lazy"}}
-    per_block = MODULES_PER_LAYER
-    if case == "cospadi-group":  # one dictionary per projection shared by 2 layers: blocks of 2 layers
+    per_segment = MODULES_PER_LAYER
+    if case == "cospadi-group":  # one dictionary per projection shared by 2 layers: segments of 2 layers
         extra["stages"] = [{"method": "cospadi", "ratio": 0.3, "group_size": 2, "iterations": 1,
                             "targets": ["*.mlp.up_proj"]}]
-        per_block = 2
+        per_segment = 2
     recipe = tiny_recipe_dict(six_layers, calibration_file, tmp_path / "resumed", **extra)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(parse_recipe(recipe), Interrupt(per_block + 1))
-    assert len(state_blocks(tmp_path / "resumed")) == 1
+        run_recipe(parse_recipe(recipe), Interrupt(per_segment + 1))
+    assert len(state_segments(tmp_path / "resumed")) == 1
     run_recipe(parse_recipe(recipe))
     run_recipe(parse_recipe({**recipe, "output": {"dir": str(tmp_path / "straight")}}))
     assert_same_tensors(tmp_path / "resumed", tmp_path / "straight")
     if case == "cospadi-group":
         config = json.loads((tmp_path / "resumed" / "config.json").read_text())
         shared = [alias for alias in config["lrcompress"]["tied"] if alias.endswith("dictionary")]
-        assert len(shared) == 3                       # 3 blocks × up_proj, stored once each
+        assert len(shared) == 3                       # 3 segments × up_proj, stored once each
         assert not set(shared) & set(checkpoint_tensors(tmp_path / "resumed"))
 
 
@@ -135,7 +135,7 @@ def test_a_changed_recipe_refuses_to_resume_and_names_the_field(six_layers, cali
     with pytest.raises(CheckpointError, match="calibration_windows_sha256") as error:
         run_recipe(parse_recipe(fewer))
     assert "recipe.calibration.num_samples: 6 in the staged run, 4 now" in str(error.value)
-    assert state_blocks(out) == [[0]]                 # refusing touched nothing
+    assert state_segments(out) == [[0]]                 # refusing touched nothing
     changed["output"]["overwrite"] = True             # start over with the new recipe
     run_recipe(parse_recipe(changed))
     assert json.loads((out / "config.json").read_text())["lrcompress"]["provenance"]["recipe_fingerprint"] == \
