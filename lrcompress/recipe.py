@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,20 @@ class StageSpec(Section):
     method: str
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     ignore: list[str] = Field(default_factory=list)
+    allow_growth: bool = Field(False, description="accept modules that this stage would not shrink (a rank at "
+                                                  "or above the break-even m·n/(m+n)); refused by default")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as error:
+                    raise ValueError(f"{pattern!r} is not a valid regular expression ({error}); "
+                                     "patterns without 're:' are globs") from None
+        return patterns
 
     @field_validator("method")
     @classmethod
@@ -97,6 +112,8 @@ class EvalSpec(Section):
     perplexity: list[PerplexitySpec] = Field(default_factory=lambda: [PerplexitySpec()])
     lm_eval: LmEvalSpec | None = None
     baseline: bool = Field(False, description="also evaluate the uncompressed model (cached by fingerprint)")
+    allow_calibration_split: bool = Field(False, description="evaluate on the very text used for calibration "
+                                                             "(refused by default: the number would be optimistic)")
 
 
 class Recipe(Section):
@@ -138,14 +155,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
         key, raw = override.split("=", 1)
         node: Any = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"--set {override!r}: {key!r} is not a dotted key such as stages.0.ratio")
         for depth, part in enumerate(parts[:-1]):
             node = _child(node, part, create=True, where=".".join(parts[: depth + 1]), source=source)
         last = parts[-1]
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = str(getattr(error, "problem", None) or error).splitlines()[0]
+            raise RecipeError(f"--set {key}: the value {raw!r} is not valid YAML ({problem}); quote strings "
+                              "and close brackets, e.g. --set 'stages=[{method: svd, ratio: 0.3}]'") from None
         if isinstance(node, list):
             node[_index(node, last, key, source)] = value
-        else:
+        elif isinstance(node, dict):
             node[last] = value
+        else:
+            raise RecipeError(f"{source}: --set {key}: {'.'.join(parts[:-1])} is a {type(node).__name__}, "
+                              f"not a section; it has no key {last!r}")
     return data
 
 
@@ -159,8 +186,12 @@ def _child(node: Any, part: str, create: bool, where: str, source: str) -> Any:
     if isinstance(node, list):
         return node[_index(node, part, where, source)]
     if not isinstance(node, dict):
-        raise RecipeError(f"{source}: --set {where}: cannot descend into a {type(node).__name__}")
+        parent = where.rpartition(".")[0]
+        raise RecipeError(f"{source}: --set {where}: {parent} is a {type(node).__name__}, not a section; "
+                          f"it has no key {part!r}")
     if part not in node and create:
+        node[part] = {}
+    if node[part] is None and create:      # an empty section in the YAML (``eval:``)
         node[part] = {}
     return node[part]
 

@@ -1,17 +1,21 @@
 """``lrcompress run``: recipe -> model + calibration windows -> pipeline -> checkpoint -> evaluation.
 
 The library function behind the CLI: it holds the orchestration, the CLI only parses and renders.
-A run is five phases, in this order: prepare (stages, model, plan), calibrate (tokenized windows),
-compress (pre-passes and the layer-wise pipeline, resumable through ``pipeline.resume``), write (the
-staged checkpoint completed and renamed into place) and evaluate (perplexity, lm-eval tasks).
+Everything that can be checked without the weights is checked first (``preflight``: data, targets,
+sizes, sequence lengths), then the writing process claims the output directory (its lock, held until
+the run ends). Then a run is five phases, in this order: prepare (the model, resident or lazy),
+calibrate (tokenized windows), compress (pre-passes and the layer-wise pipeline, resumable through
+``pipeline.resume``), write (the staged checkpoint completed) and evaluate (perplexity, lm-eval tasks);
+metrics.json and the report go into the staged directory, which is then renamed into place.
 Under ``torchrun`` every process runs this function on its shard of the calibration windows (see
 ``pipeline.distributed``); only rank 0 writes the checkpoint, metrics and report and evaluates, the
 others wait for it at a barrier.
 """
 from __future__ import annotations
 
+import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +24,9 @@ import torch
 import yaml
 from torch import nn
 
-from .checkpoint import bytes_on_disk, check_output_dir
+from .checkpoint import bytes_on_disk
+from .checkpoint.layout import disk_errors
+from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
 from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
@@ -29,29 +35,21 @@ from .eval import EvalContext, EvalSection, RunMetrics, compression_summary, uni
 from .eval.baseline_cache import cached_evaluation
 from .eval.metrics import CalibrationProvenance, MemoryReport, Provenance
 from .eval.suite import evaluate_model
-from .models import DTYPES, adapter_for
+from .models import DTYPES
 from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
-from .pipeline.resume import open_journal, run_fingerprint
+from .pipeline.plan import PlannedModule, plan_modules
+from .pipeline.resume import open_journal, restore_written, run_fingerprint
 from .pipeline.settings import resolve_device
+from .preflight import check_growth, preflight
 from .recipe import Recipe
 from .residency import ResidentModel, model_class
 
 __all__ = ["PlannedModule", "RunResult", "build_stages", "plan_modules", "resolve_device", "run_recipe"]
 
-
-@dataclass
-class PlannedModule:
-    name: str
-    stage: int
-    method: str
-    out_features: int
-    in_features: int
-    params_before: int
-    params_after: int
-    rank: int | None
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,38 +71,34 @@ def build_stages(recipe: Recipe) -> list[Stage]:
             for i, spec in enumerate(recipe.stages)]
 
 
-def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
-    """Every target module with its method and size before/after, without touching any weight."""
-    adapter = adapter_for(model)
-    planned: list[PlannedModule] = []
-    for index, layer in enumerate(adapter.decoder_layers(model)):
-        prefix = adapter.layer_prefix(index)
-        for stage in stages:
-            for name in stage.select(layer, prefix):
-                module = layer.get_submodule(name)
-                plan = stage.compressor.plan(module)
-                out_f, in_f = stage.shape(module, model.config)
-                planned.append(PlannedModule(f"{prefix}.{name}", stage.index, stage.compressor.name, out_f, in_f,
-                                             sum(p.numel() for p in module.parameters()), plan.params_after,
-                                             plan.rank))
-    return planned
-
-
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
                dry_run: bool = False) -> RunResult:
-    """Run ``recipe``; in one process, or in each of the processes torchrun started."""
+    """Run ``recipe``; in one process, or in each of the processes torchrun started.
+
+    Everything that can be checked without the weights is checked first, then the writing process
+    claims the output directory (its lock, held until the run ends), and only then is the model loaded."""
+    observer = observer or PipelineObserver()
     with process_group(resolve_device(recipe.runtime.device)) as collective:
-        result = _run_recipe(recipe, observer or PipelineObserver(), data_directory, dry_run, collective)
+        stages = build_stages(recipe)
+        model_class(recipe, stages)                 # lazy mode's refusals, before any work
+        directory = data_dir(data_directory, recipe.data_dir)
+        quiet = (lambda message: None)
+        plan = preflight(recipe, stages, directory, log.warning if collective.is_writer else quiet)
+        check_growth(recipe, plan)
+        if dry_run:
+            return RunResult(None, RunMetrics(), plan)
+        claims = collective.is_writer and recipe.output.save
+        with claim_output_dir(Path(recipe.output.dir), recipe.output.overwrite, log.warning) if claims \
+                else nullcontext():
+            result = _run_recipe(recipe, observer, directory, collective, stages, plan)
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
 
 
-def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str | None, dry_run: bool,
-                collective: Collective) -> RunResult:
-    run = RecipeRun(recipe, observer, collective, data_directory)
-    run.prepare(dry_run)
-    if dry_run:
-        return RunResult(None, RunMetrics(), run.plan)
+def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | None, collective: Collective,
+                stages: list[Stage], plan: list[PlannedModule]) -> RunResult:
+    run = RecipeRun(recipe, observer, collective, directory, stages, plan)
+    run.prepare()
     if recipe.eval.baseline and run.writer:
         run.dense_baseline()
     calibration = run.calibrate()
@@ -118,16 +112,16 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, data_directory: str 
 class RecipeRun:
     """One run's state as its phases fill it in: the stages, the model, the metrics."""
 
-    def __init__(self, recipe: Recipe, observer: PipelineObserver, collective: Collective,
-                 data_directory: str | None) -> None:
+    def __init__(self, recipe: Recipe, observer: PipelineObserver, collective: Collective, directory: Path | None,
+                 stages: list[Stage], plan: list[PlannedModule]) -> None:
         self.recipe, self.observer, self.collective = recipe, observer, collective
-        self.data_directory = data_directory
+        self.stages, self.plan, self.directory = stages, plan, directory
         self.writer = collective.is_writer
         self.output_dir = Path(recipe.output.dir)
         self.saves = recipe.output.save
         self.metrics = RunMetrics()
         self.timing = self.metrics.timing
-        self.plan: list[PlannedModule] = []
+        self.journal: StagedJournal | None = None
         self.written_bytes: int | None = None
 
     @contextmanager
@@ -137,24 +131,17 @@ class RecipeRun:
         self.timing[phase] = time.perf_counter() - started
 
     # -- prepare ---------------------------------------------------------------------------------------
-    def prepare(self, dry_run: bool) -> None:
-        """Check the output directory, build the stages, load the model (resident or lazy), plan."""
+    def prepare(self) -> None:
+        """Load the model, resident or lazy as the recipe says."""
         recipe = self.recipe
-        if not dry_run and self.saves:
-            check_output_dir(self.output_dir, recipe.output.overwrite)
         if recipe.runtime.threads:
             torch.set_num_threads(recipe.runtime.threads)
         torch.manual_seed(recipe.seed)
-        self.stages = build_stages(recipe)
         loader = model_class(recipe, self.stages)
         with self.timed("load"):
             self.observer.phase(f"loading {recipe.model.path}{loader.loading_note}")
             self.model: ResidentModel = loader.load(recipe.model)
-        self.plan = plan_modules(self.model.model, self.stages)
-        if dry_run:
-            return
-        self.eval_context = EvalContext(data_dir(self.data_directory, recipe.data_dir),
-                                        self.collective.place(resolve_device(recipe.runtime.device)),
+        self.eval_context = EvalContext(self.directory, self.collective.place(resolve_device(recipe.runtime.device)),
                                         recipe.runtime.batch_size, self.observer.phase)
         self.params_before = unique_param_count(self.model.model)
 
@@ -181,23 +168,29 @@ class RecipeRun:
 
     # -- compress --------------------------------------------------------------------------------------
     def compress(self, calibration: Calibration) -> list[ModuleRecord]:
-        """Pre-passes, then the layer-wise pipeline; finished segments go to ``<out>.partial``."""
-        recipe, model = self.recipe, self.model
+        """Pre-passes, then the layer-wise pipeline; finished segments go to ``<out>.partial``. A staged run
+        killed during its evaluation is written already: its layers are restored, nothing is compressed."""
         self.journal = self._journal(calibration) if self.saves else None
-        with self.timed("compress"):
-            settings = PipelineSettings.from_runtime(recipe.runtime, self.collective, len(calibration.windows))
-            shard = self.collective.shard(calibration.windows)      # this process's windows (all of them alone)
-            with PeakMemory(torch.device("cpu")) as peak:
-                prepass = run_prepasses(model.model, model.adapter, self.stages, shard, settings, self.observer)
-                if prepass.reports:
-                    self.metrics.prepass = prepass.reports
-                    self.timing["prepass"] = prepass.seconds
-                records = LayerwisePipeline(model.model, model.adapter, self.stages, settings, self.observer,
-                                            precomputed=prepass.statistics, layers=model.layers(),
-                                            journal=self.journal).run(shard)
+        self.written = self.journal is not None and self.journal.staging.is_written()
+        with self.timed("compress"), PeakMemory(torch.device("cpu")) as peak:
+            if self.written:
+                records = restore_written(self.model.model, self.journal, self.model.layers())
+            else:
+                records = self._compress(calibration)
         self.metrics.memory = MemoryReport(compress=peak.report(), process_peak_rss_bytes=image_peak_rss_bytes(),
-                                           lazy=model.lazy)
+                                           lazy=self.model.lazy)
         return records
+
+    def _compress(self, calibration: Calibration) -> list[ModuleRecord]:
+        recipe, model = self.recipe, self.model
+        settings = PipelineSettings.from_runtime(recipe.runtime, self.collective, len(calibration.windows))
+        shard = self.collective.shard(calibration.windows)      # this process's windows (all of them alone)
+        prepass = run_prepasses(model.model, model.adapter, self.stages, shard, settings, self.observer)
+        if prepass.reports:
+            self.metrics.prepass = prepass.reports
+            self.timing["prepass"] = prepass.seconds
+        return LayerwisePipeline(model.model, model.adapter, self.stages, settings, self.observer,
+                                 precomputed=prepass.statistics, layers=model.layers(), journal=self.journal).run(shard)
 
     def _journal(self, calibration: Calibration) -> StagedJournal | None:
         """The staging directory of the output, resumed when an interrupted run of this recipe left one."""
@@ -210,7 +203,7 @@ class RecipeRun:
     # -- write -----------------------------------------------------------------------------------------
     def write(self, calibration: Calibration, records: list[ModuleRecord]) -> None:
         """Provenance, then (rank 0, when the run saves) the checkpoint: the staged segments plus the
-        tensors outside the layers, renamed into place; then the compression accounting."""
+        tensors outside the layers, config.json and the tokenizer; then the compression accounting."""
         recipe, cal = self.recipe, self.recipe.calibration
         self.recipe_yaml = yaml.safe_dump(recipe.model_dump(), sort_keys=False)
         provenance = Provenance(
@@ -226,13 +219,15 @@ class RecipeRun:
         model, adapter = self.model.model, self.model.adapter
         dtype = next(model.parameters()).dtype
         if self.journal is not None and self.writer:
+            staging = self.journal.staging
             with self.timed("write"):
-                self.observer.phase(f"writing {self.output_dir}")
-                outer, aliases = unique_tensors((name, t) for name, t in model.state_dict().items()
-                                                if not name.startswith(adapter.layers + "."))
-                self.journal.staging.finalize(self.output_dir, outer, aliases, model.config, dtype, provenance.dump(),
-                                              self.model.tokenizer, {"recipe.yaml": self.recipe_yaml})
-                self.written_bytes = bytes_on_disk(self.output_dir)
+                if not self.written:
+                    self.observer.phase(f"writing {staging.path}")
+                    outer, aliases = unique_tensors((name, t) for name, t in model.state_dict().items()
+                                                    if not name.startswith(adapter.layers + "."))
+                    staging.complete(outer, aliases, model.config, dtype, provenance.dump(), self.model.tokenizer,
+                                     {"recipe.yaml": self.recipe_yaml})
+                self.written_bytes = bytes_on_disk(staging.path)
         self.metrics.compression = compression_summary(records, self.params_before, unique_param_count(model),
                                                        self.written_bytes, dtype.itemsize)
         self.records = records
@@ -242,7 +237,8 @@ class RecipeRun:
         """Token-level perplexity, then lm-eval tasks when the recipe names them (``eval.lm_eval``)."""
         model = self.model
         with self.timed("eval"):
-            context = self.eval_context.streaming(model.compressed_nll(self.output_dir))
+            written = self.journal.staging.path if self.journal is not None else self.output_dir
+            context = self.eval_context.streaming(model.compressed_nll(written))
             section = evaluate_model(model.model, model.tokenizer, self.recipe.eval, context)
             baseline = self.metrics.eval
             self.metrics.eval = section.model_copy(update={
@@ -250,10 +246,14 @@ class RecipeRun:
                 if getattr(baseline, name) is not None})
 
     def result(self) -> RunResult:
-        """metrics.json and report.md (rank 0, when the run saves), and what the caller gets back."""
+        """metrics.json and report.md into the staged checkpoint, which is then renamed into place (rank 0,
+        when the run saves: a run is complete when its metrics are), and what the caller gets back."""
         self.metrics.modules = self.records
         saved = self.saves and self.writer
-        if saved:
-            self.metrics.save(self.output_dir / "metrics.json")
-            write_report(self.output_dir, self.metrics, self.recipe_yaml)
+        if saved and self.journal is not None:
+            staging = self.journal.staging
+            with disk_errors(f"writing metrics.json and report.md into {staging.path}", staging.path):
+                self.metrics.save(staging.path / "metrics.json")
+                write_report(staging.path, self.metrics, self.recipe_yaml)
+            staging.publish(self.output_dir)
         return RunResult(self.output_dir if saved else None, self.metrics, self.plan, self.model.model)

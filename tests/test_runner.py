@@ -1,4 +1,5 @@
 """End to end on a tiny model: recipe -> compressed checkpoint -> metrics.json/report.md."""
+import hashlib
 import json
 
 import pytest
@@ -36,6 +37,9 @@ def test_runs_are_reproducible(tiny_llama_dir, calibration_file, tmp_path):
     second = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "b")).metrics.dump()
     assert first["provenance"]["calibration"] == second["provenance"]["calibration"]
     assert [m["relative_error"] for m in first["modules"]] == [m["relative_error"] for m in second["modules"]]
+    digests = [{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / run).glob("*.safetensors"))}
+               for run in ("a", "b")]
+    assert digests[0] == digests[1] and len(digests[0]) == 3     # two blocks of layers + the outer tensors
 
 
 def test_existing_output_is_not_overwritten_without_the_flag(tiny_llama_dir, calibration_file, tmp_path):
@@ -49,22 +53,26 @@ def test_existing_output_is_not_overwritten_without_the_flag(tiny_llama_dir, cal
 
 def test_a_crash_while_writing_leaves_no_checkpoint_but_a_resumable_staging_dir(tiny_llama_dir, calibration_file,
                                                                                 tmp_path, monkeypatch):
+    import errno
+
     import lrcompress.checkpoint.staging as staging
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         patch.setattr(staging, "swap_into_place", broken)  # everything written, the final rename fails
-        with pytest.raises(OSError):
+        with pytest.raises(CheckpointError, match="disk is full.*rerun the same command"):
             run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))
     assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["run.partial"]
-    assert json.loads((tmp_path / "run.partial" / "state.json").read_text())["segments"] == [[0], [1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.partial"]
+    state = json.loads((tmp_path / "run.partial" / "state.json").read_text())
+    assert state["segments"] == [[0], [1]] and state["written"]
+    assert (tmp_path / "run.partial" / "metrics.json").is_file()
     run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))  # the same command finishes the run
-    assert (out / "config.json").is_file() and not (tmp_path / "run.partial").exists()
-    assert not (out / "state.json").exists()
+    assert (out / "config.json").is_file() and (out / "metrics.json").is_file()
+    assert not (tmp_path / "run.partial").exists() and not (out / "state.json").exists()
 
 
 def test_missing_model_and_dataset_name_the_path(tiny_llama_dir, calibration_file, tmp_path):

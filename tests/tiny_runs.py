@@ -15,7 +15,9 @@ def tiny_recipe_dict(model_dir: Path, text: Path, out: Path, method: str = "whit
         "stages": [{"method": method, "ratio": ratio}],
         "runtime": {"device": "cpu", "batch_size": 3},
         "output": {"dir": str(out)},
-        "eval": {"perplexity": [{"dataset": str(text), "seq_len": 48, "max_windows": 3}]},
+        # The tiny runs evaluate on their calibration text (one small file, no shared data needed).
+        "eval": {"perplexity": [{"dataset": str(text), "seq_len": 48, "max_windows": 3}],
+                 "allow_calibration_split": True},
     }
     recipe.update(extra)
     return recipe

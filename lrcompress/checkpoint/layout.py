@@ -8,6 +8,7 @@ Tied tensors (tied embeddings) are stored once; the aliases are listed in the "l
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from contextlib import contextmanager
@@ -28,6 +29,51 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise CheckpointError(f"output directory {path} exists; pass --overwrite (or output.overwrite: "
                               "true) to replace it")
+
+
+def prepare_output_parent(path: Path) -> None:
+    """Create the parent directories of ``path``, or say why they cannot be (a file in the way, a
+    read-only filesystem): called before the model is loaded, so a bad output path costs nothing."""
+    path = Path(path)
+    for ancestor in [path, *path.parents]:
+        if ancestor.exists():
+            if ancestor != path and not ancestor.is_dir():
+                raise CheckpointError(f"output directory {path}: {ancestor} is a file, not a directory; "
+                                      "choose another output.dir")
+            break
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"output directory {path} is a file; choose another output.dir")
+    with disk_errors(f"creating the parent directory of {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EFBIG: "the file size limit is exceeded", errno.EROFS: "the filesystem is read-only",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+@contextmanager
+def disk_errors(what: str, resumable: Path | None = None) -> Iterator[None]:
+    """Turn a failed write (full disk, quota, read-only filesystem, permissions) into one message that
+    says what was being written and, when a staging directory holds the work so far, that rerunning
+    the same command resumes from it. safetensors reports I/O failures as its own error type."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as error:
+        reason = DISK_ERRNOS.get(error.errno, error.strerror or str(error))
+        raise CheckpointError(_disk_message(what, reason + (f" ({error.filename})" if error.filename else ""),
+                                            resumable)) from None
+    except SafetensorError as error:
+        raise CheckpointError(_disk_message(what, str(error), resumable)) from None
+
+
+def _disk_message(what: str, reason: str, resumable: Path | None) -> str:
+    message = f"{what} failed: {reason}."
+    if resumable is not None:
+        message += f" Free space (or fix the permissions) and rerun the same command: it resumes from {resumable}."
+    return message
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from ..errors import CheckpointError
 from ..modules import MODULE_KINDS
 from ..modules.surgery import replace_submodule
 from .layout import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, weight_files
+from .verify import verify_safetensors_dir
 
 
 def read_metadata(directory: Path) -> tuple[dict, dict]:
@@ -20,8 +21,11 @@ def read_metadata(directory: Path) -> tuple[dict, dict]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: no {CONFIG_NAME}")
-    config = json.loads(path.read_text())
-    meta = config.pop(METADATA_KEY, None)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not a readable JSON config: {error}") from None
+    meta = config.pop(METADATA_KEY, None) if isinstance(config, dict) else None
     if meta is None:
         raise CheckpointError(f"{path} has no '{METADATA_KEY}' block: not an lrcompress checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -30,20 +34,32 @@ def read_metadata(directory: Path) -> tuple[dict, dict]:
     return config, meta
 
 
-def build_skeleton(config_dict: dict, meta: dict, dtype: torch.dtype) -> nn.Module:
+def build_skeleton(config_dict: dict, meta: dict, dtype: torch.dtype, source: str | Path = CONFIG_NAME) -> nn.Module:
     """The model with random-free (uninitialized) weights and the compressed modules swapped in."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, spec in meta["modules"].items():
-        kind = MODULE_KINDS.get(spec["kind"])
+    config_dict = dict(config_dict)
+    model_type = config_dict.pop("model_type", None)
+    try:
+        config = AutoConfig.for_model(model_type, **config_dict)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{source}: transformers cannot build model_type {model_type!r}: {first}") from None
+    for name, spec in meta.get("modules", {}).items():
+        kind = MODULE_KINDS.get(spec.get("kind")) if isinstance(spec, dict) else None
         if kind is None:
-            raise CheckpointError(f"module {name}: unknown compressed kind {spec['kind']!r}")
-        replace_submodule(model, name, kind.from_spec(spec, dtype))
+            shown = spec.get("kind") if isinstance(spec, dict) else spec
+            raise CheckpointError(f"{source}, lrcompress block: module {name}: unknown compressed kind {shown!r} "
+                                  f"(this lrcompress knows {', '.join(sorted(MODULE_KINDS))}); the checkpoint was "
+                                  "written by a newer lrcompress, or it is damaged")
+        try:
+            replace_submodule(model, name, kind.from_spec(spec, dtype))
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{source}, lrcompress block: module {name}: invalid {spec['kind']} spec "
+                                  f"({type(error).__name__}: {error})") from None
     return model
 
 
@@ -71,6 +87,9 @@ def assign_tensors(model: nn.Module, prefix: str, tensors: dict[str, torch.Tenso
     for name, tensor in tensors.items():
         key = name[strip:]
         target = current.get(key)
+        if target is not None and target.shape != tensor.shape:
+            raise CheckpointError(f"{where}: tensor {name} has shape {list(tensor.shape)}, the model expects "
+                                  f"{list(target.shape)}; the checkpoint does not match its config")
         local[key] = tensor.to(target.dtype) if target is not None and target.is_floating_point() else tensor
     missing, unexpected = module.load_state_dict(local, strict=False, assign=True)
     inside = {alias: source for alias, source in aliases.items() if not prefix or alias.startswith(prefix + ".")}
@@ -85,11 +104,12 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     directory = Path(directory)
     config_dict, meta = read_metadata(directory)
     stored_dtype = getattr(torch, meta.get("dtype", "float32"))
-    model = build_skeleton(config_dict, meta, stored_dtype)
+    model = build_skeleton(config_dict, meta, stored_dtype, directory / CONFIG_NAME)
     tensors: dict[str, torch.Tensor] = {}
     files = weight_files(directory)
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files")
+    verify_safetensors_dir(directory, {name: list(t.shape) for name, t in model.state_dict().items()})
     for file in files:
         tensors.update(load_file(file))
     assign_tensors(model, "", tensors, meta.get("tied", {}), directory)

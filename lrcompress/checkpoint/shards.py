@@ -28,10 +28,23 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The tensors' entries of the header and the offset of the data section."""
+    """The tensors' entries of the header and the offset of the data section; a file too short for its
+    header, or a header that is not the documented JSON, is refused naming the file."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise LrcompressError(f"{path}: truncated safetensors file ({size} bytes, not even a header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if 8 + length > size:
+            raise LrcompressError(f"{path}: truncated safetensors file: its header claims {length} bytes and the "
+                                  f"file holds {size}")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LrcompressError(f"{path}: damaged safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise LrcompressError(f"{path}: damaged safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     return header, 8 + length
 

@@ -7,10 +7,13 @@ checkpoint is complete and renamed to ``<out>``.
 
 A segment's files are flushed to disk before state.json names it, and every file is replaced
 atomically, so after a crash at any point (kill -9, preemption) state.json lists only segments whose
-files are complete; a segment it does not list is simply computed and written again. ``finalize`` adds
-the tensors outside the layers, the shard index, config.json and the tokenizer, renames the directory
-to ``<out>`` (so a complete-looking checkpoint never exists before it is complete) and drops the
-journal files.
+files are complete; a segment it does not list is simply computed and written again. ``complete`` adds
+the tensors outside the layers, the shard index, config.json and the tokenizer and marks the state
+``written``: a rerun then skips the compression and only evaluates. The runner writes metrics.json
+and the report into it; ``publish`` then renames it to ``<out>`` (a run is complete when its metrics
+are: a complete-looking checkpoint never exists before them) and drops the journal files. Every write goes
+through ``disk_errors``: a full disk or a read-only filesystem is one message that says the staged run
+resumes.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from .shards import read_all
-from .layout import CONFIG_NAME, replace_durably, swap_into_place, write_durable
+from .layout import CONFIG_NAME, disk_errors, replace_durably, swap_into_place, write_durable
 from .writer import checkpoint_config, write_index
 
 STATE_NAME = "state.json"
@@ -68,11 +71,18 @@ class StagingDir:
     def create(self, fingerprint: dict[str, Any]) -> None:
         """Start empty (removing whatever was there: the caller decided it may go)."""
         shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
+        with disk_errors(f"creating {self.path}"):
+            self.path.mkdir(parents=True)
         self._write_state({"format": STATE_FORMAT, "fingerprint": fingerprint, "segments": []})
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        write_durable(self.state_file, json.dumps(state, indent=2, sort_keys=True))
+        with disk_errors(f"writing {self.state_file}", self.path):
+            write_durable(self.state_file, json.dumps(state, indent=2, sort_keys=True))
+
+    def is_written(self) -> bool:
+        """Every tensor, config.json and the tokenizer are written: only evaluation is left."""
+        state = self.read_state()
+        return bool(state and state.get("written"))
 
     def finished(self) -> list[list[int]]:
         state = self.read_state()
@@ -82,10 +92,11 @@ class StagingDir:
         """Write a finished segment's tensors and info, flush them, then record it in state.json."""
         stem = _stem(layers)
         tmp = self.path / f"{stem}.safetensors.tmp"
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        replace_durably(tmp, self.path / f"{stem}.safetensors")
-        write_durable(self.path / f"{stem}.json", json.dumps({**info, "layers": layers, "tensors": _nbytes(tensors)},
-                                                             indent=2, sort_keys=True))
+        with disk_errors(f"writing layers {layers} to {self.path}", self.path):
+            save_file(tensors, tmp, metadata={"format": "pt"})
+            replace_durably(tmp, self.path / f"{stem}.safetensors")
+            write_durable(self.path / f"{stem}.json", json.dumps({**info, "layers": layers,
+                                                                  "tensors": _nbytes(tensors)}, indent=2, sort_keys=True))
         state = self.read_state()
         if state is None:
             raise CheckpointError(f"{self.state_file} disappeared while the run was writing into {self.path}")
@@ -104,31 +115,44 @@ class StagingDir:
             raise CheckpointError(f"{self.state_file} lists layers {layers} but {path} is missing")
         return read_all(path), self.segment_info(layers)
 
-    def finalize(self, final: Path, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
-                 dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any,
-                 extra_files: dict[str, str]) -> None:
-        """Complete the checkpoint and rename it to ``final`` (replacing one the caller may overwrite)."""
+    def complete(self, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
+                 dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any, extra_files: dict[str, str]) -> None:
+        """Write everything but the metrics: the tensors outside the layers, the index, config.json, the
+        tokenizer and ``extra_files``; then mark the state ``written`` (last, durably)."""
         segments = [self.segment_info(layers) for layers in self.finished()]
-        save_file(outer, self.path / OUTER_NAME, metadata={"format": "pt"})
-        weight_map = {name: OUTER_NAME for name in outer}
-        sizes = _nbytes(outer)
-        specs, aliases = {}, dict(outer_aliases)
-        for info in segments:
-            file = f"{_stem(info['layers'])}.safetensors"
-            weight_map.update({name: file for name in info["tensors"]})
-            sizes.update(info["tensors"])
-            specs.update(info["specs"])
-            aliases.update(info["aliases"])
-        write_index(self.path, weight_map, sum(sizes.values()))
-        config = checkpoint_config(model_config, dtype, specs, aliases, provenance)
-        (self.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.path)
-        for name, text in extra_files.items():
-            (self.path / name).write_text(text)
-        for leftover in self.path.glob("*.tmp"):  # a write a crash interrupted, since redone
-            leftover.unlink()
-        swap_into_place(self.path, final)
-        for layers in [info["layers"] for info in segments]:
+        with disk_errors(f"writing the checkpoint into {self.path}", self.path):
+            tmp = self.path / f"{OUTER_NAME}.tmp"
+            save_file(outer, tmp, metadata={"format": "pt"})
+            replace_durably(tmp, self.path / OUTER_NAME)
+            weight_map = {name: OUTER_NAME for name in outer}
+            sizes = _nbytes(outer)
+            specs, aliases = {}, dict(outer_aliases)
+            for info in segments:
+                file = f"{_stem(info['layers'])}.safetensors"
+                weight_map.update({name: file for name in info["tensors"]})
+                sizes.update(info["tensors"])
+                specs.update(info["specs"])
+                aliases.update(info["aliases"])
+            write_index(self.path, weight_map, sum(sizes.values()))
+            config = checkpoint_config(model_config, dtype, specs, aliases, provenance)
+            write_durable(self.path / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(self.path)
+            for name, text in extra_files.items():
+                write_durable(self.path / name, text)
+            for leftover in self.path.glob("*.tmp"):  # a write a crash interrupted, since redone
+                leftover.unlink()
+        state = self.read_state()
+        if state is None:
+            raise CheckpointError(f"{self.state_file} disappeared while the run was writing into {self.path}")
+        self._write_state({**state, "written": True})
+
+    def publish(self, final: Path) -> None:
+        """Rename the directory (complete, metrics.json written into it) to ``final``, replacing one the
+        caller may overwrite, then drop the journal files."""
+        segments = self.finished()
+        with disk_errors(f"renaming {self.path} to {final}", self.path):
+            swap_into_place(self.path, final)
+        for layers in segments:
             (final / f"{_stem(layers)}.json").unlink()
         (final / STATE_NAME).unlink()

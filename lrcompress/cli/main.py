@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import LrcompressError
 from ..pipeline import PipelineObserver
@@ -16,20 +19,49 @@ from .render import console, inspection_table, make_observer, plan_table, setup_
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
 
 
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", highlight=False)
-    sys.exit(2)
+DEBUG_ENV = "LRCOMPRESS_DEBUG"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _debug() -> bool:
+    """``--debug`` or ``LRCOMPRESS_DEBUG=1``: print the traceback behind an error message."""
+    ctx = click.get_current_context(silent=True)
+    flag = bool(ctx and isinstance(ctx.find_root().obj, dict) and ctx.find_root().obj.get("debug"))
+    return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _fail(error: Exception, code: int = 2) -> None:
+    if _debug():
+        console.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class Application(click.Group):
+    """Every error a user can fix (``LrcompressError``) is one message and exit code 2, from any command;
+    anything else is a bug: one line and exit code 1. The traceback only with --debug / LRCOMPRESS_DEBUG=1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LrcompressError as error:
+            _fail(error)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 - the last line of defence: one line, not a stack trace
+            _fail(RuntimeError(f"internal error ({type(error).__name__}: {error}); this is a bug in lrcompress, "
+                               f"rerun with --debug (or {DEBUG_ENV}=1) for the traceback and report it"), code=1)
+
+
+@click.group(cls=Application, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 @click.option("--log-json", is_flag=True, help="log JSON lines on stderr (for batch systems), no progress bars")
+@click.option("--debug", is_flag=True, help=f"print the traceback behind an error message (also: {DEBUG_ENV}=1)")
 @click.version_option(package_name="lrcompress")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool, log_json: bool) -> None:
+def cli(ctx: click.Context, verbose: bool, log_json: bool, debug: bool) -> None:
     """Post-training compression of large language models."""
     setup_logging(verbose, log_json)
-    ctx.obj = {"log_json": log_json}
+    ctx.obj = {"log_json": log_json, "debug": debug}
 
 
 @cli.command()
@@ -61,12 +93,16 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         extra.append("output.overwrite=true")
     if output_dir:
         extra.append(f"output.dir={output_dir}")
+    from ..preflight import PlanRefused
+
+    parsed = load_recipe(recipe, extra)
+    observer = make_observer(ctx.obj["log_json"]) if writer else PipelineObserver()
     try:
-        parsed = load_recipe(recipe, extra)
-        observer = make_observer(ctx.obj["log_json"]) if writer else PipelineObserver()
         result = run_recipe(parsed, observer, str(data_dir) if data_dir else None, dry_run=dry_run)
-    except LrcompressError as error:
-        _fail(error)
+    except PlanRefused as refused:
+        if dry_run:                                      # show the plan that is refused, then why
+            stdout.print(plan_table(refused.plan))
+        raise
     if not writer:
         return
     if dry_run:
@@ -124,9 +160,8 @@ def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_wi
         section, cached = evaluate_checkpoint(checkpoint, EvalSpec(perplexity=ppl_specs, lm_eval=lm_spec), context,
                                               cache)
     except ValidationError as error:
-        _fail(LrcompressError("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())))
-    except LrcompressError as error:
-        _fail(error)
+        raise LrcompressError("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) \
+            from None
     if output:
         EvalReport(eval=section, model_source=checkpoint, baseline_cache=cached).save(output)
     if as_json:  # perplexity alone: its result object, as before lm-eval tasks existed; else the section
@@ -157,10 +192,7 @@ def check(metrics: Path, baseline: Path | None, gate_file: Path | None, max_ppl_
     from ..eval.gate import gate_from_options, run_gate
     from .render_eval import gate_table
 
-    try:
-        result = run_gate(metrics, baseline, gate_from_options(gate_file, max_ppl_increase, min_recovery, list(bounds)))
-    except LrcompressError as error:
-        _fail(error)
+    result = run_gate(metrics, baseline, gate_from_options(gate_file, max_ppl_increase, min_recovery, list(bounds)))
     stdout.print(gate_table(result))
     sys.exit(0 if result.passed else 1)
 
@@ -174,10 +206,7 @@ def compare(runs: tuple[Path, ...], output: Path) -> None:
     from ..eval.compare import compare_runs
     from .render_eval import compare_table
 
-    try:
-        header, rows, table, plot = compare_runs(list(runs), output)
-    except LrcompressError as error:
-        _fail(error)
+    header, rows, table, plot = compare_runs(list(runs), output)
     stdout.print(compare_table(header, rows))
     stdout.print(f"wrote {table} and {plot}", highlight=False)
 
@@ -188,10 +217,7 @@ def inspect(checkpoint: Path) -> None:
     """What was compressed: modules, kinds, ranks, sizes, errors (from metrics.json when present)."""
     from ..eval.inspect import inspect_checkpoint
 
-    try:
-        inspection = inspect_checkpoint(checkpoint)
-    except LrcompressError as error:
-        _fail(error)
+    inspection = inspect_checkpoint(checkpoint)
     stdout.print(inspection_table(inspection))
     if inspection.provenance:
         stdout.print_json(json.dumps(inspection.provenance))
@@ -210,15 +236,12 @@ def export(checkpoint: Path, output: Path, dense: bool, peft: bool, overwrite: b
     from ..models import load_model
 
     if dense == peft:
-        _fail(click.UsageError("give exactly one of --dense or --peft"))
-    try:
-        loaded = load_model(str(checkpoint))
-        if peft:
-            written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
-        else:
-            export_dense(loaded.model, loaded.tokenizer, output, overwrite)
-    except LrcompressError as error:
-        _fail(error)
+        raise LrcompressError("give exactly one of --dense or --peft")
+    loaded = load_model(str(checkpoint))
+    if peft:
+        written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
+    else:
+        export_dense(loaded.model, loaded.tokenizer, output, overwrite)
     if peft:
         stdout.print(f"wrote base model to {written.base_dir} and a LoRA adapter for {written.modules} modules "
                      f"to {written.adapter_dir}")

@@ -94,15 +94,19 @@ def make_observer(json_lines: bool = False) -> PipelineObserver:
 
 def plan_table(plan) -> Table:
     table = Table(title="compression plan")
-    for column in ("module", "stage", "method", "shape (out×in)", "params before", "params after", "rank"):
+    for column in ("module", "stage", "method", "shape (out×in)", "params before", "params after", "rank", "note"):
         table.add_column(column, justify="right" if "params" in column or column == "rank" else "left")
     for p in plan:
         table.add_row(p.name, str(p.stage), p.method, f"{p.out_features}×{p.in_features}", f"{p.params_before:,}",
-                      f"{p.params_after:,}", "–" if p.rank is None else str(p.rank))
+                      f"{p.params_after:,}", "–" if p.rank is None else str(p.rank),
+                      "[bold red]does not shrink[/]" if p.grows else "")
     before = sum(p.params_before for p in plan)
     after = sum(p.params_after for p in plan)
+    grown = sum(p.grows for p in plan)
     table.caption = (f"{len(plan)} target modules; {before:,} → {after:,} parameters "
-                     f"({100 * (1 - after / before) if before else 0:.1f}% removed)")
+                     f"({100 * (1 - after / before) if before else 0:.1f}% removed)"
+                     + (f"; {grown} module(s) would not shrink (refused unless the stage sets allow_growth: true)"
+                        if grown else ""))
     return table
 
 

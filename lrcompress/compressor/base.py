@@ -69,6 +69,10 @@ class Compressor(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[CompressorConfig]] = CompressorConfig
     needs: ClassVar[frozenset[str]] = frozenset()
+    # The method exists to make a module smaller (low-rank, dictionaries): a plan that does not is refused
+    # unless the stage allows it. Not so for a compensation path (EoRA adds parameters by design) or a
+    # quantizer (same parameter count, fewer bytes).
+    shrinks: ClassVar[bool] = False
 
     def __init__(self, config: CompressorConfig) -> None:
         self.config = config
@@ -99,6 +103,7 @@ class LowRankCompressor(Compressor):
 
     Config = LowRankConfig
     config: LowRankConfig
+    shrinks = True
 
     def plan(self, module: nn.Module) -> Plan:
         m, n = module.out_features, module.in_features

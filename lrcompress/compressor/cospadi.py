@@ -63,6 +63,7 @@ class CoSpaDi(Compressor):
     Config = CoSpaDiConfig
     config: CoSpaDiConfig
     needs = frozenset({"gram"})
+    shrinks = True
 
     @property
     def group_size(self) -> int:

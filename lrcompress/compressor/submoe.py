@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import LrcompressError, NumericalError
-from ..models.moe import (ExpertWeights, expert_activation, expert_count, expert_weights, rebuild_block,
+from ..models.moe import (ExpertWeights, expert_activation, expert_count, expert_weights, rebuild_block, router,
                           router_tensors)
 from ..modules.experts import LowRankExperts, activation_name
 from .base import CompressorConfig, Plan, register
@@ -144,7 +144,7 @@ class ExpertReducer(BlockCompressor):
         experts = expert_count(module)
         kept = self.config.kept(experts)
         per_expert = sum(t[0].numel() for t in expert_weights(module).types().values())
-        parameters = dict(module.gate.named_parameters(recurse=False))   # buffers are not parameters
+        parameters = dict(router(module).named_parameters(recurse=False))   # buffers are not parameters
         per_router = sum(t[0].numel() for key, t in router_tensors(module).items() if key in parameters)
         total = sum(p.numel() for p in module.parameters())
         after = kept * (self.merged_expert_params(module) + per_router)
@@ -159,8 +159,8 @@ class ExpertReducer(BlockCompressor):
         groups = self.groups(frequencies, similarity, kept)
         mix = [merge_weights(frequencies, members) for members in groups]
         merged = self.merge_experts(name, module, groups, mix, stats)
-        router = {key: merge_rows(rows, groups, mix) for key, rows in router_tensors(module).items()}
-        block = rebuild_block(module, merged.experts, router)
+        rows_by_name = {key: merge_rows(rows, groups, mix) for key, rows in router_tensors(module).items()}
+        block = rebuild_block(module, merged.experts, rows_by_name)
         details = {"experts_before": expert_count(module), "experts_after": kept, "groups": groups,
                    "frequencies": [round(float(f), 6) for f in frequencies],
                    "merge_weights": [[round(float(v), 6) for v in w] for w in mix], **merged.details}

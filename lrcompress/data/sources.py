@@ -52,24 +52,34 @@ def read_text_file(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def load_text(dataset: str, split: str, directory: Path | None) -> TextSource:
+def locate_text(dataset: str, split: str, directory: Path | None) -> str:
+    """Where ``load_text`` will read this dataset and split, without reading it: the resolved local
+    file, or ``hub:<id>/<config>/<split>``. Raises for an unknown name or split, or a missing file, so
+    that a run can check its evaluation data before it compresses anything."""
     split = SPLIT_ALIASES.get(split, split)
     path = Path(dataset).expanduser()
     if dataset not in KNOWN_DATASETS:
         if path.is_file():
-            text = read_text_file(path)
-            return TextSource(text, str(path), _fingerprint(text))
+            return str(path.resolve())
         raise LrcompressError(f"dataset not found: {dataset!r} is neither a known name "
                               f"({', '.join(KNOWN_DATASETS)}) nor an existing file")
     splits = KNOWN_DATASETS[dataset]
     if split not in splits:
         raise LrcompressError(f"dataset {dataset!r} has no split {split!r}; splits: {', '.join(splits)}")
     relative, hub_id, hub_config = splits[split]
-    if directory is not None:
-        local = directory / relative
-        if local.is_file():
-            text = read_text_file(local)
-            return TextSource(text, f"{dataset}/{split} ({local})", _fingerprint(text))
+    if directory is not None and (directory / relative).is_file():
+        return str((directory / relative).resolve())
+    return f"hub:{hub_id}/{hub_config}/{split}"
+
+
+def load_text(dataset: str, split: str, directory: Path | None) -> TextSource:
+    where = locate_text(dataset, split, directory)
+    split = SPLIT_ALIASES.get(split, split)
+    if not where.startswith("hub:"):
+        text = read_text_file(Path(where))
+        described = str(Path(dataset).expanduser()) if dataset not in KNOWN_DATASETS else f"{dataset}/{split} ({where})"
+        return TextSource(text, described, _fingerprint(text))
+    relative, hub_id, hub_config = KNOWN_DATASETS[dataset][split]
     text = _from_hub(hub_id, hub_config, split, searched=directory / relative if directory else None)
     return TextSource(text, f"{dataset}/{split} (hub {hub_id}/{hub_config})", _fingerprint(text))
 

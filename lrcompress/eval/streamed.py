@@ -1,23 +1,20 @@
 """Layer-streamed perplexity, for models whose decoder layers are not in memory (``runtime.lazy``).
 
-The same computation as the model's forward, reordered: capture what layer 0 receives for every
-eval window (the pipeline's capture: embeddings, position embeddings, mask), then load each layer from
-a ``LayerStore``, run every window through it and release it, then apply the final norm and the LM
-head and sum the NLL. Peak memory is one layer plus the hidden states of all eval windows.
-Architectures whose head does more than norm + lm_head (e.g. Gemma-2's logit soft-capping) are refused.
+The same computation as the model's forward, reordered: capture what every decoder layer receives for
+every eval window (the pipeline's capture: embeddings, and each layer's own mask and position
+embeddings), then load each layer from a ``LayerStore``, run every window through it and release it,
+then apply the model's head (``ArchitectureAdapter.head_logits``: final norm, LM head, logit scaling or
+soft-capping) and sum the NLL. Peak memory is one layer plus the hidden states of all eval windows.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..errors import LrcompressError
 from ..models import ArchitectureAdapter
 from ..models.lazy import LayerStore
 from ..models.capture import capture_layer_inputs, forward_layer
 from .perplexity import batch_nll
-
-UNSUPPORTED_HEAD_SETTINGS = ("final_logit_softcapping", "logit_scale")
 
 
 class StreamedNll:
@@ -29,9 +26,6 @@ class StreamedNll:
     @torch.no_grad()
     def __call__(self, model: nn.Module, windows: torch.Tensor, batch_size: int,
                  device: torch.device) -> tuple[float, int]:
-        settings = [key for key in UNSUPPORTED_HEAD_SETTINGS if getattr(model.config, key, None)]
-        if settings:
-            raise LrcompressError(f"streamed perplexity computes norm + lm_head only; this model also uses {settings}")
         offload = torch.device("cpu")
         hidden = capture_layer_inputs(model, self.adapter, windows, batch_size, device, offload)
         for i, layer in enumerate(self.adapter.decoder_layers(model)):
@@ -48,7 +42,7 @@ class StreamedNll:
             for module in head:
                 module.to(device)
             for states, batch in zip(hidden.hidden, windows.split(batch_size)):
-                nll, tokens = batch_nll(head[1](head[0](states.to(device))), batch.to(device))
+                nll, tokens = batch_nll(self.adapter.head_logits(model, states.to(device)), batch.to(device))
                 total += nll
                 count += tokens
         finally:

@@ -20,8 +20,23 @@ def _gguf_key(path: Path) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a file named .gguf that is not one (the GGUF magic is its first four bytes)."""
+    from ..errors import LrcompressError
+
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise LrcompressError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
+                              "give a GGUF file or a Hugging Face model directory")
+
+
 def converted_gguf_dir(path: Path, target: Path | None = None) -> Path:
     """The cached HF directory for ``path``; converts on first use (~30 s for a 135M model)."""
+    check_gguf(path)
     target = target or cache_root() / "gguf" / f"{path.stem}-{_gguf_key(path)}"
     if (target / "config.json").is_file():
         return target
@@ -29,8 +44,14 @@ def converted_gguf_dir(path: Path, target: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors checkpoint in %s (once)", path, target)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError, EOFError) as error:  # damaged file, architecture gguf cannot convert
+        from ..errors import LrcompressError
+
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LrcompressError(f"{path}: transformers could not convert this GGUF file: {first}") from None
     # The weights are already dequantized to float; drop the GGUF quantizer so the model saves plainly.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

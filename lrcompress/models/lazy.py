@@ -17,7 +17,6 @@ from torch import nn
 from ..checkpoint.reader import assign_tensors
 from ..checkpoint.shards import ShardIndex
 from ..errors import LrcompressError
-from ..modules.surgery import replace_submodule
 from .adapters import ArchitectureAdapter, adapter_for
 from .loading import DTYPES, LoadedModel, is_compressed_dir, resolve_model_dir
 
@@ -112,14 +111,37 @@ def build_lazy_skeleton(directory: Path, dtype: torch.dtype, trust_remote_code: 
     model.load_state_dict({name: t.to(current[name].dtype) for name, t in tensors.items()}, strict=False,
                           assign=True)
     model.tie_weights()
-    if adapter.rotary:  # its frequencies are non-persistent buffers, computed from the config
-        rotary = model.get_submodule(adapter.rotary)
-        replace_submodule(model, adapter.rotary, type(rotary)(config=model.config))
+    _compute_buffers(model, adapter.layers + ".")
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
             if t.is_meta and not name.startswith(adapter.layers + ".")]
     if left:
         raise LrcompressError(f"{directory}: tensors outside the decoder layers not found: {left[:5]}")
     return model.eval()
+
+
+def _compute_buffers(model: nn.Module, layers_prefix: str) -> None:
+    """Fill the non-persistent buffers outside the decoder layers (rotary frequencies, Gemma's embedding
+    scale, ...), which no checkpoint stores: allocate them on the CPU and let the model's own
+    ``_init_weights`` compute them. Tensors already read from disk are flagged as initialized, which
+    transformers' init functions respect, so they are never overwritten."""
+    for name, module in model.named_modules():
+        if (name + ".").startswith(layers_prefix):
+            continue
+        pending = [key for key, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
+        if not pending:
+            continue
+        loaded = [t for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)] if not t.is_meta]
+        for key in pending:
+            buffer = getattr(module, key)
+            module.register_buffer(key, torch.empty_like(buffer, device="cpu"),
+                                   persistent=key not in module._non_persistent_buffers_set)
+        for tensor in loaded:
+            tensor._is_hf_initialized = True
+        try:
+            model._init_weights(module)
+        finally:
+            for tensor in loaded:
+                del tensor._is_hf_initialized
 
 
 def load_lazy(source: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:

@@ -1,13 +1,17 @@
 """Mixture-of-experts blocks as transformers 5 defines them: where the router and the experts live.
 
-Every supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3) has the same shape in
-transformers 5: the decoder layer's ``mlp`` is a sparse block with ``gate`` (the router: a parameter
-``weight`` of E × hidden, plus per-expert buffers such as DeepSeek-V3's ``e_score_correction_bias``,
-returning ``(logits, top-k weights, top-k indices)``) and ``experts`` (fused 3-D parameters
-``gate_up_proj`` E × 2I × hidden and ``down_proj`` E × hidden × I). Shared experts (Qwen2-MoE's
-``shared_expert`` + ``shared_expert_gate``, DeepSeek's ``shared_experts``) sit beside them and are
-left untouched. Dense layers of MoE models (DeepSeek's first k layers, Qwen's ``mlp_only_layers``)
-have a plain MLP there and are not MoE blocks.
+Found from structure, not from a list of families: an MoE block is a child of a decoder layer (``mlp``
+for Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3; ``block_sparse_moe`` or ``feed_forward`` elsewhere)
+that has a router (``gate`` or ``router``: a parameter ``weight`` of E × hidden, plus per-expert
+buffers such as DeepSeek-V3's ``e_score_correction_bias``, returning ``(logits, top-k weights, top-k
+indices)``) and ``experts``, fused 3-D parameters ``gate_up_proj`` E × 2I × hidden and ``down_proj``
+E × hidden × I. transformers marks each experts class with its layout (``is_transposed``,
+``is_concatenated``, ``has_bias``, ``has_gate``, set by ``use_experts_implementation``); the layout read
+here is the default one ([gate; up] concatenated, not transposed, no bias), which every family above
+uses. Other layouts (gpt-oss: interleaved, transposed, with biases) are refused with the layout named.
+Shared experts (Qwen2-MoE's ``shared_expert`` + ``shared_expert_gate``, DeepSeek's
+``shared_experts``) sit beside them and are left untouched. Dense layers of MoE models (DeepSeek's
+first k layers, Qwen's ``mlp_only_layers``) have a plain MLP there and are not MoE blocks.
 
 Routing is always delegated to the block's own router, so each family's rule (softmax or sigmoid,
 renormalized or not, group-limited) is the one of the installed transformers.
@@ -22,17 +26,12 @@ from torch import nn
 
 from ..errors import LrcompressError
 
-BLOCK_NAME = "mlp"
-
-# The config attribute holding the routed-expert count, per model_type (what the modeling code reads).
-EXPERT_COUNT_KEYS: dict[str, str] = {
-    "mixtral": "num_local_experts",
-    "qwen2_moe": "num_experts",
-    "qwen3_moe": "num_experts",
-    "olmoe": "num_experts",
-    "deepseek_v2": "n_routed_experts",
-    "deepseek_v3": "n_routed_experts",
-}
+ROUTER_NAMES = ("gate", "router")
+# Config attributes holding the routed-expert count, in the order they are tried (the first one the
+# config has is the one its modeling code reads).
+EXPERT_COUNT_KEYS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
+# The fused layout read here: transformers' ``use_experts_implementation`` defaults.
+DEFAULT_LAYOUT = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True}
 
 
 @dataclass
@@ -50,28 +49,49 @@ class ExpertWeights:
         return {"gate": self.gate, "up": self.up, "down": self.down}
 
 
+def router_name(block: nn.Module) -> str | None:
+    """The attribute of the block's router: a module with an E × hidden ``weight``."""
+    return next((name for name in ROUTER_NAMES
+                 if getattr(getattr(getattr(block, name, None), "weight", None), "ndim", 0) == 2), None)
+
+
+def router(block: nn.Module) -> nn.Module:
+    return getattr(block, router_name(block))
+
+
 def is_moe_block(module: nn.Module) -> bool:
     """A sparse block: a router with an E × hidden weight and fused 3-D expert parameters."""
-    experts, gate = getattr(module, "experts", None), getattr(module, "gate", None)
-    return (experts is not None and gate is not None
+    experts = getattr(module, "experts", None)
+    return (experts is not None and router_name(module) is not None
             and getattr(getattr(experts, "gate_up_proj", None), "ndim", 0) == 3
-            and getattr(getattr(experts, "down_proj", None), "ndim", 0) == 3
-            and getattr(getattr(gate, "weight", None), "ndim", 0) == 2)
+            and getattr(getattr(experts, "down_proj", None), "ndim", 0) == 3)
+
+
+def check_layout(name: str, block: nn.Module) -> None:
+    """Refuse fused experts whose layout differs from the one read here, naming the difference."""
+    experts = block.experts
+    differs = {key: getattr(experts, key) for key, value in DEFAULT_LAYOUT.items()
+               if getattr(experts, key, value) != value}
+    if differs:
+        raise LrcompressError(f"{name}: {type(experts).__name__} stores its experts as {differs}; lrcompress reads "
+                              f"fused experts in the layout {DEFAULT_LAYOUT} (gate_up_proj E × 2I × hidden)")
 
 
 def moe_blocks(layer: nn.Module) -> list[str]:
-    """Names (relative to the decoder layer) of its MoE blocks: ``["mlp"]`` or ``[]`` (dense layer)."""
-    block = getattr(layer, BLOCK_NAME, None)
-    return [BLOCK_NAME] if block is not None and is_moe_block(block) else []
+    """Names (relative to the decoder layer) of its MoE blocks: e.g. ``["mlp"]``, or ``[]`` (dense layer)."""
+    names = [name for name, child in layer.named_children() if is_moe_block(child)]
+    for name in names:
+        check_layout(name, layer.get_submodule(name))
+    return names
 
 
 def expert_count_key(config) -> str:
-    model_type = getattr(config, "model_type", None)
-    try:
-        return EXPERT_COUNT_KEYS[model_type]
-    except KeyError:
-        raise LrcompressError(f"{model_type!r} is not a supported MoE architecture; "
-                              f"supported: {', '.join(sorted(EXPERT_COUNT_KEYS))}") from None
+    """The config attribute the modeling code reads for the number of routed experts."""
+    key = next((key for key in EXPERT_COUNT_KEYS if isinstance(getattr(config, key, None), int)), None)
+    if key is None:
+        raise LrcompressError(f"{getattr(config, 'model_type', None)!r}: no routed-expert count in its config "
+                              f"(looked for {', '.join(EXPERT_COUNT_KEYS)})")
+    return key
 
 
 def expert_count(block: nn.Module) -> int:
@@ -113,28 +133,29 @@ def expert_activation(block: nn.Module) -> nn.Module:
 
 def route(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Top-k expert indices (T × k) chosen by the block's own router for the tokens ``x`` (T × hidden)."""
-    return block.gate(x)[2]
+    return router(block)(x)[2]
 
 
 def router_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     """The router's per-expert tensors (parameters and buffers whose first dimension is E)."""
     count = expert_count(block)
-    tensors = dict(block.gate.named_parameters(recurse=False))
-    tensors.update(dict(block.gate.named_buffers(recurse=False)))
+    tensors = dict(router(block).named_parameters(recurse=False))
+    tensors.update(dict(router(block).named_buffers(recurse=False)))
     return {name: t.detach() for name, t in tensors.items() if t.ndim >= 1 and t.shape[0] == count}
 
 
-def rebuild_block(block: nn.Module, weights: ExpertWeights | nn.Module, router: dict[str, torch.Tensor]
+def rebuild_block(block: nn.Module, weights: ExpertWeights | nn.Module, router_rows: dict[str, torch.Tensor]
                   ) -> nn.Module:
     """A copy of ``block`` with E' experts: the given expert weights (dense, fused into the block's own
     experts module) or a replacement experts module (e.g. low-rank experts) with the same forward, and
     the given router rows; shared experts, activation and routing settings are copied unchanged. The
     original block is not modified."""
     count = len(weights) if isinstance(weights, ExpertWeights) else int(weights.num_experts)
-    top_k = getattr(block.gate, "top_k", 1)
+    gate = router(block)
+    top_k = getattr(gate, "top_k", 1)
     if count < top_k:
         raise LrcompressError(f"cannot keep {count} experts: the router picks {top_k} per token")
-    groups = getattr(block.gate, "num_group", None)
+    groups = getattr(gate, "num_group", None)
     if groups and (count % groups or count // groups < 2):   # DeepSeek-V3 scores a group by its top 2
         raise LrcompressError(f"cannot keep {count} experts: group-limited routing needs a multiple of "
                               f"n_group={groups} with at least 2 experts per group")
@@ -142,7 +163,7 @@ def rebuild_block(block: nn.Module, weights: ExpertWeights | nn.Module, router: 
     replaced: list = [block.experts.gate_up_proj, block.experts.down_proj]
     if not isinstance(weights, ExpertWeights):
         replaced.append(block.experts)
-    replaced += [getattr(block.gate, name) for name in router]
+    replaced += [getattr(gate, name) for name in router_rows]
     new = copy.deepcopy(block, memo={id(t): t for t in replaced})
     if isinstance(weights, ExpertWeights):
         dtype = block.experts.gate_up_proj.dtype
@@ -152,12 +173,13 @@ def rebuild_block(block: nn.Module, weights: ExpertWeights | nn.Module, router: 
         new.experts.num_experts = count
     else:
         new.experts = weights
-    for name, tensor in router.items():
-        old = getattr(block.gate, name)
+    new_gate = router(new)
+    for name, tensor in router_rows.items():
+        old = getattr(gate, name)
         value = tensor.to(old.dtype).contiguous()
         if isinstance(old, nn.Parameter):
-            setattr(new.gate, name, nn.Parameter(value, requires_grad=False))
+            setattr(new_gate, name, nn.Parameter(value, requires_grad=False))
         else:
-            new.gate.register_buffer(name, value, persistent=name not in block.gate._non_persistent_buffers_set)
-    new.gate.num_experts = count
+            new_gate.register_buffer(name, value, persistent=name not in gate._non_persistent_buffers_set)
+    new_gate.num_experts = count
     return new

@@ -65,10 +65,15 @@ class BlockTargets:
         apply_config_updates(model, compressor.block_kind, result.config_updates, applied, name)
 
 
+def is_block_stage(stage: Any) -> bool:
+    """A stage whose targets are whole blocks (for messages that name what a stage looks for)."""
+    return isinstance(stage.kind, BlockTargets)
+
+
 def check_coverage(model: nn.Module, adapter: ArchitectureAdapter, stages: list[Any]) -> None:
     """Before any work: a stage that changes the config must target every block of its kind."""
     for stage in stages:
-        if not isinstance(stage.kind, BlockTargets) or not stage.compressor.uniform:
+        if not is_block_stage(stage) or not stage.compressor.uniform:
             continue
         locate = block_kind(stage.compressor.block_kind).locate
         missed, found = [], 0

@@ -87,7 +87,7 @@ class LayerwisePipeline:
         s = self.settings
         size = self.segment_size()
         check_coverage(self.model, self.adapter, self.stages)
-        self.observer.phase(f"capturing the inputs of layer 0 for {len(windows)} windows")
+        self.observer.phase(f"capturing the decoder layers' inputs for {len(windows)} windows")
         inputs = capture_layer_inputs(self.model, self.adapter, windows, s.batch_size, s.compute, s.offload)
         layers = self.adapter.decoder_layers(self.model)
         records: list[ModuleRecord] = []
@@ -195,9 +195,16 @@ class LayerwisePipeline:
 
     def _compress_members(self, stage: Stage, layer: int, members: list[GroupMember]) -> list[CompressResult]:
         """One ``compress_group`` call (a job: it may run on another process), checked."""
+        for member in members:
+            _check_finite_weight(member.name, member.module)
         with naming_out_of_memory(f"in layer {layer} while compressing {members[0].name} "
                                   f"({stage.compressor.name})", self.settings):
-            results = stage.compressor.compress_group(members)
+            try:
+                results = stage.compressor.compress_group(members)
+            except torch.linalg.LinAlgError as error:
+                first = str(error).strip().splitlines()[0]
+                raise NumericalError(f"{members[0].name}: {stage.compressor.name} failed to decompose it ({first}); "
+                                     "check the module's weights and calibration statistics for NaN/Inf") from None
         if len(results) != len(members):
             raise RuntimeError(f"{stage.compressor.name}: compress_group returned {len(results)} results "
                                f"for {len(members)} modules")
@@ -234,13 +241,9 @@ class LayerwisePipeline:
         s = self.settings
 
         def guard(number: int, batches: int):
-            return naming_out_of_memory(lambda: f"in layer {self._index_of(layer)} running batch "
+            return naming_out_of_memory(lambda: f"in layer {inputs.layer} running batch "
                                         f"{number + 1}/{batches}", s)
         return forward_layer(layer, inputs, s.compute, s.offload, guard)
-
-    def _index_of(self, layer: nn.Module) -> int:
-        """The decoder-layer index of ``layer`` (only looked up for an error message)."""
-        return next(i for i, candidate in enumerate(self.adapter.decoder_layers(self.model)) if candidate is layer)
 
     def _precomputed_for(self, full_name: str, stage: Stage) -> dict[str, Statistic]:
         kinds = [kind for kind in stage.needs if is_prepass_kind(kind)]
@@ -269,6 +272,15 @@ class LayerwisePipeline:
         )
         self.observer.module_done(record)
         return record
+
+
+def _check_finite_weight(name: str, module: nn.Module) -> None:
+    """A weight holding NaN/Inf cannot be compressed (a decomposition of it fails or spreads NaN)."""
+    weight = dense_weight(module).detach()
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise NumericalError(f"{name}: its weight holds {bad} NaN/Inf value(s) before compression; the "
+                             "checkpoint (or an earlier stage) is damaged")
 
 
 def _cost(module: nn.Module) -> int:

@@ -20,7 +20,7 @@ weights are never written. Activation memory is one decoder layer's graph plus t
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import nn
 from ..compressor.fisher import FisherStatistic
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
-from ..models.capture import capture_layer_inputs, layer_output, move
+from ..models.capture import LayerCall, capture_layer_inputs
 from .memory import PeakMemory
 from .observer import PipelineObserver
 from .prepass import PrePassResult, register_prepass
@@ -73,15 +73,11 @@ def _group_by_layer(model: nn.Module, adapter: ArchitectureAdapter, targets: lis
 def _head_gradient(model: nn.Module, adapter: ArchitectureAdapter, hidden: torch.Tensor, ids: torch.Tensor,
                    compute: torch.device) -> tuple[torch.Tensor, float]:
     """∂(Σ_d L_d)/∂h_L for a batch (one window's logits at a time) and Σ_d L_d."""
-    norm, head = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     grads, total = [], 0.0
     for window_hidden, tokens in zip(hidden, ids):
         h = window_hidden.to(compute).detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = head(norm(h)).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits = adapter.head_logits(model, h).float()
             loss = F.cross_entropy(logits[:-1], tokens[1:].to(compute))
             (grad,) = torch.autograd.grad(loss, h)
         if not torch.isfinite(loss):
@@ -91,7 +87,7 @@ def _head_gradient(model: nn.Module, adapter: ArchitectureAdapter, hidden: torch
     return torch.stack(grads), total
 
 
-def _layer_backward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], grad_out: torch.Tensor,
+def _layer_backward(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, grad_out: torch.Tensor,
                     stats: dict[str, FisherStatistic]) -> torch.Tensor:
     """Recompute ``layer`` with its graph, back-propagate ``grad_out``, feed the target hooks; return
     the gradient with respect to the layer's input."""
@@ -107,7 +103,7 @@ def _layer_backward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
     x = hidden.detach().requires_grad_(True)
     try:
         with torch.enable_grad():
-            out = layer_output(layer(x, **kwargs))
+            out = call(layer, x)
             (grad_in,) = torch.autograd.grad(out, x, grad_out)
     finally:
         for handle in handles:
@@ -133,17 +129,17 @@ def fisher_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[st
         for module in head_modules:
             module.to(compute)
         try:
-            batches = list(zip(inputs.hidden, inputs.kwargs, windows.split(settings.batch_size)))
-            for number, (hidden, kwargs, ids) in enumerate(batches):
+            batches = list(zip(inputs.hidden, windows.split(settings.batch_size)))
+            for number, (hidden, ids) in enumerate(batches):
                 observer.phase(f"fisher pass: batch {number + 1}/{len(batches)}")
-                kwargs = move(kwargs, compute)
-                boundaries = _forward_boundaries(layers, hidden, kwargs, compute, offload)
+                calls = inputs.calls.batch(number, compute)
+                boundaries = _forward_boundaries(layers, hidden, calls, compute, offload)
                 boundary_bytes = max(boundary_bytes, sum(b.numel() * b.element_size() for b in boundaries))
                 grad, loss = _head_gradient(model, adapter, boundaries[-1], ids, compute)
                 total_loss += loss
                 for index in range(len(layers) - 1, lowest - 1, -1):
                     with _on(layers[index], compute):
-                        grad = _layer_backward(layers[index], boundaries[index].to(compute), kwargs, grad,
+                        grad = _layer_backward(layers[index], boundaries[index].to(compute), calls[index], grad,
                                                grouped.get(index, {}))
                     boundaries.pop()
         finally:
@@ -159,14 +155,14 @@ def fisher_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[st
 
 
 @torch.no_grad()
-def _forward_boundaries(layers: nn.ModuleList, hidden: torch.Tensor, kwargs: dict[str, Any],
+def _forward_boundaries(layers: nn.ModuleList, hidden: torch.Tensor, calls: list[LayerCall],
                         compute: torch.device, offload: torch.device) -> list[torch.Tensor]:
     """[h_0, ..., h_L]: the input of every decoder layer and the last output, on ``offload``."""
     boundaries = [hidden.to(offload)]
     h = hidden.to(compute)
-    for layer in layers:
+    for layer, call in zip(layers, calls):
         with _on(layer, compute):
-            h = layer_output(layer(h, **kwargs))
+            h = call(layer, h)
         boundaries.append(h.to(offload))
     return boundaries
 

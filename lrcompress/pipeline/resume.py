@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..checkpoint.staging import StagingDir, staging_path
 from ..errors import CheckpointError
 from ..models import ArchitectureAdapter
 from ..models.identity import model_identity
+from ..models.lazy import LayerStore
 from .distributed import Collective
 from .journal import StagedJournal
+from .records import ModuleRecord
 
 IGNORED_RECIPE_KEYS = ("output", "eval", "runtime.lazy", "model.path")
 
@@ -98,7 +101,10 @@ def open_staging(final: Path, fingerprint: dict[str, Any], overwrite: bool,
             f"{staging.path} holds an interrupted run that this command cannot resume:\n  "
             + "\n  ".join(problems)
             + f"\nDelete {staging.path}, or pass --overwrite (output.overwrite: true), to start over.")
-    announce(f"resuming from {staging.path}: {len(staging.finished())} segment(s) of layers already finished")
+    if staging.is_written():
+        announce(f"resuming from {staging.path}: the checkpoint is written, only the evaluation is left")
+    else:
+        announce(f"resuming from {staging.path}: {len(staging.finished())} segment(s) of layers already finished")
     return staging
 
 
@@ -120,3 +126,15 @@ def open_journal(final: Path, fingerprint: dict[str, Any], overwrite: bool, coll
     if not collective.is_writer:
         staging = read_staging(final)
     return None if staging is None else StagedJournal(staging, adapter, dtype, writes=collective.is_writer)
+
+
+def restore_written(model: nn.Module, journal: StagedJournal, store: LayerStore) -> list[ModuleRecord]:
+    """A staged run whose checkpoint is completely written (killed or failed during evaluation): put its
+    compressed layers back into ``model`` and return its records, compressing and replaying nothing —
+    only the evaluation is left to do. Lazy mode releases each segment again once restored."""
+    records: list[ModuleRecord] = []
+    for segment in sorted(journal.staging.finished()):
+        journal.restore(model, segment)
+        store.release(segment)
+        records += journal.records(segment)
+    return records

@@ -22,6 +22,7 @@ def recipe(model_dir, calibration_file, output, ratio=0.3, method="svd"):
         "runtime": {"device": "cpu", "batch_size": 4},
         "output": {"dir": str(output)},
         "eval": {"perplexity": [{"dataset": str(calibration_file), "seq_len": 64, "max_windows": 2}],
+                 "allow_calibration_split": True,
                  "lm_eval": {"tasks": ["arc_easy", "lambada_openai"], "limit": 2, "batch_size": 2},
                  "baseline": True},
     })

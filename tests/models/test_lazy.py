@@ -106,3 +106,42 @@ def test_lazy_mode_refuses_what_needs_the_whole_model(tiny_llama_dir, calibratio
     (empty / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
     with pytest.raises(LrcompressError, match="no-weights has no \\*.safetensors"):
         run_recipe(lazy_recipe(model={"path": str(empty)}))
+
+
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory):
+    """A tiny Gemma 3 (sliding and full attention layers with their own rotary bases, logit soft-capping,
+    a non-persistent embedding scale), saved in shards."""
+    from families import family_model
+    from helpers import byte_tokenizer
+
+    directory = tmp_path_factory.mktemp("gemma3")
+    model = family_model("gemma3_text")
+    model.config.final_logit_softcapping = 5.0
+    model.save_pretrained(directory, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def test_streamed_nll_equals_the_whole_model_nll_on_gemma3(gemma3_dir):
+    eager = load_model(str(gemma3_dir)).model
+    lazy = load_lazy(str(gemma3_dir)).model
+    adapter = adapter_for(lazy)
+    assert torch.equal(lazy.model.embed_tokens.embed_scale, eager.model.embed_tokens.embed_scale)
+    expected = windows_nll(eager, WINDOWS, 2, torch.device("cpu"))
+    got = StreamedNll(LazyLayers(lazy, adapter, gemma3_dir), adapter)(lazy, WINDOWS, 2, torch.device("cpu"))
+    assert got[0] == pytest.approx(expected[0], rel=1e-6)
+
+
+def test_a_lazy_run_equals_the_default_run_on_gemma3(gemma3_dir, calibration_file, tmp_path):
+    runs = {}
+    for lazy in (False, True):
+        recipe = tiny_recipe_dict(gemma3_dir, calibration_file, tmp_path / f"lazy-{lazy}",
+                                  runtime={"device": "cpu", "batch_size": 3, "lazy": lazy})
+        recipe["calibration"].update(num_samples=4, seq_len=24)
+        recipe["eval"]["perplexity"][0].update(seq_len=24, max_windows=2)
+        runs[lazy] = run_recipe(parse_recipe(recipe)).metrics
+    assert_same_tensors(tmp_path / "lazy-False", tmp_path / "lazy-True")
+    (key, eager_ppl), = runs[False]["eval"]["perplexity"].items()
+    assert runs[True]["eval"]["perplexity"][key]["value"] == pytest.approx(eager_ppl["value"], rel=1e-5)
+    assert [m["relative_error"] for m in runs[True]["modules"]] == [m["relative_error"] for m in runs[False]["modules"]]

@@ -100,3 +100,36 @@ def test_router_tensors_include_deepseek_score_correction_bias():
     block = tiny_moe("deepseek_v3").model.layers[1].mlp
     assert set(router_tensors(block)) == {"weight", "e_score_correction_bias"}
     assert set(router_tensors(tiny_moe("mixtral").model.layers[0].mlp)) == {"weight"}
+
+
+OLD_TABLE = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
+             "olmoe": "num_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_expert_count_key_is_the_one_the_modeling_code_reads(family):
+    model = tiny_moe(family)
+    key = expert_count_key(model.config)
+    assert getattr(model.config, key) == 4
+    setattr(model.config, key, 3)                   # the same setting as the one the modeling code reads
+    assert getattr(model.config, OLD_TABLE[family]) == 3
+
+
+def test_blocks_are_found_by_structure_under_any_name():
+    """GraniteMoE: the block is ``block_sparse_moe`` and its router is called ``router``."""
+    from helpers import tiny_model
+
+    model = tiny_model("granitemoe", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)
+    layer = model.model.layers[0]
+    assert moe_blocks(layer) == ["block_sparse_moe"]
+    assert route(layer.block_sparse_moe, _hidden(model)).shape == (20, 2)
+    assert expert_count_key(model.config) == "num_local_experts"
+
+
+def test_an_unsupported_expert_layout_is_refused_with_the_layout_named():
+    from helpers import tiny_model
+
+    model = tiny_model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+                       layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    with pytest.raises(LrcompressError, match="is_transposed"):
+        moe_blocks(model.model.layers[0])

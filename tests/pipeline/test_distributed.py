@@ -149,11 +149,11 @@ class _SecondRank(Collective):
 
 
 def test_only_rank_zero_writes_and_evaluates(tiny_llama_dir, calibration_file, tmp_path):
-    from lrcompress.runner import _run_recipe
+    from lrcompress.runner import _run_recipe, build_stages
 
     out = tmp_path / "run"
-    result = _run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out), PipelineObserver(), None, False,
-                         _SecondRank())
+    recipe = tiny_recipe(tiny_llama_dir, calibration_file, out)
+    result = _run_recipe(recipe, PipelineObserver(), None, _SecondRank(), build_stages(recipe), [])
     assert not out.exists() and result.output_dir is None
     assert result.metrics.dump()["eval"] == {"perplexity": {}} and "eval" not in result.metrics.dump()["timing"]
     assert len(result.metrics.dump()["modules"]) == 14              # the records exist on every rank

@@ -1,5 +1,6 @@
 """Resume: a run killed mid-way (SIGKILL, or an exception) continues from its last finished segment and
 writes exactly the uninterrupted run's checkpoint; a changed recipe refuses to resume and says why."""
+import hashlib
 import json
 import os
 import signal
@@ -22,21 +23,52 @@ MODULES_PER_LAYER = 7
 
 KILLER = """
 import json, os, signal, sys
+import lrcompress.checkpoint.staging as staging
 from lrcompress.pipeline import PipelineObserver
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe
 
-class KillAfter(PipelineObserver):
-    def __init__(self, modules):
-        self.left = modules
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+class KillAt(PipelineObserver):
+    # SIGKILL after N compressed modules ("module:N") or when a phase starts ("phase:<text>").
+    def __init__(self, where):
+        kind, _, value = where.partition(":")
+        self.left = int(value) if kind == "module" else None
+        self.phase_text = value if kind == "phase" else None
 
     def module_done(self, record):
-        self.left -= 1
-        if self.left == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.left is not None:
+            self.left -= 1
+            if self.left == 0:
+                die()
 
-run_recipe(parse_recipe(json.loads(open(sys.argv[1]).read())), KillAfter(int(sys.argv[2])))
+    def phase(self, description):
+        if self.phase_text and self.phase_text in description:
+            die()
+
+where = sys.argv[2]
+if where == "final-write":   # in the middle of the checkpoint's completion: outer tensors written, index not
+    staging.write_index = die
+run_recipe(parse_recipe(json.loads(open(sys.argv[1]).read())), KillAt(where))
 """
+
+
+def run_killed(recipe: dict, where: str, tmp_path: Path) -> None:
+    """Run ``recipe`` in a subprocess that SIGKILLs itself at ``where`` (see KILLER)."""
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe))
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(recipe_file), where], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.safetensors"))}
 
 
 class Interrupt(PipelineObserver):
@@ -69,15 +101,7 @@ def state_segments(out: Path) -> list[list[int]]:
 
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_layers, calibration_file, tmp_path):
     recipe = tiny_recipe_dict(six_layers, calibration_file, tmp_path / "resumed")
-    recipe_file = tmp_path / "recipe.json"
-    recipe_file.write_text(json.dumps(recipe))
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    kill_at = 3 * MODULES_PER_LAYER + 2           # in layer 3: layers 0-2 are finished
-    done = subprocess.run([sys.executable, str(script), str(recipe_file), str(kill_at)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    run_killed(recipe, f"module:{3 * MODULES_PER_LAYER + 2}", tmp_path)   # in layer 3: layers 0-2 are finished
     assert state_segments(tmp_path / "resumed") == [[0], [1], [2]]
     assert not (tmp_path / "resumed").exists()
 
@@ -92,6 +116,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_l
     run_recipe(parse_recipe({**recipe, "output": {"dir": str(tmp_path / "straight")}}))
     resumed, straight = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("resumed", "straight"))
     assert_same_tensors(tmp_path / "resumed", tmp_path / "straight")
+    assert file_digests(tmp_path / "resumed") == file_digests(tmp_path / "straight")
     assert [without_time(m) for m in resumed["modules"]] == [without_time(m) for m in straight["modules"]]
     assert [p["value"] for p in resumed["eval"]["perplexity"].values()] == \
         [p["value"] for p in straight["eval"]["perplexity"].values()]
@@ -146,3 +171,46 @@ def test_a_staging_dir_without_state_is_refused(tiny_llama_dir, calibration_file
     (tmp_path / "out.partial").mkdir()
     with pytest.raises(CheckpointError, match="it has no state.json"):
         run_recipe(parse_recipe(tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out")))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_llama_dir, calibration_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "out"
+    run_recipe(parse_recipe(tiny_recipe_dict(tiny_llama_dir, calibration_file, out)))
+    return out
+
+
+@pytest.mark.parametrize("where", ["final-write", "phase:perplexity on"])
+def test_a_run_killed_while_writing_or_evaluating_resumes_to_the_same_bytes(where, tiny_llama_dir, calibration_file,
+                                                                           straight_run, tmp_path):
+    """Killed in the middle of the checkpoint's final write, or during evaluation: no complete-looking
+    directory exists; the rerun finishes it (after evaluation: without compressing or replaying anything)
+    and its files equal an uninterrupted run's byte for byte."""
+    out = tmp_path / "out"
+    recipe = tiny_recipe_dict(tiny_llama_dir, calibration_file, out)
+    run_killed(recipe, where, tmp_path)
+    assert not out.exists()
+    staged = json.loads((tmp_path / "out.partial" / "state.json").read_text())
+    assert staged["segments"] == [[0], [1]] and staged.get("written", False) == (where != "final-write")
+
+    events = []
+
+    class Watch(PipelineObserver):
+        def phase(self, description: str) -> None:
+            events.append(description)
+
+        def module_done(self, record) -> None:
+            events.append("compressed")
+
+    run_recipe(parse_recipe(recipe), Watch())
+    assert "compressed" not in events
+    if where != "final-write":
+        assert any("only the evaluation is left" in event for event in events)
+        assert not any("replaying" in event for event in events)
+    assert file_digests(out) == file_digests(straight_run)
+    resumed, straight = (json.loads((d / "metrics.json").read_text()) for d in (out, straight_run))
+    assert [without_time(m) for m in resumed["modules"]] == [without_time(m) for m in straight["modules"]]
+    assert [without_time(p) for p in resumed["eval"]["perplexity"].values()] == \
+        [without_time(p) for p in straight["eval"]["perplexity"].values()]
+    assert resumed["compression"] == straight["compression"]
+    assert not (tmp_path / "out.partial").exists() and not (out / "state.json").exists()

@@ -1,0 +1,29 @@
+"""GGUF input for every family transformers dequantizes: a tiny model written as a GGUF file (float32,
+llama.cpp's names and conventions) loads through the conversion cache to the source model's logits,
+and a run from the .gguf path compresses every linear of its decoder layers."""
+import pytest
+import torch
+from torch import nn
+
+from families import GGUF_FAMILIES, SEQ, family_model, family_windows
+from gguf_files import write_gguf
+from helpers import byte_tokenizer
+from lrcompress.models import adapter_for, load_model
+from lrcompress.runner import run_recipe
+from tiny_runs import tiny_recipe
+
+IDS = family_windows(2, seed=2)
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_a_gguf_file_loads_to_the_same_model_and_compresses(family, calibration_file, tmp_path, no_report):
+    source = family_model(family, gguf=True)
+    path = write_gguf(source, byte_tokenizer(), tmp_path / f"{family}.gguf")
+    loaded = load_model(str(path)).model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, source(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    recipe = tiny_recipe(path, calibration_file, tmp_path / "run", method="lord", ratio=0.3)
+    recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.eval.perplexity = 2, SEQ, []
+    result = run_recipe(recipe)
+    linears = [m for m in adapter_for(loaded).decoder_layers(loaded).modules() if type(m) is nn.Linear]
+    assert len(result.metrics.dump()["modules"]) == len(linears)
