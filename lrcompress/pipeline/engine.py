@@ -38,11 +38,11 @@ import torch
 from torch import nn
 
 from ..compressor import CompressResult, GroupMember, Statistic, make_statistic
-from ..errors import LrcompressError
+from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
 from ..models.capture import LayerInputs, capture_layer_inputs, forward_layer
 from ..models.lazy import LayerStore, ResidentLayers
-from ..modules import storage_bytes, stored_params
+from ..modules import dense_weight, storage_bytes, stored_params
 from ..modules.surgery import replace_submodule
 from .blocks import check_coverage
 from .distributed import CompressJob, run_locally
@@ -52,6 +52,7 @@ from .oom import naming_out_of_memory
 from .prepass import is_prepass_kind
 from .records import ModuleRecord
 from .settings import PipelineSettings, Stage
+from .targets import is_linear_like
 
 
 class LayerwisePipeline:
@@ -275,9 +276,10 @@ class LayerwisePipeline:
 
 
 def _check_finite_weight(name: str, module: nn.Module) -> None:
-    """A weight holding NaN/Inf cannot be compressed (a decomposition of it fails or spreads NaN)."""
-    weight = dense_weight(module).detach()
-    bad = int((~torch.isfinite(weight)).sum())
+    """A weight holding NaN/Inf cannot be compressed (a decomposition of it fails or spreads NaN). A Linear
+    (compressed or not) is checked through its dense weight, a block through all of its parameters."""
+    weights = [dense_weight(module)] if is_linear_like(module) else list(module.parameters())
+    bad = sum(int((~torch.isfinite(weight.detach())).sum()) for weight in weights)
     if bad:
         raise NumericalError(f"{name}: its weight holds {bad} NaN/Inf value(s) before compression; the "
                              "checkpoint (or an earlier stage) is damaged")
