@@ -20,10 +20,10 @@ from typing import Callable
 
 from torch import nn
 
-from .data import locate_text
+from .data.checks import check_recipe_data
 from .errors import LrcompressError, RecipeError
 from .models import adapter_for
-from .models.loading import model_skeleton
+from .models.loading import model_skeleton, resolve_model_dir
 from .pipeline import Stage
 from .pipeline.blocks import is_block_stage
 from .pipeline.plan import PlannedModule, plan_modules
@@ -43,14 +43,22 @@ class PlanRefused(RecipeError):
 
 
 def preflight(recipe: Recipe, stages: list[Stage], data_directory: Path | None,
-              announce: Callable[[str], None] | None = None) -> list[PlannedModule]:
-    """Run every check that needs no weights; return the plan (computed on the meta skeleton)."""
+              announce: Callable[[str], None] | None = None, model: nn.Module | None = None,
+              sources: list[str] | None = None, calibration_given: bool = False) -> list[PlannedModule]:
+    """Run every check that needs no weights; return the plan (computed on the meta skeleton, or on
+    ``model`` when the caller holds one). ``sources`` receives one line per dataset and task saying where
+    it will be read from; ``calibration_given``: the caller holds the calibration data (not checked)."""
     announce = announce or log.warning
     if not recipe.stages:
         raise RecipeError("the recipe has no stages: nothing would be compressed. Add a stage (e.g. "
                           "stages: [{method: whiten, ratio: 0.2}]), or use `lrcompress eval` to evaluate a model as it is")
-    check_data(recipe, data_directory)
-    skeleton = model_skeleton(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    lines = check_data(recipe, data_directory, calibration_given)
+    if sources is not None:
+        sources.extend(lines)
+    skeleton = model if model is not None else model_skeleton(recipe.model.path, recipe.model.dtype,
+                                                               recipe.model.trust_remote_code)
+    if recipe.calibration.chat_template and not calibration_given and model is None:
+        check_chat_template(recipe)
     check_sequence_lengths(recipe, skeleton)
     plan = plan_modules(skeleton, stages)
     check_targets(stages, plan, skeleton)
@@ -61,33 +69,41 @@ def preflight(recipe: Recipe, stages: list[Stage], data_directory: Path | None,
     return plan
 
 
-def check_data(recipe: Recipe, directory: Path | None) -> None:
-    """Calibration and evaluation data exist; evaluation never reads the calibration text unless asked."""
-    cal = recipe.calibration
-    calibration = _located("calibration", cal.dataset, cal.split, directory)
+def check_data(recipe: Recipe, directory: Path | None, calibration_given: bool = False) -> list[str]:
+    """Calibration and evaluation data and lm-eval tasks exist (``data.checks``); evaluation never reads
+    the calibration text unless asked. Returns where each will be read from."""
+    lines = check_recipe_data(recipe, directory, calibration_given)
+    if calibration_given:
+        return lines
+    calibration = _where(lines[0])
     for i, spec in enumerate(recipe.eval.perplexity):
-        where = _located(f"eval.perplexity.{i}", spec.dataset, spec.split, directory)
+        where = _where(lines[1 + i])
         if where == calibration and not recipe.eval.allow_calibration_split:
             raise RecipeError(f"eval.perplexity.{i} evaluates on the text calibration reads ({where}): the "
-                              "perplexity would be optimistic. Calibrate and evaluate on different texts (e.g. calibration.split: "
-                              "validation, eval split: test), or set eval.allow_calibration_split: true if this is intended")
-    if recipe.eval.lm_eval is not None and directory is not None:
-        from .eval.lm_eval_tasks import LOCAL_TASKS
-        from .eval.task_data import local_files
-
-        for task in recipe.eval.lm_eval.tasks:
-            if task in LOCAL_TASKS:
-                try:
-                    local_files(task, directory)
-                except LrcompressError as error:
-                    raise LrcompressError(f"eval.lm_eval.tasks: {error}") from None
+                              "perplexity would be optimistic. Evaluate on another split (e.g. wikitext2 test), or "
+                              "set eval.allow_calibration_split: true if this is intended")
+    return lines
 
 
-def _located(key: str, dataset: str, split: str, directory: Path | None) -> str:
+def check_chat_template(recipe: Recipe) -> None:
+    """``calibration.chat_template`` needs a tokenizer that has one (read from the tokenizer files only).
+    A tokenizer that cannot be read here is left to the model load, which says why."""
+    from transformers import AutoTokenizer
+
+    local = resolve_model_dir(recipe.model.path)
     try:
-        return locate_text(dataset, split, directory)
-    except LrcompressError as error:
-        raise LrcompressError(f"{key}: {error}") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local else recipe.model.path,
+                                                  trust_remote_code=recipe.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - reported by the model load with its own message
+        return
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(f"calibration.chat_template is true but the tokenizer of {recipe.model.path} has no "
+                          "chat template (a base model? set chat_template: false)")
+
+
+def _where(line: str) -> str:
+    """The location part of a ``check_recipe_data`` line ("calibration: /path" -> "/path")."""
+    return line.split(": ", 1)[1]
 
 
 def check_sequence_lengths(recipe: Recipe, model: nn.Module) -> None:

@@ -31,9 +31,18 @@ class ModelSpec(Section):
     trust_remote_code: bool = False
 
 
-class CalibrationSpec(Section):
-    dataset: str = Field("wikitext2", description="dataset name (wikitext2, ...) or a .txt/.jsonl path")
+class DataSpec(Section):
+    """A dataset reference (``data.sources``): a known name, a local .txt/.jsonl/.parquet file or a hub id."""
+
+    dataset: str = Field("wikitext2", description="wikitext2, a .txt/.jsonl/.parquet path, or a hub dataset id")
+    config: str | None = Field(None, description="hub dataset config (e.g. wikitext-2-raw-v1)")
     split: str = "validation"
+    text_column: str = Field("text", description="the column (or JSON field) holding the text")
+
+
+class CalibrationSpec(DataSpec):
+    chat_template: bool = Field(False, description="render each record with the tokenizer's chat template "
+                                                   "(instruct models; a 'messages' column or plain text)")
     num_samples: int = Field(32, ge=1)
     seq_len: int = Field(512, ge=2)
     seed: int = 0
@@ -92,8 +101,7 @@ class OutputSpec(Section):
     save: bool = True
 
 
-class PerplexitySpec(Section):
-    dataset: str = "wikitext2"
+class PerplexitySpec(DataSpec):
     split: str = "test"
     seq_len: int = Field(512, ge=2)
     max_windows: int | None = Field(None, ge=1)
@@ -106,6 +114,13 @@ class LmEvalSpec(Section):
     limit: int | None = Field(None, ge=1, description="first N documents of each task (cost)")
     batch_size: int = Field(8, ge=1)
     num_fewshot: int | None = Field(None, ge=0)
+    include_path: list[str] = Field(default_factory=list, description="directories of your own lm-eval task "
+                                                                      "YAMLs (their task names become usable)")
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class EvalSpec(Section):

@@ -29,13 +29,14 @@ from .checkpoint.layout import disk_errors
 from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
-from .data import calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
-from .data.sources import TextSource
+from .data import TextSource, calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
+from .errors import LrcompressError
 from .eval import EvalContext, EvalSection, RunMetrics, compression_summary, unique_param_count, versions, write_report
 from .eval.baseline_cache import cached_evaluation
 from .eval.metrics import CalibrationProvenance, MemoryReport, Provenance
 from .eval.suite import evaluate_model
 from .models import DTYPES
+from .models.loading import LoadedModel
 from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
@@ -58,6 +59,7 @@ class RunResult:
     metrics: RunMetrics
     plan: list[PlannedModule] = field(default_factory=list)
     model: nn.Module | None = None          # the compressed model, in memory (for library users)
+    data_sources: list[str] = field(default_factory=list)   # where each dataset and task is read from
 
 
 @dataclass
@@ -72,32 +74,47 @@ def build_stages(recipe: Recipe) -> list[Stage]:
 
 
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
-               dry_run: bool = False) -> RunResult:
-    """Run ``recipe``; in one process, or in each of the processes torchrun started.
+               dry_run: bool = False, given: GivenInputs | None = None) -> RunResult:
+    """Run ``recipe``; in one process, or in each of the processes torchrun started. ``given``: a model
+    and/or calibration data the caller already holds (``lrcompress.run``), used instead of the recipe's.
 
     Everything that can be checked without the weights is checked first, then the writing process
     claims the output directory (its lock, held until the run ends), and only then is the model loaded."""
     observer = observer or PipelineObserver()
+    given = given or GivenInputs()
     with process_group(resolve_device(recipe.runtime.device)) as collective:
         stages = build_stages(recipe)
         model_class(recipe, stages)                 # lazy mode's refusals, before any work
         directory = data_dir(data_directory, recipe.data_dir)
         quiet = (lambda message: None)
-        plan = preflight(recipe, stages, directory, log.warning if collective.is_writer else quiet)
+        sources: list[str] = []
+        observer.phase("checking the datasets, tasks and targets")
+        plan = preflight(recipe, stages, directory, log.warning if collective.is_writer else quiet,
+                         model=given.loaded.model if given.loaded else None, sources=sources,
+                         calibration_given=given.calibration is not None)
         check_growth(recipe, plan)
         if dry_run:
-            return RunResult(None, RunMetrics(), plan)
+            return RunResult(None, RunMetrics(), plan, data_sources=sources)
         claims = collective.is_writer and recipe.output.save
         with claim_output_dir(Path(recipe.output.dir), recipe.output.overwrite, log.warning) if claims \
                 else nullcontext():
-            result = _run_recipe(recipe, observer, directory, collective, stages, plan)
+            result = _run_recipe(recipe, observer, directory, collective, stages, plan, given)
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
 
 
+@dataclass
+class GivenInputs:
+    """What a library caller hands over: a loaded model (compressed in place) and calibration data, as
+    text (``TextSource``) or as token windows (a LongTensor, num_samples × seq_len)."""
+
+    loaded: LoadedModel | None = None
+    calibration: TextSource | torch.Tensor | None = None
+
+
 def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | None, collective: Collective,
-                stages: list[Stage], plan: list[PlannedModule]) -> RunResult:
-    run = RecipeRun(recipe, observer, collective, directory, stages, plan)
+                stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None) -> RunResult:
+    run = RecipeRun(recipe, observer, collective, directory, stages, plan, given or GivenInputs())
     run.prepare()
     if recipe.eval.baseline and run.writer:
         run.dense_baseline()
@@ -113,9 +130,10 @@ class RecipeRun:
     """One run's state as its phases fill it in: the stages, the model, the metrics."""
 
     def __init__(self, recipe: Recipe, observer: PipelineObserver, collective: Collective, directory: Path | None,
-                 stages: list[Stage], plan: list[PlannedModule]) -> None:
+                 stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None) -> None:
         self.recipe, self.observer, self.collective = recipe, observer, collective
         self.stages, self.plan, self.directory = stages, plan, directory
+        self.given = given or GivenInputs()
         self.writer = collective.is_writer
         self.output_dir = Path(recipe.output.dir)
         self.saves = recipe.output.save
@@ -140,7 +158,12 @@ class RecipeRun:
         loader = model_class(recipe, self.stages)
         with self.timed("load"):
             self.observer.phase(f"loading {recipe.model.path}{loader.loading_note}")
-            self.model: ResidentModel = loader.load(recipe.model)
+            given = self.given.loaded              # a library caller's model is compressed in place
+            self.model: ResidentModel = loader(given) if given is not None else loader.load(recipe.model)
+        tokenizer = self.model.tokenizer
+        if recipe.calibration.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise LrcompressError("calibration.chat_template is true but the tokenizer of "
+                                  f"{recipe.model.path} has no chat template")
         self.eval_context = EvalContext(self.directory, self.collective.place(resolve_device(recipe.runtime.device)),
                                         recipe.runtime.batch_size, self.observer.phase)
         self.params_before = unique_param_count(self.model.model)
@@ -161,9 +184,14 @@ class RecipeRun:
         cal = self.recipe.calibration
         with self.timed("calibration_data"):
             self.observer.phase(f"tokenizing calibration data {cal.dataset}/{cal.split}")
-            source = load_text(cal.dataset, cal.split, self.eval_context.data_directory)
-            windows = calibration_windows(tokenize(self.model.tokenizer, source.text), cal.num_samples, cal.seq_len,
-                                          cal.seed)
+            given, tokenizer = self.given.calibration, self.model.tokenizer
+            if isinstance(given, torch.Tensor):    # token windows handed over by a library caller
+                return Calibration(TextSource("", f"{len(given)} token windows given in memory",
+                                              windows_fingerprint(given)), given)
+            source = given or load_text(cal.dataset, cal.split, self.eval_context.data_directory, config=cal.config,
+                                        text_column=cal.text_column,
+                                        chat_tokenizer=tokenizer if cal.chat_template else None)
+            windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
         return Calibration(source, windows)
 
     # -- compress --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ def _recipe(model_dir, text, out):
     recipe.calibration.num_samples, recipe.calibration.seq_len = 4, SEQ
     recipe.runtime.batch_size = 2
     recipe.eval.perplexity = []
+    recipe.stages[0].allow_growth = True     # Qwen2-MoE's 1×hidden shared-expert gate cannot shrink
     return recipe
 
 

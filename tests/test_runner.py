@@ -113,3 +113,31 @@ def test_a_moe_recipe_run_writes_a_plain_checkpoint(tmp_path, calibration_file):
     bad = dict(recipe, stages=[{"method": "expert_average", "num_experts": 2, "ratio": 0.2}])
     with pytest.raises(Exception, match="stages.0.ratio"):
         parse_recipe(bad)
+
+
+def test_chat_template_calibration_renders_conversations(tiny_llama_dir, calibration_file, tmp_path):
+    """An instruct model's calibration text: each record of a 'messages' column through the chat template."""
+    import shutil
+
+    from lrcompress.recipe import parse_recipe
+    from tiny_runs import tiny_recipe_dict
+
+    chat = tmp_path / "chat"
+    records = [{"messages": [{"role": "user", "content": f"question {i} about weights and factors"},
+                             {"role": "assistant", "content": f"answer {i}: the layers compress"}]} for i in range(40)]
+    chat.mkdir()
+    (chat / "conversations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    calibration = {"dataset": str(chat / "conversations.jsonl"), "text_column": "messages", "chat_template": True,
+                   "num_samples": 4, "seq_len": 48}
+    recipe = tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out", calibration=calibration)
+    with pytest.raises(LrcompressError, match="has no chat template"):   # the byte tokenizer has none
+        run_recipe(parse_recipe(recipe), dry_run=True)
+
+    model_dir = tmp_path / "instruct"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    recipe["model"]["path"] = str(model_dir)
+    metrics = run_recipe(parse_recipe(recipe)).metrics
+    assert "chat template applied" in metrics.provenance.calibration.source

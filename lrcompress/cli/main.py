@@ -14,7 +14,8 @@ from rich.markup import escape
 
 from ..errors import LrcompressError
 from ..pipeline import PipelineObserver
-from .render import console, inspection_table, make_observer, plan_table, setup_logging, summary_table
+from .render import (console, inspection_table, make_observer, plan_table, provenance_table, result_event,
+                     setup_logging, summary_table)
 
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
 
@@ -64,6 +65,12 @@ def cli(ctx: click.Context, verbose: bool, log_json: bool, debug: bool) -> None:
     ctx.obj = {"log_json": log_json, "debug": debug}
 
 
+def _result_error(ctx: click.Context, writer: bool, error: Exception) -> None:
+    """``--log-json``: a failed run still ends with its one result event on stdout."""
+    if ctx.obj["log_json"] and writer:
+        click.echo(json.dumps({"event": "result", "status": "error", "exit_code": 2, "message": str(error)}))
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe key, e.g. stages.0.ratio=0.3")
@@ -95,18 +102,27 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         extra.append(f"output.dir={output_dir}")
     from ..preflight import PlanRefused
 
-    parsed = load_recipe(recipe, extra)
     observer = make_observer(ctx.obj["log_json"]) if writer else PipelineObserver()
     try:
+        parsed = load_recipe(recipe, extra)
         result = run_recipe(parsed, observer, str(data_dir) if data_dir else None, dry_run=dry_run)
     except PlanRefused as refused:
         if dry_run:                                      # show the plan that is refused, then why
             stdout.print(plan_table(refused.plan))
+        _result_error(ctx, writer, refused)
+        raise
+    except LrcompressError as error:
+        _result_error(ctx, writer, error)
         raise
     if not writer:
         return
+    if ctx.obj["log_json"]:   # batch systems: the log on stderr, exactly one JSON result on stdout
+        click.echo(json.dumps(result_event(result, dry_run), default=str))
+        return
     if dry_run:
         stdout.print(plan_table(result.plan))
+        for line in result.data_sources:
+            stdout.print(line, highlight=False)
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
     from .render_eval import lm_eval_table
@@ -118,14 +134,19 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
 
 @cli.command("eval")
 @click.argument("checkpoint")
-@click.option("--dataset", default="wikitext2", show_default=True)
+@click.option("--dataset", default="wikitext2", show_default=True,
+              help="wikitext2, a .txt/.jsonl/.parquet file, or a hub dataset id")
+@click.option("--config", "dataset_config", default=None, help="hub dataset config")
 @click.option("--split", default="test", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="the column holding the text")
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--max-windows", type=int, default=None, help="cap the number of windows (cost)")
 @click.option("--perplexity/--no-perplexity", default=True, show_default=True, help="token-level perplexity")
 @click.option("--tasks", help="lm-eval tasks, comma-separated (arc_easy,arc_challenge,piqa,lambada_openai read local files)")
 @click.option("--limit", type=int, default=None, help="lm-eval: first N documents of each task")
 @click.option("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+@click.option("--include-path", "include_paths", multiple=True, type=click.Path(path_type=Path),
+              help="lm-eval: a directory of your own task YAMLs (repeatable)")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--data-dir", type=click.Path(path_type=Path))
@@ -133,15 +154,17 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
 @click.option("--cache", is_flag=True, help="reuse/store the result in the baseline cache (model + settings fingerprint)")
 @click.option("--json", "as_json", is_flag=True,
               help="print JSON: the perplexity result; with --tasks the whole eval section")
-def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_windows: int | None, perplexity: bool,
-                 tasks: str | None, limit: int | None, num_fewshot: int | None, batch_size: int, device: str,
+def eval_command(checkpoint: str, dataset: str, dataset_config: str | None, split: str, text_column: str,
+                 seq_len: int, max_windows: int | None, perplexity: bool, tasks: str | None, limit: int | None,
+                 num_fewshot: int | None, include_paths: tuple[Path, ...], batch_size: int, device: str,
                  data_dir: Path | None, output: Path | None, cache: bool, as_json: bool) -> None:
     """Perplexity and lm-eval tasks of any checkpoint, compressed or not (HF dir, .gguf, lrcompress dir)."""
     from pydantic import ValidationError
 
+    from ..data import DatasetRef, check_source
     from ..data import data_dir as resolve_data_dir
     from ..eval import EvalContext
-    from ..eval.lm_eval_tasks import parse_tasks
+    from ..eval.lm_eval_tasks import check_tasks, parse_tasks
     from ..eval.metrics import EvalReport
     from ..eval.suite import evaluate_checkpoint
     from ..pipeline.settings import resolve_device
@@ -149,14 +172,19 @@ def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_wi
     from .render_eval import lm_eval_table, perplexity_lines
 
     try:
-        ppl_specs = [PerplexitySpec(dataset=dataset, split=split, seq_len=seq_len, max_windows=max_windows)] \
-            if perplexity else []
-        lm_spec = LmEvalSpec(tasks=parse_tasks(tasks), limit=limit, batch_size=batch_size,
-                             num_fewshot=num_fewshot) if tasks else None
+        ppl_specs = [PerplexitySpec(dataset=dataset, config=dataset_config, split=split, text_column=text_column,
+                                    seq_len=seq_len, max_windows=max_windows)] if perplexity else []
+        lm_spec = LmEvalSpec(tasks=parse_tasks(tasks), limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
+                             include_path=[str(p) for p in include_paths]) if tasks else None
         if not ppl_specs and lm_spec is None:
             raise LrcompressError("nothing to evaluate: --no-perplexity and no --tasks")
-        context = EvalContext(resolve_data_dir(str(data_dir) if data_dir else None), resolve_device(device),
-                              batch_size, (lambda message: None) if as_json else console.log)
+        directory = resolve_data_dir(str(data_dir) if data_dir else None)
+        for spec in ppl_specs:                      # before the model load: seconds, not minutes
+            check_source(DatasetRef.of(spec), directory)
+        if lm_spec is not None:
+            check_tasks(lm_spec.tasks, directory, lm_spec.include_path)
+        context = EvalContext(directory, resolve_device(device), batch_size,
+                              (lambda message: None) if as_json else console.log)
         section, cached = evaluate_checkpoint(checkpoint, EvalSpec(perplexity=ppl_specs, lm_eval=lm_spec), context,
                                               cache)
     except ValidationError as error:
@@ -186,14 +214,23 @@ def eval_command(checkpoint: str, dataset: str, split: str, seq_len: int, max_wi
 @click.option("--max-ppl-increase", type=float, help="max relative perplexity increase, e.g. 0.1 for +10%")
 @click.option("--min-recovery", type=float, help="min accuracy recovery (run / baseline), e.g. 0.95")
 @click.option("--bound", "bounds", multiple=True, metavar="METRIC<=X|METRIC>=X", help="absolute bound, repeatable")
+@click.option("--confidence", type=float, help="a regression must exceed the noise at this one-sided confidence "
+              "(z-test with both standard errors; default 0.95)")
+@click.option("--strict/--no-strict", default=None, help="also fail (exit 1) when the sample is too small to decide")
 def check(metrics: Path, baseline: Path | None, gate_file: Path | None, max_ppl_increase: float | None,
-          min_recovery: float | None, bounds: tuple[str, ...]) -> None:
-    """Regression gate: exit 0 when every metric passes, 1 on a regression, 2 on bad input."""
+          min_recovery: float | None, bounds: tuple[str, ...], confidence: float | None, strict: bool | None) -> None:
+    """Regression gate: exit 0 when no metric regresses beyond the noise (a miss within the noise is
+    reported as "too small" and passes unless --strict), 1 on a regression, 2 on bad input."""
     from ..eval.gate import gate_from_options, run_gate
     from .render_eval import gate_table
 
-    result = run_gate(metrics, baseline, gate_from_options(gate_file, max_ppl_increase, min_recovery, list(bounds)))
+    gate = gate_from_options(gate_file, max_ppl_increase, min_recovery, list(bounds), confidence, strict)
+    result = run_gate(metrics, baseline, gate)
     stdout.print(gate_table(result))
+    if result.inconclusive:
+        console.print(f"[yellow]warning:[/] {len(result.inconclusive)} check(s) missed the threshold by less than "
+                      f"the noise: the sample is too small to decide ({'failing: --strict' if result.strict else 'not failing; --strict fails them'})",
+                      highlight=False)
     sys.exit(0 if result.passed else 1)
 
 
@@ -202,13 +239,16 @@ def check(metrics: Path, baseline: Path | None, gate_file: Path | None, max_ppl_
 @click.option("--output", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="where compare.md and rate_distortion.png go")
 def compare(runs: tuple[Path, ...], output: Path) -> None:
-    """Compare run directories: a table and a rate–distortion plot (perplexity vs whole-model ratio)."""
+    """Compare run directories: a table and a rate–distortion plot (perplexity vs whole-model bytes)."""
     from ..eval.compare import compare_runs
     from .render_eval import compare_table
 
-    header, rows, table, plot = compare_runs(list(runs), output)
-    stdout.print(compare_table(header, rows))
-    stdout.print(f"wrote {table} and {plot}", highlight=False)
+    comparison = compare_runs(list(runs), output)
+    for warning in comparison.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    stdout.print(compare_table(comparison.header, comparison.rows))
+    written = [comparison.table] + ([comparison.plot] if comparison.plot else [])
+    stdout.print(f"wrote {' and '.join(map(str, written))}", highlight=False)
 
 
 @cli.command()
@@ -220,7 +260,7 @@ def inspect(checkpoint: Path) -> None:
     inspection = inspect_checkpoint(checkpoint)
     stdout.print(inspection_table(inspection))
     if inspection.provenance:
-        stdout.print_json(json.dumps(inspection.provenance))
+        stdout.print(provenance_table(inspection.provenance))
 
 
 @cli.command()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -12,12 +13,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..eval.inspect import Inspection
-from ..eval.metrics import RunMetrics
+from ..eval.metrics import RunMetrics, describe_change, format_bytes
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
-from ..pipeline.observer import LayerProgress
+from ..pipeline.observer import PlannedWork, WorkProgress
 from ..pipeline.memory import describe_peak_memory
 
-console = Console(stderr=True)
+console = Console(stderr=True, log_path=False)   # no "render.py:67" on every line
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -54,14 +55,14 @@ def setup_logging(verbose: bool, json_lines: bool = False) -> None:
 
 
 class RichObserver(PipelineObserver):
-    """Two bars: layers (done/total, ETA from the mean time of a finished layer, peak memory so far), and
-    the modules of the current layer."""
+    """Two bars: layers (done/total, ETA from the work left, peak memory so far) and the modules of the
+    current layer; a line per module as it finishes."""
 
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[eta]}"),
                                  TextColumn("{task.fields[memory]}"), console=console, transient=False)
-        self.layers = LayerProgress()
+        self.work = WorkProgress()
         self.layers_task: Any = None
         self.modules_task: Any = None
 
@@ -69,20 +70,28 @@ class RichObserver(PipelineObserver):
         console.log(description)
 
     def layers_started(self, total: int) -> None:
-        self.layers = LayerProgress(total)
+        self.work = WorkProgress(total)
         self.progress.start()
-        self.layers_task = self.progress.add_task("layers", total=total, memory="", eta=self.layers.eta_text())
+        self.layers_task = self.progress.add_task("layers", total=total, memory="", eta=self.work.eta_text())
         self.modules_task = self.progress.add_task("modules", total=0, memory="", eta="")
+
+    def work_planned(self, work: list[PlannedWork]) -> None:
+        self.work.plan(work)
 
     def layer_started(self, index: int, modules: int) -> None:
         self.progress.reset(self.modules_task, total=modules, description=f"layer {index} modules")
 
     def module_done(self, record: ModuleRecord) -> None:
+        self.work.module_done(record.layer, record.stage, record.params_before, record.seconds)
+        rank = f" rank {record.rank}" if record.rank is not None else ""
+        console.log(f"  {record.name} [{record.method}{rank}] rel.err {record.relative_error:.4f} "
+                    f"{record.seconds:.1f}s", highlight=False)
         self.progress.advance(self.modules_task)
+        self.progress.update(self.layers_task, eta=self.work.eta_text())
 
     def layer_done(self, index: int, seconds: float) -> None:
-        self.layers.finish(seconds)
-        self.progress.update(self.layers_task, advance=1, memory=describe_peak_memory(), eta=self.layers.eta_text())
+        self.work.finish(index)
+        self.progress.update(self.layers_task, advance=1, memory=describe_peak_memory(), eta=self.work.eta_text())
 
     def finished(self) -> None:
         self.progress.stop()
@@ -94,17 +103,23 @@ def make_observer(json_lines: bool = False) -> PipelineObserver:
 
 def plan_table(plan) -> Table:
     table = Table(title="compression plan")
-    for column in ("module", "stage", "method", "shape (out×in)", "params before", "params after", "rank", "note"):
-        table.add_column(column, justify="right" if "params" in column or column == "rank" else "left")
+    for column in ("module", "stage", "method", "shape (out×in)", "bytes before", "bytes after", "params before",
+                   "params after", "rank", "note"):
+        table.add_column(column, justify="left" if column in ("module", "method", "shape (out×in)", "note") else "right")
     for p in plan:
-        table.add_row(p.name, str(p.stage), p.method, f"{p.out_features}×{p.in_features}", f"{p.params_before:,}",
-                      f"{p.params_after:,}", "–" if p.rank is None else str(p.rank),
-                      "[bold red]does not shrink[/]" if p.grows else "")
-    before = sum(p.params_before for p in plan)
-    after = sum(p.params_after for p in plan)
+        table.add_row(p.name, str(p.stage), p.method, f"{p.out_features}×{p.in_features}", format_bytes(p.bytes_before),
+                      format_bytes(p.bytes_after), f"{p.params_before:,}", f"{p.params_after:,}",
+                      "–" if p.rank is None else str(p.rank), "[bold red]does not shrink[/]" if p.grows else "")
+    first: dict[str, Any] = {}
+    last: dict[str, Any] = {}
+    for p in plan:                        # a module of several stages: its first "before", its last "after"
+        first.setdefault(p.name, p)
+        last[p.name] = p
+    names = list(first)
     grown = sum(p.grows for p in plan)
-    table.caption = (f"{len(plan)} target modules; {before:,} → {after:,} parameters "
-                     f"({100 * (1 - after / before) if before else 0:.1f}% removed)"
+    table.caption = (f"{len(names)} target modules; "
+                     f"{describe_change(sum(first[n].bytes_before for n in names), sum(last[n].bytes_after for n in names), 'bytes')}; "
+                     f"parameters {describe_change(sum(first[n].params_before for n in names), sum(last[n].params_after for n in names), 'params')}"
                      + (f"; {grown} module(s) would not shrink (refused unless the stage sets allow_growth: true)"
                         if grown else ""))
     return table
@@ -118,11 +133,16 @@ def summary_table(metrics: RunMetrics, output_dir) -> Table:
     table.add_row("output", str(output_dir) if output_dir else "(not saved)")
     if c is not None:
         table.add_row("targeted modules", str(c.targeted_modules))
-        table.add_row("targeted ratio (removed)", f"{100 * c.targeted_ratio:.1f}%")
-        table.add_row("whole-model ratio (removed)", f"{100 * c.model_ratio:.1f}%")
-        table.add_row("parameters", f"{c.model_params_before:,} → {c.model_params_after:,}")
+        if c.targeted_bytes_before is not None:
+            table.add_row("targeted size", describe_change(c.targeted_bytes_before, c.targeted_bytes_after, "bytes"))
+        if c.model_bytes_after is not None:
+            table.add_row("whole-model size", describe_change(c.model_bytes_before, c.model_bytes_after, "bytes"))
         if c.bytes is not None:
-            table.add_row("weights on disk", f"{c.bytes / 2**20:.1f} MiB (dense {c.dense_bytes / 2**20:.1f} MiB)")
+            table.add_row("weights on disk", f"{format_bytes(c.bytes)} (dense {format_bytes(c.dense_bytes)})")
+        table.add_row("targeted parameters", describe_change(c.targeted_params_before, c.targeted_params_after,
+                                                             "params"))
+        table.add_row("whole-model parameters", describe_change(c.model_params_before, c.model_params_after,
+                                                                "params"))
     errors = [m.relative_error for m in metrics.modules]
     if errors:
         worst = max(metrics.modules, key=lambda m: m.relative_error)
@@ -131,20 +151,59 @@ def summary_table(metrics: RunMetrics, output_dir) -> Table:
     for name, result in (metrics.eval.baseline_perplexity or {}).items():
         table.add_row(f"dense perplexity {name}", f"{result.value:.3f}")
     for name, result in metrics.eval.perplexity.items():
-        table.add_row(f"perplexity {name}", f"{result.value:.3f}  [{result.protocol}]")
+        stderr = f" ± {result.stderr:.3f}" if result.stderr is not None else ""
+        table.add_row(f"perplexity {name}", f"{result.value:.3f}{stderr}  [{result.protocol}]")
     for name, seconds in metrics.timing.items():
         table.add_row(f"time {name}", f"{seconds:.1f} s")
     return table
 
 
+def result_event(result, dry_run: bool) -> dict[str, Any]:
+    """``run --log-json``'s one line on stdout: what a batch system needs to know about the run."""
+    if dry_run:
+        return {"event": "result", "status": "ok", "dry_run": True, "data_sources": result.data_sources,
+                "plan": [vars(p) for p in result.plan]}
+    metrics: RunMetrics = result.metrics
+    document = metrics.dump()
+    return {"event": "result", "status": "ok", "dry_run": False,
+            "output_dir": str(result.output_dir) if result.output_dir else None,
+            "metrics": str(result.output_dir / "metrics.json") if result.output_dir else None,
+            "compression": document.get("compression"),
+            "perplexity": {name: r.value for name, r in metrics.eval.perplexity.items()},
+            "lm_eval": document.get("eval", {}).get("lm_eval"), "timing": metrics.timing}
+
+
 def inspection_table(inspection: Inspection) -> Table:
-    """One row per compressed module of a checkpoint, with its run's record when there is one."""
-    table = Table(title=f"{inspection.checkpoint} ({inspection.weight_bytes / 2**20:.1f} MiB of weights)")
-    for column in ("module", "kind", "shape (out×in)", "rank", "params after", "rel. error", "path"):
-        table.add_column(column)
+    """``lrcompress inspect``: every compressed module in layer order (``inspect_checkpoint`` sorts them),
+    sizes in bytes first, with its run's record when there is one."""
+    table = Table(title=f"{inspection.checkpoint} ({format_bytes(inspection.weight_bytes)} of weights)")
+    for column in ("module", "kind", "shape (out×in)", "rank", "bytes after", "params after", "rel. error", "path"):
+        table.add_column(column, justify="right" if column in ("rank", "bytes after", "params after", "rel. error")
+                         else "left")
     for m in inspection.modules:
         r = m.record
         table.add_row(m.name, m.kind, m.shape, "–" if m.rank is None else str(m.rank),
+                      format_bytes(r.bytes_after) if r is not None and r.bytes_after is not None else "?",
                       f"{r.params_after:,}" if r else "?", f"{r.relative_error:.4f}" if r else "?",
                       r.numerical_path if r else "?")
+    return table
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [row for key, item in value.items() for row in _flatten(item, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(value, list) and all(not isinstance(item, (dict, list)) for item in value):
+        return [(prefix, ", ".join(map(str, value)))]
+    if isinstance(value, list):
+        return [row for i, item in enumerate(value) for row in _flatten(item, f"{prefix}.{i}")]
+    return [(prefix, str(value))]
+
+
+def provenance_table(provenance: dict[str, Any]) -> Table:
+    """The checkpoint's provenance (versions, seed, recipe and data fingerprints) as key/value rows."""
+    table = Table(title="provenance", show_header=False)
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    for key, value in _flatten(provenance):
+        table.add_row(key, value)
     return table

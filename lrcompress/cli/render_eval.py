@@ -30,13 +30,19 @@ def lm_eval_table(section: EvalSection) -> Table | None:
     return table
 
 
+VERDICT_STYLE = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]", "too small": "[yellow]too small[/]"}
+
+
 def gate_table(result) -> Table:
-    table = Table(title="lrcompress check: " + ("[green]PASS[/]" if result.passed else "[red]REGRESSION[/]"))
-    for column in ("metric", "value", "baseline", "bound", "result", "protocol"):
+    title = "[green]PASS[/]" if result.passed else "[red]REGRESSION[/]"
+    if result.passed and result.inconclusive:
+        title = "[green]PASS[/] [yellow](some checks too small to decide)[/]"
+    table = Table(title="lrcompress check: " + title)
+    for column in ("metric", "value", "baseline", "bound", "result", "noise", "protocol"):
         table.add_column(column, overflow="fold")
     for check in result.checks:
         table.add_row(check.metric, _fmt(check.value), _fmt(check.baseline), check.bound,
-                      "[green]pass[/]" if check.passed else "[red]FAIL[/]", check.protocol)
+                      VERDICT_STYLE[check.verdict], check.note, check.protocol)
     return table
 
 

@@ -54,6 +54,7 @@ class Plan:
 
     params_after: int
     rank: int | None = None
+    bytes_after: int | None = None     # when it differs from params_after × the weight's element size
 
 
 @dataclass

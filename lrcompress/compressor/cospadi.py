@@ -7,9 +7,10 @@ damped Gram G = XᵀX + η·mean(diag G)·I = F·Fᵀ (F lower triangular, ``lin
 D = F⁻ᵀ·D_F. The layer computes y = (x·D)·S with S column-sparse (``SparseDictLinear``).
 
 Choices the paper leaves open, made here:
-- Budget: k = ρ·s atoms (ρ ≥ 1), s from the ratio with the indices counted at their stored size
-  (an int16 index = 2 bytes, i.e. half a float32 value); ``count_indices: false`` leaves them out.
-  Both ratios are reported in the record details.
+- Budget: k = ρ·s atoms (ρ ≥ 1), s from the ratio with the indices counted at their stored size:
+  bit-packed at ⌈log₂ k⌉ bits (k = 408: 9 bits, 0.28 of a float32 value, 0.56 of a bfloat16 one);
+  ``count_indices: false`` leaves them out of the budget (the record still counts them: they are
+  stored). Both ratios are reported in the record details.
 - After K-SVD the values are refit by exact least squares on the final supports, in each layer's own
   (damped) metric; this can only lower the objective.
 - Per-group mode (``group_size`` g > 1): the same projection of g consecutive layers shares one
@@ -20,7 +21,6 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from ..modules import SparseDictLinear, dense_weight
-from ..modules.sparse_dict import INT16_ATOMS, dictionary_shares, index_cost
+from ..modules.sparse_dict import dictionary_shares, index_bits, sparse_dict_params
 from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, register
 from .dictionary import ksvd, refit_values, sparsity_budget
 from .linalg import whitening
@@ -70,28 +70,32 @@ class CoSpaDi(Compressor):
         return self.config.group_size
 
     def shape_for(self, in_features: int, out_features: int, dtype: torch.dtype, members: int) -> Shape:
-        """s and k for a module of this size whose dictionary is shared by ``members`` modules."""
-        c = self.config
-        shape = self._shape(in_features, out_features, dtype, members, atoms_hint=1)
-        if shape.atoms >= INT16_ATOMS:      # int32 indices: a costlier index, re-solve once
-            shape = self._shape(in_features, out_features, dtype, members, atoms_hint=INT16_ATOMS)
-        return shape
+        """s and k for a module of this size whose dictionary is shared by ``members`` modules.
 
-    def _shape(self, in_features: int, out_features: int, dtype: torch.dtype, members: int,
-               atoms_hint: int) -> Shape:
+        The index width ⌈log₂ k⌉ depends on k = ρ·s, which depends on the index cost: try widths
+        from 1 bit up and keep the first whose k fits it (a wider index only lowers s).
+        """
         c = self.config
-        cost = index_cost(atoms_hint, dtype) if c.count_indices else 0.0
+        if not c.count_indices:
+            return self._shape(in_features, out_features, members, 0.0)
+        for bits in range(1, 33):
+            shape = self._shape(in_features, out_features, members, bits / (8 * dtype.itemsize))
+            if index_bits(shape.atoms) <= bits:
+                return shape
+        raise AssertionError("a 32-bit index names every atom")
+
+    def _shape(self, in_features: int, out_features: int, members: int, cost: float) -> Shape:
+        c = self.config
         s = min(sparsity_budget(in_features, out_features, c.ratio, c.rho, members, cost), in_features)
         return Shape(s, max(s, int(c.rho * s)), cost)
 
     def plan(self, module: nn.Module) -> Plan:
         weight = dense_weight(module)
         shape = self.shape_for(module.in_features, module.out_features, weight.dtype, self.config.group_size)
-        bias = getattr(module, "bias", None)
-        values = shape.sparsity * module.out_features
-        params = (module.in_features * shape.atoms // self.config.group_size + values
-                  + math.ceil(values * shape.index_cost) + (bias.numel() if bias is not None else 0))
-        return Plan(params)
+        share = module.in_features * shape.atoms // self.config.group_size
+        # the stored indices are charged at their real size even when the budget leaves them out
+        return Plan(sparse_dict_params(module.in_features, module.out_features, shape.atoms, shape.sparsity,
+                                       weight.dtype, getattr(module, "bias", None) is not None, share))
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         return self.compress_group([GroupMember(name, module, stats)])[0]
@@ -112,7 +116,8 @@ class CoSpaDi(Compressor):
         shape = self.shape_for(d_in, d_out, dtype, len(members))
         stacked = torch.cat([factor.T @ w.to(factor).T for w in weights], dim=1)       # n × g·d_out
         code_dtype = torch.float32 if c.omp_dtype == "float32" else torch.float64
-        learned = ksvd(stacked, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, code_dtype=code_dtype)
+        learned = ksvd(stacked, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, power_steps=c.power_steps,
+                       code_dtype=code_dtype)
         dictionary = white.inverse.T @ learned.dictionary                               # D = F⁻ᵀ·D_F
         shared = nn.Parameter(dictionary.to(dtype))
         shares = dictionary_shares(d_in, shape.atoms, len(members))
@@ -120,7 +125,7 @@ class CoSpaDi(Compressor):
         for i, (member, weight, gram) in enumerate(zip(members, weights, grams)):
             cols = slice(i * d_out, (i + 1) * d_out)
             indices = learned.indices[:, cols]
-            metric = gram + c.damping * torch.diagonal(gram).mean() * torch.eye(d_in, dtype=gram.dtype)
+            metric = gram + c.damping * torch.diagonal(gram).mean() * torch.eye(d_in, dtype=gram.dtype, device=gram.device)
             projected = dictionary.T @ metric
             values, failures = refit_values(projected @ dictionary, projected @ weight.to(metric).T, indices)
             module = SparseDictLinear.from_code(shared, indices, values, getattr(member.module, "bias", None),
@@ -136,9 +141,9 @@ class CoSpaDi(Compressor):
         without = module.dictionary_share + module.values.numel() + bias
         return {
             "sparsity": shape.sparsity, "atoms": shape.atoms, "rho": self.config.rho, "group_members": members,
-            "index_dtype": str(module.indices.dtype).removeprefix("torch."),
-            "index_accounting": (f"indices {module.indices.element_size()} B each = "
-                                 f"{module.indices.element_size() / module.values.element_size():g} value; "
+            "index_bits": index_bits(module.atoms),
+            "index_accounting": (f"indices bit-packed at {index_bits(module.atoms)} bits each = "
+                                 f"{index_bits(module.atoms) / (8 * module.values.element_size()):g} value; "
                                  + ("counted in the budget" if self.config.count_indices else "not in the budget")),
             "ratio_with_indices": 1 - (without + module.index_params()) / (dense + bias),
             "ratio_without_indices": 1 - without / (dense + bias),

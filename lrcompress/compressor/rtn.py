@@ -10,6 +10,7 @@ from typing import Mapping
 from torch import nn
 
 from ..modules import dense_weight
+from ..modules.quantized import QuantizedLinear
 from .base import CompressResult, Compressor, Plan, register
 from .quantgrid import QuantConfig, quantized_linear, round_to_nearest
 from .stats import Statistic
@@ -22,8 +23,16 @@ class QuantizingCompressor(Compressor):
     config: QuantConfig
 
     def plan(self, module: nn.Module) -> Plan:
+        """Every weight stays one stored value (a code); the bytes are those of the packed module, built
+        on the meta device (no memory) to count codes, scales, zeros and the permutation exactly."""
         bias = getattr(module, "bias", None)
-        return Plan(module.out_features * module.in_features + (bias.numel() if bias is not None else 0))
+        config = self.config
+        skeleton = QuantizedLinear(module.in_features, module.out_features, config.bits,
+                                   config.width(module.in_features), config.scale_dtype, bias=bias is not None,
+                                   act_order=bool(getattr(config, "act_order", False)), dtype=module.weight.dtype,
+                                   device="meta")
+        return Plan(module.out_features * module.in_features + (bias.numel() if bias is not None else 0),
+                    bytes_after=skeleton.storage_bytes())
 
 
 @register("rtn")

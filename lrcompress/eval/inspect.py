@@ -6,6 +6,7 @@ numerical path. The CLI only renders the result.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ class Inspection:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
+def natural_key(name: str) -> list[Any]:
+    """``model.layers.2.x`` before ``model.layers.10.x``: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
 def inspect_checkpoint(checkpoint: Path) -> Inspection:
     """Raises ``CheckpointError`` when ``checkpoint`` is not an lrcompress checkpoint."""
     checkpoint = Path(checkpoint)
@@ -40,5 +46,5 @@ def inspect_checkpoint(checkpoint: Path) -> Inspection:
     metrics_path = checkpoint / "metrics.json"
     records = {m.name: m for m in RunMetrics.load(metrics_path).modules} if metrics_path.is_file() else {}
     modules = [InspectedModule(name, spec["kind"], spec_shape(spec), spec.get("rank"), records.get(name))
-               for name, spec in meta["modules"].items()]
+               for name, spec in sorted(meta["modules"].items(), key=lambda item: natural_key(item[0]))]
     return Inspection(checkpoint, bytes_on_disk(checkpoint), modules, meta.get("provenance", {}))

@@ -2,8 +2,13 @@
 
 The four tasks lrcompress ships (arc_easy, arc_challenge, piqa, lambada_openai) run from task YAMLs in
 ``lrcompress/eval/tasks`` that read the local release files under the data directory; any other name is
-handed to lm-eval's own task registry (which needs a reachable hub). lm-eval is imported only here, and
-only when a task runs: importing lrcompress stays fast.
+looked up in the user's task directories (``eval.lm_eval.include_path`` / ``--include-path``: lm-eval
+task YAMLs, which take precedence) and then in lm-eval's own task registry (whose data usually comes
+from the hub). lm-eval is imported only here, and only when a task runs: importing lrcompress stays fast.
+
+A task that cannot be built (unknown name, unreachable hub, broken YAML) is a one-line
+``LrcompressError``; ``check_tasks`` builds the tasks once before any compression so that this happens
+in seconds, not after the run (lm-eval's datasets are cached, so the second build costs little).
 
 Results keep lm-eval's metric names with their stderr. lm-eval's perplexities (LAMBADA's target-word
 perplexity) are labeled as such and live under ``eval.lm_eval``, apart from lrcompress's token-level
@@ -11,6 +16,9 @@ perplexity under ``eval.perplexity``: the two protocols are never compared with 
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
 import logging
 import math
 import time
@@ -78,9 +86,10 @@ def task_result(task: str, raw: dict[str, Any], samples: int | None) -> dict[str
     return result
 
 
-def describe_source(task: str, directory: Path | None) -> str:
+def describe_source(task: str, directory: Path | None, include_path: list[str] | None = None) -> str:
     if task not in LOCAL_TASKS:
-        return "lm-eval's own task definition (hub data)"
+        return ("lm-eval task (" + ", ".join(include_path) + " or lm-eval's registry)") if include_path \
+            else "lm-eval's own task definition (hub data)"
     if directory is None:
         hub_id, config, _ = TASK_DATA[task].hub
         return f"hub {hub_id}" + (f"/{config}" if config else "")
@@ -95,34 +104,100 @@ class _CustomDatasetHint(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
+def task_manager(tasks: list[str], directory: Path | None, include_path: list[str] | None = None):
+    """lm-eval's TaskManager over the shipped YAMLs and the user's directories, and lm-eval's own
+    registry only when a task is found in neither (indexing its ~15k YAMLs takes tens of seconds)."""
+    for folder in include_path or []:
+        if not Path(folder).expanduser().is_dir():
+            raise LrcompressError(f"lm-eval include_path {folder!r} is not a directory")
+    paths = (str(TASKS_DIR),) + tuple(str(Path(folder).expanduser().resolve()) for folder in include_path or [])
+    data = str(directory) if directory else None
+    manager = _manager(paths, False, data)
+    if all(LOCAL_TASKS.get(t, t) in manager.all_tasks for t in tasks):
+        return manager
+    return _manager(paths, True, data)
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(paths: tuple[str, ...], include_defaults: bool, data_directory: str | None):
+    """One index per process and setting: the pre-compression check and the evaluation share it."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults,
+                       metadata={"lrcompress_data_dir": data_directory})
+
+
+def _check_known(manager, names: list[str]) -> None:
+    known = set(manager.all_tasks)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        raise LrcompressError("lm-eval does not know task " + ", ".join(
+            f"{name!r}" + (f" (did you mean {hints[name][0]!r}?)" if hints[name] else "") for name in unknown)
+            + f"; shipped tasks: {', '.join(LOCAL_TASKS)}; add your own task YAMLs with --include-path")
+
+
+def _build_tasks(manager, names: list[str]) -> None:
+    """Build the tasks (their data included); unknown or unreachable -> one line naming the task."""
+    _check_known(manager, names)
+    for name in names:
+        try:
+            manager.load([name])
+        except LrcompressError:
+            raise
+        except Exception as error:  # the hub unreachable (ConnectionError), a bad YAML, a missing file
+            lines = str(error).strip().splitlines()
+            raise LrcompressError(f"lm-eval task {name!r} could not be loaded: {type(error).__name__}: "
+                                  f"{lines[0] if lines else ''}") from None
+
+
+def check_tasks(tasks: list[str], data_directory: str | Path | None = None,
+                include_path: list[str] | None = None) -> dict[str, str]:
+    """Build every task once (before any compression): task -> where its documents come from."""
+    directory = Path(data_directory) if data_directory is not None else None
+    sources = {task: describe_source(task, directory, include_path) for task in tasks}
+    with _quiet_lm_eval():
+        _build_tasks(task_manager(tasks, directory, include_path), [LOCAL_TASKS.get(t, t) for t in tasks])
+    return sources
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    task_logger, hint = logging.getLogger("lm_eval.api.task"), _CustomDatasetHint()
+    task_logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        task_logger.removeFilter(hint)
+
+
 def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
                    num_fewshot: int | None = None, data_directory: str | Path | None = None,
-                   device: torch.device | str = "cpu", bootstrap_iters: int = 1000) -> dict[str, dict[str, Any]]:
+                   device: torch.device | str = "cpu", bootstrap_iters: int = 1000,
+                   include_path: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Run lm-eval on ``model`` (any nn.Module with a HF causal-LM interface, compressed or not)."""
     directory = Path(data_directory) if data_directory is not None else None
-    sources = {task: describe_source(task, directory) for task in tasks}   # fails early on a missing file
+    sources = {task: describe_source(task, directory, include_path) for task in tasks}  # early: missing files
     started = time.perf_counter()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     lm_names = {task: LOCAL_TASKS.get(task, task) for task in tasks}
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=any(t not in LOCAL_TASKS for t in tasks),
-                          metadata={"lrcompress_data_dir": str(directory) if directory else None})
+    manager = task_manager(tasks, directory, include_path)
+    _check_known(manager, list(lm_names.values()))
     device = torch.device(device)
-    task_logger, hint = logging.getLogger("lm_eval.api.task"), _CustomDatasetHint()
-    task_logger.addFilter(hint)
     home = next(model.parameters()).device
     model.to(device)
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-        output = simple_evaluate(model=lm, tasks=list(lm_names.values()), num_fewshot=num_fewshot, limit=limit,
-                                 task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters)
-    except KeyError as error:
-        raise LrcompressError(f"lm-eval does not know task {error}; shipped tasks: {', '.join(LOCAL_TASKS)}") from None
+        with _quiet_lm_eval():
+            output = simple_evaluate(model=lm, tasks=list(lm_names.values()), num_fewshot=num_fewshot, limit=limit,
+                                     task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters)
+    except (ConnectionError, OSError) as error:  # data that went away between the check and the run
+        raise LrcompressError(f"lm-eval could not load its data: {type(error).__name__}: "
+                              f"{(str(error).strip().splitlines() or [''])[0]}") from None
     finally:
         model.to(home)
-        task_logger.removeFilter(hint)
     if output is None:
         raise LrcompressError("lm-eval returned no results")
     seconds = time.perf_counter() - started

@@ -88,6 +88,9 @@ class CompressionSummary(_Section):
     targeted_bytes_before: int | None
     targeted_bytes_after: int | None
     targeted_bytes_ratio: float | None
+    model_bytes_before: int | None = None    # the whole model's weights in memory (bytes are the primary size)
+    model_bytes_after: int | None = None
+    model_bytes_ratio: float | None = None
     accounting: str
 
 
@@ -209,7 +212,8 @@ def unique_param_count(model: nn.Module) -> int:
 ACCOUNTING = ("params = stored weight values (low-rank r·(m+n), sparse kept values, quantized one "
               "code per weight; sparse dictionaries d_in·k (a shared one split among its group) + s·d_out "
               "values + indices at their byte size in units of one value; + bias); bytes = every tensor written, "
-              "scales/zeros/masks/indices included; ratios are fractions removed")
+              "scales/zeros/masks/indices included; bytes are the primary size (quantization keeps every weight as a "
+              "code, so its parameter count does not shrink); ratios are fractions removed")
 
 
 def compression_summary(records: Iterable[ModuleRecord], model_params_before: int, model_params_after: int,
@@ -229,6 +233,7 @@ def compression_summary(records: Iterable[ModuleRecord], model_params_before: in
     byte_counts = None
     if all(v is not None for v in [*bytes_before.values(), *bytes_after.values()]):
         byte_counts = (sum(bytes_before.values()), sum(bytes_after.values()))  # type: ignore[arg-type]
+    dense_bytes = model_params_before * bytes_per_param
     return CompressionSummary(
         targeted_modules=len(before),
         targeted_params_before=targeted_before,
@@ -238,10 +243,14 @@ def compression_summary(records: Iterable[ModuleRecord], model_params_before: in
         model_params_after=model_params_after,
         model_ratio=1 - model_params_after / model_params_before if model_params_before else 0.0,
         bytes=bytes_on_disk,
-        dense_bytes=model_params_before * bytes_per_param,
+        dense_bytes=dense_bytes,
         targeted_bytes_before=byte_counts[0] if byte_counts else None,
         targeted_bytes_after=byte_counts[1] if byte_counts else None,
         targeted_bytes_ratio=1 - byte_counts[1] / byte_counts[0] if byte_counts and byte_counts[0] else None,
+        # the whole model's weights in memory: dense size, with the targeted modules' bytes swapped
+        model_bytes_before=dense_bytes,
+        model_bytes_after=dense_bytes - byte_counts[0] + byte_counts[1] if byte_counts else None,
+        model_bytes_ratio=(byte_counts[0] - byte_counts[1]) / dense_bytes if byte_counts and dense_bytes else None,
         accounting=ACCOUNTING,
     )
 
@@ -254,3 +263,22 @@ def versions() -> dict[str, str]:
 def write_json(path: Path, document: dict[str, Any]) -> None:
     """A metrics document, written atomically (values JSON cannot hold are written as text)."""
     write_atomic(path, json.dumps(document, indent=2, default=str))
+
+
+def format_bytes(count: int | float | None) -> str:
+    """1.5 GiB, 432.0 MiB, 12.3 KiB, 512 B."""
+    if count is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(count) >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
+
+
+def describe_change(before: int, after: int, unit: str) -> str:
+    """"a → b (x% removed)", or "(+x% …)" when it grew: never a negative "removed"."""
+    text = f"{before:,} → {after:,}" if unit == "params" else f"{format_bytes(before)} → {format_bytes(after)}"
+    if not before:
+        return text
+    change = 1 - after / before
+    return text + (f" ({100 * change:.1f}% removed)" if change >= 0 else f" (+{-100 * change:.1f}%)")

@@ -1,4 +1,12 @@
-"""Token-level perplexity (DESIGN §6): non-overlapping windows, mean next-token NLL, exp."""
+"""Token-level perplexity: non-overlapping windows, mean next-token NLL, exp; with its standard error.
+
+Standard error: every window has the same number of predicted tokens, so log-perplexity L is the mean
+of the windows' mean NLLs m_i, and its standard error is the standard error of that mean,
+SE(L) = std(m_i, ddof=1) / sqrt(N) (the windows taken as a sample; consecutive windows of one text are
+not independent, so this is the usual approximation, as lm-eval's stderr is). Perplexity is exp(L); by
+the delta method SE(ppl) ≈ exp(L) · SE(L). Both are recorded (``log_stderr``, ``stderr``); the gate
+compares perplexities on the log scale, where the noise is symmetric. With one window there is none.
+"""
 from __future__ import annotations
 
 import math
@@ -35,6 +43,8 @@ class PerplexityResult(BaseModel):
     protocol: str             # always printed with the number
     seconds: float | None = None
     source: str | None = None
+    stderr: float | None = None       # of the perplexity (delta method), None with a single window
+    log_stderr: float | None = None   # of log-perplexity: std of the windows' mean NLL / sqrt(windows)
 
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler):
@@ -42,34 +52,41 @@ class PerplexityResult(BaseModel):
         return {key: value for key, value in data.items() if value is not None or key not in self.OPTIONAL}
 
 
-def batch_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL (float64) of one batch given its logits, and the predicted tokens."""
+def batch_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
+    """Summed next-token NLL (float64) of every window of one batch, given its logits."""
     logits = logits[:, :-1].float()
     targets = batch[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    if not torch.isfinite(nll):
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    per_window = nll.double().view(targets.shape).sum(dim=1)
+    if not torch.isfinite(per_window).all():
         raise NumericalError("perplexity: the model produced NaN/Inf logits")
-    return float(nll.double()), targets.numel()
+    return per_window.tolist()
 
 
 @torch.no_grad()
-def windows_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> tuple[float, int]:
-    """Summed next-token NLL (float64) and the number of predicted tokens."""
+def windows_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> list[float]:
+    """Summed next-token NLL (float64) of every window (each predicts seq_len − 1 tokens)."""
     home = next(model.parameters()).device
     model.to(device)
-    total, count = 0.0, 0
+    sums: list[float] = []
     try:
         for batch in windows.split(batch_size):
             batch = batch.to(device)
-            nll, tokens = batch_nll(model(input_ids=batch, use_cache=False).logits, batch)
-            total += nll
-            count += tokens
+            sums += batch_nll(model(input_ids=batch, use_cache=False).logits, batch)
     finally:
         model.to(home)
-    return total, count
+    return sums
 
 
-WindowsNll = Callable[[nn.Module, torch.Tensor, int, torch.device], tuple[float, int]]
+WindowsNll = Callable[[nn.Module, torch.Tensor, int, torch.device], list[float]]
+
+
+def log_perplexity_stderr(window_sums: list[float], tokens_per_window: int) -> float | None:
+    """SE of log-perplexity: the standard error of the mean of the windows' mean NLLs (module docstring)."""
+    if len(window_sums) < 2:
+        return None
+    means = torch.tensor(window_sums, dtype=torch.float64) / tokens_per_window
+    return float(means.std(unbiased=True) / math.sqrt(len(window_sums)))
 
 
 def silent(message: str) -> None:
@@ -95,13 +112,20 @@ class EvalContext:
 
 def perplexity(model: nn.Module, tokenizer, spec: "PerplexitySpec", context: EvalContext = EvalContext()
                ) -> PerplexityResult:
-    """Token-level perplexity of ``model`` on ``spec``'s dataset, split, window length and window count."""
+    """Token-level perplexity of ``model`` on ``spec``'s dataset, split, window length and window count, with
+    the standard error of log-perplexity over the windows (None with a single window)."""
     started = time.perf_counter()
-    source = load_text(spec.dataset, spec.split, context.data_directory)
+    source = load_text(spec.dataset, spec.split, context.data_directory, config=getattr(spec, "config", None),
+                       text_column=getattr(spec, "text_column", "text"))
     windows = evaluation_windows(tokenize(tokenizer, source.text), spec.seq_len, spec.max_windows)
-    total, count = context.nll(model, windows, context.batch_size, torch.device(context.device))
+    sums = context.nll(model, windows, context.batch_size, torch.device(context.device))
+    per_window = windows.shape[1] - 1
+    count = per_window * len(sums)
+    value = math.exp(sum(sums) / count)
+    log_stderr = log_perplexity_stderr(sums, per_window)
     protocol = (f"token-level perplexity, {spec.dataset} {spec.split}, {len(windows)} non-overlapping windows of "
                 f"{spec.seq_len} tokens from the start of the split, exp(mean next-token NLL)")
-    return PerplexityResult(value=math.exp(total / count), dataset=spec.dataset, split=spec.split,
-                            seq_len=spec.seq_len, windows=len(windows), tokens=count, protocol=protocol,
-                            seconds=time.perf_counter() - started, source=source.description)
+    return PerplexityResult(value=value, dataset=spec.dataset, split=spec.split, seq_len=spec.seq_len,
+                            windows=len(windows), tokens=count, protocol=protocol,
+                            seconds=time.perf_counter() - started, source=source.description,
+                            stderr=None if log_stderr is None else value * log_stderr, log_stderr=log_stderr)

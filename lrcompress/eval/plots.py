@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from ..pipeline.records import ModuleRecord
@@ -30,13 +30,31 @@ def module_kind(name: str) -> str:
     return name
 
 
-def _series(modules: Iterable["ModuleRecord"], value) -> dict[str, tuple[list[int], list[float]]]:
-    """One (layers, values) series per module kind and method, ordered by depth."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+def _series(modules: Iterable["ModuleRecord"], value) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
+    """One (layers, values) series per (module kind, method), ordered by depth."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for m in modules:
-        series[f"{module_kind(m.name)} ({m.method})"].append((m.layer, value(m)))
-    return {label: ([p[0] for p in sorted(points)], [p[1] for p in sorted(points)])
-            for label, points in sorted(series.items())}
+        series[(module_kind(m.name), m.method)].append((m.layer, value(m)))
+    return {key: ([p[0] for p in sorted(points)], [p[1] for p in sorted(points)])
+            for key, points in sorted(series.items())}
+
+
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+
+
+def _styles(keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """A distinct colour per module kind (tab10, then tab20 beyond ten kinds) and a line style and marker
+    per method, so that two stages of one module share a colour and differ in style."""
+    plt = _pyplot()
+    keys = list(keys)
+    kinds = list(dict.fromkeys(kind for kind, _ in keys))
+    methods = list(dict.fromkeys(method for _, method in keys))
+    palette = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
+    return {(kind, method): {"color": palette(kinds.index(kind) % palette.N),
+                             "linestyle": LINESTYLES[methods.index(method) % len(LINESTYLES)],
+                             "marker": MARKERS[methods.index(method) % len(MARKERS)]}
+            for kind, method in keys}
 
 
 def _save(fig, path: Path) -> Path:
@@ -46,52 +64,83 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool) -> Path:
+def linear_limits(values: list[float]) -> tuple[float, float]:
+    """y-limits for a non-negative quantity that never zoom a flat line into fake variation: from 0 to a
+    little above the largest value."""
+    return 0.0, max(1.08 * max(values), 1e-12)
+
+
+def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool, limits: tuple[float, float] | None) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=label)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    styles = _styles(series)
+    for (kind, method), (xs, ys) in series.items():
+        ax.plot(xs, ys, markersize=3, linewidth=1, label=f"{kind} ({method})", **styles[(kind, method)])
     if log_y:
         ax.set_yscale("log")
+    elif limits is not None:
+        ax.set_ylim(*limits)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)   # beside, not over
     return _save(fig, path)
 
 
 def plot_module_errors(modules: list["ModuleRecord"], path: Path) -> Path:
-    """Relative output error of every compressed module across depth, one line per module kind."""
+    """Relative output error of every compressed module across depth, one colour per module kind and
+    one line style per method; linear from 0 unless the errors span more than 20×."""
     series = _series(modules, lambda m: m.relative_error)
     values = [v for _, ys in series.values() for v in ys]
     log_y = bool(values) and min(values) > 0 and max(values) / min(values) > 20
-    return _line_plot(series, "relative output error per module (calibration inputs)",
-                      "‖X(W−Ŵ)ᵀ‖ / ‖XWᵀ‖", path, log_y)
+    return _line_plot(series, "relative output error per module (calibration inputs)", "‖X(W−Ŵ)ᵀ‖ / ‖XWᵀ‖",
+                      path, log_y, linear_limits(values) if values else None)
+
+
+def kept_fraction(module: "ModuleRecord") -> float:
+    """Bytes after / before when recorded (quantization keeps every parameter but few bytes), else params."""
+    if module.bytes_before:
+        return module.bytes_after / module.bytes_before
+    return module.params_after / module.params_before if module.params_before else 0.0
 
 
 def plot_kept_params(modules: list["ModuleRecord"], path: Path) -> Path:
-    """Fraction of each module's parameters kept (after / before), one line per module kind."""
-    series = _series(modules, lambda m: m.params_after / m.params_before if m.params_before else 0.0)
-    return _line_plot(series, "kept parameters per module", "params after / before", path, False)
+    """Fraction of each module's bytes kept (after / before), on a 0–1 axis: a uniform ratio is a flat
+    line at its value, not a zoomed-in wiggle."""
+    series = _series(modules, kept_fraction)
+    values = [v for _, ys in series.values() for v in ys]
+    return _line_plot(series, "kept size per module (bytes after / before)", "bytes after / before", path, False,
+                      (0.0, max(1.05, 1.05 * max(values))) if values else None)
 
 
 def plot_rate_distortion(points: dict[str, list[tuple[float, float]]], path: Path, metric: str,
-                         dense: float | None = None) -> Path:
-    """Perplexity against whole-model ratio removed, one line per method; the dense model at ratio 0."""
+                         dense: tuple[float, float] | None = None) -> Path:
+    """Perplexity against the whole model's size in bytes (MiB on the axis), one line per method; the
+    dense model as a star at its own size. Smaller and lower is better."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, pairs in sorted(points.items()):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    palette = plt.get_cmap("tab10")
+    for number, (method, pairs) in enumerate(sorted(points.items())):
         pairs = sorted(pairs)
-        ax.plot([100 * r for r, _ in pairs], [p for _, p in pairs], marker="o", label=method)
+        ax.plot([b / 2**20 for b, _ in pairs], [p for _, p in pairs], marker=MARKERS[number % len(MARKERS)],
+                color=palette(number % palette.N), label=method)
     if dense is not None:
-        ax.scatter([0.0], [dense], marker="*", s=150, color="black", zorder=5, label="dense")
-    values = [p for pairs in points.values() for _, p in pairs] + ([dense] if dense is not None else [])
+        ax.scatter([dense[0] / 2**20], [dense[1]], marker="*", s=150, color="black", zorder=5, label="dense")
+    values = [p for pairs in points.values() for _, p in pairs] + ([dense[1]] if dense is not None else [])
     if values and min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
-    ax.set_xlabel("whole-model parameters removed (%)")
+    elif values:
+        ax.set_ylim(*linear_limits(values))
+    sizes = [b / 2**20 for pairs in points.values() for b, _ in pairs] + ([dense[0] / 2**20] if dense else [])
+    if sizes:
+        ax.set_xlim(0, 1.05 * max(sizes))
+    ax.set_xlabel("whole-model weights (MiB)")
     ax.set_ylabel(metric)
     ax.set_title("rate–distortion")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)

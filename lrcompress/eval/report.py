@@ -4,15 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..pipeline.records import ModuleRecord
-from .metrics import EvalSection, LmEvalResult, RunMetrics
+from .metrics import EvalSection, LmEvalResult, RunMetrics, describe_change, format_bytes
 from .plots import plot_kept_params, plot_module_errors
 
 PLOTS = {"relative_error.png": "Relative output error per module across depth",
-         "kept_params.png": "Kept parameters per module"}
-
-
-def _fmt_ratio(value: float) -> str:
-    return f"{100 * value:.1f}%"
+         "kept_params.png": "Kept size (bytes after / before) per module"}
 
 
 def _rank_or_sparsity(module: ModuleRecord) -> str:
@@ -56,18 +52,22 @@ def render_report(metrics: RunMetrics, recipe_yaml: str, plots: list[str] | None
     c = metrics.compression
     assert c is not None, "a run's metrics have a compression section"
     lines = ["# lrcompress run report", "", "## Result", ""]
-    lines += ["| metric | value |", "|---|---|",
-              f"| targeted modules | {c.targeted_modules} |",
-              f"| targeted ratio (removed) | {_fmt_ratio(c.targeted_ratio)} |",
-              f"| whole-model ratio (removed) | {_fmt_ratio(c.model_ratio)} |",
-              f"| parameters | {c.model_params_before:,} → {c.model_params_after:,} |"]
-    if c.targeted_bytes_ratio is not None:
-        lines.append(f"| targeted bytes | {c.targeted_bytes_before:,} → {c.targeted_bytes_after:,} "
-                     f"({_fmt_ratio(c.targeted_bytes_ratio)} removed) |")
+    lines += ["| metric | value |", "|---|---|", f"| targeted modules | {c.targeted_modules} |"]
+    if c.targeted_bytes_before is not None:
+        lines.append(f"| targeted size | {describe_change(c.targeted_bytes_before, c.targeted_bytes_after, 'bytes')} |")
+    if c.model_bytes_after is not None:
+        lines.append(f"| whole-model size | {describe_change(c.model_bytes_before, c.model_bytes_after, 'bytes')} |")
     if c.bytes is not None:
-        lines.append(f"| bytes on disk (weights) | {c.bytes:,} (dense: {c.dense_bytes:,}) |")
+        lines.append(f"| weights on disk | {format_bytes(c.bytes)} ({c.bytes:,} bytes; dense "
+                     f"{format_bytes(c.dense_bytes)}) |")
+    if c.targeted_params_before is not None:
+        lines.append(f"| targeted parameters | "
+                     f"{describe_change(c.targeted_params_before, c.targeted_params_after, 'params')} |")
+    lines.append(f"| whole-model parameters | "
+                 f"{describe_change(c.model_params_before, c.model_params_after, 'params')} |")
     for name, result in metrics.eval.perplexity.items():
-        lines.append(f"| perplexity {name} | {result.value:.3f} |")
+        stderr = f" ± {result.stderr:.3f}" if result.stderr is not None else ""
+        lines.append(f"| perplexity {name} | {result.value:.3f}{stderr} |")
     for name, result in (metrics.eval.baseline_perplexity or {}).items():
         lines.append(f"| dense perplexity {name} | {result.value:.3f} |")
     protocols = [r.protocol for r in metrics.eval.perplexity.values()]
@@ -78,10 +78,13 @@ def render_report(metrics: RunMetrics, recipe_yaml: str, plots: list[str] | None
     if timing:
         lines += ["", "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items())]
     lines += ["", "## Modules", "",
-              "| module | method | shape (out×in) | params before → after | rank / sparsity | rel. output error | path | s |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| module | method | shape (out×in) | bytes before → after | params before → after | rank / sparsity "
+              "| rel. output error | path | s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for m in metrics.modules:
-        lines.append(f"| {m.name} | {m.method} | {m.out_features}×{m.in_features} | "
+        size = (f"{format_bytes(m.bytes_before)} → {format_bytes(m.bytes_after)}"
+                if m.bytes_before is not None else "–")
+        lines.append(f"| {m.name} | {m.method} | {m.out_features}×{m.in_features} | {size} | "
                      f"{m.params_before:,} → {m.params_after:,} | {_rank_or_sparsity(m)} | "
                      f"{m.relative_error:.4f} | {m.numerical_path} | {m.seconds:.2f} |")
     if plots:

@@ -25,7 +25,7 @@ class StreamedNll:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, windows: torch.Tensor, batch_size: int,
-                 device: torch.device) -> tuple[float, int]:
+                 device: torch.device) -> list[float]:
         offload = torch.device("cpu")
         hidden = capture_layer_inputs(model, self.adapter, windows, batch_size, device, offload)
         for i, layer in enumerate(self.adapter.decoder_layers(model)):
@@ -37,15 +37,13 @@ class StreamedNll:
             self.store.release([i])
         head = [model.get_submodule(self.adapter.final_norm), model.get_submodule(self.adapter.lm_head)]
         homes = [next(module.parameters()).device for module in head]
-        total, count = 0.0, 0
+        sums: list[float] = []
         try:
             for module in head:
                 module.to(device)
             for states, batch in zip(hidden.hidden, windows.split(batch_size)):
-                nll, tokens = batch_nll(self.adapter.head_logits(model, states.to(device)), batch.to(device))
-                total += nll
-                count += tokens
+                sums += batch_nll(self.adapter.head_logits(model, states.to(device)), batch.to(device))
         finally:
             for module, home in zip(head, homes):
                 module.to(home)
-        return total, count
+        return sums

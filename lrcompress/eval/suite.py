@@ -30,7 +30,8 @@ def evaluate_model(model: nn.Module, tokenizer, spec: "EvalSpec", context: EvalC
         tasks = spec.lm_eval
         context.announce(f"lm-eval tasks {', '.join(tasks.tasks)} (limit {tasks.limit})")
         results = evaluate_tasks(model, tokenizer, list(tasks.tasks), tasks.limit, tasks.batch_size,
-                                 tasks.num_fewshot, context.data_directory, context.device)
+                                 tasks.num_fewshot, context.data_directory, context.device,
+                                 include_path=getattr(tasks, "include_path", None))
         section.lm_eval = {task: LmEvalResult.model_validate(result) for task, result in results.items()}
     return section
 

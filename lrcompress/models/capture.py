@@ -117,7 +117,9 @@ def _identity(value: Any) -> Any:
 @dataclass
 class LayerInputs:
     """The inputs of decoder layer ``layer`` for every batch: hidden states (on the offload device) and
-    the calls recorded from the model's forward (the same ``LayerCalls`` for every layer)."""
+    the calls recorded from the model's forward (the same ``LayerCalls`` for every layer). A second
+    activation stream through the same layers (e.g. the uncompressed model's) is another
+    ``LayerInputs`` over the same ``calls``: ``LayerInputs(i, its_hidden, inputs.calls)``."""
 
     layer: int
     hidden: list[torch.Tensor]
@@ -162,13 +164,19 @@ def _recording(layers: nn.ModuleList) -> Iterator[dict[int, tuple[torch.Tensor, 
             return hidden
         return forward
 
+    # An instance attribute, which nn.Module.__call__ calls; one already there (accelerate's hooks put
+    # their wrapper there) is put back afterwards.
+    previous = [layer.__dict__.get("forward") for layer in layers]
     for index, layer in enumerate(layers):
-        layer.forward = recorder(index)        # an instance attribute: nn.Module.__call__ calls it
+        layer.forward = recorder(index)
     try:
         yield seen
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, previous):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 @torch.no_grad()

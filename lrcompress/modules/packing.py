@@ -4,6 +4,8 @@ Codes are laid out row-major and packed 8 at a time into ``bits`` bytes, little-
 group of 8: code k of a group occupies bits [k·bits, (k+1)·bits) of the group's 8·bits-bit word. The
 group of 8 makes every width from 1 to 8 bits land on whole bytes, so one vectorized shift-and-mask
 covers all widths and the stored size is exactly ceil(N/8)·bits bytes (N bytes for 8-bit codes, which need no packing).
+Wider codes (9 to 32 bits: dictionary indices) use the same layout — it is one little-endian bit
+stream, code k at bits [k·bits, (k+1)·bits) — packed through a bit matrix instead of 64-bit words.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
+    if bits > 8:
+        stream = (flat[:, None] >> torch.arange(bits, device=flat.device)) & 1          # [N, bits] bits
+        weights = 1 << torch.arange(8, device=flat.device)
+        return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
     shifts = bits * torch.arange(8, device=flat.device, dtype=torch.int64)
     words = (flat.view(-1, 8) << shifts).sum(dim=1)          # ≤ 56 bits: no int64 overflow
     byte_shifts = 8 * torch.arange(bits, device=flat.device, dtype=torch.int64)
@@ -46,6 +52,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype
         raise ValueError(f"{packed.numel()} packed bytes do not hold {count} codes of {bits} bits")
     raw = packed.reshape(-1)
     mask = 2**bits - 1
+    if bits > 8:
+        stream = (raw[:, None].to(torch.int64) >> torch.arange(8, device=raw.device)) & 1
+        weights = 1 << torch.arange(bits, device=raw.device)
+        return (stream.reshape(-1, bits) * weights).sum(dim=1)[:count].to(dtype)
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, device=raw.device, dtype=torch.uint8)
         codes = (raw[:, None] >> shifts) & mask
@@ -61,5 +71,5 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype
 
 
 def _check_bits(bits: int) -> None:
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bit width must be between 1 and 8, got {bits}")
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bit width must be between 1 and 32, got {bits}")

@@ -1,8 +1,15 @@
 """SparseDictLinear: y = (x·D)·S + b, a dense dictionary times a column-sparse coefficient matrix.
 
 S (k × out) has exactly s nonzeros per column, stored in a fixed-nnz layout: ``values`` [s, out] in
-the model dtype and ``indices`` [s, out] (int16 when k < 32768, else int32), so every output column
-costs the same and the forward is a gather (``triton_kernels.sparse_dict_matmul``).
+the model dtype and the indices [s, out], so every output column costs the same and the forward is a
+gather (``triton_kernels.sparse_dict_matmul``).
+
+Indices are stored bit-packed at ⌈log₂ k⌉ bits each (``packed_indices``, uint8, the bit-stream layout
+of ``packing``): that is what the checkpoint holds and what the budget charges. The forward wants
+them as integers: ``indices`` (int16 when k < 32768, else int32, [s, out]) is a non-persistent
+buffer unpacked once, when the module is built or loaded, never per call. Checkpoints written before
+the packed layout (spec without ``index_bits``, an int16/int32 ``indices`` tensor) still load: the
+tensor is packed on the way in.
 
 A dictionary may be shared by several modules (CoSpaDi's per-group mode): they hold the same
 Parameter, the checkpoint stores it once (an alias in the "tied" list), and each module's
@@ -18,6 +25,7 @@ from torch import nn
 
 from .. import triton_kernels
 from .base import CompressedLinear, register_module_kind
+from .packing import pack_codes, packed_bytes, unpack_codes
 
 INT16_ATOMS = 32768
 
@@ -26,9 +34,32 @@ def index_dtype_for(atoms: int) -> torch.dtype:
     return torch.int16 if atoms < INT16_ATOMS else torch.int32
 
 
+def index_bits(atoms: int) -> int:
+    """Bits of one stored index into ``atoms`` atoms: ⌈log₂ k⌉, at least 1."""
+    return max(1, (atoms - 1).bit_length())
+
+
 def index_cost(atoms: int, value_dtype: torch.dtype) -> float:
-    """Bytes of one stored index per byte of one stored value (int16 index, float32 value: 0.5)."""
-    return index_dtype_for(atoms).itemsize / value_dtype.itemsize
+    """Size of one stored index in units of one stored value (9-bit index, bfloat16 value: 0.5625)."""
+    return index_bits(atoms) / (8 * value_dtype.itemsize)
+
+
+def index_bytes(count: int, atoms: int) -> int:
+    """Bytes of ``count`` stored indices into a dictionary of ``atoms`` atoms (packed)."""
+    return packed_bytes(count, index_bits(atoms))
+
+
+def index_params(count: int, atoms: int, value_dtype: torch.dtype) -> int:
+    """Stored indices in units of stored values: index bytes / bytes per value, rounded up."""
+    return math.ceil(index_bytes(count, atoms) / value_dtype.itemsize)
+
+
+def sparse_dict_params(in_features: int, out_features: int, atoms: int, sparsity: int, value_dtype: torch.dtype,
+                       bias: bool, dictionary_share: int | None = None) -> int:
+    """What ``SparseDictLinear.stored_params`` reports, from the shapes alone (a compressor's plan)."""
+    share = in_features * atoms if dictionary_share is None else dictionary_share
+    values = sparsity * out_features
+    return share + values + index_params(values, atoms, value_dtype) + (out_features if bias else 0)
 
 
 def dictionary_shares(in_features: int, atoms: int, members: int) -> list[int]:
@@ -55,8 +86,10 @@ class SparseDictLinear(CompressedLinear):
         self.dictionary = dictionary
         self.dictionary_share = in_features * atoms if dictionary_share is None else dictionary_share
         self.values = nn.Parameter(torch.empty(sparsity, out_features, dtype=dtype, device=device))
+        self.register_buffer("packed_indices", torch.zeros(index_bytes(sparsity * out_features, atoms),
+                                                           dtype=torch.uint8, device=device))
         self.register_buffer("indices", torch.zeros(sparsity, out_features, dtype=index_dtype_for(atoms),
-                                                    device=device))
+                                                    device=device), persistent=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
         else:
@@ -77,10 +110,29 @@ class SparseDictLinear(CompressedLinear):
             raise ValueError("indices out of range of the dictionary")
         with torch.no_grad():
             module.values.copy_(values.to(dtype))
+            module.packed_indices.copy_(pack_codes(indices, index_bits(atoms)))
             module.indices.copy_(indices.to(module.indices.dtype))
             if bias is not None:
                 module.bias.copy_(bias.to(dtype))
         return module
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Load the packed indices (packing a legacy int16/int32 ``indices`` tensor), then unpack them
+        once into the forward's ``indices``."""
+        legacy = state_dict.pop(prefix + "indices", None)
+        if legacy is not None and prefix + "packed_indices" not in state_dict:
+            state_dict[prefix + "packed_indices"] = pack_codes(legacy, index_bits(self.atoms))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.packed_indices.device.type != "meta":
+            self.unpack_indices()
+
+    def unpack_indices(self) -> None:
+        """Rebuild ``indices`` from ``packed_indices`` (after the packed tensor was replaced)."""
+        codes = unpack_codes(self.packed_indices, index_bits(self.atoms), self.sparsity * self.out_features,
+                             index_dtype_for(self.atoms))
+        self.indices = codes.view(self.sparsity, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = triton_kernels.sparse_dict_matmul(x @ self.dictionary, self.indices, self.values)
@@ -96,32 +148,32 @@ class SparseDictLinear(CompressedLinear):
 
     def index_params(self) -> int:
         """The indices in units of stored values (bytes of indices / bytes per value, rounded up)."""
-        return math.ceil(self.indices.numel() * self.indices.element_size() / self.values.element_size())
+        return index_params(self.indices.numel(), self.atoms, self.values.dtype)
 
     def stored_params(self) -> int:
-        bias = self.bias.numel() if self.bias is not None else 0
-        return self.dictionary_share + self.values.numel() + self.index_params() + bias
+        return sparse_dict_params(self.in_features, self.out_features, self.atoms, self.sparsity, self.values.dtype,
+                                  self.bias is not None, self.dictionary_share)
 
     def storage_bytes(self) -> int:
         """Checkpoint bytes, with a shared dictionary charged at this module's share."""
-        tensors = [self.values, self.indices] + ([self.bias] if self.bias is not None else [])
+        tensors = [self.values, self.packed_indices] + ([self.bias] if self.bias is not None else [])
         return (self.dictionary_share * self.dictionary.element_size()
                 + sum(t.numel() * t.element_size() for t in tensors))
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
                 "atoms": self.atoms, "sparsity": self.sparsity, "bias": self.bias is not None,
-                "index_dtype": str(self.indices.dtype).removeprefix("torch."),
-                "dictionary_share": self.dictionary_share}
+                "index_bits": index_bits(self.atoms), "dictionary_share": self.dictionary_share}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> "SparseDictLinear":
         module = cls(spec["in_features"], spec["out_features"], spec["atoms"], spec["sparsity"],
                      bias=spec["bias"], dtype=dtype, dictionary_share=spec.get("dictionary_share"))
-        if str(module.indices.dtype).removeprefix("torch.") != spec.get("index_dtype", "int16"):
-            raise ValueError(f"index dtype {spec.get('index_dtype')} does not match {spec['atoms']} atoms")
+        bits = spec.get("index_bits")       # absent: a checkpoint of the unpacked layout (loaded by packing)
+        if bits is not None and bits != index_bits(module.atoms):
+            raise ValueError(f"{bits}-bit indices do not match {spec['atoms']} atoms")
         return module
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, atoms={self.atoms}, "
-                f"sparsity={self.sparsity}, index_dtype={str(self.indices.dtype).removeprefix('torch.')}")
+                f"sparsity={self.sparsity}, index_bits={index_bits(self.atoms)}")

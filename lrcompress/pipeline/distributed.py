@@ -79,15 +79,24 @@ def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * count // world_size, (rank + 1) * count // world_size
 
 
+JobDone = Callable[[int, "JobOutcome"], None]
+
+
 def _timed(job: CompressJob) -> JobOutcome:
     started = time.perf_counter()
     results = job.run()
     return JobOutcome(results, time.perf_counter() - started)
 
 
-def run_locally(jobs: Sequence[CompressJob]) -> list[JobOutcome]:
-    """Every job here, in order (one process; or work every process does itself)."""
-    return [_timed(job) for job in jobs]
+def run_locally(jobs: Sequence[CompressJob], on_done: JobDone | None = None) -> list[JobOutcome]:
+    """Every job here, in order (one process; or work every process does itself); ``on_done(index,
+    outcome)`` as each finishes (progress lines per module, not per layer)."""
+    outcomes = []
+    for index, job in enumerate(jobs):
+        outcomes.append(_timed(job))
+        if on_done is not None:
+            on_done(index, outcomes[-1])
+    return outcomes
 
 
 class Collective:
@@ -111,8 +120,9 @@ class Collective:
     def reduce_statistics(self, stats: Mapping[str, Statistic]) -> dict[str, Statistic]:
         return dict(stats)
 
-    def run_jobs(self, jobs: Sequence[CompressJob]) -> list[JobOutcome]:
-        return run_locally(jobs)
+    def run_jobs(self, jobs: Sequence[CompressJob], on_done: JobDone | None = None) -> list[JobOutcome]:
+        """``on_done(index, outcome)`` as each job finishes (progress lines per module, not per layer)."""
+        return run_locally(jobs, on_done)
 
     def barrier(self) -> None:
         return None
@@ -146,7 +156,7 @@ class TorchCollective(Collective):
             reduced[key] = merge_in_rank_order(statistic, [decode_state(key, blob) for blob in blobs])
         return reduced
 
-    def run_jobs(self, jobs: Sequence[CompressJob]) -> list[JobOutcome]:
+    def run_jobs(self, jobs: Sequence[CompressJob], on_done: JobDone | None = None) -> list[JobOutcome]:
         owners = assign_jobs([job.cost for job in jobs], self.world_size)
         mine: dict[int, JobOutcome | JobFailure] = {}
         own_error: Exception | None = None
@@ -168,7 +178,11 @@ class TorchCollective(Collective):
         if failures:
             raise failures[0].error()
         # Every process, the owner included, continues with what came through the wire.
-        return [outcomes[index] for index in range(len(jobs))]  # type: ignore[misc]
+        ordered = [outcomes[index] for index in range(len(jobs))]
+        for index, outcome in enumerate(ordered):
+            if on_done is not None:
+                on_done(index, outcome)  # type: ignore[arg-type]
+        return ordered  # type: ignore[return-value]
 
     def all_gather_bytes(self, payload: bytes) -> list[bytes]:
         """Every process's ``payload``, in rank order (lengths first, then the bytes padded to the longest)."""

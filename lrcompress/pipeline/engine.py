@@ -47,7 +47,7 @@ from ..modules.surgery import replace_submodule
 from .blocks import check_coverage
 from .distributed import CompressJob, run_locally
 from .journal import MemoryJournal, SegmentJournal
-from .observer import PipelineObserver
+from .observer import PipelineObserver, PlannedWork
 from .oom import naming_out_of_memory
 from .prepass import is_prepass_kind
 from .records import ModuleRecord
@@ -93,6 +93,7 @@ class LayerwisePipeline:
         layers = self.adapter.decoder_layers(self.model)
         records: list[ModuleRecord] = []
         self.observer.layers_started(len(layers))
+        self.observer.work_planned(self._planned_work(layers))
         for start in range(0, len(layers), size):
             indices = list(range(start, min(start + size, len(layers))))
             started = time.perf_counter()
@@ -124,6 +125,12 @@ class LayerwisePipeline:
                 self.observer.layer_done(i, seconds / len(indices))
         self.observer.finished()
         return records
+
+    def _planned_work(self, layers) -> list[PlannedWork]:
+        """Every target module's size (parameters, read from the skeleton: no weight is loaded), for the ETA."""
+        return [PlannedWork(i, stage.index, sum(p.numel() for p in layer.get_submodule(name).parameters()))
+                for i, layer in enumerate(layers) for stage in self.stages
+                for name in stage.select(layer, self.adapter.layer_prefix(i))]
 
     def _propagate(self, layers, indices: list[int], inputs: LayerInputs) -> LayerInputs:
         """The segment's outputs for ``inputs``, on the compute device and back."""
@@ -187,11 +194,15 @@ class LayerwisePipeline:
                 for name in names]
         run = self.settings.collective.run_jobs if stage.kind.distributed else run_locally
         records = []
-        for name, outcome in zip(names, run(jobs)):
+
+        def finished(index: int, outcome) -> None:   # as each job ends: its modules are logged at once
+            name = names[index]
             seconds = outcome.seconds / len(members[name])
             for i, member, result in zip(owners[name], members[name], outcome.results):
                 records.append(self._apply(i, layers[i], name, member, stage, result, seconds,
                                            originals[(i, name)]))
+
+        run(jobs, on_done=finished)
         return records
 
     def _compress_members(self, stage: Stage, layer: int, members: list[GroupMember]) -> list[CompressResult]:

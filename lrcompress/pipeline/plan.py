@@ -25,21 +25,45 @@ class PlannedModule:
     params_after: int
     rank: int | None
     grows: bool = False         # a method meant to shrink that would not (e.g. a rank at or above m·n/(m+n))
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def could_shrink(out_features: int, in_features: int) -> bool:
+    """Whether any factorization makes this module smaller: a rank-1 pair, m + n values, is below m·n.
+
+    Modules no rank can shrink (a 1×n gate vector, such as Qwen2-MoE's shared_expert_gate) are compressed
+    at rank 1 as the recipe's targets say, and not refused: the recipe did not ask for a size that fails,
+    the shape did. A module that could shrink but whose planned size does not (ratio 0, a rank at or
+    above the break-even m·n/(m+n)) is what ``preflight.check_growth`` refuses."""
+    return out_features + in_features < out_features * in_features
 
 
 def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
-    """Every target module with its method and size before/after, without touching any weight."""
+    """Every target module with its method and size (bytes and parameters) before/after, without touching
+    any weight. A compressor plans from the uncompressed module; for a module an earlier stage already
+    planned, the later stage's change (after − uncompressed) is added to the earlier stage's result:
+    exact for compensation stages (EoRA adds its factors to whatever the base stored)."""
     adapter = adapter_for(model)
     planned: list[PlannedModule] = []
+    current: dict[str, tuple[int, int]] = {}           # name -> (params, bytes) after the stages so far
     for index, layer in enumerate(adapter.decoder_layers(model)):
         prefix = adapter.layer_prefix(index)
         for stage in stages:
             for name in stage.select(layer, prefix):
                 module = layer.get_submodule(name)
                 plan = stage.compressor.plan(module)
-                before = sum(p.numel() for p in module.parameters())
+                dense_params = sum(p.numel() for p in module.parameters())
+                dense_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+                itemsize = next(module.parameters()).element_size()
+                after_bytes = plan.bytes_after if plan.bytes_after is not None else plan.params_after * itemsize
+                full = f"{prefix}.{name}"
+                params_before, bytes_before = current.get(full, (dense_params, dense_bytes))
+                params_after = params_before + plan.params_after - dense_params
+                bytes_after = bytes_before + after_bytes - dense_bytes
+                current[full] = (params_after, bytes_after)
                 out_f, in_f = stage.shape(module, model.config)
-                grows = stage.compressor.shrinks and plan.params_after >= before
-                planned.append(PlannedModule(f"{prefix}.{name}", stage.index, stage.compressor.name,
-                                             out_f, in_f, before, plan.params_after, plan.rank, grows))
+                grows = stage.compressor.shrinks and plan.params_after >= dense_params and could_shrink(out_f, in_f)
+                planned.append(PlannedModule(full, stage.index, stage.compressor.name, out_f, in_f, params_before,
+                                             params_after, plan.rank, grows, bytes_before, bytes_after))
     return planned

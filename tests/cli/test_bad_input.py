@@ -200,7 +200,7 @@ CASES = [
     Case("evaluating on the calibration text", _args("--set", "eval.allow_calibration_split=false"),
          "evaluates on the text calibration reads"),
     Case("unknown evaluation dataset", _args("--set", "eval.perplexity.0.dataset=no_such_set"),
-         "eval.perplexity.0: dataset not found"),
+         "eval.perplexity.0.dataset 'no_such_set'"),
     Case("lm-eval task files missing", _missing_task_files, "eval.lm_eval.tasks: task arc_easy"),
     Case("output exists", _existing_output, "--overwrite"),
     Case("output locked by another run", _locked, "is being written by another run: pid"),

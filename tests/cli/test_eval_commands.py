@@ -2,9 +2,11 @@
 import json
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from lrcompress.cli.main import cli
+from lrcompress.eval.metrics import format_bytes
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe
 
@@ -116,13 +118,41 @@ def test_compare_writes_table_and_rate_distortion(runs, tmp_path):
     assert result.exit_code == 0, result.output
     table = (tmp_path / "compare.md").read_text()
     for run in (first, second):
+        c = run.metrics.dump()["compression"]
         ppl = next(iter(run.metrics.dump()["eval"]["perplexity"].values()))["value"]
-        assert f"| svd | {100 * run.metrics.dump()['compression']['model_ratio']:.1f}% |" in table
+        assert f"| svd | {format_bytes(c['model_bytes_after'])} | {100 * c['model_bytes_ratio']:.1f}% |" in table
         assert f"{ppl:.3f}" in table
     assert "Perplexity protocol: token-level" in table
     assert (tmp_path / "rate_distortion.png").read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(cli, ["compare", str(tmp_path)])
     assert bad.exit_code == 2 and "no metrics.json" in flat(bad)
+
+
+def test_compare_degrades_to_a_table_when_protocols_differ(runs, tmp_path):
+    import shutil
+
+    root, _, _ = runs
+    other = tmp_path / "other"
+    shutil.copytree(root / "svd-0.5", other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    for result in metrics["eval"]["perplexity"].values():
+        result["protocol"] += " (another window count)"
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    result = CliRunner().invoke(cli, ["compare", str(root / "svd-0.3"), str(other), "--output", str(tmp_path / "c")])
+    assert result.exit_code == 0, flat(result)
+    assert "warning" in flat(result) and "no plot" in flat(result)
+    table = (tmp_path / "c" / "compare.md").read_text()
+    assert "(another window count)" in table and "> warning:" in table
+    assert not (tmp_path / "c" / "rate_distortion.png").exists()
+
+
+def test_inspect_lists_layers_in_order_and_provenance_as_a_table(runs):
+    root, _, _ = runs
+    result = CliRunner().invoke(cli, ["inspect", str(root / "svd-0.3")])
+    assert result.exit_code == 0, flat(result)
+    out = result.output
+    assert out.index("model.layers.0.") < out.index("model.layers.1.")
+    assert "provenance" in out and "versions.torch" in out and "{" not in out
 
 
 def test_recipe_lm_eval_section_is_validated(tiny_llama_dir, calibration_file, tmp_path):
@@ -147,3 +177,45 @@ def test_eval_of_the_written_checkpoint_reproduces_the_run(runs, task_data_dir, 
     in_memory = first.metrics.dump()["eval"]["lm_eval"]["lambada_openai"]
     assert reloaded["perplexity"] == pytest.approx(in_memory["perplexity"], rel=1e-5)
     assert reloaded["acc"] == in_memory["acc"]
+
+
+def _task_yaml(folder, name, dataset_path, **extra):
+    """A user's multiple-choice task YAML (lm-eval's format) in ``folder``."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump({
+        "task": name, "dataset_path": dataset_path, "test_split": "test", "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}\nAnswer:", "doc_to_choice": ["no", "yes"], "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}], **extra}))
+    return folder
+
+
+def test_an_unreachable_task_is_one_message_and_exit_2(tiny_llama_dir, tmp_path):
+    """A task whose data lives on the (offline) hub, as hellaswag's does: one line, exit 2, no traceback."""
+    tasks = _task_yaml(tmp_path / "tasks", "hub_task", "someone/not-reachable")
+    result = CliRunner().invoke(cli, ["eval", str(tiny_llama_dir), "--no-perplexity", "--tasks", "hub_task",
+                                      "--include-path", str(tasks)])
+    assert result.exit_code == 2, flat(result)
+    assert "lm-eval task 'hub_task' could not be loaded" in flat(result)
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+
+
+def test_unknown_task_names_get_a_did_you_mean():
+    from types import SimpleNamespace
+
+    from lrcompress.errors import LrcompressError
+    from lrcompress.eval.lm_eval_tasks import _check_known
+
+    with pytest.raises(LrcompressError, match="'arc_esay' .did you mean 'arc_easy'.*--include-path"):
+        _check_known(SimpleNamespace(all_tasks=["arc_easy", "piqa"]), ["arc_esay"])
+
+
+def test_include_path_runs_a_users_own_task_yaml(tiny_llama_dir, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"question": q, "label": a}) + "\n"
+                            for q, a in [("Is fire hot?", 1), ("Is ice hot?", 0), ("Is the sun bright?", 1)]))
+    tasks = _task_yaml(tmp_path / "tasks", "my_yesno", "json", dataset_kwargs={"data_files": {"test": str(docs)}})
+    result = CliRunner().invoke(cli, ["eval", str(tiny_llama_dir), "--no-perplexity", "--tasks", "my_yesno",
+                                      "--include-path", str(tasks), "--json"])
+    assert result.exit_code == 0, flat(result)
+    entry = json.loads(result.output[result.output.index("{"):])["lm_eval"]["my_yesno"]
+    assert entry["samples"] == 3 and 0.0 <= entry["acc"] <= 1.0

@@ -46,7 +46,28 @@ def test_dry_run_prints_the_plan(tiny_llama_dir, calibration_file, tmp_path):
     result = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "model.layers.1.mlp.down_proj" in result.output and "14 target modules" in result.output
+    assert f"calibration: {calibration_file}" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_of_a_quantized_run_counts_bytes_and_never_a_negative_removal(tiny_llama_dir, calibration_file,
+                                                                              tmp_path):
+    stages = [{"method": "rtn", "bits": 4, "group_size": 16}, {"method": "eora", "rank": 4}]
+    recipe = _recipe_file(tmp_path, tiny_llama_dir, calibration_file, stages=stages)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    caption = " ".join(result.output.split())
+    assert "% removed); parameters" in caption and "(+" in caption and "(-" not in caption
+
+
+@pytest.mark.parametrize("section, key", [("calibration", "calibration.dataset"),
+                                          ("perplexity", "eval.perplexity.0.dataset")])
+def test_dry_run_checks_every_dataset_before_the_model_load(tiny_llama_dir, calibration_file, tmp_path, section, key):
+    recipe = _recipe_file(tmp_path, tiny_llama_dir, calibration_file)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run", "--set", f"{key}=someone/no-such-set"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "'someone/no-such-set'" in message and "not reachable" in message and "loading" not in message
 
 
 def test_recipe_typo_exits_2_naming_the_key(tiny_llama_dir, calibration_file, tmp_path):
@@ -65,7 +86,24 @@ def test_log_json_writes_one_json_object_per_line(tiny_llama_dir, calibration_fi
     assert [line["layer"] for line in layers] == [0, 1] and layers[-1]["layers_total"] == 2
     assert layers[-1]["peak_rss_bytes"] > 0
     assert [line["layers_done"] for line in layers] == [1, 2]
-    assert layers[0]["eta_seconds"] == pytest.approx(layers[0]["seconds"]) and layers[-1]["eta_seconds"] == 0
-    assert "1/2 layers, ETA" in layers[0]["message"]
+    assert layers[0]["eta_seconds"] > 0 and layers[-1]["eta_seconds"] == 0
+    assert "1/2 layers, 7/14 modules, ETA" in layers[0]["message"]
+    assert "render.py" not in result.stderr
     modules = [line for line in lines if line.get("event") == "module"]
     assert len(modules) == 14 and all("relative_error" in m for m in modules)
+    assert [m["modules_done"] for m in modules] == list(range(1, 15)) and modules[-1]["eta_seconds"] == 0
+    # a module's line comes as it finishes, before its layer's line
+    order = [line.get("event") for line in lines if line.get("event") in ("module", "layer")]
+    assert order == ["module"] * 7 + ["layer"] + ["module"] * 7 + ["layer"]
+    # stdout: exactly one JSON result event, nothing else (no summary box)
+    [event] = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert event["event"] == "result" and event["status"] == "ok"
+    assert event["compression"]["targeted_modules"] == 14 and event["perplexity"]
+
+
+def test_log_json_error_is_one_result_event(tiny_llama_dir, calibration_file, tmp_path):
+    recipe = _recipe_file(tmp_path, tiny_llama_dir, calibration_file)
+    result = CliRunner().invoke(cli, ["--log-json", "run", str(recipe), "--set", "stages.0.ratoi=0.3"])
+    assert result.exit_code == 2
+    [event] = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert event["status"] == "error" and "stages.0.ratoi" in event["message"]

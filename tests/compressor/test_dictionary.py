@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrcompress.compressor.dictionary import (batched_omp, dense_codes, ksvd, refit_values, sparsity_budget,
+from lrcompress.compressor.dictionary import (_omp_chunk, _omp_chunk_gram_schmidt, batched_omp, dense_codes, ksvd,
+                                              refit_values, sparsity_budget,
                                               update_atom)
 
 
@@ -125,3 +126,26 @@ def test_sparsity_budget_is_the_largest_s_that_fits(d_in, d_out, ratio, group, c
         return 2 * s * d_in / group + s * d_out * (1 + cost)
     s = sparsity_budget(d_in, d_out, ratio, 2.0, group, cost)
     assert cost_of(s) <= (1 - ratio) * d_in * d_out < cost_of(s + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_gram_schmidt_pursuit_equals_the_step_kernel_form(dtype):
+    """The CPU pursuit (P = Dᵀq) and the form of the Triton step kernel (L⁻¹ + a GEMM) are one OMP.
+
+    Columns 0–9 lie in the span of 3 atoms, so the pursuit runs out of independent atoms (zero slots)."""
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(20, 40, generator=g, dtype=torch.float64)
+    d /= d.norm(dim=0)
+    x = torch.randn(20, 60, generator=g, dtype=torch.float64)
+    x[:, :10] = d[:, :3] @ torch.randn(3, 10, generator=g, dtype=torch.float64)
+    gram, correlations = (d.T @ d).to(dtype), (d.T @ x).to(dtype)
+    fast = _omp_chunk_gram_schmidt(gram, correlations.T.contiguous(), 12)
+    step = _omp_chunk(gram, correlations.T.contiguous(), 12)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.equal(fast[0][:, 10:], step[0][:, 10:])
+    assert torch.allclose(fast[1][:, 10:], step[1][:, 10:], atol=tol)
+    # exact columns: the same 3 atoms first; past that the residual is round-off and the picks may differ
+    assert torch.equal(fast[0][:3, :10].sort(dim=0).values, step[0][:3, :10].sort(dim=0).values)
+    for idx, val in (fast, step):
+        assert torch.allclose(dense_codes(idx[:, :10], val[:, :10], 40), dense_codes(step[0][:, :10], step[1][:, :10], 40),
+                              atol=tol)

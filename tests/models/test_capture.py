@@ -71,3 +71,13 @@ def test_a_layer_the_forward_skips_is_named():
     layers.append(layers[0].__class__(model.config, 2))   # a third layer; the forward runs config's 2
     with pytest.raises(LrcompressError, match=r"did not call decoder layers \[2\]"):
         capture_layer_inputs(model, adapter, family_windows(2), 2, CPU, CPU)
+
+
+def test_the_layers_forward_is_restored_after_the_capture():
+    model = family_model("llama")
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    wrapped = layers[1].forward                 # as accelerate's hooks do: a forward on the instance
+    layers[1].forward = wrapped
+    capture_layer_inputs(model, adapter, family_windows(2), 2, CPU, CPU)
+    assert "forward" not in layers[0].__dict__ and layers[1].__dict__["forward"] is wrapped

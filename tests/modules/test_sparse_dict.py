@@ -46,8 +46,9 @@ def test_index_accounting_matches_the_bytes_on_disk(tmp_path, dtype):
     path = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
     tensors = load_file(path)
-    index_bytes = tensors["indices"].numel() * tensors["indices"].element_size()
-    assert tensors["indices"].dtype == torch.int16 and index_bytes == 5 * 37 * 2
+    assert "indices" not in tensors                                # the unpacked form is not stored
+    index_bytes = tensors["packed_indices"].numel()
+    assert tensors["packed_indices"].dtype == torch.uint8 and index_bytes == math.ceil(5 * 37 / 8) * 5  # 20 atoms: 5 bits
     assert tensors["values"].dtype == dtype and tuple(tensors["values"].shape) == (5, 37)
     value_bytes = torch.finfo(dtype).bits // 8
     assert module.index_params() == math.ceil(index_bytes / value_bytes)
@@ -63,6 +64,27 @@ def test_spec_round_trip_rebuilds_an_identical_module():
     with torch.no_grad():
         assert torch.equal(rebuilt(x), module(x))
     assert rebuilt.spec() == module.spec()
+
+
+@pytest.mark.parametrize("atoms", [2, 9, 256, 257, 1000, 40000])
+def test_indices_survive_packing_at_ceil_log2_k_bits(atoms):
+    module = random_module(in_features=3, out_features=29, atoms=atoms, sparsity=2)
+    bits = max(1, math.ceil(math.log2(atoms)))
+    assert module.spec()["index_bits"] == bits
+    assert module.packed_indices.numel() == (58 if bits == 8 else math.ceil(58 / 8) * bits)   # bytes need no padding
+    rebuilt = SparseDictLinear.from_spec(module.spec(), torch.float32)
+    rebuilt.load_state_dict(module.state_dict())
+    assert torch.equal(rebuilt.indices, module.indices) and rebuilt.indices.dtype == module.indices.dtype
+
+
+def test_a_checkpoint_of_the_unpacked_layout_still_loads():
+    module = random_module()
+    legacy = {k: v for k, v in module.state_dict().items() if k != "packed_indices"}
+    legacy["indices"] = module.indices.clone()                   # int16 [s, out], as written before packing
+    spec = {k: v for k, v in module.spec().items() if k != "index_bits"} | {"index_dtype": "int16"}
+    rebuilt = SparseDictLinear.from_spec(spec, torch.float32)
+    rebuilt.load_state_dict(legacy, strict=True)
+    assert torch.equal(rebuilt.indices, module.indices) and torch.equal(rebuilt.packed_indices, module.packed_indices)
 
 
 def test_dictionary_shares_add_up_and_are_even():

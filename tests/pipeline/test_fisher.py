@@ -51,6 +51,22 @@ def model(request) -> nn.Module:
 
 
 def test_hook_sums_equal_autograd_gradients(model: nn.Module) -> None:
+    _check_against_autograd(model)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "granite"])
+def test_per_layer_inputs_and_the_models_head_are_used(family: str) -> None:
+    """Gemma 3: sliding and full layers get their own masks and rotary bases, logits are soft-capped;
+    Granite: multipliers and logit scaling. Both enter the loss whose gradients are summed."""
+    from families import family_model
+
+    model = family_model(family).double()
+    if family == "gemma3_text":
+        model.config.final_logit_softcapping = 5.0
+    _check_against_autograd(model)
+
+
+def _check_against_autograd(model: nn.Module) -> None:
     windows, targets = _windows(), _targets(model)
     result = _fisher(model, windows, targets, batch_size=2)          # 2 + 2 + 1: a ragged last batch
     columns, rows, mean_loss = _autograd_reference(model, windows, targets)
