@@ -7,21 +7,13 @@ already in memory) and ``load`` (a checkpoint, compressed modules swapped in). S
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None):
-    """Load a checkpoint written by lrcompress (or any dense HF directory) as a ready model."""
-    from pathlib import Path
+def load(path, dtype=None, kernels=True):
+    """Load a checkpoint written by lrcompress (or any dense HF directory, or a hub id) as a ready
+    model. ``kernels=False`` keeps the exact dequantized reference forward of quantized modules
+    instead of the packed CPU kernels (bfloat16 activations; see ``modules/cpu_kernels.py``)."""
+    from .models.loading import load_ready
 
-    import torch
-
-    from .checkpoint.reader import load_compressed
-    from .models.loading import is_compressed_dir
-
-    path = Path(path)
-    if is_compressed_dir(path):
-        return load_compressed(path, dtype=dtype)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()
+    return load_ready(path, dtype=dtype, kernels=kernels)
 
 
 def run(recipe, model=None, dataset=None, **options):
@@ -35,6 +27,10 @@ def run(recipe, model=None, dataset=None, **options):
 
     return run_api(recipe, model, dataset, **options)
 
+
+from ._hf_registration import install as _install_hf_quantizer  # noqa: E402
+
+_install_hf_quantizer()
 
 __all__ = ["__version__", "load", "run"]
 

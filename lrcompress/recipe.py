@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .compressor import COMPRESSORS, CompressorConfig
 from .errors import RecipeError
@@ -48,6 +48,30 @@ class CalibrationSpec(DataSpec):
     seed: int = 0
 
 
+class AllocationSpec(Section):
+    """How a stage spreads its size over its modules (docs/budget.md).
+
+    ``uniform``: every module gets the method's own ratio (or rank). ``spectrum`` and ``global``: the
+    method's ratio (or rank) sets one budget for all the stage's modules together, and each module's
+    rank is chosen from the whitened spectra of the uncompressed model (a pre-pass). ``floor`` and
+    ``ceiling`` bound every module's rank as fractions of its largest useful rank."""
+
+    strategy: Literal["uniform", "spectrum", "global"] = "uniform"
+    floor: float = Field(0.1, ge=0.0, le=1.0, description="smallest rank, as a fraction of the module's largest")
+    ceiling: float = Field(1.0, gt=0.0, le=1.0, description="largest rank, as a fraction of the module's largest")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"strategy": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AllocationSpec":
+        if self.floor > self.ceiling:
+            raise ValueError(f"floor {self.floor} is above ceiling {self.ceiling}")
+        return self
+
+
 class StageSpec(Section):
     """One compression stage. Method options sit beside ``method`` and are checked by the method."""
 
@@ -55,6 +79,8 @@ class StageSpec(Section):
     method: str
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     ignore: list[str] = Field(default_factory=list)
+    allocation: AllocationSpec = Field(default_factory=AllocationSpec,
+                                       description="uniform | spectrum | global, or a mapping with floor/ceiling")
     allow_growth: bool = Field(False, description="accept modules that this stage would not shrink (a rank at "
                                                   "or above the break-even m·n/(m+n)); refused by default")
 
@@ -93,6 +119,12 @@ class RuntimeSpec(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     lazy: bool = Field(False, description="meta-device skeleton; each decoder layer is read from the safetensors "
                                           "shards when processed and released after it is written")
+    target: Literal["layer", "original"] = Field(
+        "layer", description="what a module is fitted to: its own outputs on the inputs it receives (layer) or the "
+                             "uncompressed model's outputs (original: one more forward per layer, see "
+                             "docs/output-matching.md)")
+    target_damping: float = Field(1e-2, ge=0.0, description="λ of the ridge toward W in the target W* (target: "
+                                                            "original), relative to mean(diag X̂ᵀX̂)")
 
 
 class OutputSpec(Section):

@@ -17,6 +17,7 @@ from .eval.perplexity import WindowsNll, windows_nll
 from .eval.streamed import StreamedNll
 from .models import ArchitectureAdapter, LoadedModel, adapter_for, load_model
 from .models.lazy import LayerStore, LazyLayers, ResidentLayers, load_lazy
+from .pipeline.allocation import strategy_of
 from .pipeline.prepass import is_prepass_kind
 from .pipeline.settings import Stage
 from .recipe import ModelSpec, Recipe
@@ -75,6 +76,8 @@ class LazyModel(ResidentModel):
                                   "with `lrcompress eval` on a machine that holds it")
         for stage in stages:
             kinds = sorted(kind for kind in stage.needs if is_prepass_kind(kind))
+            if strategy_of(stage) == "global":
+                kinds.append("output_gradient (allocation: global)")
             if kinds:
                 raise LrcompressError(f"runtime.lazy: stage {stage.index} ({stage.compressor.name}) needs {kinds}, "
                                       "a pass over the whole model; use runtime.lazy: false")

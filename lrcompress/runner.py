@@ -38,6 +38,7 @@ from .eval.suite import evaluate_model
 from .models import DTYPES
 from .models.loading import LoadedModel
 from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, PipelineSettings, Stage, run_prepasses
+from .pipeline.allocation import allocate, needs_allocation
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
@@ -69,8 +70,8 @@ class Calibration:
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
-    return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore)
-            for i, spec in enumerate(recipe.stages)]
+    return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore,
+                  spec.allocation) for i, spec in enumerate(recipe.stages)]
 
 
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
@@ -93,12 +94,14 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
                          model=given.loaded.model if given.loaded else None, sources=sources,
                          calibration_given=given.calibration is not None)
         check_growth(recipe, plan)
-        if dry_run:
+        if dry_run and not needs_allocation(stages):
             return RunResult(None, RunMetrics(), plan, data_sources=sources)
-        claims = collective.is_writer and recipe.output.save
+        # A dry run with a budget allocation loads the model and runs the spectra pre-pass (nothing written).
+        claims = collective.is_writer and recipe.output.save and not dry_run
         with claim_output_dir(Path(recipe.output.dir), recipe.output.overwrite, log.warning) if claims \
                 else nullcontext():
-            result = _run_recipe(recipe, observer, directory, collective, stages, plan, given)
+            result = _run_recipe(recipe, observer, directory, collective, stages, plan, given, dry_run)
+        result.data_sources = sources
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
 
@@ -113,12 +116,16 @@ class GivenInputs:
 
 
 def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | None, collective: Collective,
-                stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None) -> RunResult:
+                stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None,
+                dry_run: bool = False) -> RunResult:
     run = RecipeRun(recipe, observer, collective, directory, stages, plan, given or GivenInputs())
     run.prepare()
-    if recipe.eval.baseline and run.writer:
+    if recipe.eval.baseline and run.writer and not dry_run:
         run.dense_baseline()
     calibration = run.calibrate()
+    run.allocate(calibration)
+    if dry_run:                # a budget's ranks are planned: the plan shows them, nothing is compressed
+        return RunResult(None, run.metrics, plan_modules(run.model.model, stages))
     records = run.compress(calibration)
     run.write(calibration, records)
     if run.writer:
@@ -194,6 +201,20 @@ class RecipeRun:
             windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
         return Calibration(source, windows)
 
+    def settings(self, calibration: Calibration) -> PipelineSettings:
+        return PipelineSettings.from_runtime(self.recipe.runtime, self.collective, len(calibration.windows))
+
+    def allocate(self, calibration: Calibration) -> None:
+        """A budget over a stage's modules: the spectra pre-pass chooses every module's rank (and binds it
+        to the stage) before any decomposition. Nothing happens when every stage is uniform."""
+        model = self.model
+        started = time.perf_counter()
+        allocation = allocate(model.model, model.adapter, self.stages, self.collective.shard(calibration.windows),
+                              self.settings(calibration), self.observer, model.layers())
+        if allocation is not None:
+            self.metrics.allocation = allocation
+            self.timing["allocation"] = time.perf_counter() - started
+
     # -- compress --------------------------------------------------------------------------------------
     def compress(self, calibration: Calibration) -> list[ModuleRecord]:
         """Pre-passes, then the layer-wise pipeline; finished segments go to ``<out>.partial``. A staged run
@@ -210,15 +231,19 @@ class RecipeRun:
         return records
 
     def _compress(self, calibration: Calibration) -> list[ModuleRecord]:
-        recipe, model = self.recipe, self.model
-        settings = PipelineSettings.from_runtime(recipe.runtime, self.collective, len(calibration.windows))
+        model = self.model
+        settings = self.settings(calibration)
         shard = self.collective.shard(calibration.windows)      # this process's windows (all of them alone)
         prepass = run_prepasses(model.model, model.adapter, self.stages, shard, settings, self.observer)
         if prepass.reports:
             self.metrics.prepass = prepass.reports
             self.timing["prepass"] = prepass.seconds
-        return LayerwisePipeline(model.model, model.adapter, self.stages, settings, self.observer,
-                                 precomputed=prepass.statistics, layers=model.layers(), journal=self.journal).run(shard)
+        pipeline = LayerwisePipeline(model.model, model.adapter, self.stages, settings, self.observer,
+                                     precomputed=prepass.statistics, layers=model.layers(), journal=self.journal)
+        records = pipeline.run(shard)
+        if pipeline.reference is not None:     # output matching: its extra time and memory
+            self.metrics.output_matching = pipeline.reference.report()
+        return records
 
     def _journal(self, calibration: Calibration) -> StagedJournal | None:
         """The staging directory of the output, resumed when an interrupted run of this recipe left one."""
@@ -254,7 +279,8 @@ class RecipeRun:
                     outer, aliases = unique_tensors((name, t) for name, t in model.state_dict().items()
                                                     if not name.startswith(adapter.layers + "."))
                     staging.complete(outer, aliases, model.config, dtype, provenance.dump(), self.model.tokenizer,
-                                     {"recipe.yaml": self.recipe_yaml})
+                                     {"recipe.yaml": self.recipe_yaml},
+                                     source=self.model.loaded.local_dir or recipe.model.path)
                 self.written_bytes = bytes_on_disk(staging.path)
         self.metrics.compression = compression_summary(records, self.params_before, unique_param_count(model),
                                                        self.written_bytes, dtype.itemsize)

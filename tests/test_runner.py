@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lrcompress.errors import CheckpointError, LrcompressError
+from lrcompress.eval import RunMetrics
 from lrcompress.runner import run_recipe
 from tiny_runs import tiny_recipe
 
@@ -113,6 +114,18 @@ def test_a_moe_recipe_run_writes_a_plain_checkpoint(tmp_path, calibration_file):
     bad = dict(recipe, stages=[{"method": "expert_average", "num_experts": 2, "ratio": 0.2}])
     with pytest.raises(Exception, match="stages.0.ratio"):
         parse_recipe(bad)
+
+
+def test_output_matching_reports_its_cost(tiny_llama_dir, calibration_file, tmp_path):
+    recipe = tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "run")
+    recipe.runtime.target = "original"
+    metrics = run_recipe(recipe).metrics
+    cost = metrics.output_matching
+    assert cost.target == "original" and cost.extra_seconds > 0 and cost.reference_forwards == 2
+    assert cost.peak_reference_activation_bytes > 0 and cost.peak_cross_gram_bytes_per_layer > 0
+    assert all(m.details["target"] == "original" for m in metrics.modules)
+    saved = RunMetrics.load(tmp_path / "run" / "metrics.json")
+    assert saved.output_matching == cost
 
 
 def test_chat_template_calibration_renders_conversations(tiny_llama_dir, calibration_file, tmp_path):

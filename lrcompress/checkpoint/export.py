@@ -8,20 +8,37 @@ from torch import nn
 
 from ..modules import compressed_modules
 from ..modules.surgery import replace_submodule
-from .layout import staged_directory
+from .layout import GUARD_KEY, METADATA_KEY, QUANT_METHOD, QUANTIZATION_KEY, staged_directory
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every compressed module by its plain equivalent (an nn.Linear, fused experts), in place."""
+    """Replace every compressed module by its plain equivalent (an nn.Linear, fused experts), in place,
+    and drop what marks the model as an lrcompress checkpoint (so that it saves as a plain one)."""
     for name, module in compressed_modules(model):
         replace_submodule(model, name, module.to_dense())
+    forget_compression(model)
     return model
+
+
+def forget_compression(model: nn.Module) -> None:
+    """Remove the lrcompress block, guard and transformers quantizer from a (densified) model."""
+    config = model.config
+    quantization = getattr(config, QUANTIZATION_KEY, None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", None)
+    if method == QUANT_METHOD:
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        elif hasattr(config, QUANTIZATION_KEY):
+            delattr(config, QUANTIZATION_KEY)
+    for key in (METADATA_KEY, GUARD_KEY):
+        if hasattr(config, key):
+            delattr(config, key)
 
 
 def export_dense(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool = False) -> None:
     densify(model)
-    if hasattr(model.config, "lrcompress"):
-        del model.config.lrcompress
     with staged_directory(out_dir, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:

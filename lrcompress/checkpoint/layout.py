@@ -1,10 +1,18 @@
 """The compressed checkpoint's on-disk layout (a Hugging Face-style directory).
 
-    config.json                 the original config + an "lrcompress" block (format, per-module specs)
+    config.json                 the original config + a "quantization_config" block with
+                                quant_method "lrcompress" (format, per-module specs, tied aliases)
     model.safetensors           or model-0000i-of-0000N.safetensors + model.safetensors.index.json
-    tokenizer files, recipe.yaml, metrics.json, report.md
+    generation_config.json, tokenizer files   copied unchanged from the source model
+    recipe.yaml, metrics.json, report.md
 
-Tied tensors (tied embeddings) are stored once; the aliases are listed in the "lrcompress" block.
+Tied tensors (tied embeddings) are stored once; the aliases are listed in the block. The block is a
+transformers ``quantization_config`` so that ``import lrcompress`` + ``AutoModelForCausalLM.from_pretrained``
+loads the compressed model (``checkpoint/hf_quantizer.py``); ``transformers_weights`` holds
+:data:`LOAD_GUARD`, which plain transformers rejects with that sentence (it would otherwise skip the
+unknown quantization method and fill every compressed module with random weights). Checkpoints written
+before the block moved keep it under the top-level key "lrcompress" and still load with
+``lrcompress.load``.
 """
 from __future__ import annotations
 
@@ -22,6 +30,20 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 METADATA_KEY = "lrcompress"
+QUANTIZATION_KEY = "quantization_config"
+QUANT_METHOD = "lrcompress"
+GUARD_KEY = "transformers_weights"
+LOAD_GUARD = ("quant_method 'lrcompress': this is an lrcompress checkpoint; `pip install lrcompress` and "
+              "`import lrcompress` before from_pretrained (its weights are not model.safetensors)")
+
+
+def lrcompress_block(config: dict) -> dict | None:
+    """The lrcompress block of a config.json's content: its quantization_config, or the top-level
+    "lrcompress" block of checkpoints written before format 1 moved it; None if neither."""
+    quantization = config.get(QUANTIZATION_KEY)
+    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+        return {key: value for key, value in quantization.items() if key != "quant_method"}
+    return config.get(METADATA_KEY)
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:

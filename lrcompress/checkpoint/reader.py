@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..modules import MODULE_KINDS
+from ..modules import MODULE_KINDS, prepare_for_inference
 from ..modules.surgery import replace_submodule
-from .layout import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, weight_files
+from .layout import (CONFIG_NAME, FORMAT_VERSION, GUARD_KEY, METADATA_KEY, QUANTIZATION_KEY, lrcompress_block,
+                     weight_files)
 from .verify import verify_safetensors_dir
 
 
@@ -25,9 +26,11 @@ def read_metadata(directory: Path) -> tuple[dict, dict]:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path} is not a readable JSON config: {error}") from None
-    meta = config.pop(METADATA_KEY, None) if isinstance(config, dict) else None
+    meta = lrcompress_block(config) if isinstance(config, dict) else None
     if meta is None:
-        raise CheckpointError(f"{path} has no '{METADATA_KEY}' block: not an lrcompress checkpoint")
+        raise CheckpointError(f"{path} has no lrcompress {QUANTIZATION_KEY}: not an lrcompress checkpoint")
+    for key in (QUANTIZATION_KEY, METADATA_KEY, GUARD_KEY):
+        config.pop(key, None)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported "
                               f"(this lrcompress reads version {FORMAT_VERSION})")
@@ -100,7 +103,9 @@ def assign_tensors(model: nn.Module, prefix: str, tensors: dict[str, torch.Tenso
     restore_aliases(model, inside)
 
 
-def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+def load_compressed(directory: str | Path, dtype: torch.dtype | None = None, kernels: bool = True) -> nn.Module:
+    """The compressed model of ``directory``; with ``kernels`` its modules build their fast inference
+    layouts (packed int4 CPU kernels), else they compute the exact dequantized reference."""
     directory = Path(directory)
     config_dict, meta = read_metadata(directory)
     stored_dtype = getattr(torch, meta.get("dtype", "float32"))
@@ -116,4 +121,6 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     model.tie_weights()
     if dtype is not None:
         model.to(dtype)
+    if kernels:
+        prepare_for_inference(model)
     return model.eval()

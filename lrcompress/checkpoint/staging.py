@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from .carry import write_carried_files
 from .shards import read_all
 from .layout import CONFIG_NAME, disk_errors, replace_durably, swap_into_place, write_durable
 from .writer import checkpoint_config, write_index
@@ -116,9 +117,11 @@ class StagingDir:
         return read_all(path), self.segment_info(layers)
 
     def complete(self, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
-                 dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any, extra_files: dict[str, str]) -> None:
+                 dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any, extra_files: dict[str, str],
+                 source: str | Path | None = None) -> None:
         """Write everything but the metrics: the tensors outside the layers, the index, config.json, the
-        tokenizer and ``extra_files``; then mark the state ``written`` (last, durably)."""
+        generation config and tokenizer files of ``source`` (copied unchanged) and ``extra_files``; then
+        mark the state ``written`` (last, durably)."""
         segments = [self.segment_info(layers) for layers in self.finished()]
         with disk_errors(f"writing the checkpoint into {self.path}", self.path):
             tmp = self.path / f"{OUTER_NAME}.tmp"
@@ -136,8 +139,7 @@ class StagingDir:
             write_index(self.path, weight_map, sum(sizes.values()))
             config = checkpoint_config(model_config, dtype, specs, aliases, provenance)
             write_durable(self.path / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(self.path)
+            write_carried_files(self.path, source, tokenizer)
             for name, text in extra_files.items():
                 write_durable(self.path / name, text)
             for leftover in self.path.glob("*.tmp"):  # a write a crash interrupted, since redone

@@ -10,7 +10,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..modules import compressed_modules
-from .layout import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, METADATA_KEY, WEIGHTS_NAME
+from .carry import write_carried_files
+from .layout import (CONFIG_NAME, FORMAT_VERSION, GUARD_KEY, INDEX_NAME, LOAD_GUARD, QUANT_METHOD,
+                     QUANTIZATION_KEY, WEIGHTS_NAME)
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -74,26 +76,29 @@ def write_index(directory: Path, weight_map: dict[str, str], total_size: int) ->
 
 def checkpoint_config(model_config: Any, dtype: torch.dtype, specs: dict[str, dict[str, Any]],
                       aliases: dict[str, str], provenance: dict[str, Any]) -> dict[str, Any]:
-    """config.json's content: the model's config plus the lrcompress block the reader needs."""
+    """config.json's content: the model's config plus the lrcompress block the reader needs, as a
+    transformers quantization_config, and the guard that makes plain transformers refuse it."""
     config = model_config.to_dict()
-    config.pop("quantization_config", None)
-    config[METADATA_KEY] = {
+    config["dtype"] = str(dtype).removeprefix("torch.")      # what from_pretrained loads by default
+    config[QUANTIZATION_KEY] = {
+        "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "dtype": str(dtype).removeprefix("torch."),
         "modules": specs,
         "tied": aliases,
         "provenance": provenance,
     }
+    config[GUARD_KEY] = LOAD_GUARD
     return config
 
 
 def write_checkpoint(model: nn.Module, tokenizer: Any, directory: Path, provenance: dict[str, Any],
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write ``model`` (with its compressed modules) into an existing, empty ``directory``."""
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: str | Path | None = None) -> None:
+    """Write ``model`` (with its compressed modules) into an existing, empty ``directory``; the
+    generation config and tokenizer files of ``source`` (a directory or hub id) are copied unchanged."""
     tensors, aliases = unique_state_dict(model)
     write_weights(directory, tensors, max_shard_bytes)
     config = checkpoint_config(model.config, next(model.parameters()).dtype, compressed_specs(model), aliases,
                                provenance)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    write_carried_files(directory, source, tokenizer)

@@ -14,8 +14,8 @@ from rich.markup import escape
 
 from ..errors import LrcompressError
 from ..pipeline import PipelineObserver
-from .render import (console, inspection_table, make_observer, plan_table, provenance_table, result_event,
-                     setup_logging, summary_table)
+from .render import (allocation_table, console, inspection_table, make_observer, plan_table, provenance_table,
+                     result_event, setup_logging, summary_table)
 
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
 
@@ -123,6 +123,8 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         stdout.print(plan_table(result.plan))
         for line in result.data_sources:
             stdout.print(line, highlight=False)
+        if result.metrics.allocation:   # the spectra pre-pass ran to choose the ranks above
+            stdout.print(allocation_table(result.metrics.allocation))
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
     from .render_eval import lm_eval_table
@@ -259,6 +261,8 @@ def inspect(checkpoint: Path) -> None:
 
     inspection = inspect_checkpoint(checkpoint)
     stdout.print(inspection_table(inspection))
+    if inspection.allocation:
+        stdout.print(allocation_table(inspection.allocation))
     if inspection.provenance:
         stdout.print(provenance_table(inspection.provenance))
 
@@ -269,24 +273,61 @@ def inspect(checkpoint: Path) -> None:
 @click.option("--dense", is_flag=True, help="write a plain dense HF checkpoint")
 @click.option("--peft", is_flag=True, help="write OUTPUT/base (dense base model) + OUTPUT/adapter (the "
               "compensation paths as a PEFT LoRA adapter)")
+@click.option("--format", "format_", type=click.Choice(["compressed-tensors"]),
+              help="a standard quantized format (rtn/gptq checkpoints; needs the compressed-tensors package)")
 @click.option("--overwrite", is_flag=True)
-def export(checkpoint: Path, output: Path, dense: bool, peft: bool, overwrite: bool) -> None:
-    """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads; --peft: base + LoRA adapter)."""
+def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str | None, overwrite: bool) -> None:
+    """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads; --peft: base + LoRA adapter;
+    --format compressed-tensors: the quantized weights in that format)."""
     from ..checkpoint import export_dense, export_peft
+    from ..checkpoint.compressed_tensors import export_compressed_tensors
     from ..models import load_model
 
-    if dense == peft:
-        raise LrcompressError("give exactly one of --dense or --peft")
-    loaded = load_model(str(checkpoint))
-    if peft:
-        written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
-    else:
-        export_dense(loaded.model, loaded.tokenizer, output, overwrite)
+    if [dense, peft, format_ is not None].count(True) != 1:
+        _fail(click.UsageError("give exactly one of --dense, --peft or --format"))
+    try:
+        loaded = load_model(str(checkpoint))
+        if peft:
+            written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
+        elif format_:
+            count = export_compressed_tensors(loaded.model, loaded.tokenizer, output, overwrite)
+        else:
+            export_dense(loaded.model, loaded.tokenizer, output, overwrite)
+    except LrcompressError as error:
+        _fail(error)
     if peft:
         stdout.print(f"wrote base model to {written.base_dir} and a LoRA adapter for {written.modules} modules "
                      f"to {written.adapter_dir}")
         return
+    if format_:
+        stdout.print(f"wrote {count} quantized modules as {format_} to {output}")
+        return
     stdout.print(f"wrote dense checkpoint to {output}")
+
+
+@cli.command("bench-infer")
+@click.argument("checkpoint")
+@click.option("--dense", help="the dense original (default: the source model the checkpoint's provenance names)")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="prefill length")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="tokens generated")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="median over this many")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the report as JSON")
+def bench_infer(checkpoint: str, dense: str | None, prompt_tokens: int, new_tokens: int, batch: int, threads: int,
+                repeats: int, json_path: Path | None) -> None:
+    """Prefill and decode tokens/s and memory of CHECKPOINT and its dense original, in one process."""
+    from ..eval.inference_bench import InferenceSettings, bench_checkpoint
+    from .render import inference_table
+
+    settings = InferenceSettings(prompt_tokens, new_tokens, batch, threads, repeats)
+    try:
+        report = bench_checkpoint(checkpoint, dense, settings)
+    except LrcompressError as error:
+        _fail(error)
+    stdout.print(inference_table(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from rich.table import Table
 from ..eval.inspect import Inspection
 from ..eval.metrics import RunMetrics, describe_change, format_bytes
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
+from ..pipeline.allocation import AllocationResult
 from ..pipeline.observer import PlannedWork, WorkProgress
 from ..pipeline.memory import describe_peak_memory
 
@@ -158,6 +159,24 @@ def summary_table(metrics: RunMetrics, output_dir) -> Table:
     return table
 
 
+def inference_table(report: dict[str, Any]) -> Table:
+    """bench-infer: tokens/s and memory of the dense and compressed models, and their ratios."""
+    settings = report["settings"]
+    table = Table(title=f"{report['checkpoint']} vs {report['dense']} — batch {settings['batch']}, "
+                        f"{settings['threads']} threads, median of {settings['repeats']}")
+    for column in ("model", f"prefill {settings['prompt_tokens']} tok/s", f"decode {settings['new_tokens']} tok/s",
+                   "tensor MiB", "decode peak RSS +MiB"):
+        table.add_column(column, justify="right")
+    for name, speed in report["speeds"].items():
+        peak = speed["decode_peak_rss_delta_bytes"]
+        table.add_row(name, f"{speed['prefill_tokens_per_s']:.1f}", f"{speed['decode_tokens_per_s']:.2f}",
+                      f"{speed['tensor_bytes'] / 2**20:.1f}", "?" if peak is None else f"{peak / 2**20:.1f}")
+    ratio = report["ratios"]
+    table.add_row("compressed ÷ dense", f"{ratio['prefill']:.2f}×", f"{ratio['decode']:.2f}×",
+                  f"{ratio['tensor_bytes']:.2f}×", "")
+    return table
+
+
 def result_event(result, dry_run: bool) -> dict[str, Any]:
     """``run --log-json``'s one line on stdout: what a batch system needs to know about the run."""
     if dry_run:
@@ -206,4 +225,28 @@ def provenance_table(provenance: dict[str, Any]) -> Table:
     table.add_column("value", overflow="fold")
     for key, value in _flatten(provenance):
         table.add_row(key, value)
+    return table
+
+
+def allocation_table(allocation: AllocationResult) -> Table:
+    """Per stage and module kind: the ranks a budget allocation chose against the uniform ones."""
+    table = Table(title="budget allocation (rank per module kind: min / mean / max, uniform)")
+    for column in ("stage", "strategy", "module kind", "modules", "min", "mean", "max", "uniform"):
+        table.add_column(column, justify="left" if column in ("strategy", "module kind") else "right")
+    captions = []
+    for stage in allocation.stages:
+        for kind, modules in stage.by_kind().items():
+            ranks = [m.rank for m in modules]
+            uniform = sorted({m.uniform_rank for m in modules})
+            table.add_row(str(stage.stage), stage.strategy, kind, str(len(modules)), str(min(ranks)),
+                          f"{sum(ranks) / len(ranks):.1f}", str(max(ranks)), "/".join(map(str, uniform)))
+        captions.append(f"stage {stage.stage} ({stage.method}, {stage.strategy}): "
+                        f"{stage.allocated_params:,} of a budget of {stage.budget_params:,.0f} parameters "
+                        f"(uniform: {stage.uniform_params:,})")
+    spectra = allocation.prepass.get("spectra", {})
+    if spectra:
+        captions.append(f"spectra pre-pass over the uncompressed model: {spectra.get('modules', 0)} modules, "
+                        f"{spectra.get('spectra_bytes', 0) / 1024:.1f} KiB kept, {spectra.get('seconds', 0):.1f} s"
+                        + (", with output gradients" if spectra.get("with_output_gradients") else ""))
+    table.caption = "\n".join(captions)
     return table

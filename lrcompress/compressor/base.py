@@ -57,6 +57,24 @@ class Plan:
     bytes_after: int | None = None     # when it differs from params_after × the weight's element size
 
 
+@dataclass(frozen=True)
+class RankKnob:
+    """What a compressor's size knob (a rank, a sparsity) costs for one module, for budget allocation.
+
+    The stored parameters are ``fixed_params + rank·step_params``; the stage's own setting (its ratio
+    or rank) would give ``rank`` and corresponds to ``budget_params`` (the unrounded allowance of the
+    rank-dependent part: (1 − ratio)·m·n for a ratio). ``max_rank`` is the largest rank worth storing
+    (for a low-rank factorization, the rank at which it stops being smaller than the dense matrix).
+    """
+
+    step_params: int
+    max_rank: int
+    rank: int
+    budget_params: float
+    dense_params: int
+    fixed_params: int = 0
+
+
 @dataclass
 class GroupMember:
     """One module of a group compressed together (same relative name in consecutive layers)."""
@@ -86,6 +104,15 @@ class Compressor(ABC):
         ``compress_group`` once per module kind (e.g. ``mlp.down_proj``) with the g members."""
         return 1
 
+    @property
+    def takes_target(self) -> bool:
+        """Whether ``runtime.target: original`` may hand this compressor the output-matching target W*
+        in place of the original W (as the module's weight when no earlier stage touched the module, and
+        as the ``original_weight`` snapshot): true when the result minimises ‖X̂(T − Ŵ)ᵀ‖ in the metric of
+        the Gram X̂ᵀX̂ it receives, for the weight T it is given. Data-free and weight-space methods keep
+        False and the switch leaves them alone (docs/output-matching.md)."""
+        return False
+
     def compress_group(self, members: list[GroupMember]) -> list[CompressResult]:
         """Compress modules that share something (a dictionary); by default each one alone."""
         return [self.compress(m.name, m.module, m.stats) for m in members]
@@ -93,6 +120,18 @@ class Compressor(ABC):
     @abstractmethod
     def plan(self, module: nn.Module) -> Plan:
         """Shape of the result without statistics."""
+
+    def plan_for(self, name: str, module: nn.Module) -> Plan:
+        """The plan of the module named ``name`` (a budget allocation may give each module its own)."""
+        return self.plan(module)
+
+    def rank_knob(self, module: nn.Module) -> RankKnob | None:
+        """The price of this method's size knob for ``module``; None: no knob a budget can move."""
+        return None
+
+    def with_rank(self, rank: int) -> "Compressor":
+        """A copy of this compressor that gives every module ``rank`` (its knob's unit)."""
+        raise NotImplementedError(f"{self.name} has no rank knob")
 
     @abstractmethod
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
@@ -111,6 +150,19 @@ class LowRankCompressor(Compressor):
         rank = self.config.rank_for(m, n)
         bias = getattr(module, "bias", None)
         return Plan(low_rank_params(m, n, rank) + (bias.numel() if bias is not None else 0), rank)
+
+    def rank_knob(self, module: nn.Module) -> RankKnob:
+        m, n = module.out_features, module.in_features
+        bias = getattr(module, "bias", None)
+        c = self.config
+        budget = (c.rank * (m + n)) if c.rank is not None else (1.0 - (c.ratio or 0.0)) * m * n
+        # Beyond m·n/(m+n) the two factors store more than the dense matrix.
+        return RankKnob(step_params=m + n, max_rank=max(1, min(m, n, (m * n) // (m + n))),
+                        rank=self.plan(module).rank, budget_params=float(budget), dense_params=m * n,
+                        fixed_params=bias.numel() if bias is not None else 0)
+
+    def with_rank(self, rank: int) -> "LowRankCompressor":
+        return type(self)(self.config.model_copy(update={"rank": int(rank), "ratio": None}))
 
 
 COMPRESSORS: dict[str, type[Compressor]] = {}

@@ -21,6 +21,7 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from ..modules import SparseDictLinear, dense_weight
 from ..modules.sparse_dict import dictionary_shares, index_bits, sparse_dict_params
-from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, register
+from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, RankKnob, register
 from .dictionary import ksvd, refit_values, sparsity_budget
 from .linalg import whitening
 from .stats import Statistic, gram_of
@@ -49,6 +50,8 @@ class CoSpaDiConfig(CompressorConfig):
     power_steps: int = Field(3, ge=1, description="power-iteration steps of each rank-1 atom update")
     omp_dtype: Literal["float64", "float32"] = Field(
         "float64", description="precision of the OMP support search (values are refit in float64)")
+    sparsity: int | None = Field(None, ge=1, description="nonzeros per column s, instead of the one the ratio "
+                                                         "gives (set per module by a budget allocation)")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ class CoSpaDi(Compressor):
     config: CoSpaDiConfig
     needs = frozenset({"gram"})
     shrinks = True
+
+    @property
+    def takes_target(self) -> bool:
+        """Dictionary learned on the whitened T, values refit in the metric X̂ᵀX̂."""
+        return True
 
     @property
     def group_size(self) -> int:
@@ -86,7 +94,9 @@ class CoSpaDi(Compressor):
 
     def _shape(self, in_features: int, out_features: int, members: int, cost: float) -> Shape:
         c = self.config
-        s = min(sparsity_budget(in_features, out_features, c.ratio, c.rho, members, cost), in_features)
+        s = c.sparsity if c.sparsity is not None else sparsity_budget(in_features, out_features, c.ratio,
+                                                                       c.rho, members, cost)
+        s = min(s, in_features)
         return Shape(s, max(s, int(c.rho * s)), cost)
 
     def plan(self, module: nn.Module) -> Plan:
@@ -96,6 +106,23 @@ class CoSpaDi(Compressor):
         # the stored indices are charged at their real size even when the budget leaves them out
         return Plan(sparse_dict_params(module.in_features, module.out_features, shape.atoms, shape.sparsity,
                                        weight.dtype, getattr(module, "bias", None) is not None, share))
+
+    def rank_knob(self, module: nn.Module) -> RankKnob | None:
+        """The knob is s (k = ρ·s atoms): each step stores ρ·d_in dictionary values and d_out codes
+        with their indices. A shared dictionary (group_size > 1) has no per-module knob."""
+        if self.config.group_size > 1:
+            return None
+        d_in, d_out = module.in_features, module.out_features
+        shape = self.shape_for(d_in, d_out, dense_weight(module).dtype, 1)
+        bias = getattr(module, "bias", None)
+        step = math.ceil(self.config.rho * d_in + d_out * (1.0 + shape.index_cost))
+        budget = (1.0 - self.config.ratio) * d_in * d_out
+        return RankKnob(step_params=step, max_rank=max(1, min(d_in, math.floor(d_in * d_out / step))),
+                        rank=shape.sparsity, budget_params=budget, dense_params=d_in * d_out,
+                        fixed_params=bias.numel() if bias is not None else 0)
+
+    def with_rank(self, rank: int) -> "CoSpaDi":
+        return CoSpaDi(self.config.model_copy(update={"sparsity": int(rank)}))
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         return self.compress_group([GroupMember(name, module, stats)])[0]

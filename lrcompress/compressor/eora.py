@@ -91,6 +91,11 @@ class EoRA(Compressor):
     config: EoRAConfig
     needs = frozenset({"gram", "original_weight"})
 
+    @property
+    def takes_target(self) -> bool:
+        """The residual T − W_c in the eigenspace of X̂ᵀX̂; ``space: weight`` is data-free."""
+        return self.config.space == "eigen"
+
     def plan(self, module: nn.Module) -> Plan:
         m, n = module.out_features, module.in_features
         rank = self.config.rank_for(m, n)

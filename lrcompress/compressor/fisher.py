@@ -86,3 +86,47 @@ def _checked(sums: torch.Tensor, module_name: str, which: str) -> torch.Tensor:
         raise NumericalError(f"{module_name}: the {which} Fisher sums contain NaN/Inf (the gradient "
                              "pass overflowed; try dtype float32)")
     return values
+
+
+class OutputGradientStatistic(Statistic):
+    """Σ over tokens of g_j² per output feature j, g = ∂L_d/∂y: the diagonal of the output-side
+    Kronecker factor G_y = E[g·gᵀ] of a K-FAC Fisher (d_out floats per module).
+
+    The budget allocation (``pipeline.allocation``) uses it to price each whitened singular
+    component by its estimated loss increase; like the Fisher sums it is a running total and only
+    ever compared across modules of one run, so the 1/count scale is never needed.
+    """
+
+    name = "output_gradient"
+
+    def __init__(self, out_features: int, device: torch.device | str = "cpu") -> None:
+        self.sums = torch.zeros(out_features, dtype=accumulation_dtype(torch.device(device)), device=device)
+        self.count = 0                      # tokens folded in
+
+    @classmethod
+    def for_module(cls, module: nn.Module, device: torch.device | str) -> "OutputGradientStatistic":
+        return cls(int(module.out_features), device)
+
+    def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        raise TypeError("output-gradient statistics come from the gradient pre-pass (observe_gradient)")
+
+    def observe_gradient(self, inputs: torch.Tensor, output_grad: torch.Tensor) -> None:
+        g = output_grad.reshape(-1, output_grad.shape[-1]).to(self.sums)
+        self.sums += g.square().sum(dim=0)
+        self.count += g.shape[0]
+
+    def merge(self, other: Statistic) -> None:
+        assert isinstance(other, OutputGradientStatistic)
+        self.sums += other.sums.to(self.sums)
+        self.count += other.count
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sums": self.sums, "count": torch.tensor(self.count, dtype=torch.int64)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.sums = state["sums"].to(self.sums, copy=True)
+        self.count = int(state["count"])
+
+    def diagonal(self, module_name: str) -> torch.Tensor:
+        """diag(G_y) up to the 1/count scale, float64, checked for NaN/Inf."""
+        return _checked(self.sums, module_name, "output-gradient")

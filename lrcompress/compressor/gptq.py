@@ -133,6 +133,11 @@ class GPTQ(QuantizingCompressor):
     config: GPTQConfig
     needs = frozenset({"gram"})
 
+    @property
+    def takes_target(self) -> bool:
+        """Quantizes T with Hessian X̂ᵀX̂: with T = W* this is GPTAQ's asymmetric calibration."""
+        return True
+
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()

@@ -107,3 +107,58 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torc
     if den <= 0:
         return 0.0 if num == 0 else float("inf")
     return math.sqrt(num / den)
+
+
+def matched_weight(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damping: float,
+                   module_name: str = "") -> tuple[torch.Tensor, str]:
+    """The output-matching target W* (float64) and the numerical path taken.
+
+    ``gram`` = X̂ᵀX̂ (this run's inputs), ``cross`` = XᵀX̂ (X: the uncompressed model's inputs). W* is
+    the ridge solution of min_W′ ‖X̂W′ᵀ − XWᵀ‖² + λs‖W′ − W‖², s = mean(diag X̂ᵀX̂):
+
+        W* = W·(XᵀX̂ + λsI)·(X̂ᵀX̂ + λsI)⁻¹
+
+    so that ‖X̂Ŵᵀ − XWᵀ‖² + λs‖Ŵ − W‖² = ‖(Ŵ − W*)·S‖² + const for S·Sᵀ = X̂ᵀX̂ + λsI: every method that
+    minimises the whitened error in that (damped) metric minimises the matched error when given W*.
+    The ridge pulls W* toward W (not toward 0) in input directions the calibration barely excites, and
+    X̂ = X gives W* = W exactly. On a failed Cholesky λ is raised ×10 (``CHOLESKY_RETRIES`` times), then a
+    least-squares solve is used; docs/output-matching.md derives it.
+    """
+    g = gram.to(torch.float64)
+    c = cross.to(g)
+    w = weight.to(g)
+    n = g.shape[0]
+    identity = torch.eye(n, dtype=torch.float64, device=g.device)
+    scale = torch.diagonal(g).mean().item()
+    if not math.isfinite(scale) or scale <= 0.0:
+        log.warning("%s: empty or degenerate Gram (mean diag %.3g); output-matching target is W", module_name, scale)
+        return w.clone(), "target=W (empty Gram)"
+    lam = damping
+    for attempt in range(CHOLESKY_RETRIES + 1):
+        factor, info = torch.linalg.cholesky_ex(g + lam * scale * identity)
+        if int(info) == 0 and torch.isfinite(factor).all():
+            rhs = (c.T + lam * scale * identity) @ w.T                 # (X̂ᵀX + λsI)·Wᵀ
+            target = torch.cholesky_solve(rhs, factor).T
+            if attempt:
+                log.info("%s: output-matching solve needed damping %.0e", module_name, lam)
+            return target, f"cholesky(damping={lam:.0e})"
+        lam *= DAMPING_GROWTH
+    log.warning("%s: output-matching Gram not positive definite after raising the damping; least squares",
+                module_name)
+    rhs = (c.T + damping * scale * identity) @ w.T
+    target = torch.linalg.lstsq(g + damping * scale * identity, rhs).solution.T
+    return target, "lstsq"
+
+
+def matched_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
+                         reference_gram: torch.Tensor) -> float:
+    """‖X̂Ŵᵀ − XWᵀ‖_F / ‖XWᵀ‖_F from X̂ᵀX̂ (``gram``), XᵀX̂ (``cross``) and XᵀX (``reference_gram``):
+    tr(Ŵ·X̂ᵀX̂·Ŵᵀ) − 2·tr(Ŵ·X̂ᵀX·Wᵀ) + tr(W·XᵀX·Wᵀ) over tr(W·XᵀX·Wᵀ)."""
+    w = weight.to(torch.float64)
+    a = approx.to(w)
+    g, c, r = (m.to(w) for m in (gram, cross, reference_gram))
+    den = torch.einsum("ij,jk,ik->", w, r, w).item()
+    num = (torch.einsum("ij,jk,ik->", a, g, a) - 2 * torch.einsum("ij,jk,ik->", a, c.T, w)).item() + den
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return math.sqrt(max(num, 0.0) / den)

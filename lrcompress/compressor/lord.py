@@ -32,6 +32,11 @@ class LoRD(LowRankCompressor):
     config: LoRDConfig
     needs = frozenset({"gram"})
 
+    @property
+    def takes_target(self) -> bool:
+        """Top-r eigenvectors of T·X̂ᵀX̂·Tᵀ: the best projection of any target T's outputs."""
+        return True
+
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()

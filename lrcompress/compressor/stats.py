@@ -79,11 +79,7 @@ class GramStatistic(Statistic):
 
     def gram(self, module_name: str) -> torch.Tensor:
         """XᵀX in float64, checked for NaN/Inf."""
-        g = self.sum_xx.to(torch.float64)
-        if not torch.isfinite(g).all():
-            raise NumericalError(f"{module_name}: the calibration Gram XᵀX contains NaN/Inf "
-                                 "(the activations overflowed; try dtype float32 or fewer layers)")
-        return g
+        return _finite(self.sum_xx, module_name, "calibration Gram XᵀX")
 
     def mean(self) -> torch.Tensor:
         return (self.sum_x / max(self.count, 1)).to(torch.float64)
@@ -116,10 +112,85 @@ class OriginalWeight(Statistic):
         return None
 
 
+class PairedStatistic(Statistic):
+    """A statistic of pairs: the module's input x̂ in this (compressed) run and the input x the
+    uncompressed model gives the same module for the same token (``runtime.target: original``).
+
+    The pipeline feeds it through ``observe_pair``; the one-stream ``observe`` leaves it unchanged."""
+
+    def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        return None
+
+    @abstractmethod
+    def observe_pair(self, inputs: torch.Tensor, reference: torch.Tensor) -> None:
+        """Fold in one forward call: ``inputs`` = X̂ (this run), ``reference`` = X (original model)."""
+
+
+class CrossGramStatistic(PairedStatistic):
+    """Running sums of XᵀX̂ (the cross-Gram) and XᵀX over every token, X from the uncompressed model.
+
+    With the Gram X̂ᵀX̂ of the same module they give the output-matching target W* and the error of any
+    Ŵ against the original outputs (``linalg.matched_weight``, ``linalg.matched_output_error``).
+    Two more n×n sums per module, in the Gram's dtype."""
+
+    name = "cross_gram"
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        dtype = accumulation_dtype(torch.device(device))
+        self.sum_cross = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.sum_ref = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.count = 0
+
+    def observe_pair(self, inputs: torch.Tensor, reference: torch.Tensor) -> None:
+        if inputs.shape != reference.shape:
+            raise ValueError(f"paired inputs of different shapes: {tuple(inputs.shape)} vs {tuple(reference.shape)}")
+        cast = dict(device=self.sum_cross.device, dtype=self.sum_cross.dtype)
+        x_hat = inputs.reshape(-1, inputs.shape[-1]).to(**cast)
+        x = reference.reshape(-1, reference.shape[-1]).to(**cast)
+        self.sum_cross.addmm_(x.T, x_hat)
+        self.sum_ref.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def merge(self, other: Statistic) -> None:
+        assert isinstance(other, CrossGramStatistic)
+        self.sum_cross += other.sum_cross.to(self.sum_cross)
+        self.sum_ref += other.sum_ref.to(self.sum_ref)
+        self.count += other.count
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sum_cross": self.sum_cross, "sum_ref": self.sum_ref,
+                "count": torch.tensor(self.count, dtype=torch.int64)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.sum_cross = state["sum_cross"].to(self.sum_cross, copy=True)
+        self.sum_ref = state["sum_ref"].to(self.sum_ref, copy=True)
+        self.count = int(state["count"])
+
+    def cross(self, module_name: str) -> torch.Tensor:
+        """XᵀX̂ in float64, checked."""
+        return _finite(self.sum_cross, module_name, "cross-Gram XᵀX̂")
+
+    def reference_gram(self, module_name: str) -> torch.Tensor:
+        """XᵀX of the uncompressed model's inputs in float64, checked."""
+        return _finite(self.sum_ref, module_name, "reference Gram XᵀX")
+
+    def nbytes(self) -> int:
+        return self.sum_cross.numel() * self.sum_cross.element_size() * 2
+
+
+def _finite(matrix: torch.Tensor, module_name: str, what: str) -> torch.Tensor:
+    m = matrix.to(torch.float64)
+    if not torch.isfinite(m).all():
+        raise NumericalError(f"{module_name}: the {what} contains NaN/Inf "
+                             "(the activations overflowed; try dtype float32 or fewer layers)")
+    return m
+
+
 StatisticFactory = Callable[[nn.Module, torch.device], Statistic]
 
 STATISTICS: dict[str, StatisticFactory] = {
     "gram": lambda module, device: GramStatistic(_in_features(module), device),
+    "cross_gram": lambda module, device: CrossGramStatistic(_in_features(module), device),
 }
 
 

@@ -31,6 +31,11 @@ class WhitenedSVD(LowRankCompressor):
     config: WhitenConfig
     needs = frozenset({"gram"})
 
+    @property
+    def takes_target(self) -> bool:
+        """Rank-r truncation of T in the metric X̂ᵀX̂: exactly the best fit of any target T."""
+        return True
+
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()

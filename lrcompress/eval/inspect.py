@@ -13,6 +13,7 @@ from typing import Any
 
 from ..checkpoint import bytes_on_disk, read_metadata
 from ..modules import spec_shape
+from ..pipeline.allocation import AllocationResult
 from ..pipeline.records import ModuleRecord
 from .metrics import RunMetrics
 
@@ -32,6 +33,7 @@ class Inspection:
     weight_bytes: int
     modules: list[InspectedModule] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    allocation: AllocationResult | None = None   # the ranks a budget allocation chose (from metrics.json)
 
 
 def natural_key(name: str) -> list[Any]:
@@ -44,7 +46,8 @@ def inspect_checkpoint(checkpoint: Path) -> Inspection:
     checkpoint = Path(checkpoint)
     _, meta = read_metadata(checkpoint)
     metrics_path = checkpoint / "metrics.json"
-    records = {m.name: m for m in RunMetrics.load(metrics_path).modules} if metrics_path.is_file() else {}
+    metrics = RunMetrics.load(metrics_path) if metrics_path.is_file() else RunMetrics()
+    records = {m.name: m for m in metrics.modules}
     modules = [InspectedModule(name, spec["kind"], spec_shape(spec), spec.get("rank"), records.get(name))
                for name, spec in sorted(meta["modules"].items(), key=lambda item: natural_key(item[0]))]
-    return Inspection(checkpoint, bytes_on_disk(checkpoint), modules, meta.get("provenance", {}))
+    return Inspection(checkpoint, bytes_on_disk(checkpoint), modules, meta.get("provenance", {}), metrics.allocation)

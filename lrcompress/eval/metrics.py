@@ -22,7 +22,9 @@ from .. import __version__
 from ..checkpoint.layout import write_atomic
 from ..errors import LrcompressError
 from ..modules import compressed_modules
+from ..pipeline.allocation import AllocationResult
 from ..pipeline.records import ModuleRecord
+from ..pipeline.reference import OutputMatchingReport
 from .perplexity import PerplexityResult
 
 
@@ -131,7 +133,9 @@ class RunMetrics(_Section):
     compression: CompressionSummary | None = None
     timing: dict[str, float] = Field(default_factory=dict)
     modules: list[ModuleRecord] = Field(default_factory=list)
-    OMITTED_WHEN_NONE = ("prepass", "memory", "provenance", "compression")
+    allocation: AllocationResult | None = None             # a stage with a budget allocation: the ranks chosen
+    output_matching: OutputMatchingReport | None = None    # runtime.target: original: what it cost
+    OMITTED_WHEN_NONE = ("prepass", "memory", "provenance", "compression", "allocation", "output_matching")
 
     def save(self, path: Path) -> None:
         write_json(path, self.dump())

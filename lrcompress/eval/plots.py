@@ -70,7 +70,10 @@ def linear_limits(values: list[float]) -> tuple[float, float]:
     return 0.0, max(1.08 * max(values), 1e-12)
 
 
-def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool, limits: tuple[float, float] | None) -> Path:
+def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool, limits: tuple[float, float] | None,
+               references: dict[str, float] | None = None) -> Path:
+    """One line per (module kind, method) across depth; ``references`` adds a thin dashed horizontal line
+    per module kind in that kind's colour (e.g. the uniform rank a budget allocation departed from)."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
@@ -78,6 +81,8 @@ def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool, limits:
     styles = _styles(series)
     for (kind, method), (xs, ys) in series.items():
         ax.plot(xs, ys, markersize=3, linewidth=1, label=f"{kind} ({method})", **styles[(kind, method)])
+        if references and kind in references:
+            ax.axhline(references[kind], color=styles[(kind, method)]["color"], linestyle="--", linewidth=0.6)
     if log_y:
         ax.set_yscale("log")
     elif limits is not None:
@@ -115,6 +120,21 @@ def plot_kept_params(modules: list["ModuleRecord"], path: Path) -> Path:
     values = [v for _, ys in series.values() for v in ys]
     return _line_plot(series, "kept size per module (bytes after / before)", "bytes after / before", path, False,
                       (0.0, max(1.05, 1.05 * max(values))) if values else None)
+
+
+def kept_rank(module: "ModuleRecord") -> int | None:
+    """A module's rank, or its sparsity for methods whose knob is one (CoSpaDi's s)."""
+    return module.rank if module.rank is not None else (module.details or {}).get("sparsity")
+
+
+def plot_kept_rank(modules: list["ModuleRecord"], path: Path, uniform: dict[str, int] | None = None) -> Path:
+    """Kept rank (or sparsity) of every module across depth, one colour per module kind and one style per
+    method; with a budget allocation, the uniform rank of each kind as a thin dashed line of its colour."""
+    series = _series([m for m in modules if kept_rank(m) is not None], kept_rank)
+    values = [v for _, ys in series.values() for v in ys] + list((uniform or {}).values())
+    title = "kept rank per layer and module kind" + (" (dashed: uniform)" if uniform else "")
+    return _line_plot(series, title, "kept rank", path, False, linear_limits(values) if values else None,
+                      references=uniform)
 
 
 def plot_rate_distortion(points: dict[str, list[tuple[float, float]]], path: Path, metric: str,

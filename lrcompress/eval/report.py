@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..pipeline.allocation import AllocationResult
 from ..pipeline.records import ModuleRecord
 from .metrics import EvalSection, LmEvalResult, RunMetrics, describe_change, format_bytes
-from .plots import plot_kept_params, plot_module_errors
+from .plots import kept_rank, plot_kept_params, plot_kept_rank, plot_module_errors
 
 PLOTS = {"relative_error.png": "Relative output error per module across depth",
-         "kept_params.png": "Kept size (bytes after / before) per module"}
+         "kept_params.png": "Kept size (bytes after / before) per module",
+         "kept_rank.png": "Kept rank per layer and module kind"}
 
 
 def _rank_or_sparsity(module: ModuleRecord) -> str:
@@ -45,6 +47,26 @@ def lm_eval_lines(evaluation: EvalSection) -> list[str]:
     sources = "; ".join(f"{task}: {result.metric('source')}" for task, result in tasks.items())
     lines += ["", f"Data: {sources}"]
     return lines
+
+
+def allocation_lines(allocation: AllocationResult | None) -> list[str]:
+    """The budget allocation per stage and module kind (ranks chosen against the uniform ones)."""
+    if not allocation:
+        return []
+    lines = ["", "## Budget allocation", "",
+             "| stage | strategy | module kind | min rank | mean rank | max rank | uniform rank |",
+             "|---|---|---|---|---|---|---|"]
+    notes = []
+    for stage in allocation.stages:
+        for kind, modules in stage.by_kind().items():
+            ranks = [m.rank for m in modules]
+            lines.append(f"| {stage.stage} | {stage.strategy} | {kind} | {min(ranks)} | "
+                         f"{sum(ranks) / len(ranks):.1f} | {max(ranks)} | {modules[0].uniform_rank} |")
+        notes.append(f"Stage {stage.stage} ({stage.method}): {stage.allocated_params:,} parameters "
+                     f"allocated of a budget of {stage.budget_params:,.0f} (uniform: "
+                     f"{stage.uniform_params:,}); floor {stage.floor}, ceiling {stage.ceiling} of each "
+                     "module's largest rank.")
+    return lines + [""] + notes
 
 
 def render_report(metrics: RunMetrics, recipe_yaml: str, plots: list[str] | None = None) -> str:
@@ -87,6 +109,7 @@ def render_report(metrics: RunMetrics, recipe_yaml: str, plots: list[str] | None
         lines.append(f"| {m.name} | {m.method} | {m.out_features}×{m.in_features} | {size} | "
                      f"{m.params_before:,} → {m.params_after:,} | {_rank_or_sparsity(m)} | "
                      f"{m.relative_error:.4f} | {m.numerical_path} | {m.seconds:.2f} |")
+    lines += allocation_lines(metrics.allocation)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{PLOTS.get(name, name)}]({name})" for name in plots]
     lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
@@ -100,7 +123,12 @@ def write_report(directory: Path, metrics: RunMetrics, recipe_yaml: str) -> Path
     if modules:
         plot_module_errors(modules, directory / "relative_error.png")
         plot_kept_params(modules, directory / "kept_params.png")
-        plots = list(PLOTS)
+        plots = ["relative_error.png", "kept_params.png"]
+    if any(kept_rank(m) is not None for m in modules):
+        stages = metrics.allocation.stages if metrics.allocation else []
+        uniform = {kind: group[0].uniform_rank for stage in stages for kind, group in stage.by_kind().items()}
+        plot_kept_rank(modules, directory / "kept_rank.png", uniform or None)
+        plots.append("kept_rank.png")
     path = directory / "report.md"
     path.write_text(render_report(metrics, recipe_yaml, plots))
     return path

@@ -1,6 +1,6 @@
 """nn.Modules that compressed weights become."""
 from .base import (MODULE_KINDS, CompressedLinear, CompressedModule, compressed_modules, dense_weight,
-                   module_from_spec, module_spec, register_module_kind, spec_shape, storage_bytes, stored_params,
+                   module_from_spec, module_spec, prepare_for_inference, register_module_kind, spec_shape, storage_bytes, stored_params,
                    to_dense_linear)
 from .compensated import CompensatedLinear
 from .experts import FusedExperts, LowRankExperts
@@ -12,4 +12,4 @@ from .sparse_dict import SparseDictLinear
 __all__ = ["MODULE_KINDS", "CompensatedLinear", "CompressedLinear", "CompressedModule", "FusedExperts",
            "LowRankExperts", "LowRankLinear", "MaskedSparseLinear", "NMSparseLinear", "QuantizedLinear",
            "SparseDictLinear", "compressed_modules", "dense_weight", "module_from_spec", "module_spec",
-           "register_module_kind", "spec_shape", "storage_bytes", "stored_params", "to_dense_linear"]
+           "prepare_for_inference", "register_module_kind", "spec_shape", "storage_bytes", "stored_params", "to_dense_linear"]

@@ -42,6 +42,10 @@ class CompressedModule(nn.Module):
         architecture (for the dense export)."""
         raise NotImplementedError
 
+    def prepare_inference(self) -> None:
+        """Build once, after loading, whatever layout makes the forward fast (a packed kernel weight).
+        Nothing by default; called on every compressed module by :func:`prepare_for_inference`."""
+
     @classmethod
     def describe_shape(cls, spec: dict[str, Any]) -> str:
         """The shape a spec describes, for people (``inspect``): out × in for a linear."""
@@ -101,6 +105,16 @@ def compressed_modules(model: nn.Module) -> list[tuple[str, CompressedModule]]:
         if isinstance(module, CompressedModule) and not any(name.startswith(p + ".") for p, _ in found):
             found.append((name, module))
     return found
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Let every compressed module (nested ones included) build its inference layout; loaders call
+    this after the tensors are in place, the compression pipeline never does (it needs the exact
+    reference computation)."""
+    for module in model.modules():
+        if isinstance(module, CompressedModule):
+            module.prepare_inference()
+    return model
 
 
 def module_spec(module: nn.Module) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""QuantizedLinear: packed integer codes + per-group scales and zero points, dequantized on the fly."""
+"""QuantizedLinear: packed integer codes + per-group scales and zero points.
+
+The reference forward dequantizes the weight on every call (exact; what the compression pipeline
+uses). After loading, :meth:`QuantizedLinear.prepare_inference` builds the weight once in the layout
+of PyTorch's packed int4 CPU kernel (``cpu_kernels.py``), which the forward then uses on CPU inputs.
+"""
 from __future__ import annotations
 
 import math
@@ -9,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CompressedLinear, register_module_kind
+from .cpu_kernels import PackedInt4Weight, int4_kernel_available, kernel_group
 from .packing import pack_codes, packed_bytes, unpack_codes
 
 # Scales are kept as the raw bits of their float format in an integer buffer of the same width, so that
@@ -54,6 +60,7 @@ class QuantizedLinear(CompressedLinear):
         else:
             self.perm = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.dtype, device=device)) if bias else None
+        self._inference: PackedInt4Weight | torch.Tensor | None = None   # built by prepare_inference
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -104,9 +111,26 @@ class QuantizedLinear(CompressedLinear):
             stored = weight
         return stored.to(self.dtype)
 
+    def prepare_inference(self) -> None:
+        """Build the weight once for fast CPU inference: in the packed int4 kernel's layout, or, for a
+        group size the kernel cannot express, dequantized (as fast as dense, as large as dense)."""
+        if self.qweight.device.type != "cpu":
+            self._inference = None
+        elif int4_kernel_available() and kernel_group(self.group_size) is not None:
+            self._inference = PackedInt4Weight(self.codes(torch.int32), self.scale_values(), self.zeros, self.bits,
+                                               self.group_size, self.perm)
+        else:
+            self._inference = self.dense_weight().detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight().to(x.dtype), bias)
+        prepared = self._inference
+        if prepared is None or x.device.type != "cpu" or x.requires_grad:
+            return F.linear(x, self.dense_weight().to(x.dtype), bias)
+        if isinstance(prepared, torch.Tensor):
+            return F.linear(x, prepared.to(x.dtype), bias)
+        y = prepared.matmul(x)
+        return y if bias is None else y + bias
 
     def stored_params(self) -> int:
         """Every weight is still one stored value (a code); scales, zeros and perm are metadata that

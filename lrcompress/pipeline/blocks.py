@@ -34,6 +34,7 @@ class BlockTargets:
     its statistics, reduced, and its seeded compressor are the same on every process)."""
 
     distributed = False
+    matches_outputs = False    # output matching leaves blocks alone (pipeline.reference)
 
     def select(self, layer: nn.Module, prefix: str, stage: Any) -> list[str]:
         return select_blocks(layer, prefix, stage)

@@ -27,6 +27,11 @@ Several processes (``torchrun``): each one runs its shard of the windows; the en
 statistics at the end of every collection pass and spreads a group's decompositions through
 ``settings.collective`` (``pipeline.distributed``), so every process swaps in the same replacements.
 Out-of-memory errors name the layer and module (``pipeline.oom``).
+
+Output matching (``runtime.target: original``): the uncompressed model's activations run beside the
+compressed ones (``pipeline.reference``); the statistics passes pair them token by token, each stage whose
+compressor takes a target weight is handed W* instead of W, and records measure the error against the
+original model's outputs. With the default target nothing here changes.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ from .observer import PipelineObserver, PlannedWork
 from .oom import naming_out_of_memory
 from .prepass import is_prepass_kind
 from .records import ModuleRecord
+from .reference import ReferenceStream, check_target
 from .settings import PipelineSettings, Stage
 from .targets import is_linear_like
 
@@ -71,6 +77,7 @@ class LayerwisePipeline:
         self.observer = observer or PipelineObserver()
         self.precomputed = precomputed or {}
         self.config_updates: dict[str, tuple] = {}     # config key -> (value, module that set it)
+        self.reference: ReferenceStream | None = None  # the uncompressed stream (runtime.target: original)
 
     def segment_size(self) -> int:
         """Layers handled together: the largest group size; every other size must divide it."""
@@ -88,8 +95,11 @@ class LayerwisePipeline:
         s = self.settings
         size = self.segment_size()
         check_coverage(self.model, self.adapter, self.stages)
+        check_target(self.stages, s)
         self.observer.phase(f"capturing the decoder layers' inputs for {len(windows)} windows")
         inputs = capture_layer_inputs(self.model, self.adapter, windows, s.batch_size, s.compute, s.offload)
+        if s.target == "original":
+            self.reference = ReferenceStream(inputs, s, self._forward)
         layers = self.adapter.decoder_layers(self.model)
         records: list[ModuleRecord] = []
         self.observer.layers_started(len(layers))
@@ -99,8 +109,10 @@ class LayerwisePipeline:
             started = time.perf_counter()
             resumed = self.journal.finished(indices)
             outputs: LayerInputs | None = None
-            if not (resumed and s.sequential):   # a resumed segment needs its original only to replay it
+            if not (resumed and s.sequential) or self.reference:   # the original: to replay it or run beside
                 self.store.load(indices)
+            if self.reference:
+                self.reference.begin(layers, indices)
             if resumed:
                 self.observer.phase(f"layers {indices[0]}-{indices[-1]}: finished in an earlier run, replaying")
                 segment_records = self.journal.records(indices)
@@ -117,6 +129,8 @@ class LayerwisePipeline:
             self.journal.restore(self.model, indices)
             if outputs is None:
                 outputs = self._propagate(layers, indices, inputs)
+            if self.reference:
+                self.reference.finish(indices)
             self.store.release(indices)
             records.extend(segment_records)
             inputs = outputs
@@ -167,8 +181,8 @@ class LayerwisePipeline:
                 for position, i in enumerate(group):
                     keep = position + 1 < len(group) or not last_group or first_pass
                     layer_originals = {n: originals[(i, n)] for n in plans[(stage.index, i)]}
-                    collected[i], outputs = self._collect(layers[i], plans[(stage.index, i)], stage.needs, x, keep,
-                                                          layer_originals)
+                    collected[i], outputs = self._collect(i, layers[i], plans[(stage.index, i)], self._needs(stage),
+                                                          x, keep, layer_originals)
                     x = outputs if outputs is not None else x
                 records.extend(self._compress_group(stage, group, layers, prefixes, plans, collected, originals))
                 if self.settings.sequential and not last_group:     # the next group sees this one compressed
@@ -189,8 +203,11 @@ class LayerwisePipeline:
         members = {name: [GroupMember(f"{prefixes[i]}.{name}", layers[i].get_submodule(name),
                                       {**collected[i][name], **self._precomputed_for(f"{prefixes[i]}.{name}", stage)})
                           for i in owners[name]] for name in names}
+        work = members if self.reference is None else {
+            name: self.reference.target_members(stage, members[name], [originals[(i, name)] for i in owners[name]])
+            for name in names}
         jobs = [CompressJob(sum(_cost(m.module) for m in members[name]),
-                            functools.partial(self._compress_members, stage, owners[name][0], members[name]))
+                            functools.partial(self._compress_members, stage, owners[name][0], work[name]))
                 for name in names]
         run = self.settings.collective.run_jobs if stage.kind.distributed else run_locally
         records = []
@@ -222,7 +239,11 @@ class LayerwisePipeline:
                                f"for {len(members)} modules")
         return results
 
-    def _collect(self, layer: nn.Module, names: list[str], needs: frozenset[str], inputs: LayerInputs,
+    def _needs(self, stage: Stage) -> frozenset[str]:
+        """The statistics a stage's pass collects: its own, and the paired ones of output matching."""
+        return stage.needs | (self.reference.kinds(stage) if self.reference else frozenset())
+
+    def _collect(self, index: int, layer: nn.Module, names: list[str], needs: frozenset[str], inputs: LayerInputs,
                  keep_outputs: bool, originals: dict[str, nn.Module],
                  ) -> tuple[dict[str, dict[str, Statistic]], LayerInputs | None]:
         stats = {name: {kind: make_statistic(kind, layer.get_submodule(name), self.settings.compute,
@@ -237,7 +258,10 @@ class LayerwisePipeline:
 
         handles = [layer.get_submodule(name).register_forward_hook(observer_for(name)) for name in names]
         try:
-            outputs = self._forward(layer, inputs)
+            if self.reference:
+                outputs = self.reference.collect(index, layer, names, stats, inputs)
+            else:
+                outputs = self._forward(layer, inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -272,14 +296,20 @@ class LayerwisePipeline:
         implies) and record it: the one path for Linears and blocks."""
         replacement = result.module.to(self.settings.compute)
         measured = stage.kind.measure(member, original, replacement, result, stage.compressor.name)
+        error, details = measured.error, stage.kind.details(result)
+        if self.reference and self.reference.applies(stage):   # the error against the original model's outputs
+            approx = dense_weight(replacement).detach()
+            weight = dense_weight(original).detach().to(approx.device)
+            error, matching = self.reference.record(member.name, weight, approx, member.stats, error)
+            details = {**details, **matching}
         replace_submodule(layer, name, replacement)
         stage.kind.update_config(self.model, stage.compressor, result, self.config_updates, member.name)
         record = ModuleRecord(
             name=member.name, layer=index, stage=stage.index, method=stage.compressor.name,
             in_features=measured.in_features, out_features=measured.out_features,
             params_before=stored_params(member.module), params_after=stored_params(replacement),
-            rank=result.rank, relative_error=measured.error, numerical_path=result.numerical_path,
-            seconds=seconds, details=stage.kind.details(result),
+            rank=result.rank, relative_error=error, numerical_path=result.numerical_path,
+            seconds=seconds, details=details,
             bytes_before=storage_bytes(member.module), bytes_after=storage_bytes(replacement),
         )
         self.observer.module_done(record)

@@ -20,13 +20,13 @@ weights are never written. Activation memory is one decoder layer's graph plus t
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compressor.fisher import FisherStatistic
+from ..compressor.fisher import FisherStatistic, OutputGradientStatistic
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
 from ..models.capture import LayerCall, capture_layer_inputs
@@ -53,20 +53,24 @@ def frozen_for_gradients(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-def _group_by_layer(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str],
-                    device: torch.device) -> dict[int, dict[str, FisherStatistic]]:
+GradientStatistic = Any      # a Statistic with observe_gradient(inputs, output_grad) and for_module
+
+
+def _group_by_layer(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], device: torch.device,
+                    factory: Callable[[nn.Module, torch.device], GradientStatistic]
+                    ) -> dict[int, dict[str, GradientStatistic]]:
     """layer index → {name inside the layer: statistic}, validating every target name."""
     layers = adapter.decoder_layers(model)
     grouped: dict[int, dict[str, FisherStatistic]] = {}
     for full in targets:
         index = next((i for i in range(len(layers)) if full.startswith(adapter.layer_prefix(i) + ".")), None)
         if index is None:
-            raise LrcompressError(f"fisher pre-pass: {full} is not inside a decoder layer")
+            raise LrcompressError(f"gradient pre-pass: {full} is not inside a decoder layer")
         name = full[len(adapter.layer_prefix(index)) + 1:]
         module = layers[index].get_submodule(name)
         if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
-            raise LrcompressError(f"fisher pre-pass: {full} ({type(module).__name__}) is not a linear module")
-        grouped.setdefault(index, {})[name] = FisherStatistic.for_module(module, device)
+            raise LrcompressError(f"gradient pre-pass: {full} ({type(module).__name__}) is not a linear module")
+        grouped.setdefault(index, {})[name] = factory(module, device)
     return grouped
 
 
@@ -88,11 +92,11 @@ def _head_gradient(model: nn.Module, adapter: ArchitectureAdapter, hidden: torch
 
 
 def _layer_backward(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, grad_out: torch.Tensor,
-                    stats: dict[str, FisherStatistic]) -> torch.Tensor:
+                    stats: dict[str, GradientStatistic]) -> torch.Tensor:
     """Recompute ``layer`` with its graph, back-propagate ``grad_out``, feed the target hooks; return
     the gradient with respect to the layer's input."""
 
-    def hook_for(statistic: FisherStatistic):
+    def hook_for(statistic: GradientStatistic):
         def forward_hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if output.requires_grad:  # no path from the loss: the sums stay zero
                 saved = args[0].detach()
@@ -115,8 +119,25 @@ def _layer_backward(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, gra
 def fisher_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
                 settings: "PipelineSettings", observer: PipelineObserver) -> PrePassResult:
     """Fisher row/column sums for every target module (full names) over all calibration windows."""
+    return gradient_sweep(model, adapter, targets, windows, settings, observer, FisherStatistic.for_module)
+
+
+@register_prepass("output_gradient")
+def output_gradient_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
+                         settings: "PipelineSettings", observer: PipelineObserver) -> PrePassResult:
+    """diag E[g·gᵀ] of every target's output gradient (the K-FAC output factor's diagonal)."""
+    return gradient_sweep(model, adapter, targets, windows, settings, observer, OutputGradientStatistic.for_module,
+                          label="output-gradient pass")
+
+
+def gradient_sweep(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
+                   settings: "PipelineSettings", observer: PipelineObserver,
+                   factory: Callable[[nn.Module, torch.device], GradientStatistic],
+                   label: str = "fisher pass") -> PrePassResult:
+    """One statistic from ``factory`` per target module, fed (input, output gradient) by the
+    backward sweep described above; not yet reduced across processes."""
     compute, offload = settings.compute, settings.offload
-    grouped = _group_by_layer(model, adapter, targets, compute)
+    grouped = _group_by_layer(model, adapter, targets, compute, factory)
     if not grouped:
         return PrePassResult({}, {"windows": len(windows), "layers_swept": 0})
     layers = adapter.decoder_layers(model)
@@ -131,7 +152,7 @@ def fisher_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[st
         try:
             batches = list(zip(inputs.hidden, windows.split(settings.batch_size)))
             for number, (hidden, ids) in enumerate(batches):
-                observer.phase(f"fisher pass: batch {number + 1}/{len(batches)}")
+                observer.phase(f"{label}: batch {number + 1}/{len(batches)}")
                 calls = inputs.calls.batch(number, compute)
                 boundaries = _forward_boundaries(layers, hidden, calls, compute, offload)
                 boundary_bytes = max(boundary_bytes, sum(b.numel() * b.element_size() for b in boundaries))

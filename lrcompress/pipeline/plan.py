@@ -52,12 +52,12 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
         for stage in stages:
             for name in stage.select(layer, prefix):
                 module = layer.get_submodule(name)
-                plan = stage.compressor.plan(module)
+                full = f"{prefix}.{name}"
+                plan = stage.compressor.plan_for(full, module)
                 dense_params = sum(p.numel() for p in module.parameters())
                 dense_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
                 itemsize = next(module.parameters()).element_size()
                 after_bytes = plan.bytes_after if plan.bytes_after is not None else plan.params_after * itemsize
-                full = f"{prefix}.{name}"
                 params_before, bytes_before = current.get(full, (dense_params, dense_bytes))
                 params_after = params_before + plan.params_after - dense_params
                 bytes_after = bytes_before + after_bytes - dense_bytes

@@ -6,7 +6,7 @@ without importing the engine (which imports them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,8 @@ class Stage:
     compressor: Compressor
     targets: list[str]
     ignore: list[str] = field(default_factory=list)
+    # The recipe's AllocationSpec (strategy, floor, ceiling); None or "uniform": the method's own size.
+    allocation: Any = None
 
     @property
     def kind(self) -> TargetKind:
@@ -75,10 +77,14 @@ class PipelineSettings:
     # engine and every pre-pass reach it the same way.
     collective: Collective = field(default_factory=Collective)
     num_samples: int | None = None        # calibration windows over all processes, for memory hints
+    # What each module is fitted to: "layer" (its own weight's outputs on the inputs it receives, the
+    # classic layer-wise objective) or "original" (the uncompressed model's outputs; pipeline.reference).
+    target: str = "layer"
+    target_damping: float = 1e-2          # λ of the ridge toward W in the output-matching target W*
 
     @classmethod
     def from_runtime(cls, runtime: "RuntimeSpec", collective: Collective, num_samples: int) -> "PipelineSettings":
         """The recipe's ``runtime`` section, with the devices placed for this process."""
         return cls(runtime.batch_size, collective.place(resolve_device(runtime.device)),
                    collective.place(torch.device(runtime.offload_device)), runtime.sequential, collective,
-                   num_samples)
+                   num_samples, target=runtime.target, target_damping=runtime.target_damping)

@@ -66,6 +66,9 @@ class Measured:
 
 
 class TargetKind(Protocol):
+    distributed: bool          # whether a stage's decompositions may be spread over processes
+    matches_outputs: bool      # whether output matching (runtime.target: original) fits and measures it
+
     def select(self, layer: nn.Module, prefix: str, stage: Any) -> list[str]: ...
 
     def needs(self, compressor: Compressor) -> frozenset[str]: ...
@@ -86,6 +89,7 @@ class LinearTargets:
     weight (before the run's first stage); the decompositions may be spread over processes."""
 
     distributed = True
+    matches_outputs = True
 
     def select(self, layer: nn.Module, prefix: str, stage: Any) -> list[str]:
         return select_targets(layer, prefix, stage.targets, stage.ignore)

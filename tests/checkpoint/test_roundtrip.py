@@ -64,7 +64,7 @@ def test_incomplete_checkpoints_are_refused(compressed, tmp_path):
     with pytest.raises(CheckpointError, match="no .safetensors"):
         lrcompress.load(broken)
     config = json.loads((broken / "config.json").read_text())
-    config["lrcompress"]["format_version"] = 99
+    config["quantization_config"]["format_version"] = 99
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="format version 99"):
         lrcompress.load(broken)

@@ -166,8 +166,8 @@ def _unknown_kind(ctx: Context) -> list[str]:
     directory = ctx.tmp / "compressed"
     shutil.copytree(ctx.compressed, directory)
     config = json.loads((directory / "config.json").read_text())
-    first = next(iter(config["lrcompress"]["modules"]))
-    config["lrcompress"]["modules"][first]["kind"] = "pickled_surprise"
+    first = next(iter(config["quantization_config"]["modules"]))
+    config["quantization_config"]["modules"][first]["kind"] = "pickled_surprise"
     (directory / "config.json").write_text(json.dumps(config))
     ctx.model = directory
     return []

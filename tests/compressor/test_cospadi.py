@@ -153,7 +153,7 @@ def test_group_mode_shares_one_dictionary_and_survives_the_checkpoint(tmp_path):
     assert "model.layers.0.mlp.up_proj.indices" not in stored                  # only the packed form is stored
     packed = stored["model.layers.0.mlp.up_proj.packed_indices"]
     assert packed.dtype == torch.uint8 and packed.numel() == -(-up.indices.numel() // 8) * (up.atoms - 1).bit_length()
-    tied = json.loads((tmp_path / "config.json").read_text())["lrcompress"]["tied"]
+    tied = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["tied"]
     assert tied["model.layers.1.mlp.up_proj.dictionary"] == "model.layers.0.mlp.up_proj.dictionary"
     loaded = load_compressed(tmp_path)
     assert loaded.model.layers[0].mlp.up_proj.dictionary is loaded.model.layers[1].mlp.up_proj.dictionary

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from lrcompress.compressor.linalg import rank_for_ratio, relative_output_error, whitening
+from lrcompress.compressor.linalg import (matched_output_error, matched_weight, rank_for_ratio, relative_output_error,
+                                          whitening)
 from helpers import correlated_inputs
 
 
@@ -51,3 +52,63 @@ def test_relative_output_error_matches_the_direct_computation():
     w_hat = w + 0.1 * torch.randn(10, 16, generator=g, dtype=torch.float64)
     direct = torch.linalg.norm(x @ (w - w_hat).T) / torch.linalg.norm(x @ w.T)
     assert math.isclose(relative_output_error(w, w_hat, x.T @ x), direct.item(), rel_tol=1e-9)
+
+
+def _streams(rows=400, features=12, out=7, seed=0):
+    """X (the uncompressed model's inputs), X̂ = X + a nonlinear drift and noise (this run's inputs), and W:
+    XWᵀ is not in the column span of X̂, so no W′ reproduces it exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = correlated_inputs(rows, features, seed=seed)
+    scale = x.std(dim=0)
+    drift = torch.tanh(x / scale @ torch.randn(features, features, generator=g, dtype=torch.float64)) * scale
+    x_hat = x + 0.3 * drift + 0.05 * scale * torch.randn(rows, features, generator=g, dtype=torch.float64)
+    w = torch.randn(out, features, generator=g, dtype=torch.float64)
+    return x, x_hat, w
+
+
+def test_matched_weight_is_the_least_squares_solution():
+    x, x_hat, w = _streams()
+    target, path = matched_weight(w, x_hat.T @ x_hat, x.T @ x_hat, damping=0.0)
+    brute = torch.linalg.lstsq(x_hat, x @ w.T).solution.T          # argmin ‖X̂W′ᵀ − XWᵀ‖
+    torch.testing.assert_close(target, brute, rtol=1e-7, atol=1e-9)
+    assert path == "cholesky(damping=0e+00)"
+
+
+def test_matched_weight_damping_is_a_ridge_toward_w():
+    x, x_hat, w = _streams(rows=30, features=12)    # few rows: the ridge matters
+    lam = 0.05
+    s = torch.diagonal(x_hat.T @ x_hat).mean()
+    target, _ = matched_weight(w, x_hat.T @ x_hat, x.T @ x_hat, damping=lam)
+    # argmin ‖X̂W′ᵀ − XWᵀ‖² + λs‖W′ − W‖² as one stacked least-squares problem
+    root = math.sqrt(lam * s)
+    a = torch.cat([x_hat, root * torch.eye(12, dtype=torch.float64)])
+    b = torch.cat([x @ w.T, root * w.T])
+    torch.testing.assert_close(target, torch.linalg.lstsq(a, b).solution.T, rtol=1e-7, atol=1e-9)
+
+
+def test_matched_weight_is_w_when_the_streams_agree():
+    x, _, w = _streams()
+    target, _ = matched_weight(w, x.T @ x, x.T @ x, damping=0.01)
+    torch.testing.assert_close(target, w, rtol=1e-9, atol=1e-10)
+
+
+def test_the_matched_error_is_the_whitened_error_to_w_star_plus_a_constant():
+    """‖X̂Ŵᵀ − XWᵀ‖² = ‖X̂(Ŵ − W*)ᵀ‖² + const for every Ŵ (undamped W*)."""
+    x, x_hat, w = _streams()
+    target, _ = matched_weight(w, x_hat.T @ x_hat, x.T @ x_hat, damping=0.0)
+    gaps = []
+    for seed in range(3):
+        approx = w + 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        matched = (x_hat @ approx.T - x @ w.T).square().sum()
+        whitened = (x_hat @ (approx - target).T).square().sum()
+        gaps.append(float(matched - whitened))
+    assert gaps[0] > 1e-3 * float((x @ w.T).square().sum())      # a real constant: XWᵀ is out of reach
+    assert gaps == pytest.approx([gaps[0]] * 3, rel=1e-8)
+
+
+def test_matched_output_error_matches_the_direct_computation():
+    x, x_hat, w = _streams()
+    approx = w + 0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    direct = ((x_hat @ approx.T - x @ w.T).norm() / (x @ w.T).norm()).item()
+    error = matched_output_error(w, approx, x_hat.T @ x_hat, x.T @ x_hat, x.T @ x)
+    assert error == pytest.approx(direct, rel=1e-9)

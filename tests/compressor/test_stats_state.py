@@ -14,8 +14,8 @@ import torch
 from lrcompress.compressor import GramStatistic, OriginalWeight
 from lrcompress.compressor.block import InputSample
 from lrcompress.compressor.expert_stats import ExpertGramStatistic, ExpertStatistic
-from lrcompress.compressor.fisher import FisherStatistic
-from lrcompress.compressor.stats import SNAPSHOTS, STATISTICS, Statistic
+from lrcompress.compressor.fisher import FisherStatistic, OutputGradientStatistic
+from lrcompress.compressor.stats import SNAPSHOTS, STATISTICS, CrossGramStatistic, Statistic
 from lrcompress.pipeline import PREPASSES
 from lrcompress.pipeline.distributed import merge_in_rank_order
 from lrcompress.pipeline.transfer import decode_state, encode_state
@@ -33,12 +33,26 @@ def _gram(part: int | None) -> Statistic:
     return stat
 
 
+def _cross(part: int | None) -> Statistic:
+    stat = CrossGramStatistic(5)
+    if part is not None:
+        stat.observe_pair(_data(part, 2, 3 + part, 5), _data(part + 20, 2, 3 + part, 5))
+    return stat
+
+
 def _original(part: int | None) -> Statistic:
     return OriginalWeight(_data(0, 4, 5))
 
 
 def _fisher(part: int | None) -> Statistic:
     stat = FisherStatistic(4, 5)
+    if part is not None:
+        stat.observe_gradient(_data(part, 2, 3, 5), _data(part + 50, 2, 3, 4))
+    return stat
+
+
+def _output_gradient(part: int | None) -> Statistic:
+    stat = OutputGradientStatistic(4)
     if part is not None:
         stat.observe_gradient(_data(part, 2, 3, 5), _data(part + 50, 2, 3, 4))
     return stat
@@ -70,7 +84,8 @@ def _experts(part: int | None, kind: type = ExpertStatistic) -> Statistic:
 
 
 CASES: dict[str, Callable[[int | None], Statistic]] = {
-    "gram": _gram, "original_weight": _original, "fisher": _fisher, "block_input_sample": _sample,
+    "gram": _gram, "cross_gram": _cross, "original_weight": _original, "fisher": _fisher,
+    "output_gradient": _output_gradient, "block_input_sample": _sample,
     "expert_outputs": _experts, "expert_grams": lambda part: _experts(part, ExpertGramStatistic),
 }
 

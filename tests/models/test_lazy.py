@@ -77,8 +77,8 @@ def test_a_lazy_run_writes_the_default_runs_checkpoint(sharded_dir, calibration_
         runs[lazy] = run_recipe(parse_recipe(recipe)).metrics.dump()
     assert_same_tensors(tmp_path / "lazy-False", tmp_path / "lazy-True")
     configs = [json.loads((tmp_path / f"lazy-{lazy}" / "config.json").read_text()) for lazy in (False, True)]
-    assert configs[0]["lrcompress"]["modules"] == configs[1]["lrcompress"]["modules"]
-    assert configs[1]["lrcompress"]["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert configs[0]["quantization_config"]["modules"] == configs[1]["quantization_config"]["modules"]
+    assert configs[1]["quantization_config"]["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     (key, eager_ppl), = runs[False]["eval"]["perplexity"].items()
     assert runs[True]["eval"]["perplexity"][key]["value"] == pytest.approx(eager_ppl["value"], abs=1e-4)
     assert runs[True]["compression"] == runs[False]["compression"]

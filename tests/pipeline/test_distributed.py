@@ -164,9 +164,11 @@ def _recipe_file(tmp: Path, model_dir: Path, text: Path, name: str) -> Path:
     """Fisher-weighted SVD on attention (its gradient pre-pass is reduced across ranks too) and whitened
     SVD on the MLP. Both are continuous in their statistics, so the two runs agree to rounding. (A
     method with discrete choices, such as CoSpaDi's OMP supports, can flip a choice on a last-bit change
-    of the Gram, as it does for another batch size; the bytes round trip above covers its modules.)"""
+    of the Gram, as it does for another batch size; the bytes round trip above covers its modules.)
+    The MLP stage spends one budget (allocation: global): its spectra and output-gradient pre-passes
+    are reduced across ranks too, and both runs must choose the same ranks."""
     stages = [{"method": "fwsvd", "ratio": 0.3, "targets": ["*self_attn*"]},
-              {"method": "whiten", "ratio": 0.3, "targets": ["*mlp*"]}]
+              {"method": "whiten", "ratio": 0.3, "targets": ["*mlp*"], "allocation": "global"}]
     recipe = tiny_recipe_dict(model_dir, text, tmp / name, stages=stages)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -200,7 +202,7 @@ def test_two_processes_write_the_checkpoint_of_one(tiny_llama_dir, calibration_f
     for key in one:
         assert one[key].dtype == two[key].dtype
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
-    config = [json.loads((tmp_path / n / "config.json").read_text())["lrcompress"] for n in ("one", "two")]
+    config = [json.loads((tmp_path / n / "config.json").read_text())["quantization_config"] for n in ("one", "two")]
     assert config[0]["modules"] == config[1]["modules"] and config[0]["tied"] == config[1]["tied"]
     assert config[1]["provenance"]["processes"] == 2
 
@@ -210,5 +212,7 @@ def test_two_processes_write_the_checkpoint_of_one(tiny_llama_dir, calibration_f
                {k: v for k, v in b.items() if k not in ("seconds", "relative_error", "details")}
         assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-6, abs=1e-9)
     assert metrics[0]["prepass"]["fisher"]["targets"] == metrics[1]["prepass"]["fisher"]["targets"]
+    chosen = [[m["rank"] for m in run["allocation"]["stages"][0]["modules"]] for run in metrics]
+    assert chosen[0] == chosen[1] and len(set(chosen[0])) > 1
     ppl = [next(iter(m["eval"]["perplexity"].values()))["value"] for m in metrics]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)

@@ -123,10 +123,13 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_l
     assert not (tmp_path / "resumed.partial").exists()
 
 
-@pytest.mark.parametrize("case", ["non-sequential", "lazy", "cospadi-group"])
+@pytest.mark.parametrize("case", ["non-sequential", "lazy", "cospadi-group", "lazy-target-original"])
 def test_an_interrupted_run_resumes_exactly(case, six_layers, calibration_file, tmp_path):
+    """``lazy-target-original``: output matching replays finished segments from their originals (read again
+    from the shards) to carry the uncompressed stream forward."""
     extra: dict = {"runtime": {"device": "cpu", "batch_size": 3, "sequential": case != "non-sequential",
-                               "lazy": case == "lazy"}}
+                               "lazy": case.startswith("lazy"),
+                               "target": "original" if case.endswith("target-original") else "layer"}}
     per_segment = MODULES_PER_LAYER
     if case == "cospadi-group":  # one dictionary per projection shared by 2 layers: segments of 2 layers
         extra["stages"] = [{"method": "cospadi", "ratio": 0.3, "group_size": 2, "iterations": 1,
@@ -141,7 +144,7 @@ def test_an_interrupted_run_resumes_exactly(case, six_layers, calibration_file, 
     assert_same_tensors(tmp_path / "resumed", tmp_path / "straight")
     if case == "cospadi-group":
         config = json.loads((tmp_path / "resumed" / "config.json").read_text())
-        shared = [alias for alias in config["lrcompress"]["tied"] if alias.endswith("dictionary")]
+        shared = [alias for alias in config["quantization_config"]["tied"] if alias.endswith("dictionary")]
         assert len(shared) == 3                       # 3 segments × up_proj, stored once each
         assert not set(shared) & set(checkpoint_tensors(tmp_path / "resumed"))
 
@@ -163,7 +166,7 @@ def test_a_changed_recipe_refuses_to_resume_and_names_the_field(six_layers, cali
     assert state_segments(out) == [[0]]                 # refusing touched nothing
     changed["output"]["overwrite"] = True             # start over with the new recipe
     run_recipe(parse_recipe(changed))
-    assert json.loads((out / "config.json").read_text())["lrcompress"]["provenance"]["recipe_fingerprint"] == \
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["provenance"]["recipe_fingerprint"] == \
         parse_recipe(changed).fingerprint()
 
 

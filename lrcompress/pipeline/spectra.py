@@ -1,0 +1,123 @@
+"""The spectra pre-pass: each target module's whitened singular values, for a budget allocation.
+
+It walks the *uncompressed* model one decoder layer at a time, like the engine in non-sequential mode:
+load the layer (from the layer store: this works in lazy mode), hook its targets with a Gram
+statistic, run every calibration batch through it, reduce the Grams across processes (torchrun), and
+for each target take the SVD of W·S, S the Cholesky factor of the damped Gram (``linalg.whitening``,
+as ``whiten`` does). Then the Grams are dropped and the layer released. What is kept per module is
+its σ_i² (min(m, n) floats) and, when output-gradient diagonals d are given, the gains
+u_iᵀ·diag(d)·u_i of its left singular vectors (as many floats): kilobytes, never a Gram of another
+layer. Every process computes the same decompositions from the same reduced Grams.
+
+With G = XᵀX = S·Sᵀ and W·S = Σ σ_i u_i v_iᵀ, dropping the components beyond rank r costs
+‖X(W − Ŵ_r)ᵀ‖_F² = Σ_{i>r} σ_i² (the activation-aware truncation loss of SVD-LLM); LoRD's output
+moment W·G·Wᵀ has the same eigenvalues σ_i², so one spectrum serves both.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..compressor.linalg import whitening
+from ..compressor.stats import GramStatistic
+from ..errors import NumericalError
+from ..models import ArchitectureAdapter
+from ..models.capture import capture_layer_inputs, forward_layer
+from ..models.lazy import LayerStore, ResidentLayers
+from ..modules import dense_weight
+from .observer import PipelineObserver
+from .settings import PipelineSettings
+
+
+@dataclass
+class ModuleSpectrum:
+    """σ_i² of the whitened weight (descending) and, optionally, each component's output gain."""
+
+    sigma2: torch.Tensor                 # float64, min(m, n)
+    gain: torch.Tensor | None = None     # float64, u_iᵀ·diag(G_y)·u_i per component
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sigma2, self.gain) if t is not None)
+
+    def truncation_loss(self, rank: int) -> float:
+        """‖X(W − Ŵ_rank)ᵀ‖_F: the smallest output error any rank-``rank`` factorization reaches."""
+        return float(self.sigma2[rank:].sum().clamp_min(0).sqrt())
+
+    def scores(self) -> torch.Tensor:
+        """Estimated loss increase of dropping each component: σ_i²·gain_i (σ_i² without gains)."""
+        return self.sigma2 if self.gain is None else self.sigma2 * self.gain
+
+
+def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, damping: float, name: str,
+                      output_diagonal: torch.Tensor | None = None) -> ModuleSpectrum:
+    """The spectrum of ``weight`` (out × in) in the metric of ``gram`` (in × in), in float64."""
+    white = whitening(gram, damping, name)
+    whitened = weight.to(white.factor) @ white.factor
+    if output_diagonal is None:
+        sigma = torch.linalg.svdvals(whitened)
+        gain = None
+    else:
+        u, sigma, _ = torch.linalg.svd(whitened, full_matrices=False)
+        gain = (u.square() * output_diagonal.to(u)[:, None]).sum(dim=0).cpu()
+    if not torch.isfinite(sigma).all():
+        raise NumericalError(f"{name}: the whitened spectrum contains NaN/Inf")
+    return ModuleSpectrum(sigma.square().cpu(), gain)
+
+
+@torch.no_grad()
+def collect_spectra(model: nn.Module, adapter: ArchitectureAdapter, targets: Mapping[int, list[str]],
+                    windows: torch.Tensor, settings: PipelineSettings, observer: PipelineObserver,
+                    damping: Mapping[str, float], store: LayerStore | None = None,
+                    output_diagonals: Mapping[str, torch.Tensor] | None = None,
+                    ) -> tuple[dict[str, ModuleSpectrum], dict]:
+    """Spectra of every target (layer index → names inside the layer) of the uncompressed model.
+
+    ``damping``: per full module name, the damping its compressor whitens with; ``output_diagonals``:
+    per full name, diag(G_y) for the gains (optional). Returns the spectra and a report."""
+    store = store or ResidentLayers()
+    started = time.perf_counter()
+    compute, offload = settings.compute, settings.offload
+    layers = adapter.decoder_layers(model)
+    last = max((i for i, names in targets.items() if names), default=-1)
+    spectra: dict[str, ModuleSpectrum] = {}
+    if last < 0:
+        return spectra, {"seconds": 0.0, "modules": 0}
+    inputs = capture_layer_inputs(model, adapter, windows, settings.batch_size, compute, offload)
+    for index in range(last + 1):
+        observer.phase(f"spectra pre-pass: layer {index + 1}/{last + 1}")
+        store.load([index])
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(compute)
+        names = targets.get(index, [])
+        grams = {name: GramStatistic(layer.get_submodule(name).in_features, compute) for name in names}
+        handles = [layer.get_submodule(name).register_forward_hook(
+            lambda _m, args, _out, statistic=grams[name]: statistic.observe(args[0].detach(), _out))
+            for name in names]
+        try:
+            outputs = forward_layer(layer, inputs, compute, offload)
+        finally:
+            for handle in handles:
+                handle.remove()
+        grams = settings.collective.reduce_statistics(grams)
+        prefix = adapter.layer_prefix(index)
+        for name in names:
+            full = f"{prefix}.{name}"
+            weight = dense_weight(layer.get_submodule(name)).detach()
+            diagonal = None if output_diagonals is None else output_diagonals.get(full)
+            spectra[full] = whitened_spectrum(weight, grams[name].gram(full), damping.get(full, 1e-4), full,
+                                              diagonal)
+        del grams
+        layer.to(home)
+        store.release([index])
+        inputs = outputs
+    report = {"seconds": time.perf_counter() - started, "modules": len(spectra), "layers_swept": last + 1,
+              "spectra_bytes": sum(s.nbytes for s in spectra.values()),
+              "with_output_gradients": output_diagonals is not None}
+    return spectra, report
+
