@@ -4,9 +4,10 @@ The library function behind the CLI: it holds the orchestration, the CLI only pa
 Everything that can be checked without the weights is checked first (``preflight``: data, targets,
 sizes, sequence lengths), then the writing process claims the output directory (its lock, held until
 the run ends). Then a run is five phases, in this order: prepare (the model, resident or lazy),
-calibrate (tokenized windows), compress (pre-passes and the layer-wise pipeline, resumable through
-``pipeline.resume``), write (the staged checkpoint completed) and evaluate (perplexity, lm-eval tasks);
-metrics.json and the report go into the staged directory, which is then renamed into place.
+calibrate (tokenized windows; then a budget allocation's ranks, when a stage asks for one: a dry run
+stops there), compress (pre-passes and the layer-wise pipeline, resumable through ``pipeline.resume``),
+write (the staged checkpoint completed) and evaluate (perplexity, lm-eval tasks); metrics.json and the
+report go into the staged directory, which is then renamed into place.
 Under ``torchrun`` every process runs this function on its shard of the calibration windows (see
 ``pipeline.distributed``); only rank 0 writes the checkpoint, metrics and report and evaluates, the
 others wait for it at a barrier.
