@@ -23,18 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lrcompress
+from decode_layouts import best_us           # bench/ is on the path when this script runs
 from lrcompress.modules import compressed_modules
-
-
-def best_us(call, n: int = 50, reps: int = 7) -> float:
-    call()
-    best = float("inf")
-    for _ in range(reps):
-        started = time.perf_counter()
-        for _ in range(n):
-            call()
-        best = min(best, (time.perf_counter() - started) / n)
-    return best * 1e6
 
 
 def module_table(dense: torch.nn.Module, compressed: torch.nn.Module) -> None:
@@ -44,7 +34,7 @@ def module_table(dense: torch.nn.Module, compressed: torch.nn.Module) -> None:
         reference = dense_modules[name]
         x = torch.randn(1, 1, reference.in_features)
         per_shape[(module.kind, reference.out_features, reference.in_features, module.extra_repr())].append(
-            (best_us(lambda: reference(x)), best_us(lambda: module(x))))
+            (best_us(lambda: reference(x), n=50), best_us(lambda: module(x), n=50)))
     print("| kind | out × in | modules | dense µs | compressed µs | ratio (dense/compressed) |")
     print("|---|---|---|---|---|---|")
     total_dense = total_compressed = 0.0
