@@ -2,7 +2,7 @@
 
     python bench/cospadi_speed.py [--model models/smollm2-135m] [--dtype float32] [--ratios 0.2]
                                   [--configs whiten,cospadi:4,cospadi:1] [--num-samples 32]
-                                  [--max-windows 40] [--threads 1] [--no-save]
+                                  [--max-windows 40] [--threads 1] [--no-save] [--layers 0-1]
 
 The Grams of all decoder-layer linears are collected once from the uncompressed model (the protocol of
 ``bench/cospadi.py``) and every row compresses the same model from them through the compressor
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-save", action="store_true", help="do not write checkpoints for their bytes")
+    parser.add_argument("--layers", default=None, help="only decoder layers FIRST-LAST (a smoke test; e.g. 0-1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     directory = data_dir(None, None)
@@ -60,7 +61,11 @@ def main() -> None:
     dense_bytes = None if args.no_save else checkpoint_bytes(model, tokenizer)
     windows = calibration_windows(tokenize(tokenizer, load_text("wikitext2", "validation", directory).text),
                                   args.num_samples, 512, 0)
-    names = target_names(model)
+    layers = None
+    if args.layers:
+        first, last = (int(v) for v in args.layers.split("-"))
+        layers = range(first, last + 1)
+    names = target_names(model, layers)
     started = time.perf_counter()
     stats = {n: {"gram": gram} for n, gram in collect_grams(model, names, windows, 4).items()}
     gram_seconds = time.perf_counter() - started
@@ -99,7 +104,7 @@ def main() -> None:
         base = whiten.get(ratio)
         times = f"{total / base:.1f}×" if base else "–"
         whole = f"{(total + gram_seconds) / (base + gram_seconds):.1f}×" if base else "–"
-        print(f"| {config} | {ratio:.1f} | " + " | ".join(f"{split.get(p, 0.0):.0f}" for p in phases)
+        print(f"| {config} | {ratio:.1f} | " + " | ".join(f"{split.get(p, 0.0):.1f}" for p in phases)
               + f" | {total:.0f} | {times} | {total + gram_seconds:.0f} | {whole} |")
     print("\n| config | ratio | targeted ratio (w/o indices) | mean rel. output error | perplexity | bytes on disk "
           "| K-SVD stopped early |")
