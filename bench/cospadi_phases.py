@@ -7,8 +7,8 @@
 The Grams come from ``--num-samples`` calibration windows of WikiText-2 validation (one hooked forward
 of the uncompressed model). Each config compresses every listed module through its compressor
 contract; the phases are timed by wrapping the functions that do them (whitening, the SVD
-initialization, batched OMP, the atom updates, the value refit). A config is ``whiten`` or
-``cospadi:ITERATIONS[:KSVD_DTYPE[:POWER_STEPS]]`` (e.g. ``cospadi:1::30``, ``cospadi:4:float64``).
+initialization, batched OMP, the atom updates, the value refit). A config is ``whiten``,
+``compot:ITERATIONS`` or ``cospadi:ITERATIONS[:KSVD_DTYPE[:POWER_STEPS]]`` (e.g. ``cospadi:1::30``, ``cospadi:4:float64``).
 One row per config and module. The relative output error is ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ from the Gram.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+import lrcompress.compressor.compot as compot_module
 import lrcompress.compressor.cospadi as cospadi_module
 import lrcompress.compressor.dictionary as dictionary_module
 import lrcompress.compressor.whiten as whiten_module
@@ -34,7 +35,8 @@ from grams import collect_grams
 
 PHASES = [("whitening", cospadi_module, "whitening"), ("whitening", whiten_module, "whitening"),
           ("svd init", dictionary_module, "initial_dictionary"), ("sparse coding", dictionary_module, "batched_omp"),
-          ("atom updates", dictionary_module, "_update_atoms"), ("refit", cospadi_module, "refit_values")]
+          ("atom updates", dictionary_module, "_update_atoms"), ("refit", cospadi_module, "refit_values"),
+          ("procrustes (compot)", compot_module, "orthogonal_dictionary")]
 
 
 def instrument(seconds: dict[str, float]) -> None:

@@ -7,7 +7,7 @@
 The Grams of all decoder-layer linears are collected once from the uncompressed model (the protocol of
 ``bench/cospadi.py``) and every row compresses the same model from them through the compressor
 contract, so the rows differ only in the method. A config is ``whiten`` or
-``cospadi:ITERATIONS[:KSVD_DTYPE]``. Each compression is timed per phase (whitening, SVD
+``cospadi:ITERATIONS[:KSVD_DTYPE]`` or ``compot:ITERATIONS``. Each compression is timed per phase (whitening, SVD
 initialization, sparse coding, atom updates, value refit; the functions ``bench/cospadi_phases.py``
 wraps) and in total; "× whiten" divides by the whiten row of the same ratio. The compressed model is
 then evaluated (WikiText-2 test perplexity) and written as a checkpoint to a temporary directory to

@@ -125,10 +125,18 @@ class CoSpaDi(Compressor):
                         fixed_params=bias.numel() if bias is not None else 0)
 
     def with_rank(self, rank: int) -> "CoSpaDi":
-        return CoSpaDi(self.config.model_copy(update={"sparsity": int(rank)}))
+        return type(self)(self.config.model_copy(update={"sparsity": int(rank)}))
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         return self.compress_group([GroupMember(name, module, stats)])[0]
+
+    learner = "ksvd"
+
+    def learn(self, signals: torch.Tensor, shape: Shape) -> KSVDResult:
+        """The dictionary and code of the whitened weights (columns of ``signals``): K-SVD + OMP."""
+        c = self.config
+        return ksvd(signals, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, power_steps=c.power_steps,
+                    dtype=getattr(torch, c.ksvd_dtype), tolerance=c.tolerance)
 
     def compress_group(self, members: list[GroupMember]) -> list[CompressResult]:
         c = self.config
@@ -145,8 +153,7 @@ class CoSpaDi(Compressor):
         factor = white.factor
         shape = self.shape_for(d_in, d_out, dtype, len(members))
         stacked = torch.cat([factor.T @ w.to(factor).T for w in weights], dim=1)       # n × g·d_out
-        learned = ksvd(stacked, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, power_steps=c.power_steps,
-                       dtype=getattr(torch, c.ksvd_dtype), tolerance=c.tolerance)
+        learned = self.learn(stacked, shape)
         dictionary = white.inverse.T @ learned.dictionary                               # D = F⁻ᵀ·D_F
         shared = nn.Parameter(dictionary.to(dtype))
         shares = dictionary_shares(d_in, shape.atoms, len(members))
@@ -160,7 +167,7 @@ class CoSpaDi(Compressor):
             module = SparseDictLinear.from_code(shared, indices, values, getattr(member.module, "bias", None),
                                                 dtype, dictionary_share=shares[i])
             details = self._details(module, shape, learned, len(members), failures)
-            path = f"{white.path}, ksvd({_iterations(learned)}" + (f", {learned.reseeded} re-seeded)" if learned.reseeded else ")")
+            path = f"{white.path}, {self.learner}({_iterations(learned)}" + (f", {learned.reseeded} re-seeded)" if learned.reseeded else ")")
             results.append(CompressResult(module, rank=None, numerical_path=path, details=details))
         return results
 

@@ -333,3 +333,40 @@ def sparsity_budget(d_in: int, d_out: int, ratio: float, rho: float, group: int,
     budget = (1.0 - ratio) * d_in * d_out
     per_s = rho * d_in / group + d_out * (1.0 + index_cost)
     return max(1, math.floor(budget / per_s))
+
+
+def orthogonal_dictionary(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int,
+                          tolerance: float = 0.0) -> KSVDResult:
+    """Sparse coding over an orthonormal dictionary (DᵀD = I, k ≤ n), both steps in closed form (COMPOT).
+
+    With orthonormal atoms, ‖x − D·c‖² = ‖x‖² − ‖Dᵀx‖² + ‖Dᵀx − c‖², so the best s-sparse code of a
+    column is its s largest projections (hard thresholding, exactly what OMP returns on such a D),
+    and for fixed codes S the best orthonormal D is the orthogonal Procrustes solution U·Vᵀ of
+    X·Sᵀ = U·Σ·Vᵀ. Each step minimizes the error exactly over its block, so the error never rises.
+    Starts from the k leading left singular vectors of X; ``tolerance`` as in ``ksvd``.
+    """
+    n = signals.shape[0]
+    if n_atoms > n:
+        raise ValueError(f"an orthonormal dictionary has at most n = {n} atoms, asked for {n_atoms}")
+    x = signals
+    dictionary = torch.linalg.svd(x, full_matrices=False)[0][:, :n_atoms]
+    energy = x.square().sum().clamp_min(torch.finfo(x.dtype).tiny)
+    result = KSVDResult(dictionary, torch.empty(0), torch.empty(0))
+    projections = dictionary.T @ x
+    for iteration in range(iterations):
+        indices = projections.abs().topk(sparsity, dim=0).indices
+        codes = dense_codes(indices, projections.gather(0, indices), n_atoms)
+        u, _, vh = torch.linalg.svd(x @ codes.T, full_matrices=False)
+        dictionary = u @ vh
+        projections = dictionary.T @ x
+        result.indices = indices
+        result.dictionary = dictionary
+        result.values = projections.gather(0, indices)
+        # orthonormal atoms, values = projections: ‖x − D_I·v‖² = ‖x‖² − ‖v‖²
+        result.errors.append(((energy - result.values.square().sum()).clamp_min(0.0) / energy).sqrt().item())
+        result.best = iteration
+        if (tolerance > 0 and iteration and iteration + 1 < iterations
+                and result.errors[-2] - result.errors[-1] <= tolerance * result.errors[-2]):
+            result.stopped_early = True
+            break
+    return result

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lrcompress.compressor.dictionary import (_omp_chunk, _omp_chunk_gram_schmidt, batched_omp, dense_codes, ksvd,
+                                              orthogonal_dictionary,
                                               refit_values, sparsity_budget,
                                               update_atom)
 
@@ -212,3 +213,27 @@ def test_an_orthonormal_dictionary_in_float32_still_skips_the_pursuit(monkeypatc
     q32, x32 = q.float(), x.float()
     indices, values = batched_omp(q32.T @ q32, q32.T @ x32, 6)
     assert torch.equal(indices, (q.T @ x).abs().topk(6, dim=0).indices)
+
+
+def test_orthogonal_dictionary_alternates_two_exact_minimizers():
+    """Orthonormal atoms, top-s codes, least-squares values and an error that never rises."""
+    g = torch.Generator().manual_seed(12)
+    basis, _ = torch.linalg.qr(torch.randn(30, 20, generator=g, dtype=torch.float64))
+    codes = torch.zeros(20, 200, dtype=torch.float64)
+    for j in range(200):
+        codes[torch.randperm(20, generator=g)[:4], j] = 1 + torch.rand(4, generator=g, dtype=torch.float64)
+    x = basis @ codes + 0.3 * torch.randn(30, 200, generator=g, dtype=torch.float64)
+    result = orthogonal_dictionary(x, 20, 4, iterations=8)
+    d = result.dictionary
+    assert torch.allclose(d.T @ d, torch.eye(20, dtype=torch.float64), atol=1e-12)
+    assert all(b <= a + 1e-12 for a, b in zip(result.errors, result.errors[1:]))
+    projections = d.T @ x                           # for orthonormal atoms, least squares on a support
+    assert torch.allclose(result.values, projections.gather(0, result.indices))
+    approx = d @ dense_codes(result.indices, result.values, 20)
+    assert abs((x - approx).norm().item() / x.norm().item() - result.errors[-1]) < 1e-12
+    first = torch.linalg.svd(x, full_matrices=False)[0][:, :20]   # the first code: top-4 projections on the start
+    one = orthogonal_dictionary(x, 20, 4, iterations=1)
+    assert torch.equal(one.indices.sort(dim=0).values, (first.T @ x).abs().topk(4, dim=0).indices.sort(dim=0).values)
+    assert result.errors[-1] < 0.95 * result.errors[0]
+    with pytest.raises(ValueError, match="at most n"):
+        orthogonal_dictionary(x, 31, 4, iterations=1)
