@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from lrcompress.compressor import GramStatistic, GroupMember, get_compressor
+from lrcompress.compressor import GroupMember, get_compressor
 from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.modules import SparseDictLinear, dense_weight
-from helpers import correlated_inputs
+from helpers import observed_linear
 
 
 def compot(**options):
@@ -15,52 +14,38 @@ def compot(**options):
     return cls(cls.Config(**options))
 
 
-def linear_with_stats(x: torch.Tensor, out_features: int, seed: int = 0):
-    torch.manual_seed(seed)
-    linear = nn.Linear(x.shape[1], out_features, bias=True).double()
-    stat = GramStatistic(x.shape[1])
-    stat.observe(x, linear(x))
-    return linear, {"gram": stat}
-
-
-def error(linear, module, stats) -> float:
-    return relative_output_error(dense_weight(linear).detach(), dense_weight(module).detach(), stats["gram"].gram("m"))
-
-
 def test_more_alternations_never_raise_the_output_error_and_the_dictionary_is_whitened_orthonormal():
-    x = correlated_inputs(400, 32)
-    linear, stats = linear_with_stats(x, 64)
+    _, linear, gram = observed_linear(400, 64, 32, bias=True)
     errors = []
     for iterations in (1, 3, 8):
-        result = compot(ratio=0.3, iterations=iterations, tolerance=0.0).compress("m", linear, stats)
+        result = compot(ratio=0.3, iterations=iterations, tolerance=0.0).compress("m", linear, {"gram": gram})
         assert isinstance(result.module, SparseDictLinear)
         assert "procrustes" in result.numerical_path
-        errors.append(error(linear, result.module, stats))
+        errors.append(relative_output_error(dense_weight(linear).detach(), dense_weight(result.module).detach(),
+                                            gram.gram("m")))
     assert errors[2] <= errors[1] + 1e-12 <= errors[0] + 2e-12
     # D = F⁻ᵀ·D_F with D_F orthonormal: Dᵀ·G·D = I in the damped metric the dictionary was learned in
-    gram = stats["gram"].gram("m")
-    damped = gram + 1e-4 * torch.diagonal(gram).mean() * torch.eye(32, dtype=gram.dtype)
+    g = gram.gram("m")
+    damped = g + 1e-4 * torch.diagonal(g).mean() * torch.eye(32, dtype=g.dtype)
     d = result.module.dictionary.detach()
     assert torch.allclose(d.T @ damped @ d, torch.eye(d.shape[1], dtype=d.dtype), atol=1e-8)
 
 
 def test_atoms_are_capped_at_the_input_width_and_plan_equals_the_record():
-    x = correlated_inputs(300, 16)
-    linear, stats = linear_with_stats(x, 64)
-    compressor = compot(ratio=0.05, iterations=2)
-    cospadi = get_compressor("cospadi")(get_compressor("cospadi").Config(ratio=0.05, iterations=1))
+    _, linear, gram = observed_linear(300, 64, 16, bias=True)
+    cospadi = get_compressor("cospadi")(get_compressor("cospadi").Config(ratio=0.05))
     assert cospadi.shape_for(16, 64, torch.float64, 1).atoms > 16             # ρ·s would exceed d_in
-    module = compressor.compress("m", linear, stats).module
+    compressor = compot(ratio=0.05, iterations=2)
+    module = compressor.compress("m", linear, {"gram": gram}).module
     assert module.atoms == 16
     assert compressor.plan(linear).params_after == module.stored_params()
 
 
 def test_group_mode_shares_one_orthonormal_dictionary():
-    x = correlated_inputs(300, 24)
     members = []
     for seed in (0, 1):
-        linear, stats = linear_with_stats(x, 40, seed)
-        members.append(GroupMember(f"layers.{seed}.m", linear, stats))
+        _, linear, gram = observed_linear(300, 40, 24, seed=seed)
+        members.append(GroupMember(f"layers.{seed}.m", linear, {"gram": gram}))
     results = compot(ratio=0.3, iterations=3, group_size=2).compress_group(members)
     assert results[0].module.dictionary is results[1].module.dictionary
     assert all(r.details["group_members"] == 2 for r in results)
