@@ -5,10 +5,12 @@ so one short window only feeds the output-error record."""
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lrcompress
 from lrcompress.cli.main import cli
+from lrcompress.data import load_text
+from lrcompress.data.windows import tokenize
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe
 from helpers import smollm2_path
@@ -27,13 +29,17 @@ def test_smollm2_rtn4_export_matches_lrcompress_load(data_dir, tmp_path, no_repo
     checkpoint = run_recipe(parse_recipe(recipe)).output_dir
     result = CliRunner().invoke(cli, ["export", str(checkpoint), str(tmp_path / "ct"), "--format", "compressed-tensors"])
     assert result.exit_code == 0, result.output
-    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    reference_model = lrcompress.load(checkpoint, kernels=False)
+    text = load_text("wikitext2", "test", data_dir).text
+    ids = tokenize(AutoTokenizer.from_pretrained(checkpoint), text[:4000])[:64].view(1, -1)
     with torch.no_grad():
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)(input_ids=ids).logits
-        reference = lrcompress.load(checkpoint, kernels=False)(input_ids=ids).logits
+        reference = reference_model(input_ids=ids).logits
         kernels = lrcompress.load(checkpoint)(input_ids=ids).logits
-    # the same dequantized weights in float32: equal up to summation order
-    torch.testing.assert_close(exported, reference, rtol=0, atol=2e-4)
+    # the same dequantized weights in float32: equal up to summation order (logits are ~10-30;
+    # a wrong or random weight anywhere moves them by whole units)
+    torch.testing.assert_close(exported, reference, rtol=1e-4, atol=1e-3)
     # lrcompress's packed kernels (bfloat16 activations) choose the same next token almost everywhere
+    # on real text (i18 measured all 64 unchanged)
     agree = (kernels.argmax(-1) == exported.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
