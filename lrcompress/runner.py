@@ -177,7 +177,9 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
     settings = PipelineSettings(recipe.runtime.batch_size, compute,
                                 collective.place(torch.device(recipe.runtime.offload_device)),
                                 recipe.runtime.sequential, collective, len(windows),
-                                target=recipe.runtime.target, target_damping=recipe.runtime.target_damping)
+                                target=recipe.runtime.target, target_damping=recipe.runtime.target_damping,
+                                target_blend=recipe.runtime.target_blend,
+                                true_sequential=recipe.runtime.true_sequential)
     # A budget over a stage's modules: the spectra pre-pass chooses every module's rank (and binds it
     # to the stage) before any decomposition; --dry-run stops right after it, with the ranks planned.
     started = time.perf_counter()
