@@ -59,17 +59,22 @@ def _base_command(name: str) -> tuple[str, list[str]]:
     raise SystemExit(f"unknown row {name!r}")
 
 
-def run_row(name: str, model: str, out: Path, threads: int, baseline: bool) -> None:
-    directory = out / name
+def run_lrcompress(directory: Path, recipe: str, sets: list[str]) -> None:
+    """``lrcompress run RECIPE --output DIRECTORY --set ...`` in its own process, logged to DIRECTORY.log;
+    nothing when DIRECTORY already holds a metrics.json."""
     if (directory / "metrics.json").is_file():
         return
-    recipe, sets = row_command(name)
-    sets += [f"model.path={model}", f"runtime.threads={threads}"] + (["eval.baseline=true"] if baseline else [])
     command = [sys.executable, "-m", "lrcompress", "run", recipe, "--output", str(directory), "--overwrite"]
     command += [arg for item in sets for arg in ("--set", item)]
     print("running", " ".join(command), flush=True)
-    with open(out / f"{name}.log", "w") as log:
+    with open(directory.parent / f"{directory.name}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_row(name: str, model: str, out: Path, threads: int, baseline: bool) -> None:
+    recipe, sets = row_command(name)
+    sets += [f"model.path={model}", f"runtime.threads={threads}"] + (["eval.baseline=true"] if baseline else [])
+    run_lrcompress(out / name, recipe, sets)
 
 
 def _kind(module_name: str) -> str:

@@ -145,8 +145,8 @@ def main() -> None:
         records = pipeline.run(windows["calibration"])
         seconds = time.perf_counter() - started
         row = {"seconds": seconds,
-               "records": {r.name: {"relative_error": r.relative_error, **{k: v for k, v in r.details.items()
-                                                                          if isinstance(v, (int, float))}}
+               "records": {r.name: {"relative_error": r.relative_error,
+                                    **{k: v for k, v in r.details.items() if isinstance(v, (int, float, str))}}
                            for r in records}}
         for split, batch in windows.items():
             row[split] = measure(model, dense, batch, 4)
