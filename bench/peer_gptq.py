@@ -69,7 +69,7 @@ def write_windows(model: str, count: int, seq_len: int, path: Path) -> None:
     from lrcompress.data.windows import calibration_windows, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    text = load_text("wikitext2", "validation", os.environ.get("LRCOMPRESS_DATA")).text
+    text = load_text("wikitext2", "validation", Path(os.environ["LRCOMPRESS_DATA"])).text
     torch.save(calibration_windows(tokenize(tokenizer, text), count, seq_len, seed=0), path)
 
 
@@ -102,7 +102,7 @@ def perplexities(model: str, lrc: Path, llmc: Path) -> dict[str, float]:
     from lrcompress.eval import perplexity
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    data = os.environ.get("LRCOMPRESS_DATA")
+    data = Path(os.environ["LRCOMPRESS_DATA"])
     loaders = {"dense": lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
                "lrcompress": lambda: lrcompress.load(lrc, kernels=False),
                "llm-compressor": lambda: AutoModelForCausalLM.from_pretrained(llmc, dtype=torch.float32)}
