@@ -39,3 +39,17 @@ def shared_output(block, x: torch.Tensor) -> torch.Tensor:
     if hasattr(block, "shared_experts"):
         return block.shared_experts(x)
     return torch.zeros_like(x)
+
+
+def observed_in_two_parts(statistic, family: str, tokens: int, seed: int):
+    """(block, the tokens (2·tokens × hidden), statistic): two windows observed by separate statistics with
+    different chunk sizes, then merged, so that chunking and ``merge`` are both exercised."""
+    model = tiny_moe(family)
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    stat = statistic(block, chunk_tokens=4)
+    stat.observe(x[:1], None)
+    other = statistic(block, chunk_tokens=7)
+    other.observe(x[1:], None)
+    stat.merge(other)
+    return block, x.reshape(-1, x.shape[-1]), stat

@@ -4,19 +4,7 @@ import torch
 
 from lrcompress.compressor.expert_stats import ExpertStatistic, WeightedExpertGramStatistic
 from lrcompress.models.moe import expert_weights, routed_weights
-from moe_helpers import tiny_moe
-
-
-def _observed(statistic, family, tokens, seed):
-    model = tiny_moe(family)
-    block = model.model.layers[0].mlp
-    x = torch.randn(2, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
-    stat = statistic(block, chunk_tokens=4)
-    stat.observe(x[:1], None)
-    other = statistic(block, chunk_tokens=7)
-    other.observe(x[1:], None)
-    stat.merge(other)
-    return block, x.reshape(-1, x.shape[-1]), stat
+from moe_helpers import observed_in_two_parts as _observed, tiny_moe
 
 
 def test_routed_weights_are_the_routers_top_k_weights():
