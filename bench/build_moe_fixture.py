@@ -24,7 +24,7 @@ import torch
 
 from lrcompress.data import data_dir, load_text
 from lrcompress.eval import perplexity
-from lrcompress.models.btx import BuildSettings, TrainSettings, build
+from lrcompress.models.btx import BuildSettings, TrainSettings, build, dense_equivalence_error
 
 
 def layer_list(spec: str) -> tuple[int, ...]:
@@ -84,13 +84,16 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     source = load_text(args.train_data, args.train_split, data_dir(None, None))
     print(f"training text: {source.description} ({len(source.text)} chars, sha {source.fingerprint})", flush=True)
+    probe = tokenizer(source.text[:2000], return_tensors="pt")["input_ids"][:, :128]
+    equivalence = dense_equivalence_error(dense, list(settings.moe_layers), settings.experts, settings.top_k, probe)
+    print(f"Qwen2-MoE with every expert = the dense MLP: max |logit diff| vs dense {equivalence:.2e}", flush=True)
     moe, info = build(dense, tokenizer, source.text, settings,
                       progress=lambda m: print(f"[{time.perf_counter() - started:6.0f} s] {m}", flush=True))
     build_seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info.update(arguments=recorded, training_text=source.description, training_fingerprint=source.fingerprint,
+    info.update(arguments=recorded, dense_equivalence_max_logit_diff=equivalence, training_text=source.description, training_fingerprint=source.fingerprint,
                 build_seconds=round(build_seconds, 1), threads=torch.get_num_threads(),
                 machine=platform.machine(), torch=torch.__version__)
     if args.eval_windows:

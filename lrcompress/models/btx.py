@@ -98,6 +98,18 @@ def assemble(dense: nn.Module, experts: dict[int, list[tuple[torch.Tensor, ...]]
     return model
 
 
+@torch.no_grad()
+def dense_equivalence_error(dense: nn.Module, layers: list[int], experts: int, top_k: int,
+                            ids: torch.Tensor) -> float:
+    """Max |logit difference| between the dense model and its Qwen2-MoE whose E experts in ``layers`` all
+    equal the dense MLP (random routers): 0 up to float round-off when the architecture maps exactly."""
+    copies = {i: [mlp_weights(dense.model.layers[i].mlp)] * experts for i in layers}
+    g = torch.Generator().manual_seed(0)
+    routers = {i: torch.randn(experts, dense.config.hidden_size, generator=g) for i in layers}
+    moe = assemble(dense, copies, routers, top_k)
+    return float((moe(ids).logits - dense(ids).logits).abs().max())
+
+
 # --- domains ------------------------------------------------------------------------------------------
 
 def paragraphs(text: str, min_chars: int = MIN_PARAGRAPH_CHARS) -> list[str]:

@@ -33,6 +33,13 @@ def test_identical_experts_reproduce_the_dense_model():
     assert moe.config.mlp_only_layers == [0]
 
 
+def test_dense_equivalence_error_is_round_off():
+    from lrcompress.models.btx import dense_equivalence_error
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    assert dense_equivalence_error(dense, [0, 2], 4, 2, torch.randint(3, 250, (1, 20))) < 1e-4
+
+
 def test_trunk_suffix_equals_the_full_forward():
     dense = tiny_model("llama", num_hidden_layers=3)
     ids = torch.randint(3, 250, (2, 16))
