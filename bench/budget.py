@@ -25,6 +25,8 @@ import torch
 import yaml
 
 from lrcompress.errors import LrcompressError
+from lrcompress.eval import RunMetrics
+from lrcompress.pipeline import ModuleRecord
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe
 
@@ -44,29 +46,30 @@ def recipe_for(base: dict, method: str, ratio: float, strategy: str, target: str
     return data
 
 
-def per_kind(metrics: dict) -> dict[str, dict[str, float]]:
+def per_kind(metrics: RunMetrics) -> dict[str, dict[str, float]]:
     """Mean rank and mean relative output error per module kind (the 'why' next to each number)."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for m in metrics.get("modules", []):
-        kind = ".".join(part for part in m["name"].split(".")[3:])
+    groups: dict[str, list[ModuleRecord]] = defaultdict(list)
+    for m in metrics.modules:
+        kind = ".".join(part for part in m.name.split(".")[3:])
         groups[kind].append(m)
-    return {kind: {"mean_rank": sum(m["rank"] or 0 for m in ms) / len(ms),
-                   "mean_error": sum(m["relative_error"] for m in ms) / len(ms)} for kind, ms in groups.items()}
+    return {kind: {"mean_rank": sum(m.rank or 0 for m in ms) / len(ms),
+                   "mean_error": sum(m.relative_error for m in ms) / len(ms)} for kind, ms in groups.items()}
 
 
 def run_row(base: dict, method: str, ratio: float, strategy: str, target: str, threads: int) -> dict:
     recipe = parse_recipe(recipe_for(base, method, ratio, strategy, target, threads), "bench/budget.py")
     started = time.perf_counter()
     metrics = run_recipe(recipe).metrics
-    ppl = next(iter(metrics["eval"]["perplexity"].values()))["value"]
-    allocation = (metrics.get("allocation") or {}).get("stages", [{}])[0]
+    ppl = next(iter(metrics.eval.perplexity.values())).value
+    allocation = metrics.allocation.stages[0] if metrics.allocation else None
     return {"key": row_key(method, ratio, strategy, target), "method": method, "ratio": ratio,
             "strategy": strategy, "target": target, "perplexity": ppl, "threads": threads,
-            "targeted_ratio": metrics["compression"]["targeted_ratio"],
-            "budget_params": allocation.get("budget_params"), "allocated_params": allocation.get("allocated_params"),
-            "timing": metrics.get("timing", {}), "run_seconds": time.perf_counter() - started,
+            "targeted_ratio": metrics.compression.targeted_ratio,
+            "budget_params": allocation.budget_params if allocation else None,
+            "allocated_params": allocation.allocated_params if allocation else None,
+            "timing": metrics.timing, "run_seconds": time.perf_counter() - started,
             "per_kind": per_kind(metrics),
-            "ranks": {m["name"]: m["rank"] for m in allocation.get("modules", [])}}
+            "ranks": {m.name: m.rank for m in allocation.modules} if allocation else {}}
 
 
 def table(rows: list[dict]) -> str:

@@ -24,11 +24,12 @@ from torch import nn
 from lrcompress.compressor import GroupMember, get_compressor
 from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
-from lrcompress.eval import perplexity, unique_param_count
+from lrcompress.eval import EvalContext, perplexity, unique_param_count
 from lrcompress.models import adapter_for, load_model
 from lrcompress.modules import dense_weight, stored_params
 from lrcompress.modules.surgery import replace_submodule
 from lrcompress.pipeline.targets import select_targets
+from lrcompress.recipe import PerplexitySpec
 
 from grams import collect_grams
 
@@ -129,7 +130,7 @@ def main() -> None:
         for label in args.configs.split(","):
             method, options = configs[label]
             result = compress_all(model, names, stats, method, {"ratio": ratio, **options})
-            ppl = perplexity(model, tokenizer, "wikitext2", "test", 512, args.max_windows, directory, 4)
+            ppl = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.max_windows), EvalContext(directory))
             protocol = ppl.protocol
             restore(model, result["originals"])
             rows.append((label, ratio, result, ppl.value))

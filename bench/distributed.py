@@ -16,7 +16,6 @@ every other tensor, as the largest relative difference max|a-b| / max|a|.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -96,10 +95,12 @@ def run_one(recipe: dict, count: int, threads: int, out: Path) -> dict:
     (out / f"nproc{count}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         sys.exit(f"N={count} failed (exit {done.returncode}); see {out / f'nproc{count}.log'}")
-    metrics = json.loads((directory / "metrics.json").read_text())
-    ppl = metrics["eval"]["perplexity"]
-    value = f"{next(iter(ppl.values()))['value']:.3f}" if ppl else "–"
-    return {"count": count, "threads": threads, "wall": wall, "compress": metrics["timing"]["compress"],
+    from lrcompress.eval import RunMetrics
+
+    metrics = RunMetrics.load(directory / "metrics.json")
+    ppl = metrics.eval.perplexity
+    value = f"{next(iter(ppl.values())).value:.3f}" if ppl else "–"
+    return {"count": count, "threads": threads, "wall": wall, "compress": metrics.timing["compress"],
             "perplexity": value, "dir": directory}
 
 

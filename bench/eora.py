@@ -55,23 +55,24 @@ def run_one(recipe: dict) -> dict:
     started = time.perf_counter()
     result = run_recipe(parse_recipe(recipe))
     m = result.metrics
-    modules = m["modules"]
-    added = sum(r["params_after"] - r["params_before"] for r in modules if r["method"] == "eora")
-    ppl = next(iter(m["eval"]["perplexity"].values()))
-    c = m["compression"]
-    return {"perplexity": ppl["value"], "protocol": ppl["protocol"], "added_params": added,
-            "targeted_params_before": c["targeted_params_before"], "targeted_params_after": c["targeted_params_after"],
-            "targeted_bytes_before": c["targeted_bytes_before"], "targeted_bytes_after": c["targeted_bytes_after"],
+    added = sum(r.params_after - r.params_before for r in m.modules if r.method == "eora")
+    ppl = next(iter(m.eval.perplexity.values()))
+    c = m.compression
+    return {"perplexity": ppl.value, "protocol": ppl.protocol, "added_params": added,
+            "targeted_params_before": c.targeted_params_before, "targeted_params_after": c.targeted_params_after,
+            "targeted_bytes_before": c.targeted_bytes_before, "targeted_bytes_after": c.targeted_bytes_after,
             "seconds": time.perf_counter() - started}
 
 
 def dense_perplexity(model: str, args: argparse.Namespace) -> dict:
     from lrcompress.data import data_dir
-    from lrcompress.eval import perplexity
+    from lrcompress.eval import EvalContext, perplexity
+    from lrcompress.recipe import PerplexitySpec
     from lrcompress.models import load_model
 
     loaded = load_model(model)
-    result = perplexity(loaded.model, loaded.tokenizer, "wikitext2", "test", 512, args.windows, data_dir(None), 4)
+    result = perplexity(loaded.model, loaded.tokenizer, PerplexitySpec(max_windows=args.windows),
+                        EvalContext(data_dir(None)))
     return {"perplexity": result.value, "protocol": result.protocol, "seconds": result.seconds}
 
 

@@ -29,11 +29,12 @@ from lrcompress.compressor import get_compressor
 from lrcompress.compressor.fwsvd import importance_scale
 from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
-from lrcompress.eval import perplexity
+from lrcompress.eval import EvalContext, perplexity
 from lrcompress.models import adapter_for, load_model
 from lrcompress.modules import dense_weight
 from lrcompress.pipeline import PipelineSettings, Stage, run_prepasses, select_targets
 from lrcompress.modules.surgery import replace_submodule
+from lrcompress.recipe import PerplexitySpec
 
 from grams import collect_grams
 
@@ -99,8 +100,8 @@ def main() -> None:
     names = target_names(model)
 
     def ppl() -> float:
-        return perplexity(model, tokenizer, "wikitext2", "test", args.seq_len, args.max_windows, directory,
-                          args.batch_size).value
+        spec = PerplexitySpec(dataset="wikitext2", split="test", seq_len=args.seq_len, max_windows=args.max_windows)
+        return perplexity(model, tokenizer, spec, EvalContext(directory, batch_size=args.batch_size)).value
 
     started = time.perf_counter()
     dense = ppl()

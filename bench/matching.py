@@ -13,10 +13,11 @@ outputs (for target original; for target layer the records' own error on the com
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
+
+from lrcompress.eval import RunMetrics
 
 ROWS = {  # name -> (recipe, overrides)
     "whiten-0.2": ("recipes/whiten.yaml", ["stages.0.ratio=0.2"]),
@@ -49,13 +50,13 @@ def table(out: Path) -> str:
             if not path.is_file():
                 lines.append(f"| {name} | {target} | (not run) | | | | |")
                 continue
-            m = json.loads(path.read_text())
-            ppl = next(iter(m["eval"]["perplexity"].values()))["value"]
-            extra = m.get("output_matching", {}).get("extra_seconds")
-            errors = [r["relative_error"] for r in m["modules"]]
-            lines.append(f"| {name} | {target} | {ppl:.2f} | {m['timing']['compress']:.0f} | "
+            m = RunMetrics.load(path)
+            ppl = next(iter(m.eval.perplexity.values())).value
+            extra = m.output_matching.extra_seconds if m.output_matching else None
+            errors = [r.relative_error for r in m.modules]
+            lines.append(f"| {name} | {target} | {ppl:.2f} | {m.timing['compress']:.0f} | "
                          f"{'–' if extra is None else f'{extra:.0f}'} | "
-                         f"{m['memory']['process_peak_rss_bytes'] / 2**30:.2f} | {sum(errors) / len(errors):.4f} |")
+                         f"{m.memory.process_peak_rss_bytes / 2**30:.2f} | {sum(errors) / len(errors):.4f} |")
     return "\n".join(lines)
 
 

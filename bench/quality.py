@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from lrcompress.eval import perplexity
+from lrcompress.eval import EvalContext, RunMetrics, perplexity
 from lrcompress.models import load_model
-from lrcompress.recipe import parse_recipe
+from lrcompress.recipe import PerplexitySpec, parse_recipe
 from lrcompress.runner import run_recipe
 from lrcompress.data import data_dir
 
@@ -58,8 +58,8 @@ def main() -> None:
 
     started = time.perf_counter()
     loaded = load_model(base["model"]["path"], base["model"].get("dtype", "float32"))
-    dense = perplexity(loaded.model, loaded.tokenizer, ppl_spec["dataset"], ppl_spec["split"], ppl_spec["seq_len"],
-                       ppl_spec.get("max_windows"), data_dir(None, base.get("data_dir")), 4)
+    dense = perplexity(loaded.model, loaded.tokenizer, PerplexitySpec(**ppl_spec),
+                       EvalContext(data_dir(None, base.get("data_dir"))))
     del loaded
     print(f"| dense | - | {dense.value:.2f} | 1.00× | 0 | {time.perf_counter() - started:.0f} | - |", flush=True)
     for method in args.methods.split(","):
@@ -69,20 +69,20 @@ def main() -> None:
             started = time.perf_counter()
             result = run_recipe(parse_recipe(recipe, f"{args.base} ({method} {ratio})"))
             total = time.perf_counter() - started
-            value = next(iter(result.metrics["eval"]["perplexity"].values()))["value"]
+            value = next(iter(result.metrics.eval.perplexity.values())).value
             print(f"| {method} | {ratio:.1f} | {value:.2f} | {value / dense.value:.2f}× | "
-                  f"{result.metrics['timing']['compress']:.0f} | {total:.0f} | {_prepass_cell(result.metrics)} |",
+                  f"{result.metrics.timing['compress']:.0f} | {total:.0f} | {_prepass_cell(result.metrics)} |",
                   flush=True)
     print(f"\nPerplexity: {dense.protocol}")
 
-def _prepass_cell(metrics: dict) -> str:
+def _prepass_cell(metrics: RunMetrics) -> str:
     """Whole-model pre-passes (FWSVD's Fisher pass): seconds and peak-memory growth, or '-' when none ran."""
-    reports = metrics.get("prepass") or {}
+    reports = metrics.prepass or {}
     cells = []
     for kind, report in reports.items():
         growth = report.get("peak_memory_growth_bytes")
         memory = f", +{growth / 2**20:.0f} MiB peak ({report.get('memory_measure')})" if growth is not None else ""
-        cells.append(f"{kind} {metrics['timing'].get('prepass', 0):.0f} s{memory}")
+        cells.append(f"{kind} {metrics.timing.get('prepass', 0):.0f} s{memory}")
     return "; ".join(cells) or "-"
 
 

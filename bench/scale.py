@@ -7,7 +7,7 @@ mode (``runtime.lazy``), one markdown table.
 Each mode is a fresh subprocess (this script with ``--child MODE``), so its peak RSS (VmHWM: this
 process image only, where ru_maxrss would inherit the parent's) is that mode's own lifetime peak
 (imports, load, calibration, compression, writing, evaluation); the table also gives the
-growth of the resident set during the compression phase alone (sampled, metrics["memory"]). Ratios
+growth of the resident set during the compression phase alone (sampled, metrics.json "memory"). Ratios
 are against the default mode measured in the same invocation. The model size on disk is printed above
 the table, to read the peaks against. Both runs write a checkpoint (lazy mode needs one) into a
 temporary directory that is removed afterwards; the dense baseline evaluation is off.
@@ -47,12 +47,12 @@ def child(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     metrics = run_recipe(recipe).metrics
     seconds = time.perf_counter() - started
-    ppl = next(iter(metrics["eval"]["perplexity"].values()))
+    ppl = next(iter(metrics.eval.perplexity.values()))
     print(json.dumps({
         "peak_rss": image_peak_rss_bytes(),
-        "compress_growth": metrics["memory"]["compress"]["peak_memory_growth_bytes"],
-        "run_seconds": seconds, "compress_seconds": metrics["timing"]["compress"],
-        "perplexity": ppl["value"], "protocol": ppl["protocol"], "bytes": metrics["compression"]["bytes"],
+        "compress_growth": metrics.memory.compress["peak_memory_growth_bytes"],
+        "run_seconds": seconds, "compress_seconds": metrics.timing["compress"],
+        "perplexity": ppl.value, "protocol": ppl.protocol, "bytes": metrics.compression.bytes,
     }))
 
 

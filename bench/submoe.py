@@ -22,15 +22,16 @@ import torch
 
 from lrcompress.compressor import get_compressor
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
-from lrcompress.eval import perplexity
+from lrcompress.eval import EvalContext, perplexity
 from lrcompress.models import adapter_for, load_model
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.recipe import PerplexitySpec
 
 
 def evaluate(model, tokenizer, args) -> tuple[float, str, float]:
     started = time.perf_counter()
-    result = perplexity(model, tokenizer, "wikitext2", "test", 512, args.max_windows, data_dir(None, None), 4,
-                        torch.device("cpu"))
+    result = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.max_windows),
+                        EvalContext(data_dir(None, None)))
     return result.value, result.protocol, time.perf_counter() - started
 
 

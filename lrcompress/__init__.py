@@ -11,19 +11,9 @@ def load(path, dtype=None, kernels=True):
     """Load a checkpoint written by lrcompress (or any dense HF directory, or a hub id) as a ready
     model. ``kernels=False`` keeps the exact dequantized reference forward of quantized modules
     instead of the packed CPU kernels (bfloat16 activations; see ``modules/cpu_kernels.py``)."""
-    from pathlib import Path
+    from .models.loading import load_ready
 
-    import torch
-
-    from .checkpoint.reader import load_compressed
-    from .models.loading import is_compressed_dir
-
-    path = Path(path)
-    if is_compressed_dir(path):
-        return load_compressed(path, dtype=dtype, kernels=kernels)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()
+    return load_ready(path, dtype=dtype, kernels=kernels)
 
 
 def run(recipe, model=None, dataset=None, **options):

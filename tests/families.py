@@ -41,6 +41,8 @@ GGUF_FAMILIES: dict[str, dict] = {
     "phi3": dict(SPECIAL_IDS),
     "gemma2": dict(sliding_window=8),
     "gemma3_text": dict(sliding_window=8),
+    "qwen2_moe": dict(),      # MoE families are built by tiny_moe; their expert sizes travel in the
+    "qwen3_moe": dict(),      # expert_*feed_forward_length keys (lrcompress.models.gguf reads them)
 }
 
 

@@ -15,6 +15,11 @@ GGUF_NAMES = {"gemma3_text": ("gemma3", "gemma3"), "qwen2_moe": ("qwen2_moe", "q
               "qwen3_moe": ("qwen3_moe", "qwen3moe"), "mistral": ("llama", "llama")}
 
 
+# Expert sizes as llama.cpp's converter writes them (the keys lrcompress.models.gguf reads back).
+EXPERT_SIZES = {"expert_feed_forward_length": "moe_intermediate_size",
+                "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's q/k row order for rotary (the inverse of transformers' reverse permutation)."""
     dim = weight.shape[0] // heads // 2
@@ -35,6 +40,9 @@ def write_gguf(model, tokenizer, path: Path) -> Path:
         if isinstance(value, bool) or value is None:
             continue
         (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(f"{arch}.{key}", value)
+    for key, attribute in EXPERT_SIZES.items():      # llama.cpp writes these; transformers' mapping omits them
+        if getattr(config, attribute, None):
+            writer.add_uint32(f"{arch}.{key}", getattr(config, attribute))
     vocab = tokenizer.get_vocab()
     tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
     writer.add_tokenizer_model("gpt2")
@@ -55,6 +63,9 @@ def write_gguf(model, tokenizer, path: Path) -> Path:
             gate, up = np.split(weight, 2, axis=1)
             writer.add_tensor(f"{block}.ffn_gate_exps.weight", gate.copy())
             writer.add_tensor(f"{block}.ffn_up_exps.weight", up.copy())
+            continue
+        if name.endswith("mlp.experts.down_proj"):           # a fused parameter, not a Linear's weight
+            writer.add_tensor(f"blk.{name.split('.')[2]}.ffn_down_exps.weight", weight)
             continue
         base, _, suffix = name.rpartition(".")
         target = names.get_name(base)

@@ -41,15 +41,58 @@ def shared_output(block, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
-def observed_in_two_parts(statistic, family: str, tokens: int, seed: int):
-    """(block, the tokens (2·tokens × hidden), statistic): two windows observed by separate statistics with
-    different chunk sizes, then merged, so that chunking and ``merge`` are both exercised."""
-    model = tiny_moe(family)
+MOE_WINDOWS = torch.randint(3, 259, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def moe_stage(method, targets=("*",), ignore=(), **options):
+    """A stage of ``method`` (a block compressor) over the given patterns."""
+    from lrcompress.compressor import get_compressor
+    from lrcompress.pipeline import Stage
+
+    cls = get_compressor(method)
+    return Stage(0, cls(cls.Config(**options)), list(targets), list(ignore))
+
+
+def moe_compressor(method, **options):
+    from lrcompress.compressor import get_compressor
+
+    cls = get_compressor(method)
+    return cls(cls.Config(**options))
+
+
+def prototype_moe(groups, noise=1e-3, seed=0):
+    """A Mixtral whose experts are a few prototypes (expert e copies prototype groups[e]) plus noise."""
+    experts = len(groups)
+    model = tiny_moe("mixtral", seed=seed, num_local_experts=experts, num_experts_per_tok=2, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(seed + 7)
     block = model.model.layers[0].mlp
-    x = torch.randn(2, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
-    stat = statistic(block, chunk_tokens=4)
-    stat.observe(x[:1], None)
-    other = statistic(block, chunk_tokens=7)
-    other.observe(x[1:], None)
-    stat.merge(other)
-    return block, x.reshape(-1, x.shape[-1]), stat
+    with torch.no_grad():
+        protos_gu = torch.randn(max(groups) + 1, *block.experts.gate_up_proj.shape[1:], generator=g) * 0.3
+        protos_d = torch.randn(max(groups) + 1, *block.experts.down_proj.shape[1:], generator=g) * 0.3
+        index = torch.tensor(groups)
+        block.experts.gate_up_proj.copy_(protos_gu[index] + noise * torch.randn(block.experts.gate_up_proj.shape,
+                                                                                 generator=g))
+        block.experts.down_proj.copy_(protos_d[index] + noise * torch.randn(block.experts.down_proj.shape, generator=g))
+    return model, protos_gu, protos_d
+
+
+def stats_for(block, tokens=64, seed=0):
+    from lrcompress.compressor.block import INPUT_SAMPLE, InputSample
+    from lrcompress.compressor.expert_stats import EXPERT_STATS, ExpertStatistic
+
+    x = torch.randn(1, tokens, block.gate.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    stats = {EXPERT_STATS: ExpertStatistic(block), INPUT_SAMPLE: InputSample()}
+    with torch.no_grad():
+        for s in stats.values():
+            s.observe(x, None)
+    return stats, x
+
+
+def dagger_stats(block, tokens=64, seed=0):
+    from lrcompress.compressor.expert_stats import EXPERT_GRAMS, ExpertGramStatistic
+
+    stats, x = stats_for(block, tokens, seed)
+    stats[EXPERT_GRAMS] = ExpertGramStatistic(block)
+    with torch.no_grad():
+        stats[EXPERT_GRAMS].observe(x, None)
+    return stats

@@ -19,7 +19,7 @@ def test_run_a_yaml_path_with_overrides_then_load(tiny_llama_dir, calibration_fi
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out")))
     result = lrcompress.run(path, overrides=["stages.0.ratio=0.4"])
-    assert result.output_dir == tmp_path / "out" and result.metrics["compression"]["targeted_modules"] == 14
+    assert result.output_dir == tmp_path / "out" and result.metrics.compression.targeted_modules == 14
     reloaded = lrcompress.load(result.output_dir)
     assert isinstance(reloaded.model.layers[0].mlp.down_proj, LowRankLinear)
 
@@ -35,13 +35,13 @@ def test_run_a_model_and_text_in_memory(tiny_llama_dir, calibration_file, tmp_pa
                             tokenizer=AutoTokenizer.from_pretrained(tiny_llama_dir))
     assert result.output_dir is None and result.model is model           # compressed in place
     assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear)
-    assert result.metrics["provenance"]["calibration"]["source"] == "text given in memory"
+    assert result.metrics.provenance.calibration.source == "text given in memory"
 
 
 def test_run_token_windows_in_memory_and_bad_inputs(tiny_llama_dir, calibration_file, tmp_path):
     recipe = tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out", output={"save": False})
     windows = torch.randint(3, 200, (4, 32))
     result = lrcompress.run(recipe, dataset=windows)
-    assert "4 token windows given in memory" in result.metrics["provenance"]["calibration"]["source"]
+    assert "4 token windows given in memory" in result.metrics.provenance.calibration.source
     with pytest.raises(LrcompressError, match="2-D LongTensor"):
         lrcompress.run(recipe, dataset=windows.float())

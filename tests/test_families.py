@@ -36,7 +36,7 @@ def test_compress_reload_and_export(family, calibration_file, tmp_path, no_repor
     result = run_recipe(_recipe(model_dir, calibration_file, tmp_path / "run"))
     layers = adapter_for(result.model).decoder_layers(result.model)
     left = [name for name, module in layers.named_modules() if type(module) is nn.Linear
-            and not any(name.startswith(r["name"].split("layers.", 1)[1]) for r in result.metrics["modules"])]
+            and not any(name.startswith(r["name"].split("layers.", 1)[1]) for r in result.metrics.dump()["modules"])]
     assert not left, f"linears left uncompressed: {left}"
     expected = _logits(result.model)
     torch.testing.assert_close(_logits(lrcompress.load(result.output_dir)), expected, rtol=1e-4, atol=1e-4)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import lrcompress
-from lrcompress.eval import perplexity
+from lrcompress.eval import EvalContext, perplexity
 from lrcompress.models import load_model
-from lrcompress.recipe import parse_recipe
+from lrcompress.recipe import PerplexitySpec, parse_recipe
 from lrcompress.runner import run_recipe
 from helpers import smollm2_path
 
@@ -53,13 +53,13 @@ def runs(smollm2, data_dir, tmp_path_factory):
 
 
 def _ppl(run) -> float:
-    return run.metrics["eval"]["perplexity"]["wikitext2/test"]["value"]
+    return run.metrics.dump()["eval"]["perplexity"]["wikitext2/test"]["value"]
 
 
 def test_dense_perplexity_follows_the_reference_protocol(smollm2, data_dir):
     """DESIGN §7: an independent script measured 28.69 (WikiText-2 test, seq_len 512, first 40 windows)."""
     loaded = load_model(str(smollm2))
-    result = perplexity(loaded.model, loaded.tokenizer, "wikitext2", "test", 512, 40, data_dir)
+    result = perplexity(loaded.model, loaded.tokenizer, PerplexitySpec(max_windows=40), EvalContext(data_dir))
     assert result.windows == 40 and result.tokens == 40 * 511
     assert result.value == pytest.approx(28.69, abs=0.05)
 
@@ -69,8 +69,8 @@ def test_data_aware_methods_beat_plain_svd(runs):
     assert ppl["whiten"] < ppl["svd"], ppl
     assert ppl["lord"] < ppl["svd"], ppl
     for run in runs.values():
-        assert run.metrics["compression"]["targeted_modules"] == 210
-        assert run.metrics["compression"]["targeted_ratio"] >= 0.2
+        assert run.metrics.dump()["compression"]["targeted_modules"] == 210
+        assert run.metrics.dump()["compression"]["targeted_ratio"] >= 0.2
 
 
 def test_saved_checkpoint_reloads_with_the_same_logits(runs, smollm2):
@@ -82,7 +82,7 @@ def test_saved_checkpoint_reloads_with_the_same_logits(runs, smollm2):
         actual = reloaded(input_ids=window).logits
     assert (actual - expected).abs().max().item() <= 1e-4
     dense_bytes = sum(p.stat().st_size for p in smollm2.glob("*.safetensors"))
-    assert run.metrics["compression"]["bytes"] < dense_bytes
+    assert run.metrics.dump()["compression"]["bytes"] < dense_bytes
 
 
 def test_gguf_file_loads_through_the_conversion_cache(smollm2, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lrcompress.errors import CheckpointError, LrcompressError
+from lrcompress.eval import RunMetrics
 from lrcompress.runner import run_recipe
 from tiny_runs import tiny_recipe
 
@@ -33,8 +34,8 @@ def test_run_writes_checkpoint_metrics_and_report(tiny_llama_dir, calibration_fi
 
 
 def test_runs_are_reproducible(tiny_llama_dir, calibration_file, tmp_path):
-    first = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "a")).metrics
-    second = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "b")).metrics
+    first = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "a")).metrics.dump()
+    second = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "b")).metrics.dump()
     assert first["provenance"]["calibration"] == second["provenance"]["calibration"]
     assert [m["relative_error"] for m in first["modules"]] == [m["relative_error"] for m in second["modules"]]
     digests = [{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / run).glob("*.safetensors"))}
@@ -68,7 +69,7 @@ def test_a_crash_while_writing_leaves_no_checkpoint_but_a_resumable_staging_dir(
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.partial"]
     state = json.loads((tmp_path / "run.partial" / "state.json").read_text())
-    assert state["blocks"] == [[0], [1]] and state["written"]
+    assert state["segments"] == [[0], [1]] and state["written"]
     assert (tmp_path / "run.partial" / "metrics.json").is_file()
     run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, out))  # the same command finishes the run
     assert (out / "config.json").is_file() and (out / "metrics.json").is_file()
@@ -91,14 +92,42 @@ def test_dry_run_plans_without_writing(tiny_llama_dir, calibration_file, tmp_pat
     assert q.params_after == q.rank * 128 <= 0.8 * 4096
 
 
+def test_a_moe_recipe_run_writes_a_plain_checkpoint(tmp_path, calibration_file):
+    from lrcompress.recipe import parse_recipe
+    from transformers import AutoModelForCausalLM
+    from helpers import byte_tokenizer
+    from moe_helpers import tiny_moe
+    from tiny_runs import tiny_recipe_dict
+
+    model_dir = tmp_path / "moe"
+    tiny_moe("qwen2_moe").save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    recipe = tiny_recipe_dict(model_dir, calibration_file, tmp_path / "out", method="expert_average")
+    recipe["stages"] = [{"method": "expert_average", "expert_ratio": 0.5}]
+    dry = run_recipe(parse_recipe(recipe), dry_run=True)
+    assert [p.name for p in dry.plan] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    result = run_recipe(parse_recipe(recipe))
+    assert [m["params_after"] for m in result.metrics.dump()["modules"]] == [p.params_after for p in dry.plan]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.num_experts == 2
+    assert reloaded.model.layers[0].mlp.experts.down_proj.shape[0] == 2
+    bad = dict(recipe, stages=[{"method": "expert_average", "num_experts": 2, "ratio": 0.2}])
+    with pytest.raises(Exception, match="stages.0.ratio"):
+        parse_recipe(bad)
+
+
 def test_output_matching_reports_its_cost(tiny_llama_dir, calibration_file, tmp_path):
     recipe = tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "run")
     recipe.runtime.target = "original"
     metrics = run_recipe(recipe).metrics
-    cost = metrics["output_matching"]
-    assert cost["target"] == "original" and cost["extra_seconds"] > 0 and cost["reference_forwards"] == 2
-    assert cost["peak_reference_activation_bytes"] > 0 and cost["peak_cross_gram_bytes_per_layer"] > 0
-    assert all(m["details"]["target"] == "original" for m in metrics["modules"])
+    cost = metrics.output_matching
+    assert cost.target == "original" and cost.extra_seconds > 0 and cost.reference_forwards == 2
+    assert cost.peak_reference_activation_bytes > 0 and cost.peak_cross_gram_bytes_per_layer > 0
+    assert all(m.details["target"] == "original" for m in metrics.modules)
+    saved = RunMetrics.load(tmp_path / "run" / "metrics.json")
+    assert saved.output_matching == cost
+
+
 def test_chat_template_calibration_renders_conversations(tiny_llama_dir, calibration_file, tmp_path):
     """An instruct model's calibration text: each record of a 'messages' column through the chat template."""
     import shutil
@@ -124,4 +153,4 @@ def test_chat_template_calibration_renders_conversations(tiny_llama_dir, calibra
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     recipe["model"]["path"] = str(model_dir)
     metrics = run_recipe(parse_recipe(recipe)).metrics
-    assert "chat template applied" in metrics["provenance"]["calibration"]["source"]
+    assert "chat template applied" in metrics.provenance.calibration.source

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..modules import CompensatedLinear, compressed_modules, dense_weight
 from ..modules.surgery import replace_submodule
+from .compressed_tensors import quantized_targets, write_compressed_tensors
 from .export import densify
 from .layout import staged_directory
 
@@ -66,8 +67,6 @@ def lora_config(ranks: dict[str, int], base_path: str):
 def quantized_base(model: nn.Module) -> bool:
     """Whether the base (compensated modules replaced by their bases) is all rtn/gptq quantized linears
     that compressed-tensors holds, and the package is there to write them."""
-    from .compressed_tensors import quantized_targets
-
     try:
         import compressed_tensors  # noqa: F401
         quantized_targets(model)
@@ -96,8 +95,6 @@ def export_peft(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool
     """Write ``<out_dir>/base`` and ``<out_dir>/adapter``; ``model`` is changed in place. The base is the
     compressed-tensors export of the quantized bases when they all are rtn/gptq quantized linears
     (and the package is installed), else a dense float checkpoint."""
-    from .compressed_tensors import write_compressed_tensors
-
     tensors, ranks = adapter_tensors(model)
     if not ranks:
         raise CheckpointError("the checkpoint has no compensated modules (eora or a residual stage): "

@@ -1,13 +1,13 @@
-"""The staging directory of a run, ``<out>.partial``: finished blocks of layers, durably, until the
+"""The staging directory of a run, ``<out>.partial``: finished segments of layers, durably, until the
 checkpoint is complete and renamed to ``<out>``.
 
-    state.json                        format, the run's fingerprint, the finished blocks (written last)
-    layers-00000-00001.safetensors    the (compressed) layers of one block, shared tensors stored once
+    state.json                        format, the run's fingerprint, the finished segments (written last)
+    layers-00000-00001.safetensors    the (compressed) layers of one segment, shared tensors stored once
     layers-00000-00001.json           their module specs, aliases and module records
 
-A block's files are flushed to disk before state.json names it, and every file is replaced
-atomically, so after a crash at any point (kill -9, preemption) state.json lists only blocks whose
-files are complete; a block it does not list is simply computed and written again. ``complete`` adds
+A segment's files are flushed to disk before state.json names it, and every file is replaced
+atomically, so after a crash at any point (kill -9, preemption) state.json lists only segments whose
+files are complete; a segment it does not list is simply computed and written again. ``complete`` adds
 the tensors outside the layers, the shard index, config.json and the tokenizer and marks the state
 ``written``: a rerun then skips the compression and only evaluates. The runner writes metrics.json
 and the report into it; ``publish`` then renames it to ``<out>`` (a run is complete when its metrics
@@ -32,7 +32,7 @@ from .layout import CONFIG_NAME, disk_errors, replace_durably, swap_into_place, 
 from .writer import checkpoint_config, write_index
 
 STATE_NAME = "state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2            # 2: "segments" (format 1 called them "blocks")
 OUTER_NAME = "model-outer.safetensors"
 
 
@@ -74,7 +74,7 @@ class StagingDir:
         shutil.rmtree(self.path, ignore_errors=True)
         with disk_errors(f"creating {self.path}"):
             self.path.mkdir(parents=True)
-        self._write_state({"format": STATE_FORMAT, "fingerprint": fingerprint, "blocks": []})
+        self._write_state({"format": STATE_FORMAT, "fingerprint": fingerprint, "segments": []})
 
     def _write_state(self, state: dict[str, Any]) -> None:
         with disk_errors(f"writing {self.state_file}", self.path):
@@ -87,10 +87,10 @@ class StagingDir:
 
     def finished(self) -> list[list[int]]:
         state = self.read_state()
-        return [] if state is None else [list(block) for block in state["blocks"]]
+        return [] if state is None else [list(segment) for segment in state["segments"]]
 
-    def write_block(self, layers: list[int], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-        """Write a finished block's tensors and info, flush them, then record the block in state.json."""
+    def write_segment(self, layers: list[int], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Write a finished segment's tensors and info, flush them, then record it in state.json."""
         stem = _stem(layers)
         tmp = self.path / f"{stem}.safetensors.tmp"
         with disk_errors(f"writing layers {layers} to {self.path}", self.path):
@@ -101,20 +101,20 @@ class StagingDir:
         state = self.read_state()
         if state is None:
             raise CheckpointError(f"{self.state_file} disappeared while the run was writing into {self.path}")
-        state["blocks"] = [block for block in state["blocks"] if block != layers] + [layers]
+        state["segments"] = [segment for segment in state["segments"] if segment != layers] + [layers]
         self._write_state(state)
 
-    def block_info(self, layers: list[int]) -> dict[str, Any]:
+    def segment_info(self, layers: list[int]) -> dict[str, Any]:
         path = self.path / f"{_stem(layers)}.json"
         if not path.is_file():
             raise CheckpointError(f"{self.state_file} lists layers {layers} but {path} is missing")
         return json.loads(path.read_text())
 
-    def read_block(self, layers: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def read_segment(self, layers: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         path = self.path / f"{_stem(layers)}.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{self.state_file} lists layers {layers} but {path} is missing")
-        return read_all(path), self.block_info(layers)
+        return read_all(path), self.segment_info(layers)
 
     def complete(self, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
                  dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any, extra_files: dict[str, str],
@@ -122,7 +122,7 @@ class StagingDir:
         """Write everything but the metrics: the tensors outside the layers, the index, config.json, the
         generation config and tokenizer files of ``source`` (copied unchanged) and ``extra_files``; then
         mark the state ``written`` (last, durably)."""
-        blocks = [self.block_info(layers) for layers in self.finished()]
+        segments = [self.segment_info(layers) for layers in self.finished()]
         with disk_errors(f"writing the checkpoint into {self.path}", self.path):
             tmp = self.path / f"{OUTER_NAME}.tmp"
             save_file(outer, tmp, metadata={"format": "pt"})
@@ -130,7 +130,7 @@ class StagingDir:
             weight_map = {name: OUTER_NAME for name in outer}
             sizes = _nbytes(outer)
             specs, aliases = {}, dict(outer_aliases)
-            for info in blocks:
+            for info in segments:
                 file = f"{_stem(info['layers'])}.safetensors"
                 weight_map.update({name: file for name in info["tensors"]})
                 sizes.update(info["tensors"])
@@ -152,9 +152,9 @@ class StagingDir:
     def publish(self, final: Path) -> None:
         """Rename the directory (complete, metrics.json written into it) to ``final``, replacing one the
         caller may overwrite, then drop the journal files."""
-        blocks = self.finished()
+        segments = self.finished()
         with disk_errors(f"renaming {self.path} to {final}", self.path):
             swap_into_place(self.path, final)
-        for layers in blocks:
+        for layers in segments:
             (final / f"{_stem(layers)}.json").unlink()
         (final / STATE_NAME).unlink()

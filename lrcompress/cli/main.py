@@ -11,11 +11,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from ..errors import LrcompressError
 from ..pipeline import PipelineObserver
-from .render import (allocation_table, console, inspect_table, make_observer, plan_table, provenance_table,
+from .render import (allocation_table, console, inspection_table, make_observer, plan_table, provenance_table,
                      result_event, setup_logging, summary_table)
 
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
@@ -124,13 +123,13 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         stdout.print(plan_table(result.plan))
         for line in result.data_sources:
             stdout.print(line, highlight=False)
-        if "allocation" in result.metrics:   # the spectra pre-pass ran to choose the ranks above
-            stdout.print(allocation_table(result.metrics["allocation"]))
+        if result.metrics.allocation:   # the spectra pre-pass ran to choose the ranks above
+            stdout.print(allocation_table(result.metrics.allocation))
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
     from .render_eval import lm_eval_table
 
-    tasks = lm_eval_table(result.metrics["eval"])
+    tasks = lm_eval_table(result.metrics.eval)
     if tasks is not None:
         stdout.print(tasks)
 
@@ -166,11 +165,12 @@ def eval_command(checkpoint: str, dataset: str, dataset_config: str | None, spli
 
     from ..data import DatasetRef, check_source
     from ..data import data_dir as resolve_data_dir
-    from ..eval import write_metrics
+    from ..eval import EvalContext
     from ..eval.lm_eval_tasks import check_tasks, parse_tasks
+    from ..eval.metrics import EvalReport
     from ..eval.suite import evaluate_checkpoint
-    from ..recipe import LmEvalSpec, PerplexitySpec
-    from ..runner import resolve_device
+    from ..pipeline.settings import resolve_device
+    from ..recipe import EvalSpec, LmEvalSpec, PerplexitySpec
     from .render_eval import lm_eval_table, perplexity_lines
 
     try:
@@ -185,17 +185,19 @@ def eval_command(checkpoint: str, dataset: str, dataset_config: str | None, spli
             check_source(DatasetRef.of(spec), directory)
         if lm_spec is not None:
             check_tasks(lm_spec.tasks, directory, lm_spec.include_path)
-        section, cached = evaluate_checkpoint(checkpoint, ppl_specs, lm_spec, directory, resolve_device(device),
-                                              batch_size, cache, None if as_json else console.log)
+        context = EvalContext(directory, resolve_device(device), batch_size,
+                              (lambda message: None) if as_json else console.log)
+        section, cached = evaluate_checkpoint(checkpoint, EvalSpec(perplexity=ppl_specs, lm_eval=lm_spec), context,
+                                              cache)
     except ValidationError as error:
         raise LrcompressError("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) \
             from None
-    document = {"eval": section, "model_source": checkpoint, "baseline_cache": cached}
     if output:
-        write_metrics(output, document)
+        EvalReport(eval=section, model_source=checkpoint, baseline_cache=cached).save(output)
     if as_json:  # perplexity alone: its result object, as before lm-eval tasks existed; else the section
-        alone = lm_spec is None and len(section["perplexity"]) == 1
-        click.echo(json.dumps(next(iter(section["perplexity"].values())) if alone else section, indent=2))
+        alone = lm_spec is None and len(section.perplexity) == 1
+        shown = next(iter(section.perplexity.values())).model_dump() if alone else section.dump()
+        click.echo(json.dumps(shown, indent=2))
         return
     for line in perplexity_lines(section):
         stdout.print(line, highlight=False)
@@ -203,7 +205,7 @@ def eval_command(checkpoint: str, dataset: str, dataset_config: str | None, spli
     if table is not None:
         stdout.print(table)
     if cached:
-        stdout.print(f"baseline cache: {'hit' if cached['hit'] else 'stored'} {cached['path']}", highlight=False)
+        stdout.print(f"baseline cache: {'hit' if cached.hit else 'stored'} {cached.path}", highlight=False)
 
 
 @cli.command()
@@ -255,22 +257,14 @@ def compare(runs: tuple[Path, ...], output: Path) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 def inspect(checkpoint: Path) -> None:
     """What was compressed: modules, kinds, ranks, sizes, errors (from metrics.json when present)."""
-    from ..checkpoint import bytes_on_disk, read_metadata
-    from ..modules import spec_shape
+    from ..eval.inspect import inspect_checkpoint
 
-    _, meta = read_metadata(checkpoint)
-    metrics_path = checkpoint / "metrics.json"
-    records, allocation = {}, None
-    if metrics_path.is_file():
-        saved = json.loads(metrics_path.read_text())
-        records = {m["name"]: m for m in saved.get("modules", [])}
-        allocation = saved.get("allocation")
-    stdout.print(inspect_table(checkpoint, bytes_on_disk(checkpoint), meta["modules"], records, spec_shape))
-    if allocation:
-        stdout.print(allocation_table(allocation))
-    provenance = meta.get("provenance", {})
-    if provenance:
-        stdout.print(provenance_table(provenance))
+    inspection = inspect_checkpoint(checkpoint)
+    stdout.print(inspection_table(inspection))
+    if inspection.allocation:
+        stdout.print(allocation_table(inspection.allocation))
+    if inspection.provenance:
+        stdout.print(provenance_table(inspection.provenance))
 
 
 @cli.command()

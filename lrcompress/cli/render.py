@@ -12,8 +12,10 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..eval.metrics import describe_change, format_bytes
+from ..eval.inspect import Inspection
+from ..eval.metrics import RunMetrics, describe_change, format_bytes
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
+from ..pipeline.allocation import AllocationResult
 from ..pipeline.observer import PlannedWork, WorkProgress
 from ..pipeline.memory import describe_peak_memory
 
@@ -124,33 +126,35 @@ def plan_table(plan) -> Table:
     return table
 
 
-def summary_table(metrics: dict[str, Any], output_dir) -> Table:
-    c = metrics["compression"]
+def summary_table(metrics: RunMetrics, output_dir) -> Table:
+    c = metrics.compression
     table = Table(title="lrcompress summary", show_header=False)
     table.add_column("what")
     table.add_column("value")
     table.add_row("output", str(output_dir) if output_dir else "(not saved)")
-    table.add_row("targeted modules", str(c["targeted_modules"]))
-    if c.get("targeted_bytes_before") is not None:
-        table.add_row("targeted size", describe_change(c["targeted_bytes_before"], c["targeted_bytes_after"], "bytes"))
-    if c.get("model_bytes_after") is not None:
-        table.add_row("whole-model size", describe_change(c["model_bytes_before"], c["model_bytes_after"], "bytes"))
-    if c.get("bytes") is not None:
-        table.add_row("weights on disk", f"{format_bytes(c['bytes'])} (dense {format_bytes(c['dense_bytes'])})")
-    table.add_row("targeted parameters", describe_change(c["targeted_params_before"], c["targeted_params_after"],
-                                                         "params"))
-    table.add_row("whole-model parameters", describe_change(c["model_params_before"], c["model_params_after"], "params"))
-    errors = [m["relative_error"] for m in metrics.get("modules", [])]
+    if c is not None:
+        table.add_row("targeted modules", str(c.targeted_modules))
+        if c.targeted_bytes_before is not None:
+            table.add_row("targeted size", describe_change(c.targeted_bytes_before, c.targeted_bytes_after, "bytes"))
+        if c.model_bytes_after is not None:
+            table.add_row("whole-model size", describe_change(c.model_bytes_before, c.model_bytes_after, "bytes"))
+        if c.bytes is not None:
+            table.add_row("weights on disk", f"{format_bytes(c.bytes)} (dense {format_bytes(c.dense_bytes)})")
+        table.add_row("targeted parameters", describe_change(c.targeted_params_before, c.targeted_params_after,
+                                                             "params"))
+        table.add_row("whole-model parameters", describe_change(c.model_params_before, c.model_params_after,
+                                                                "params"))
+    errors = [m.relative_error for m in metrics.modules]
     if errors:
-        worst = max(metrics["modules"], key=lambda m: m["relative_error"])
+        worst = max(metrics.modules, key=lambda m: m.relative_error)
         table.add_row("relative output error", f"mean {sum(errors) / len(errors):.4f}, "
-                      f"worst {worst['relative_error']:.4f} ({worst['name']})")
-    for name, result in metrics.get("eval", {}).get("baseline_perplexity", {}).items():
-        table.add_row(f"dense perplexity {name}", f"{result['value']:.3f}")
-    for name, result in metrics.get("eval", {}).get("perplexity", {}).items():
-        stderr = f" ± {result['stderr']:.3f}" if result.get("stderr") is not None else ""
-        table.add_row(f"perplexity {name}", f"{result['value']:.3f}{stderr}  [{result['protocol']}]")
-    for name, seconds in metrics.get("timing", {}).items():
+                      f"worst {worst.relative_error:.4f} ({worst.name})")
+    for name, result in (metrics.eval.baseline_perplexity or {}).items():
+        table.add_row(f"dense perplexity {name}", f"{result.value:.3f}")
+    for name, result in metrics.eval.perplexity.items():
+        stderr = f" ± {result.stderr:.3f}" if result.stderr is not None else ""
+        table.add_row(f"perplexity {name}", f"{result.value:.3f}{stderr}  [{result.protocol}]")
+    for name, seconds in metrics.timing.items():
         table.add_row(f"time {name}", f"{seconds:.1f} s")
     return table
 
@@ -178,32 +182,29 @@ def result_event(result, dry_run: bool) -> dict[str, Any]:
     if dry_run:
         return {"event": "result", "status": "ok", "dry_run": True, "data_sources": result.data_sources,
                 "plan": [vars(p) for p in result.plan]}
-    metrics = result.metrics
+    metrics: RunMetrics = result.metrics
+    document = metrics.dump()
     return {"event": "result", "status": "ok", "dry_run": False,
             "output_dir": str(result.output_dir) if result.output_dir else None,
             "metrics": str(result.output_dir / "metrics.json") if result.output_dir else None,
-            "compression": metrics.get("compression"),
-            "perplexity": {name: r["value"] for name, r in metrics.get("eval", {}).get("perplexity", {}).items()},
-            "lm_eval": metrics.get("eval", {}).get("lm_eval"), "timing": metrics.get("timing")}
+            "compression": document.get("compression"),
+            "perplexity": {name: r.value for name, r in metrics.eval.perplexity.items()},
+            "lm_eval": document.get("eval", {}).get("lm_eval"), "timing": metrics.timing}
 
 
-def natural_key(name: str) -> list[Any]:
-    """``model.layers.2.x`` before ``model.layers.10.x``: digit runs compare as numbers."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
-
-
-def inspect_table(checkpoint, weights_bytes: int, specs: dict[str, dict], records: dict[str, dict], shape) -> Table:
-    """``lrcompress inspect``: every compressed module in layer order, sizes in bytes first."""
-    table = Table(title=f"{checkpoint} ({format_bytes(weights_bytes)} of weights)")
+def inspection_table(inspection: Inspection) -> Table:
+    """``lrcompress inspect``: every compressed module in layer order (``inspect_checkpoint`` sorts them),
+    sizes in bytes first, with its run's record when there is one."""
+    table = Table(title=f"{inspection.checkpoint} ({format_bytes(inspection.weight_bytes)} of weights)")
     for column in ("module", "kind", "shape (out×in)", "rank", "bytes after", "params after", "rel. error", "path"):
         table.add_column(column, justify="right" if column in ("rank", "bytes after", "params after", "rel. error")
                          else "left")
-    for name in sorted(specs, key=natural_key):
-        spec, record = specs[name], records.get(name, {})
-        table.add_row(name, spec["kind"], shape(spec), str(spec.get("rank", "–")),
-                      format_bytes(record["bytes_after"]) if record.get("bytes_after") is not None else "?",
-                      f"{record['params_after']:,}" if record else "?",
-                      f"{record['relative_error']:.4f}" if record else "?", record.get("numerical_path", "?"))
+    for m in inspection.modules:
+        r = m.record
+        table.add_row(m.name, m.kind, m.shape, "–" if m.rank is None else str(m.rank),
+                      format_bytes(r.bytes_after) if r is not None and r.bytes_after is not None else "?",
+                      f"{r.params_after:,}" if r else "?", f"{r.relative_error:.4f}" if r else "?",
+                      r.numerical_path if r else "?")
     return table
 
 
@@ -227,25 +228,22 @@ def provenance_table(provenance: dict[str, Any]) -> Table:
     return table
 
 
-def allocation_table(allocation: dict[str, Any]) -> Table:
+def allocation_table(allocation: AllocationResult) -> Table:
     """Per stage and module kind: the ranks a budget allocation chose against the uniform ones."""
     table = Table(title="budget allocation (rank per module kind: min / mean / max, uniform)")
     for column in ("stage", "strategy", "module kind", "modules", "min", "mean", "max", "uniform"):
         table.add_column(column, justify="left" if column in ("strategy", "module kind") else "right")
     captions = []
-    for stage in allocation.get("stages", []):
-        kinds: dict[str, list[dict[str, Any]]] = {}
-        for module in stage["modules"]:
-            kinds.setdefault(module["kind"], []).append(module)
-        for kind, modules in kinds.items():
-            ranks = [m["rank"] for m in modules]
-            uniform = sorted({m["uniform_rank"] for m in modules})
-            table.add_row(str(stage["stage"]), stage["strategy"], kind, str(len(modules)), str(min(ranks)),
+    for stage in allocation.stages:
+        for kind, modules in stage.by_kind().items():
+            ranks = [m.rank for m in modules]
+            uniform = sorted({m.uniform_rank for m in modules})
+            table.add_row(str(stage.stage), stage.strategy, kind, str(len(modules)), str(min(ranks)),
                           f"{sum(ranks) / len(ranks):.1f}", str(max(ranks)), "/".join(map(str, uniform)))
-        captions.append(f"stage {stage['stage']} ({stage['method']}, {stage['strategy']}): "
-                        f"{stage['allocated_params']:,} of a budget of {stage['budget_params']:,.0f} parameters "
-                        f"(uniform: {stage['uniform_params']:,})")
-    spectra = allocation.get("prepass", {}).get("spectra", {})
+        captions.append(f"stage {stage.stage} ({stage.method}, {stage.strategy}): "
+                        f"{stage.allocated_params:,} of a budget of {stage.budget_params:,.0f} parameters "
+                        f"(uniform: {stage.uniform_params:,})")
+    spectra = allocation.prepass.get("spectra", {})
     if spectra:
         captions.append(f"spectra pre-pass over the uncompressed model: {spectra.get('modules', 0)} modules, "
                         f"{spectra.get('spectra_bytes', 0) / 1024:.1f} KiB kept, {spectra.get('seconds', 0):.1f} s"

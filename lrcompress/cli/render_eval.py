@@ -1,9 +1,9 @@
 """Rich tables for the evaluation commands: lm-eval results, the regression gate, run comparisons."""
 from __future__ import annotations
 
-from typing import Any
-
 from rich.table import Table
+
+from ..eval.metrics import EvalSection
 
 
 def _fmt(value: float | None, stderr: float | None = None) -> str:
@@ -12,21 +12,21 @@ def _fmt(value: float | None, stderr: float | None = None) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
-def perplexity_lines(section: dict[str, Any]) -> list[str]:
-    return [f"perplexity {r['value']:.4f}  ({r['protocol']}; {r['source']})" for r in section.get("perplexity", {}).values()]
+def perplexity_lines(section: EvalSection) -> list[str]:
+    return [f"perplexity {r.value:.4f}  ({r.protocol}; {r.source})" for r in section.perplexity.values()]
 
 
-def lm_eval_table(section: dict[str, Any]) -> Table | None:
-    tasks = section.get("lm_eval")
+def lm_eval_table(section: EvalSection) -> Table | None:
+    tasks = section.lm_eval
     if not tasks:
         return None
     table = Table(title="lm-eval tasks")
     for column in ("task", "metric", "value ± stderr", "documents", "protocol"):
         table.add_column(column, overflow="fold")
     for task, result in tasks.items():
-        for metric, protocol in result["protocols"].items():
-            table.add_row(task, metric, _fmt(result.get(metric), result.get(f"{metric}_stderr")),
-                          f"{result.get('samples')} ({result.get('num_fewshot', 0)}-shot)", protocol)
+        for metric, protocol in result.protocols.items():
+            table.add_row(task, metric, _fmt(result.metric(metric), result.metric(f"{metric}_stderr")),
+                          f"{result.samples} ({result.num_fewshot}-shot)", protocol)
     return table
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import NumericalError
+from ..modules import dense_weight
 
 
 def accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -201,8 +202,6 @@ SNAPSHOTS: dict[str, StatisticFactory] = {
 
 
 def _original_weight(module: nn.Module, device: torch.device) -> torch.Tensor:
-    from ..modules import dense_weight
-
     return dense_weight(module).detach().to(device)
 
 

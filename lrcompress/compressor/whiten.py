@@ -1,8 +1,12 @@
-"""``whiten`` (alias ``asvd``): activation-aware SVD as in SVD-LLM (Wang et al., 2024).
+"""``whiten``: activation-aware SVD as in SVD-LLM (Wang et al., 2024).
 
 With G = XᵀX = S·Sᵀ, ‖X(W−Ŵ)ᵀ‖_F = ‖(W−Ŵ)·S‖_F, so the best rank-r Ŵ is the truncated SVD of W·S
 mapped back by S⁻¹: Ŵ = U_r Σ_r V_rᵀ S⁻¹. S is the (damped) Cholesky factor, with the fallbacks of
 ``linalg.whitening``.
+
+This is not ASVD (Yuan et al., 2023), which scales the input channels by a diagonal of activation
+magnitudes and searches a rank per layer; an ``asvd`` alias of this method used to exist and was removed
+because the name promised that other method.
 """
 from __future__ import annotations
 
@@ -42,8 +46,3 @@ class WhitenedSVD(LowRankCompressor):
         down = down @ white.inverse
         replacement = LowRankLinear.from_factors(up, down, getattr(module, "bias", None), weight.dtype)
         return CompressResult(replacement, rank=rank, numerical_path=white.path)
-
-
-@register("asvd")
-class ActivationAwareSVD(WhitenedSVD):
-    """Alias of ``whiten`` under the name DESIGN.md also uses."""

@@ -8,15 +8,13 @@ line per method. Runs whose perplexities were measured under different protocols
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from ..errors import LrcompressError
-from .metrics import format_bytes
+from .metrics import RunMetrics, format_bytes
 from .plots import plot_rate_distortion
 
 
@@ -39,7 +37,7 @@ class RunSummary:
         return 1 - self.model_bytes / self.dense_bytes if self.model_bytes and self.dense_bytes else None
 
 
-def method_label(metrics: dict[str, Any], directory: Path) -> str:
+def method_label(metrics: RunMetrics, directory: Path) -> str:
     """The stages' methods joined by '+', from recipe.yaml, else from the module records."""
     recipe = directory / "recipe.yaml"
     if recipe.is_file():
@@ -47,7 +45,7 @@ def method_label(metrics: dict[str, Any], directory: Path) -> str:
         methods = [stage.get("method", "?") for stage in stages if isinstance(stage, dict)]
         if methods:
             return "+".join(methods)
-    methods = list(dict.fromkeys(m["method"] for m in metrics.get("modules", [])))
+    methods = list(dict.fromkeys(m.method for m in metrics.modules))
     return "+".join(methods) or "dense"
 
 
@@ -55,23 +53,22 @@ def load_run(directory: Path) -> RunSummary:
     path = directory / "metrics.json"
     if not path.is_file():
         raise LrcompressError(f"{directory}: no metrics.json (not a run directory written by lrcompress run)")
-    try:
-        metrics = json.loads(path.read_text())
-        compression = metrics["compression"]
-        evaluation = metrics.get("eval", {})
-        accuracy = {f"{task} {metric}": result[metric] for task, result in evaluation.get("lm_eval", {}).items()
-                    for metric in result.get("protocols", {}) if metric.startswith("acc")}
-        # bytes: the in-memory accounting when recorded, else (older runs) the weights on disk
-        model_bytes = compression.get("model_bytes_after") or compression.get("bytes")
-        dense_bytes = compression.get("model_bytes_before") or compression.get("dense_bytes")
-        return RunSummary(directory, method_label(metrics, directory), compression["model_ratio"],
-                          compression["targeted_ratio"],
-                          {k: r["value"] for k, r in evaluation.get("perplexity", {}).items()},
-                          {k: r["protocol"] for k, r in evaluation.get("perplexity", {}).items()},
-                          {k: r["value"] for k, r in evaluation.get("baseline_perplexity", {}).items()}, accuracy,
-                          model_bytes, dense_bytes, compression.get("targeted_bytes_ratio"))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise LrcompressError(f"{path}: not a metrics.json of lrcompress run ({type(error).__name__}: {error})") from None
+    metrics = RunMetrics.load(path)
+    compression = metrics.compression
+    if compression is None:
+        raise LrcompressError(f"{path}: not a metrics.json of lrcompress run (no compression section)")
+    evaluation = metrics.eval
+    accuracy = {f"{task} {metric}": result.metric(metric) for task, result in (evaluation.lm_eval or {}).items()
+                for metric in result.protocols if metric.startswith("acc")}
+    # bytes: the in-memory accounting when recorded, else (older runs) the weights on disk
+    model_bytes = compression.model_bytes_after or compression.bytes
+    dense_bytes = compression.model_bytes_before or compression.dense_bytes
+    return RunSummary(directory, method_label(metrics, directory), compression.model_ratio,
+                      compression.targeted_ratio,
+                      {k: r.value for k, r in evaluation.perplexity.items()},
+                      {k: r.protocol for k, r in evaluation.perplexity.items()},
+                      {k: r.value for k, r in (evaluation.baseline_perplexity or {}).items()}, accuracy,
+                      model_bytes, dense_bytes, compression.targeted_bytes_ratio)
 
 
 def common_perplexity(runs: list[RunSummary]) -> str | None:

@@ -1,7 +1,7 @@
 """The regression gate behind ``lrcompress check``: compare a run's metrics with a baseline's.
 
 Metrics are read from the ``eval`` section of a metrics.json (or a baseline cache entry, or the output
-of ``lrcompress eval --output``). Each metric carries its protocol; a candidate and a baseline metric are
+of ``lrcompress eval --output``), typed by ``eval.metrics``. Each metric carries its protocol; a candidate and a baseline metric are
 compared only when they have the same name *and* the same protocol, so lrcompress's token-level
 perplexity and lm-eval's word perplexities never meet.
 
@@ -30,7 +30,6 @@ estimate decides, marked "no stderr". Absolute bounds are always point compariso
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -43,6 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LrcompressError
 from .lm_eval_tasks import LOWER_IS_BETTER
+from .metrics import EvalSection, LmEvalResult, read_eval_section
+from .perplexity import PerplexityResult
 
 log = logging.getLogger(__name__)
 
@@ -123,54 +124,35 @@ class GateResult:
         return all(check.passed for check in self.checks) and not (self.strict and self.inconclusive)
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def perplexity_metrics(results: dict[str, PerplexityResult]) -> dict[str, Metric]:
+    return {f"perplexity {key}": Metric(f"perplexity {key}", result.value, _number(result.stderr), "perplexity",
+                                        result.protocol, _number(result.log_stderr))
+            for key, result in results.items()}
 
 
-def perplexity_metrics(results: dict[str, Any], where: str) -> dict[str, Metric]:
-    metrics = {}
-    for key, result in results.items():
-        if not isinstance(result, dict) or "value" not in result or "protocol" not in result:
-            raise GateInputError(f"{where}.{key}: expected a perplexity result with 'value' and 'protocol'")
-        name = f"perplexity {key}"
-        metrics[name] = Metric(name, _number(result["value"]), _number(result.get("stderr")), "perplexity",
-                               result["protocol"], _number(result.get("log_stderr")))
-    return metrics
-
-
-def lm_eval_metrics(results: dict[str, Any], where: str) -> dict[str, Metric]:
+def lm_eval_metrics(results: dict[str, LmEvalResult]) -> dict[str, Metric]:
     metrics = {}
     for task, result in results.items():
-        if not isinstance(result, dict) or not isinstance(result.get("protocols"), dict):
-            raise GateInputError(f"{where}.{task}: expected an lm-eval result with 'protocols'")
-        setting = f"{result.get('samples')} documents, {result.get('num_fewshot', 0)}-shot"
-        for metric, protocol in result["protocols"].items():
+        setting = f"{result.samples} documents, {result.num_fewshot}-shot"
+        for metric, protocol in result.protocols.items():
             kind = "perplexity" if metric in LOWER_IS_BETTER else "accuracy" if metric.startswith("acc") else "other"
             name = f"{task} {metric}"
-            metrics[name] = Metric(name, _number(result.get(metric)), _number(result.get(f"{metric}_stderr")),
+            metrics[name] = Metric(name, _number(result.metric(metric)), _number(result.metric(f"{metric}_stderr")),
                                    kind, f"{protocol}; {setting}")
     return metrics
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise GateInputError(f"{path}: no such file")
-    try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GateInputError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(document, dict) or not isinstance(document.get("eval"), dict):
-        raise GateInputError(f"{path}: no 'eval' section (expected a metrics.json or a baseline file)")
-    return document
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def metrics_of(document: dict[str, Any], source: str, embedded_baseline: bool = False) -> dict[str, Metric]:
-    """The metrics of a document's ``eval`` section; ``embedded_baseline``: its dense baseline instead."""
-    section = document["eval"]
-    ppl_key, lm_key = ("baseline_perplexity", "baseline_lm_eval") if embedded_baseline else ("perplexity", "lm_eval")
-    metrics = perplexity_metrics(section.get(ppl_key) or {}, f"{source}: eval.{ppl_key}")
-    metrics.update(lm_eval_metrics(section.get(lm_key) or {}, f"{source}: eval.{lm_key}"))
-    return metrics
+def metrics_of(section: EvalSection, embedded_baseline: bool = False) -> dict[str, Metric]:
+    """The metrics of an ``eval`` section; ``embedded_baseline``: its dense baseline instead."""
+    if embedded_baseline:
+        perplexities, tasks = section.baseline_perplexity, section.baseline_lm_eval
+    else:
+        perplexities, tasks = section.perplexity, section.lm_eval
+    return {**perplexity_metrics(perplexities or {}), **lm_eval_metrics(tasks or {})}
 
 
 def _renamed_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -324,14 +306,14 @@ def evaluate_gate(candidate: dict[str, Metric], baseline: dict[str, Metric], gat
 
 def run_gate(metrics_path: Path, baseline_path: Path | None, gate: GateConfig) -> GateResult:
     """Read the files and evaluate; without a baseline file the run's own dense baseline is used."""
-    document = read_json(metrics_path)
-    candidate = metrics_of(document, str(metrics_path))
+    section = read_eval_section(metrics_path)
+    candidate = metrics_of(section)
     if not candidate:
         raise GateInputError(f"{metrics_path}: eval section holds no perplexity or lm-eval result")
     if baseline_path is not None:
-        baseline = metrics_of(read_json(baseline_path), str(baseline_path))
+        baseline = metrics_of(read_eval_section(baseline_path))
     else:
-        baseline = metrics_of(document, str(metrics_path), embedded_baseline=True)
+        baseline = metrics_of(section, embedded_baseline=True)
         needs_baseline = gate.max_ppl_increase is not None or gate.min_recovery is not None
         if needs_baseline and not baseline:
             raise GateInputError(f"{metrics_path}: no --baseline given and the run has no dense baseline "

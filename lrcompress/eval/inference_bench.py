@@ -17,13 +17,18 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from ..pipeline.memory import PeakMemory
+from ..checkpoint import read_metadata
+from ..errors import LrcompressError
+from ..models.loading import load_ready
 from ..modules import CompressedModule
+from ..pipeline.memory import PeakMemory
 
 DECODE_PROMPT_TOKENS = 16
 
@@ -139,14 +144,6 @@ def ratios(speeds: dict[str, ModelSpeed], reference: str = "dense") -> dict[str,
 def bench_checkpoint(checkpoint: str, dense: str | None, settings: InferenceSettings) -> dict[str, Any]:
     """Load CHECKPOINT and its dense original (``dense``, else the source its provenance names) and
     compare them; returns a JSON-able report."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    import lrcompress
-    from ..checkpoint import read_metadata
-    from ..errors import LrcompressError
-
     torch.set_num_threads(settings.threads)
     if dense is None:
         _, meta = read_metadata(Path(checkpoint))
@@ -154,7 +151,7 @@ def bench_checkpoint(checkpoint: str, dense: str | None, settings: InferenceSett
         if not dense:
             raise LrcompressError(f"{checkpoint} does not name its source model: pass --dense")
     models = {"dense": AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval(),
-              "compressed": lrcompress.load(checkpoint)}
+              "compressed": load_ready(checkpoint)}
     speeds = compare_inference(models, settings)
     return {"checkpoint": str(checkpoint), "dense": str(dense), "settings": asdict(settings),
             "torch": torch.__version__, "speeds": {name: asdict(s) for name, s in speeds.items()},

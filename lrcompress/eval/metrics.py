@@ -1,21 +1,207 @@
-"""metrics.json: compression accounting, evaluation results, timing, per-module records."""
+"""metrics.json, typed: compression accounting, evaluation results, timing, per-module records.
+
+``RunMetrics`` is the one description of the file ``lrcompress run`` writes; the report, ``compare``,
+``inspect``, the regression gate, the CLI and the bench scripts read it through ``RunMetrics.load`` (or,
+for the gate, ``read_eval_section``, which also accepts a baseline cache entry and the output of
+``lrcompress eval --output``). A section a run did not produce (no pre-pass, no dense baseline, no
+lm-eval tasks) is absent from the file rather than null (``OMITTED_WHEN_NONE``).
+"""
 from __future__ import annotations
 
 import json
 import platform
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
+import torch
+import transformers
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 from torch import nn
 
+from .. import __version__
+from ..checkpoint.layout import write_atomic
+from ..errors import LrcompressError
+from ..modules import compressed_modules
+from ..pipeline.allocation import AllocationResult
 from ..pipeline.records import ModuleRecord
+from ..pipeline.reference import OutputMatchingReport
+from .perplexity import PerplexityResult
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler):
+        data = handler(self)
+        for name in self.OMITTED_WHEN_NONE:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class LmEvalResult(BaseModel):
+    """One lm-eval task: its metrics (``acc``, ``acc_stderr``, ``perplexity``, ... as extra keys, named by
+    lm-eval) and ``protocols`` (metric → what it measures)."""
+
+    model_config = ConfigDict(extra="allow")
+    protocols: dict[str, str]
+    samples: int | None = None
+    num_fewshot: int = 0
+
+    def metric(self, name: str) -> Any:
+        return (self.model_extra or {}).get(name)
+
+
+class BaselineCacheInfo(_Section):
+    fingerprint: str
+    path: str
+    hit: bool
+
+
+class EvalSection(_Section):
+    """``{"perplexity": {"<dataset>/<split>": ...}, "lm_eval": {"<task>": ...}}`` and, in a run with
+    ``eval.baseline``, the dense model's numbers beside them."""
+
+    perplexity: dict[str, PerplexityResult] = Field(default_factory=dict)
+    lm_eval: dict[str, LmEvalResult] | None = None
+    baseline_perplexity: dict[str, PerplexityResult] | None = None
+    baseline_lm_eval: dict[str, LmEvalResult] | None = None
+    baseline_cache: BaselineCacheInfo | None = None
+    OMITTED_WHEN_NONE = ("lm_eval", "baseline_perplexity", "baseline_lm_eval", "baseline_cache")
+
+
+class CompressionSummary(_Section):
+    """Ratios are fractions *removed*; ``accounting`` says what a parameter and a byte are."""
+
+    targeted_modules: int
+    targeted_params_before: int
+    targeted_params_after: int
+    targeted_ratio: float
+    model_params_before: int
+    model_params_after: int
+    model_ratio: float
+    bytes: int | None                    # every tensor written (None when the run saved nothing)
+    dense_bytes: int
+    targeted_bytes_before: int | None
+    targeted_bytes_after: int | None
+    targeted_bytes_ratio: float | None
+    model_bytes_before: int | None = None    # the whole model's weights in memory (bytes are the primary size)
+    model_bytes_after: int | None = None
+    model_bytes_ratio: float | None = None
+    accounting: str
+
+
+class MemoryReport(_Section):
+    compress: dict[str, Any]             # pipeline.memory.PeakMemory.report()
+    process_peak_rss_bytes: int | None
+    lazy: bool
+
+
+class CalibrationProvenance(_Section):
+    source: str
+    text_sha256: str
+    windows_sha256: str
+    num_samples: int
+    seq_len: int
+    seed: int
+
+
+class Provenance(_Section):
+    """Also written into the checkpoint's config.json (``lrcompress.provenance``)."""
+
+    versions: dict[str, str]
+    seed: int
+    recipe_fingerprint: str
+    model_source: str
+    calibration: CalibrationProvenance
+    processes: int | None = None         # only for a run spread over several processes
+    OMITTED_WHEN_NONE = ("processes",)
+
+
+class RunMetrics(_Section):
+    """Everything ``lrcompress run`` measured, as metrics.json holds it."""
+
+    eval: EvalSection = Field(default_factory=EvalSection)
+    prepass: dict[str, dict[str, Any]] | None = None      # pre-pass kind → its report (e.g. Fisher)
+    memory: MemoryReport | None = None
+    provenance: Provenance | None = None
+    compression: CompressionSummary | None = None
+    timing: dict[str, float] = Field(default_factory=dict)
+    modules: list[ModuleRecord] = Field(default_factory=list)
+    allocation: AllocationResult | None = None             # a stage with a budget allocation: the ranks chosen
+    output_matching: OutputMatchingReport | None = None    # runtime.target: original: what it cost
+    OMITTED_WHEN_NONE = ("prepass", "memory", "provenance", "compression", "allocation", "output_matching")
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.dump())
+
+    @classmethod
+    def load(cls, path: Path) -> "RunMetrics":
+        """Read a metrics.json; one message naming the file when it is not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise MetricsError(f"{path}: no such file")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except (ValidationError, UnicodeDecodeError) as error:
+            raise MetricsError(f"{path}: not a metrics.json of lrcompress run ({_first_problem(error)})") from None
+
+
+class MetricsError(LrcompressError):
+    """A metrics file that cannot be read (exit code 2)."""
+
+
+def _first_problem(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        problems = error.errors()
+        where = ".".join(str(p) for p in problems[0]["loc"])
+        return f"{where}: {problems[0]['msg']}" if where else problems[0]["msg"]
+    return str(error)
+
+
+class _EvalDocument(BaseModel):
+    """Any file with an ``eval`` section: a metrics.json, a baseline cache entry, ``eval --output``."""
+
+    model_config = ConfigDict(extra="ignore")
+    eval: EvalSection
+
+
+def read_eval_section(path: Path) -> EvalSection:
+    """The ``eval`` section of a metrics.json, a baseline cache entry or an ``eval --output`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"{path}: no such file")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MetricsError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("eval"), dict):
+        raise MetricsError(f"{path}: no 'eval' section (expected a metrics.json or a baseline file)")
+    try:
+        return _EvalDocument.model_validate(document).eval
+    except ValidationError as error:
+        raise MetricsError(f"{path}: {_first_problem(error)}") from None
+
+
+class EvalReport(_Section):
+    """What ``lrcompress eval --output`` writes (``lrcompress check --baseline`` reads its ``eval``)."""
+
+    eval: EvalSection
+    model_source: str
+    baseline_cache: BaselineCacheInfo | None = None
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.dump())
 
 
 def unique_param_count(model: nn.Module) -> int:
     """Stored values counted once even when tied (embeddings shared with the LM head); a compressed
     module counts its ``stored_params()`` (quantization codes live in buffers, not parameters)."""
-    from ..modules import compressed_modules
-
     compressed = compressed_modules(model)
     inside = {id(p) for _, module in compressed for p in module.parameters()}
     total = sum(module.stored_params() for _, module in compressed)
@@ -27,8 +213,15 @@ def unique_param_count(model: nn.Module) -> int:
     return total
 
 
+ACCOUNTING = ("params = stored weight values (low-rank r·(m+n), sparse kept values, quantized one "
+              "code per weight; sparse dictionaries d_in·k (a shared one split among its group) + s·d_out "
+              "values + indices at their byte size in units of one value; + bias); bytes = every tensor written, "
+              "scales/zeros/masks/indices included; bytes are the primary size (quantization keeps every weight as a "
+              "code, so its parameter count does not shrink); ratios are fractions removed")
+
+
 def compression_summary(records: Iterable[ModuleRecord], model_params_before: int, model_params_after: int,
-                        bytes_on_disk: int | None, bytes_per_param: int) -> dict[str, Any]:
+                        bytes_on_disk: int | None, bytes_per_param: int) -> CompressionSummary:
     """Ratios are fractions *removed*. A module compressed by several stages counts once: its first
     stage's "before" and its last stage's "after"."""
     before: dict[str, int] = {}
@@ -44,47 +237,36 @@ def compression_summary(records: Iterable[ModuleRecord], model_params_before: in
     byte_counts = None
     if all(v is not None for v in [*bytes_before.values(), *bytes_after.values()]):
         byte_counts = (sum(bytes_before.values()), sum(bytes_after.values()))  # type: ignore[arg-type]
-    return {
-        "targeted_modules": len(before),
-        "targeted_params_before": targeted_before,
-        "targeted_params_after": targeted_after,
-        "targeted_ratio": 1 - targeted_after / targeted_before if targeted_before else 0.0,
-        "model_params_before": model_params_before,
-        "model_params_after": model_params_after,
-        "model_ratio": 1 - model_params_after / model_params_before if model_params_before else 0.0,
-        "bytes": bytes_on_disk,
-        "dense_bytes": model_params_before * bytes_per_param,
-        "targeted_bytes_before": byte_counts[0] if byte_counts else None,
-        "targeted_bytes_after": byte_counts[1] if byte_counts else None,
-        "targeted_bytes_ratio": 1 - byte_counts[1] / byte_counts[0] if byte_counts and byte_counts[0] else None,
+    dense_bytes = model_params_before * bytes_per_param
+    return CompressionSummary(
+        targeted_modules=len(before),
+        targeted_params_before=targeted_before,
+        targeted_params_after=targeted_after,
+        targeted_ratio=1 - targeted_after / targeted_before if targeted_before else 0.0,
+        model_params_before=model_params_before,
+        model_params_after=model_params_after,
+        model_ratio=1 - model_params_after / model_params_before if model_params_before else 0.0,
+        bytes=bytes_on_disk,
+        dense_bytes=dense_bytes,
+        targeted_bytes_before=byte_counts[0] if byte_counts else None,
+        targeted_bytes_after=byte_counts[1] if byte_counts else None,
+        targeted_bytes_ratio=1 - byte_counts[1] / byte_counts[0] if byte_counts and byte_counts[0] else None,
         # the whole model's weights in memory: dense size, with the targeted modules' bytes swapped
-        "model_bytes_before": model_params_before * bytes_per_param,
-        "model_bytes_after": (model_params_before * bytes_per_param - byte_counts[0] + byte_counts[1])
-        if byte_counts else None,
-        "model_bytes_ratio": (byte_counts[0] - byte_counts[1]) / (model_params_before * bytes_per_param)
-        if byte_counts and model_params_before else None,
-        "accounting": ("params = stored weight values (low-rank r·(m+n), sparse kept values, quantized one "
-                       "code per weight; sparse dictionaries d_in·k (a shared one split among its group) + s·d_out "
-                       "values + indices at their byte size in units of one value; + bias); bytes = every tensor written, scales/zeros/masks/indices "
-                       "included; bytes are the primary size (quantization keeps every weight as a code, so its parameter "
-                       "count does not shrink); ratios are fractions removed"),
-    }
+        model_bytes_before=dense_bytes,
+        model_bytes_after=dense_bytes - byte_counts[0] + byte_counts[1] if byte_counts else None,
+        model_bytes_ratio=(byte_counts[0] - byte_counts[1]) / dense_bytes if byte_counts and dense_bytes else None,
+        accounting=ACCOUNTING,
+    )
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    from .. import __version__
-
     return {"lrcompress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
-def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    from ..checkpoint.layout import write_atomic
-
-    write_atomic(path, json.dumps(metrics, indent=2, default=str))
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    """A metrics document, written atomically (values JSON cannot hold are written as text)."""
+    write_atomic(path, json.dumps(document, indent=2, default=str))
 
 
 def format_bytes(count: int | float | None) -> str:

@@ -11,33 +11,45 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, model_serializer
 from torch import nn
 
 from ..data import evaluation_windows, load_text, tokenize
 from ..errors import NumericalError
 
+if TYPE_CHECKING:
+    from ..recipe import PerplexitySpec
 
-@dataclass
-class PerplexityResult:
+
+class PerplexityResult(BaseModel):
+    """One perplexity as metrics.json stores it. ``value`` and ``protocol`` are what a comparison needs;
+    the rest is always written by lrcompress but optional when read, so that a hand-written baseline file
+    for ``lrcompress check`` may give just those two."""
+
+    model_config = ConfigDict(extra="forbid")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("dataset", "split", "seq_len", "windows", "tokens", "seconds", "source")
     value: float
-    dataset: str
-    split: str
-    seq_len: int
-    windows: int
-    tokens: int               # predicted tokens (windows × (seq_len − 1))
+    dataset: str | None = None
+    split: str | None = None
+    seq_len: int | None = None
+    windows: int | None = None
+    tokens: int | None = None  # predicted tokens (windows × (seq_len − 1))
     protocol: str             # always printed with the number
-    seconds: float
-    source: str
+    seconds: float | None = None
+    source: str | None = None
     stderr: float | None = None       # of the perplexity (delta method), None with a single window
     log_stderr: float | None = None   # of log-perplexity: std of the windows' mean NLL / sqrt(windows)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler):
+        data = handler(self)
+        return {key: value for key, value in data.items() if value is not None or key not in self.OPTIONAL}
 
 
 def batch_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
@@ -77,22 +89,43 @@ def log_perplexity_stderr(window_sums: list[float], tokens_per_window: int) -> f
     return float(means.std(unbiased=True) / math.sqrt(len(window_sums)))
 
 
-def perplexity(model: nn.Module, tokenizer, dataset: str, split: str, seq_len: int, max_windows: int | None,
-               data_directory, batch_size: int = 4, device: torch.device | str = "cpu",
-               nll: WindowsNll = windows_nll, *, config: str | None = None,
-               text_column: str = "text") -> PerplexityResult:
-    """``nll``: how the summed NLL of the windows is computed (the whole model at once by default;
-    ``eval.streamed`` runs one layer at a time for models that do not fit in memory)."""
+def silent(message: str) -> None:
+    """The default ``announce``: say nothing."""
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Where and how a model is evaluated, the same for each of its evaluations: datasets resolve under
+    ``data_directory``; windows go ``batch_size`` at a time to ``device``; ``nll`` computes their summed
+    NLL (the whole model at once by default; ``eval.streamed`` runs one layer at a time for a model whose
+    layers are not in memory); ``announce`` hears what starts."""
+
+    data_directory: Path | str | None = None
+    device: torch.device = torch.device("cpu")
+    batch_size: int = 4
+    announce: Callable[[str], None] = silent
+    nll: WindowsNll = windows_nll
+
+    def streaming(self, nll: WindowsNll) -> "EvalContext":
+        return replace(self, nll=nll)
+
+
+def perplexity(model: nn.Module, tokenizer, spec: "PerplexitySpec", context: EvalContext = EvalContext()
+               ) -> PerplexityResult:
+    """Token-level perplexity of ``model`` on ``spec``'s dataset, split, window length and window count, with
+    the standard error of log-perplexity over the windows (None with a single window)."""
     started = time.perf_counter()
-    source = load_text(dataset, split, data_directory, config=config, text_column=text_column)
-    windows = evaluation_windows(tokenize(tokenizer, source.text), seq_len, max_windows)
-    sums = nll(model, windows, batch_size, torch.device(device))
+    source = load_text(spec.dataset, spec.split, context.data_directory, config=getattr(spec, "config", None),
+                       text_column=getattr(spec, "text_column", "text"))
+    windows = evaluation_windows(tokenize(tokenizer, source.text), spec.seq_len, spec.max_windows)
+    sums = context.nll(model, windows, context.batch_size, torch.device(context.device))
     per_window = windows.shape[1] - 1
     count = per_window * len(sums)
     value = math.exp(sum(sums) / count)
     log_stderr = log_perplexity_stderr(sums, per_window)
-    protocol = (f"token-level perplexity, {dataset} {split}, {len(windows)} non-overlapping windows of "
-                f"{seq_len} tokens from the start of the split, exp(mean next-token NLL)")
-    return PerplexityResult(value, dataset, split, seq_len, len(windows), count, protocol,
-                            time.perf_counter() - started, source.description,
-                            None if log_stderr is None else value * log_stderr, log_stderr)
+    protocol = (f"token-level perplexity, {spec.dataset} {spec.split}, {len(windows)} non-overlapping windows of "
+                f"{spec.seq_len} tokens from the start of the split, exp(mean next-token NLL)")
+    return PerplexityResult(value=value, dataset=spec.dataset, split=spec.split, seq_len=spec.seq_len,
+                            windows=len(windows), tokens=count, protocol=protocol,
+                            seconds=time.perf_counter() - started, source=source.description,
+                            stderr=None if log_stderr is None else value * log_stderr, log_stderr=log_stderr)

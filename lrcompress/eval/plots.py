@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from ..pipeline.records import ModuleRecord
 
 
 def _pyplot():
@@ -27,11 +30,11 @@ def module_kind(name: str) -> str:
     return name
 
 
-def _series(modules: Iterable[dict[str, Any]], value) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
+def _series(modules: Iterable["ModuleRecord"], value) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
     """One (layers, values) series per (module kind, method), ordered by depth."""
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for m in modules:
-        series[(module_kind(m["name"]), m["method"])].append((m["layer"], value(m)))
+        series[(module_kind(m.name), m.method)].append((m.layer, value(m)))
     return {key: ([p[0] for p in sorted(points)], [p[1] for p in sorted(points)])
             for key, points in sorted(series.items())}
 
@@ -93,24 +96,24 @@ def _line_plot(series, title: str, ylabel: str, path: Path, log_y: bool, limits:
     return _save(fig, path)
 
 
-def plot_module_errors(modules: list[dict[str, Any]], path: Path) -> Path:
+def plot_module_errors(modules: list["ModuleRecord"], path: Path) -> Path:
     """Relative output error of every compressed module across depth, one colour per module kind and
     one line style per method; linear from 0 unless the errors span more than 20×."""
-    series = _series(modules, lambda m: m["relative_error"])
+    series = _series(modules, lambda m: m.relative_error)
     values = [v for _, ys in series.values() for v in ys]
     log_y = bool(values) and min(values) > 0 and max(values) / min(values) > 20
     return _line_plot(series, "relative output error per module (calibration inputs)", "‖X(W−Ŵ)ᵀ‖ / ‖XWᵀ‖",
                       path, log_y, linear_limits(values) if values else None)
 
 
-def kept_fraction(module: dict[str, Any]) -> float:
+def kept_fraction(module: "ModuleRecord") -> float:
     """Bytes after / before when recorded (quantization keeps every parameter but few bytes), else params."""
-    if module.get("bytes_before"):
-        return module["bytes_after"] / module["bytes_before"]
-    return module["params_after"] / module["params_before"] if module["params_before"] else 0.0
+    if module.bytes_before:
+        return module.bytes_after / module.bytes_before
+    return module.params_after / module.params_before if module.params_before else 0.0
 
 
-def plot_kept_params(modules: list[dict[str, Any]], path: Path) -> Path:
+def plot_kept_params(modules: list["ModuleRecord"], path: Path) -> Path:
     """Fraction of each module's bytes kept (after / before), on a 0–1 axis: a uniform ratio is a flat
     line at its value, not a zoomed-in wiggle."""
     series = _series(modules, kept_fraction)
@@ -119,13 +122,12 @@ def plot_kept_params(modules: list[dict[str, Any]], path: Path) -> Path:
                       (0.0, max(1.05, 1.05 * max(values))) if values else None)
 
 
-def kept_rank(module: dict[str, Any]) -> int | None:
+def kept_rank(module: "ModuleRecord") -> int | None:
     """A module's rank, or its sparsity for methods whose knob is one (CoSpaDi's s)."""
-    rank = module.get("rank")
-    return rank if rank is not None else (module.get("details") or {}).get("sparsity")
+    return module.rank if module.rank is not None else (module.details or {}).get("sparsity")
 
 
-def plot_kept_rank(modules: list[dict[str, Any]], path: Path, uniform: dict[str, int] | None = None) -> Path:
+def plot_kept_rank(modules: list["ModuleRecord"], path: Path, uniform: dict[str, int] | None = None) -> Path:
     """Kept rank (or sparsity) of every module across depth, one colour per module kind and one style per
     method; with a budget allocation, the uniform rank of each kind as a thin dashed line of its colour."""
     series = _series([m for m in modules if kept_rank(m) is not None], kept_rank)

@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .metrics import describe_change, format_bytes
+from ..pipeline.allocation import AllocationResult
+from ..pipeline.records import ModuleRecord
+from .metrics import EvalSection, LmEvalResult, RunMetrics, describe_change, format_bytes
+from .plots import kept_rank, plot_kept_params, plot_kept_rank, plot_module_errors
 
 PLOTS = {"relative_error.png": "Relative output error per module across depth",
          "kept_params.png": "Kept size (bytes after / before) per module",
          "kept_rank.png": "Kept rank per layer and module kind"}
 
 
-def _rank_or_sparsity(module: dict[str, Any]) -> str:
-    if module.get("rank") is not None:
-        return f"rank {module['rank']}"
-    sparsity = module.get("details", {}).get("sparsity")
+def _rank_or_sparsity(module: ModuleRecord) -> str:
+    if module.rank is not None:
+        return f"rank {module.rank}"
+    sparsity = module.details.get("sparsity")
     return f"sparsity {sparsity:.2f}" if isinstance(sparsity, (int, float)) else "–"
 
 
@@ -24,26 +26,30 @@ def _fmt_metric(value: float | None, stderr: float | None) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
-def lm_eval_lines(evaluation: dict[str, Any]) -> list[str]:
+def _fmt_lm_eval(result: LmEvalResult, metric: str) -> str:
+    return _fmt_metric(result.metric(metric), result.metric(metric + "_stderr"))
+
+
+def lm_eval_lines(evaluation: EvalSection) -> list[str]:
     """A table of lm-eval metrics (with the dense baseline beside them when it was measured)."""
-    tasks = evaluation.get("lm_eval", {})
+    tasks = evaluation.lm_eval or {}
     if not tasks:
         return []
-    baseline = evaluation.get("baseline_lm_eval", {})
+    baseline = evaluation.baseline_lm_eval or {}
     lines = ["", "## Zero-shot tasks (lm-eval)", "",
              "| task | metric | value ± stderr | dense | documents | protocol |", "|---|---|---|---|---|---|"]
     for task, result in tasks.items():
-        for metric, protocol in result.get("protocols", {}).items():
-            dense = baseline.get(task, {})
-            lines.append(f"| {task} | {metric} | {_fmt_metric(result.get(metric), result.get(metric + '_stderr'))} | "
-                         f"{_fmt_metric(dense.get(metric), dense.get(metric + '_stderr')) if dense else '–'} | "
-                         f"{result.get('samples')} ({result.get('num_fewshot', 0)}-shot) | {protocol} |")
-    sources = "; ".join(f"{task}: {result.get('source')}" for task, result in tasks.items())
+        for metric, protocol in result.protocols.items():
+            dense = baseline.get(task)
+            lines.append(f"| {task} | {metric} | {_fmt_lm_eval(result, metric)} | "
+                         f"{_fmt_lm_eval(dense, metric) if dense else '–'} | "
+                         f"{result.samples} ({result.num_fewshot}-shot) | {protocol} |")
+    sources = "; ".join(f"{task}: {result.metric('source')}" for task, result in tasks.items())
     lines += ["", f"Data: {sources}"]
     return lines
 
 
-def allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
+def allocation_lines(allocation: AllocationResult | None) -> list[str]:
     """The budget allocation per stage and module kind (ranks chosen against the uniform ones)."""
     if not allocation:
         return []
@@ -51,85 +57,76 @@ def allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
              "| stage | strategy | module kind | min rank | mean rank | max rank | uniform rank |",
              "|---|---|---|---|---|---|---|"]
     notes = []
-    for stage in allocation["stages"]:
-        for kind, modules in _by_kind(stage["modules"]).items():
-            ranks = [m["rank"] for m in modules]
-            lines.append(f"| {stage['stage']} | {stage['strategy']} | {kind} | {min(ranks)} | "
-                         f"{sum(ranks) / len(ranks):.1f} | {max(ranks)} | {modules[0]['uniform_rank']} |")
-        notes.append(f"Stage {stage['stage']} ({stage['method']}): {stage['allocated_params']:,} parameters "
-                     f"allocated of a budget of {stage['budget_params']:,.0f} (uniform: "
-                     f"{stage['uniform_params']:,}); floor {stage['floor']}, ceiling {stage['ceiling']} of each "
+    for stage in allocation.stages:
+        for kind, modules in stage.by_kind().items():
+            ranks = [m.rank for m in modules]
+            lines.append(f"| {stage.stage} | {stage.strategy} | {kind} | {min(ranks)} | "
+                         f"{sum(ranks) / len(ranks):.1f} | {max(ranks)} | {modules[0].uniform_rank} |")
+        notes.append(f"Stage {stage.stage} ({stage.method}): {stage.allocated_params:,} parameters "
+                     f"allocated of a budget of {stage.budget_params:,.0f} (uniform: "
+                     f"{stage.uniform_params:,}); floor {stage.floor}, ceiling {stage.ceiling} of each "
                      "module's largest rank.")
     return lines + [""] + notes
 
 
-def _by_kind(modules: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for module in modules:
-        kinds.setdefault(module["kind"], []).append(module)
-    return kinds
-
-
-def render_report(metrics: dict[str, Any], recipe_yaml: str, plots: list[str] | None = None) -> str:
+def render_report(metrics: RunMetrics, recipe_yaml: str, plots: list[str] | None = None) -> str:
     """``plots``: file names of PNGs beside report.md to embed."""
-    c = metrics["compression"]
+    c = metrics.compression
+    assert c is not None, "a run's metrics have a compression section"
     lines = ["# lrcompress run report", "", "## Result", ""]
-    lines += ["| metric | value |", "|---|---|", f"| targeted modules | {c['targeted_modules']} |"]
-    if c.get("targeted_bytes_before") is not None:
-        lines.append(f"| targeted size | {describe_change(c['targeted_bytes_before'], c['targeted_bytes_after'], 'bytes')} |")
-    if c.get("model_bytes_after") is not None:
-        lines.append(f"| whole-model size | {describe_change(c['model_bytes_before'], c['model_bytes_after'], 'bytes')} |")
-    if c.get("bytes") is not None:
-        lines.append(f"| weights on disk | {format_bytes(c['bytes'])} ({c['bytes']:,} bytes; dense "
-                     f"{format_bytes(c['dense_bytes'])}) |")
-    if c.get("targeted_params_before") is not None:
+    lines += ["| metric | value |", "|---|---|", f"| targeted modules | {c.targeted_modules} |"]
+    if c.targeted_bytes_before is not None:
+        lines.append(f"| targeted size | {describe_change(c.targeted_bytes_before, c.targeted_bytes_after, 'bytes')} |")
+    if c.model_bytes_after is not None:
+        lines.append(f"| whole-model size | {describe_change(c.model_bytes_before, c.model_bytes_after, 'bytes')} |")
+    if c.bytes is not None:
+        lines.append(f"| weights on disk | {format_bytes(c.bytes)} ({c.bytes:,} bytes; dense "
+                     f"{format_bytes(c.dense_bytes)}) |")
+    if c.targeted_params_before is not None:
         lines.append(f"| targeted parameters | "
-                     f"{describe_change(c['targeted_params_before'], c['targeted_params_after'], 'params')} |")
+                     f"{describe_change(c.targeted_params_before, c.targeted_params_after, 'params')} |")
     lines.append(f"| whole-model parameters | "
-                 f"{describe_change(c['model_params_before'], c['model_params_after'], 'params')} |")
-    for name, result in metrics.get("eval", {}).get("perplexity", {}).items():
-        stderr = f" ± {result['stderr']:.3f}" if result.get("stderr") is not None else ""
-        lines.append(f"| perplexity {name} | {result['value']:.3f}{stderr} |")
-    for name, result in metrics.get("eval", {}).get("baseline_perplexity", {}).items():
-        lines.append(f"| dense perplexity {name} | {result['value']:.3f} |")
-    protocols = [r["protocol"] for r in metrics.get("eval", {}).get("perplexity", {}).values()]
+                 f"{describe_change(c.model_params_before, c.model_params_after, 'params')} |")
+    for name, result in metrics.eval.perplexity.items():
+        stderr = f" ± {result.stderr:.3f}" if result.stderr is not None else ""
+        lines.append(f"| perplexity {name} | {result.value:.3f}{stderr} |")
+    for name, result in (metrics.eval.baseline_perplexity or {}).items():
+        lines.append(f"| dense perplexity {name} | {result.value:.3f} |")
+    protocols = [r.protocol for r in metrics.eval.perplexity.values()]
     if protocols:
         lines += ["", "Protocol: " + "; ".join(protocols)]
-    lines += lm_eval_lines(metrics.get("eval", {}))
-    timing = metrics.get("timing", {})
+    lines += lm_eval_lines(metrics.eval)
+    timing = metrics.timing
     if timing:
         lines += ["", "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items())]
     lines += ["", "## Modules", "",
               "| module | method | shape (out×in) | bytes before → after | params before → after | rank / sparsity "
               "| rel. output error | path | s |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for m in metrics.get("modules", []):
-        size = (f"{format_bytes(m['bytes_before'])} → {format_bytes(m['bytes_after'])}"
-                if m.get("bytes_before") is not None else "–")
-        lines.append(f"| {m['name']} | {m['method']} | {m['out_features']}×{m['in_features']} | {size} | "
-                     f"{m['params_before']:,} → {m['params_after']:,} | {_rank_or_sparsity(m)} | "
-                     f"{m['relative_error']:.4f} | {m['numerical_path']} | {m['seconds']:.2f} |")
-    lines += allocation_lines(metrics.get("allocation"))
+    for m in metrics.modules:
+        size = (f"{format_bytes(m.bytes_before)} → {format_bytes(m.bytes_after)}"
+                if m.bytes_before is not None else "–")
+        lines.append(f"| {m.name} | {m.method} | {m.out_features}×{m.in_features} | {size} | "
+                     f"{m.params_before:,} → {m.params_after:,} | {_rank_or_sparsity(m)} | "
+                     f"{m.relative_error:.4f} | {m.numerical_path} | {m.seconds:.2f} |")
+    lines += allocation_lines(metrics.allocation)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{PLOTS.get(name, name)}]({name})" for name in plots]
     lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
-def write_report(directory: Path, metrics: dict[str, Any], recipe_yaml: str) -> Path:
+def write_report(directory: Path, metrics: RunMetrics, recipe_yaml: str) -> Path:
     """report.md and its PNG plots (per-module error across depth, kept parameters) in ``directory``."""
-    from .plots import kept_rank, plot_kept_params, plot_kept_rank, plot_module_errors
-
-    modules = metrics.get("modules", [])
+    modules = metrics.modules
     plots = []
     if modules:
         plot_module_errors(modules, directory / "relative_error.png")
         plot_kept_params(modules, directory / "kept_params.png")
         plots = ["relative_error.png", "kept_params.png"]
     if any(kept_rank(m) is not None for m in modules):
-        allocation = metrics.get("allocation") or {"stages": []}
-        uniform = {kind: group[0]["uniform_rank"] for stage in allocation["stages"]
-                   for kind, group in _by_kind(stage["modules"]).items()}
+        stages = metrics.allocation.stages if metrics.allocation else []
+        uniform = {kind: group[0].uniform_rank for stage in stages for kind, group in stage.by_kind().items()}
         plot_kept_rank(modules, directory / "kept_rank.png", uniform or None)
         plots.append("kept_rank.png")
     path = directory / "report.md"

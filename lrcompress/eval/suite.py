@@ -6,55 +6,45 @@ so both write the same ``eval`` section of metrics.json:
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
-from .perplexity import WindowsNll, perplexity, windows_nll
+from ..models import load_model
+from .baseline_cache import cached_evaluation
+from .lm_eval_tasks import evaluate_tasks
+from .metrics import BaselineCacheInfo, EvalSection, LmEvalResult
+from .perplexity import EvalContext, perplexity
 
-Announce = Callable[[str], None]
+if TYPE_CHECKING:
+    from ..recipe import EvalSpec
 
 
-def evaluate_model(model: nn.Module, tokenizer, perplexity_specs: list, lm_eval_spec, data_directory: Path | None,
-                   device: torch.device, batch_size: int = 4, announce: Announce | None = None,
-                   nll: WindowsNll = windows_nll) -> dict[str, Any]:
-    """``perplexity_specs``: PerplexitySpec-like items; ``lm_eval_spec``: an LmEvalSpec or None; ``nll``:
-    how perplexity runs the model (``eval.streamed`` for a model whose layers are not in memory)."""
-    announce = announce or (lambda message: None)
-    section: dict[str, Any] = {"perplexity": {}}
-    for spec in perplexity_specs:
-        announce(f"perplexity on {spec.dataset}/{spec.split} (seq_len {spec.seq_len})")
-        result = perplexity(model, tokenizer, spec.dataset, spec.split, spec.seq_len, spec.max_windows,
-                            data_directory, batch_size, device, nll, config=getattr(spec, "config", None),
-                            text_column=getattr(spec, "text_column", "text"))
-        section["perplexity"][f"{spec.dataset}/{spec.split}"] = result.to_dict()
-    if lm_eval_spec is not None:
-        from .lm_eval_tasks import evaluate_tasks
-
-        announce(f"lm-eval tasks {', '.join(lm_eval_spec.tasks)} (limit {lm_eval_spec.limit})")
-        section["lm_eval"] = evaluate_tasks(model, tokenizer, list(lm_eval_spec.tasks), lm_eval_spec.limit,
-                                            lm_eval_spec.batch_size, lm_eval_spec.num_fewshot, data_directory,
-                                            device, include_path=getattr(lm_eval_spec, "include_path", None))
+def evaluate_model(model: nn.Module, tokenizer, spec: "EvalSpec", context: EvalContext) -> EvalSection:
+    """Every perplexity of ``spec.perplexity``, then its lm-eval tasks (``spec.lm_eval``) when it names any."""
+    section = EvalSection()
+    for ppl in spec.perplexity:
+        context.announce(f"perplexity on {ppl.dataset}/{ppl.split} (seq_len {ppl.seq_len})")
+        section.perplexity[f"{ppl.dataset}/{ppl.split}"] = perplexity(model, tokenizer, ppl, context)
+    if spec.lm_eval is not None:
+        tasks = spec.lm_eval
+        context.announce(f"lm-eval tasks {', '.join(tasks.tasks)} (limit {tasks.limit})")
+        results = evaluate_tasks(model, tokenizer, list(tasks.tasks), tasks.limit, tasks.batch_size,
+                                 tasks.num_fewshot, context.data_directory, context.device,
+                                 include_path=getattr(tasks, "include_path", None))
+        section.lm_eval = {task: LmEvalResult.model_validate(result) for task, result in results.items()}
     return section
 
 
-def evaluate_checkpoint(source: str, perplexity_specs: list, lm_eval_spec, data_directory: Path | None,
-                        device: torch.device, batch_size: int = 4, use_cache: bool = False,
-                        announce: Announce | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def evaluate_checkpoint(source: str, spec: "EvalSpec", context: EvalContext, use_cache: bool = False
+                        ) -> tuple[EvalSection, BaselineCacheInfo | None]:
     """Load ``source`` (HF dir, .gguf, lrcompress dir, hub id) and evaluate it; with ``use_cache`` the
     result comes from the baseline cache when this model was evaluated with these settings before
     (the model is then not even loaded). Returns (the ``eval`` section, cache info or None)."""
-    from ..models import load_model
-
-    def compute() -> dict[str, Any]:
+    def compute() -> EvalSection:
         loaded = load_model(source)
-        return evaluate_model(loaded.model, loaded.tokenizer, perplexity_specs, lm_eval_spec, data_directory,
-                              device, batch_size, announce)
+        return evaluate_model(loaded.model, loaded.tokenizer, spec, context)
 
     if not use_cache:
         return compute(), None
-    from .baseline_cache import cached_evaluation, eval_settings
-
-    return cached_evaluation(source, "float32", eval_settings(perplexity_specs, lm_eval_spec, data_directory), compute)
+    return cached_evaluation(source, "float32", spec, context.data_directory, compute)

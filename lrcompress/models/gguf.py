@@ -34,6 +34,32 @@ def check_gguf(path: Path) -> None:
                               "give a GGUF file or a Hugging Face model directory")
 
 
+# GGUF metadata that llama.cpp's converter writes but transformers' GGUF config mapping does not read, per
+# GGUF architecture: without it the experts take the config class's default size (Qwen1.5-MoE-A2.7B's 1408,
+# Qwen3-30B-A3B's 768) and every other model of the family fails to load with a shape mismatch.
+UNMAPPED_CONFIG_KEYS: dict[str, dict[str, str]] = {
+    "qwen2moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                 "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+    "qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
+
+
+def gguf_config(path: Path):
+    """transformers' config for ``path``, completed with the metadata its GGUF mapping leaves out."""
+    import gguf
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    reader = gguf.GGUFReader(str(path))
+    architecture = reader.fields["general.architecture"].contents()
+    for key, attribute in UNMAPPED_CONFIG_KEYS.get(architecture, {}).items():
+        field = reader.fields.get(f"{architecture}.{key}")
+        if field is not None:
+            setattr(config, attribute, int(field.contents()))
+            log.info("%s: %s = %s from GGUF metadata %s.%s", path.name, attribute, field.contents(), architecture, key)
+    return config
+
+
 def converted_gguf_dir(path: Path, target: Path | None = None) -> Path:
     """The cached HF directory for ``path``; converts on first use (~30 s for a 135M model)."""
     check_gguf(path)
@@ -45,9 +71,10 @@ def converted_gguf_dir(path: Path, target: Path | None = None) -> Path:
 
     log.info("converting %s to a safetensors checkpoint in %s (once)", path, target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=gguf_config(path),
+                                                     dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, OSError, EOFError) as error:  # damaged file, architecture gguf cannot convert
+    except (ValueError, KeyError, OSError, EOFError, RuntimeError) as error:  # damaged, unconvertible, shapes off
         from ..errors import LrcompressError
 
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

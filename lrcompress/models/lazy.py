@@ -4,7 +4,7 @@ get their tensors from the safetensors shards only while the pipeline works on t
 The engine talks to a ``LayerStore`` (load the original weights of some layers, release them); the
 default mode's store does nothing because every layer is already in memory. Only the tensors outside
 the decoder layers (embeddings, final norm, LM head, rotary buffers) are materialized up front, so
-host memory holds one block of layers at a time instead of the model.
+host memory holds one segment of layers at a time instead of the model.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..checkpoint.reader import assign_tensors
+from ..checkpoint.shards import ShardIndex
 from ..errors import LrcompressError
 from .adapters import ArchitectureAdapter, adapter_for
 from .loading import DTYPES, LoadedModel, is_compressed_dir, resolve_model_dir
-from ..checkpoint.shards import ShardIndex
 
 
 
@@ -52,8 +53,6 @@ class LazyLayers:
         self.aliases = aliases or {}
 
     def load(self, indices: list[int]) -> None:
-        from ..checkpoint.reader import assign_tensors
-
         for i in indices:
             prefix = self.adapter.layer_prefix(i)
             keys = self.index.keys_under(prefix)

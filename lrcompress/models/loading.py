@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint.layout import lrcompress_block
+from ..checkpoint.reader import build_skeleton, load_compressed, read_metadata
 from ..errors import LrcompressError
 from .gguf import converted_gguf_dir
 
@@ -45,10 +47,20 @@ def resolve_model_dir(source: str) -> Path | None:
 
 
 def is_compressed_dir(path: Path) -> bool:
-    from ..checkpoint.layout import lrcompress_block
-
     config = path / "config.json"
     return config.is_file() and lrcompress_block(read_config_json(path)) is not None
+
+
+def load_ready(path: str | Path, dtype: torch.dtype | None = None, kernels: bool = True) -> nn.Module:
+    """A checkpoint written by lrcompress (or any dense HF directory, or a hub id) as a ready model
+    (``lrcompress.load``). ``kernels=False`` keeps the exact dequantized reference forward of quantized
+    modules instead of the packed CPU kernels (bfloat16 activations; see ``modules/cpu_kernels.py``)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if is_compressed_dir(path):
+        return load_compressed(path, dtype=dtype, kernels=kernels)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()
 
 
 def read_config_json(directory: Path) -> dict:
@@ -109,8 +121,6 @@ def model_skeleton(source: str, dtype: str = "float32", trust_remote_code: bool 
 
     local = resolve_model_dir(source)
     if local is not None and is_compressed_dir(local):
-        from ..checkpoint.reader import build_skeleton, read_metadata
-
         config_dict, meta = read_metadata(local)
         with torch.device("meta"):
             return build_skeleton(config_dict, meta, DTYPES[dtype], local / "config.json")
@@ -132,8 +142,6 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
 
     local = resolve_model_dir(source)
     if local is not None and is_compressed_dir(local):
-        from ..checkpoint.reader import load_compressed
-
         model = load_compressed(local, dtype=DTYPES[dtype])
     else:
         where = str(local) if local is not None else source

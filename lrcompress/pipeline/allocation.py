@@ -37,7 +37,6 @@ from .observer import PipelineObserver
 from .prepass import PREPASSES
 from .settings import PipelineSettings, Stage
 from .spectra import ModuleSpectrum, collect_spectra
-from .targets import select_targets
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ DEFAULT_DAMPING = 1e-4
 
 
 def strategy_of(stage: Stage) -> str:
-    allocation = getattr(stage, "allocation", None)
-    return "uniform" if allocation is None else allocation.strategy
+    return "uniform" if stage.allocation is None else stage.allocation.strategy
 
 
 def needs_allocation(stages: list[Stage]) -> bool:
@@ -236,17 +234,53 @@ class AllocatedCompressor(Compressor):
 
 
 @dataclass
+class AllocatedModule:
+    """One module's allocated rank beside the uniform one, with the loss each is estimated to cost."""
+
+    name: str
+    kind: str
+    layer: int
+    rank: int
+    uniform_rank: int
+    floor: int
+    ceiling: int
+    step_params: int
+    estimated_loss_uniform: float
+    estimated_loss: float
+
+
+@dataclass
+class AllocatedStage:
+    """A stage's budget, what the allocation spent of it, and its modules (metrics.json ``allocation``)."""
+
+    stage: int
+    method: str
+    strategy: str
+    floor: float
+    ceiling: float
+    budget_params: float
+    allocated_params: int
+    uniform_params: int
+    modules: list[AllocatedModule] = field(default_factory=list)
+
+    def by_kind(self) -> dict[str, list[AllocatedModule]]:
+        """The modules grouped by kind (projection type), in their order."""
+        kinds: dict[str, list[AllocatedModule]] = {}
+        for module in self.modules:
+            kinds.setdefault(module.kind, []).append(module)
+        return kinds
+
+
+@dataclass
 class AllocationResult:
-    """What the allocation chose, per stage, for --dry-run, metrics.json, the report and inspect."""
+    """What the allocation chose, per stage, for --dry-run, metrics.json, the report and inspect;
+    ``prepass``: the spectra (and output-gradient) pre-passes' reports."""
 
-    stages: list[dict[str, Any]] = field(default_factory=list)
-    report: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stages": self.stages, "prepass": self.report}
+    stages: list[AllocatedStage] = field(default_factory=list)
+    prepass: dict[str, Any] = field(default_factory=dict)
 
     def ranks(self) -> dict[str, int]:
-        return {m["name"]: m["rank"] for stage in self.stages for m in stage["modules"]}
+        return {m.name: m.rank for stage in self.stages for m in stage.modules}
 
 
 def stage_modules(model: nn.Module, adapter: ArchitectureAdapter, stage: Stage) -> list[BudgetModule]:
@@ -255,7 +289,7 @@ def stage_modules(model: nn.Module, adapter: ArchitectureAdapter, stage: Stage) 
     modules = []
     for index, layer in enumerate(adapter.decoder_layers(model)):
         prefix = adapter.layer_prefix(index)
-        for name in select_targets(layer, prefix, stage.targets, stage.ignore):
+        for name in stage.select(layer, prefix):
             module = layer.get_submodule(name)
             knob = stage.compressor.rank_knob(module)
             if knob is None:
@@ -296,7 +330,7 @@ def allocate(model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage]
     observer.phase(f"spectra pre-pass over {len(windows)} windows for {len(damping)} modules")
     spectra, report["spectra"] = collect_spectra(model, adapter, targets, windows, settings, observer, damping,
                                                  store, diagonals)
-    result = AllocationResult(report=report)
+    result = AllocationResult(prepass=report)
     for stage in planned:
         modules = per_stage[stage.index]
         for m in modules:
@@ -325,19 +359,17 @@ def _output_diagonals(model, adapter, stages: list[Stage], per_stage: dict[int, 
     return diagonals, {k: v for k, v in result.report.items() if isinstance(v, (int, float, str))}
 
 
-def _stage_summary(stage: Stage, modules: list[BudgetModule], budget: float) -> dict[str, Any]:
+def _stage_summary(stage: Stage, modules: list[BudgetModule], budget: float) -> AllocatedStage:
     used = sum(m.rank * m.knob.step_params for m in modules)
     uniform = sum(m.knob.rank * m.knob.step_params for m in modules)
-    return {
-        "stage": stage.index, "method": stage.compressor.name, "strategy": strategy_of(stage),
-        "floor": stage.allocation.floor, "ceiling": stage.allocation.ceiling,
-        "budget_params": budget, "allocated_params": used, "uniform_params": uniform,
-        "modules": [{"name": m.name, "kind": m.kind, "layer": m.layer, "rank": m.rank,
-                     "uniform_rank": m.knob.rank, "floor": m.floor, "ceiling": m.ceiling,
-                     "step_params": m.knob.step_params,
-                     "estimated_loss_uniform": _estimate(m, m.knob.rank),
-                     "estimated_loss": _estimate(m, m.rank)} for m in modules],
-    }
+    return AllocatedStage(
+        stage=stage.index, method=stage.compressor.name, strategy=strategy_of(stage),
+        floor=stage.allocation.floor, ceiling=stage.allocation.ceiling,
+        budget_params=budget, allocated_params=used, uniform_params=uniform,
+        modules=[AllocatedModule(name=m.name, kind=m.kind, layer=m.layer, rank=m.rank, uniform_rank=m.knob.rank,
+                                 floor=m.floor, ceiling=m.ceiling, step_params=m.knob.step_params,
+                                 estimated_loss_uniform=_estimate(m, m.knob.rank),
+                                 estimated_loss=_estimate(m, m.rank)) for m in modules])
 
 
 def _estimate(m: BudgetModule, rank: int) -> float:
@@ -345,6 +377,6 @@ def _estimate(m: BudgetModule, rank: int) -> float:
     return float(m.spectrum.scores()[rank:].sum()) if m.spectrum is not None else float("nan")
 
 
-__all__ = ["ALLOCATORS", "AllocatedCompressor", "AllocationResult", "BudgetModule", "STRATEGIES", "allocate",
-           "allocate_global", "allocate_spectrum", "allocate_uniform", "fit_to_budget", "needs_allocation",
-           "stage_modules"]
+__all__ = ["ALLOCATORS", "AllocatedCompressor", "AllocatedModule", "AllocatedStage", "AllocationResult",
+           "BudgetModule", "STRATEGIES", "allocate", "allocate_global", "allocate_spectrum", "allocate_uniform",
+           "fit_to_budget", "needs_allocation", "stage_modules"]

@@ -1,49 +1,74 @@
-"""Block-level stages in the layer-wise pipeline: targets, coverage, compression and records.
+"""Block targets in the layer-wise pipeline: selection, coverage, output error and config updates.
 
 A stage whose compressor is a ``BlockCompressor`` targets blocks (located through the block kind's
-registry in ``models.blocks``) instead of Linears. Its statistics are collected by the engine's usual
-forward hook, placed on the block. The block's relative output error is measured on a uniform sample
-of its calibration inputs: ‖f'(X) − f(X)‖_F / ‖f(X)‖_F, f the block before, f' the replacement.
-The config settings a replacement implies are applied to the model config, and every block of the
-model must be a target of a stage that changes the config (a checkpoint has one config).
+registry in ``models.blocks``, e.g. an MoE layer) instead of Linears. Its statistics are collected by
+the engine's usual forward hook, placed on the block. The block's relative output error is measured on a
+uniform sample of its calibration inputs: ‖f'(X) − f(X)‖_F / ‖f(X)‖_F, f the block the stage received,
+f' the replacement. The config settings a replacement implies are applied to the model config, and every
+block of the model must be a target of a stage that changes the config (a checkpoint has one config).
 """
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..compressor import Statistic
+from ..compressor import CompressResult, GroupMember
 from ..compressor.block import INPUT_SAMPLE, BlockCompressor, BlockResult, InputSample
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
 from ..models.blocks import block_kind
-from ..modules import storage_bytes, stored_params
-from .records import ModuleRecord
-from ..modules.surgery import replace_submodule
-from .targets import _matches
-
-
-def is_block_stage(stage: Any) -> bool:
-    return isinstance(stage.compressor, BlockCompressor)
-
-
-def block_needs(compressor: BlockCompressor) -> frozenset[str]:
-    return compressor.needs | {INPUT_SAMPLE}
+from .targets import Measured, chosen
 
 
 def select_blocks(layer: nn.Module, prefix: str, stage: Any) -> list[str]:
     """Names (relative to ``layer``) of the stage's blocks in this layer, filtered by its patterns."""
     names = block_kind(stage.compressor.block_kind).locate(layer)
-    selected = []
-    for name in names:
-        full = f"{prefix}.{name}"
-        if any(_matches(full, p) for p in stage.targets) and not any(_matches(full, p) for p in stage.ignore):
-            selected.append(name)
-    return selected
+    return [name for name in names if chosen(f"{prefix}.{name}", stage.targets, stage.ignore)]
+
+
+class BlockTargets:
+    """Whole blocks. Every process compresses every block (a block replacement has no spec to send, and
+    its statistics, reduced, and its seeded compressor are the same on every process)."""
+
+    distributed = False
+    matches_outputs = False    # output matching leaves blocks alone (pipeline.reference)
+
+    def select(self, layer: nn.Module, prefix: str, stage: Any) -> list[str]:
+        return select_blocks(layer, prefix, stage)
+
+    def needs(self, compressor: BlockCompressor) -> frozenset[str]:
+        return compressor.needs | {INPUT_SAMPLE}
+
+    def shape(self, module: nn.Module, config: Any) -> tuple[int, int]:
+        return config.hidden_size, config.hidden_size          # a block maps hidden -> hidden
+
+    def measure(self, member: GroupMember, original: nn.Module, replacement: nn.Module, result: CompressResult,
+                method: str) -> Measured:
+        if not isinstance(result, BlockResult):
+            raise TypeError(f"{method} returned {type(result).__name__}, not a BlockResult")
+        sample = member.stats[INPUT_SAMPLE]
+        assert isinstance(sample, InputSample)
+        rows = sample.sample()
+        hidden = rows.shape[-1]
+        return Measured(output_error(member.module, replacement, rows, member.name), hidden, hidden)
+
+    def details(self, result: CompressResult) -> dict[str, Any]:
+        assert isinstance(result, BlockResult)
+        return {**result.details, "config_updates": result.config_updates}
+
+    def update_config(self, model: nn.Module, compressor: BlockCompressor, result: CompressResult,
+                      applied: dict[str, tuple], name: str) -> None:
+        """The config settings the replacement implies (e.g. fewer experts), the same for every block."""
+        assert isinstance(result, BlockResult)
+        apply_config_updates(model, compressor.block_kind, result.config_updates, applied, name)
+
+
+def is_block_stage(stage: Any) -> bool:
+    """A stage whose targets are whole blocks (for messages that name what a stage looks for)."""
+    return isinstance(stage.kind, BlockTargets)
 
 
 def check_coverage(model: nn.Module, adapter: ArchitectureAdapter, stages: list[Any]) -> None:
@@ -55,10 +80,10 @@ def check_coverage(model: nn.Module, adapter: ArchitectureAdapter, stages: list[
         missed, found = [], 0
         for index, layer in enumerate(adapter.decoder_layers(model)):
             prefix = adapter.layer_prefix(index)
-            chosen = set(select_blocks(layer, prefix, stage))
+            selected = set(stage.select(layer, prefix))
             for name in locate(layer):
                 found += 1
-                if name not in chosen:
+                if name not in selected:
                     missed.append(f"{prefix}.{name}")
         if not found:
             raise LrcompressError(f"stage {stage.index} ({stage.compressor.name}): the model has no "
@@ -93,31 +118,3 @@ def apply_config_updates(model: nn.Module, kind: str, updates: dict[str, Any], a
                                   "a checkpoint has one config for every layer")
         applied.setdefault(key, (value, name))
         setattr(model.config, key, value)
-
-
-def compress_block(model: nn.Module, layer_index: int, layer: nn.Module, prefix: str, name: str, stage: Any,
-                   stats: dict[str, Statistic], compute: torch.device, applied: dict[str, tuple]) -> ModuleRecord:
-    """Compress one block, swap the replacement in, update the config, return its record."""
-    full_name = f"{prefix}.{name}"
-    block = layer.get_submodule(name)
-    compressor: BlockCompressor = stage.compressor
-    started = time.perf_counter()
-    result = compressor.compress(full_name, block, stats)
-    seconds = time.perf_counter() - started
-    if not isinstance(result, BlockResult):
-        raise TypeError(f"{compressor.name} returned {type(result).__name__}, not a BlockResult")
-    replacement = result.module.to(compute)
-    sample = stats[INPUT_SAMPLE]
-    assert isinstance(sample, InputSample)
-    error = output_error(block, replacement, sample.sample(), full_name)
-    replace_submodule(layer, name, replacement)
-    apply_config_updates(model, compressor.block_kind, result.config_updates, applied, full_name)
-    hidden = sample.sample().shape[-1]
-    return ModuleRecord(
-        name=full_name, layer=layer_index, stage=stage.index, method=compressor.name,
-        in_features=hidden, out_features=hidden,
-        params_before=stored_params(block), params_after=stored_params(replacement),
-        rank=result.rank, relative_error=error, numerical_path=result.numerical_path,
-        seconds=seconds, details={**result.details, "config_updates": result.config_updates},
-        bytes_before=storage_bytes(block), bytes_after=storage_bytes(replacement),
-    )

@@ -88,6 +88,17 @@ def _timed(job: CompressJob) -> JobOutcome:
     return JobOutcome(results, time.perf_counter() - started)
 
 
+def run_locally(jobs: Sequence[CompressJob], on_done: JobDone | None = None) -> list[JobOutcome]:
+    """Every job here, in order (one process; or work every process does itself); ``on_done(index,
+    outcome)`` as each finishes (progress lines per module, not per layer)."""
+    outcomes = []
+    for index, job in enumerate(jobs):
+        outcomes.append(_timed(job))
+        if on_done is not None:
+            on_done(index, outcomes[-1])
+    return outcomes
+
+
 class Collective:
     """A single process: the whole calibration set, statistics as they are, jobs run in order."""
 
@@ -111,12 +122,7 @@ class Collective:
 
     def run_jobs(self, jobs: Sequence[CompressJob], on_done: JobDone | None = None) -> list[JobOutcome]:
         """``on_done(index, outcome)`` as each job finishes (progress lines per module, not per layer)."""
-        outcomes = []
-        for index, job in enumerate(jobs):
-            outcomes.append(_timed(job))
-            if on_done is not None:
-                on_done(index, outcomes[-1])
-        return outcomes
+        return run_locally(jobs, on_done)
 
     def barrier(self) -> None:
         return None

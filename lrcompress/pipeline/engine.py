@@ -4,16 +4,19 @@ For each decoder layer: move it to the compute device; for each stage, hook the 
 run every batch to accumulate their statistics, compress them and swap the replacements in; then run
 the batches once more through the (now compressed) layer to produce the next layer's inputs
 (sequential mode), or reuse the outputs of the uncompressed layer (``sequential: false``). The engine
-knows compressors only through their contract; it never branches on a method name.
+knows compressors only through their contract; it never branches on a method name. Linear targets
+and block targets (e.g. MoE layers) take the same path; ``Stage.kind`` answers what differs (selection,
+statistics, output error, config updates; ``pipeline.targets``, ``pipeline.blocks``).
 
 Compressors return replacements and never modify the module they get, so the engine keeps each
 target's module as it was before the first stage of the run touched it ("original"): snapshot
 statistics (``SNAPSHOTS``, e.g. ``original_weight`` for a compensation stage) are built from it, and
 every record's output error is measured against the original weight.
 
-Groups: a compressor whose ``group_size`` is g > 1 compresses the same module (relative name) of g
-consecutive layers together. The engine walks blocks of layers (the largest group size of the
-stages); per stage it runs a group's layers one after the other, collecting every layer's statistics
+Segments and groups: a compressor whose ``group_size`` is g > 1 compresses the same module (relative
+name) of g consecutive layers together. The engine walks segments of consecutive layers (as long as the
+largest group size of the stages; one layer when every size is 1), each compressed, written and resumed
+as a unit; per stage it runs a group's layers one after the other, collecting every layer's statistics
 with its predecessors in the group still uncompressed by that stage (a group cannot be compressed
 before all of its statistics exist), calls ``compress_group`` per module name, and only then re-runs
 the group from its input through the compressed layers, so that the layers *after* the group see
@@ -39,60 +42,58 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..compressor import Compressor, CompressResult, GroupMember, Statistic, make_statistic
-from ..compressor.stats import gram_of
-from ..compressor.linalg import relative_output_error
+from ..compressor import CompressResult, GroupMember, Statistic, make_statistic
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
+from ..models.capture import LayerInputs, capture_layer_inputs, forward_layer
 from ..models.lazy import LayerStore, ResidentLayers
 from ..modules import dense_weight, storage_bytes, stored_params
-from .blocks import check_coverage, compress_block, is_block_stage, select_blocks
-from ..models.capture import LayerInputs, capture_layer_inputs, forward_layer
-from .distributed import CompressJob
-from .journal import BlockJournal, MemoryJournal
+from ..modules.surgery import replace_submodule
+from .blocks import check_coverage
+from .distributed import CompressJob, run_locally
+from .journal import MemoryJournal, SegmentJournal
 from .observer import PipelineObserver, PlannedWork
 from .oom import naming_out_of_memory
-from .settings import PipelineSettings, Stage
 from .prepass import is_prepass_kind
 from .records import ModuleRecord
 from .reference import ReferenceStream, check_target
-from ..modules.surgery import replace_submodule
-from .targets import select_targets
+from .settings import PipelineSettings, Stage
+from .targets import is_linear_like
 
 
 class LayerwisePipeline:
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage],
-                 settings: PipelineSettings, observer: PipelineObserver | None = None,
+                 settings: PipelineSettings, observer: PipelineObserver | None = None, *,
                  precomputed: Mapping[str, Mapping[str, Statistic]] | None = None,
-                 store: LayerStore | None = None, journal: BlockJournal | None = None) -> None:
+                 layers: LayerStore | None = None, journal: SegmentJournal | None = None) -> None:
         """``precomputed``: full module name → {kind: Statistic} for the kinds that come from a
         pre-pass (see ``pipeline.prepass``); they are handed to the compressor with the forward ones.
-        ``store``: where the layers' original weights come from (default: already in memory);
-        ``journal``: where finished blocks are recorded (default: nowhere)."""
+        ``layers``: where the layers' original weights come from (default: already in memory);
+        ``journal``: where finished segments are recorded (default: nowhere)."""
         self.model, self.adapter, self.stages = model, adapter, stages
-        self.store: LayerStore = store or ResidentLayers()
-        self.journal: BlockJournal = journal or MemoryJournal()
+        self.store: LayerStore = layers or ResidentLayers()
+        self.journal: SegmentJournal = journal or MemoryJournal()
         self.settings = settings
         self.observer = observer or PipelineObserver()
         self.precomputed = precomputed or {}
-        self.config_updates: dict[str, tuple] = {}     # config key -> (value, block that set it)
+        self.config_updates: dict[str, tuple] = {}     # config key -> (value, module that set it)
         self.reference: ReferenceStream | None = None  # the uncompressed stream (runtime.target: original)
 
-    def block_size(self) -> int:
+    def segment_size(self) -> int:
         """Layers handled together: the largest group size; every other size must divide it."""
         sizes = {stage.group_size for stage in self.stages} or {1}
-        block = max(sizes)
-        if any(block % size for size in sizes):
+        size = max(sizes)
+        if any(size % other for other in sizes):
             raise ValueError(f"stage group sizes {sorted(sizes)} must all divide the largest one")
-        return block
+        return size
 
     @torch.no_grad()
     def run(self, windows: torch.Tensor) -> list[ModuleRecord]:
-        """Each block: its original weights come from the layer store, it is compressed and committed
+        """Each segment: its original weights come from the layer store, it is compressed and committed
         to the journal (or, when a resumed run finds it finished there, its records are read back),
-        restored from the journal, then the calibration inputs go through it to the next block."""
+        restored from the journal, then the calibration inputs go through it to the next segment."""
         s = self.settings
-        block = self.block_size()
+        size = self.segment_size()
         check_coverage(self.model, self.adapter, self.stages)
         check_target(self.stages, s)
         self.observer.phase(f"capturing the decoder layers' inputs for {len(windows)} windows")
@@ -103,8 +104,8 @@ class LayerwisePipeline:
         records: list[ModuleRecord] = []
         self.observer.layers_started(len(layers))
         self.observer.work_planned(self._planned_work(layers))
-        for start in range(0, len(layers), block):
-            indices = list(range(start, min(start + block, len(layers))))
+        for start in range(0, len(layers), size):
+            indices = list(range(start, min(start + size, len(layers))))
             started = time.perf_counter()
             resumed = self.journal.finished(indices)
             outputs: LayerInputs | None = None
@@ -114,24 +115,24 @@ class LayerwisePipeline:
                 self.reference.begin(layers, indices)
             if resumed:
                 self.observer.phase(f"layers {indices[0]}-{indices[-1]}: finished in an earlier run, replaying")
-                block_records = self.journal.records(indices)
-                if not s.sequential:           # the next block's inputs come from the uncompressed block
+                segment_records = self.journal.records(indices)
+                if not s.sequential:           # the next segment's inputs come from the uncompressed one
                     outputs = self._propagate(layers, indices, inputs)
             else:
                 homes = [next(layers[i].parameters()).device for i in indices]
                 for i in indices:
                     layers[i].to(s.compute)
-                block_records, outputs = self._compress_block(indices, layers, inputs)
+                segment_records, outputs = self._compress_segment(indices, layers, inputs)
                 for i, home in zip(indices, homes):
                     layers[i].to(home)
-                self.journal.commit(self.model, indices, block_records)
+                self.journal.commit(self.model, indices, segment_records)
             self.journal.restore(self.model, indices)
             if outputs is None:
                 outputs = self._propagate(layers, indices, inputs)
             if self.reference:
                 self.reference.finish(indices)
             self.store.release(indices)
-            records.extend(block_records)
+            records.extend(segment_records)
             inputs = outputs
             seconds = time.perf_counter() - started
             for i in indices:
@@ -139,19 +140,14 @@ class LayerwisePipeline:
         self.observer.finished()
         return records
 
-    def _targets(self, layer: nn.Module, index: int, stage: Stage) -> list[str]:
-        prefix = self.adapter.layer_prefix(index)
-        return (select_blocks(layer, prefix, stage) if is_block_stage(stage)
-                else select_targets(layer, prefix, stage.targets, stage.ignore))
-
     def _planned_work(self, layers) -> list[PlannedWork]:
         """Every target module's size (parameters, read from the skeleton: no weight is loaded), for the ETA."""
         return [PlannedWork(i, stage.index, sum(p.numel() for p in layer.get_submodule(name).parameters()))
                 for i, layer in enumerate(layers) for stage in self.stages
-                for name in self._targets(layer, i, stage)]
+                for name in stage.select(layer, self.adapter.layer_prefix(i))]
 
     def _propagate(self, layers, indices: list[int], inputs: LayerInputs) -> LayerInputs:
-        """The block's outputs for ``inputs``, on the compute device and back."""
+        """The segment's outputs for ``inputs``, on the compute device and back."""
         for i in indices:
             home = next(layers[i].parameters()).device
             layers[i].to(self.settings.compute)
@@ -159,12 +155,12 @@ class LayerwisePipeline:
             layers[i].to(home)
         return inputs
 
-    def _compress_block(self, indices: list[int], layers, inputs: LayerInputs
-                        ) -> tuple[list[ModuleRecord], LayerInputs | None]:
+    def _compress_segment(self, indices: list[int], layers, inputs: LayerInputs
+                          ) -> tuple[list[ModuleRecord], LayerInputs | None]:
         """Run every stage on these layers; return the records and, in non-sequential mode, the
-        outputs of the uncompressed block (computed during the first statistics pass, for free)."""
+        outputs of the uncompressed segment (computed during the first statistics pass, for free)."""
         prefixes = {i: self.adapter.layer_prefix(i) for i in indices}
-        plans = {(stage.index, i): self._targets(layers[i], i, stage) for stage in self.stages for i in indices}
+        plans = {(stage.index, i): stage.select(layers[i], prefixes[i]) for stage in self.stages for i in indices}
         for i in indices:
             self.observer.layer_started(i, sum(len(plans[(stage.index, i)]) for stage in self.stages))
         records: list[ModuleRecord] = []
@@ -176,7 +172,7 @@ class LayerwisePipeline:
                     originals.setdefault((i, name), layers[i].get_submodule(name))
             if not any(plans[(stage.index, i)] for i in indices):
                 continue
-            first_pass = not self.settings.sequential and not records      # the block is still intact
+            first_pass = not self.settings.sequential and not records      # the segment is still intact
             groups = _chunks(indices, stage.group_size)
             x = inputs
             for number, group in enumerate(groups):
@@ -203,19 +199,7 @@ class LayerwisePipeline:
         names: list[str] = []
         for i in group:
             names += [n for n in plans[(stage.index, i)] if n not in names]
-        records = []
         owners = {name: [i for i in group if name in plans[(stage.index, i)]] for name in names}
-        if is_block_stage(stage):  # whole blocks: block output error, config updates (pipeline.blocks)
-            # Every process compresses every block: a block replacement has no spec to send, and its
-            # statistics (reduced) and seeded compressor are the same on every process.
-            for name in names:
-                for i in owners[name]:
-                    with naming_out_of_memory(f"in layer {i} while compressing {prefixes[i]}.{name}", self.settings):
-                        records.append(compress_block(self.model, i, layers[i], prefixes[i], name, stage,
-                                                      collected[i][name], self.settings.compute,
-                                                      self.config_updates))
-                    self.observer.module_done(records[-1])
-            return records
         members = {name: [GroupMember(f"{prefixes[i]}.{name}", layers[i].get_submodule(name),
                                       {**collected[i][name], **self._precomputed_for(f"{prefixes[i]}.{name}", stage)})
                           for i in owners[name]] for name in names}
@@ -225,6 +209,8 @@ class LayerwisePipeline:
         jobs = [CompressJob(sum(_cost(m.module) for m in members[name]),
                             functools.partial(self._compress_members, stage, owners[name][0], work[name]))
                 for name in names]
+        run = self.settings.collective.run_jobs if stage.kind.distributed else run_locally
+        records = []
 
         def finished(index: int, outcome) -> None:   # as each job ends: its modules are logged at once
             name = names[index]
@@ -233,7 +219,7 @@ class LayerwisePipeline:
                 records.append(self._apply(i, layers[i], name, member, stage, result, seconds,
                                            originals[(i, name)]))
 
-        self.settings.collective.run_jobs(jobs, on_done=finished)
+        run(jobs, on_done=finished)
         return records
 
     def _compress_members(self, stage: Stage, layer: int, members: list[GroupMember]) -> list[CompressResult]:
@@ -306,37 +292,35 @@ class LayerwisePipeline:
 
     def _apply(self, index: int, layer: nn.Module, name: str, member: GroupMember, stage: Stage,
                result: CompressResult, seconds: float, original: nn.Module) -> ModuleRecord:
-        """Check the replacement, measure its output error, swap it in and record it."""
-        full_name, module = member.name, member.module
+        """Check the replacement and measure its output error, swap it in (with the config settings it
+        implies) and record it: the one path for Linears and blocks."""
         replacement = result.module.to(self.settings.compute)
-        approx = dense_weight(replacement).detach()
-        if not torch.isfinite(approx).all():
-            raise NumericalError(f"{full_name}: {stage.compressor.name} produced NaN/Inf factors "
-                                 f"(path: {result.numerical_path})")
-        gram = gram_of(member.stats)
-        weight = dense_weight(original).detach().to(approx.device)
-        error = relative_output_error(weight, approx, gram.gram(full_name).to(weight.device))
-        details = result.details
-        if self.reference:   # the error against the original model's outputs
-            error, matching = self.reference.record(full_name, weight, approx, member.stats, error)
+        measured = stage.kind.measure(member, original, replacement, result, stage.compressor.name)
+        error, details = measured.error, stage.kind.details(result)
+        if self.reference and self.reference.applies(stage):   # the error against the original model's outputs
+            approx = dense_weight(replacement).detach()
+            weight = dense_weight(original).detach().to(approx.device)
+            error, matching = self.reference.record(member.name, weight, approx, member.stats, error)
             details = {**details, **matching}
         replace_submodule(layer, name, replacement)
+        stage.kind.update_config(self.model, stage.compressor, result, self.config_updates, member.name)
         record = ModuleRecord(
-            name=full_name, layer=index, stage=stage.index, method=stage.compressor.name,
-            in_features=weight.shape[1], out_features=weight.shape[0],
-            params_before=stored_params(module), params_after=stored_params(replacement),
+            name=member.name, layer=index, stage=stage.index, method=stage.compressor.name,
+            in_features=measured.in_features, out_features=measured.out_features,
+            params_before=stored_params(member.module), params_after=stored_params(replacement),
             rank=result.rank, relative_error=error, numerical_path=result.numerical_path,
             seconds=seconds, details=details,
-            bytes_before=storage_bytes(module), bytes_after=storage_bytes(replacement),
+            bytes_before=storage_bytes(member.module), bytes_after=storage_bytes(replacement),
         )
         self.observer.module_done(record)
         return record
 
 
 def _check_finite_weight(name: str, module: nn.Module) -> None:
-    """A weight holding NaN/Inf cannot be compressed (a decomposition of it fails or spreads NaN)."""
-    weight = dense_weight(module).detach()
-    bad = int((~torch.isfinite(weight)).sum())
+    """A weight holding NaN/Inf cannot be compressed (a decomposition of it fails or spreads NaN). A Linear
+    (compressed or not) is checked through its dense weight, a block through all of its parameters."""
+    weights = [dense_weight(module)] if is_linear_like(module) else list(module.parameters())
+    bad = sum(int((~torch.isfinite(weight.detach())).sum()) for weight in weights)
     if bad:
         raise NumericalError(f"{name}: its weight holds {bad} NaN/Inf value(s) before compression; the "
                              "checkpoint (or an earlier stage) is damaged")

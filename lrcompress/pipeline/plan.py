@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..models import adapter_for
-from .blocks import is_block_stage, select_blocks
 from .settings import Stage
-from .targets import select_targets
 
 
 @dataclass
@@ -52,10 +50,7 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
     for index, layer in enumerate(adapter.decoder_layers(model)):
         prefix = adapter.layer_prefix(index)
         for stage in stages:
-            block = is_block_stage(stage)  # whole blocks (e.g. MoE) map hidden -> hidden
-            names = select_blocks(layer, prefix, stage) if block else select_targets(layer, prefix, stage.targets,
-                                                                                      stage.ignore)
-            for name in names:
+            for name in stage.select(layer, prefix):
                 module = layer.get_submodule(name)
                 full = f"{prefix}.{name}"
                 plan = stage.compressor.plan_for(full, module)
@@ -67,8 +62,7 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
                 params_after = params_before + plan.params_after - dense_params
                 bytes_after = bytes_before + after_bytes - dense_bytes
                 current[full] = (params_after, bytes_after)
-                out_f, in_f = ((model.config.hidden_size,) * 2 if block
-                               else (module.out_features, module.in_features))
+                out_f, in_f = stage.shape(module, model.config)
                 grows = stage.compressor.shrinks and plan.params_after >= dense_params and could_shrink(out_f, in_f)
                 planned.append(PlannedModule(full, stage.index, stage.compressor.name, out_f, in_f, params_before,
                                              params_after, plan.rank, grows, bytes_before, bytes_after))

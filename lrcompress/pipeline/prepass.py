@@ -18,8 +18,6 @@ from torch import nn
 from ..compressor import Statistic
 from ..models import ArchitectureAdapter
 from .observer import PipelineObserver
-from .targets import select_targets
-
 from .settings import PipelineSettings, Stage
 
 
@@ -31,7 +29,7 @@ class PrePassResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-PrePass = Callable[[nn.Module, ArchitectureAdapter, list[str], torch.Tensor, "PipelineSettings",
+PrePass = Callable[[nn.Module, ArchitectureAdapter, list[str], torch.Tensor, PipelineSettings,
                     PipelineObserver], PrePassResult]
 
 PREPASSES: dict[str, PrePass] = {}
@@ -64,7 +62,7 @@ class PrePassOutput:
         return sum(float(r.get("seconds", 0.0)) for r in self.reports.values())
 
 
-def prepass_targets(model: nn.Module, adapter: ArchitectureAdapter, stages: Iterable["Stage"],
+def prepass_targets(model: nn.Module, adapter: ArchitectureAdapter, stages: Iterable[Stage],
                     kind: str) -> list[str]:
     """Full names of every module targeted by a stage that needs ``kind``, in model order, once."""
     names: list[str] = []
@@ -72,15 +70,15 @@ def prepass_targets(model: nn.Module, adapter: ArchitectureAdapter, stages: Iter
     for index, layer in enumerate(adapter.decoder_layers(model)):
         prefix = adapter.layer_prefix(index)
         for stage in needing:
-            for name in select_targets(layer, prefix, stage.targets, stage.ignore):
+            for name in stage.select(layer, prefix):
                 full = f"{prefix}.{name}"
                 if full not in names:
                     names.append(full)
     return names
 
 
-def run_prepasses(model: nn.Module, adapter: ArchitectureAdapter, stages: list["Stage"], windows: torch.Tensor,
-                  settings: "PipelineSettings", observer: PipelineObserver | None = None) -> PrePassOutput:
+def run_prepasses(model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage], windows: torch.Tensor,
+                  settings: PipelineSettings, observer: PipelineObserver | None = None) -> PrePassOutput:
     """Run every pre-pass kind some stage needs, once each; an empty output when none is needed."""
     observer = observer or PipelineObserver()
     kinds = sorted({kind for stage in stages for kind in stage.needs if is_prepass_kind(kind)})

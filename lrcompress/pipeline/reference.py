@@ -12,7 +12,7 @@ a layer absorb the error its predecessors introduced. Derivation and per-method 
 docs/output-matching.md.
 
 Cost: one more forward per layer and stage (the untouched copy on the reference batch), one untouched
-copy of the current block of layers on the compute device, the reference activations (twice the
+copy of the current segment of layers on the compute device, the reference activations (twice the
 activation memory) and two more n×n sums per target module. ``report()`` gives the measured extra time
 and sizes; the run writes them to ``metrics.json`` (``output_matching``).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -32,7 +33,6 @@ from ..compressor.stats import CrossGramStatistic, PairedStatistic, gram_of
 from ..errors import LrcompressError
 from ..models.capture import LayerInputs
 from ..modules import dense_weight
-from .blocks import is_block_stage
 from .settings import PipelineSettings, Stage
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,21 @@ TARGETS = ("layer", "original")
 PAIRED_KINDS = frozenset({"cross_gram"})
 
 Forward = Callable[[nn.Module, LayerInputs], LayerInputs]
+
+
+@dataclass
+class OutputMatchingReport:
+    """What output matching cost (metrics.json ``output_matching``): the reference stream's extra time,
+    forwards and peak sizes, and the stages it left alone (their compressors take no target)."""
+
+    damping: float
+    extra_seconds: float
+    reference_forwards: int
+    peak_reference_activation_bytes: int
+    peak_cross_gram_bytes_per_layer: int
+    layer_copy_bytes: int
+    ignored_stages: list[int] = field(default_factory=list)
+    target: str = "original"
 
 
 def check_target(stages: list[Stage], settings: PipelineSettings) -> None:
@@ -52,7 +67,7 @@ def check_target(stages: list[Stage], settings: PipelineSettings) -> None:
     if not settings.sequential:
         raise LrcompressError("runtime.target: original needs runtime.sequential: true (without propagation every "
                               "layer already sees the uncompressed model's inputs)")
-    if not any(stage.compressor.takes_target for stage in stages if not is_block_stage(stage)):
+    if not any(stage.compressor.takes_target for stage in stages if stage.kind.matches_outputs):
         methods = ", ".join(sorted({stage.compressor.name for stage in stages})) or "none"
         raise LrcompressError(f"runtime.target: original changes nothing for these stages ({methods}): none of them "
                               "fits a target weight in the calibration metric (whiten, lord, gptq, cospadi and "
@@ -60,7 +75,7 @@ def check_target(stages: list[Stage], settings: PipelineSettings) -> None:
 
 
 class ReferenceStream:
-    """The uncompressed model's inputs to each layer of the current block, and that block's untouched copy."""
+    """The uncompressed model's inputs to each layer of the current segment, and that segment's untouched copy."""
 
     def __init__(self, inputs: LayerInputs, settings: PipelineSettings, forward: Forward) -> None:
         self.settings, self.forward = settings, forward
@@ -75,13 +90,19 @@ class ReferenceStream:
         self.peak_layer_copy_bytes = 0
 
     # ------------------------------------------------------------------ the stream
+    @staticmethod
+    def applies(stage: Stage) -> bool:
+        """Whether the stream concerns a stage: Linear stages are fitted to and measured against the
+        original model's outputs; block stages are left alone (``TargetKind.matches_outputs``)."""
+        return stage.kind.matches_outputs
+
     def kinds(self, stage: Stage) -> frozenset[str]:
-        """Statistics added to a stage's needs: every module stage gets the cross-Gram (its records then
-        measure the error against the original model's outputs); block stages are left alone."""
-        return frozenset() if is_block_stage(stage) else PAIRED_KINDS
+        """Statistics added to a stage's needs: every Linear stage gets the cross-Gram (its records then
+        measure the error against the original model's outputs)."""
+        return PAIRED_KINDS if self.applies(stage) else frozenset()
 
     def begin(self, layers, indices: list[int]) -> None:
-        """Keep an untouched copy of the block's layers (before any stage replaces a module)."""
+        """Keep an untouched copy of the segment's layers (before any stage replaces a module)."""
         started = time.perf_counter()
         for i in indices:
             self.pristine[i] = copy.deepcopy(layers[i]).to(self.settings.compute)
@@ -101,7 +122,7 @@ class ReferenceStream:
         return self.inputs[index]
 
     def finish(self, indices: list[int]) -> None:
-        """Advance the stream past the block and drop its copies and intermediate activations."""
+        """Advance the stream past the segment and drop its copies and intermediate activations."""
         following = indices[-1] + 1
         self.inputs_for(following)
         self.inputs = {following: self.inputs[following]}
@@ -163,7 +184,9 @@ class ReferenceStream:
 
         W* replaces the ``original_weight`` snapshot (a compensation's reference), and the module itself when
         no earlier stage has touched it (a stand-in ``nn.Linear`` holding W*, bias kept); a module an
-        earlier stage already replaced is handed over as it is."""
+        earlier stage already replaced is handed over as it is. Block stages get their members unchanged."""
+        if not self.applies(stage):
+            return members
         if not stage.compressor.takes_target:
             if stage.index not in self.ignoring:
                 self.ignoring.add(stage.index)
@@ -206,13 +229,12 @@ class ReferenceStream:
         self.seconds += time.perf_counter() - started
         return error, details
 
-    def report(self) -> dict[str, Any]:
-        return {"target": "original", "damping": self.settings.target_damping,
-                "extra_seconds": round(self.seconds, 3), "reference_forwards": self.forwards,
-                "peak_reference_activation_bytes": self.peak_activation_bytes,
-                "peak_cross_gram_bytes_per_layer": self.peak_statistic_bytes,
-                "layer_copy_bytes": self.peak_layer_copy_bytes,
-                "ignored_stages": sorted(self.ignoring)}
+    def report(self) -> OutputMatchingReport:
+        return OutputMatchingReport(damping=self.settings.target_damping, extra_seconds=round(self.seconds, 3),
+                                    reference_forwards=self.forwards,
+                                    peak_reference_activation_bytes=self.peak_activation_bytes,
+                                    peak_cross_gram_bytes_per_layer=self.peak_statistic_bytes,
+                                    layer_copy_bytes=self.peak_layer_copy_bytes, ignored_stages=sorted(self.ignoring))
 
     def _measure(self) -> None:
         size = sum(t.numel() * t.element_size() for inputs in self.inputs.values() for t in inputs.hidden)

@@ -1,7 +1,7 @@
 """Resume: a run's fingerprint, and the decision to continue a staged run, start one, or refuse.
 
-The fingerprint holds what decides the compressed tensors: the model files (name, size and mtime of
-weight files, content hash of the small JSON files), the recipe without the keys that cannot change
+The fingerprint holds what decides the compressed tensors: the model files (``models.identity``, the
+rule the baseline cache uses too), the recipe without the keys that cannot change
 them (``output``, ``eval``, ``runtime.lazy``: lazy and default mode give identical tensors, so a run
 killed for memory may be resumed in lazy mode; ``model.path``: the files identify the model), the
 calibration windows' sha256 and the library versions.
@@ -9,37 +9,30 @@ calibration windows' sha256 and the library versions.
 A staging directory with the same fingerprint is always resumed, ``--overwrite`` or not (the result is
 the uninterrupted run's). One that differs is refused, naming each field that differs, unless
 ``--overwrite`` (``output.overwrite: true``) is given: then it is discarded and the run starts over.
+
+Under ``torchrun`` rank 0 alone creates, resumes or discards the staging directory and writes to it;
+the other processes read what was finished before this run (to skip and replay it as rank 0 does)
+and keep the segments compressed now in memory (identical to rank 0's: the same bytes were
+broadcast). ``open_journal`` is that whole decision, for the runner.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..checkpoint.staging import StagingDir, staging_path
 from ..errors import CheckpointError
+from ..models import ArchitectureAdapter
+from ..models.identity import model_identity
 from ..models.lazy import LayerStore
+from .distributed import Collective
 from .journal import StagedJournal
 from .records import ModuleRecord
 
 IGNORED_RECIPE_KEYS = ("output", "eval", "runtime.lazy", "model.path")
-SMALL_FILE_SUFFIXES = {".json", ".jinja", ".txt", ".model"}
-
-
-def model_identity(directory: Path | None, source: str) -> dict[str, Any]:
-    """Files of the model directory; a model the hub loaded without a local directory is its id only."""
-    if directory is None:
-        return {"hub_id": source}
-    identity: dict[str, Any] = {}
-    for path in sorted(p for p in Path(directory).iterdir() if p.is_file()):
-        if path.suffix in SMALL_FILE_SUFFIXES:
-            identity[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        else:
-            stat = path.stat()
-            identity[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return identity
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -53,11 +46,11 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat or {prefix: value}
 
 
-def run_fingerprint(recipe_dump: dict[str, Any], model_dir: Path | None, source: str, windows_sha256: str,
+def run_fingerprint(recipe_dump: dict[str, Any], model_source: str, windows_sha256: str,
                     versions: dict[str, str]) -> dict[str, Any]:
     recipe = {key: value for key, value in flatten(recipe_dump).items()
               if not any(key == ignored or key.startswith(ignored + ".") for ignored in IGNORED_RECIPE_KEYS)}
-    return {"model": model_identity(model_dir, source), "recipe": recipe,
+    return {"model": model_identity(model_source), "recipe": recipe,
             "calibration_windows_sha256": windows_sha256, "versions": versions}
 
 
@@ -75,12 +68,12 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def _changes_config(staging: StagingDir) -> list[int]:
-    """Layers of finished blocks whose stage changed the model config (e.g. merged experts)."""
+    """Layers of finished segments whose stage changed the model config (e.g. merged experts)."""
     layers = []
-    for block in staging.finished():
-        records = staging.block_info(block)["records"]
+    for segment in staging.finished():
+        records = staging.segment_info(segment)["records"]
         if any(record["details"].get("config_updates") for record in records):
-            layers += block
+            layers += segment
     return layers
 
 
@@ -111,7 +104,7 @@ def open_staging(final: Path, fingerprint: dict[str, Any], overwrite: bool,
     if staging.is_written():
         announce(f"resuming from {staging.path}: the checkpoint is written, only the evaluation is left")
     else:
-        announce(f"resuming from {staging.path}: {len(staging.finished())} block(s) of layers already finished")
+        announce(f"resuming from {staging.path}: {len(staging.finished())} segment(s) of layers already finished")
     return staging
 
 
@@ -123,13 +116,25 @@ def read_staging(final: Path) -> StagingDir | None:
     return staging if staging.path.exists() else None
 
 
+def open_journal(final: Path, fingerprint: dict[str, Any], overwrite: bool, collective: Collective,
+                 adapter: ArchitectureAdapter, dtype: torch.dtype, announce: Callable[[str], None]
+                 ) -> StagedJournal | None:
+    """The journal the engine records finished segments in: rank 0 opens (resumes, creates or
+    discards) the staging directory of ``final`` and writes to it, the other processes only read it."""
+    staging = open_staging(final, fingerprint, overwrite, announce) if collective.is_writer else None
+    collective.barrier()
+    if not collective.is_writer:
+        staging = read_staging(final)
+    return None if staging is None else StagedJournal(staging, adapter, dtype, writes=collective.is_writer)
+
+
 def restore_written(model: nn.Module, journal: StagedJournal, store: LayerStore) -> list[ModuleRecord]:
     """A staged run whose checkpoint is completely written (killed or failed during evaluation): put its
     compressed layers back into ``model`` and return its records, compressing and replaying nothing —
-    only the evaluation is left to do. Lazy mode releases each block again once restored."""
+    only the evaluation is left to do. Lazy mode releases each segment again once restored."""
     records: list[ModuleRecord] = []
-    for block in sorted(journal.staging.finished()):
-        journal.restore(model, block)
-        store.release(block)
-        records += journal.records(block)
+    for segment in sorted(journal.staging.finished()):
+        journal.restore(model, segment)
+        store.release(segment)
+        records += journal.records(segment)
     return records

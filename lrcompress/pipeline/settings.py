@@ -6,13 +6,30 @@ without importing the engine (which imports them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torch import nn
+
 from ..compressor import Compressor
-from .blocks import block_needs, is_block_stage
+from ..compressor.block import BlockCompressor
+from ..errors import LrcompressError
+from .blocks import BlockTargets
 from .distributed import Collective
+from .targets import LinearTargets, TargetKind
+
+if TYPE_CHECKING:
+    from ..recipe import RuntimeSpec
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when there is a device, else the CPU; ``cuda`` without one is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LrcompressError("runtime.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
 
 
 @dataclass
@@ -27,11 +44,23 @@ class Stage:
     allocation: Any = None
 
     @property
+    def kind(self) -> TargetKind:
+        """Linears, or whole blocks (e.g. MoE) for a ``BlockCompressor``: the one place that tells them apart."""
+        return BlockTargets() if isinstance(self.compressor, BlockCompressor) else LinearTargets()
+
+    def select(self, layer: nn.Module, prefix: str) -> list[str]:
+        """Names (relative to ``layer``, whose full name is ``prefix``) of the modules this stage compresses."""
+        return self.kind.select(layer, prefix, self)
+
+    def shape(self, module: nn.Module, config) -> tuple[int, int]:
+        """(out, in) features of a target: a Linear's own, hidden × hidden for a block."""
+        return self.kind.shape(module, config)
+
+    @property
     def needs(self) -> frozenset[str]:
-        if is_block_stage(self):  # block stages: their own statistics + a sample for the block error
-            return block_needs(self.compressor)
-        # The Gram is always collected: it gives every module's relative output error.
-        return self.compressor.needs | {"gram"}
+        """The compressor's statistics, plus what measures the output error: the Gram (Linears) or a
+        sample of the block's inputs (blocks)."""
+        return self.kind.needs(self.compressor)
 
     @property
     def group_size(self) -> int:
@@ -52,3 +81,10 @@ class PipelineSettings:
     # classic layer-wise objective) or "original" (the uncompressed model's outputs; pipeline.reference).
     target: str = "layer"
     target_damping: float = 1e-2          # λ of the ridge toward W in the output-matching target W*
+
+    @classmethod
+    def from_runtime(cls, runtime: "RuntimeSpec", collective: Collective, num_samples: int) -> "PipelineSettings":
+        """The recipe's ``runtime`` section, with the devices placed for this process."""
+        return cls(runtime.batch_size, collective.place(resolve_device(runtime.device)),
+                   collective.place(torch.device(runtime.offload_device)), runtime.sequential, collective,
+                   num_samples, target=runtime.target, target_damping=runtime.target_damping)

@@ -63,10 +63,10 @@ def test_run_writes_both_protocols_apart(runs):
 
 def test_dense_baseline_comes_from_the_cache(runs):
     _, first, second = runs
-    assert second.metrics["eval"]["baseline_cache"]["hit"] is True
-    assert second.metrics["eval"]["baseline_cache"]["fingerprint"] == first.metrics["eval"]["baseline_cache"]["fingerprint"]
-    assert second.metrics["eval"]["baseline_lm_eval"] == first.metrics["eval"]["baseline_lm_eval"]
-    assert second.metrics["eval"]["baseline_perplexity"] == first.metrics["eval"]["baseline_perplexity"]
+    assert second.metrics.dump()["eval"]["baseline_cache"]["hit"] is True
+    assert second.metrics.dump()["eval"]["baseline_cache"]["fingerprint"] == first.metrics.dump()["eval"]["baseline_cache"]["fingerprint"]
+    assert second.metrics.dump()["eval"]["baseline_lm_eval"] == first.metrics.dump()["eval"]["baseline_lm_eval"]
+    assert second.metrics.dump()["eval"]["baseline_perplexity"] == first.metrics.dump()["eval"]["baseline_perplexity"]
 
 
 def test_eval_command_matches_the_runs_dense_baseline(runs, tiny_llama_dir, task_data_dir, tmp_path):
@@ -79,7 +79,7 @@ def test_eval_command_matches_the_runs_dense_baseline(runs, tiny_llama_dir, task
     assert result.exit_code == 0, result.output
     assert "lm-eval tasks" in result.output and "arc_easy" in result.output
     dense = json.loads(output.read_text())["eval"]["lm_eval"]
-    baseline = first.metrics["eval"]["baseline_lm_eval"]
+    baseline = first.metrics.dump()["eval"]["baseline_lm_eval"]
     for task in ("arc_easy", "lambada_openai"):
         for metric in dense[task]["protocols"]:
             assert dense[task][metric] == pytest.approx(baseline[task][metric], rel=1e-6)
@@ -91,15 +91,15 @@ def test_eval_command_matches_the_runs_dense_baseline(runs, tiny_llama_dir, task
 
 def test_check_against_embedded_baseline(runs):
     root, first, _ = runs
-    ppl = next(iter(first.metrics["eval"]["perplexity"].values()))["value"]
-    dense = next(iter(first.metrics["eval"]["baseline_perplexity"].values()))["value"]
+    ppl = next(iter(first.metrics.dump()["eval"]["perplexity"].values()))["value"]
+    dense = next(iter(first.metrics.dump()["eval"]["baseline_perplexity"].values()))["value"]
     metrics = str(root / "svd-0.3" / "metrics.json")
-    lambada = first.metrics["eval"]["lm_eval"]["lambada_openai"]["perplexity"]
-    lambada_dense = first.metrics["eval"]["baseline_lm_eval"]["lambada_openai"]["perplexity"]
+    lambada = first.metrics.dump()["eval"]["lm_eval"]["lambada_openai"]["perplexity"]
+    lambada_dense = first.metrics.dump()["eval"]["baseline_lm_eval"]["lambada_openai"]["perplexity"]
     # the threshold applies to every perplexity, each against its own protocol's baseline
     needed = max(ppl / dense, lambada / lambada_dense) - 1
     loose = CliRunner().invoke(cli, ["check", metrics, "--max-ppl-increase", str(max(needed, 0) + 0.01)])
-    tight = CliRunner().invoke(cli, ["check", metrics, "--bound", f"perplexity {next(iter(first.metrics['eval']['perplexity']))}<={ppl * 0.99}"])
+    tight = CliRunner().invoke(cli, ["check", metrics, "--bound", f"perplexity {next(iter(first.metrics.dump()['eval']['perplexity']))}<={ppl * 0.99}"])
     assert loose.exit_code == 0, loose.output
     assert tight.exit_code == 1, tight.output
 
@@ -118,8 +118,8 @@ def test_compare_writes_table_and_rate_distortion(runs, tmp_path):
     assert result.exit_code == 0, result.output
     table = (tmp_path / "compare.md").read_text()
     for run in (first, second):
-        c = run.metrics["compression"]
-        ppl = next(iter(run.metrics["eval"]["perplexity"].values()))["value"]
+        c = run.metrics.dump()["compression"]
+        ppl = next(iter(run.metrics.dump()["eval"]["perplexity"].values()))["value"]
         assert f"| svd | {format_bytes(c['model_bytes_after'])} | {100 * c['model_bytes_ratio']:.1f}% |" in table
         assert f"{ppl:.3f}" in table
     assert "Perplexity protocol: token-level" in table
@@ -174,7 +174,7 @@ def test_eval_of_the_written_checkpoint_reproduces_the_run(runs, task_data_dir, 
                                       "--device", "cpu", "--output", str(output)])
     assert result.exit_code == 0, result.output
     reloaded = json.loads(output.read_text())["eval"]["lm_eval"]["lambada_openai"]
-    in_memory = first.metrics["eval"]["lm_eval"]["lambada_openai"]
+    in_memory = first.metrics.dump()["eval"]["lm_eval"]["lambada_openai"]
     assert reloaded["perplexity"] == pytest.approx(in_memory["perplexity"], rel=1e-5)
     assert reloaded["acc"] == in_memory["acc"]
 

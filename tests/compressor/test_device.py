@@ -27,7 +27,6 @@ LINEAR = ["*.q_proj", "*.k_proj", "*.down_proj"]
 CASES: dict[str, list[tuple[str, dict, list[str]]]] = {
     "svd": [("svd", {"ratio": 0.3}, LINEAR)],
     "whiten": [("whiten", {"ratio": 0.3}, LINEAR)],
-    "asvd": [("asvd", {"ratio": 0.3}, LINEAR)],
     "lord": [("lord", {"ratio": 0.3}, LINEAR)],
     "cospadi": [("cospadi", {"ratio": 0.3, "iterations": 2}, LINEAR)],
     "rtn": [("rtn", {"bits": 4, "group_size": 32}, LINEAR)],

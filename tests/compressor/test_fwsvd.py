@@ -159,10 +159,10 @@ def test_combination_recipe_runs_the_fisher_pass_once(tiny_llama_dir, calibratio
     expected = {f"model.layers.{i}.{name}" for i in range(2) for name in
                 ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.v_proj", "self_attn.o_proj")}
     assert set(calls[0]) == expected
-    methods = {m["name"]: m["method"] for m in result.metrics["modules"]}
+    methods = {m["name"]: m["method"] for m in result.metrics.dump()["modules"]}
     assert len(methods) == 14 and {methods[name] for name in expected} == {"fwsvd"}
-    assert all(m["details"]["fisher_windows"] == 6 for m in result.metrics["modules"] if m["method"] == "fwsvd")
-    report = result.metrics["prepass"]["fisher"]
+    assert all(m["details"]["fisher_windows"] == 6 for m in result.metrics.dump()["modules"] if m["method"] == "fwsvd")
+    report = result.metrics.dump()["prepass"]["fisher"]
     assert report["windows"] == 6 and report["targets"] == 10 and report["peak_memory_bytes"] > 0
 
 

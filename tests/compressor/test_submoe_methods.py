@@ -8,12 +8,7 @@ from lrcompress.compressor.expert_merge import average_merge, merge_weights, reg
 from lrcompress.compressor.expert_stats import (EXPERT_STATS, EXPERT_WEIGHTED_GRAMS, ExpertStatistic,
                                                 WeightedExpertGramStatistic)
 from lrcompress.models.moe import expert_weights
-from moe_helpers import tiny_moe
-
-
-def _compressor(method, **options):
-    cls = get_compressor(method)
-    return cls(cls.Config(**options))
+from moe_helpers import moe_compressor as _compressor, tiny_moe
 
 
 def _block(experts=6, intermediate=96, seed=0):

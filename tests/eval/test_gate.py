@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from lrcompress.cli.main import cli
 from lrcompress.eval.gate import GateConfig, GateInputError, evaluate_gate, gate_from_options, metrics_of, run_gate
+from lrcompress.eval.metrics import EvalSection
 
 TOKEN = "token-level perplexity, wikitext2 test, 40 non-overlapping windows of 512 tokens"
 
@@ -23,13 +24,17 @@ def document(ppl: float, acc: float, lambada_ppl: float = 20.0, protocol: str = 
         }}}
 
 
+def section(document: dict) -> EvalSection:
+    return EvalSection.model_validate(document["eval"])
+
+
 def write(path, data) -> str:
     path.write_text(json.dumps(data))
     return str(path)
 
 
 def checks_by_name(candidate, baseline, **gate):
-    result = evaluate_gate(metrics_of(candidate, "run"), metrics_of(baseline, "base"), GateConfig(**gate))
+    result = evaluate_gate(metrics_of(section(candidate)), metrics_of(section(baseline)), GateConfig(**gate))
     return result, {c.metric: c for c in result.checks}
 
 
@@ -52,7 +57,7 @@ def test_accuracy_recovery():
 
 def test_protocols_stay_apart():
     """lrcompress's token-level perplexity and lm-eval's target-word perplexity are different metrics."""
-    run = metrics_of(document(10, 0.5, lambada_ppl=50), "run")
+    run = metrics_of(section(document(10, 0.5, lambada_ppl=50)))
     assert run["perplexity wikitext2/test"].protocol.startswith("token-level")
     assert run["lambada_openai perplexity"].protocol.startswith("lm-eval target-word perplexity")
     # a baseline measured with another token-level protocol is refused, not compared

@@ -26,10 +26,12 @@ def test_log_stderr_is_the_standard_error_of_the_window_means():
 
 
 def test_a_run_records_both_standard_errors(tiny_llama_dir, calibration_file):
-    from lrcompress.eval.perplexity import perplexity
+    from lrcompress.eval.perplexity import EvalContext, perplexity
     from lrcompress.models import load_model
+    from lrcompress.recipe import PerplexitySpec
 
     loaded = load_model(str(tiny_llama_dir))
-    result = perplexity(loaded.model, loaded.tokenizer, str(calibration_file), "test", 48, 6, None, 3)
+    spec = PerplexitySpec(dataset=str(calibration_file), split="test", seq_len=48, max_windows=6)
+    result = perplexity(loaded.model, loaded.tokenizer, spec, EvalContext(batch_size=3))
     assert result.windows == 6 and result.log_stderr > 0
     assert result.stderr == pytest.approx(result.value * result.log_stderr)   # delta method

@@ -1,10 +1,13 @@
 """report.md's per-module table and its PNG plots; the rate–distortion plot."""
 import struct
+from dataclasses import replace
 
 import pytest
 
+from lrcompress.eval.metrics import RunMetrics
 from lrcompress.eval.plots import module_kind, plot_kept_params, plot_module_errors, plot_rate_distortion
 from lrcompress.eval.report import render_report, write_report
+from lrcompress.pipeline.records import ModuleRecord
 
 
 def png_size(path) -> tuple[int, int]:
@@ -24,12 +27,19 @@ def modules(layers: int = 3):
     rows = []
     for layer in range(layers):
         for kind, rank in (("self_attn.q_proj", 8), ("mlp.down_proj", None)):
-            rows.append({"name": f"model.layers.{layer}.{kind}", "layer": layer, "stage": 0,
-                         "method": "lord" if rank else "prune", "in_features": 64, "out_features": 64,
-                         "params_before": 4096, "params_after": 1024 if rank else 2048 + layer, "rank": rank,
-                         "relative_error": 0.01 * (layer + 1), "numerical_path": "eigh", "seconds": 0.1,
-                         "details": {} if rank else {"sparsity": 0.5}})
+            rows.append(ModuleRecord(name=f"model.layers.{layer}.{kind}", layer=layer, stage=0,
+                                     method="lord" if rank else "prune", in_features=64, out_features=64,
+                                     params_before=4096, params_after=1024 if rank else 2048 + layer, rank=rank,
+                                     relative_error=0.01 * (layer + 1), numerical_path="eigh", seconds=0.1,
+                                     details={} if rank else {"sparsity": 0.5}))
     return rows
+
+
+def compression(**values) -> dict:
+    """A compression section: the given values, the rest zero or absent."""
+    return {"targeted_params_before": 0, "targeted_params_after": 0, "bytes": None, "dense_bytes": 0,
+            "targeted_bytes_before": None, "targeted_bytes_after": None, "targeted_bytes_ratio": None,
+            "accounting": "", **values}
 
 
 def test_module_kind():
@@ -65,7 +75,7 @@ def _axes_of(plot, rows, tmp_path, monkeypatch):
 
 
 def test_a_flat_kept_size_is_drawn_flat_on_a_0_to_1_axis(tmp_path, monkeypatch):
-    rows = [dict(m, params_after=3278, bytes_before=4096 * 4, bytes_after=3278 * 4) for m in modules(4)]
+    rows = [replace(m, params_after=3278, bytes_before=4096 * 4, bytes_after=3278 * 4) for m in modules(4)]
     ax = _axes_of(plot_kept_params, rows, tmp_path, monkeypatch)["ax"]
     low, high = ax.get_ylim()
     assert low == 0.0 and high >= 1.0                     # not zoomed to 0.7986–0.7996
@@ -74,8 +84,10 @@ def test_a_flat_kept_size_is_drawn_flat_on_a_0_to_1_axis(tmp_path, monkeypatch):
 
 def test_each_module_kind_has_its_own_colour_and_the_legend_sits_outside(tmp_path, monkeypatch):
     kinds = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
-    rows = [{"name": f"model.layers.{layer}.{kind}", "layer": layer, "method": method, "relative_error": 0.1 + layer,
-             "params_before": 10, "params_after": 5} for layer in range(3) for kind in kinds for method in ("gptq", "eora")]
+    rows = [ModuleRecord(name=f"model.layers.{layer}.{kind}", layer=layer, stage=0, method=method, in_features=4,
+                         out_features=4, params_before=10, params_after=5, rank=None, relative_error=0.1 + layer,
+                         numerical_path="x", seconds=0.1)
+            for layer in range(3) for kind in kinds for method in ("gptq", "eora")]
     kept = _axes_of(plot_module_errors, rows, tmp_path, monkeypatch)
     lines = kept["ax"].get_lines()
     assert len(lines) == 14
@@ -89,14 +101,14 @@ def test_each_module_kind_has_its_own_colour_and_the_legend_sits_outside(tmp_pat
 
 
 def test_report_table_columns_and_plots(tmp_path):
-    metrics = {"compression": {"targeted_modules": 6, "targeted_ratio": 0.6, "model_ratio": 0.3,
-                               "model_params_before": 100, "model_params_after": 70, "bytes": None},
+    metrics = {"compression": compression(targeted_modules=6, targeted_ratio=0.6, model_ratio=0.3,
+                                          model_params_before=100, model_params_after=70),
                "eval": {"perplexity": {"wikitext2/test": {"value": 12.5, "protocol": "token-level perplexity, x"}},
                         "lm_eval": {"piqa": {"acc": 0.6, "acc_stderr": 0.1, "samples": 20, "num_fewshot": 0,
                                              "source": "piqa/valid.jsonl", "protocols": {"acc": "lm-eval acc: p"}}},
-                        "baseline_lm_eval": {"piqa": {"acc": 0.7, "acc_stderr": 0.1}}},
+                        "baseline_lm_eval": {"piqa": {"acc": 0.7, "acc_stderr": 0.1, "protocols": {"acc": "p"}}}},
                "modules": modules(2)}
-    write_report(tmp_path, metrics, "model: {path: x}\n")
+    write_report(tmp_path, RunMetrics.model_validate(metrics), "model: {path: x}\n")
     report = (tmp_path / "report.md").read_text()
     assert "| rank / sparsity |" in report
     assert "| model.layers.1.self_attn.q_proj | lord | 64×64 | – | 4,096 → 1,024 | rank 8 | 0.0200 | eigh | 0.10 |" in report
@@ -109,9 +121,9 @@ def test_report_table_columns_and_plots(tmp_path):
 
 
 def test_report_without_modules_has_no_plots():
-    metrics = {"compression": {"targeted_modules": 0, "targeted_ratio": 0.0, "model_ratio": 0.0,
-                               "model_params_before": 1, "model_params_after": 1}, "modules": []}
-    assert "## Plots" not in render_report(metrics, "")
+    metrics = {"compression": compression(targeted_modules=0, targeted_ratio=0.0, model_ratio=0.0,
+                                          model_params_before=1, model_params_after=1), "modules": []}
+    assert "## Plots" not in render_report(RunMetrics.model_validate(metrics), "")
 
 
 def test_a_quantized_run_reports_bytes_removed_never_negative_parameters():
@@ -126,8 +138,8 @@ def test_a_quantized_run_reports_bytes_removed_never_negative_parameters():
                             params_before=4096, params_after=4096 + 8 * 128, rank=8, relative_error=0.05,
                             numerical_path="x", seconds=0.1, details={}, bytes_before=1792, bytes_after=1792 + 4096)]
     c = compression_summary(records, 10000, 10000 + 1024, None, 4)
-    assert c["targeted_bytes_ratio"] > 0.6 and c["model_bytes_after"] == 40000 - 16384 + 5888
-    report = render_report({"compression": c, "modules": []}, "")
+    assert c.targeted_bytes_ratio > 0.6 and c.model_bytes_after == 40000 - 16384 + 5888
+    report = render_report(RunMetrics(compression=c), "")
     assert "| targeted size | 16.0 KiB → 5.8 KiB (64.1% removed) |" in report
     assert "| targeted parameters | 4,096 → 5,120 (+25.0%) |" in report and "% removed) |" in report
     assert "−" not in report and "(-" not in report

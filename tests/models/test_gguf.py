@@ -26,4 +26,17 @@ def test_a_gguf_file_loads_to_the_same_model_and_compresses(family, calibration_
     recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.eval.perplexity = 2, SEQ, []
     result = run_recipe(recipe)
     linears = [m for m in adapter_for(loaded).decoder_layers(loaded).modules() if type(m) is nn.Linear]
-    assert len(result.metrics["modules"]) == len(linears)
+    assert len(result.metrics.modules) == len(linears)
+
+
+def test_a_gguf_file_whose_tensors_disagree_with_its_metadata_is_one_clear_error(tmp_path, monkeypatch):
+    """Without the expert sizes the experts take the config class's defaults: a shape mismatch, reported as a
+    conversion failure naming the file instead of transformers' traceback."""
+    import gguf_files
+
+    from lrcompress.errors import LrcompressError
+
+    monkeypatch.setattr(gguf_files, "EXPERT_SIZES", {})
+    path = write_gguf(family_model("qwen2_moe"), byte_tokenizer(), tmp_path / "sizes-missing.gguf")
+    with pytest.raises(LrcompressError, match="sizes-missing.gguf: transformers could not convert"):
+        load_model(str(path))

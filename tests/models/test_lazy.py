@@ -74,7 +74,7 @@ def test_a_lazy_run_writes_the_default_runs_checkpoint(sharded_dir, calibration_
     for lazy in (False, True):
         recipe = tiny_recipe_dict(sharded_dir, calibration_file, tmp_path / f"lazy-{lazy}",
                                   runtime={"device": "cpu", "batch_size": 3, "lazy": lazy, "sequential": sequential})
-        runs[lazy] = run_recipe(parse_recipe(recipe)).metrics
+        runs[lazy] = run_recipe(parse_recipe(recipe)).metrics.dump()
     assert_same_tensors(tmp_path / "lazy-False", tmp_path / "lazy-True")
     configs = [json.loads((tmp_path / f"lazy-{lazy}" / "config.json").read_text()) for lazy in (False, True)]
     assert configs[0]["quantization_config"]["modules"] == configs[1]["quantization_config"]["modules"]
@@ -140,7 +140,7 @@ def test_a_lazy_run_equals_the_default_run_on_gemma3(gemma3_dir, calibration_fil
                                   runtime={"device": "cpu", "batch_size": 3, "lazy": lazy})
         recipe["calibration"].update(num_samples=4, seq_len=24)
         recipe["eval"]["perplexity"][0].update(seq_len=24, max_windows=2)
-        runs[lazy] = run_recipe(parse_recipe(recipe)).metrics
+        runs[lazy] = run_recipe(parse_recipe(recipe)).metrics.dump()
     assert_same_tensors(tmp_path / "lazy-False", tmp_path / "lazy-True")
     (key, eager_ppl), = runs[False]["eval"]["perplexity"].items()
     assert runs[True]["eval"]["perplexity"][key]["value"] == pytest.approx(eager_ppl["value"], rel=1e-5)

@@ -66,7 +66,7 @@ sampler.start()
 soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
 resource.setrlimit(resource.RLIMIT_DATA, (status("VmData") + int(sys.argv[2]), hard))
 try:
-    metrics = run_recipe(parse_recipe(json.loads(open(sys.argv[1]).read()))).metrics
+    metrics = run_recipe(parse_recipe(json.loads(open(sys.argv[1]).read()))).metrics.dump()
 except (MemoryError, RuntimeError) as error:
     print(json.dumps({"ok": False, "error": str(error)[:300]}))
 else:

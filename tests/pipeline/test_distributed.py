@@ -155,8 +155,8 @@ def test_only_rank_zero_writes_and_evaluates(tiny_llama_dir, calibration_file, t
     recipe = tiny_recipe(tiny_llama_dir, calibration_file, out)
     result = _run_recipe(recipe, PipelineObserver(), None, _SecondRank(), build_stages(recipe), [])
     assert not out.exists() and result.output_dir is None
-    assert result.metrics["eval"] == {"perplexity": {}} and "eval" not in result.metrics["timing"]
-    assert len(result.metrics["modules"]) == 14              # the records exist on every rank
+    assert result.metrics.dump()["eval"] == {"perplexity": {}} and "eval" not in result.metrics.dump()["timing"]
+    assert len(result.metrics.dump()["modules"]) == 14              # the records exist on every rank
     assert not list(tmp_path.iterdir())
 
 
@@ -176,7 +176,7 @@ def _recipe_file(tmp: Path, model_dir: Path, text: Path, name: str) -> Path:
 
 
 def _all_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, whatever its shards (per-block files + the outer tensors)."""
+    """Every tensor of a checkpoint, whatever its shards (per-segment files + the outer tensors)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(checkpoint):
         tensors.update(load_file(file))

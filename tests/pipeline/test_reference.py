@@ -127,7 +127,7 @@ def test_without_compression_the_matched_run_is_the_dense_model():
     torch.testing.assert_close(_final_hidden(model), dense, rtol=1e-5, atol=1e-5)
     assert all(r.relative_error < 1e-5 and r.details["target"] == "original" for r in records)
     report = pipeline.reference.report()
-    assert report["reference_forwards"] > 0 and report["layer_copy_bytes"] > 0
+    assert report.reference_forwards > 0 and report.layer_copy_bytes > 0
 
 
 @pytest.mark.parametrize("method, options", [("whiten", {"ratio": 0.5}), ("lord", {"ratio": 0.5}),

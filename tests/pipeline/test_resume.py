@@ -1,4 +1,4 @@
-"""Resume: a run killed mid-way (SIGKILL, or an exception) continues from its last finished block and
+"""Resume: a run killed mid-way (SIGKILL, or an exception) continues from its last finished segment and
 writes exactly the uninterrupted run's checkpoint; a changed recipe refuses to resume and says why."""
 import hashlib
 import json
@@ -95,14 +95,14 @@ def without_time(record: dict) -> dict:
     return {key: value for key, value in record.items() if key != "seconds"}
 
 
-def state_blocks(out: Path) -> list[list[int]]:
-    return json.loads((out.with_name(out.name + ".partial") / "state.json").read_text())["blocks"]
+def state_segments(out: Path) -> list[list[int]]:
+    return json.loads((out.with_name(out.name + ".partial") / "state.json").read_text())["segments"]
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_layers, calibration_file, tmp_path):
     recipe = tiny_recipe_dict(six_layers, calibration_file, tmp_path / "resumed")
     run_killed(recipe, f"module:{3 * MODULES_PER_LAYER + 2}", tmp_path)   # in layer 3: layers 0-2 are finished
-    assert state_blocks(tmp_path / "resumed") == [[0], [1], [2]]
+    assert state_segments(tmp_path / "resumed") == [[0], [1], [2]]
     assert not (tmp_path / "resumed").exists()
 
     replayed = []
@@ -125,27 +125,27 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(six_l
 
 @pytest.mark.parametrize("case", ["non-sequential", "lazy", "cospadi-group", "lazy-target-original"])
 def test_an_interrupted_run_resumes_exactly(case, six_layers, calibration_file, tmp_path):
-    """``lazy-target-original``: output matching replays finished blocks from their originals (read again
+    """``lazy-target-original``: output matching replays finished segments from their originals (read again
     from the shards) to carry the uncompressed stream forward."""
     extra: dict = {"runtime": {"device": "cpu", "batch_size": 3, "sequential": case != "non-sequential",
                                "lazy": case.startswith("lazy"),
                                "target": "original" if case.endswith("target-original") else "layer"}}
-    per_block = MODULES_PER_LAYER
-    if case == "cospadi-group":  # one dictionary per projection shared by 2 layers: blocks of 2 layers
+    per_segment = MODULES_PER_LAYER
+    if case == "cospadi-group":  # one dictionary per projection shared by 2 layers: segments of 2 layers
         extra["stages"] = [{"method": "cospadi", "ratio": 0.3, "group_size": 2, "iterations": 1,
                             "targets": ["*.mlp.up_proj"]}]
-        per_block = 2
+        per_segment = 2
     recipe = tiny_recipe_dict(six_layers, calibration_file, tmp_path / "resumed", **extra)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(parse_recipe(recipe), Interrupt(per_block + 1))
-    assert len(state_blocks(tmp_path / "resumed")) == 1
+        run_recipe(parse_recipe(recipe), Interrupt(per_segment + 1))
+    assert len(state_segments(tmp_path / "resumed")) == 1
     run_recipe(parse_recipe(recipe))
     run_recipe(parse_recipe({**recipe, "output": {"dir": str(tmp_path / "straight")}}))
     assert_same_tensors(tmp_path / "resumed", tmp_path / "straight")
     if case == "cospadi-group":
         config = json.loads((tmp_path / "resumed" / "config.json").read_text())
         shared = [alias for alias in config["quantization_config"]["tied"] if alias.endswith("dictionary")]
-        assert len(shared) == 3                       # 3 blocks × up_proj, stored once each
+        assert len(shared) == 3                       # 3 segments × up_proj, stored once each
         assert not set(shared) & set(checkpoint_tensors(tmp_path / "resumed"))
 
 
@@ -163,7 +163,7 @@ def test_a_changed_recipe_refuses_to_resume_and_names_the_field(six_layers, cali
     with pytest.raises(CheckpointError, match="calibration_windows_sha256") as error:
         run_recipe(parse_recipe(fewer))
     assert "recipe.calibration.num_samples: 6 in the staged run, 4 now" in str(error.value)
-    assert state_blocks(out) == [[0]]                 # refusing touched nothing
+    assert state_segments(out) == [[0]]                 # refusing touched nothing
     changed["output"]["overwrite"] = True             # start over with the new recipe
     run_recipe(parse_recipe(changed))
     assert json.loads((out / "config.json").read_text())["quantization_config"]["provenance"]["recipe_fingerprint"] == \
@@ -194,7 +194,7 @@ def test_a_run_killed_while_writing_or_evaluating_resumes_to_the_same_bytes(wher
     run_killed(recipe, where, tmp_path)
     assert not out.exists()
     staged = json.loads((tmp_path / "out.partial" / "state.json").read_text())
-    assert staged["blocks"] == [[0], [1]] and staged.get("written", False) == (where != "final-write")
+    assert staged["segments"] == [[0], [1]] and staged.get("written", False) == (where != "final-write")
 
     events = []
 

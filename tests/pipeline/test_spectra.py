@@ -12,6 +12,7 @@ from tiny_runs import tiny_recipe, tiny_recipe_dict
 
 from lrcompress.compressor import stats as stats_module
 from lrcompress.errors import LrcompressError
+from lrcompress.eval import RunMetrics
 from lrcompress.models import adapter_for, load_model
 from lrcompress.models.lazy import LazyLayers, load_lazy
 from lrcompress.pipeline import PipelineObserver, PipelineSettings
@@ -84,8 +85,8 @@ def test_uniform_allocation_is_todays_run_byte_for_byte(tiny_llama_dir, calibrat
     uniform = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "uniform",
                                      stages=[{"method": "whiten", "ratio": 0.2, "allocation": "uniform"}]))
     assert _layer_files(tmp_path / "plain") == _layer_files(tmp_path / "uniform")
-    assert [m["rank"] for m in plain.metrics["modules"]] == [m["rank"] for m in uniform.metrics["modules"]]
-    assert "allocation" not in uniform.metrics
+    assert [m.rank for m in plain.metrics.modules] == [m.rank for m in uniform.metrics.modules]
+    assert uniform.metrics.allocation is None and "allocation" not in uniform.metrics.dump()
 
 
 @pytest.mark.parametrize("method,strategy", [("whiten", "spectrum"), ("lord", "global"), ("svd", "spectrum"),
@@ -98,20 +99,21 @@ def test_a_budget_run_spends_the_budget_and_dry_run_shows_the_ranks(tiny_llama_d
     planned = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "dry", stages=[stage]),
                          dry_run=True)
     assert not (tmp_path / "dry").exists()
-    chosen = {m["name"]: m["rank"] for m in planned.metrics["allocation"]["stages"][0]["modules"]}
+    chosen = {m.name: m.rank for m in planned.metrics.allocation.stages[0].modules}
     assert {p.name: p.rank for p in planned.plan if p.rank is not None} == (chosen if method != "cospadi" else {})
     result = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", stages=[stage]))
-    summary = result.metrics["allocation"]["stages"][0]
-    assert summary["allocated_params"] <= summary["budget_params"]
-    assert summary["budget_params"] - summary["allocated_params"] < max(m["step_params"] for m in summary["modules"])
-    ranks = [m["rank"] for m in summary["modules"]]
+    summary = result.metrics.allocation.stages[0]
+    assert summary.allocated_params <= summary.budget_params
+    assert summary.budget_params - summary.allocated_params < max(m.step_params for m in summary.modules)
+    ranks = [m.rank for m in summary.modules]
     assert len(set(ranks)) > 1 or strategy == "spectrum"     # not the uniform answer in disguise
     if method != "cospadi":
-        assert {m["name"]: m["rank"] for m in result.metrics["modules"]} == chosen
+        assert {m.name: m.rank for m in result.metrics.modules} == chosen
     else:
-        assert {m["name"]: m["details"]["sparsity"] for m in result.metrics["modules"]} == chosen
+        assert {m.name: m.details["sparsity"] for m in result.metrics.modules} == chosen
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["allocation"]["stages"][0]["strategy"] == strategy
+    assert RunMetrics.load(tmp_path / "run" / "metrics.json").allocation == result.metrics.allocation
     assert (tmp_path / "run" / "kept_rank.png").is_file()
     assert "## Budget allocation" in (tmp_path / "run" / "report.md").read_text()
 
@@ -123,7 +125,7 @@ def test_a_lazy_budget_run_allocates_as_the_eager_one(tiny_llama_dir, calibratio
                                   stages=[{"method": "whiten", "ratio": 0.3, "allocation": "spectrum"}],
                                   runtime={"device": "cpu", "batch_size": 3, "lazy": lazy})
         metrics = run_recipe(parse_recipe(recipe)).metrics
-        ranks[lazy] = [m["rank"] for m in metrics["allocation"]["stages"][0]["modules"]]
+        ranks[lazy] = [m.rank for m in metrics.allocation.stages[0].modules]
     assert ranks[True] == ranks[False]
     recipe = tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "g",
                               stages=[{"method": "whiten", "ratio": 0.3, "allocation": "global"}],

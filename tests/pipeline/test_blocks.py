@@ -1,0 +1,105 @@
+"""Block stages (MoE) in the layer-wise pipeline (pipeline/blocks.py): every block merged, the block
+output error record, coverage, and checkpoints that reload, on tiny MoEs of every family."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lrcompress.checkpoint import write_checkpoint
+from lrcompress.errors import LrcompressError
+from lrcompress.models import adapter_for
+from lrcompress.models.moe import expert_count_key, moe_blocks, route
+from lrcompress.modules import LowRankExperts, storage_bytes, stored_params
+from lrcompress.pipeline import LayerwisePipeline, PipelineSettings
+from helpers import tiny_model
+from moe_helpers import MOE_FAMILIES, MOE_WINDOWS, moe_stage, tiny_moe
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_pipeline_merges_every_block_and_the_checkpoint_reloads(family, tmp_path):
+    model = tiny_moe(family)
+    stage = moe_stage("submoe", num_experts=2)
+    plan_after = {f"model.layers.{i}.mlp": stage.compressor.plan(layer.mlp).params_after
+                  for i, layer in enumerate(model.model.layers) if moe_blocks(layer)}
+    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(MOE_WINDOWS)
+    assert {r.name: r.params_after for r in records} == plan_after
+    assert all(0.0 <= r.relative_error < 10 for r in records)
+    assert getattr(model.config, expert_count_key(model.config)) == 2
+    hidden = torch.randn(30, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for layer in model.model.layers:
+        if moe_blocks(layer):
+            indices = route(layer.mlp, hidden)
+            assert indices.min() >= 0 and indices.max() < 2
+    with torch.no_grad():
+        logits = model(input_ids=MOE_WINDOWS, use_cache=False).logits
+    assert torch.isfinite(logits).all()
+    write_checkpoint(model, None, tmp_path, provenance={})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=MOE_WINDOWS, use_cache=False).logits, logits)
+
+
+def test_block_error_record_matches_a_direct_computation():
+    model = tiny_moe("olmoe", num_hidden_layers=1)
+    original = tiny_moe("olmoe", num_hidden_layers=1)
+    records = LayerwisePipeline(model, adapter_for(model), [moe_stage("expert_prune", num_experts=2)],
+                                PipelineSettings(batch_size=4)).run(MOE_WINDOWS)
+    captured = []
+    handle = original.model.layers[0].mlp.register_forward_hook(lambda m, a, o: captured.append(a[0]))
+    with torch.no_grad():
+        original(input_ids=MOE_WINDOWS, use_cache=False)
+        handle.remove()
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])[None]
+        before = original.model.layers[0].mlp(x)
+        after = model.model.layers[0].mlp(x)
+    expected = float((after - before).norm() / before.norm())
+    assert records[0].relative_error == pytest.approx(expected, rel=1e-4)   # 96 tokens < sample capacity
+
+
+def test_a_stage_must_cover_every_moe_block():
+    model = tiny_moe("mixtral")
+    stage = moe_stage("submoe", ignore=["model.layers.1.*"], num_experts=2)
+    with pytest.raises(LrcompressError, match="left out: model.layers.1.mlp"):
+        LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings()).run(MOE_WINDOWS)
+    dense = tiny_model("llama")
+    with pytest.raises(LrcompressError, match="no moe blocks"):
+        LayerwisePipeline(dense, adapter_for(dense), [moe_stage("submoe", num_experts=2)], PipelineSettings()).run(MOE_WINDOWS)
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_dagger_pipeline_checkpoint_reloads_with_lrcompress_load(family, tmp_path):
+    import lrcompress
+
+    model = tiny_moe(family)
+    stage = moe_stage("submoe", num_experts=2, ratio=0.3)
+    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(MOE_WINDOWS)
+    assert getattr(model.config, expert_count_key(model.config)) == 2
+    blocks = [layer.mlp for layer in model.model.layers if isinstance(getattr(layer.mlp, "experts", None),
+                                                                       LowRankExperts)]
+    assert len(blocks) == len(records) > 0
+    assert all(r.bytes_after == storage_bytes(b) and r.params_after == stored_params(b)
+               for r, b in zip(records, blocks))
+    with torch.no_grad():
+        logits = model(input_ids=MOE_WINDOWS, use_cache=False).logits
+    write_checkpoint(model, None, tmp_path, provenance={})
+    reloaded = lrcompress.load(tmp_path)
+    assert isinstance(reloaded.model.layers[-1].mlp.experts, LowRankExperts)
+    assert getattr(reloaded.config, expert_count_key(reloaded.config)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=MOE_WINDOWS, use_cache=False).logits, logits, rtol=0, atol=1e-4)
+
+
+def test_dagger_checkpoint_exports_dense_and_loads_with_from_pretrained(tmp_path):
+    import lrcompress
+    from lrcompress.checkpoint import export_dense
+
+    model = tiny_moe("qwen3_moe")
+    LayerwisePipeline(model, adapter_for(model), [moe_stage("submoe", num_experts=2, rank=6)],
+                      PipelineSettings(batch_size=2)).run(MOE_WINDOWS)
+    (tmp_path / "c").mkdir()
+    write_checkpoint(model, None, tmp_path / "c", provenance={})
+    with torch.no_grad():
+        logits = model(input_ids=MOE_WINDOWS, use_cache=False).logits
+    export_dense(lrcompress.load(tmp_path / "c"), None, tmp_path / "d")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=MOE_WINDOWS, use_cache=False).logits, logits, rtol=0, atol=1e-4)
