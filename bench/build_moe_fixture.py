@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lrcompress.data import data_dir, load_text
-from lrcompress.eval import perplexity
+from lrcompress.eval import EvalContext, perplexity
 from lrcompress.models.btx import BuildSettings, TrainSettings, build, dense_equivalence_error
 
 
@@ -98,8 +98,8 @@ def main() -> None:
                 machine=platform.machine(), torch=torch.__version__)
     if args.eval_windows:
         for name, model in (("dense", dense), ("moe", moe)):
-            result = perplexity(model, tokenizer, "wikitext2", "test", 512, args.eval_windows,
-                                data_dir(None, None), 4, torch.device("cpu"))
+            result = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.eval_windows),
+                                EvalContext(data_dir(None, None)))
             info[f"perplexity_{name}"] = result.value
             print(f"{name}: perplexity {result.value:.3f} ({result.protocol})", flush=True)
         info["perplexity_protocol"] = result.protocol

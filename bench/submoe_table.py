@@ -26,11 +26,12 @@ import torch
 
 from lrcompress.compressor import get_compressor
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
-from lrcompress.eval import perplexity
+from lrcompress.eval import EvalContext, perplexity
 from lrcompress.eval.lm_eval_tasks import evaluate_tasks
 from lrcompress.models import adapter_for, load_model
 from lrcompress.models.moe import expert_count_key
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.recipe import PerplexitySpec
 
 
 def rows(dagger_ratio: float) -> list[tuple[str, str | None, dict[str, Any]]]:
@@ -115,8 +116,8 @@ def main() -> None:
             for measure in missing:
                 started = time.perf_counter()
                 if measure == "ppl":
-                    result = perplexity(model, tokenizer, "wikitext2", "test", 512, args.max_windows,
-                                        data_dir(None, None), 4, torch.device("cpu"))
+                    result = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.max_windows),
+                                        EvalContext(data_dir(None, None)))
                     values: dict[str, Any] = {"perplexity": result.value, "protocol": result.protocol}
                 else:
                     raw = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=8,
