@@ -25,6 +25,7 @@ import torch
 from lrcompress.data import data_dir, load_text
 from lrcompress.eval import EvalContext, perplexity
 from lrcompress.models.btx import BuildSettings, TrainSettings, build, dense_equivalence_error
+from lrcompress.recipe import PerplexitySpec
 
 
 def layer_list(spec: str) -> tuple[int, ...]:
