@@ -45,6 +45,8 @@ def rows(dagger_ratio: float) -> list[tuple[str, str | None, dict[str, Any]]]:
         ("Sub-MoE (paper: truncated union SVD)", "submoe", {}),
         ("Sub-MoE clusters + RegMean", "submoe", {"merge": "regmean"}),
         (f"Sub-MoE† (ratio {dagger_ratio})", "submoe", {"ratio": dagger_ratio}),
+        ("Sub-MoE clusters + RegMean, ridge towards the average", "submoe",
+         {"merge": "regmean", "regmean_prior": "average"}),
     ]
 
 

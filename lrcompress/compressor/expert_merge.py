@@ -121,7 +121,8 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     return min(int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1, len(s))
 
 
-def regmean_merge(weights: torch.Tensor, grams: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+def regmean_merge(weights: torch.Tensor, grams: torch.Tensor, damping: float,
+                  prior: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """RegMean (Jin et al., arXiv 2212.09849) for one linear map of n members: the W minimizing
     Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖²_F, i.e. W = (Σ W_i G_i)(Σ G_i)⁻¹ with G_i = X_iᵀX_i (here each member's
     routed-token Gram, tokens weighted by their gate weight).
@@ -129,8 +130,10 @@ def regmean_merge(weights: torch.Tensor, grams: torch.Tensor, damping: float) ->
     Σ G_i is damped by λ·mean(diag Σ G_i)·I (λ = ``damping``; the paper instead shrinks the
     off-diagonal entries by α: both keep directions no token excites from being set by round-off; a
     ridge keeps the solve well posed whatever the token count). Solved in float64 (Cholesky, LU when
-    the damped matrix is not numerically positive definite). Returns (merged out × in, the absolute
-    damping added). With one member and damping 0 it returns W_1; with equal Grams, the plain mean.
+    the damped matrix is not numerically positive definite). The ridge pulls the directions no token
+    excites towards ``prior`` (e.g. the frequency-weighted average; default 0, the plain ridge):
+    W = (Σ W_i G_i + λ'·prior)(Σ G_i + λ'·I)⁻¹. Returns (merged out × in, the absolute damping λ'
+    added). With one member and damping 0 it returns W_1; with equal Grams, the plain mean.
     """
     w = weights.to(torch.float64)
     g = grams.to(torch.float64)
@@ -138,6 +141,8 @@ def regmean_merge(weights: torch.Tensor, grams: torch.Tensor, damping: float) ->
     rhs = torch.einsum("noi,nij->oj", w, g)                      # Σ W_i G_i  (out × in)
     added = damping * float(total.diagonal().mean())
     a = total + added * torch.eye(total.shape[0], dtype=total.dtype)
+    if prior is not None:
+        rhs = rhs + added * prior.to(rhs)
     factor, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         merged = torch.cholesky_solve(rhs.T, factor).T

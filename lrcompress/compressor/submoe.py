@@ -100,6 +100,9 @@ class SubMoEConfig(ExpertReductionConfig):
         None, gt=0.0, le=1.0, description="keep the fewest singular triplets holding this fraction of the "
                                           "union's Σσ² (capped at subspace_rank or min(out, in))")
     regmean_damping: float = Field(1e-2, ge=0.0, description="RegMean: λ in Σ G_i + λ·mean(diag)·I")
+    regmean_prior: Literal["zero", "average"] = Field(
+        "zero", description="RegMean: what the ridge pulls unexcited input directions towards: 0 (plain ridge) "
+                            "or the members' frequency-weighted average")
     rank: int | None = Field(None, ge=1, description="Sub-MoE†: rank of every merged expert weight "
                                                      "(capped at min(out, in))")
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Sub-MoE†: fraction of each merged expert "
@@ -287,7 +290,8 @@ class SubMoE(ExpertReducer):
             member_grams = [grams.grams(name, m) for m in reached]
             for kind, tensor in original.types().items():
                 g = torch.stack([mg[kind] for mg in member_grams])
-                weight, added = regmean_merge(tensor[reached], g, self.config.regmean_damping)
+                prior = average_merge(tensor[members], w) if self.config.regmean_prior == "average" else None
+                weight, added = regmean_merge(tensor[reached], g, self.config.regmean_damping, prior)
                 merged[kind].append(weight)
                 damping.append(added)
         result = {kind: torch.stack(ws) for kind, ws in merged.items()}

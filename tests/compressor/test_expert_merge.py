@@ -176,3 +176,16 @@ def test_hierarchical_clusters_average_linkage():
     assert hierarchical_clusters(s, 5) == [[0], [1], [2], [3], [4]]
     with pytest.raises(ValueError):
         hierarchical_clusters(s, 0)
+
+
+def test_regmean_ridge_pulls_unexcited_directions_to_the_prior():
+    weights, _, _ = _members(inp=4)
+    x = torch.zeros(5, 4, dtype=torch.float64)
+    x[:, :2] = torch.randn(5, 2, dtype=torch.float64)            # inputs 2, 3 never excited
+    grams = (x.T @ x).expand(3, -1, -1)
+    prior = weights.mean(0)
+    to_zero, _ = regmean_merge(weights, grams, 1e-3)
+    to_prior, _ = regmean_merge(weights, grams, 1e-3, prior)
+    torch.testing.assert_close(to_zero[:, 2:], torch.zeros(5, 2, dtype=torch.float64))
+    torch.testing.assert_close(to_prior[:, 2:], prior[:, 2:])
+    torch.testing.assert_close(to_prior[:, :2], to_zero[:, :2], rtol=1e-2, atol=1e-2)
