@@ -7,8 +7,9 @@
 The Grams come from ``--num-samples`` calibration windows of WikiText-2 validation (one hooked forward
 of the uncompressed model). Each config compresses every listed module through its compressor
 contract; the phases are timed by wrapping the functions that do them (whitening, the SVD
-initialization, batched OMP, the atom updates, the value refit). A config is ``whiten`` or
-``cospadi:ITERATIONS[:OMP_DTYPE[:POWER_STEPS]]`` (e.g. ``cospadi:1::30``). The relative output error is ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ from the Gram.
+initialization, batched OMP, the atom updates, the value refit). A config is ``whiten``,
+``compot:ITERATIONS`` or ``cospadi:ITERATIONS[:KSVD_DTYPE[:POWER_STEPS]]`` (e.g. ``cospadi:1::30``, ``cospadi:4:float64``).
+One row per config and module. The relative output error is ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ from the Gram.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+import lrcompress.compressor.compot as compot_module
 import lrcompress.compressor.cospadi as cospadi_module
 import lrcompress.compressor.dictionary as dictionary_module
 import lrcompress.compressor.whiten as whiten_module
@@ -33,7 +35,8 @@ from grams import collect_grams
 
 PHASES = [("whitening", cospadi_module, "whitening"), ("whitening", whiten_module, "whitening"),
           ("svd init", dictionary_module, "initial_dictionary"), ("sparse coding", dictionary_module, "batched_omp"),
-          ("atom updates", dictionary_module, "_update_atoms"), ("refit", cospadi_module, "refit_values")]
+          ("atom updates", dictionary_module, "_update_atoms"), ("refit", cospadi_module, "refit_values"),
+          ("procrustes (compot)", compot_module, "orthogonal_dictionary")]
 
 
 def instrument(seconds: dict[str, float]) -> None:
@@ -58,7 +61,7 @@ def parse(config: str) -> tuple[str, dict]:
         return method, {}
     options: dict = {"iterations": int(rest[0]) if rest else 4}
     if len(rest) > 1 and rest[1]:
-        options["omp_dtype"] = rest[1]
+        options["ksvd_dtype"] = rest[1]
     if len(rest) > 2:
         options["power_steps"] = int(rest[2])
     return method, options
@@ -86,25 +89,25 @@ def main() -> None:
         method, options = parse(config)
         cls = get_compressor(method)
         compressor = cls(cls.Config(ratio=args.ratio, **options))
-        seconds.clear()
-        errors, started = [], time.perf_counter()
         for name in names:
+            seconds.clear()
             module = loaded.model.get_submodule(name)
+            started = time.perf_counter()
             result = compressor.compress(name, module, {"gram": stats[name]})
-            gram = stats[name].gram(name)
-            errors.append(relative_output_error(dense_weight(module).detach(), dense_weight(result.module).detach(), gram))
-        total = time.perf_counter() - started
-        rows.append((config, dict(seconds), total, sum(errors) / len(errors)))
-        print(f"{config}: {total:.1f}s {dict(seconds)} error {rows[-1][3]:.5f}", flush=True)
+            total = time.perf_counter() - started
+            error = relative_output_error(dense_weight(module).detach(), dense_weight(result.module).detach(),
+                                          stats[name].gram(name))
+            rows.append((config, name, dict(seconds), total, error))
+            print(f"{config} {name}: {total:.1f}s {dict(seconds)} error {error:.5f}", flush=True)
     print(f"\nModules {names} of {args.model}, ratio {args.ratio}, Grams from {args.num_samples}×512 windows; "
           f"{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}\n")
     phases = list(dict.fromkeys(p for p, _, _ in PHASES))
-    print("| config | " + " | ".join(phases) + " | total s | × whiten | mean rel. output error |")
-    print("|---|" + "---|" * (len(phases) + 3))
-    base = next((total for config, _, total, _ in rows if config == "whiten"), None)
-    for config, split, total, error in rows:
-        ratio = f"{total / base:.1f}×" if base else "–"
-        print(f"| {config} | " + " | ".join(f"{split.get(p, 0.0):.2f}" for p in phases)
+    print("| config | module | " + " | ".join(phases) + " | total s | × whiten | rel. output error |")
+    print("|---|---|" + "---|" * (len(phases) + 3))
+    base = {name: total for config, name, _, total, _ in rows if config == "whiten"}
+    for config, name, split, total, error in rows:
+        ratio = f"{total / base[name]:.1f}×" if name in base else "–"
+        print(f"| {config} | {name.removeprefix('model.')} | " + " | ".join(f"{split.get(p, 0.0):.2f}" for p in phases)
               + f" | {total:.2f} | {ratio} | {error:.5f} |")
 
 

@@ -13,10 +13,9 @@ outputs (for target original; for target layer the records' own error on the com
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
+from frontier import run_lrcompress
 from lrcompress.eval import RunMetrics
 
 ROWS = {  # name -> (recipe, overrides)
@@ -29,16 +28,9 @@ TARGETS = ("layer", "original")
 
 
 def run_row(name: str, target: str, model: str, out: Path, threads: int) -> None:
-    directory = out / f"{name}-{target}"
-    if (directory / "metrics.json").is_file():
-        return
     recipe, overrides = ROWS[name]
     sets = overrides + [f"runtime.target={target}", f"model.path={model}", f"runtime.threads={threads}"]
-    command = [sys.executable, "-m", "lrcompress", "run", recipe, "--output", str(directory), "--overwrite"]
-    command += [arg for item in sets for arg in ("--set", item)]
-    print("running", " ".join(command), flush=True)
-    with open(out / f"{name}-{target}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    run_lrcompress(out / f"{name}-{target}", recipe, sets)
 
 
 def table(out: Path) -> str:

@@ -125,6 +125,13 @@ class RuntimeSpec(Section):
                              "docs/output-matching.md)")
     target_damping: float = Field(1e-2, ge=0.0, description="λ of the ridge toward W in the target W* (target: "
                                                             "original), relative to mean(diag X̂ᵀX̂)")
+    target_blend: float = Field(1.0, ge=0.0, le=1.0,
+                                description="α: the fraction of the output-matching correction applied, target "
+                                            "W + α(W* − W) (target: original; 1: the full objective)")
+    true_sequential: bool | None = Field(
+        None, description="within a layer, collect each set of targets sharing an input (q/k/v, o, gate/up, down) "
+                          "after the previous set is compressed: one forward per set (default: on for target: "
+                          "original only)")
 
 
 class OutputSpec(Section):

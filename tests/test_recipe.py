@@ -78,3 +78,12 @@ def test_shipped_recipes_validate():
     assert recipes
     for path in recipes:
         load_recipe(path)
+
+
+def test_output_matching_options_parse_and_a_blend_outside_0_1_is_refused():
+    runtime = {"target": "original", "target_blend": 0.5, "true_sequential": True}
+    recipe = parse_recipe({**BASE, "runtime": runtime})
+    assert (recipe.runtime.target_blend, recipe.runtime.true_sequential) == (0.5, True)
+    assert parse_recipe(BASE).runtime.true_sequential is None       # on with target: original only
+    with pytest.raises(RecipeError, match=r"runtime\.target_blend"):
+        parse_recipe({**BASE, "runtime": {**runtime, "target_blend": 1.5}})

@@ -1,5 +1,5 @@
 """Compressors: the base protocol, the registry and one module per method."""
-from . import cospadi, eora, fwsvd, gptq, lord, prune, rtn, submoe, svd, whiten  # noqa: F401  (registration side effects)
+from . import compot, cospadi, eora, fwsvd, gptq, lord, prune, rtn, submoe, svd, whiten  # noqa: F401  (registration side effects)
 from .base import (COMPRESSORS, CompressResult, Compressor, CompressorConfig, GroupMember, LowRankCompressor,
                    LowRankConfig, Plan, RankKnob, get_compressor, register)
 from .stats import SNAPSHOTS, STATISTICS, GramStatistic, OriginalWeight, Statistic, make_statistic

@@ -32,7 +32,7 @@ from torch import nn
 from ..modules import SparseDictLinear, dense_weight
 from ..modules.sparse_dict import dictionary_shares, index_bits, sparse_dict_params
 from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, RankKnob, register
-from .dictionary import ksvd, refit_values, sparsity_budget
+from .dictionary import KSVDResult, ksvd, refit_values, sparsity_budget
 from .linalg import whitening
 from .stats import Statistic, gram_of
 
@@ -48,8 +48,11 @@ class CoSpaDiConfig(CompressorConfig):
     damping: float = Field(1e-4, ge=0.0, description="η in G + η·mean(diag G)·I before Cholesky")
     count_indices: bool = Field(True, description="charge the stored indices to the parameter budget")
     power_steps: int = Field(3, ge=1, description="power-iteration steps of each rank-1 atom update")
-    omp_dtype: Literal["float64", "float32"] = Field(
-        "float64", description="precision of the OMP support search (values are refit in float64)")
+    ksvd_dtype: Literal["float64", "float32"] = Field(
+        "float32", description="precision of K-SVD's sparse coding and atom updates (whitening, un-whitening and "
+                               "the value refit stay in float64)")
+    tolerance: float = Field(0.005, ge=0.0, description="stop K-SVD early when an iteration lowers the relative "
+                                                        "error by less than this fraction (0: never)")
     sparsity: int | None = Field(None, ge=1, description="nonzeros per column s, instead of the one the ratio "
                                                          "gives (set per module by a budget allocation)")
 
@@ -122,10 +125,18 @@ class CoSpaDi(Compressor):
                         fixed_params=bias.numel() if bias is not None else 0)
 
     def with_rank(self, rank: int) -> "CoSpaDi":
-        return CoSpaDi(self.config.model_copy(update={"sparsity": int(rank)}))
+        return type(self)(self.config.model_copy(update={"sparsity": int(rank)}))
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         return self.compress_group([GroupMember(name, module, stats)])[0]
+
+    learner = "ksvd"
+
+    def learn(self, signals: torch.Tensor, shape: Shape) -> KSVDResult:
+        """The dictionary and code of the whitened weights (columns of ``signals``): K-SVD + OMP."""
+        c = self.config
+        return ksvd(signals, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, power_steps=c.power_steps,
+                    dtype=getattr(torch, c.ksvd_dtype), tolerance=c.tolerance)
 
     def compress_group(self, members: list[GroupMember]) -> list[CompressResult]:
         c = self.config
@@ -142,9 +153,7 @@ class CoSpaDi(Compressor):
         factor = white.factor
         shape = self.shape_for(d_in, d_out, dtype, len(members))
         stacked = torch.cat([factor.T @ w.to(factor).T for w in weights], dim=1)       # n × g·d_out
-        code_dtype = torch.float32 if c.omp_dtype == "float32" else torch.float64
-        learned = ksvd(stacked, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, power_steps=c.power_steps,
-                       code_dtype=code_dtype)
+        learned = self.learn(stacked, shape)
         dictionary = white.inverse.T @ learned.dictionary                               # D = F⁻ᵀ·D_F
         shared = nn.Parameter(dictionary.to(dtype))
         shares = dictionary_shares(d_in, shape.atoms, len(members))
@@ -158,7 +167,7 @@ class CoSpaDi(Compressor):
             module = SparseDictLinear.from_code(shared, indices, values, getattr(member.module, "bias", None),
                                                 dtype, dictionary_share=shares[i])
             details = self._details(module, shape, learned, len(members), failures)
-            path = f"{white.path}, ksvd({c.iterations} it" + (f", {learned.reseeded} re-seeded)" if learned.reseeded else ")")
+            path = f"{white.path}, {self.learner}({_iterations(learned)}" + (f", {learned.reseeded} re-seeded)" if learned.reseeded else ")")
             results.append(CompressResult(module, rank=None, numerical_path=path, details=details))
         return results
 
@@ -175,8 +184,15 @@ class CoSpaDi(Compressor):
             "ratio_with_indices": 1 - (without + module.index_params()) / (dense + bias),
             "ratio_without_indices": 1 - without / (dense + bias),
             "ksvd_errors": [round(e, 6) for e in learned.errors],
+            "ksvd_best_iteration": learned.best + 1,
+            "ksvd_stopped_early": learned.stopped_early,
             "refit_lstsq_fallbacks": failures,
         }
+
+
+def _iterations(learned: KSVDResult) -> str:
+    ran = f"{len(learned.errors)} it" + (", stopped early" if learned.stopped_early else "")
+    return ran if learned.best + 1 == len(learned.errors) else f"{ran}, best {learned.best + 1}"
 
 
 def _gram(member: GroupMember) -> torch.Tensor:

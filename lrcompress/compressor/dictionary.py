@@ -28,12 +28,15 @@ from .. import triton_kernels
 log = logging.getLogger(__name__)
 
 OMP_STATE_BUDGET = 1 << 24      # elements of L⁻¹ ([columns, s, s]) held at once: chunks columns
-GS_STATE_BUDGET = 1 << 22       # elements of P ([columns, s, k]) held at once by the Gram–Schmidt form
+GS_CHUNK_BYTES = 8 << 20        # bytes of P ([columns, s, k]) per chunk of the Gram–Schmidt form: a chunk
+                                # that stays in cache is 2–3× faster than one streamed from memory
+REFIT_CHUNK_BYTES = 2 << 20     # bytes of the sub-Grams ([columns, s, s]) per chunk of the refit (same reason)
 SPAN_TOL = 1e-10                # δ² ≤ tol·G_ii: the atom lies in the span of the chosen ones
 POWER_TOL = 1e-7                # rank-1 power iteration stops when σ changes less than this, relatively
 DUPLICATE_COS = 0.99            # K-SVD practice: an atom this close to another one is re-seeded,
 RARE_USE = 0.25                 # ... and so is one used by under a quarter of the average atom's columns
-ORTHONORMAL_TOL = 1e-9          # ‖DᵀD − I‖_max below this: OMP reduces to the top-s projections
+ORTHONORMAL_TOL = 1e-9          # ‖DᵀD − I‖_max below max(this, 1000·eps of the dtype): OMP reduces to the
+                                # top-s projections (float32: 1.2e-4, the round-off of a float64-orthonormal D)
 
 
 def batched_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +52,15 @@ def batched_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int) -
     if not 1 <= sparsity <= k:
         raise ValueError(f"sparsity {sparsity} must be between 1 and the number of atoms {k}")
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    if (gram - eye).abs().max().item() < ORTHONORMAL_TOL:
+    if (gram - eye).abs().max().item() < max(ORTHONORMAL_TOL, 1e3 * torch.finfo(gram.dtype).eps):
         top = correlations.abs().topk(sparsity, dim=0).indices
         return top, correlations.gather(0, top)
     kernel = triton_kernels.use_triton(gram, correlations)
     pursuit = _omp_chunk if kernel else _omp_chunk_gram_schmidt
-    budget, per_column = (OMP_STATE_BUDGET, sparsity * sparsity) if kernel else (GS_STATE_BUDGET, sparsity * k)
-    chunk = max(1, min(n_cols, budget // per_column))
+    if kernel:
+        chunk = max(1, min(n_cols, OMP_STATE_BUDGET // (sparsity * sparsity)))
+    else:
+        chunk = max(1, min(n_cols, GS_CHUNK_BYTES // (sparsity * k * correlations.element_size())))
     indices, values = [], []
     for start in range(0, n_cols, chunk):
         idx, val = pursuit(gram, correlations[:, start:start + chunk].T.contiguous(), sparsity)
@@ -97,6 +102,7 @@ def _omp_chunk_gram_schmidt(gram: torch.Tensor, alpha0: torch.Tensor, s: int) ->
     batch, k = alpha0.shape
     dev, dtype = alpha0.device, alpha0.dtype
     rows = torch.arange(batch, device=dev)
+    tiny = torch.finfo(dtype).tiny
     alpha = alpha0.clone()
     p = torch.zeros(batch, s, k, dtype=dtype, device=dev)
     lower = torch.zeros(batch, s, s, dtype=dtype, device=dev)
@@ -109,19 +115,24 @@ def _omp_chunk_gram_schmidt(gram: torch.Tensor, alpha0: torch.Tensor, s: int) ->
         selected[rows, atom] = True
         support[:, t] = atom
         g_ii = diagonal[atom]
-        w = p[:, :t, :].gather(2, atom.view(batch, 1, 1).expand(batch, t, 1)).squeeze(2)     # [B, t]
-        d2 = g_ii - (w * w).sum(dim=1)
-        ok = d2 > SPAN_TOL * g_ii
-        delta = torch.where(ok, d2.clamp_min(torch.finfo(dtype).tiny).sqrt(), torch.ones_like(d2))
-        w = w * ok[:, None]
-        q = gram[atom]
         if t:
-            q = q - torch.bmm(w.unsqueeze(1), p[:, :t, :]).squeeze(1)
+            w = p[:, :t, :].gather(2, atom.view(batch, 1, 1).expand(batch, t, 1)).squeeze(2)     # [B, t]
+            d2 = g_ii - (w * w).sum(dim=1)
+        else:
+            d2 = g_ii
+        ok = d2 > SPAN_TOL * g_ii
+        root = d2.clamp_min(tiny).sqrt()
+        inverse = torch.where(ok, 1.0 / root, torch.zeros_like(d2))                # 1/δ, 0 in the span
+        lower[:, t, t] = torch.where(ok, root, torch.ones_like(d2))
+        if t:
+            w.mul_(ok[:, None])
             lower[:, t, :t] = w
-        lower[:, t, t] = delta
-        q = q * (ok / delta)[:, None]
+            q = torch.baddbmm(gram[atom].unsqueeze(1), w.unsqueeze(1), p[:, :t, :], alpha=-1.0).squeeze(1)
+        else:
+            q = gram[atom]
+        q.mul_(inverse[:, None])
         p[:, t, :] = q
-        y[:, t] = torch.where(ok, alpha[rows, atom] / delta, torch.zeros_like(d2))
+        y[:, t] = alpha[rows, atom] * inverse
         alpha.sub_(y[:, t : t + 1] * q)
     coefficients = torch.linalg.solve_triangular(lower.mT, y.unsqueeze(-1), upper=True).squeeze(-1)
     return support.T.contiguous(), coefficients.T.contiguous()
@@ -136,14 +147,16 @@ def refit_values(gram: torch.Tensor, targets: torch.Tensor, indices: torch.Tenso
     columns whose Cholesky still fails go through a least-squares solver. Returns (values, failures).
     """
     s, n_cols = indices.shape
+    k = gram.shape[0]
     scale = torch.diagonal(gram).mean().clamp_min(torch.finfo(gram.dtype).tiny)
-    eye = torch.eye(s, dtype=gram.dtype, device=gram.device)
-    chunk = max(1, OMP_STATE_BUDGET // (s * s))
+    chunk = max(1, REFIT_CHUNK_BYTES // (s * s * gram.element_size()))
+    flat = gram.reshape(-1)
     out = torch.empty(s, n_cols, dtype=gram.dtype, device=gram.device)
     failures = 0
     for start in range(0, n_cols, chunk):
         idx = indices[:, start:start + chunk].T                          # [B, s]
-        sub = gram[idx[:, :, None], idx[:, None, :]] + ridge * scale * eye
+        sub = flat[idx[:, :, None] * k + idx[:, None, :]]                # G[I, I]: one flat gather
+        sub.diagonal(dim1=-2, dim2=-1).add_(ridge * scale)
         rhs = targets[:, start:start + chunk].gather(0, idx.T).T.unsqueeze(-1)
         factor, info = torch.linalg.cholesky_ex(sub)
         # two triangular solves: the same as cholesky_solve, several times faster on a CPU batch
@@ -168,8 +181,10 @@ class KSVDResult:
     dictionary: torch.Tensor              # n × k, unit-norm atoms
     indices: torch.Tensor                 # s × N int64
     values: torch.Tensor                  # s × N
-    errors: list[float] = field(default_factory=list)   # ‖X − DS‖/‖X‖ after each iteration
+    errors: list[float] = field(default_factory=list)   # ‖X − DS‖/‖X‖ after each iteration run
     reseeded: int = 0                     # atoms re-seeded because no column used them
+    best: int = 0                         # the iteration (0-based) whose dictionary and code are returned
+    stopped_early: bool = False           # the relative error stopped improving before the last iteration
 
 
 def initial_dictionary(signals: torch.Tensor, n_atoms: int, seed: int) -> torch.Tensor:
@@ -195,37 +210,51 @@ def _normalize(atoms: torch.Tensor) -> torch.Tensor:
 
 
 def ksvd(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int, seed: int = 0,
-         init: torch.Tensor | None = None, power_steps: int = 30,
-         code_dtype: torch.dtype | None = None) -> KSVDResult:
-    """K-SVD (Aharon, Elad & Bruckstein 2006) on the columns of ``signals`` (float64).
+         init: torch.Tensor | None = None, power_steps: int = 30, dtype: torch.dtype | None = None,
+         tolerance: float = 0.0) -> KSVDResult:
+    """K-SVD (Aharon, Elad & Bruckstein 2006) on the columns of ``signals``.
 
-    Each iteration: sparse-code every column with batched OMP (in ``code_dtype``, default the
-    signals' dtype), then update the atoms one after the other: atom j and its coefficients become
-    the rank-1 approximation of the residual restricted to the columns that use j, computed by power
-    iteration warm-started from the current (atom, coefficients) — every step of it is an exact
-    alternating least-squares step, so an update never increases the error; it runs until σ settles
-    (the approximate K-SVD's single step recovers markedly fewer atoms). Between iterations, atoms
-    that are unused, rarely used or duplicates of another atom are re-seeded with the worst-
-    approximated signals (normalized), as in K-SVD practice: this is what gets K-SVD out of the local
-    minima where one atom mixes two true ones.
+    Each iteration: sparse-code every column with batched OMP, then update the atoms one after the
+    other: atom j and its coefficients become the rank-1 approximation of the residual restricted to
+    the columns that use j, computed by power iteration warm-started from the current (atom,
+    coefficients) — every step of it is an exact alternating least-squares step, so an update never
+    increases the error; it runs until σ settles (the approximate K-SVD's single step recovers
+    markedly fewer atoms). Between iterations, atoms that are unused, rarely used or duplicates of
+    another atom are re-seeded with the worst-approximated signals (normalized), as in K-SVD
+    practice: this is what gets K-SVD out of the local minima where one atom mixes two true ones.
+
+    ``dtype`` (default the signals' dtype) is the precision of both stages; the SVD initialization
+    runs in the signals' dtype and the dictionary is returned in it. Re-seeding can raise the error,
+    so the iteration with the lowest error is returned (``best``). ``tolerance`` > 0 stops early
+    when an iteration lowers the relative error by less than ``tolerance`` times its previous value.
     """
-    x = signals
-    dictionary = _normalize(init.clone()) if init is not None else initial_dictionary(x, n_atoms, seed)
-    code_dtype = code_dtype or x.dtype
-    x_norm = x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+    dtype = dtype or signals.dtype
+    start = _normalize(init.clone()) if init is not None else initial_dictionary(signals, n_atoms, seed)
+    dictionary = start.to(dtype)
+    x = signals.to(dtype)
+    x_norm = x.norm().clamp_min(torch.finfo(dtype).tiny)
     result = KSVDResult(dictionary, torch.empty(0), torch.empty(0))
     for iteration in range(iterations):
-        d_code = dictionary.to(code_dtype)
-        indices, values = batched_omp(d_code.T @ d_code, d_code.T @ x.to(code_dtype), sparsity)
-        codes = dense_codes(indices, values.to(x.dtype), n_atoms)
+        indices, values = batched_omp(dictionary.T @ dictionary, dictionary.T @ x, sparsity)
+        codes = dense_codes(indices, values, n_atoms)
         residual = x - dictionary @ codes
         unused = _update_atoms(dictionary, codes, residual, power_steps)
-        result.errors.append((residual.norm() / x_norm).item())
-        result.indices, result.values = indices, codes.gather(0, indices)
-        if iteration + 1 < iterations:   # a re-seeded atom needs a new sparse coding to be used
-            replace = unused + _rarely_used(codes) + _duplicates(dictionary)
-            result.reseeded += _reseed(dictionary, x, residual, replace)
-    result.dictionary = dictionary
+        error = (residual.norm() / x_norm).item()
+        result.errors.append(error)
+        if iteration == 0 or error < result.errors[result.best]:
+            result.best = iteration
+            result.dictionary, result.indices, result.values = dictionary.clone(), indices, codes.gather(0, indices)
+        if iteration + 1 == iterations:
+            break
+        if tolerance > 0 and iteration and result.errors[-2] - error <= tolerance * result.errors[-2]:
+            result.stopped_early = True
+            break
+        # a re-seeded atom needs a new sparse coding to be used (none after the last iteration, so
+        # every stored index points at the atom it was coded with)
+        replace = unused + _rarely_used(codes) + _duplicates(dictionary)
+        result.reseeded += _reseed(dictionary, x, residual, replace)
+    result.dictionary = result.dictionary.to(signals.dtype)
+    result.values = result.values.to(signals.dtype)
     return result
 
 
@@ -304,3 +333,40 @@ def sparsity_budget(d_in: int, d_out: int, ratio: float, rho: float, group: int,
     budget = (1.0 - ratio) * d_in * d_out
     per_s = rho * d_in / group + d_out * (1.0 + index_cost)
     return max(1, math.floor(budget / per_s))
+
+
+def orthogonal_dictionary(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int,
+                          tolerance: float = 0.0) -> KSVDResult:
+    """Sparse coding over an orthonormal dictionary (DᵀD = I, k ≤ n), both steps in closed form (COMPOT).
+
+    With orthonormal atoms, ‖x − D·c‖² = ‖x‖² − ‖Dᵀx‖² + ‖Dᵀx − c‖², so the best s-sparse code of a
+    column is its s largest projections (hard thresholding, exactly what OMP returns on such a D),
+    and for fixed codes S the best orthonormal D is the orthogonal Procrustes solution U·Vᵀ of
+    X·Sᵀ = U·Σ·Vᵀ. Each step minimizes the error exactly over its block, so the error never rises.
+    Starts from the k leading left singular vectors of X; ``tolerance`` as in ``ksvd``.
+    """
+    n = signals.shape[0]
+    if n_atoms > n:
+        raise ValueError(f"an orthonormal dictionary has at most n = {n} atoms, asked for {n_atoms}")
+    x = signals
+    dictionary = torch.linalg.svd(x, full_matrices=False)[0][:, :n_atoms]
+    energy = x.square().sum().clamp_min(torch.finfo(x.dtype).tiny)
+    result = KSVDResult(dictionary, torch.empty(0), torch.empty(0))
+    projections = dictionary.T @ x
+    for iteration in range(iterations):
+        indices = projections.abs().topk(sparsity, dim=0).indices
+        codes = dense_codes(indices, projections.gather(0, indices), n_atoms)
+        u, _, vh = torch.linalg.svd(x @ codes.T, full_matrices=False)
+        dictionary = u @ vh
+        projections = dictionary.T @ x
+        result.indices = indices
+        result.dictionary = dictionary
+        result.values = projections.gather(0, indices)
+        # orthonormal atoms, values = projections: ‖x − D_I·v‖² = ‖x‖² − ‖v‖²
+        result.errors.append(((energy - result.values.square().sum()).clamp_min(0.0) / energy).sqrt().item())
+        result.best = iteration
+        if (tolerance > 0 and iteration and iteration + 1 < iterations
+                and result.errors[-2] - result.errors[-1] <= tolerance * result.errors[-2]):
+            result.stopped_early = True
+            break
+    return result

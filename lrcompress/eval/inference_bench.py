@@ -62,19 +62,9 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 def _inference_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Tensors that ``prepare_inference`` built (plain attributes, outside the state dict)."""
-    found = []
-    for module in model.modules():
-        if not isinstance(module, CompressedModule):
-            continue
-        prepared = getattr(module, "_inference", None)
-        if isinstance(prepared, torch.Tensor):
-            found.append(prepared)
-        elif prepared is not None:
-            found.extend(t for t in vars(prepared).values() if isinstance(t, torch.Tensor))
-            for plane in getattr(prepared, "planes", []):
-                found.extend(plane)
-    return found
+    """Tensors that ``prepare_inference`` built (outside the state dict)."""
+    return [t for module in model.modules() if isinstance(module, CompressedModule)
+            for t in module.inference_tensors()]
 
 
 def _timed(pass_: Callable[[], Any]) -> tuple[float, int | None]:

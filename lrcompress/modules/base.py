@@ -46,6 +46,10 @@ class CompressedModule(nn.Module):
         """Build once, after loading, whatever layout makes the forward fast (a packed kernel weight).
         Nothing by default; called on every compressed module by :func:`prepare_for_inference`."""
 
+    def inference_tensors(self) -> list[torch.Tensor]:
+        """The tensors :meth:`prepare_inference` built (outside the state dict), for memory accounting."""
+        return []
+
     @classmethod
     def describe_shape(cls, spec: dict[str, Any]) -> str:
         """The shape a spec describes, for people (``inspect``): out × in for a linear."""
@@ -105,6 +109,16 @@ def compressed_modules(model: nn.Module) -> list[tuple[str, CompressedModule]]:
         if isinstance(module, CompressedModule) and not any(name.startswith(p + ".") for p, _ in found):
             found.append((name, module))
     return found
+
+
+def column_major(weight: torch.Tensor) -> None:
+    """Store a CPU (out × in) weight column-major, in place: same shape and values, its transpose is now
+    the contiguous tensor. ``F.linear(x, weight)`` is x·weightᵀ, and at one decode token the BLAS reads a
+    contiguous right operand (x·B, row by row) at a higher bandwidth than a transposed one (rows of W
+    dotted with x): 1.35× for SmolLM2's dense linears streamed from memory (bench/RESULTS.md). No extra
+    memory: the old storage is released. Writers copy tensors contiguous, so checkpoints do not change."""
+    if weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous():
+        weight.data = weight.data.t().contiguous().t()
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:

@@ -3,27 +3,34 @@
 ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero)`` (torch ≥ 2.5) computes
 x·Wᵀ with W[n, k] = (c[n, k] − 8)·scale[g, n] + zero[g, n] for 4-bit codes c packed two per byte by
 ``_convert_weight_to_int4pack_for_cpu``. Its constraints (checked in torch 2.13): group ∈ {32, 64,
-128, 256}, K divisible by the group, N divisible by 16, and x, scale and zero in one float dtype.
-Measured on this project's AVX-512 CPU at batch 1 (bench/RESULTS.md): with **bfloat16** activations it
-takes about half the time of a dense float32 ``F.linear``; with float32 or float16 activations it
-falls back to scalar code, 100–400× slower. So the activations are rounded to bfloat16 for the kernel
-and the output is cast back — the one numerical difference from the dequantized reference
-(``QuantizedLinear.dense_weight``): relative output error ≈ 2⁻⁸ (bfloat16 rounding of x, of the
-scales and of the kernel's output), small beside the quantization error itself.
+128, 256}, K divisible by the group, N divisible by 16, and x, scale and zero in one float dtype. It
+dequantizes each weight in float32 and accumulates in float32; only its inputs and its output are
+rounded to that dtype. Measured on this project's AVX-512 CPU at batch 1 (bench/RESULTS.md): with
+**bfloat16** activations it takes about half the time of a dense float32 ``F.linear``; with float32 or
+float16 activations it falls back to scalar code, 100–400× slower. So the activations are rounded to
+bfloat16 for the kernel and the output is cast back — with the bfloat16 rounding of the scales, the
+one numerical difference from the dequantized reference (``QuantizedLinear.dense_weight``): relative
+output error ≈ 2⁻⁸, small beside the quantization error itself.
 
 How lrcompress's codes map on the kernel (asymmetric codes of 1–8 bits, groups along the inputs in
 the stored column order, an optional act-order permutation of the inputs):
 
 - codes of ≤ 4 bits are one 4-bit plane with scale s and zero (8 − z)·s (|8 − z| ≤ 15 keeps the
   bfloat16 rounding of the zero at most ~0.03 of a quantization step);
-- codes of 5–8 bits are first centred as 8-bit codes, c' = c + 128 − 2^(bits−1) (so that each plane
-  straddles the kernel's −8 and its bfloat16 partial sums do not cancel), then split into two planes,
-  c' = 16·hi + lo, with scales 16·s and s and zero 0; the remaining offset (136 − z')·s — too large to
-  round to bfloat16 — is added in float32 from the per-group sums of x: y += Σ_g (Σ_{k∈g} x_k)·(136 − z'_g)·s_g;
-- a group size the kernel lacks is split into kernel groups that divide it (96 → 3 × 32); sizes that
-  no kernel group divides (16, 100) cannot use the kernel (:func:`kernel_group` is None);
-- a ragged last group, K not a multiple of the group, N not a multiple of 16: codes are padded
-  (zero scale), x is padded with zeros, the extra outputs are cut off;
+- codes of 5–8 bits are first centred as 8-bit codes, c' = c + 128 − 2^(bits−1), then split into two
+  planes, c' = 16·hi + lo, laid side by side along the inputs (K' = 2K) and multiplied in **one**
+  kernel call by x repeated twice, [x, x]: scales 16·s (hi) and s (lo). The kernel adds each plane's
+  zero to every weight of its group, so the two planes' zeros must sum to (136 − z')·s — a number too
+  large to round to bfloat16 (up to ~0.3 of a step off); it is stored as a two-term bfloat16
+  expansion, zero_hi = bf16((136 − z')·s) and zero_lo = bf16((136 − z')·s − zero_hi), which the
+  kernel adds in float32 (error ≈ 2⁻¹⁷ of the offset);
+- the kernel group: the largest of {256, 128, 64, 32} that divides the group size *and* the number
+  of inputs when there is one (group 128 over 576 inputs runs as kernel groups of 64, so x needs no
+  padding: a pad costs as much as a quarter of the kernel call at batch 1), else the largest that
+  divides the group size (96 → 3 × 32); sizes that no kernel group divides (16, 100) cannot use the
+  kernel (:func:`kernel_group` is None);
+- K not a multiple of the kernel group, N not a multiple of 16: codes are padded (zero scale), x is
+  padded with zeros, the extra outputs are cut off;
 - act order: x is permuted into the stored column order first.
 """
 from __future__ import annotations
@@ -43,47 +50,53 @@ def int4_kernel_available() -> bool:
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
 
 
-def kernel_group(group_size: int) -> int | None:
-    """The largest kernel group size dividing ``group_size`` (None if there is none)."""
-    return next((g for g in KERNEL_GROUPS if group_size % g == 0), None)
+def kernel_group(group_size: int, in_features: int | None = None) -> int | None:
+    """The kernel group for ``group_size``: the largest kernel group dividing it and, where one
+    does, also ``in_features`` (no padding of x); None if no kernel group divides ``group_size``."""
+    dividing = [g for g in KERNEL_GROUPS if group_size % g == 0]
+    if in_features is not None:
+        unpadded = [g for g in dividing if in_features % g == 0]
+        dividing = unpadded or dividing
+    return dividing[0] if dividing else None
 
 
 class PackedInt4Weight:
-    """A QuantizedLinear's weight in the int4 kernel's layout (one or two 4-bit planes)."""
+    """A QuantizedLinear's weight in the int4 kernel's layout (one 4-bit plane, or two side by side)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  group_size: int, perm: torch.Tensor | None) -> None:
         """``codes`` (N × K, stored order), ``scales`` and ``zeros`` (N × groups), ``perm`` or None."""
-        group = kernel_group(group_size)
+        self.out_features, self.in_features = codes.shape
+        group = kernel_group(group_size, self.in_features)
         if group is None:
             raise ValueError(f"group size {group_size} has no kernel group among {KERNEL_GROUPS}")
-        self.out_features, self.in_features = codes.shape
-        groups = scales.shape[1]
-        self.padded_in = groups * group_size
-        self.padded_out = math.ceil(self.out_features / N_MULTIPLE) * N_MULTIPLE
         self.group = group
+        self.padded_in = math.ceil(self.in_features / group) * group
+        self.padded_out = math.ceil(self.out_features / N_MULTIPLE) * N_MULTIPLE
         self.perm = None if perm is None else perm.long()
-        repeat = group_size // group
-        scale = _pad_rows(scales.to(torch.float32), self.padded_out).repeat_interleave(repeat, dim=1)
-        zero = _pad_rows(zeros.to(torch.float32), self.padded_out).repeat_interleave(repeat, dim=1)
+        kernel_groups = self.padded_in // group
+        # the stored group of every kernel group (kernel groups never straddle a stored group)
+        stored = torch.arange(kernel_groups) * group // group_size
+        scale = _pad_rows(scales.to(torch.float32), self.padded_out)[:, stored]
+        zero = _pad_rows(zeros.to(torch.float32), self.padded_out)[:, stored]
         codes = F.pad(codes.to(torch.int32), (0, self.padded_in - self.in_features, 0,
                                               self.padded_out - self.out_features))
-        if bits <= 4:
-            planes = [(codes, scale, (8 - zero) * scale)]
-            self.offset = None
+        self.two_planes = bits > 4
+        if not self.two_planes:
+            zero_point = (8 - zero) * scale
         else:
-            # centred as 8-bit codes (c + shift), so that both planes straddle the kernel's −8
-            shift = 128 - 2 ** (bits - 1)
-            codes = codes + shift
-            zero_planes = torch.zeros_like(scale)
-            planes = [(codes >> 4, 16 * scale, zero_planes), (codes & 15, scale, zero_planes)]
-            # per original group: (136 − z − shift)·s, as (groups × N) for x's per-group sums
-            offset = (136 - shift - zeros.to(torch.float32)) * scales.to(torch.float32)
-            self.offset = offset.T.contiguous()
-            self.offset_group = group_size
-        self.planes = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(plane, 1),
-                        torch.stack([s.T, z.T], dim=-1).to(KERNEL_DTYPE).contiguous())
-                       for plane, s, z in planes]
+            codes = codes + (128 - 2 ** (bits - 1))          # centred as 8-bit codes c'
+            offset = (136 - 128 + 2 ** (bits - 1) - zero) * scale
+            zero_hi = offset.to(KERNEL_DTYPE).to(torch.float32)
+            codes = torch.cat([codes >> 4, codes & 15], dim=1)
+            scale = torch.cat([16 * scale, scale], dim=1)
+            zero_point = torch.cat([zero_hi, offset - zero_hi], dim=1)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.scale_zero = torch.stack([scale.T, zero_point.T], dim=-1).to(KERNEL_DTYPE).contiguous()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What this layout holds (for memory accounting)."""
+        return [t for t in (self.packed, self.scale_zero, self.perm) if t is not None]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (… × in) → x·Wᵀ (… × out) in x's dtype."""
@@ -94,15 +107,12 @@ class PackedInt4Weight:
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         low = x.to(KERNEL_DTYPE)
-        y = None
-        for packed, scale_zero in self.planes:     # planes are summed in float32, not bfloat16
-            part = torch.ops.aten._weight_int4pack_mm_for_cpu(low, packed, self.group, scale_zero).to(x.dtype)
-            y = part if y is None else y + part
-        y = y[:, : self.out_features]
-        if self.offset is not None:
-            sums = x.view(x.shape[0], -1, self.offset_group).sum(dim=-1, dtype=torch.float32)
-            y = y + (sums @ self.offset).to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        if self.two_planes:
+            low = torch.cat([low, low], dim=1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(low, self.packed, self.group, self.scale_zero)
+        if self.padded_out != self.out_features:
+            y = y[:, : self.out_features]
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -1,12 +1,25 @@
-"""LowRankLinear: y = B·(A·x) + b, the module of every low-rank compressor."""
+"""LowRankLinear: y = B·(A·x) + b, the module of every low-rank compressor.
+
+Inference (batch-1 decode on CPU, measured in bench/RESULTS.md): the forward calls ``F.linear``
+on the two factors directly, not the two ``nn.Linear`` submodules — a module call costs a few µs of
+Python, as much as the whole product of a small factor at one token. When the factors hold at least
+as many values as the dense weight, r·(in + out) ≥ in·out, the two thin products cannot be cheaper
+than one dense one, and the dense product B·A takes no more memory than the factors:
+:meth:`LowRankLinear.prepare_inference` then builds it once and the forward is one matmul. Below
+that size the factored form is kept (the size-honest rule: inference never holds more than the
+factors' size in extra memory for a module whose point is to be smaller). Either way the weights are
+stored column-major (:func:`~lrcompress.modules.base.column_major`), the layout the BLAS streams fastest
+at one token.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import CompressedLinear, register_module_kind
+from .base import CompressedLinear, column_major, register_module_kind
 
 
 @register_module_kind
@@ -25,6 +38,7 @@ class LowRankLinear(CompressedLinear):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+        self._product: torch.Tensor | None = None     # B·A, built by prepare_inference when not larger
 
     @classmethod
     def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None,
@@ -45,7 +59,25 @@ class LowRankLinear(CompressedLinear):
         return self.up.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        if self._product is not None and not x.requires_grad:
+            return F.linear(x, self._product.to(x.dtype), self.up.bias)
+        return F.linear(F.linear(x, self.down.weight), self.up.weight, self.up.bias)
+
+    def dense_is_not_larger(self) -> bool:
+        """Whether the factors hold at least as many values as the dense weight."""
+        return self.rank * (self.in_features + self.out_features) >= self.in_features * self.out_features
+
+    def prepare_inference(self) -> None:
+        self._product = None
+        if self.dense_is_not_larger():
+            self._product = self.dense_weight().detach()
+            column_major(self._product)
+        else:
+            column_major(self.down.weight)
+            column_major(self.up.weight)
+
+    def inference_tensors(self) -> list[torch.Tensor]:
+        return [] if self._product is None else [self._product]
 
     def dense_weight(self) -> torch.Tensor:
         return self.up.weight @ self.down.weight

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CompressedLinear, register_module_kind
+from .base import CompressedLinear, column_major, register_module_kind
 from .cpu_kernels import PackedInt4Weight, int4_kernel_available, kernel_group
 from .packing import pack_codes, packed_bytes, unpack_codes
 
@@ -116,11 +116,18 @@ class QuantizedLinear(CompressedLinear):
         group size the kernel cannot express, dequantized (as fast as dense, as large as dense)."""
         if self.qweight.device.type != "cpu":
             self._inference = None
-        elif int4_kernel_available() and kernel_group(self.group_size) is not None:
+        elif int4_kernel_available() and kernel_group(self.group_size, self.in_features) is not None:
             self._inference = PackedInt4Weight(self.codes(torch.int32), self.scale_values(), self.zeros, self.bits,
                                                self.group_size, self.perm)
         else:
             self._inference = self.dense_weight().detach()
+            column_major(self._inference)
+
+    def inference_tensors(self) -> list[torch.Tensor]:
+        prepared = self._inference
+        if prepared is None:
+            return []
+        return [prepared] if isinstance(prepared, torch.Tensor) else prepared.tensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -11,6 +11,15 @@ buffer unpacked once, when the module is built or loaded, never per call. Checkp
 the packed layout (spec without ``index_bits``, an int16/int32 ``indices`` tensor) still load: the
 tensor is packed on the way in.
 
+Inference on CPU: :meth:`SparseDictLinear.prepare_inference` (run by ``lrcompress.load`` and
+``from_pretrained``) builds the coefficient matrix S once as a dense k × out matrix, and the forward is
+two GEMMs, (x·D)·S. Measured at batch 1 on this project's CPU (bench/RESULTS.md), that is the fastest
+layout torch offers here: the per-call scatter it replaces cost 3–4× the dense linear, a CSR S
+(int32 indices, MKL) 1.3–3× the dense-S product, the gather form more. Its price is memory: k·out
+values instead of s·out values and indices (2× the values at k = 2s), so the module in memory is about
+the size of the dense weight (in·k + k·out against in·out; the checkpoint keeps the compressed size).
+On CUDA the Triton gather kernel runs on the fixed-nnz layout and nothing is built.
+
 A dictionary may be shared by several modules (CoSpaDi's per-group mode): they hold the same
 Parameter, the checkpoint stores it once (an alias in the "tied" list), and each module's
 ``stored_params`` is charged its share of the dictionary so that the shares add up exactly.
@@ -94,6 +103,7 @@ class SparseDictLinear(CompressedLinear):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        self._coefficients: torch.Tensor | None = None     # dense S, built by prepare_inference (CPU)
 
     @classmethod
     def from_code(cls, dictionary: nn.Parameter | torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
@@ -134,8 +144,20 @@ class SparseDictLinear(CompressedLinear):
                              index_dtype_for(self.atoms))
         self.indices = codes.view(self.sparsity, self.out_features)
 
+    def prepare_inference(self) -> None:
+        on_cpu = self.values.device.type == "cpu"
+        self._coefficients = self.coefficients().detach() if on_cpu else None
+
+    def inference_tensors(self) -> list[torch.Tensor]:
+        return [] if self._coefficients is None else [self._coefficients]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = triton_kernels.sparse_dict_matmul(x @ self.dictionary, self.indices, self.values)
+        z = x @ self.dictionary
+        prepared = self._coefficients
+        if prepared is not None and x.device.type == "cpu" and not x.requires_grad:
+            y = z @ prepared.to(z.dtype)
+        else:
+            y = triton_kernels.sparse_dict_matmul(z, self.indices, self.values)
         return y + self.bias if self.bias is not None else y
 
     def coefficients(self) -> torch.Tensor:

@@ -55,6 +55,7 @@ from .journal import MemoryJournal, SegmentJournal
 from .observer import PipelineObserver, PlannedWork
 from .oom import naming_out_of_memory
 from .prepass import is_prepass_kind
+from .passes import input_groups
 from .records import ModuleRecord
 from .reference import ReferenceStream, check_target
 from .settings import PipelineSettings, Stage
@@ -177,14 +178,18 @@ class LayerwisePipeline:
             x = inputs
             for number, group in enumerate(groups):
                 last_group = number + 1 == len(groups)
-                group_inputs, collected = x, {}
-                for position, i in enumerate(group):
-                    keep = position + 1 < len(group) or not last_group or first_pass
-                    layer_originals = {n: originals[(i, n)] for n in plans[(stage.index, i)]}
-                    collected[i], outputs = self._collect(i, layers[i], plans[(stage.index, i)], self._needs(stage),
-                                                          x, keep, layer_originals)
-                    x = outputs if outputs is not None else x
-                records.extend(self._compress_group(stage, group, layers, prefixes, plans, collected, originals))
+                group_inputs, group_outputs = x, None
+                for step, plan in enumerate(self._passes(stage, group, layers, plans, group_inputs)):
+                    x, collected = group_inputs, {}
+                    for position, i in enumerate(group):
+                        keep = position + 1 < len(group) or (step == 0 and (not last_group or first_pass))
+                        layer_originals = {n: originals[(i, n)] for n in plan[(stage.index, i)]}
+                        collected[i], outputs = self._collect(i, layers[i], plan[(stage.index, i)],
+                                                              self._needs(stage), x, keep, layer_originals)
+                        x = outputs if outputs is not None else x
+                    group_outputs = x if step == 0 else group_outputs    # the first pass sees the intact layer
+                    records.extend(self._compress_group(stage, group, layers, prefixes, plan, collected, originals))
+                x = group_outputs
                 if self.settings.sequential and not last_group:     # the next group sees this one compressed
                     x = group_inputs
                     for i in group:
@@ -192,6 +197,17 @@ class LayerwisePipeline:
             if first_pass:
                 uncompressed_outputs = x
         return records, uncompressed_outputs
+
+    def _passes(self, stage: Stage, group: list[int], layers, plans: dict, inputs: LayerInputs) -> list[dict]:
+        """The statistics passes of a stage over a group: one (every target at once) by default; with
+        ``true_sequential``, one per set of targets sharing an input (``pipeline.passes``), for stages that
+        compress one layer at a time."""
+        names = plans[(stage.index, group[0])]
+        linears = stage.kind.matches_outputs      # module targets (a block stage replaces whole blocks)
+        if len(group) > 1 or len(names) < 2 or not linears or not self.settings.passes_within_layer:
+            return [plans]
+        i = group[0]
+        return [{(stage.index, i): subset} for subset in input_groups(layers[i], names, inputs, self.settings.compute)]
 
     def _compress_group(self, stage: Stage, group: list[int], layers, prefixes: dict[int, str],
                         plans: dict, collected: dict, originals: dict) -> list[ModuleRecord]:

@@ -56,6 +56,8 @@ class OutputMatchingReport:
     layer_copy_bytes: int
     ignored_stages: list[int] = field(default_factory=list)
     target: str = "original"
+    blend: float = 1.0                    # target_blend α
+    true_sequential: bool = True          # one statistics pass per input within a layer
 
 
 def check_target(stages: list[Stage], settings: PipelineSettings) -> None:
@@ -63,6 +65,8 @@ def check_target(stages: list[Stage], settings: PipelineSettings) -> None:
     if settings.target not in TARGETS:
         raise LrcompressError(f"runtime.target must be one of {', '.join(TARGETS)}, got {settings.target!r}")
     if settings.target == "layer":
+        if settings.target_blend != 1.0:
+            raise LrcompressError("runtime.target_blend applies to runtime.target: original only")
         return
     if not settings.sequential:
         raise LrcompressError("runtime.target: original needs runtime.sequential: true (without propagation every "
@@ -198,10 +202,11 @@ class ReferenceStream:
         targeted = []
         for member, original in zip(members, originals):
             weight = dense_weight(original).detach()
-            target, path = matched_weight(weight, gram_of(member.stats).gram(member.name),
-                                          _cross(member.stats).cross(member.name), self.settings.target_damping,
-                                          member.name)
-            self.targets[member.name] = (target, path)
+            matched, path = matched_weight(weight, gram_of(member.stats).gram(member.name),
+                                           _cross(member.stats).cross(member.name), self.settings.target_damping,
+                                           member.name)
+            self.targets[member.name] = (matched, path)     # the floor, whatever fraction of it is chased
+            target = blended_target(weight, matched, self.settings.target_blend)
             stats = dict(member.stats)
             if "original_weight" in stats:
                 stats["original_weight"] = OriginalWeight(target)
@@ -230,7 +235,9 @@ class ReferenceStream:
         return error, details
 
     def report(self) -> OutputMatchingReport:
-        return OutputMatchingReport(damping=self.settings.target_damping, extra_seconds=round(self.seconds, 3),
+        return OutputMatchingReport(damping=self.settings.target_damping, blend=self.settings.target_blend,
+                                    true_sequential=self.settings.passes_within_layer,
+                                    extra_seconds=round(self.seconds, 3),
                                     reference_forwards=self.forwards,
                                     peak_reference_activation_bytes=self.peak_activation_bytes,
                                     peak_cross_gram_bytes_per_layer=self.peak_statistic_bytes,
@@ -239,6 +246,19 @@ class ReferenceStream:
     def _measure(self) -> None:
         size = sum(t.numel() * t.element_size() for inputs in self.inputs.values() for t in inputs.hidden)
         self.peak_activation_bytes = max(self.peak_activation_bytes, size)
+
+
+def blended_target(weight: torch.Tensor, matched: torch.Tensor, blend: float) -> torch.Tensor:
+    """T = W + α·(W* − W): the fraction α of the output-matching correction (``runtime.target_blend``).
+
+    Fitting T in the metric X̂ᵀX̂ fits the outputs (1 − α)·X̂Wᵀ + α·XWᵀ (the part of XWᵀ outside the span of
+    X̂ is out of every weight's reach), so α = 1 is the full objective, α = 0 the layer-wise one. GPTAQ's
+    implementation scales its asymmetric correction the same way (α = 0.25 by default) and QEP calls it the
+    propagation strength; docs/output-matching.md says why the full correction hurts low rank."""
+    if blend == 1.0:
+        return matched
+    w = weight.to(matched)
+    return w + blend * (matched - w)
 
 
 def _cross(stats) -> CrossGramStatistic:

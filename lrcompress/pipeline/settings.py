@@ -81,10 +81,19 @@ class PipelineSettings:
     # classic layer-wise objective) or "original" (the uncompressed model's outputs; pipeline.reference).
     target: str = "layer"
     target_damping: float = 1e-2          # λ of the ridge toward W in the output-matching target W*
+    target_blend: float = 1.0             # α: the fraction of the correction W* − W applied (T = W + α(W* − W))
+    # One statistics pass per set of targets sharing an input within a layer (pipeline.passes); None:
+    # on exactly when target is "original" (where fitting stale inputs hurts most).
+    true_sequential: bool | None = None
+
+    @property
+    def passes_within_layer(self) -> bool:
+        return self.true_sequential if self.true_sequential is not None else self.target == "original"
 
     @classmethod
     def from_runtime(cls, runtime: "RuntimeSpec", collective: Collective, num_samples: int) -> "PipelineSettings":
         """The recipe's ``runtime`` section, with the devices placed for this process."""
         return cls(runtime.batch_size, collective.place(resolve_device(runtime.device)),
                    collective.place(torch.device(runtime.offload_device)), runtime.sequential, collective,
-                   num_samples, target=runtime.target, target_damping=runtime.target_damping)
+                   num_samples, target=runtime.target, target_damping=runtime.target_damping,
+                   target_blend=runtime.target_blend, true_sequential=runtime.true_sequential)

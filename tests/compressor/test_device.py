@@ -29,6 +29,7 @@ CASES: dict[str, list[tuple[str, dict, list[str]]]] = {
     "whiten": [("whiten", {"ratio": 0.3}, LINEAR)],
     "lord": [("lord", {"ratio": 0.3}, LINEAR)],
     "cospadi": [("cospadi", {"ratio": 0.3, "iterations": 2}, LINEAR)],
+    "compot": [("compot", {"ratio": 0.3, "iterations": 2}, LINEAR)],
     "rtn": [("rtn", {"bits": 4, "group_size": 32}, LINEAR)],
     "gptq": [("gptq", {"bits": 4, "group_size": 32}, LINEAR)],
     "prune": [("prune", {"sparsity": 0.5}, LINEAR)],

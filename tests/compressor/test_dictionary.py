@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lrcompress.compressor.dictionary import (_omp_chunk, _omp_chunk_gram_schmidt, batched_omp, dense_codes, ksvd,
+                                              orthogonal_dictionary,
                                               refit_values, sparsity_budget,
                                               update_atom)
 
@@ -149,3 +150,90 @@ def test_the_gram_schmidt_pursuit_equals_the_step_kernel_form(dtype):
     for idx, val in (fast, step):
         assert torch.allclose(dense_codes(idx[:, :10], val[:, :10], 40), dense_codes(step[0][:, :10], step[1][:, :10], 40),
                               atol=tol)
+
+
+def test_pursuit_and_refit_give_the_same_answer_in_chunks_of_any_size(monkeypatch):
+    """Chunking the columns (sized to fit the cache) must not change a single pick or value."""
+    import lrcompress.compressor.dictionary as dictionary
+
+    g = torch.Generator().manual_seed(6)
+    d = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    d /= d.norm(dim=0)
+    x = torch.randn(16, 37, generator=g, dtype=torch.float64)
+    whole = batched_omp(d.T @ d, d.T @ x, 6)
+    refit = refit_values(d.T @ d, d.T @ x, whole[0])[0]
+    monkeypatch.setattr(dictionary, "GS_CHUNK_BYTES", 6 * 24 * 8 * 5)           # 5 columns a chunk
+    monkeypatch.setattr(dictionary, "REFIT_CHUNK_BYTES", 6 * 6 * 8 * 3)         # 3 columns a chunk
+    chunked = batched_omp(d.T @ d, d.T @ x, 6)
+    assert torch.equal(whole[0], chunked[0]) and torch.allclose(whole[1], chunked[1], atol=1e-12, rtol=0)
+    assert torch.allclose(refit_values(d.T @ d, d.T @ x, whole[0])[0], refit, atol=1e-12, rtol=0)
+    assert torch.allclose(refit, whole[1], atol=1e-9)      # same dictionary: the refit is OMP's own least squares
+
+
+def test_ksvd_returns_its_best_iteration_consistently():
+    """The returned dictionary, indices and values are one iteration's, and the one with the least error."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(20, 90, generator=g, dtype=torch.float64)
+    result = ksvd(x, 30, 5, iterations=6)
+    assert len(result.errors) == 6 and not result.stopped_early
+    assert result.errors[result.best] == min(result.errors)
+    approx = result.dictionary @ dense_codes(result.indices, result.values, 30)
+    assert abs((x - approx).norm().item() / x.norm().item() - result.errors[result.best]) < 1e-12
+
+
+def test_ksvd_stops_when_the_error_stops_improving_by_the_tolerance():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(20, 90, generator=g, dtype=torch.float64)
+    full = ksvd(x, 30, 5, iterations=6)
+    gains = [(a - b) / a for a, b in zip(full.errors, full.errors[1:])]
+    tolerance = (gains[0] + gains[1]) / 2 if gains[1] < gains[0] else gains[0] * 2     # between the two first gains
+    early = ksvd(x, 30, 5, iterations=6, tolerance=tolerance)
+    stop = next(i for i, gain in enumerate(gains) if gain <= tolerance) + 2   # iterations run when it stops
+    assert early.stopped_early and early.errors == full.errors[:stop]
+
+
+def test_ksvd_in_float32_tracks_float64():
+    """float32 sparse coding and atom updates: the same K-SVD up to round-off (the error within 0.1%; a
+    near-tie in the greedy pick can go the other way, so not bit for bit)."""
+    d0, s0 = synthetic(n=32, k=24, s=3, cols=150, seed=4)
+    x = d0 @ s0 + 0.05 * torch.randn(32, 150, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    double = ksvd(x, 24, 3, iterations=3)
+    single = ksvd(x, 24, 3, iterations=3, dtype=torch.float32)
+    assert single.dictionary.dtype == torch.float64 and single.values.dtype == torch.float64
+    assert torch.allclose(torch.tensor(single.errors), torch.tensor(double.errors), rtol=1e-3, atol=0)
+
+
+def test_an_orthonormal_dictionary_in_float32_still_skips_the_pursuit(monkeypatch):
+    """K-SVD's SVD start is orthonormal in float64; cast to float32 it must still take the top-s shortcut."""
+    import lrcompress.compressor.dictionary as dictionary
+
+    q, _ = torch.linalg.qr(torch.randn(40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(10)))
+    x = torch.randn(40, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    monkeypatch.setattr(dictionary, "_omp_chunk_gram_schmidt", None)      # any call to the pursuit fails
+    q32, x32 = q.float(), x.float()
+    indices, values = batched_omp(q32.T @ q32, q32.T @ x32, 6)
+    assert torch.equal(indices, (q.T @ x).abs().topk(6, dim=0).indices)
+
+
+def test_orthogonal_dictionary_alternates_two_exact_minimizers():
+    """Orthonormal atoms, top-s codes, least-squares values and an error that never rises."""
+    g = torch.Generator().manual_seed(12)
+    basis, _ = torch.linalg.qr(torch.randn(30, 20, generator=g, dtype=torch.float64))
+    codes = torch.zeros(20, 200, dtype=torch.float64)
+    for j in range(200):
+        codes[torch.randperm(20, generator=g)[:4], j] = 1 + torch.rand(4, generator=g, dtype=torch.float64)
+    x = basis @ codes + 0.3 * torch.randn(30, 200, generator=g, dtype=torch.float64)
+    result = orthogonal_dictionary(x, 20, 4, iterations=8)
+    d = result.dictionary
+    assert torch.allclose(d.T @ d, torch.eye(20, dtype=torch.float64), atol=1e-12)
+    assert all(b <= a + 1e-12 for a, b in zip(result.errors, result.errors[1:]))
+    projections = d.T @ x                           # for orthonormal atoms, least squares on a support
+    assert torch.allclose(result.values, projections.gather(0, result.indices))
+    approx = d @ dense_codes(result.indices, result.values, 20)
+    assert abs((x - approx).norm().item() / x.norm().item() - result.errors[-1]) < 1e-12
+    first = torch.linalg.svd(x, full_matrices=False)[0][:, :20]   # the first code: top-4 projections on the start
+    one = orthogonal_dictionary(x, 20, 4, iterations=1)
+    assert torch.equal(one.indices.sort(dim=0).values, (first.T @ x).abs().topk(4, dim=0).indices.sort(dim=0).values)
+    assert result.errors[-1] < 0.95 * result.errors[0]
+    with pytest.raises(ValueError, match="at most n"):
+        orthogonal_dictionary(x, 31, 4, iterations=1)

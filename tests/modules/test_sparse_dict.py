@@ -90,3 +90,21 @@ def test_a_checkpoint_of_the_unpacked_layout_still_loads():
 def test_dictionary_shares_add_up_and_are_even():
     shares = dictionary_shares(7, 5, 3)
     assert sum(shares) == 35 and max(shares) - min(shares) <= 1
+
+
+def test_inference_layout_is_built_once_and_computes_the_same():
+    """prepare_inference builds S densely once (not per call, not in the state dict); same outputs."""
+    from lrcompress.modules import prepare_for_inference
+
+    module = random_module()
+    x = torch.randn(2, 5, 13)
+    keys = set(module.state_dict())
+    with torch.no_grad():
+        reference = module(x)
+        prepare_for_inference(module)
+        assert module.inference_tensors()[0].shape == (9, 11)
+        torch.testing.assert_close(module(x), reference, rtol=1e-5, atol=1e-5)
+    assert set(module.state_dict()) == keys
+    x.requires_grad_(True)                       # training takes the reference path on the live values
+    module(x).sum().backward()
+    assert module.values.grad is not None

@@ -66,6 +66,22 @@ def test_low_rank_with_the_target_is_the_best_rank_r_fit_of_the_original_outputs
     assert objective(approx) < objective(plain)
 
 
+@pytest.mark.parametrize("blend", [0.0, 0.25, 0.5])
+def test_a_blended_target_is_the_best_rank_r_fit_of_the_blended_outputs(blend):
+    """target_blend α: whiten fits (1 − α)·X̂Wᵀ + α·XWᵀ (brute force); α = 0 is the layer-wise fit."""
+    x, x_hat, linear, stats = _problem(seed=3)
+    stage = _stage("whiten", rank=3, damping=0.0)
+    stream = ReferenceStream(LayerInputs(0, [], LayerCalls()),
+                             PipelineSettings(target="original", target_damping=0.0, target_blend=blend), None)
+    member, = stream.target_members(stage, [GroupMember("m", linear, stats)], [linear])
+    approx = dense_weight(stage.compressor.compress("m", member.module, member.stats).module).detach()
+    w = linear.weight.detach()
+    best = _best_rank_r(x_hat, (1 - blend) * x_hat @ w.T + blend * x @ w.T, 3)
+    torch.testing.assert_close(approx, best, rtol=1e-6, atol=1e-8)
+    target, _ = stream.targets["m"]                # the record's floor stays that of the full W*
+    torch.testing.assert_close(target, torch.linalg.lstsq(x_hat, x @ w.T).solution.T, rtol=1e-7, atol=1e-9)
+
+
 def test_gptq_with_the_target_quantizes_w_star_in_the_metric_of_the_compressed_inputs():
     """GPTAQ's objective: at 8 bits the result is W* up to rounding, and at 3 bits the matched objective is
     lower than GPTQ's on W."""
@@ -181,11 +197,12 @@ def test_chained_stages_get_the_target_and_an_ignoring_stage_still_records_again
 @pytest.mark.parametrize("stages, settings, message", [
     ([("whiten", {"ratio": 0.2})], {"sequential": False}, "needs runtime.sequential"),
     ([("rtn", {"bits": 4}), ("svd", {"rank": 2})], {}, "changes nothing"),
+    ([("whiten", {"ratio": 0.2})], {"target": "layer", "target_blend": 0.5}, "original only"),
 ])
 def test_a_target_the_run_cannot_honour_is_refused(stages, settings, message):
     model = tiny_model("llama")
     stages = [_stage(method, i, **options) for i, (method, options) in enumerate(stages)]
     pipeline = LayerwisePipeline(model, adapter_for(model), stages,
-                                 PipelineSettings(target="original", **settings))
+                                 PipelineSettings(**{"target": "original", **settings}))
     with pytest.raises(LrcompressError, match=message):
         pipeline.run(WINDOWS)
