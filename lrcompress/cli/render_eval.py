@@ -1,6 +1,7 @@
 """Rich tables for the evaluation commands: lm-eval results, the regression gate, run comparisons."""
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..eval.metrics import EvalSection
@@ -51,5 +52,5 @@ def compare_table(header: list[str], rows: list[list[str]]) -> Table:
     for column in header:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))     # run labels hold brackets ("whiten[global]"), not markup
     return table

@@ -65,6 +65,30 @@ def cluster_experts(similarity: torch.Tensor, clusters: int, seed: int) -> list[
     return [torch.nonzero(labels == c).flatten().tolist() for c in range(clusters)]
 
 
+def hierarchical_clusters(similarity: torch.Tensor, clusters: int) -> list[list[int]]:
+    """HC-SMoE-style grouping (Chen et al., arXiv 2410.08589): agglomerative clustering with average
+    linkage on the output distance 1 − s_ij (s: the mean cosine of the experts' outputs), merging the
+    closest pair of groups until ``clusters`` remain; deterministic (ties: lower indices first).
+    Returns the member lists, ordered by their first member."""
+    s = similarity.to(torch.float64)
+    distance = 1.0 - (s + s.T) / 2
+    groups: list[list[int]] = [[i] for i in range(len(s))]
+    if not 1 <= clusters <= len(groups):
+        raise ValueError(f"cannot make {clusters} clusters of {len(groups)} experts")
+    while len(groups) > clusters:
+        best: tuple[float, int, int] | None = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                linkage = float(distance[groups[a]][:, groups[b]].mean())
+                if best is None or linkage < best[0] - 1e-15:
+                    best = (linkage, a, b)
+        assert best is not None
+        _, a, b = best
+        groups[a] = sorted(groups[a] + groups[b])
+        del groups[b]
+    return sorted(groups, key=lambda g: g[0])
+
+
 def merge_weights(frequencies: torch.Tensor, members: list[int]) -> torch.Tensor:
     """w_i = f_i / Σ f_j over the cluster; uniform when no member was ever routed to."""
     f = frequencies[members].to(torch.float64)
@@ -72,20 +96,63 @@ def merge_weights(frequencies: torch.Tensor, members: list[int]) -> torch.Tensor
     return f / total if total > 0 else torch.full_like(f, 1.0 / len(members))
 
 
-def union_svd_merge(weights: torch.Tensor, w: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+def union_svd_merge(weights: torch.Tensor, w: torch.Tensor, rank: int | None = None,
+                    energy: float | None = None) -> torch.Tensor:
     """Sub-MoE's subspace merge of n experts' weights (n × out × in, one weight type).
 
     [W_1, …, W_n] (out × n·in) = U Σ [V_1ᵀ, …, V_nᵀ]; U Σ is shared, the per-expert blocks V_i are
-    merged as V = Σ w_i V_i, and the merged weight is U Σ Vᵀ (optionally truncated to ``rank``
-    singular triplets). Without truncation this equals Σ w_i W_i exactly (U Σ V_iᵀ = W_i and the merge
-    is linear); the shared subspace makes a difference only once truncated.
+    merged as V = Σ w_i V_i, and the merged weight is U Σ Vᵀ, truncated to ``rank`` singular triplets
+    or to the fewest that keep the fraction ``energy`` of Σσ² (see ``energy_rank``). Without
+    truncation this equals Σ w_i W_i exactly (U Σ V_iᵀ = W_i and the merge is linear); the shared
+    subspace makes a difference only once truncated: the merged weight is then the average projected
+    onto the union's dominant output directions, U_r U_rᵀ Σ w_i W_i.
     """
-    u, s, merged_vt = union_svd_factors(weights, w, rank)
+    u, s, merged_vt = union_svd_factors(weights, w, rank, energy=energy)
     return (u * s) @ merged_vt
 
 
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """The fewest leading singular values whose squares keep the fraction ``energy`` of Σσ² (≥ 1)."""
+    squares = s.to(torch.float64).pow(2)
+    total = float(squares.sum())
+    if total <= 0.0:
+        return 1
+    kept = torch.cumsum(squares, 0) / total
+    return min(int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1, len(s))
+
+
+def regmean_merge(weights: torch.Tensor, grams: torch.Tensor, damping: float,
+                  prior: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """RegMean (Jin et al., arXiv 2212.09849) for one linear map of n members: the W minimizing
+    Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖²_F, i.e. W = (Σ W_i G_i)(Σ G_i)⁻¹ with G_i = X_iᵀX_i (here each member's
+    routed-token Gram, tokens weighted by their gate weight).
+
+    Σ G_i is damped by λ·mean(diag Σ G_i)·I (λ = ``damping``; the paper instead shrinks the
+    off-diagonal entries by α: both keep directions no token excites from being set by round-off; a
+    ridge keeps the solve well posed whatever the token count). Solved in float64 (Cholesky, LU when
+    the damped matrix is not numerically positive definite). The ridge pulls the directions no token
+    excites towards ``prior`` (e.g. the frequency-weighted average; default 0, the plain ridge):
+    W = (Σ W_i G_i + λ'·prior)(Σ G_i + λ'·I)⁻¹. Returns (merged out × in, the absolute damping λ'
+    added). With one member and damping 0 it returns W_1; with equal Grams, the plain mean.
+    """
+    w = weights.to(torch.float64)
+    g = grams.to(torch.float64)
+    total = g.sum(0)
+    rhs = torch.einsum("noi,nij->oj", w, g)                      # Σ W_i G_i  (out × in)
+    added = damping * float(total.diagonal().mean())
+    a = total + added * torch.eye(total.shape[0], dtype=total.dtype)
+    if prior is not None:
+        rhs = rhs + added * prior.to(rhs)
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        merged = torch.cholesky_solve(rhs.T, factor).T
+    else:
+        merged = torch.linalg.solve(a, rhs.T).T                   # A is symmetric: (A⁻¹ Bᵀ)ᵀ = B A⁻¹
+    return merged, added
+
+
 def union_svd_factors(weights: torch.Tensor, w: torch.Tensor, rank: int | None = None,
-                      whitenings: list[Whitening] | None = None
+                      whitenings: list[Whitening] | None = None, energy: float | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The union SVD merge as factors (U_r: out × r, Σ_r: r, merged Vᵀ: r × in), optionally whitened;
     the merged weight is U_r Σ_r Vᵀ.
@@ -109,6 +176,8 @@ def union_svd_factors(weights: torch.Tensor, w: torch.Tensor, rank: int | None =
         blocks = torch.stack([b @ white.factor.to(b) for b, white in zip(blocks, whitenings)])
     concat = blocks.permute(1, 0, 2).reshape(out, n * inp)
     u, s, vh = torch.linalg.svd(concat, full_matrices=False)
+    if energy is not None:
+        rank = energy_rank(s, energy) if rank is None else min(rank, energy_rank(s, energy))
     if rank is not None:
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     v_blocks = vh.reshape(len(s), n, inp)                     # v_blocks[:, i] = V_iᵀ (whitened: Ṽ_iᵀ)

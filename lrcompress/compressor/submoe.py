@@ -1,21 +1,33 @@
-"""Expert reduction for MoE blocks: ``submoe`` (Sub-MoE, Li et al. 2025) and two baselines in the
-same code path, ``expert_prune`` (keep the most routed-to experts) and ``expert_average``
-(frequency-weighted averaging of each cluster's weights, M-SMoE style).
+"""Expert reduction for MoE blocks: ``submoe`` (Sub-MoE, Li et al. 2025, arXiv 2506.23266) and the
+baselines in the same code path, ``expert_prune`` (keep the most routed-to experts, or the highest
+REAP scores) and ``expert_average`` (frequency-weighted averaging of each cluster's weights, M-SMoE
+style; with ``clustering: hierarchical`` HC-SMoE style).
 
 Each turns a block with E routed experts into one with E' experts, same architecture, so that the
 model stays a plain checkpoint with a smaller expert count in its config:
 
 1. routing frequencies f_i and the mean cosine similarity of expert outputs (``expert_outputs``);
 2. grouping: K-means (k-means++, seeded) on the similarity rows into E' clusters (submoe, average),
-   or the E' most frequent experts as singleton groups (prune);
-3. merging per weight type (gate, up, down): union SVD with a shared U Σ and frequency-merged V
-   blocks (submoe) or the frequency-weighted average (average);
+   or average-linkage hierarchical clustering on 1 − similarity (``clustering: hierarchical``), or the
+   E' most frequent / highest-REAP-score experts as singleton groups (prune);
+3. merging per weight type (gate, up, down): union SVD with a shared, truncated U Σ and
+   frequency-merged V blocks (submoe, the paper's merge), RegMean's Gram-weighted least squares
+   (submoe ``merge: regmean``) or the frequency-weighted average (average);
 4. router: each merged expert's router row (and per-expert router buffers such as DeepSeek-V3's score
    correction bias) is the frequency-weighted mean of its members' rows, with the same weights w_i
    as the expert merge. Rationale: the merged expert stands for its members in proportion to how
    often each was used, so its logit should be the logit of the typical member token; for a 1-expert
    cluster it is exactly the old row, and pruning keeps the kept experts' rows unchanged (the softmax
    renormalizes over the remaining experts). Shared experts are never touched.
+
+The paper truncates the union SVD but leaves its rank open; the default here is the rank of one
+expert weight, r = min(out, in): the merged expert is one expert, so its shared basis keeps as many
+directions as a single expert weight can span, and the union's remaining directions (present only
+because the members differ) are dropped. ``subspace_rank`` or ``subspace_energy`` (fraction of Σσ²
+kept) choose another rank. Where the union already has rank ≤ min(out, in) (a weight with out ≤ in,
+such as a down projection), the default truncates nothing and that weight type is merged as the
+frequency-weighted average; the others (out > in: gate and up when I > hidden, down when I < hidden)
+are truncated.
 
 Sub-MoE† (``submoe`` with ``rank`` or ``ratio``): step 3 runs on weights whitened by each member's
 routed-token Gram and is truncated to rank r, and the merged experts are stored as low-rank pairs in a
@@ -27,7 +39,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 from pydantic import Field, model_validator
@@ -39,9 +51,9 @@ from ..models.moe import (ExpertWeights, expert_activation, expert_count, expert
 from ..modules.experts import LowRankExperts, activation_name
 from .base import CompressorConfig, Plan, register
 from .block import INPUT_SAMPLE, BlockCompressor, BlockResult
-from .expert_merge import (average_merge, cluster_experts, merge_rows, merge_weights, most_frequent,
-                           union_svd_factors, union_svd_merge)
-from .expert_stats import EXPERT_GRAMS, EXPERT_STATS, ExpertGramStatistic, ExpertStatistic
+from .expert_merge import (average_merge, cluster_experts, hierarchical_clusters, merge_rows, merge_weights,
+                           most_frequent, regmean_merge, union_svd_factors, union_svd_merge)
+from .expert_stats import EXPERT_GRAMS, EXPERT_STATS, EXPERT_WEIGHTED_GRAMS, ExpertGramStatistic, ExpertStatistic
 from .linalg import Whitening, balanced_factors, low_rank_params, target_rank, whitening
 from .stats import Statistic
 
@@ -55,6 +67,9 @@ class ExpertReductionConfig(CompressorConfig):
     num_experts: int | None = Field(None, ge=1, description="experts kept per MoE block (E')")
     expert_ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of the experts removed")
     seed: int = Field(0, description="seed of the k-means++ initialization")
+    clustering: Literal["kmeans", "hierarchical"] = Field(
+        "kmeans", description="how experts are grouped: k-means on the output-similarity rows (Sub-MoE, "
+                              "M-SMoE-like) or average-linkage hierarchical clustering (HC-SMoE)")
 
     @model_validator(mode="after")
     def _one_size(self) -> "ExpertReductionConfig":
@@ -75,9 +90,19 @@ class ExpertReductionConfig(CompressorConfig):
 class SubMoEConfig(ExpertReductionConfig):
     """Sub-MoE options; ``rank`` or ``ratio`` turns on Sub-MoE† (whitened, low-rank merged experts)."""
 
+    merge: Literal["subspace", "regmean"] = Field(
+        "subspace", description="subspace: the paper's union-SVD merge; regmean: per weight matrix the "
+                                "Gram-weighted least-squares merge (Σ W_i G_i)(Σ G_i)⁻¹ (RegMean)")
     subspace_rank: int | None = Field(
-        None, ge=1, description="keep only this many singular triplets of the shared subspace (the merged "
-                                "weights stay dense); none: full rank")
+        None, ge=1, description="keep this many singular triplets of the shared subspace (the merged weights "
+                                "stay dense); default: min(out, in), the rank of one expert weight")
+    subspace_energy: float | None = Field(
+        None, gt=0.0, le=1.0, description="keep the fewest singular triplets holding this fraction of the "
+                                          "union's Σσ² (capped at subspace_rank or min(out, in))")
+    regmean_damping: float = Field(1e-2, ge=0.0, description="RegMean: λ in Σ G_i + λ·mean(diag)·I")
+    regmean_prior: Literal["zero", "average"] = Field(
+        "zero", description="RegMean: what the ridge pulls unexcited input directions towards: 0 (plain ridge) "
+                            "or the members' frequency-weighted average")
     rank: int | None = Field(None, ge=1, description="Sub-MoE†: rank of every merged expert weight "
                                                      "(capped at min(out, in))")
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Sub-MoE†: fraction of each merged expert "
@@ -88,9 +113,12 @@ class SubMoEConfig(ExpertReductionConfig):
     def _one_intra_size(self) -> "SubMoEConfig":
         if self.rank is not None and self.ratio is not None:
             raise ValueError("give at most one of 'rank' or 'ratio' (the intra-expert size of Sub-MoE†)")
-        if self.subspace_rank is not None and self.low_rank:
-            raise ValueError("'subspace_rank' (dense truncation) and 'rank'/'ratio' (Sub-MoE†, low-rank "
-                             "experts) are two truncations of the same subspace: give one")
+        subspace = self.subspace_rank is not None or self.subspace_energy is not None
+        if subspace and self.low_rank:
+            raise ValueError("'subspace_rank'/'subspace_energy' (dense truncation) and 'rank'/'ratio' (Sub-MoE†, "
+                             "low-rank experts) are two truncations of the same subspace: give one")
+        if self.merge == "regmean" and (subspace or self.low_rank):
+            raise ValueError("'merge: regmean' has no subspace: drop 'subspace_*', 'rank' and 'ratio'")
         return self
 
     @property
@@ -120,8 +148,10 @@ class ExpertReducer(BlockCompressor):
     Config = ExpertReductionConfig
     config: ExpertReductionConfig
 
-    def groups(self, frequencies: torch.Tensor, similarity: torch.Tensor, kept: int) -> list[list[int]]:
+    def groups(self, statistic: ExpertStatistic, similarity: torch.Tensor, kept: int) -> list[list[int]]:
         """Members of each merged expert (default: output-similarity clusters)."""
+        if self.config.clustering == "hierarchical":
+            return hierarchical_clusters(similarity, kept)
         return cluster_experts(similarity, kept, self.config.seed)
 
     def merge(self, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -156,7 +186,7 @@ class ExpertReducer(BlockCompressor):
         kept = self.config.kept(expert_count(module))
         frequencies = statistic.frequencies()
         similarity = statistic.similarity(name)
-        groups = self.groups(frequencies, similarity, kept)
+        groups = self.groups(statistic, similarity, kept)
         mix = [merge_weights(frequencies, members) for members in groups]
         merged = self.merge_experts(name, module, groups, mix, stats)
         rows_by_name = {key: merge_rows(rows, groups, mix) for key, rows in router_tensors(module).items()}
@@ -191,10 +221,14 @@ class SubMoE(ExpertReducer):
 
     @property
     def needs(self) -> frozenset[str]:       # type: ignore[override]
+        if self.config.merge == "regmean":
+            return ExpertReducer.needs | {EXPERT_WEIGHTED_GRAMS}
         return ExpertReducer.needs | ({EXPERT_GRAMS} if self.config.low_rank else set())
 
     def merge(self, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return union_svd_merge(weights, w, self.config.subspace_rank)
+        """The paper's merge: union SVD truncated by the documented rule (module docstring)."""
+        rank = self.config.subspace_rank or min(weights.shape[1:])
+        return union_svd_merge(weights, w, rank, self.config.subspace_energy)
 
     def merged_rank(self, module: nn.Module) -> int | None:
         if not self.config.low_rank:
@@ -205,6 +239,8 @@ class SubMoE(ExpertReducer):
 
     def merge_experts(self, name: str, module: nn.Module, groups: list[list[int]], mix: list[torch.Tensor],
                       stats: Mapping[str, Statistic]) -> MergedExperts:
+        if self.config.merge == "regmean":
+            return self._regmean(name, module, groups, mix, stats)
         rank = self.merged_rank(module)
         if rank is None:
             return super().merge_experts(name, module, groups, mix, stats)
@@ -231,6 +267,42 @@ class SubMoE(ExpertReducer):
         log.info("%s: Sub-MoE† whitening paths: %s", name, summary)
         return MergedExperts(experts, numerical_path=f"float64; whitening {summary}", rank=rank,
                              details={"rank": rank, "routed_tokens": grams.counts.tolist()})
+
+    def _regmean(self, name: str, module: nn.Module, groups: list[list[int]], mix: list[torch.Tensor],
+                 stats: Mapping[str, Statistic]) -> MergedExperts:
+        """RegMean per cluster and weight type on the members' gate-weighted routed-token Grams; a cluster
+        no calibration token reached falls back to the frequency-weighted average (logged)."""
+        grams = stats[EXPERT_WEIGHTED_GRAMS]
+        assert isinstance(grams, ExpertGramStatistic)
+        original = expert_weights(module)
+        merged: dict[str, list[torch.Tensor]] = {kind: [] for kind in original.types()}
+        damping: list[float] = []
+        for members, w in zip(groups, mix):
+            reached = [m for m in members if int(grams.counts[m]) > 0]
+            if len(members) == 1 or not reached:
+                if len(members) > 1:
+                    log.warning("%s: no calibration token reached experts %s: averaged instead of RegMean",
+                                name, members)
+                for kind, tensor in original.types().items():
+                    merged[kind].append(self._merge_group(tensor, members, w) if len(members) > 1
+                                        else tensor[members[0]].to(torch.float64))
+                continue
+            member_grams = [grams.grams(name, m) for m in reached]
+            for kind, tensor in original.types().items():
+                g = torch.stack([mg[kind] for mg in member_grams])
+                prior = average_merge(tensor[members], w) if self.config.regmean_prior == "average" else None
+                weight, added = regmean_merge(tensor[reached], g, self.config.regmean_damping, prior)
+                merged[kind].append(weight)
+                damping.append(added)
+        result = {kind: torch.stack(ws) for kind, ws in merged.items()}
+        if not all(torch.isfinite(t).all() for t in result.values()):
+            raise NumericalError(f"{name}: the RegMean merge produced NaN/Inf")
+        log.info("%s: RegMean, relative damping %g (absolute %s)", name, self.config.regmean_damping,
+                 ", ".join(f"{d:.3g}" for d in damping) or "none: no merged cluster")
+        return MergedExperts(ExpertWeights(**result),
+                             numerical_path=f"float64; RegMean damping {self.config.regmean_damping:g}·mean(diag)",
+                             details={"regmean_damping": [round(d, 9) for d in damping],
+                                      "routed_tokens": grams.counts.tolist()})
 
     def _whitenings(self, name: str, grams: ExpertGramStatistic, member: int) -> dict[str, Whitening]:
         """One damped factor per distinct Gram of the member (gate and up share their input's)."""
@@ -265,12 +337,23 @@ class ExpertAverage(ExpertReducer):
         return average_merge(weights, w)
 
 
+class ExpertPruneConfig(ExpertReductionConfig):
+    score: Literal["frequency", "reap"] = Field(
+        "frequency", description="which experts stay: the most routed-to, or the highest REAP scores (mean "
+                                 "gate weight × expert output norm over the tokens routed to the expert)")
+
+
 @register("expert_prune")
 class ExpertPrune(ExpertReducer):
-    """Baseline: keep the E' most frequently routed-to experts unchanged, drop the others."""
+    """Baseline: keep the E' experts with the highest score unchanged (routing frequency, or REAP's
+    router-weighted activation norm, Lasby et al., arXiv 2510.13999), drop the others."""
 
-    def groups(self, frequencies: torch.Tensor, similarity: torch.Tensor, kept: int) -> list[list[int]]:
-        return [[i] for i in most_frequent(frequencies, kept)]
+    Config = ExpertPruneConfig
+    config: ExpertPruneConfig
+
+    def groups(self, statistic: ExpertStatistic, similarity: torch.Tensor, kept: int) -> list[list[int]]:
+        scores = statistic.reap_scores() if self.config.score == "reap" else statistic.frequencies()
+        return [[i] for i in most_frequent(scores, kept)]
 
 
 __all__ = ["ExpertAverage", "ExpertPrune", "ExpertReducer", "SubMoE", "INPUT_SAMPLE"]

@@ -38,15 +38,25 @@ class RunSummary:
 
 
 def method_label(metrics: RunMetrics, directory: Path) -> str:
-    """The stages' methods joined by '+', from recipe.yaml, else from the module records."""
+    """The stages' methods joined by '+', from recipe.yaml, else from the module records. A budget
+    allocation other than uniform follows its method in brackets, and output matching is named: runs that
+    differ only in those are different recipes, one line each in the plot."""
     recipe = directory / "recipe.yaml"
     if recipe.is_file():
-        stages = (yaml.safe_load(recipe.read_text()) or {}).get("stages") or []
-        methods = [stage.get("method", "?") for stage in stages if isinstance(stage, dict)]
+        data = yaml.safe_load(recipe.read_text()) or {}
+        stages = [stage for stage in data.get("stages") or [] if isinstance(stage, dict)]
+        methods = [stage.get("method", "?") + _allocation_suffix(stage) for stage in stages]
         if methods:
-            return "+".join(methods)
+            target = (data.get("runtime") or {}).get("target", "layer")
+            return "+".join(methods) + ("" if target == "layer" else f" (target {target})")
     methods = list(dict.fromkeys(m.method for m in metrics.modules))
     return "+".join(methods) or "dense"
+
+
+def _allocation_suffix(stage: dict) -> str:
+    allocation = stage.get("allocation")
+    strategy = allocation.get("strategy") if isinstance(allocation, dict) else allocation
+    return "" if strategy in (None, "uniform") else f"[{strategy}]"
 
 
 def load_run(directory: Path) -> RunSummary:

@@ -136,6 +136,14 @@ def route(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return router(block)(x)[2]
 
 
+def routed_weights(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """T × E: the gate weight each token gives each expert (the router's top-k weights, 0 elsewhere):
+    the weight with which the expert's output enters the block's output."""
+    _, weights, indices = router(block)(x)
+    dense = torch.zeros(x.shape[0], expert_count(block), dtype=torch.float32, device=x.device)
+    return dense.scatter_add_(1, indices, weights.detach().to(dense))
+
+
 def router_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     """The router's per-expert tensors (parameters and buffers whose first dimension is E)."""
     count = expert_count(block)

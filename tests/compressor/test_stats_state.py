@@ -13,7 +13,7 @@ import torch
 
 from lrcompress.compressor import GramStatistic, OriginalWeight
 from lrcompress.compressor.block import InputSample
-from lrcompress.compressor.expert_stats import ExpertGramStatistic, ExpertStatistic
+from lrcompress.compressor.expert_stats import ExpertGramStatistic, ExpertStatistic, WeightedExpertGramStatistic
 from lrcompress.compressor.fisher import FisherStatistic, OutputGradientStatistic
 from lrcompress.compressor.stats import SNAPSHOTS, STATISTICS, CrossGramStatistic, Statistic
 from lrcompress.pipeline import PREPASSES
@@ -87,6 +87,7 @@ CASES: dict[str, Callable[[int | None], Statistic]] = {
     "gram": _gram, "cross_gram": _cross, "original_weight": _original, "fisher": _fisher,
     "output_gradient": _output_gradient, "block_input_sample": _sample,
     "expert_outputs": _experts, "expert_grams": lambda part: _experts(part, ExpertGramStatistic),
+    "expert_grams_weighted": lambda part: _experts(part, WeightedExpertGramStatistic),
 }
 
 

@@ -1,0 +1,114 @@
+"""Build the trained MoE fixture: SmolLM2-135M grown into a Qwen2-MoE, Branch-Train-MiX style.
+
+    LRCOMPRESS_SMOLLM2=... LRCOMPRESS_DATA=... python bench/build_moe_fixture.py \\
+        [--out DIR] [--train-data wikitext2 --train-split train] [--experts 8] [--layers 22-29] [--steps 60]
+
+See ``lrcompress/models/btx.py`` for the method. The output directory (default: ``$LRCOMPRESS_MOE_FIXTURE``,
+else ``<dir of $LRCOMPRESS_SMOLLM2>/<model name>-btx-e<E>``; never inside the repository) holds a plain
+Qwen2-MoE checkpoint with its tokenizer and ``fixture_info.json`` (the build settings, timings, domain
+sizes, loss curves, router accuracy, expert distances and perplexities). The build is skipped when that
+file exists with the same settings (idempotent). Training text: any dataset reference the project reads
+(``lrcompress.data.load_text``); it must not be the evaluation split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lrcompress.data import data_dir, load_text
+from lrcompress.eval import EvalContext, perplexity
+from lrcompress.models.btx import BuildSettings, TrainSettings, build, dense_equivalence_error
+from lrcompress.recipe import PerplexitySpec
+
+
+def layer_list(spec: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return tuple(out)
+
+
+def default_out(model: str, experts: int) -> Path:
+    explicit = os.environ.get("LRCOMPRESS_MOE_FIXTURE")
+    if explicit:
+        return Path(explicit)
+    source = Path(model)
+    return source.parent / f"{source.name}-btx-e{experts}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=os.environ.get("LRCOMPRESS_SMOLLM2"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--train-data", default="wikitext2", help="dataset name or local file")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--layers", default="22-29", help="MoE layers (trained), e.g. 22-29 or 20,24,28")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--windows-per-domain", type=int, default=48)
+    parser.add_argument("--router-windows", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 test windows of 512 (0: skip)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if not args.model:
+        sys.exit("give --model or set LRCOMPRESS_SMOLLM2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else default_out(args.model, args.experts)
+    settings = BuildSettings(experts=args.experts, top_k=args.top_k, moe_layers=layer_list(args.layers),
+                             seq_len=args.seq_len, windows_per_domain=args.windows_per_domain,
+                             router_windows=args.router_windows, seed=args.seed,
+                             train=TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed))
+    recorded = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
+    info_path = out / "fixture_info.json"
+    if info_path.exists() and json.loads(info_path.read_text()).get("arguments") == recorded:
+        print(f"{out}: already built with these settings")
+        return
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    source = load_text(args.train_data, args.train_split, data_dir(None, None))
+    print(f"training text: {source.description} ({len(source.text)} chars, sha {source.fingerprint})", flush=True)
+    probe = tokenizer(source.text[:2000], return_tensors="pt")["input_ids"][:, :128]
+    equivalence = dense_equivalence_error(dense, list(settings.moe_layers), settings.experts, settings.top_k, probe)
+    print(f"Qwen2-MoE with every expert = the dense MLP: max |logit diff| vs dense {equivalence:.2e}", flush=True)
+    moe, info = build(dense, tokenizer, source.text, settings,
+                      progress=lambda m: print(f"[{time.perf_counter() - started:6.0f} s] {m}", flush=True))
+    build_seconds = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    moe.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info.update(arguments=recorded, dense_equivalence_max_logit_diff=equivalence, training_text=source.description, training_fingerprint=source.fingerprint,
+                build_seconds=round(build_seconds, 1), threads=torch.get_num_threads(),
+                machine=platform.machine(), torch=torch.__version__)
+    if args.eval_windows:
+        for name, model in (("dense", dense), ("moe", moe)):
+            result = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.eval_windows),
+                                EvalContext(data_dir(None, None)))
+            info[f"perplexity_{name}"] = result.value
+            print(f"{name}: perplexity {result.value:.3f} ({result.protocol})", flush=True)
+        info["perplexity_protocol"] = result.protocol
+        info["perplexity_ratio"] = info["perplexity_moe"] / info["perplexity_dense"]
+    info["total_seconds"] = round(time.perf_counter() - started, 1)
+    info_path.write_text(json.dumps(info, indent=1))
+    print(json.dumps({k: v for k, v in info.items() if k != "arguments"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""Grow a trained mixture of experts from a dense Llama-style model, Branch-Train-MiX style.
+
+Branch-Train-MiX (Sukhbaatar et al., arXiv 2403.07816): copy a dense model once per domain, fine-tune
+each copy on its domain, then gather the copies' feed-forward blocks as the experts of one MoE layer
+and train a router. Here, to fit a CPU:
+
+* **domains** are k-means clusters (seeded) of the training text's paragraphs, each described by the
+  idf-weighted mean of its tokens' input embeddings (no forward pass needed);
+* only the MLPs of a chosen set of *late* layers are branched and trained; every other weight stays
+  frozen, so the frozen prefix's activations at the first trained layer are computed once per window
+  (``Trunk``) and every training step runs only the trained suffix;
+* the **router** of each MoE layer is a multinomial logistic regression (no bias, L2-regularized)
+  fitted on the dense model's MLP inputs at that layer, labelled with the domain of their window:
+  its softmax is the router's, so top-k sends a token to the experts of the domains it looks like;
+* the result is a **Qwen2-MoE** checkpoint (``moe_config``): its attention, norms and rotary embedding
+  are Llama's when ``qkv_bias`` is off and sliding windows are off, untrained layers stay plain MLPs
+  (``mlp_only_layers``), and top-k weights are renormalized (``norm_topk_prob``), so a layer whose E
+  experts all equal the dense MLP computes the dense MLP exactly. Qwen2-MoE always has a shared
+  expert; it is given one neuron and zero weights (its output is exactly 0).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..compressor.expert_merge import kmeans
+
+log = logging.getLogger(__name__)
+
+MIN_PARAGRAPH_CHARS = 200      # shorter paragraphs (headings, blank lines) join the next one
+
+
+def moe_config(dense_config, experts: int, top_k: int, moe_layers: list[int]):
+    """A Qwen2-MoE config with the dense (Llama-style) model's attention and E experts of its MLP
+    size in ``moe_layers``; the other layers keep the dense MLP."""
+    from transformers import Qwen2MoeConfig
+
+    if getattr(dense_config, "attention_bias", False) or getattr(dense_config, "mlp_bias", False):
+        raise ValueError("the dense model has attention/MLP biases: Qwen2-MoE cannot reproduce it")
+    layers = dense_config.num_hidden_layers
+    head_dim = getattr(dense_config, "head_dim", None) or dense_config.hidden_size // dense_config.num_attention_heads
+    if head_dim * dense_config.num_attention_heads != dense_config.hidden_size:
+        raise ValueError("Qwen2-MoE derives head_dim from hidden_size / heads; this model's differs")
+    return Qwen2MoeConfig(
+        vocab_size=dense_config.vocab_size, hidden_size=dense_config.hidden_size,
+        intermediate_size=dense_config.intermediate_size, moe_intermediate_size=dense_config.intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=dense_config.num_attention_heads,
+        num_key_value_heads=dense_config.num_key_value_heads, hidden_act=dense_config.hidden_act,
+        max_position_embeddings=dense_config.max_position_embeddings, rms_norm_eps=dense_config.rms_norm_eps,
+        tie_word_embeddings=dense_config.tie_word_embeddings, rope_parameters=dict(dense_config.rope_parameters),
+        use_sliding_window=False, qkv_bias=False, num_experts=experts, num_experts_per_tok=top_k,
+        norm_topk_prob=True, shared_expert_intermediate_size=1, decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(layers) if i not in set(moe_layers)],
+        bos_token_id=dense_config.bos_token_id, eos_token_id=dense_config.eos_token_id,
+        pad_token_id=getattr(dense_config, "pad_token_id", None))
+
+
+def mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate, up, down) weights of a Llama-style MLP, detached copies."""
+    return tuple(p.weight.detach().clone() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))  # type: ignore
+
+
+def assemble(dense: nn.Module, experts: dict[int, list[tuple[torch.Tensor, ...]]],
+             routers: dict[int, torch.Tensor], top_k: int) -> nn.Module:
+    """The Qwen2-MoE model: the dense model's weights, ``experts[layer]`` = E (gate, up, down) triples
+    and ``routers[layer]`` (E × hidden) in the MoE layers."""
+    from transformers import Qwen2MoeForCausalLM
+
+    count = {len(v) for v in experts.values()}
+    if len(count) != 1:
+        raise ValueError(f"every MoE layer needs the same expert count, got {sorted(count)}")
+    config = moe_config(dense.config, count.pop(), top_k, sorted(experts))
+    state = {k: v for k, v in dense.state_dict().items() if not re.search(r"\.mlp\.", k) or
+             int(k.split(".")[2]) not in experts}
+    for layer, triples in experts.items():
+        prefix = f"model.layers.{layer}.mlp"
+        state[f"{prefix}.experts.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u, _ in triples])
+        state[f"{prefix}.experts.down_proj"] = torch.stack([d for _, _, d in triples])
+        state[f"{prefix}.gate.weight"] = routers[layer]
+        hidden = dense.config.hidden_size
+        state[f"{prefix}.shared_expert.gate_proj.weight"] = torch.zeros(1, hidden)
+        state[f"{prefix}.shared_expert.up_proj.weight"] = torch.zeros(1, hidden)
+        state[f"{prefix}.shared_expert.down_proj.weight"] = torch.zeros(hidden, 1)
+        state[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, hidden)
+    model = Qwen2MoeForCausalLM(config).to(torch.float32).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ValueError(f"weights do not map onto Qwen2-MoE: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def dense_equivalence_error(dense: nn.Module, layers: list[int], experts: int, top_k: int,
+                            ids: torch.Tensor) -> float:
+    """Max |logit difference| between the dense model and its Qwen2-MoE whose E experts in ``layers`` all
+    equal the dense MLP (random routers): 0 up to float round-off when the architecture maps exactly."""
+    copies = {i: [mlp_weights(dense.model.layers[i].mlp)] * experts for i in layers}
+    g = torch.Generator().manual_seed(0)
+    routers = {i: torch.randn(experts, dense.config.hidden_size, generator=g) for i in layers}
+    moe = assemble(dense, copies, routers, top_k)
+    return float((moe(ids).logits - dense(ids).logits).abs().max())
+
+
+# --- domains ------------------------------------------------------------------------------------------
+
+def paragraphs(text: str, min_chars: int = MIN_PARAGRAPH_CHARS) -> list[str]:
+    """Blank-line separated paragraphs; short ones (headings) are joined to the next."""
+    parts, pending = [], ""
+    for block in re.split(r"\n\s*\n", text):
+        pending = f"{pending}\n\n{block}" if pending else block
+        if len(pending.strip()) >= min_chars:
+            parts.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        parts.append(pending.strip())
+    return parts
+
+
+def domain_labels(parts: list[str], tokenizer, embedding: torch.Tensor, domains: int, seed: int) -> torch.Tensor:
+    """k-means labels of the paragraphs, each described by the idf-weighted mean of its tokens' input
+    embeddings (unit-normalized): topical clusters without running the model."""
+    ids = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"], dtype=torch.long) for p in parts]
+    vocab = embedding.shape[0]
+    document_frequency = torch.zeros(vocab, dtype=torch.float64)
+    for row in ids:
+        document_frequency[row.unique()] += 1
+    idf = torch.log((1 + len(parts)) / (1 + document_frequency)) + 1
+    emb = embedding.detach().to(torch.float64)
+    vectors = torch.stack([(idf[row, None] * emb[row]).sum(0) / max(len(row), 1) for row in ids])
+    vectors = vectors - vectors.mean(0)
+    vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return kmeans(vectors, domains, seed)
+
+
+def domain_windows(parts: list[str], labels: torch.Tensor, tokenizer, seq_len: int) -> list[torch.Tensor]:
+    """Per domain: its paragraphs (in text order) tokenized, joined and cut into windows (N × seq_len)."""
+    out = []
+    for domain in range(int(labels.max()) + 1):
+        text = "\n\n".join(p for p, label in zip(parts, labels.tolist()) if label == domain)
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        usable = (len(ids) // seq_len) * seq_len
+        if usable == 0:
+            raise ValueError(f"domain {domain} has fewer than {seq_len} tokens: use fewer domains or more text")
+        out.append(ids[:usable].reshape(-1, seq_len))
+    return out
+
+
+# --- training the suffix ---------------------------------------------------------------------------------
+
+class Trunk:
+    """A decoder-only model split at layer ``start``: the frozen prefix runs once per window
+    (``prefix``), the suffix (layers ``start``… , final norm, head) runs from cached hidden states."""
+
+    def __init__(self, model: nn.Module, start: int) -> None:
+        self.model, self.start = model, start
+
+    @torch.no_grad()
+    def prefix(self, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        out = []
+        for chunk in windows.split(batch):
+            h = self.model.model.embed_tokens(chunk)
+            pe = self._positions(h)
+            for layer in self.model.model.layers[:self.start]:
+                h = layer(h, attention_mask=None, position_ids=pe[0], position_embeddings=pe[1])
+            out.append(h)
+        return torch.cat(out)
+
+    def suffix(self, hidden: torch.Tensor, hook_layers: dict[int, list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """Logits from the hidden states at layer ``start``; ``hook_layers``: collect the MLP inputs."""
+        pe = self._positions(hidden)
+        h = hidden
+        for index, layer in enumerate(self.model.model.layers[self.start:], self.start):
+            if hook_layers is not None and index in hook_layers:
+                handle = layer.mlp.register_forward_pre_hook(
+                    lambda m, a, i=index: hook_layers[i].append(a[0].reshape(-1, a[0].shape[-1]).detach()))
+                h = layer(h, attention_mask=None, position_ids=pe[0], position_embeddings=pe[1])
+                handle.remove()
+            else:
+                h = layer(h, attention_mask=None, position_ids=pe[0], position_embeddings=pe[1])
+        return self.model.lm_head(self.model.model.norm(h))
+
+    def _positions(self, h: torch.Tensor):
+        position_ids = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
+        return position_ids, self.model.model.rotary_emb(h, position_ids)
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 60
+    batch: int = 2
+    lr: float = 2e-4
+    seed: int = 0
+
+
+def train_expert(trunk: Trunk, layers: list[int], hidden: torch.Tensor, targets: torch.Tensor,
+                 settings: TrainSettings) -> tuple[dict[int, tuple[torch.Tensor, ...]], list[float]]:
+    """Fine-tune a copy of the MLPs of ``layers`` on (hidden at the trunk's start, token ids) windows
+    with AdamW (constant rate, no weight decay), next-token loss; every other weight is frozen.
+    The model is left unchanged. Returns the trained (gate, up, down) per layer and the loss curve."""
+    model = trunk.model
+    originals = {i: copy.deepcopy(model.model.layers[i].mlp) for i in layers}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for i in layers for p in model.model.layers[i].mlp.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(settings.seed)
+    losses = []
+    for _ in range(settings.steps):
+        pick = torch.randint(len(hidden), (settings.batch,), generator=g)
+        logits = trunk.suffix(hidden[pick])
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           targets[pick][:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    trained = {i: mlp_weights(model.model.layers[i].mlp) for i in layers}
+    for i in layers:
+        model.model.layers[i].mlp = originals[i]
+    for p in params:
+        p.requires_grad_(False)
+    return trained, losses
+
+
+def fit_router(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float = 1e-4,
+               iterations: int = 100) -> torch.Tensor:
+    """Multinomial logistic regression without bias (classes × hidden), fitted by L-BFGS in float64 on
+    mean cross-entropy + l2·‖W‖²: the router whose softmax predicts the token's domain."""
+    x = features.to(torch.float64)
+    weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(x @ weight.T, labels) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    result = weight.detach()
+    if not torch.isfinite(result).all():
+        raise ValueError("router fit diverged (NaN/Inf)")
+    return result.to(torch.float32)
+
+
+# --- how different the experts are ---------------------------------------------------------------------
+
+def expert_differences(triples: list[tuple[torch.Tensor, ...]], dense: tuple[torch.Tensor, ...],
+                       inputs: torch.Tensor, act: nn.Module) -> dict[str, float]:
+    """Relative Frobenius distances (all three weights together) between experts and to the dense MLP,
+    and the mean cosine of their outputs on ``inputs`` (T × hidden)."""
+    def flat(t):
+        return torch.cat([w.flatten().double() for w in t])
+
+    def out(t):
+        g, u, d = (w.double() for w in t)
+        x = inputs.double()
+        return (act(x @ g.T) * (x @ u.T)) @ d.T
+
+    scale = float(flat(dense).norm())
+    vectors = [flat(t) for t in triples]
+    outputs = [out(t) for t in triples]
+    dense_out = out(dense)
+    pairs = [(i, j) for i in range(len(triples)) for j in range(i + 1, len(triples))]
+
+    def cos(a, b):
+        return float(nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+    return {
+        "pairwise_rel_frobenius_mean": sum(float((vectors[i] - vectors[j]).norm()) for i, j in pairs) / len(pairs) / scale,
+        "to_dense_rel_frobenius_mean": sum(float((v - flat(dense)).norm()) for v in vectors) / len(vectors) / scale,
+        "pairwise_output_cosine_mean": sum(cos(outputs[i], outputs[j]) for i, j in pairs) / len(pairs),
+        "to_dense_output_cosine_mean": sum(cos(o, dense_out) for o in outputs) / len(outputs),
+        "pairwise_output_rel_error_mean": sum(float((outputs[i] - outputs[j]).norm() / outputs[j].norm())
+                                              for i, j in pairs) / len(pairs),
+    }
+
+
+# --- the whole build ------------------------------------------------------------------------------------
+
+@dataclass
+class BuildSettings:
+    experts: int = 8
+    top_k: int = 2
+    moe_layers: tuple[int, ...] = ()
+    seq_len: int = 256
+    windows_per_domain: int = 64         # cached prefix windows per domain (training draws from them)
+    router_windows: int = 8              # windows per domain whose tokens fit the router
+    train: TrainSettings = field(default_factory=TrainSettings)
+    seed: int = 0
+
+
+def build(dense: nn.Module, tokenizer, text: str, settings: BuildSettings,
+          progress=lambda message: None) -> tuple[nn.Module, dict]:
+    """Dense model + training text -> (the MoE model, a record of how it was built and what it is)."""
+    layers = sorted(settings.moe_layers)
+    if not layers:
+        raise ValueError("no MoE layers chosen")
+    dense.eval()
+    parts = paragraphs(text)
+    labels = domain_labels(parts, tokenizer, dense.model.embed_tokens.weight, settings.experts, settings.seed)
+    windows = domain_windows(parts, labels, tokenizer, settings.seq_len)
+    sizes = [len(w) for w in windows]
+    progress(f"{len(parts)} paragraphs -> {settings.experts} domains of {sizes} windows of {settings.seq_len}")
+    g = torch.Generator().manual_seed(settings.seed)
+    chosen = [w[torch.randperm(len(w), generator=g)[:settings.windows_per_domain]] for w in windows]
+    trunk = Trunk(dense, layers[0])
+    experts: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in layers}
+    curves = []
+    for domain, ids in enumerate(chosen):
+        hidden = trunk.prefix(ids)
+        started = time.perf_counter()
+        trained, losses = train_expert(trunk, layers, hidden, ids,
+                                       TrainSettings(**{**vars(settings.train), "seed": settings.seed + domain}))
+        for i in layers:
+            experts[i].append(trained[i])
+        curves.append(losses)
+        progress(f"domain {domain}: loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} "
+                 f"({time.perf_counter() - started:.0f} s)")
+    features: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    token_labels = []
+    with torch.no_grad():
+        for domain, ids in enumerate(chosen):
+            held_out = ids[-settings.router_windows:]
+            trunk.suffix(trunk.prefix(held_out), features)
+            token_labels.append(torch.full((held_out.numel(),), domain, dtype=torch.long))
+    y = torch.cat(token_labels)
+    routers, accuracy = {}, {}
+    for i in layers:
+        x = torch.cat(features[i])
+        routers[i] = fit_router(x, y, settings.experts)
+        accuracy[i] = float(((x.double() @ routers[i].double().T).argmax(1) == y).double().mean())
+    dense_mlps = {i: mlp_weights(dense.model.layers[i].mlp) for i in layers}
+    act = dense.model.layers[layers[0]].mlp.act_fn
+    differences = {i: expert_differences(experts[i], dense_mlps[i], torch.cat(features[i])[::7], act)
+                   for i in layers}
+    model = assemble(dense, experts, routers, settings.top_k)
+    info = {"domains_windows": sizes, "paragraphs": len(parts), "moe_layers": layers,
+            "loss_first": [c[0] for c in curves], "loss_last5": [sum(c[-5:]) / len(c[-5:]) for c in curves],
+            "router_top1_domain_accuracy": accuracy, "expert_differences": differences}
+    return model, info
+
+
+__all__ = ["BuildSettings", "Trunk", "TrainSettings", "assemble", "build", "domain_labels", "domain_windows",
+           "expert_differences", "fit_router", "mlp_weights", "moe_config", "paragraphs", "train_expert"]

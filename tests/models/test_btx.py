@@ -1,0 +1,92 @@
+"""Branch-Train-MiX fixture build on a tiny random Llama: exact dense equivalence, the build path, loading."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from helpers import byte_tokenizer, tiny_model
+from lrcompress.models.btx import (BuildSettings, TrainSettings, Trunk, assemble, build, fit_router, mlp_weights,
+                                   paragraphs)
+
+
+def _text(seed: int = 0) -> str:
+    """Paragraphs from two disjoint alphabets: two obvious domains."""
+    rng = random.Random(seed)
+    blocks = []
+    for i in range(40):
+        letters = "abcdefgh" if i % 2 else "stuvwxyz"
+        blocks.append(" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(60)))
+    return "\n\n".join(blocks)
+
+
+def test_identical_experts_reproduce_the_dense_model():
+    dense = tiny_model("llama", num_hidden_layers=3)
+    layers = [1, 2]
+    experts = {i: [mlp_weights(dense.model.layers[i].mlp)] * 4 for i in layers}
+    routers = {i: torch.randn(4, dense.config.hidden_size) for i in layers}
+    moe = assemble(dense, experts, routers, top_k=2)
+    ids = torch.randint(3, 250, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    assert moe.config.mlp_only_layers == [0]
+
+
+def test_dense_equivalence_error_is_round_off():
+    from lrcompress.models.btx import dense_equivalence_error
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    assert dense_equivalence_error(dense, [0, 2], 4, 2, torch.randint(3, 250, (1, 20))) < 1e-4
+
+
+def test_trunk_suffix_equals_the_full_forward():
+    dense = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(3, 250, (2, 16))
+    trunk = Trunk(dense, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk.suffix(trunk.prefix(ids)), dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_router_fit_separates_separable_classes():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 3
+    y = torch.arange(3).repeat_interleave(50)
+    x = centers[y] + torch.randn(150, 8, generator=g)
+    weight = fit_router(x, y, 3)
+    assert float(((x @ weight.T).argmax(1) == y).float().mean()) > 0.9
+
+
+def test_paragraphs_join_short_blocks():
+    parts = paragraphs("= Title =\n\n" + "x" * 250 + "\n \n" + "y" * 300, min_chars=200)
+    assert parts == ["= Title =\n\n" + "x" * 250, "y" * 300]
+
+
+def test_build_on_a_tiny_llama_gives_a_loadable_moe_with_distinct_experts(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    tokenizer = byte_tokenizer()
+    settings = BuildSettings(experts=2, top_k=2, moe_layers=(1, 2), seq_len=32, windows_per_domain=8,
+                             router_windows=4, train=TrainSettings(steps=4, batch=2, lr=1e-2))
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    moe, info = build(dense, tokenizer, _text(), settings)
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())      # dense left unchanged
+    assert info["moe_layers"] == [1, 2] and len(info["domains_windows"]) == 2
+    for layer in ("1", "2"):
+        diff = info["expert_differences"][int(layer)]
+        assert diff["pairwise_rel_frobenius_mean"] > 1e-3 and diff["to_dense_rel_frobenius_mean"] > 1e-3
+    assert min(info["router_top1_domain_accuracy"].values()) > 0.6      # the two alphabets are told apart
+    moe.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 250, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, moe(ids).logits)
+    assert type(loaded).__name__ == "Qwen2MoeForCausalLM"
+
+
+def test_assemble_refuses_unequal_expert_counts():
+    dense = tiny_model("llama", num_hidden_layers=3)
+    w = mlp_weights(dense.model.layers[1].mlp)
+    with pytest.raises(ValueError, match="same expert count"):
+        assemble(dense, {1: [w] * 2, 2: [w] * 3}, {1: torch.zeros(2, 64), 2: torch.zeros(3, 64)}, top_k=2)
