@@ -9,7 +9,7 @@ median of 9 steps, layouts interleaved. ``hot``: each shape alone, the same weig
 (best of 7) — kernel and per-call overhead without the memory traffic. Random weights and codes: speed
 does not depend on the values. Low-rank at ratio 0.3 (r = 0.7·in·out/(in + out)); sparse dictionary
 at ratio 0.2 with k = 2s atoms and 9-bit indices (s from the same budget as ``cospadi``'s plan).
-Threads: 1 (``torch.set_num_threads(1)``; the project runs this through /work/wt/heavy).
+Threads: 1 (``torch.set_num_threads(1)``).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ For every checkpoint, in one process with the dense model loaded beside it:
   compressed alternating, median of ``--repeats``;
 - with ``--profile``: the top ops by self CPU time of one generation of each (torch.profiler).
 
-Threads: ``torch.set_num_threads(--threads)`` (the project runs timings through /work/wt/heavy, 1 thread).
+Threads: ``torch.set_num_threads(--threads)`` (1 thread for the numbers in bench/RESULTS.md).
 """
 from __future__ import annotations
 
