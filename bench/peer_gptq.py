@@ -88,12 +88,16 @@ def run_lrcompress(model: str, count: int, seq_len: int, out: Path, group_size: 
                "--set", f"calibration.num_samples={count}", "--set", f"calibration.seq_len={seq_len}",
                "--set", f"runtime.threads={threads()}", "--set", "runtime.device=cpu",
                "--set", "eval.perplexity=[]", "--set", "eval.baseline=false", "--overwrite", "--output", str(out)]
-    subprocess.run(command, check=True)
+    if not (out / "metrics.json").is_file():
+        subprocess.run(command, check=True)
     metrics = json.loads((out / "metrics.json").read_text())
     return {"seconds": metrics["timing"]["compress"], "peak_rss_bytes": metrics["memory"]["process_peak_rss_bytes"]}
 
 
 def run_llmc(python: str, model: str, windows: Path, out: Path, group_size: int) -> dict:
+    saved = out.parent / "llmc_result.json"
+    if saved.is_file() and (out / "config.json").is_file():
+        return json.loads(saved.read_text())
     script = out.parent / "llmc_gptq.py"
     script.write_text(LLMC_SCRIPT)
     done = subprocess.run([python, str(script), model, str(windows), str(out), str(threads()), str(group_size)],
@@ -101,6 +105,7 @@ def run_llmc(python: str, model: str, windows: Path, out: Path, group_size: int)
     if done.returncode:
         sys.exit(f"llm-compressor failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
+    saved.write_text(line[len("RESULT "):])
     return json.loads(line[len("RESULT "):])
 
 
@@ -109,15 +114,16 @@ def perplexities(model: str, lrc: Path, llmc: Path) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lrcompress
-    from lrcompress.eval import perplexity
+    from lrcompress.eval import EvalContext, perplexity
+    from lrcompress.recipe import PerplexitySpec
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     data = Path(os.environ["LRCOMPRESS_DATA"])
     loaders = {"dense": lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
                "lrcompress": lambda: lrcompress.load(lrc, kernels=False),
                "llm-compressor": lambda: AutoModelForCausalLM.from_pretrained(llmc, dtype=torch.float32)}
-    return {name: perplexity(load().eval(), tokenizer, "wikitext2", "test", 512, 40, data).value
-            for name, load in loaders.items()}
+    spec, context = PerplexitySpec(dataset="wikitext2", split="test", seq_len=512, max_windows=40), EvalContext(data)
+    return {name: perplexity(load().eval(), tokenizer, spec, context).value for name, load in loaders.items()}
 
 
 def main() -> None:
