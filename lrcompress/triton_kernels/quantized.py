@@ -37,6 +37,7 @@ large GPU), autotuning of the block sizes; speed was not measured (no GPU where 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -124,6 +125,8 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     default_m, default_n, default_k = block_sizes(m)
     block_m, block_n, block_k = block_m or default_m, block_n or default_n, block_k or default_k
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, n)
     # float32 multiplies in IEEE float32; so does bfloat16 under the interpreter, whose tl.dot multiplies
     # bfloat16 operands' raw bit patterns (Triton issue 11584; the interpreter keeps bfloat16 as uint16):
     # the operands are already bfloat16 values, so their float32 product is what tensor cores compute
@@ -133,9 +136,10 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     perm_arg = perm if perm is not None else qweight
     bias_arg = bias if bias is not None else qweight
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _quantized_matmul_kernel[grid](x2, qweight, scales, zeros, perm_arg, bias_arg, y,
-                                   m, n, k, groups, group_size, qweight.numel(),
-                                   x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-                                   BITS=bits, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
-                                   DOT_FLOAT32=dot_float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():   # Triton launches on the current device
+        _quantized_matmul_kernel[grid](x2, qweight, scales, zeros, perm_arg, bias_arg, y,
+                                       m, n, k, groups, group_size, qweight.numel(),
+                                       x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+                                       BITS=bits, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
+                                       DOT_FLOAT32=dot_float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y.reshape(*lead, n)
