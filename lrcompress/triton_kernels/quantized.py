@@ -19,18 +19,19 @@ Layout choices and why:
   copy is built, so GPU memory holds exactly the stored bytes. A kernel-specific layout (32-bit words
   per column, as Marlin-style kernels use) would load faster; it is not done here.
 - **Act order: x is gathered in the kernel.** With a permutation, stored column k multiplies input
-  perm[k], so the x tile is loaded at columns perm[k0:k0+BLOCK_K] (int32). This avoids a separate
-  index_select launch and an M × K copy per call — at decode (M = 1) a launch costs about as much as
-  the kernel — and the gather only touches x, which is small and cache-resident; the weight bytes, the
-  traffic that matters, are still read in stored order.
+  perm[k], so the x tile is loaded at columns perm[k0:k0+BLOCK_K] (int32). This saves a separate
+  index_select launch and an M × K copy per call (per-call overheads weigh most at decode, M = 1), and
+  the gather only touches x, which is small and cache-resident; the weight bytes, the traffic that
+  matters, are still read in stored order.
 - **Scales and zeros per element of the tile, by group index.** g = k // group_size is computed once
   per K tile (a BLOCK_K vector), then s and z are gathered at (n, g): correct for any group size,
   ragged last group included, with no requirement that BLOCK_K divide the group.
 - **Precision.** The dequantized tile is rounded to x's dtype before the product, as
   ``F.linear(x, Ŵ.to(x.dtype))`` rounds it, so float16/bfloat16 activations use tensor cores; float32
   activations multiply in full IEEE float32 (``input_precision="ieee"``, not TF32, matching PyTorch's
-  default ``allow_tf32=False``); so do bfloat16 ones under ``TRITON_INTERPRET=1`` (see below). The bias, rounded to x's dtype as F.linear takes it, is added to the float32 accumulator;
-  y is rounded to x's dtype once.
+  default ``allow_tf32=False``); so do bfloat16 ones under ``TRITON_INTERPRET=1`` (the interpreter
+  cannot multiply bfloat16; see :func:`quantized_matmul`). The bias, rounded to x's dtype as F.linear
+  takes it, is added to the float32 accumulator; y is rounded to x's dtype once.
 
 Not done: split-K (at M = 1 a 576-output layer is only cdiv(576, BLOCK_N) programs, too few to fill a
 large GPU), autotuning of the block sizes; speed was not measured (no GPU where this was written).
