@@ -51,7 +51,8 @@ def _quantized_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, y_ptr,
                              M, N, K, G, group_size, n_bytes,
                              stride_xm, stride_xk, stride_ym, stride_yn,
                              BITS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             DOT_FLOAT32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             DOT_FLOAT32: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,7 +138,8 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     perm_arg = perm if perm is not None else qweight
     bias_arg = bias if bias is not None else qweight
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():   # Triton launches on the current device
+    # Triton launches on the current device, which need not be x's
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _quantized_matmul_kernel[grid](x2, qweight, scales, zeros, perm_arg, bias_arg, y,
                                        m, n, k, groups, group_size, qweight.numel(),
                                        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
