@@ -1,18 +1,22 @@
 """QuantizedLinear: packed integer codes + per-group scales and zero points.
 
 The reference forward dequantizes the weight on every call (exact; what the compression pipeline
-uses). After loading, :meth:`QuantizedLinear.prepare_inference` builds the weight once in the layout
-of PyTorch's packed int4 CPU kernel (``cpu_kernels.py``), which the forward then uses on CPU inputs.
+uses on the CPU). After loading, :meth:`QuantizedLinear.prepare_inference` builds the weight once in the
+layout of PyTorch's packed int4 CPU kernel (``cpu_kernels.py``), which the forward then uses on CPU
+inputs. On a CUDA device the forward multiplies straight from the packed codes with the Triton kernel
+(``triton_kernels/quantized.py``, through the dispatch: the torch reference where Triton is absent or
+``LRCOMPRESS_KERNELS=reference``), prepared or not; the dense weight is never built there.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import triton_kernels
 from .base import CompressedLinear, column_major, register_module_kind
 from .cpu_kernels import PackedInt4Weight, int4_kernel_available, kernel_group
 from .packing import pack_codes, packed_bytes, unpack_codes
@@ -24,6 +28,15 @@ SCALE_FORMATS: dict[str, tuple[torch.dtype, torch.dtype]] = {
     "bfloat16": (torch.bfloat16, torch.int16),
     "float32": (torch.float32, torch.int32),
 }
+
+
+class KernelOperands(NamedTuple):
+    """What the device kernel reads: views of the module's buffers (no copy), ``scales`` as floats."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    perm: torch.Tensor | None
 
 
 @register_module_kind
@@ -60,7 +73,8 @@ class QuantizedLinear(CompressedLinear):
         else:
             self.perm = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.dtype, device=device)) if bias else None
-        self._inference: PackedInt4Weight | torch.Tensor | None = None   # built by prepare_inference
+        self._inference: PackedInt4Weight | torch.Tensor | None = None   # built by prepare_inference (CPU)
+        self._operands: KernelOperands | None = None                      # built by prepare_inference (device)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -111,11 +125,19 @@ class QuantizedLinear(CompressedLinear):
             stored = weight
         return stored.to(self.dtype)
 
+    def kernel_operands(self) -> KernelOperands:
+        """The buffers as the device kernel takes them (views: they cost no memory)."""
+        perm = None if self.perm is None else self.perm.to(torch.int32)
+        return KernelOperands(self.qweight, self.scale_values(), self.zeros, perm)
+
     def prepare_inference(self) -> None:
         """Build the weight once for fast CPU inference: in the packed int4 kernel's layout, or, for a
-        group size the kernel cannot express, dequantized (as fast as dense, as large as dense)."""
+        group size the kernel cannot express, dequantized (as fast as dense, as large as dense). On a
+        device, keep the kernel's operands (views of the buffers) so that a forward does not rebuild them."""
+        self._operands = None
         if self.qweight.device.type != "cpu":
             self._inference = None
+            self._operands = self.kernel_operands()
         elif int4_kernel_available() and kernel_group(self.group_size, self.in_features) is not None:
             self._inference = PackedInt4Weight(self.codes(torch.int32), self.scale_values(), self.zeros, self.bits,
                                                self.group_size, self.perm)
@@ -130,6 +152,15 @@ class QuantizedLinear(CompressedLinear):
         return [prepared] if isinstance(prepared, torch.Tensor) else prepared.tensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" and not x.requires_grad:
+            operands = self._operands
+            if operands is None or operands.qweight is not self.qweight:    # unprepared, or moved since
+                operands = self.kernel_operands()
+            # a bias that is being trained is added outside the kernel, so that its gradient flows
+            trained = self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled()
+            y = triton_kernels.quantized_matmul(x, operands.qweight, operands.scales, operands.zeros, self.bits,
+                                                self.group_size, operands.perm, None if trained else self.bias)
+            return y + self.bias.to(y.dtype) if trained else y
         bias = None if self.bias is None else self.bias.to(x.dtype)
         prepared = self._inference
         if prepared is None or x.device.type != "cpu" or x.requires_grad:

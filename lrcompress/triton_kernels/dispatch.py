@@ -51,3 +51,18 @@ def omp_step(gram: torch.Tensor, alpha: torch.Tensor, alpha0: torch.Tensor, supp
 
         return kernel(gram, alpha, alpha0, support, linv, y, selected, valid, step, tol)
     return reference.omp_step(gram, alpha, alpha0, support, linv, y, selected, valid, step, tol)
+
+
+def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     bits: int, group_size: int, perm: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Ŵᵀ + b from packed codes (``reference.quantized_matmul`` has the contract); the kernel takes
+    1–8-bit codes."""
+    tensors = [t for t in (x, qweight, scales, zeros, perm, bias) if t is not None]
+    if 1 <= bits <= 8 and use_triton(*tensors):
+        from .quantized import quantized_matmul as kernel
+
+        return kernel(x, qweight.contiguous(), scales.contiguous(), zeros.contiguous(),
+                      bits, group_size, None if perm is None else perm.to(torch.int32).contiguous(),
+                      None if bias is None else bias.contiguous())
+    return reference.quantized_matmul(x, qweight, scales, zeros, bits, group_size, perm, bias)

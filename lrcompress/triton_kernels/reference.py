@@ -3,6 +3,7 @@ tested against. Each function has the same signature and in-place semantics as i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def sparse_dict_matmul(z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -47,3 +48,27 @@ def omp_step(gram: torch.Tensor, alpha: torch.Tensor, alpha0: torch.Tensor, supp
     linv[:, t, t] = 1.0 / delta
     y[:, t] = torch.where(ok, (alpha0[rows, atom] - (w * y[:, :t]).sum(dim=1)) / delta, torch.zeros_like(d2))
     valid[:, t] = ok
+
+
+def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     bits: int, group_size: int, perm: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Ŵᵀ + b, Ŵ[n, k] = (q[n, k] − z[n, g(k)])·s[n, g(k)] rounded to x's dtype, y in x's dtype.
+
+    ``qweight``: the packed codes (out × in, stored column order; ``modules/packing.py``); ``scales``
+    (float values) and ``zeros`` (uint8): out × groups, groups of ``group_size`` stored columns, the
+    last one possibly shorter; ``perm``: stored column k is input perm[k]. The weight is dequantized
+    in float32 (exact) by the packing module's unpacker, so this shares no code with the kernel.
+    """
+    from ..modules.packing import unpack_codes     # here, not at the top: lrcompress.modules imports this package
+
+    k = x.shape[-1]
+    n, groups = scales.shape
+    codes = unpack_codes(qweight, bits, n * k, torch.float32).view(n, k)
+    group_of = torch.arange(k, device=codes.device) // group_size
+    weight = (codes - zeros.to(torch.float32)[:, group_of]) * scales.to(torch.float32)[:, group_of]
+    if perm is not None:
+        unpermuted = torch.empty_like(weight)
+        unpermuted[:, perm.long()] = weight
+        weight = unpermuted
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

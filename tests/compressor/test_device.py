@@ -45,7 +45,9 @@ NOT_COVERED = {
 
 @pytest.fixture(autouse=True)
 def torch_references(monkeypatch):
-    """The emulated tensors say CUDA: keep the Triton kernels (which need a real GPU) out of it."""
+    """The emulated tensors say CUDA: keep the Triton kernels (which need a real GPU) out of it. The
+    quantized linears' device forward still goes through the dispatch, so it runs on the torch reference
+    (dequantize from the packed codes, then F.linear); tests/triton_kernels checks the kernel against it."""
     monkeypatch.setattr(dispatch, "use_triton", lambda *tensors: False)
 
 

@@ -1,9 +1,13 @@
 """Run each Triton kernel (interpreted when TRITON_INTERPRET=1) and its reference; print errors as JSON."""
 import json
+import math
+import time
 
 import torch
 
+from lrcompress.modules.packing import pack_codes
 from lrcompress.triton_kernels import omp as omp_kernel
+from lrcompress.triton_kernels import quantized as quantized_kernel
 from lrcompress.triton_kernels import reference
 from lrcompress.triton_kernels import sparse_dict as sparse_kernel
 
@@ -55,5 +59,45 @@ def omp_cases():
     return out
 
 
+# (bits, in K, out N, x's leading shape, group, act order, activation dtype, bias, blocks or None = defaults):
+# groups that divide K and ragged ones, N and K off the tile sizes, several K and N tiles with 16³ blocks
+QUANTIZED = [
+    (2, 40, 18, (1,), 8, False, torch.float32, True, None),
+    (3, 45, 37, (5,), 16, False, torch.float32, False, (16, 16, 16)),
+    (4, 48, 20, (2, 3), 16, True, torch.float32, True, (16, 16, 16)),
+    (8, 33, 17, (3,), 10, True, torch.float16, False, None),
+    (4, 40, 24, (1,), 32, True, torch.bfloat16, True, (16, 16, 16)),
+    (3, 29, 19, (4,), 7, True, torch.bfloat16, False, None),
+    (5, 29, 19, (4,), 7, True, torch.float32, True, (16, 16, 16)),
+    (7, 23, 9, (1,), 23, False, torch.float16, True, None),
+    (2, 70, 33, (17,), 16, False, torch.float16, False, None),
+    (8, 36, 40, (2,), 12, False, torch.bfloat16, True, (16, 16, 16)),
+]
+
+
+def quantized_cases():
+    out = []
+    for bits, k, n, lead, group, act_order, dtype, has_bias, blocks in QUANTIZED:
+        g = torch.Generator().manual_seed(bits * 1000 + k * 10 + n)
+        groups = math.ceil(k / group)
+        qweight = pack_codes(torch.randint(0, 2**bits, (n, k), generator=g), bits)
+        scales = (torch.rand(n, groups, generator=g) / 2**bits + 1e-3).to(torch.float16)
+        zeros = torch.randint(0, 2**bits, (n, groups), generator=g).to(torch.uint8)
+        perm = torch.randperm(k, generator=g).to(torch.int32) if act_order else None
+        bias = torch.randn(n, generator=g) if has_bias else None
+        x = torch.randn(*lead, k, generator=g).to(dtype)
+        block_m, block_n, block_k = blocks or (None, None, None)
+        start = time.perf_counter()
+        got = quantized_kernel.quantized_matmul(x, qweight, scales, zeros, bits, group, perm, bias,
+                                                block_m=block_m, block_n=block_n, block_k=block_k)
+        seconds = time.perf_counter() - start
+        want = reference.quantized_matmul(x, qweight, scales, zeros, bits, group, perm, bias)
+        out.append({"case": [bits, k, n, list(lead), group, act_order, str(dtype), has_bias, blocks],
+                    "dtype": str(dtype).removeprefix("torch."), "shape": list(got.shape), "dtype_out": str(got.dtype),
+                    "max_error": (got.double() - want.double()).abs().max().item(),
+                    "scale": want.double().abs().max().item(), "seconds": seconds})
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps({"sparse_dict": sparse_cases(), "omp": omp_cases()}))
+    print(json.dumps({"sparse_dict": sparse_cases(), "omp": omp_cases(), "quantized": quantized_cases()}))

@@ -40,3 +40,26 @@ def test_omp_step_kernel_matches_the_reference(results):
     for case in cases:
         assert case["supports_equal"], case
         assert case["max_error"] <= 1e-9, case
+
+
+# Kernel and reference both round Ŵ and the bias to x's dtype, sum the products in float32 (in different
+# orders: ~1e-6 relative apart) and round y once. In float32 that leaves the summation order; in float16
+# the two float32 sums may round to neighbouring values: at most one unit in the last place of |y|,
+# ≤ 2^-10·max|y| (11 significant bits). bfloat16 gets two units (2^-6 with 8 significant bits): the
+# interpreter casts float32 → bfloat16 by truncation, not round-to-nearest as a GPU does (the Triton
+# debugging guide: the interpreter does not support bfloat16 arithmetic), so the kernel's weight and
+# output roundings there are each up to one unit instead of half; measured 1.1–1.6 units at most.
+QUANTIZED_TOLERANCE = {"float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-6}
+
+
+def test_quantized_matmul_kernel_matches_the_reference(results):
+    cases = results["quantized"]
+    assert {case["case"][0] for case in cases} >= {2, 3, 4, 8}                     # code widths
+    assert {case["case"][5] for case in cases} == {True, False}                    # act order
+    assert {case["dtype"] for case in cases} == set(QUANTIZED_TOLERANCE)
+    assert any(case["case"][1] % case["case"][4] for case in cases)                # a ragged last group
+    assert any(case["case"][1] % case["case"][4] == 0 for case in cases)
+    for case in cases:
+        bits, k, n, lead = case["case"][:4]
+        assert case["shape"] == [*lead, n] and case["dtype_out"] == f"torch.{case['dtype']}", case
+        assert case["max_error"] <= QUANTIZED_TOLERANCE[case["dtype"]] * max(1.0, case["scale"]), case
