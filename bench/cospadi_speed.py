@@ -28,8 +28,9 @@ import torch
 from lrcompress.checkpoint import bytes_on_disk
 from lrcompress.checkpoint.writer import write_checkpoint
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
-from lrcompress.eval import perplexity
+from lrcompress.eval import EvalContext, perplexity
 from lrcompress.models import load_model
+from lrcompress.recipe import PerplexitySpec
 
 from cospadi import compress_all, restore, target_names
 from cospadi_phases import PHASES, instrument, parse
@@ -82,7 +83,7 @@ def main() -> None:
             result = compress_all(model, names, stats, method, {"ratio": ratio, **options})
             split = dict(seconds)
             stopped = sum(1 for d in result["details"] if d.get("ksvd_stopped_early"))
-            ppl = perplexity(model, tokenizer, "wikitext2", "test", 512, args.max_windows, directory, 4)
+            ppl = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.max_windows), EvalContext(directory))
             protocol = ppl.protocol
             size = None if args.no_save else checkpoint_bytes(model, tokenizer)
             restore(model, result["originals"])
