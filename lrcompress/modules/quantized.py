@@ -39,6 +39,29 @@ class KernelOperands(NamedTuple):
     perm: torch.Tensor | None
 
 
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+               perm: torch.Tensor | None, in_features: int) -> torch.Tensor:
+    """Ŵ in float32 (out × in, input order) from the stored tensors of a :class:`QuantizedLinear`:
+    packed codes, ``scales`` as float values and ``zeros``, both out × groups, and the act-order ``perm``.
+
+    float32 is exact here: (q − z) is a small integer and the scale has ≤ 24 mantissa bits. Groups as a
+    (out × groups × width) view; a ragged last group is padded, then cut off.
+    """
+    out_features, groups = scales.shape
+    codes = unpack_codes(qweight, bits, out_features * in_features, torch.float32).view(out_features, in_features)
+    pad = groups * group_size - in_features
+    if pad:
+        codes = F.pad(codes, (0, pad))
+    scale = scales.to(torch.float32)[:, :, None]
+    zero = zeros.to(torch.float32)[:, :, None]
+    stored = ((codes.view(out_features, groups, group_size) - zero) * scale).view(out_features, -1)[:, :in_features]
+    if perm is None:
+        return stored
+    weight = torch.empty_like(stored)
+    weight[:, perm.long()] = stored
+    return weight
+
+
 @register_module_kind
 class QuantizedLinear(CompressedLinear):
     """W[i, j] = (q[i, j] − z[i, g(j)]) · s[i, g(j)], asymmetric integer codes q of ``bits`` bits.
@@ -108,22 +131,8 @@ class QuantizedLinear(CompressedLinear):
         return self.scales.view(SCALE_FORMATS[self.scale_dtype][0])
 
     def dense_weight(self) -> torch.Tensor:
-        # float32 is exact here: (q − z) is a small integer and the scale has ≤ 24 mantissa bits.
-        # Groups as a (out × groups × width) view; a ragged last group is padded, then cut off.
-        groups, width = self.scales.shape[1], self.group_size
-        codes = self.codes(torch.float32)
-        pad = groups * width - self.in_features
-        if pad:
-            codes = F.pad(codes, (0, pad))
-        scale = self.scale_values().to(torch.float32)[:, :, None]
-        zero = self.zeros.to(torch.float32)[:, :, None]
-        stored = ((codes.view(self.out_features, groups, width) - zero) * scale).view(self.out_features, -1)
-        stored = stored[:, : self.in_features]
-        if self.perm is not None:
-            weight = torch.empty_like(stored)
-            weight[:, self.perm.long()] = stored
-            stored = weight
-        return stored.to(self.dtype)
+        return dequantize(self.qweight, self.scale_values(), self.zeros, self.bits, self.group_size, self.perm,
+                          self.in_features).to(self.dtype)
 
     def kernel_operands(self) -> KernelOperands:
         """The buffers as the device kernel takes them (views: they cost no memory)."""

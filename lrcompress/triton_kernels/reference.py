@@ -57,18 +57,10 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
     ``qweight``: the packed codes (out × in, stored column order; ``modules/packing.py``); ``scales``
     (float values) and ``zeros`` (uint8): out × groups, groups of ``group_size`` stored columns, the
-    last one possibly shorter; ``perm``: stored column k is input perm[k]. The weight is dequantized
-    in float32 (exact) by the packing module's unpacker, so this shares no code with the kernel.
+    last one possibly shorter; ``perm``: stored column k is input perm[k]. The weight is the module's own
+    dequantization (``modules.quantized.dequantize``, float32, exact), so this shares no code with the kernel.
     """
-    from ..modules.packing import unpack_codes     # here, not at the top: lrcompress.modules imports this package
+    from ..modules.quantized import dequantize    # here, not at the top: lrcompress.modules imports this package
 
-    k = x.shape[-1]
-    n, groups = scales.shape
-    codes = unpack_codes(qweight, bits, n * k, torch.float32).view(n, k)
-    group_of = torch.arange(k, device=codes.device) // group_size
-    weight = (codes - zeros.to(torch.float32)[:, group_of]) * scales.to(torch.float32)[:, group_of]
-    if perm is not None:
-        unpermuted = torch.empty_like(weight)
-        unpermuted[:, perm.long()] = weight
-        weight = unpermuted
+    weight = dequantize(qweight, scales, zeros, bits, group_size, perm, x.shape[-1])
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
