@@ -8,7 +8,8 @@ The Grams come from ``--num-samples`` calibration windows of WikiText-2 validati
 of the uncompressed model). Each config compresses every listed module through its compressor
 contract; the phases are timed by wrapping the functions that do them (whitening, the SVD
 initialization, batched OMP, the atom updates, the value refit). A config is ``whiten``,
-``compot:ITERATIONS`` or ``cospadi:ITERATIONS[:KSVD_DTYPE[:POWER_STEPS]]`` (e.g. ``cospadi:1::30``, ``cospadi:4:float64``).
+``compot:ITERATIONS`` or ``cospadi:ITERATIONS[:KSVD_DTYPE[:POWER_STEPS]]`` (e.g. ``cospadi:1::30``, ``cospadi:4:float64``),
+and any field after ITERATIONS may be ``OPTION=VALUE`` (e.g. ``cospadi:4:omp_atoms_per_step=8``).
 One row per config and module. The relative output error is ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ from the Gram.
 """
 from __future__ import annotations
@@ -56,14 +57,19 @@ def instrument(seconds: dict[str, float]) -> None:
 
 
 def parse(config: str) -> tuple[str, dict]:
+    """``METHOD[:ITERATIONS[:KSVD_DTYPE[:POWER_STEPS]]]``, where any field after ITERATIONS may instead be
+    ``OPTION=VALUE`` for any option of the method's config (e.g. ``cospadi:4:omp_atoms_per_step=8``)."""
     method, *rest = config.split(":")
     if method == "whiten":
         return method, {}
     options: dict = {"iterations": int(rest[0]) if rest else 4}
-    if len(rest) > 1 and rest[1]:
-        options["ksvd_dtype"] = rest[1]
-    if len(rest) > 2:
-        options["power_steps"] = int(rest[2])
+    positional = ["ksvd_dtype", "power_steps"]
+    for field in rest[1:]:
+        key, _, value = field.rpartition("=")
+        if not key:
+            key = positional.pop(0)
+        if value:
+            options[key] = value
     return method, options
 
 

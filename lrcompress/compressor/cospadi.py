@@ -51,6 +51,8 @@ class CoSpaDiConfig(CompressorConfig):
     ksvd_dtype: Literal["float64", "float32"] = Field(
         "float32", description="precision of K-SVD's sparse coding and atom updates (whitening, un-whitening and "
                                "the value refit stay in float64)")
+    omp_atoms_per_step: int = Field(1, ge=1, description="atoms each step of the sparse coding adds (1: OMP; more: "
+                                                         "generalized OMP, fewer steps)")
     tolerance: float = Field(0.005, ge=0.0, description="stop K-SVD early when an iteration lowers the relative "
                                                         "error by less than this fraction (0: never)")
     sparsity: int | None = Field(None, ge=1, description="nonzeros per column s, instead of the one the ratio "
@@ -136,7 +138,8 @@ class CoSpaDi(Compressor):
         """The dictionary and code of the whitened weights (columns of ``signals``): K-SVD + OMP."""
         c = self.config
         return ksvd(signals, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, power_steps=c.power_steps,
-                    dtype=getattr(torch, c.ksvd_dtype), tolerance=c.tolerance)
+                    dtype=getattr(torch, c.ksvd_dtype), tolerance=c.tolerance,
+                    atoms_per_step=c.omp_atoms_per_step)
 
     def compress_group(self, members: list[GroupMember]) -> list[CompressResult]:
         c = self.config

@@ -17,6 +17,7 @@ Nothing loops over columns in Python.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -39,8 +40,13 @@ ORTHONORMAL_TOL = 1e-9          # ‖DᵀD − I‖_max below max(this, 1000·ep
                                 # top-s projections (float32: 1.2e-4, the round-off of a float64-orthonormal D)
 
 
-def batched_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batched_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
+                atoms_per_step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP with exactly ``sparsity`` atoms for every column of X, given G = DᵀD [k, k] and DᵀX [k, N].
+
+    ``atoms_per_step`` > 1 is generalized OMP (gOMP, Wang, Kwon & Shim 2012): each step adds the
+    atoms of that many largest |correlations| at once and refits, which reads the pursuit's state once
+    per step instead of once per atom (see ``COSPADI_ATOMS_PER_STEP`` in ``compressor.cospadi``).
 
     Returns (indices [s, N] int64 in selection order, values [s, N] = least squares on the support),
     in the dtype of the inputs. A column already represented exactly before s atoms gets zero values
@@ -55,8 +61,10 @@ def batched_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int) -
     if (gram - eye).abs().max().item() < max(ORTHONORMAL_TOL, 1e3 * torch.finfo(gram.dtype).eps):
         top = correlations.abs().topk(sparsity, dim=0).indices
         return top, correlations.gather(0, top)
-    kernel = triton_kernels.use_triton(gram, correlations)
-    pursuit = _omp_chunk if kernel else _omp_chunk_gram_schmidt
+    if atoms_per_step < 1:
+        raise ValueError(f"atoms_per_step must be at least 1, got {atoms_per_step}")
+    kernel = atoms_per_step == 1 and triton_kernels.use_triton(gram, correlations)
+    pursuit = _omp_chunk if kernel else functools.partial(_omp_chunk_gram_schmidt, per_step=atoms_per_step)
     if kernel:
         chunk = max(1, min(n_cols, OMP_STATE_BUDGET // (sparsity * sparsity)))
     else:
@@ -91,18 +99,20 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, s: int) -> tuple[torch.
     return support.T.contiguous(), coefficients.T.contiguous()
 
 
-def _omp_chunk_gram_schmidt(gram: torch.Tensor, alpha0: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _omp_chunk_gram_schmidt(gram: torch.Tensor, alpha0: torch.Tensor, s: int,
+                            per_step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The pursuit of ``_omp_chunk`` in Gram–Schmidt form (module docstring): no L⁻¹ and no k×k GEMM.
 
-    With q_t = (d_i − Σ_j w_j q_j)/δ: w_j = q_jᵀd_i = P[j, i], δ² = G_ii − ‖w‖², y_t = q_tᵀx = α_i/δ
-    (the residual is orthogonal to q_<t), and D_I = Q·Lᵀ with row t of L = [w, δ], so γ = L⁻ᵀy. An
-    atom in the span of the chosen ones (δ² ≤ tol·G_ii) gets row [0, 1], q_t = 0 and y_t = 0: a
-    decoupled zero value, as in the step kernel.
+    Each step adds the ``per_step`` atoms of largest |α| (1: OMP itself). With r_a = d_a − Σ_j w_aj q_j
+    for the block's atoms a (w_aj = q_jᵀd_a = P[j, a]): Dᵀr_a = G[:, a] − Pᵀw_a for all of them is one
+    batched product that reads P once, C = [r_aᵀr_c] is gathered from it, and C = R·Rᵀ (Cholesky, b × b)
+    gives the block's orthonormal directions Dᵀq = R⁻¹·Dᵀr, their values y = R⁻¹·α_block (the residual
+    is orthogonal to q_<t), and the block's rows [w, R] of L (D_I = Q·Lᵀ, so γ = L⁻ᵀy). An atom in the
+    span of the chosen ones (δ² ≤ tol·G_aa) gets row [0, 1], q = 0 and y = 0: a decoupled zero value,
+    as in the step kernel.
     """
     batch, k = alpha0.shape
     dev, dtype = alpha0.device, alpha0.dtype
-    rows = torch.arange(batch, device=dev)
-    tiny = torch.finfo(dtype).tiny
     alpha = alpha0.clone()
     p = torch.zeros(batch, s, k, dtype=dtype, device=dev)
     lower = torch.zeros(batch, s, s, dtype=dtype, device=dev)
@@ -110,32 +120,63 @@ def _omp_chunk_gram_schmidt(gram: torch.Tensor, alpha0: torch.Tensor, s: int) ->
     support = torch.zeros(batch, s, dtype=torch.int64, device=dev)
     selected = torch.zeros(batch, k, dtype=torch.bool, device=dev)
     diagonal = torch.diagonal(gram)
-    for t in range(s):
-        atom = alpha.abs().masked_fill_(selected, -1.0).argmax(dim=1)
-        selected[rows, atom] = True
-        support[:, t] = atom
-        g_ii = diagonal[atom]
+    eye = torch.eye(per_step, dtype=dtype, device=dev)
+    t = 0
+    while t < s:
+        b = min(per_step, s - t)
+        atoms = alpha.abs().masked_fill_(selected, -1.0).topk(b, dim=1).indices             # [B, b]
+        selected.scatter_(1, atoms, True)
+        support[:, t:t + b] = atoms
+        raw = gram.index_select(0, atoms.flatten()).view(batch, b, k)                      # Dᵀd_a
         if t:
-            w = p[:, :t, :].gather(2, atom.view(batch, 1, 1).expand(batch, t, 1)).squeeze(2)     # [B, t]
-            d2 = g_ii - (w * w).sum(dim=1)
-        else:
-            d2 = g_ii
-        ok = d2 > SPAN_TOL * g_ii
-        root = d2.clamp_min(tiny).sqrt()
-        inverse = torch.where(ok, 1.0 / root, torch.zeros_like(d2))                # 1/δ, 0 in the span
-        lower[:, t, t] = torch.where(ok, root, torch.ones_like(d2))
+            w = p[:, :t, :].gather(2, atoms[:, None, :].expand(batch, t, b))                # [B, t, b]
+            raw = torch.baddbmm(raw, w.mT, p[:, :t, :], alpha=-1.0)                         # Dᵀr_a
+        cross = raw.gather(2, atoms[:, None, :].expand(batch, b, b))                         # r_aᵀr_c
+        factor, independent = _block_factor(cross, diagonal[atoms])
+        inverse = torch.linalg.solve_triangular(factor, eye[:b, :b].expand(batch, b, b), upper=False)
+        inverse.mul_(independent[:, :, None])                                               # q = 0 in the span
+        p[:, t:t + b, :] = torch.bmm(inverse, raw)
+        y[:, t:t + b] = torch.bmm(inverse, alpha.gather(1, atoms).unsqueeze(-1)).squeeze(-1)
+        lower[:, t:t + b, t:t + b] = factor
         if t:
-            w.mul_(ok[:, None])
-            lower[:, t, :t] = w
-            q = torch.baddbmm(gram[atom].unsqueeze(1), w.unsqueeze(1), p[:, :t, :], alpha=-1.0).squeeze(1)
-        else:
-            q = gram[atom]
-        q.mul_(inverse[:, None])
-        p[:, t, :] = q
-        y[:, t] = alpha[rows, atom] * inverse
-        alpha.sub_(y[:, t : t + 1] * q)
+            lower[:, t:t + b, :t] = w.mT * independent[:, :, None]
+        alpha.sub_(torch.bmm(y[:, None, t:t + b], p[:, t:t + b, :]).squeeze(1))
+        t += b
     coefficients = torch.linalg.solve_triangular(lower.mT, y.unsqueeze(-1), upper=True).squeeze(-1)
     return support.T.contiguous(), coefficients.T.contiguous()
+
+
+def _block_factor(cross: torch.Tensor, g_aa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor of a block's [B, b, b] Gram C and which of its atoms are independent.
+
+    Batched Cholesky first; the columns where it fails or where a pivot falls to δ² ≤ tol·G_aa (an atom
+    in the span of the chosen ones) are redone one atom at a time, each dependent atom getting row
+    [0, 1] so that it decouples."""
+    factor, info = torch.linalg.cholesky_ex(cross)
+    pivots = factor.diagonal(dim1=1, dim2=2)
+    independent = (pivots * pivots > SPAN_TOL * g_aa) & (info == 0)[:, None]
+    redo = (~independent).any(dim=1).nonzero().flatten()
+    if len(redo):
+        factor[redo], independent[redo] = _sequential_factor(cross[redo], g_aa[redo])
+    return factor, independent
+
+
+def _sequential_factor(cross: torch.Tensor, g_aa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_block_factor`` one pivot at a time, decoupling each atom in the span of the earlier ones."""
+    batch, b, _ = cross.shape
+    tiny = torch.finfo(cross.dtype).tiny
+    factor = torch.zeros_like(cross)
+    independent = torch.ones(batch, b, dtype=torch.bool, device=cross.device)
+    for a in range(b):
+        row = cross[:, a, :a].clone()
+        for c in range(a):                                       # forward substitution: R[a, c]
+            row[:, c] = (row[:, c] - (row[:, :c] * factor[:, c, :c]).sum(dim=1)) / factor[:, c, c]
+            row[:, c] *= independent[:, c]                       # a dependent atom's q is 0
+        factor[:, a, :a] = row
+        d2 = cross[:, a, a] - (row * row).sum(dim=1)
+        independent[:, a] = d2 > SPAN_TOL * g_aa[:, a]
+        factor[:, a, a] = torch.where(independent[:, a], d2.clamp_min(tiny).sqrt(), torch.ones_like(d2))
+    return factor, independent
 
 
 def refit_values(gram: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
@@ -211,7 +252,7 @@ def _normalize(atoms: torch.Tensor) -> torch.Tensor:
 
 def ksvd(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int, seed: int = 0,
          init: torch.Tensor | None = None, power_steps: int = 30, dtype: torch.dtype | None = None,
-         tolerance: float = 0.0) -> KSVDResult:
+         tolerance: float = 0.0, atoms_per_step: int = 1) -> KSVDResult:
     """K-SVD (Aharon, Elad & Bruckstein 2006) on the columns of ``signals``.
 
     Each iteration: sparse-code every column with batched OMP, then update the atoms one after the
@@ -227,6 +268,7 @@ def ksvd(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int, se
     runs in the signals' dtype and the dictionary is returned in it. Re-seeding can raise the error,
     so the iteration with the lowest error is returned (``best``). ``tolerance`` > 0 stops early
     when an iteration lowers the relative error by less than ``tolerance`` times its previous value.
+    ``atoms_per_step`` is the sparse coding's (``batched_omp``).
     """
     dtype = dtype or signals.dtype
     start = _normalize(init.clone()) if init is not None else initial_dictionary(signals, n_atoms, seed)
@@ -235,7 +277,7 @@ def ksvd(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int, se
     x_norm = x.norm().clamp_min(torch.finfo(dtype).tiny)
     result = KSVDResult(dictionary, torch.empty(0), torch.empty(0))
     for iteration in range(iterations):
-        indices, values = batched_omp(dictionary.T @ dictionary, dictionary.T @ x, sparsity)
+        indices, values = batched_omp(dictionary.T @ dictionary, dictionary.T @ x, sparsity, atoms_per_step)
         codes = dense_codes(indices, values, n_atoms)
         residual = x - dictionary @ codes
         unused = _update_atoms(dictionary, codes, residual, power_steps)
