@@ -51,7 +51,7 @@ class CoSpaDiConfig(CompressorConfig):
     ksvd_dtype: Literal["float64", "float32"] = Field(
         "float32", description="precision of K-SVD's sparse coding and atom updates (whitening, un-whitening and "
                                "the value refit stay in float64)")
-    omp_atoms_per_step: int = Field(1, ge=1, description="atoms each step of the sparse coding adds (1: OMP; more: "
+    omp_atoms_per_step: int = Field(16, ge=1, description="atoms each step of the sparse coding adds (1: OMP; more: "
                                                          "generalized OMP, fewer steps)")
     tolerance: float = Field(0.005, ge=0.0, description="stop K-SVD early when an iteration lowers the relative "
                                                         "error by less than this fraction (0: never)")

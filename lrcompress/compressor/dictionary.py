@@ -172,9 +172,9 @@ def _sequential_factor(cross: torch.Tensor, g_aa: torch.Tensor) -> tuple[torch.T
         for c in range(a):                                       # forward substitution: R[a, c]
             row[:, c] = (row[:, c] - (row[:, :c] * factor[:, c, :c]).sum(dim=1)) / factor[:, c, c]
             row[:, c] *= independent[:, c]                       # a dependent atom's q is 0
-        factor[:, a, :a] = row
         d2 = cross[:, a, a] - (row * row).sum(dim=1)
         independent[:, a] = d2 > SPAN_TOL * g_aa[:, a]
+        factor[:, a, :a] = row * independent[:, a, None]         # a dependent atom's row is [0, 1]
         factor[:, a, a] = torch.where(independent[:, a], d2.clamp_min(tiny).sqrt(), torch.ones_like(d2))
     return factor, independent
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrcompress.compressor.dictionary import (_omp_chunk, _omp_chunk_gram_schmidt, batched_omp, dense_codes, ksvd,
+from lrcompress.compressor.dictionary import (_block_factor, _omp_chunk, _omp_chunk_gram_schmidt, _sequential_factor,
+                                              batched_omp, dense_codes, ksvd,
                                               orthogonal_dictionary,
                                               refit_values, sparsity_budget,
                                               update_atom)
@@ -24,15 +25,16 @@ def synthetic(n: int = 64, k: int = 48, s: int = 4, cols: int = 400, seed: int =
     return d0, s0
 
 
-def naive_omp(d: torch.Tensor, x: torch.Tensor, s: int) -> tuple[list[int], torch.Tensor]:
-    """Textbook OMP for one column: pick argmax |Dᵀr|, refit by least squares, repeat."""
+def naive_omp(d: torch.Tensor, x: torch.Tensor, s: int, per_step: int = 1) -> tuple[list[int], torch.Tensor]:
+    """Textbook OMP for one column: pick argmax |Dᵀr|, refit by least squares, repeat. With ``per_step``
+    > 1, generalized OMP: pick the ``per_step`` largest |Dᵀr| (fewer in the last step) at once."""
     support: list[int] = []
     residual = x.clone()
     coef = torch.zeros(0, dtype=x.dtype)
-    for _ in range(s):
+    while len(support) < s:
         scores = (d.T @ residual).abs()
         scores[support] = -1
-        support.append(int(scores.argmax()))
+        support += scores.argsort(descending=True)[: min(per_step, s - len(support))].tolist()
         coef = torch.linalg.lstsq(d[:, support], x.unsqueeze(1)).solution.squeeze(1)
         residual = x - d[:, support] @ coef
     return support, coef
@@ -59,6 +61,56 @@ def test_omp_matches_textbook_omp_and_least_squares_on_its_support():
         brute = torch.linalg.lstsq(d[:, indices[:, j]], x[:, j:j + 1]).solution.squeeze(1)
         assert torch.allclose(values[:, j], brute, atol=1e-9)
         assert torch.allclose(values[:, j], coef, atol=1e-9)
+
+
+@pytest.mark.parametrize("per_step", [2, 3, 5, 7])
+def test_generalized_omp_matches_its_textbook_form(per_step):
+    """Several atoms a step (7 = s: one step), the last step partial (7 = 5 + 2, 3 + 3 + 1)."""
+    g = torch.Generator().manual_seed(11)
+    d = torch.randn(20, 31, generator=g, dtype=torch.float64)
+    d /= d.norm(dim=0)
+    x = torch.randn(20, 17, generator=g, dtype=torch.float64)
+    indices, values = batched_omp(d.T @ d, d.T @ x, 7, atoms_per_step=per_step)
+    for j in range(x.shape[1]):
+        support, coef = naive_omp(d, x[:, j], 7, per_step)
+        assert indices[:, j].tolist() == support
+        assert torch.allclose(values[:, j], coef, atol=1e-9)
+
+
+@pytest.mark.parametrize("per_step", [1, 3, 4])
+def test_generalized_omp_decouples_atoms_beyond_the_signal_dimension(per_step):
+    """In 5 dimensions the 6th atom onward lies in the span of the chosen ones: each such atom gets a zero
+    value, the atoms stay distinct, and the code still represents the column exactly."""
+    g = torch.Generator().manual_seed(12)
+    d = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    d /= d.norm(dim=0)
+    x = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    indices, values = batched_omp(d.T @ d, d.T @ x, 8, atoms_per_step=per_step)
+    assert all(len(set(indices[:, j].tolist())) == 8 for j in range(9))
+    assert torch.allclose(d @ dense_codes(indices, values, 12), x, atol=1e-9)
+    assert (values[5:] == 0).all()                   # past five independent atoms nothing is left to fit
+    naive = [naive_omp(d, x[:, j], 5, per_step)[0] for j in range(9)]
+    assert [indices[:5, j].tolist() for j in range(9)] == naive
+
+
+def test_the_block_factor_is_cholesky_and_its_fallback_agrees():
+    """The batched Cholesky of a pursuit step and its one-pivot-at-a-time fallback give one factor;
+    a block with a repeated direction falls back and decouples the repeat (row [0, 1])."""
+    g = torch.Generator().manual_seed(13)
+    a = torch.randn(6, 4, 4, generator=g, dtype=torch.float64)
+    cross = a @ a.mT + 0.1 * torch.eye(4, dtype=torch.float64)
+    diagonal = torch.diagonal(cross, dim1=1, dim2=2).clone()
+    factor, independent = _block_factor(cross, diagonal)
+    assert independent.all() and torch.allclose(factor, torch.linalg.cholesky(cross), atol=1e-12)
+    assert torch.allclose(_sequential_factor(cross, diagonal)[0], factor, atol=1e-12)
+    v = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    vectors = torch.stack([v[0], v[1], v[0], v[2]])                   # the third repeats the first
+    degenerate = (vectors @ vectors.T).unsqueeze(0)
+    factor, independent = _block_factor(degenerate, torch.diagonal(degenerate, dim1=1, dim2=2))
+    assert independent.tolist() == [[True, True, False, True]]
+    assert factor[0, 2].tolist() == [0.0, 0.0, 1.0, 0.0]
+    kept = (independent[0, :, None] & independent[0, None, :]).double()
+    assert torch.allclose((factor[0] @ factor[0].T) * kept, degenerate[0] * kept, atol=1e-10)
 
 
 def test_omp_on_an_orthonormal_dictionary_keeps_the_largest_projections():
