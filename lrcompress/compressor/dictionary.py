@@ -4,15 +4,18 @@ Orientation: signals are the columns of X (n × N); a dictionary D is n × k wit
 code has exactly s entries per column, stored in the fixed-nnz layout indices/values [s, N].
 
 Batched OMP is Batch-OMP (Rubinstein, Zibulevsky & Elad 2008) run for all columns at once: it works
-on the Gram G = DᵀD and the correlations DᵀX only and never touches the signals. Two exact forms of
-the same pursuit (same supports, same values; tested against textbook OMP):
-- on CUDA with Triton, the step kernel grows the inverse Cholesky factor L⁻¹ of G[I, I] one row per
-  step (``triton_kernels.omp_step``) and α ← α − y_t·Dᵀq_t is one GEMM over all columns (k² per
-  column and step: cheap on a GPU);
-- everywhere else, the Gram–Schmidt form: it keeps P = [Dᵀq_0; …; Dᵀq_{t−1}] (the correlations of the
-  orthonormalized chosen atoms), so w = Q_Iᵀd_i is a gather from P, Dᵀq_t = (G[:, i] − Pᵀw)/δ costs
-  t·k per column (k·s²/2 over the pursuit instead of the GEMM's k²·s: 4× less for s = k/2), and
-  L = [[w, δ]] is kept to recover the coefficients at the end (Lᵀγ = y).
+on the Gram G = DᵀD and the correlations DᵀX only and never touches the signals. It adds one atom per
+step (OMP) or b atoms per step (generalized OMP, Wang, Kwon & Shim 2012). Two forms of OMP itself
+(same supports, same values; tested against textbook OMP):
+- on CUDA with Triton and one atom a step, the step kernel grows the inverse Cholesky factor L⁻¹ of
+  G[I, I] one row per step (``triton_kernels.omp_step``) and α ← α − y_t·Dᵀq_t is one GEMM over all
+  columns (k² per column and step: cheap on a GPU);
+- everywhere else, the Gram–Schmidt block form: it keeps P = [Dᵀq_0; …; Dᵀq_{t−1}] (the correlations
+  of the orthonormalized chosen atoms), so w = Q_Iᵀd_a is a gather from P, and the b new directions
+  Dᵀr_a = G[:, a] − Pᵀw_a are one batched product that reads P once per step (k·s²/2 per column over
+  the pursuit instead of the GEMM's k²·s: 4× less for s = k/2); a b × b Cholesky orthonormalizes
+  them, and L = [[w, R]] is kept to recover the coefficients at the end (Lᵀγ = y). With b = 1 the
+  product is a matrix-vector one, bound by memory on a CPU; with b atoms it is b times denser.
 Nothing loops over columns in Python.
 """
 from __future__ import annotations
