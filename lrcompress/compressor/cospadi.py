@@ -11,9 +11,10 @@ Choices the paper leaves open, made here:
   bit-packed at ⌈log₂ k⌉ bits (k = 408: 9 bits, 0.28 of a float32 value, 0.56 of a bfloat16 one);
   ``count_indices: false`` leaves them out of the budget (the record still counts them: they are
   stored). Both ratios are reported in the record details.
-- Pursuit: generalized OMP with 16 atoms a step (``omp_atoms_per_step``) instead of the paper's
-  OMP (1 atom a step, still available): the same module errors on SmolLM2 (0.13364 against 0.13375
-  on gate_proj, 4 iterations) at a fifth of the sparse coding's time (docs/cospadi.md, "Batched OMP").
+- Pursuit: generalized OMP with min(16, ⌊s/16⌋) atoms a step (``pursuit_atoms_per_step``) instead
+  of the paper's OMP (1 atom a step: ``omp_atoms_per_step: 1``): the same module errors on SmolLM2
+  (0.13364 against 0.13375 on gate_proj at 16 a step, 4 iterations) at a fifth of the sparse coding's
+  time (docs/cospadi.md, "Batched OMP").
 - After K-SVD the values are refit by exact least squares on the final supports, in each layer's own
   (damped) metric; this can only lower the objective.
 - Per-group mode (``group_size`` g > 1): the same projection of g consecutive layers shares one
@@ -41,6 +42,9 @@ from .stats import Statistic, gram_of
 
 log = logging.getLogger(__name__)
 
+GOMP_MAX_ATOMS = 16         # by default a pursuit step adds at most 16 atoms ...
+GOMP_SUPPORT_SHARE = 16     # ... and at most 1/16 of a column's support
+
 
 class CoSpaDiConfig(CompressorConfig):
     ratio: float = Field(ge=0.0, lt=1.0, description="fraction of the module's parameters removed")
@@ -54,12 +58,26 @@ class CoSpaDiConfig(CompressorConfig):
     ksvd_dtype: Literal["float64", "float32"] = Field(
         "float32", description="precision of K-SVD's sparse coding and atom updates (whitening, un-whitening and "
                                "the value refit stay in float64)")
-    omp_atoms_per_step: int = Field(16, ge=1, description="atoms each step of the sparse coding adds (1: OMP; more: "
-                                                         "generalized OMP, fewer steps)")
+    omp_atoms_per_step: int | None = Field(
+        None, ge=1, description="atoms each step of the sparse coding adds: 1 is the paper's OMP, more is generalized "
+                                "OMP; default ⌊s/16⌋, at least 1 and at most 16 (``pursuit_atoms_per_step``)")
     tolerance: float = Field(0.005, ge=0.0, description="stop K-SVD early when an iteration lowers the relative "
                                                         "error by less than this fraction (0: never)")
     sparsity: int | None = Field(None, ge=1, description="nonzeros per column s, instead of the one the ratio "
                                                          "gives (set per module by a budget allocation)")
+
+
+def pursuit_atoms_per_step(sparsity: int, configured: int | None) -> int:
+    """Atoms each step of the sparse coding adds: the configured count, else min(16, ⌊s/16⌋), at least 1.
+
+    Several atoms a step read the pursuit's state once for all of them (docs/cospadi.md, "Batched
+    OMP"); on SmolLM2 (s = 63–226) up to 16–32 a step gave OMP's module errors, but on a small
+    synthetic module (s = 18) 4 a step raised the error by 14%. Taking at most 1/16 of the support a
+    step keeps small supports on OMP itself; the cap keeps large ones close to it (at 16 a step the
+    product is already a dense matrix product)."""
+    if configured is not None:
+        return configured
+    return max(1, min(GOMP_MAX_ATOMS, sparsity // GOMP_SUPPORT_SHARE))
 
 
 @dataclass(frozen=True)
@@ -142,7 +160,7 @@ class CoSpaDi(Compressor):
         c = self.config
         return ksvd(signals, shape.atoms, shape.sparsity, c.iterations, seed=c.seed, power_steps=c.power_steps,
                     dtype=getattr(torch, c.ksvd_dtype), tolerance=c.tolerance,
-                    atoms_per_step=c.omp_atoms_per_step)
+                    atoms_per_step=pursuit_atoms_per_step(shape.sparsity, c.omp_atoms_per_step))
 
     def compress_group(self, members: list[GroupMember]) -> list[CompressResult]:
         c = self.config
@@ -190,6 +208,7 @@ class CoSpaDi(Compressor):
             "ratio_with_indices": 1 - (without + module.index_params()) / (dense + bias),
             "ratio_without_indices": 1 - without / (dense + bias),
             "ksvd_errors": [round(e, 6) for e in learned.errors],
+            "omp_atoms_per_step": pursuit_atoms_per_step(shape.sparsity, self.config.omp_atoms_per_step),
             "ksvd_best_iteration": learned.best + 1,
             "ksvd_stopped_early": learned.stopped_early,
             "refit_lstsq_fallbacks": failures,

@@ -10,6 +10,7 @@ from torch import nn
 
 from lrcompress.checkpoint import load_compressed, write_checkpoint
 from lrcompress.compressor import GramStatistic, GroupMember, get_compressor
+from lrcompress.compressor.cospadi import pursuit_atoms_per_step
 from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.compressor.whiten import WhitenedSVD, WhitenConfig
 from lrcompress.models import adapter_for
@@ -200,6 +201,33 @@ def test_power_steps_reach_the_atom_updates():
     weights = [dense_weight(cospadi(ratio=0.3, iterations=2, power_steps=steps).compress("m", linear, stats).module)
                for steps in (1, 40)]
     assert not torch.equal(weights[0], weights[1])
+
+
+def test_atoms_per_step_reach_the_pursuit(monkeypatch):
+    """``omp_atoms_per_step`` is what each K-SVD sparse coding uses and the record states; by default a
+    support this small (s = 18) keeps OMP's one atom a step, where 4 a step costs output error."""
+    import lrcompress.compressor.dictionary as dictionary
+
+    seen = []
+    pursuit = dictionary.batched_omp
+    monkeypatch.setattr(dictionary, "batched_omp", lambda *a, **k: seen.append(a[3]) or pursuit(*a, **k))
+    x = correlated_inputs(400, 64)
+    linear, stats = linear_with_stats(x, 96)
+    errors = {}
+    for per_step in (1, 4, None):
+        options = {} if per_step is None else {"omp_atoms_per_step": per_step}
+        result = cospadi(ratio=0.3, iterations=3, tolerance=0.0, **options).compress("m", linear, stats)
+        assert result.details["sparsity"] == 18
+        assert result.details["omp_atoms_per_step"] == (per_step or 1)
+        errors[per_step] = relative_output_error(dense_weight(linear), dense_weight(result.module), stats["gram"].gram("m"))
+    assert seen == [1] * 3 + [4] * 3 + [1] * 3
+    assert errors[None] == errors[1] and errors[4] > 1.05 * errors[1]
+
+
+@pytest.mark.parametrize("sparsity, expected", [(1, 1), (18, 1), (32, 2), (63, 3), (226, 14), (256, 16), (1600, 16)])
+def test_the_default_atoms_per_step_take_at_most_a_sixteenth_of_the_support(sparsity, expected):
+    assert pursuit_atoms_per_step(sparsity, None) == expected
+    assert pursuit_atoms_per_step(sparsity, 5) == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

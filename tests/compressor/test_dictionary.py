@@ -206,7 +206,8 @@ def test_the_gram_schmidt_pursuit_equals_the_step_kernel_form(dtype):
                               atol=tol)
 
 
-def test_pursuit_and_refit_give_the_same_answer_in_chunks_of_any_size(monkeypatch):
+@pytest.mark.parametrize("per_step", [1, 4])
+def test_pursuit_and_refit_give_the_same_answer_in_chunks_of_any_size(monkeypatch, per_step):
     """Chunking the columns (sized to fit the cache) must not change a single pick or value."""
     import lrcompress.compressor.dictionary as dictionary
 
@@ -214,11 +215,11 @@ def test_pursuit_and_refit_give_the_same_answer_in_chunks_of_any_size(monkeypatc
     d = torch.randn(16, 24, generator=g, dtype=torch.float64)
     d /= d.norm(dim=0)
     x = torch.randn(16, 37, generator=g, dtype=torch.float64)
-    whole = batched_omp(d.T @ d, d.T @ x, 6)
+    whole = batched_omp(d.T @ d, d.T @ x, 6, per_step)
     refit = refit_values(d.T @ d, d.T @ x, whole[0])[0]
     monkeypatch.setattr(dictionary, "GS_CHUNK_BYTES", 6 * 24 * 8 * 5)           # 5 columns a chunk
     monkeypatch.setattr(dictionary, "REFIT_CHUNK_BYTES", 6 * 6 * 8 * 3)         # 3 columns a chunk
-    chunked = batched_omp(d.T @ d, d.T @ x, 6)
+    chunked = batched_omp(d.T @ d, d.T @ x, 6, per_step)
     assert torch.equal(whole[0], chunked[0]) and torch.allclose(whole[1], chunked[1], atol=1e-12, rtol=0)
     assert torch.allclose(refit_values(d.T @ d, d.T @ x, whole[0])[0], refit, atol=1e-12, rtol=0)
     assert torch.allclose(refit, whole[1], atol=1e-9)      # same dictionary: the refit is OMP's own least squares
