@@ -49,7 +49,7 @@ def batched_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
 
     ``atoms_per_step`` > 1 is generalized OMP (gOMP, Wang, Kwon & Shim 2012): each step adds the
     atoms of that many largest |correlations| at once and refits, which reads the pursuit's state once
-    per step instead of once per atom (see ``COSPADI_ATOMS_PER_STEP`` in ``compressor.cospadi``).
+    per step instead of once per atom (CoSpaDi's default: ``cospadi.pursuit_atoms_per_step``).
 
     Returns (indices [s, N] int64 in selection order, values [s, N] = least squares on the support),
     in the dtype of the inputs. A column already represented exactly before s atoms gets zero values
@@ -60,12 +60,12 @@ def batched_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
     k, n_cols = correlations.shape
     if not 1 <= sparsity <= k:
         raise ValueError(f"sparsity {sparsity} must be between 1 and the number of atoms {k}")
+    if atoms_per_step < 1:
+        raise ValueError(f"atoms_per_step must be at least 1, got {atoms_per_step}")
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     if (gram - eye).abs().max().item() < max(ORTHONORMAL_TOL, 1e3 * torch.finfo(gram.dtype).eps):
         top = correlations.abs().topk(sparsity, dim=0).indices
         return top, correlations.gather(0, top)
-    if atoms_per_step < 1:
-        raise ValueError(f"atoms_per_step must be at least 1, got {atoms_per_step}")
     kernel = atoms_per_step == 1 and triton_kernels.use_triton(gram, correlations)
     pursuit = _omp_chunk if kernel else functools.partial(_omp_chunk_gram_schmidt, per_step=atoms_per_step)
     if kernel:
