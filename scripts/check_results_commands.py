@@ -22,9 +22,10 @@ item 2). This script checks every command without running any compression or eva
   (``lrcompress.cli.main.cli``); ``lrcompress run RECIPE --set ...`` loads the recipe with its overrides
   through ``lrcompress.recipe.load_recipe``, which validates every section and every stage's options.
 
-What it does not check: that a command still gives the recorded number (that needs the run), defaults read
-from the environment, options a script reads outside argparse, the contents of scratch files named by
-``needs:``, and commands written only inside prose (inline backticks).
+What it does not check: that a command still gives the recorded number at today's commit (that needs the
+run), that ``$DATA`` and the other documented variables are set, what a script does with its arguments after
+parsing them (a model path is only checked to exist), options read outside argparse, the contents of what
+``needs:`` names, and commands written only inside prose (inline backticks).
 """
 from __future__ import annotations
 
@@ -124,6 +125,11 @@ def logical_lines(path: Path) -> list[tuple[int, str, int]]:
     return result
 
 
+def needs_of(comment: str) -> str:
+    """What a trailing ``# ... needs: X (why)`` comment names: inputs the file does not make itself."""
+    return comment.split("needs:", 1)[1] if "needs:" in comment else ""
+
+
 def _expand(text: str, variables: dict[str, str]) -> str:
     return VARIABLE.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
 
@@ -139,7 +145,7 @@ def extract(path: Path) -> tuple[list[Command], list[str]]:
         if block != current_block or block == -1:
             variables, loop_variables, current_block = {}, set(), block
         code, comment = split_comment(text)
-        needs = comment.split("needs:", 1)[1] if "needs:" in comment else ""
+        needs = needs_of(comment)
         for placeholder in PLACEHOLDER.findall(code):
             if placeholder not in needs:
                 problems.append(f"{_display(path)}:{number}: placeholder {placeholder} cannot run as written "
@@ -243,7 +249,8 @@ class Checker:
     def require(self, command: Command, value: str, what: str = "path") -> None:
         """A path the command reads must exist, be fetched by make, or be written by an earlier command."""
         value = value[2:] if value.startswith("./") else value
-        if value in command.comment.split("needs:", 1)[-1] and "needs:" in command.comment:
+        needs = needs_of(command.comment)
+        if needs and value in needs:
             return
         if self._produced(value) or value in ARTIFACTS:
             return
@@ -278,13 +285,12 @@ class Checker:
         program, arguments = words[0], words[1:]
         if program == "cd":
             self.problem(command, "'cd': every command runs from the repository root as written")
+            return
         if program in BARE:
             self.problem(command, f"bare '{program}': write {BARE[program]} (the checkout's venv, `make venv`), "
                                   "so the command runs as written without an activated venv")
             program = BARE[program]
-        if program == "cd":
-            pass
-        elif program == LRCOMPRESS:
+        if program == LRCOMPRESS:
             self.check_lrcompress(command, arguments)
         elif program == PYTHON:
             self.check_python(command, arguments)
@@ -374,19 +380,21 @@ class Checker:
         self.check_values(command, inputs)
 
     def check_recipe(self, command: Command, recipe: str, overrides: list[str]) -> None:
-        from lrcompress.errors import LrcompressError
-        from lrcompress.recipe import load_recipe
+        from lrcompress.recipe import RecipeError, load_recipe
 
-        needs = command.comment.split("needs:", 1)[1] if "needs:" in command.comment else ""
-        if recipe in needs or self._produced(recipe):
+        needs = needs_of(command.comment)
+        if (needs and recipe in needs) or self._produced(recipe):
             return
         if not (ROOT / recipe).is_file():
             self.require(command, recipe, "recipe")
             return
         try:
             loaded = load_recipe(ROOT / recipe, overrides)
-        except LrcompressError as error:
+        except RecipeError as error:
             self.problem(command, f"recipe {recipe} with its --set overrides: {error}")
+            return
+        except Exception as error:  # noqa: BLE001 - a loader bug is still this command's problem, not a crash
+            self.problem(command, f"recipe {recipe}: loading it raised {type(error).__name__}: {error}")
             return
         command.outputs.append(str(loaded.output.dir))
 
@@ -435,6 +443,7 @@ def check_files(files: list[Path]) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT))           # check against this checkout's lrcompress, not another install
     files = [Path(a).resolve() for a in (argv if argv is not None else sys.argv[1:])] or default_files()
     count, problems = check_files(files)
     for problem in problems:

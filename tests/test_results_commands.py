@@ -44,34 +44,23 @@ def test_cd_bench_is_flagged(tmp_path):
     assert any("'cospadi_speed.py' is not a file" in p for p in problems)
 
 
-def test_a_flag_the_script_does_not_have_is_flagged(tmp_path):
-    problems = problems_of(tmp_path, ".venv/bin/python bench/quality.py --methods whiten --no-such-flag 3")
-    assert len(problems) == 1 and "unrecognized arguments: --no-such-flag" in problems[0]
-
-
-def test_a_bad_value_type_is_flagged(tmp_path):
-    problems = problems_of(tmp_path, ".venv/bin/python bench/cospadi.py --iterations four")
-    assert len(problems) == 1 and "invalid int value" in problems[0]
+@pytest.mark.parametrize("block, message", [
+    (".venv/bin/python bench/quality.py --methods whiten --no-such-flag 3", "unrecognized arguments: --no-such-flag"),
+    (".venv/bin/python bench/cospadi.py --iterations four", "invalid int value"),
+    ("python bench/quality.py --threads 1", "bare 'python'"),
+    (".venv/bin/lrcompress run recipes/whiten.yaml --no-such-option", "No such option"),
+    (".venv/bin/python -m lrcompress run recipes/whiten.yaml --set stages.0.ratoi=0.2", "ratoi"),
+    ("LRCOMPRESS_DATA=$DATA .venv/bin/python bench/build_moe_fixture.py --train-data $LRCOMPRESS_DATA/x.jsonl",
+     "$LRCOMPRESS_DATA is read on the line that sets it"),
+])
+def test_one_problem_is_flagged(tmp_path, block, message):
+    problems = problems_of(tmp_path, block)
+    assert len(problems) == 1 and message in problems[0], problems
 
 
 def test_the_same_commands_written_well_pass(tmp_path):
     assert problems_of(tmp_path, "LRCOMPRESS_DATA=$DATA .venv/bin/python bench/cospadi_speed.py "
                                  "--model models/smollm2-135m --configs whiten,cospadi:4 --ratios 0.2") == []
-
-
-def test_bare_python_is_flagged(tmp_path):
-    problems = problems_of(tmp_path, "python bench/quality.py --threads 1")
-    assert len(problems) == 1 and "bare 'python'" in problems[0]
-
-
-def test_lrcompress_flags_go_through_click(tmp_path):
-    problems = problems_of(tmp_path, ".venv/bin/lrcompress run recipes/whiten.yaml --no-such-option")
-    assert len(problems) == 1 and "No such option" in problems[0]
-
-
-def test_recipe_overrides_are_validated(tmp_path):
-    problems = problems_of(tmp_path, ".venv/bin/python -m lrcompress run recipes/whiten.yaml --set stages.0.ratoi=0.2")
-    assert len(problems) == 1 and "ratoi" in problems[0]
     assert problems_of(tmp_path, ".venv/bin/python -m lrcompress run recipes/whiten.yaml "
                                  "--set stages.0.ratio=0.2 --set runtime.target=original --output runs/x") == []
 
@@ -85,12 +74,6 @@ def test_recipe_overrides_are_validated(tmp_path):
 def test_scratch_outputs_must_be_made_earlier_or_annotated(tmp_path, block, expected):
     problems = problems_of(tmp_path, block)
     assert len(problems) == expected, problems
-
-
-def test_a_variable_read_on_the_line_that_sets_it_is_flagged(tmp_path):
-    problems = problems_of(tmp_path, "LRCOMPRESS_DATA=$DATA .venv/bin/python bench/build_moe_fixture.py "
-                                     "--train-data $LRCOMPRESS_DATA/x.jsonl")
-    assert len(problems) == 1 and "$LRCOMPRESS_DATA is read on the line that sets it" in problems[0]
 
 
 def test_placeholders_need_a_note(tmp_path):
