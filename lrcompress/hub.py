@@ -19,12 +19,6 @@ from urllib.parse import urlsplit
 PROBE_TIMEOUT = 3.0
 
 
-def endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
 def _probe_address(url: str) -> tuple[str, int]:
     """(host, port) a request to ``url`` connects to first: the HTTPS proxy's when one applies."""
     target = urlsplit(url)
@@ -37,19 +31,29 @@ def _probe_address(url: str) -> tuple[str, int]:
 
 
 @functools.cache
-def hub_reachable() -> bool:
-    """False when offline mode is set or the endpoint does not accept a connection (then offline mode is
-    set for the rest of the process)."""
+def offline_reason() -> str | None:
+    """None when the hub accepts a connection; else why not (then offline mode is set for the rest of the
+    process). Probed on the first call only."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return False
+        return "offline mode is set (HF_HUB_OFFLINE)"
     try:
         socket.create_connection(_probe_address(constants.ENDPOINT), timeout=PROBE_TIMEOUT).close()
-    except OSError:
+    except OSError as error:
         go_offline()
-        return False
-    return True
+        return f"the Hugging Face hub ({constants.ENDPOINT}) is not reachable ({error.strerror or error})"
+    return None
+
+
+def hub_reachable() -> bool:
+    """Whether hub requests may go out."""
+    return offline_reason() is None
+
+
+def forget_probe() -> None:
+    """Probe again on the next call (tests that move the endpoint)."""
+    offline_reason.cache_clear()
 
 
 def go_offline() -> None:
@@ -63,6 +67,7 @@ def go_offline() -> None:
         sys.modules["datasets"].config.HF_HUB_OFFLINE = True
 
 
-def unreachable_note() -> str:
-    """The words an error adds when the hub could not be asked."""
-    return f"the Hugging Face hub ({endpoint()}) is not reachable and it is not in the local hub cache"
+def with_offline_reason(message: str) -> str:
+    """``message`` (a hub request's failure) with, when the hub could not be asked, why not."""
+    reason = offline_reason()
+    return message if reason is None else f"{message}; {reason}"

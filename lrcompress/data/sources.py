@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LrcompressError
-from ..hub import hub_reachable, unreachable_note
+from ..hub import hub_reachable, with_offline_reason
 
 # name -> split -> (path under the data directory, HF hub dataset id, HF config)
 KNOWN_DATASETS: dict[str, dict[str, tuple[str, str, str]]] = {
@@ -165,17 +165,13 @@ def _datasets_module(where: str):
     return datasets
 
 
-def _hub_problem(error: Exception) -> str:
-    return unreachable_note() if not hub_reachable() else _one_line(error)
-
-
 def _hub_column(hub_id: str, config: str | None, split: str, column: str, where: str) -> list[Any]:
     datasets = _datasets_module(where)
     try:
         rows = datasets.load_dataset(hub_id, config, split=split)
     except Exception as error:  # offline, unknown id, bad config or split: one line, both places named
         raise LrcompressError(f"{where}; hub dataset {_hub_name(hub_id, config)} split {split!r} could not be "
-                              f"loaded ({_hub_problem(error)})") from None
+                              f"loaded ({with_offline_reason(_one_line(error))})") from None
     if column not in rows.column_names:
         raise LrcompressError(f"hub dataset {_hub_name(hub_id, config)}: no column {column!r}; columns: "
                               f"{', '.join(rows.column_names)} (set text_column)")
@@ -188,8 +184,8 @@ def _check_hub(hub_id: str, config: str | None, split: str, column: str, where: 
     try:
         builder = datasets.load_dataset_builder(hub_id, config)
     except Exception as error:
-        raise LrcompressError(f"{where}; hub dataset {_hub_name(hub_id, config)} could not be read "
-                              f"({_hub_problem(error)})") from None
+        raise LrcompressError(f"{where}; hub dataset {_hub_name(hub_id, config)} is not reachable "
+                              f"({with_offline_reason(_one_line(error))})") from None
     splits = builder.info.splits
     if splits and split not in splits:
         raise LrcompressError(f"hub dataset {_hub_name(hub_id, config)} has no split {split!r}; "

@@ -12,7 +12,7 @@ from torch import nn
 from ..checkpoint.layout import lrcompress_block
 from ..checkpoint.reader import build_skeleton, load_compressed, read_metadata
 from ..errors import LrcompressError
-from ..hub import hub_reachable, unreachable_note
+from ..hub import hub_reachable, with_offline_reason
 from .gguf import converted_gguf_dir
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,9 @@ def resolve_model_dir(source: str) -> Path | None:
 
 
 def _hub_refused(what: str, source: str, error: OSError) -> LrcompressError:
-    """transformers' multi-line hub error as one line naming the model (and, offline, saying so)."""
-    if not hub_reachable():
-        return LrcompressError(f"{what} {source!r}: {unreachable_note()}")
+    """transformers' multi-line hub error as one line naming the model (and, offline, saying why)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return LrcompressError(f"{what} {source!r}: {first}")
+    return LrcompressError(with_offline_reason(f"{what} {source!r}: {first.rstrip('.')}"))
 
 
 def is_compressed_dir(path: Path) -> bool:

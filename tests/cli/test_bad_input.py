@@ -405,25 +405,30 @@ def test_a_failed_run_keeps_its_staging_only_when_it_holds_finished_layers(tiny_
 def _reset_hub_probe() -> None:
     """The probe's answer is cached per process: forget it (before and after the test that moves the hub)."""
     if importlib.util.find_spec("lrcompress.hub") is not None:
-        from lrcompress.hub import hub_reachable
+        from lrcompress.hub import forget_probe
 
-        hub_reachable.cache_clear()
+        forget_probe()
 
 
-def test_an_unreachable_hub_is_reported_at_once(tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("key,hub_id", [("model.path", "nobody/no-such-model"),
+                                        ("calibration.dataset", "nobody/no-such-data")])
+def test_an_unreachable_hub_is_reported_at_once(key, hub_id, tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
     """A hub id with no network: one probe, then offline mode, instead of ~25 s of retries and warnings.
     The hub is an endpoint that refuses connections (the tests otherwise run with HF_HUB_OFFLINE=1)."""
     import time
 
+    import datasets
     from huggingface_hub import constants
 
     _reset_hub_probe()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     ctx = Context(tmp_path, tiny_llama_dir, calibration_file, monkeypatch)
-    case = Case("hub model", _args("--set", "model.path=nobody/no-such-model"), "")
+    case = Case("hub id", _args("--set", f"{key}={hub_id}"), "")
     started = time.perf_counter()
     try:
         result = invoke(case, ctx, case.prepare(ctx))
@@ -432,4 +437,4 @@ def test_an_unreachable_hub_is_reported_at_once(tiny_llama_dir, calibration_file
     elapsed = time.perf_counter() - started
     assert elapsed < 10 and "Retrying" not in result.output, f"{elapsed:.1f} s: {result.output}"   # was ~25 s
     assert result.exit_code == 2, result.output
-    assert "'nobody/no-such-model'" in result.stderr and "not reachable" in result.stderr, result.output
+    assert f"'{hub_id}'" in result.stderr and "not reachable" in result.stderr, result.output
