@@ -149,7 +149,13 @@ def check_growth(recipe: Recipe, plan: list[PlannedModule]) -> None:
         grown = [p for p in plan if p.stage == index and p.grows]
         if not grown or spec.allow_growth:
             continue
-        shown = "; ".join(f"{p.name} {p.out_features}×{p.in_features} rank {p.rank}: {p.params_before:,} → "
+        requested = spec.options.get("rank")      # the plan's rank is capped at min(m, n): quote what was asked
+
+        def rank(p: PlannedModule) -> str:
+            capped = isinstance(requested, int) and p.rank is not None and requested > p.rank
+            return f"rank {requested} (capped at {p.rank})" if capped else f"rank {p.rank}"
+
+        shown = "; ".join(f"{p.name} {p.out_features}×{p.in_features} {rank(p)}: {p.params_before:,} → "
                           f"{p.params_after:,} parameters" for p in grown[:2])
         raise PlanRefused(
             f"stages.{index} ({spec.method}): {len(grown)} module(s) would not shrink, e.g. {shown}. A rank at or "

@@ -225,24 +225,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise RecipeError(f"{source}: --set {key}: {'.'.join(parts[:-1])} is a {type(node).__name__}, "
-                              f"not a section; it has no key {last!r}")
+            raise _not_a_section(node, ".".join(parts), source)
     return data
 
 
 def _index(node: list, part: str, where: str, source: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise RecipeError(f"{source}: --set {where}: {part!r} is not an index of a list of {len(node)}")
+    """``part`` as an index into ``node``, the list at the key before ``where``'s last part."""
+    parent = where.rpartition(".")[0] or "the top level"
+    if not part.isdigit():
+        raise RecipeError(f"{source}: {parent} is a list of {len(node)}, not a section, so {where} cannot be "
+                          f"set (a list's items are named by index: {parent}.0, ...)")
+    if int(part) >= len(node):
+        raise RecipeError(f"{source}: {where}: {parent} is a list of {len(node)}, it has no item {part}")
     return int(part)
+
+
+def _not_a_section(node: Any, where: str, source: str) -> RecipeError:
+    parent = where.rpartition(".")[0]
+    return RecipeError(f"{source}: {parent} is a {type(node).__name__}, not a section, so {where} cannot be set")
 
 
 def _child(node: Any, part: str, create: bool, where: str, source: str) -> Any:
     if isinstance(node, list):
         return node[_index(node, part, where, source)]
     if not isinstance(node, dict):
-        parent = where.rpartition(".")[0]
-        raise RecipeError(f"{source}: --set {where}: {parent} is a {type(node).__name__}, not a section; "
-                          f"it has no key {part!r}")
+        raise _not_a_section(node, where, source)
     if part not in node and create:
         node[part] = {}
     if node[part] is None and create:      # an empty section in the YAML (``eval:``)
@@ -266,12 +273,41 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe file ``path`` with ``overrides`` applied; every way the file can be unreadable is one
+    message naming it (and the line, for YAML and encoding errors)."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory, not a file; give the YAML file itself")
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    data = _parse_yaml(path, _recipe_text(path))
     data = apply_overrides(data or {}, overrides or [], str(path))
     return parse_recipe(data, str(path))
+
+
+def _recipe_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot be read ({error.strerror or error})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                          "a recipe is a YAML file saved as UTF-8") from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = "; ".join(str(part) for part in (error.context, error.problem) if part)
+        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
+    except yaml.reader.ReaderError as error:    # a control character: a position, no line
+        raise RecipeError(f"{path}: not valid YAML ({error.reason}: character #x{error.character:04x} at "
+                          f"position {error.position})") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None

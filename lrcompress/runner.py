@@ -30,7 +30,7 @@ from .checkpoint.layout import disk_errors
 from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
-from .data import TextSource, calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
+from .data import DatasetRef, TextSource, calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
 from .errors import LrcompressError
 from .eval import EvalContext, EvalSection, RunMetrics, compression_summary, unique_param_count, versions, write_report
 from .eval.baseline_cache import cached_evaluation
@@ -191,7 +191,7 @@ class RecipeRun:
     def calibrate(self) -> Calibration:
         cal = self.recipe.calibration
         with self.timed("calibration_data"):
-            self.observer.phase(f"tokenizing calibration data {cal.dataset}/{cal.split}")
+            self.observer.phase(f"tokenizing calibration data {DatasetRef.of(cal).label}")
             given, tokenizer = self.given.calibration, self.model.tokenizer
             if isinstance(given, torch.Tensor):    # token windows handed over by a library caller
                 return Calibration(TextSource("", f"{len(given)} token windows given in memory",
@@ -199,7 +199,8 @@ class RecipeRun:
             source = given or load_text(cal.dataset, cal.split, self.eval_context.data_directory, config=cal.config,
                                         text_column=cal.text_column,
                                         chat_tokenizer=tokenizer if cal.chat_template else None)
-            windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
+            windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed,
+                                          source.description)
         return Calibration(source, windows)
 
     def settings(self, calibration: Calibration) -> PipelineSettings:

@@ -63,7 +63,7 @@ def test_override_of_an_unknown_key_is_rejected(tmp_path):
     path = _write(tmp_path, "model: {path: m}\n")
     with pytest.raises(RecipeError, match=r"runtime\.speed: unknown key"):
         load_recipe(path, ["runtime.speed=3"])
-    with pytest.raises(RecipeError, match="not an index"):
+    with pytest.raises(RecipeError, match="stages is a list of 0, it has no item 2"):
         apply_overrides({"stages": []}, ["stages.2.ratio=1"], "r.yaml")
 
 

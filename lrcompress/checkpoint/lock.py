@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 from ..errors import CheckpointError
 from .layout import check_output_dir, prepare_output_parent
+from .staging import discard_if_unfinished, staging_path
 
 ATTEMPTS = 5
 
@@ -125,8 +126,13 @@ class OutputLock:
 @contextmanager
 def claim_output_dir(final: Path, overwrite: bool, announce: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold ``final`` for the duration of a run: its parent created (or why not said), its lock taken,
-    and, under the lock, an existing directory refused unless ``overwrite``."""
+    and, under the lock, an existing directory refused unless ``overwrite``. A run that fails before it
+    finished a segment leaves no staging directory behind (``discard_if_unfinished``)."""
     prepare_output_parent(final)
     with OutputLock(final, announce):
         check_output_dir(final, overwrite)
-        yield
+        try:
+            yield
+        except BaseException:
+            discard_if_unfinished(staging_path(final))
+            raise

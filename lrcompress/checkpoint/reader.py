@@ -103,6 +103,27 @@ def assign_tensors(model: nn.Module, prefix: str, tensors: dict[str, torch.Tenso
     restore_aliases(model, inside)
 
 
+def _verify_files(directory: Path, model: nn.Module) -> list[Path]:
+    """The weight files, each complete and holding tensors of the shapes ``model`` (the skeleton the
+    config builds) has; raises ``CheckpointError`` naming the file and tensor otherwise."""
+    files = weight_files(directory)
+    if not files:
+        raise CheckpointError(f"{directory}: no .safetensors files")
+    verify_safetensors_dir(directory, {name: list(t.shape) for name, t in model.state_dict().items()})
+    return files
+
+
+def verify_compressed(directory: str | Path) -> None:
+    """The checks ``load_compressed`` makes before it reads a tensor, on a meta-device skeleton (headers
+    only, no weights in memory): what ``load`` refuses, ``inspect`` refuses too."""
+    directory = Path(directory)
+    config_dict, meta = read_metadata(directory)
+    with torch.device("meta"):
+        model = build_skeleton(config_dict, meta, getattr(torch, meta.get("dtype", "float32")),
+                               directory / CONFIG_NAME)
+    _verify_files(directory, model)
+
+
 def load_compressed(directory: str | Path, dtype: torch.dtype | None = None, kernels: bool = True) -> nn.Module:
     """The compressed model of ``directory``; with ``kernels`` its modules build their fast inference
     layouts (packed int4 CPU kernels), else they compute the exact dequantized reference."""
@@ -111,11 +132,7 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None, ker
     stored_dtype = getattr(torch, meta.get("dtype", "float32"))
     model = build_skeleton(config_dict, meta, stored_dtype, directory / CONFIG_NAME)
     tensors: dict[str, torch.Tensor] = {}
-    files = weight_files(directory)
-    if not files:
-        raise CheckpointError(f"{directory}: no .safetensors files")
-    verify_safetensors_dir(directory, {name: list(t.shape) for name, t in model.state_dict().items()})
-    for file in files:
+    for file in _verify_files(directory, model):
         tensors.update(load_file(file))
     assign_tensors(model, "", tensors, meta.get("tied", {}), directory)
     model.tie_weights()

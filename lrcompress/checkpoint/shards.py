@@ -46,6 +46,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise LrcompressError(f"{path}: damaged safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    fields = {"dtype", "shape", "data_offsets"}
+    bad = next((name for name, entry in header.items() if not (isinstance(entry, dict) and fields <= entry.keys())),
+               None)
+    if bad is not None:
+        raise LrcompressError(f"{path}: damaged safetensors header (its entry {bad!r} is not a tensor's dtype, shape "
+                              "and data_offsets)")
     return header, 8 + length
 
 

@@ -14,6 +14,11 @@ and the report into it; ``publish`` then renames it to ``<out>`` (a run is compl
 are: a complete-looking checkpoint never exists before them) and drops the journal files. Every write goes
 through ``disk_errors``: a full disk or a read-only filesystem is one message that says the staged run
 resumes.
+
+A run that fails keeps its staging directory only when it holds finished work (a segment, or the written
+checkpoint): that is what a rerun resumes. One holding only state.json is removed as the run ends
+(``discard_if_unfinished``, called by ``checkpoint.lock.claim_output_dir``); a rerun recreates it, so
+nothing is lost, and a run that can never succeed leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -47,6 +52,23 @@ def _stem(layers: list[int]) -> str:
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     return {name: t.numel() * t.element_size() for name, t in tensors.items()}
+
+
+def discard_if_unfinished(path: Path) -> bool:
+    """Remove the staging directory ``path`` of a failed run when it holds no finished segment: a rerun
+    would start from nothing either way, and a run that can never succeed (a NaN in the model) would
+    otherwise leave a ``.partial`` holding only state.json. One that holds a finished segment (or a
+    written checkpoint) is kept: the same command resumes it. One whose state cannot be read is left
+    alone (the next run names the problem). Returns whether it was removed."""
+    staging = StagingDir(path)
+    try:
+        state = staging.read_state() if staging.path.is_dir() else None
+    except CheckpointError:
+        return False
+    if state is None or state["segments"] or state.get("written"):   # no state.json: not ours to remove
+        return False
+    shutil.rmtree(staging.path, ignore_errors=True)
+    return True
 
 
 class StagingDir:

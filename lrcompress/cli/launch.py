@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+from ..errors import LrcompressError
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
 def without_nproc(arguments: list[str]) -> list[str]:
@@ -25,6 +30,15 @@ def torchrun_command(nproc: int, arguments: list[str]) -> list[str]:
     (standalone: a rendezvous on this machine, on a free port)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "lrcompress", *without_nproc(arguments)]
+
+
+def check_launch(recipe: "Recipe", nproc: int) -> None:
+    """What would make every process fail alike, checked once before torchrun starts them: each would
+    print the same message and torchrun would add its own traceback and exit 1."""
+    samples = recipe.calibration.num_samples
+    if samples < nproc:
+        raise LrcompressError(f"--nproc {nproc}: calibration.num_samples ({samples}) is smaller than the number of "
+                              "processes; every process needs at least one window (raise num_samples or lower --nproc)")
 
 
 def relaunch_under_torchrun(nproc: int, arguments: list[str]) -> NoReturn:

@@ -87,31 +87,33 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
     from ..pipeline.distributed import launched_rank, launched_world_size
     from ..recipe import load_recipe
     from ..runner import run_recipe
-    from .launch import relaunch_under_torchrun
-
-    if nproc > 1 and launched_world_size() == 1:
-        relaunch_under_torchrun(nproc, sys.argv[1:])     # does not return
-    writer = launched_rank() == 0
-    if not writer:                                        # one voice: rank 0 logs and renders
-        logging.getLogger().setLevel(logging.WARNING)
+    from .launch import check_launch, relaunch_under_torchrun
 
     extra = list(overrides)
     if overwrite:
         extra.append("output.overwrite=true")
     if output_dir:
         extra.append(f"output.dir={output_dir}")
+    if nproc > 1 and launched_world_size() == 1:
+        try:                  # one message here, rather than one from every process and then torchrun's traceback
+            check_launch(load_recipe(recipe, extra), nproc)
+        except LrcompressError as error:
+            _result_error(ctx, True, error)
+            raise
+        relaunch_under_torchrun(nproc, sys.argv[1:])     # does not return
+    writer = launched_rank() == 0
+    if not writer:                                        # one voice: rank 0 logs and renders
+        logging.getLogger().setLevel(logging.WARNING)
+
     from ..preflight import PlanRefused
 
     observer = make_observer(ctx.obj["log_json"]) if writer else PipelineObserver()
     try:
         parsed = load_recipe(recipe, extra)
         result = run_recipe(parsed, observer, str(data_dir) if data_dir else None, dry_run=dry_run)
-    except PlanRefused as refused:
-        if dry_run:                                      # show the plan that is refused, then why
-            stdout.print(plan_table(refused.plan))
-        _result_error(ctx, writer, refused)
-        raise
     except LrcompressError as error:
+        if dry_run and isinstance(error, PlanRefused):   # show the plan that is refused, then why
+            stdout.print(plan_table(error.plan))
         _result_error(ctx, writer, error)
         raise
     if not writer:
@@ -285,16 +287,13 @@ def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str
 
     if [dense, peft, format_ is not None].count(True) != 1:
         _fail(click.UsageError("give exactly one of --dense, --peft or --format"))
-    try:
-        loaded = load_model(str(checkpoint))
-        if peft:
-            written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
-        elif format_:
-            count = export_compressed_tensors(loaded.model, loaded.tokenizer, output, overwrite)
-        else:
-            export_dense(loaded.model, loaded.tokenizer, output, overwrite)
-    except LrcompressError as error:
-        _fail(error)
+    loaded = load_model(str(checkpoint))
+    if peft:
+        written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
+    elif format_:
+        count = export_compressed_tensors(loaded.model, loaded.tokenizer, output, overwrite)
+    else:
+        export_dense(loaded.model, loaded.tokenizer, output, overwrite)
     if peft:
         stdout.print(f"wrote base model to {written.base_dir} and a LoRA adapter for {written.modules} modules "
                      f"to {written.adapter_dir}")
@@ -321,10 +320,7 @@ def bench_infer(checkpoint: str, dense: str | None, prompt_tokens: int, new_toke
     from .render import inference_table
 
     settings = InferenceSettings(prompt_tokens, new_tokens, batch, threads, repeats)
-    try:
-        report = bench_checkpoint(checkpoint, dense, settings)
-    except LrcompressError as error:
-        _fail(error)
+    report = bench_checkpoint(checkpoint, dense, settings)
     stdout.print(inference_table(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LrcompressError
+from ..hub import hub_reachable, with_offline_reason
 
 # name -> split -> (path under the data directory, HF hub dataset id, HF config)
 KNOWN_DATASETS: dict[str, dict[str, tuple[str, str, str]]] = {
@@ -62,6 +63,12 @@ class DatasetRef:
     @property
     def path(self) -> Path:
         return Path(self.dataset).expanduser()
+
+    @property
+    def label(self) -> str:
+        """How logs name it: a local file by its path alone (a split does not apply to a file)."""
+        local = self.dataset not in KNOWN_DATASETS and self.is_local()
+        return self.dataset if local else f"{self.dataset}/{self.split}"
 
     def is_local(self) -> bool:
         """A path rather than a hub id: an existing file, a known suffix, or an explicit directory prefix."""
@@ -118,6 +125,8 @@ def _check_file(path: Path, column: str) -> None:
     """The file exists and has the column (reading the parquet schema or the first JSON record only)."""
     if not path.is_file():
         raise LrcompressError(f"dataset file not found: {path}")
+    if path.stat().st_size == 0:
+        raise LrcompressError(f"{path} is empty")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -152,6 +161,7 @@ def _datasets_module(where: str):
     except ImportError:
         raise LrcompressError(f"{where}; the 'datasets' package, which reads hub datasets, is not installed "
                               "(pip install datasets)") from None
+    hub_reachable()          # once, before any hub request: offline, fail at once instead of retrying
     return datasets
 
 
@@ -161,7 +171,7 @@ def _hub_column(hub_id: str, config: str | None, split: str, column: str, where:
         rows = datasets.load_dataset(hub_id, config, split=split)
     except Exception as error:  # offline, unknown id, bad config or split: one line, both places named
         raise LrcompressError(f"{where}; hub dataset {_hub_name(hub_id, config)} split {split!r} could not be "
-                              f"loaded ({_one_line(error)})") from None
+                              f"loaded ({with_offline_reason(_one_line(error))})") from None
     if column not in rows.column_names:
         raise LrcompressError(f"hub dataset {_hub_name(hub_id, config)}: no column {column!r}; columns: "
                               f"{', '.join(rows.column_names)} (set text_column)")
@@ -175,7 +185,7 @@ def _check_hub(hub_id: str, config: str | None, split: str, column: str, where: 
         builder = datasets.load_dataset_builder(hub_id, config)
     except Exception as error:
         raise LrcompressError(f"{where}; hub dataset {_hub_name(hub_id, config)} is not reachable "
-                              f"({_one_line(error)})") from None
+                              f"({with_offline_reason(_one_line(error))})") from None
     splits = builder.info.splits
     if splits and split not in splits:
         raise LrcompressError(f"hub dataset {_hub_name(hub_id, config)} has no split {split!r}; "

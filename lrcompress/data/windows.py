@@ -21,22 +21,27 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
-def calibration_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``num_samples`` windows of ``seq_len`` tokens starting at seeded uniform random offsets."""
+def calibration_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int,
+                        source: str = "the calibration text") -> torch.Tensor:
+    """``num_samples`` windows of ``seq_len`` tokens starting at seeded uniform random offsets; ``source``
+    names the text in the message when it is too short."""
     if ids.numel() <= seq_len:
-        raise LrcompressError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        raise LrcompressError(f"calibration data {source} has {ids.numel()} tokens; {num_samples} windows of "
+                              f"calibration.seq_len {seq_len} need at least {seq_len + 1}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None,
+                       source: str = "the evaluation text") -> torch.Tensor:
     """Non-overlapping consecutive windows from the start of the split; the tail is dropped."""
     count = ids.numel() // seq_len
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise LrcompressError(f"evaluation text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        raise LrcompressError(f"evaluation data {source} has {ids.numel()} tokens, not one window of seq_len "
+                              f"{seq_len}")
     return ids[: count * seq_len].view(count, seq_len)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import bytes_on_disk, read_metadata
+from ..checkpoint.reader import verify_compressed
 from ..modules import spec_shape
 from ..pipeline.allocation import AllocationResult
 from ..pipeline.records import ModuleRecord
@@ -42,9 +43,11 @@ def natural_key(name: str) -> list[Any]:
 
 
 def inspect_checkpoint(checkpoint: Path) -> Inspection:
-    """Raises ``CheckpointError`` when ``checkpoint`` is not an lrcompress checkpoint."""
+    """Raises ``CheckpointError`` when ``checkpoint`` is not an lrcompress checkpoint, or not one that
+    ``load`` would accept (an incomplete file, a tensor whose shape disagrees with the config)."""
     checkpoint = Path(checkpoint)
     _, meta = read_metadata(checkpoint)
+    verify_compressed(checkpoint)
     metrics_path = checkpoint / "metrics.json"
     metrics = RunMetrics.load(metrics_path) if metrics_path.is_file() else RunMetrics()
     records = {m.name: m for m in metrics.modules}

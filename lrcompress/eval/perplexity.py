@@ -117,7 +117,7 @@ def perplexity(model: nn.Module, tokenizer, spec: "PerplexitySpec", context: Eva
     started = time.perf_counter()
     source = load_text(spec.dataset, spec.split, context.data_directory, config=getattr(spec, "config", None),
                        text_column=getattr(spec, "text_column", "text"))
-    windows = evaluation_windows(tokenize(tokenizer, source.text), spec.seq_len, spec.max_windows)
+    windows = evaluation_windows(tokenize(tokenizer, source.text), spec.seq_len, spec.max_windows, source.description)
     sums = context.nll(model, windows, context.batch_size, torch.device(context.device))
     per_window = windows.shape[1] - 1
     count = per_window * len(sums)

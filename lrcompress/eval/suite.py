@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..data import DatasetRef
 from ..models import load_model
 from .baseline_cache import cached_evaluation
 from .lm_eval_tasks import evaluate_tasks
@@ -24,7 +25,7 @@ def evaluate_model(model: nn.Module, tokenizer, spec: "EvalSpec", context: EvalC
     """Every perplexity of ``spec.perplexity``, then its lm-eval tasks (``spec.lm_eval``) when it names any."""
     section = EvalSection()
     for ppl in spec.perplexity:
-        context.announce(f"perplexity on {ppl.dataset}/{ppl.split} (seq_len {ppl.seq_len})")
+        context.announce(f"perplexity on {DatasetRef.of(ppl).label} (seq_len {ppl.seq_len})")
         section.perplexity[f"{ppl.dataset}/{ppl.split}"] = perplexity(model, tokenizer, ppl, context)
     if spec.lm_eval is not None:
         tasks = spec.lm_eval

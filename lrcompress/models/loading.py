@@ -12,6 +12,7 @@ from torch import nn
 from ..checkpoint.layout import lrcompress_block
 from ..checkpoint.reader import build_skeleton, load_compressed, read_metadata
 from ..errors import LrcompressError
+from ..hub import hub_reachable, with_offline_reason
 from .gguf import converted_gguf_dir
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,14 @@ def resolve_model_dir(source: str) -> Path | None:
     looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1
     if looks_local:
         raise LrcompressError(f"model not found: {path} (no such directory or file)")
+    hub_reachable()          # once, before any hub request: offline, fail at once instead of retrying
     return None
+
+
+def _hub_refused(what: str, source: str, error: OSError) -> LrcompressError:
+    """transformers' multi-line hub error as one line naming the model (and, offline, saying why)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return LrcompressError(with_offline_reason(f"{what} {source!r}: {first.rstrip('.')}"))
 
 
 def is_compressed_dir(path: Path) -> bool:
@@ -108,7 +116,7 @@ def load_config(source: str, local: Path | None, trust_remote_code: bool = False
     try:
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as error:   # a hub id that cannot be reached or does not exist
-        raise LrcompressError(f"could not load the config of model {source!r}: {error}") from None
+        raise _hub_refused("could not load the config of model", source, error) from None
     except (ValueError, KeyError, TypeError) as error:
         raise _transformers_refused(what, error) from None
 
@@ -153,7 +161,7 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
             model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype],
                                                          trust_remote_code=trust_remote_code)
         except OSError as error:
-            raise LrcompressError(f"could not load model {source!r}: {error}") from None
+            raise _hub_refused("could not load model", source, error) from None
         except (ValueError, KeyError) as error:
             raise _transformers_refused(where, error) from None
     where = str(local) if local is not None else source

@@ -8,6 +8,7 @@ a user can fix print one message and exit 2" is this table.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import resource
@@ -35,8 +36,9 @@ class Case:
     name: str
     prepare: Callable[["Context"], list[str]]
     fragment: str
-    command: str = "run"           # "run" (the recipe) or "eval" (the checkpoint ctx.model)
-    recipe: dict = field(default_factory=dict)
+    command: str = "run"           # "run" (the recipe), "eval" or "inspect" (the checkpoint ctx.model)
+    recipe: dict = field(default_factory=dict)     # keys replacing the tiny recipe's
+    absent: str | None = None      # text the whole output must not hold (a misleading word)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Context:
     monkeypatch: pytest.MonkeyPatch
     compressed: Path | None = None
     cleanups: list[Callable[[], None]] = field(default_factory=list)
+    recipe: Path | None = None      # a recipe file the case wrote itself (else the tiny recipe is written)
 
     @property
     def out(self) -> Path:
@@ -173,6 +176,48 @@ def _unknown_kind(ctx: Context) -> list[str]:
     return []
 
 
+def _recipe_file(content: bytes) -> Callable[[Context], list[str]]:
+    def prepare(ctx: Context) -> list[str]:
+        ctx.recipe = ctx.tmp / "recipe.yaml"
+        ctx.recipe.write_bytes(content)
+        return []
+    return prepare
+
+
+def _recipe_directory(ctx: Context) -> list[str]:
+    ctx.recipe = ctx.tmp / "recipes"
+    ctx.recipe.mkdir()
+    return []
+
+
+def _no_launch(ctx: Context) -> list[str]:
+    """torchrun must not start (it would replace the test process: os.execv)."""
+    def launched(*args):
+        raise AssertionError(f"torchrun was launched: {args}")
+
+    ctx.monkeypatch.setattr(os, "execv", launched)
+    return ["--nproc", "8"]
+
+
+def _calibration_text(text: str, name: str) -> Callable[[Context], list[str]]:
+    def prepare(ctx: Context) -> list[str]:
+        path = ctx.tmp / name
+        path.write_text(text)
+        return ["--set", f"calibration.dataset={path}"]
+    return prepare
+
+
+def _damaged_header(ctx: Context) -> list[str]:
+    """Valid JSON, but ``__metadata__`` renamed: an entry that is no tensor (safetensors' own loader fails)."""
+    directory = ctx.tmp / "compressed"
+    shutil.copytree(ctx.compressed, directory)
+    shard = next(p for p in sorted(directory.glob("layers-*.safetensors")))
+    data = shard.read_bytes()
+    shard.write_bytes(data.replace(b'"__metadata__"', b'"__metadataX_"', 1))
+    ctx.model = directory
+    return []
+
+
 CASES = [
     Case("bad regex", _args("--set", 'stages.0.targets=["re:["]'), "not a valid regular expression"),
     Case("unknown model_type", _config_edit(lambda c: c.update(model_type="foobar")), "model_type 'foobar' is not"),
@@ -208,6 +253,25 @@ CASES = [
          command="eval"),
     Case("checkpoint names an unknown module kind", _unknown_kind, "unknown compressed kind 'pickled_surprise'",
          command="eval"),
+    # issue 28, item 4: inputs that escaped the one-message rule
+    Case("recipe not UTF-8", _recipe_file(b"model:\n  path: \xff\xfe\n"), "recipe.yaml:2: not UTF-8 text"),
+    Case("--nproc above num_samples", _no_launch, "--nproc 8: calibration.num_samples (6) is smaller"),
+    Case("inspect: tensor of the wrong shape", _wrong_shape, "the model built from config.json expects",
+         command="inspect"),
+    Case("inspect: damaged safetensors header", _damaged_header, "damaged safetensors header", command="inspect"),
+    Case("eval: damaged safetensors header", _damaged_header, "damaged safetensors header", command="eval"),
+    # issue 28, item 5: messages that misled
+    Case("recipe output is a list", _args("--output", "elsewhere"),
+         "recipe.yaml: output is a list of 1, not a section, so output.dir cannot be set",
+         recipe={"output": ["dir"]}, absent="--set"),
+    Case("recipe is a directory", _recipe_directory, "recipes is a directory, not a file", absent="not found"),
+    Case("recipe not valid YAML", _recipe_file(b"model: {path: m}\nstages: [\n  - a\n b: c\n"),
+         "recipe.yaml:3:3: not valid YAML", absent="unicode string"),
+    Case("rank above min(m, n)", _args("--set", "stages.0={method: svd, rank: 1000}"), "rank 1000 (capped at 64)"),
+    Case("calibration file too short", _calibration_text("the model compresses", "short.txt"),
+         "short.txt has 20 tokens; 6 windows of calibration.seq_len 48 need at least 49",
+         absent="short.txt/validation"),
+    Case("calibration file empty", _calibration_text("", "empty.txt"), "empty.txt is empty"),
 ]
 
 
@@ -232,9 +296,12 @@ def invoke(case: Case, ctx: Context, extra: list[str], debug: bool = False):
     if case.command == "eval":
         args = ["eval", str(ctx.model), "--dataset", str(ctx.text), "--seq-len", "32", "--max-windows", "1"]
         return CliRunner().invoke(cli, prefix + args + extra)
-    recipe = tiny_recipe_dict(ctx.model, ctx.text, ctx.out)
-    path = ctx.tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    if case.command == "inspect":
+        return CliRunner().invoke(cli, prefix + ["inspect", str(ctx.model)] + extra)
+    path = ctx.recipe
+    if path is None:
+        path = ctx.tmp / "recipe.yaml"
+        path.write_text(yaml.safe_dump({**tiny_recipe_dict(ctx.model, ctx.text, ctx.out), **case.recipe}))
     return CliRunner().invoke(cli, prefix + ["run", str(path)] + extra)
 
 
@@ -258,11 +325,14 @@ def test_bad_input_is_one_message_and_exit_2(case, tiny_llama_dir, calibration_f
     assert "Traceback" not in result.output
     assert "error:" in stderr, result.output
     message = stderr[stderr.index("error:"):]
-    assert case.fragment in message, message
+    assert case.fragment in " ".join(message.split()), message
+    assert case.absent is None or case.absent not in result.output, result.output
     assert len(message.strip().splitlines()) <= 3, message     # one message (a recipe error: file + key lines)
     for directory in [ctx.out, *tmp_path.glob("**/out")]:
         assert not looks_complete(directory), f"{directory} looks like a finished run"
     assert not list(tmp_path.glob("**/*.lock")), "the output lock was not released"
+    for staging in tmp_path.glob("**/*.partial"):     # kept only when it holds work a rerun resumes
+        assert json.loads((staging / "state.json").read_text())["segments"], f"{staging} holds nothing to resume"
 
 
 def test_debug_shows_the_traceback(tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
@@ -292,10 +362,11 @@ def test_allow_growth_lets_the_plan_through_and_says_so(tiny_llama_dir, calibrat
 
 
 @pytest.mark.usefixtures("no_report")
-def test_a_real_write_limit_is_one_message_and_leaves_a_resumable_run(tiny_llama_dir, calibration_file, tmp_path):
+def test_a_real_write_limit_is_one_message_and_the_same_command_finishes(tiny_llama_dir, calibration_file,
+                                                                        tmp_path):
     """Not a patched writer: the kernel refuses the first block's file (RLIMIT_FSIZE; Python ignores
-    SIGXFSZ, so the write fails with EFBIG as a full disk fails with ENOSPC). Then the limit is lifted and
-    the same command resumes and finishes."""
+    SIGXFSZ, so the write fails with EFBIG as a full disk fails with ENOSPC). No segment was finished, so
+    no staging directory is left. Then the limit is lifted and the same command finishes."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out")))
     command = [sys.executable, "-m", "lrcompress", "run", str(recipe)]
@@ -309,7 +380,61 @@ def test_a_real_write_limit_is_one_message_and_leaves_a_resumable_run(tiny_llama
     assert limited.returncode == 2, limited.stderr[-2000:]
     message = " ".join(limited.stderr[limited.stderr.index("error:"):].split())
     assert "File too large" in message and "rerun the same command" in message and "Traceback" not in message
-    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "state.json").is_file()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     finished = CliRunner().invoke(cli, ["run", str(recipe)])
     assert finished.exit_code == 0, finished.output
     assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+@pytest.mark.usefixtures("no_report")
+def test_a_failed_run_keeps_its_staging_only_when_it_holds_finished_layers(tiny_llama_dir, calibration_file,
+                                                                         tmp_path, monkeypatch):
+    """A NaN in layer 1: layer 0's segment is finished, so ``out.partial`` stays for the same command to
+    resume (a NaN in layer 0 leaves nothing: the "NaN weight with svd" case above)."""
+    ctx = Context(tmp_path, tiny_llama_dir, calibration_file, monkeypatch)
+    path = ctx.copy_model() / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    case = Case("NaN in layer 1", _args("--set", "stages.0.method=svd"), "model.layers.1.mlp.up_proj")
+    result = invoke(case, ctx, case.prepare(ctx))
+    assert result.exit_code == 2 and case.fragment in result.stderr, result.output
+    assert json.loads((tmp_path / "out.partial" / "state.json").read_text())["segments"] == [[0]]
+
+
+def _reset_hub_probe() -> None:
+    """The probe's answer is cached per process: forget it (before and after the test that moves the hub)."""
+    if importlib.util.find_spec("lrcompress.hub") is not None:
+        from lrcompress.hub import forget_probe
+
+        forget_probe()
+
+
+@pytest.mark.parametrize("key,hub_id", [("model.path", "nobody/no-such-model"),
+                                        ("calibration.dataset", "nobody/no-such-data")])
+def test_an_unreachable_hub_is_reported_at_once(key, hub_id, tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
+    """A hub id with no network: one probe, then offline mode, instead of ~25 s of retries and warnings.
+    The hub is an endpoint that refuses connections (the tests otherwise run with HF_HUB_OFFLINE=1)."""
+    import time
+
+    import datasets
+    from huggingface_hub import constants
+
+    _reset_hub_probe()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    ctx = Context(tmp_path, tiny_llama_dir, calibration_file, monkeypatch)
+    case = Case("hub id", _args("--set", f"{key}={hub_id}"), "")
+    started = time.perf_counter()
+    try:
+        result = invoke(case, ctx, case.prepare(ctx))
+    finally:
+        _reset_hub_probe()
+    elapsed = time.perf_counter() - started
+    assert elapsed < 10 and "Retrying" not in result.output, f"{elapsed:.1f} s: {result.output}"   # was ~25 s
+    assert result.exit_code == 2, result.output
+    assert f"'{hub_id}'" in result.stderr and "not reachable" in result.stderr, result.output

@@ -19,7 +19,7 @@ def test_evaluation_windows_are_consecutive_and_capped():
     w = evaluation_windows(ids, 30, None)
     assert w.shape == (3, 30) and torch.equal(w.flatten(), ids[:90])
     assert evaluation_windows(ids, 30, 2).shape == (2, 30)
-    with pytest.raises(LrcompressError, match="fewer than seq_len"):
+    with pytest.raises(LrcompressError, match="has 100 tokens, not one window of seq_len 200"):
         evaluation_windows(ids, 200, None)
 
 
