@@ -82,3 +82,32 @@ def smollm2_path() -> Path:
     if not (path / "config.json").is_file():
         pytest.fail(f"SmolLM2 not found at {path}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
     return path
+
+
+def sparse_coded_linear(in_features: int, out_features: int, atoms: int, sparsity: int, seed: int = 0,
+                        orthonormal: bool = False):
+    """A float64 Linear whose whitened weights Fᵀ·W (paper orientation, G = F·Fᵀ the damped Gram of its
+    inputs) are exactly ``sparsity``-sparse codes over ``atoms`` random atoms (orthonormal ones with
+    ``orthonormal``): the union-of-subspaces structure dictionary methods assume, which no low-rank
+    factorization of the same size captures. Returns the Linear and its Gram statistic."""
+    from torch import nn
+
+    from lrcompress.compressor import GramStatistic
+
+    g = torch.Generator().manual_seed(seed)
+    x = correlated_inputs(800, in_features, seed=seed)
+    gram = x.T @ x
+    factor = torch.linalg.cholesky(gram + 1e-4 * gram.diagonal().mean() * torch.eye(in_features, dtype=gram.dtype))
+    basis = torch.randn(in_features, in_features if orthonormal else atoms, generator=g, dtype=torch.float64)
+    dictionary = torch.linalg.qr(basis)[0][:, :atoms] if orthonormal else basis
+    codes = torch.zeros(atoms, out_features, dtype=torch.float64)
+    for column in range(out_features):
+        support = torch.randperm(atoms, generator=g)[:sparsity]
+        codes[support, column] = torch.randn(sparsity, generator=g, dtype=torch.float64)
+    weight = torch.linalg.solve_triangular(factor.T, dictionary @ codes, upper=True)      # Fᵀ·W = D·S
+    linear = nn.Linear(in_features, out_features, bias=False).double()
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+    statistic = GramStatistic(in_features)
+    statistic.observe(x, linear(x))
+    return linear, statistic

@@ -41,10 +41,10 @@ class Compot(CoSpaDi):
     config: CompotConfig
     learner = "procrustes"
 
-    def _shape(self, in_features: int, out_features: int, members: int, cost: float) -> Shape:
-        shape = super()._shape(in_features, out_features, members, cost)
-        atoms = min(shape.atoms, in_features)
-        return Shape(min(shape.sparsity, atoms), atoms, cost)
+    def _sized(self, sparsity: int, in_features: int, cost: float) -> Shape:
+        """CoSpaDi's k = ρ·s capped at d_in: an orthonormal dictionary has at most d_in atoms."""
+        atoms = min(super()._sized(sparsity, in_features, cost).atoms, in_features)
+        return Shape(min(sparsity, atoms), atoms, cost)
 
     def learn(self, signals: torch.Tensor, shape: Shape) -> KSVDResult:
         return orthogonal_dictionary(signals, shape.atoms, shape.sparsity, self.config.iterations,

@@ -121,8 +121,11 @@ class CoSpaDi(Compressor):
         c = self.config
         s = c.sparsity if c.sparsity is not None else sparsity_budget(in_features, out_features, c.ratio,
                                                                        c.rho, members, cost)
-        s = min(s, in_features)
-        return Shape(s, max(s, int(c.rho * s)), cost)
+        return self._sized(min(s, in_features), in_features, cost)
+
+    def _sized(self, sparsity: int, in_features: int, cost: float) -> Shape:
+        """s nonzeros per column over k = ρ·s atoms (at least s)."""
+        return Shape(sparsity, max(sparsity, int(self.config.rho * sparsity)), cost)
 
     def plan(self, module: nn.Module) -> Plan:
         return self.plan_in_group("", module, self.config.group_size, 0)
@@ -164,8 +167,8 @@ class CoSpaDi(Compressor):
     def stored(self, in_features: int, out_features: int, sparsity: int, dtype: torch.dtype) -> int:
         """Values a module at sparsity s stores without its bias (the indices at their packed width, left
         out when ``count_indices`` is false, as the uniform budget leaves them out)."""
-        s = min(sparsity, in_features)
-        atoms = max(s, int(self.config.rho * s))
+        shape = self._sized(min(sparsity, in_features), in_features, 0.0)
+        s, atoms = shape.sparsity, shape.atoms
         stored = sparse_dict_params(in_features, out_features, atoms, s, dtype, False)
         return stored if self.config.count_indices else stored - index_params(s * out_features, atoms, dtype)
 

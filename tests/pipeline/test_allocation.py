@@ -220,19 +220,21 @@ def test_spectrum_fits_exact_prices():
                for r, m in zip(ranks, modules))
 
 
-def test_cospadis_price_is_what_the_finished_module_stores():
-    """The knob's price at every s is the stored size of the module CoSpaDi builds at that s, including the
-    steps where k crosses a power of two (k = 2s: s = 16 → 17 takes 32 atoms, 5-bit indices, to 34, 6-bit)."""
+@pytest.mark.parametrize("method", ["cospadi", "compot"])
+def test_a_dictionary_methods_price_is_what_the_finished_module_stores(method):
+    """The knob's price at every s is the stored size of the module the method builds at that s, including
+    the steps where k crosses a power of two (k = 2s: s = 16 → 17 takes 32 atoms, 5-bit indices, to 34,
+    6-bit) and, for compot, where k reaches its cap d_in = 40."""
     from helpers import observed_linear
 
     from lrcompress.compressor import get_compressor
 
-    cls = get_compressor("cospadi")
+    cls = get_compressor(method)
     _, linear, gram = observed_linear(300, 48, 40)
     compressor = cls(cls.Config(ratio=0.3, iterations=1))
     knob = compressor.rank_knob(linear)
     widths = set()
-    for s in (15, 16, 17, 18, knob.max_rank):
+    for s in sorted({15, 16, 17, 18, 21, knob.max_rank}):
         module = compressor.with_rank(s).compress("m", linear, {"gram": gram}).module
         widths.add(module.packed_indices.numel() * 8 // module.indices.numel())
         assert module.storage_bytes() == knob.params(s) * 8 - _padding(module)
@@ -274,3 +276,44 @@ def test_a_cospadi_global_budget_holds_for_the_bytes_the_finished_modules_store(
     assert summary.budget_params * itemsize - stored < max(next_steps)      # spent within one step
     uniform_bits = {m.name: index_bits(max(m.uniform_rank, 2 * m.uniform_rank)) for m in summary.modules}
     assert any(index_bits(replaced[name].atoms) > bits for name, bits in uniform_bits.items())
+
+
+def test_global_allocation_with_output_matching_honours_both(tiny_llama_dir, calibration_file, tmp_path, no_report):
+    """The configuration of RESULTS' best low-rank row (whiten, `global`, `target: original`) on a tiny model:
+    the allocated ranks are the ones built, every module is fitted to the original outputs, the records agree
+    with the modules, and matching lowers the final output error at the same ranks."""
+    from tiny_runs import tiny_recipe
+
+    from lrcompress.models import load_model
+    from lrcompress.runner import run_recipe
+
+    stage = {"method": "whiten", "ratio": 0.4, "allocation": "global"}
+    runs = {target: run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / target, stages=[stage],
+                                           runtime={"device": "cpu", "batch_size": 3, "sequential": True,
+                                                    "target": target}))
+            for target in ("layer", "original")}
+    matched = runs["original"]
+    summary = matched.metrics.allocation.stages[0]
+    chosen = {m.name: m.rank for m in summary.modules}
+    assert len(set(chosen.values())) > 1                                  # not the uniform ranks
+    assert chosen == {m.name: m.rank for m in runs["layer"].metrics.allocation.stages[0].modules}
+    records = {r.name: r for r in matched.metrics.modules}
+    assert {name: r.rank for name, r in records.items()} == chosen
+    assert all(r.details["target"] == "original" for r in records.values())
+    assert matched.metrics.output_matching is not None and matched.metrics.output_matching.reference_forwards > 0
+    for name, record in records.items():
+        module = matched.model.get_submodule(name)
+        assert module.rank == chosen[name]
+        assert record.params_after == module.stored_params() == chosen[name] * (module.in_features +
+                                                                                module.out_features)
+    assert summary.allocated_params == sum(r.params_after for r in records.values()) <= summary.budget_params
+    dense = load_model(str(tiny_llama_dir)).model
+    windows = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(1))
+
+    def final_hidden(model):
+        with torch.no_grad():
+            return model(input_ids=windows, use_cache=False, output_hidden_states=True).hidden_states[-1]
+
+    reference = final_hidden(dense)
+    errors = {t: float((final_hidden(run.model) - reference).norm() / reference.norm()) for t, run in runs.items()}
+    assert errors["original"] < errors["layer"]
