@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -69,6 +70,32 @@ def compress_with(method: str, module, statistics: dict, name: str = "test.modul
 
     cls = get_compressor(method)
     return cls(cls.Config(**options)).compress(name, module, statistics).module
+
+
+DATA_MARKER = Path("wikitext-2-raw") / "wiki.valid.raw"      # a file every real-data test reads
+OFF = ("", "0", "false", "no")
+
+
+def data_required(environ: Mapping[str, str]) -> str | None:
+    """Why a missing shared data directory must fail the tests (None: it may skip them). ``make test``
+    sets LRCOMPRESS_REQUIRE_DATA=1; CI runners set CI=true; ``make test-fast`` sets neither."""
+    if environ.get("LRCOMPRESS_REQUIRE_DATA", "").strip().lower() not in OFF:
+        return "LRCOMPRESS_REQUIRE_DATA is set (make test)"
+    if environ.get("CI", "").strip().lower() not in OFF:
+        return "CI is set"
+    return None
+
+
+def missing_data(environ: Mapping[str, str], default: Path) -> tuple[Path, str | None, bool]:
+    """(the data directory, what is missing there or None, whether that must fail): $LRCOMPRESS_DATA,
+    else ``default`` (the shared data beside the checkout)."""
+    value = environ.get("LRCOMPRESS_DATA")
+    path = Path(value) if value else default
+    if (path / DATA_MARKER).is_file():
+        return path, None, False
+    reason = data_required(environ)
+    message = f"shared data not found: {path / DATA_MARKER} is missing (set LRCOMPRESS_DATA)"
+    return path, (message + (f"; required because {reason}" if reason else "")), reason is not None
 
 
 def smollm2_path() -> Path:
