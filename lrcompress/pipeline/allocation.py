@@ -80,8 +80,8 @@ def fit_to_budget(modules: list[BudgetModule], targets: list[float], budget: flo
 
     Start from the rounded-down clamped targets, then add single steps (to the module furthest below
     its target) while any fits, or remove steps (from the module furthest above its target) while the
-    budget is exceeded. Ends with Σ r·step ≤ budget and no step of a module below its ceiling left
-    that fits."""
+    budget is exceeded (each step at its own price). Ends with Σ params(r) ≤ budget and no step of a
+    module below its ceiling left that fits."""
     ranks = [min(max(int(math.floor(t)), m.floor), m.ceiling) for m, t in zip(modules, targets)]
     used = sum(m.knob.params(r) for r, m in zip(ranks, modules))
     floors = sum(m.knob.params(m.floor) for m in modules)
