@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from helpers import save_tiny  # noqa: E402
+from helpers import missing_data, save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,11 +25,11 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The shared data directory ($LRCOMPRESS_DATA, set by the Makefile)."""
-    value = os.environ.get("LRCOMPRESS_DATA")
-    path = Path(value) if value else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not (path / "wikitext-2-raw" / "wiki.valid.raw").is_file():
-        pytest.skip(f"shared data not found at {path} (set LRCOMPRESS_DATA)")
+    """The shared data directory ($LRCOMPRESS_DATA, set by the Makefile). Missing, it fails the tests that
+    need it under CI or ``make test`` (``data_required``) and skips them otherwise (``make test-fast``)."""
+    path, missing, required = missing_data(os.environ, Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    if missing is not None:
+        (pytest.fail if required else pytest.skip)(missing)
     return path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -71,6 +72,32 @@ def compress_with(method: str, module, statistics: dict, name: str = "test.modul
     return cls(cls.Config(**options)).compress(name, module, statistics).module
 
 
+DATA_MARKER = Path("wikitext-2-raw") / "wiki.valid.raw"      # a file every real-data test reads
+OFF = ("", "0", "false", "no")
+
+
+def data_required(environ: Mapping[str, str]) -> str | None:
+    """Why a missing shared data directory must fail the tests (None: it may skip them). ``make test``
+    sets LRCOMPRESS_REQUIRE_DATA=1; CI runners set CI=true; ``make test-fast`` sets neither."""
+    if environ.get("LRCOMPRESS_REQUIRE_DATA", "").strip().lower() not in OFF:
+        return "LRCOMPRESS_REQUIRE_DATA is set (make test)"
+    if environ.get("CI", "").strip().lower() not in OFF:
+        return "CI is set"
+    return None
+
+
+def missing_data(environ: Mapping[str, str], default: Path) -> tuple[Path, str | None, bool]:
+    """(the data directory, what is missing there or None, whether that must fail): $LRCOMPRESS_DATA,
+    else ``default`` (the shared data beside the checkout)."""
+    value = environ.get("LRCOMPRESS_DATA")
+    path = Path(value) if value else default
+    if (path / DATA_MARKER).is_file():
+        return path, None, False
+    reason = data_required(environ)
+    message = f"shared data not found: {path / DATA_MARKER} is missing (set LRCOMPRESS_DATA)"
+    return path, (message + (f"; required because {reason}" if reason else "")), reason is not None
+
+
 def smollm2_path() -> Path:
     """The converted demo model (``make model``); real-model tests fail, not skip, without it."""
     import os
@@ -82,3 +109,32 @@ def smollm2_path() -> Path:
     if not (path / "config.json").is_file():
         pytest.fail(f"SmolLM2 not found at {path}: run `make model` (or set LRCOMPRESS_SMOLLM2)")
     return path
+
+
+def sparse_coded_linear(in_features: int, out_features: int, atoms: int, sparsity: int, seed: int = 0,
+                        orthonormal: bool = False):
+    """A float64 Linear whose whitened weights Fᵀ·W (paper orientation, G = F·Fᵀ the damped Gram of its
+    inputs) are exactly ``sparsity``-sparse codes over ``atoms`` random atoms (orthonormal ones with
+    ``orthonormal``): the union-of-subspaces structure dictionary methods assume, which no low-rank
+    factorization of the same size captures. Returns the Linear and its Gram statistic."""
+    from torch import nn
+
+    from lrcompress.compressor import GramStatistic
+
+    g = torch.Generator().manual_seed(seed)
+    x = correlated_inputs(800, in_features, seed=seed)
+    gram = x.T @ x
+    factor = torch.linalg.cholesky(gram + 1e-4 * gram.diagonal().mean() * torch.eye(in_features, dtype=gram.dtype))
+    basis = torch.randn(in_features, in_features if orthonormal else atoms, generator=g, dtype=torch.float64)
+    dictionary = torch.linalg.qr(basis)[0][:, :atoms] if orthonormal else basis
+    codes = torch.zeros(atoms, out_features, dtype=torch.float64)
+    for column in range(out_features):
+        support = torch.randperm(atoms, generator=g)[:sparsity]
+        codes[support, column] = torch.randn(sparsity, generator=g, dtype=torch.float64)
+    weight = torch.linalg.solve_triangular(factor.T, dictionary @ codes, upper=True)      # Fᵀ·W = D·S
+    linear = nn.Linear(in_features, out_features, bias=False).double()
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+    statistic = GramStatistic(in_features)
+    statistic.observe(x, linear(x))
+    return linear, statistic

@@ -44,6 +44,23 @@ def shared_output(block, x: torch.Tensor) -> torch.Tensor:
 MOE_WINDOWS = torch.randint(3, 259, (4, 24), generator=torch.Generator().manual_seed(0))
 
 
+def block_error(original, compressed, index: int, windows=MOE_WINDOWS) -> float:
+    """‖block'(x) − block(x)‖ / ‖block(x)‖ of layer ``index``'s MLP block on the inputs it gets in the
+    original model (all of its tokens: fewer than the records' sample capacity, 2048, in these tests)."""
+    captured = []
+    handle = original.model.layers[index].mlp.register_forward_hook(lambda m, a, o: captured.append(a[0]))
+    with torch.no_grad():
+        original(input_ids=windows, use_cache=False)
+        handle.remove()
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])[None]
+        before, after = (_block_output(model.model.layers[index].mlp(x)) for model in (original, compressed))
+    return float((after - before).norm() / before.norm())
+
+
+def _block_output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
 def moe_stage(method, targets=("*",), ignore=(), **options):
     """A stage of ``method`` (a block compressor) over the given patterns."""
     from lrcompress.compressor import get_compressor

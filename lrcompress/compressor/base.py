@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
@@ -61,10 +61,14 @@ class Plan:
 class RankKnob:
     """What a compressor's size knob (a rank, a sparsity) costs for one module, for budget allocation.
 
-    The stored parameters are ``fixed_params + rank·step_params``; the stage's own setting (its ratio
-    or rank) would give ``rank`` and corresponds to ``budget_params`` (the unrounded allowance of the
-    rank-dependent part: (1 − ratio)·m·n for a ratio). ``max_rank`` is the largest rank worth storing
-    (for a low-rank factorization, the rank at which it stops being smaller than the dense matrix).
+    The stored parameters are ``fixed_params + params(rank)``: ``rank·step_params`` for a knob whose
+    every step costs the same (a rank-r factorization), or the method's own ``price`` where steps
+    differ (CoSpaDi: the width of every stored index grows when the dictionary crosses a power of
+    two). The stage's own setting (its ratio or rank) would give ``rank`` and corresponds to
+    ``budget_params`` (the unrounded allowance of the rank-dependent part: (1 − ratio)·m·n for a
+    ratio). ``max_rank`` is the largest rank worth storing (for a low-rank factorization, the rank at
+    which it stops being smaller than the dense matrix). With a ``price``, ``step_params`` is the
+    price of a step at the method's own rank (what reports show).
     """
 
     step_params: int
@@ -73,6 +77,11 @@ class RankKnob:
     budget_params: float
     dense_params: int
     fixed_params: int = 0
+    price: Callable[[int], int] | None = field(default=None, compare=False, repr=False)
+
+    def params(self, rank: int) -> int:
+        """The rank-dependent stored parameters at ``rank`` (exact: what the finished module stores)."""
+        return rank * self.step_params if self.price is None else self.price(rank)
 
 
 @dataclass
@@ -124,6 +133,11 @@ class Compressor(ABC):
     def plan_for(self, name: str, module: nn.Module) -> Plan:
         """The plan of the module named ``name`` (a budget allocation may give each module its own)."""
         return self.plan(module)
+
+    def plan_in_group(self, name: str, module: nn.Module, members: int, position: int) -> Plan:
+        """The plan of ``module``, member ``position`` of a group of ``members`` compressed together
+        (``group_size`` > 1; the last group of layers may hold fewer); by default the group changes nothing."""
+        return self.plan_for(name, module)
 
     def rank_knob(self, module: nn.Module) -> RankKnob | None:
         """The price of this method's size knob for ``module``; None: no knob a budget can move."""

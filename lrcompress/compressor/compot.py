@@ -1,4 +1,5 @@
-"""``compot``: COMPOT, sparse coding over a calibration-whitened orthonormal dictionary (Makhov et al., 2026).
+"""``compot``: COMPOT, sparse coding over a calibration-whitened orthonormal dictionary (Makhov et al., 2026),
+reconstructed from the paper's abstract only (neither its full text nor its code was consulted).
 
 COMPOT ("Calibration-Optimized Matrix Procrustes Orthogonalization for Transformers", arXiv 2602.15200)
 is the CoSpaDi authors' follow-up: the same W ≈ D·S layer (``SparseDictLinear``), learned on the same
@@ -9,7 +10,7 @@ updates. Everything else — the budget with bit-packed indices, the per-group m
 D = F⁻ᵀ·D_F and the least-squares refit of the values in each layer's metric — is CoSpaDi's
 (``compressor/cospadi.py``).
 
-Choices made here (this is a reconstruction from the paper's abstract; its code was not consulted):
+Choices made here, where the abstract says nothing:
 - k = ρ·s atoms as in CoSpaDi, capped at d_in (an orthonormal dictionary has at most n atoms);
 - the alternation runs ``iterations`` times (default 20), stopped early when one lowers the relative
   error by less than ``tolerance`` (default 0.1%) of its value. Each costs one SVD of an n × k matrix
@@ -37,14 +38,16 @@ class CompotConfig(CoSpaDiConfig):
 
 @register("compot")
 class Compot(CoSpaDi):
+    """COMPOT as reconstructed from its abstract: CoSpaDi with an orthonormal whitened dictionary."""
+
     Config = CompotConfig
     config: CompotConfig
     learner = "procrustes"
 
-    def _shape(self, in_features: int, out_features: int, members: int, cost: float) -> Shape:
-        shape = super()._shape(in_features, out_features, members, cost)
-        atoms = min(shape.atoms, in_features)
-        return Shape(min(shape.sparsity, atoms), atoms, cost)
+    def _sized(self, sparsity: int, in_features: int, cost: float) -> Shape:
+        """CoSpaDi's k = ρ·s capped at d_in: an orthonormal dictionary has at most d_in atoms."""
+        atoms = min(super()._sized(sparsity, in_features, cost).atoms, in_features)
+        return Shape(min(sparsity, atoms), atoms, cost)
 
     def learn(self, signals: torch.Tensor, shape: Shape) -> KSVDResult:
         return orthogonal_dictionary(signals, shape.atoms, shape.sparsity, self.config.iterations,

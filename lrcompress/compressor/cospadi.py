@@ -25,7 +25,6 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -34,7 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from ..modules import SparseDictLinear, dense_weight
-from ..modules.sparse_dict import dictionary_shares, index_bits, sparse_dict_params
+from ..modules.sparse_dict import dictionary_shares, index_bits, index_params, sparse_dict_params
 from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, RankKnob, register
 from .dictionary import KSVDResult, ksvd, refit_values, sparsity_budget
 from .linalg import whitening
@@ -122,30 +121,56 @@ class CoSpaDi(Compressor):
         c = self.config
         s = c.sparsity if c.sparsity is not None else sparsity_budget(in_features, out_features, c.ratio,
                                                                        c.rho, members, cost)
-        s = min(s, in_features)
-        return Shape(s, max(s, int(c.rho * s)), cost)
+        return self._sized(min(s, in_features), in_features, cost)
+
+    def _sized(self, sparsity: int, in_features: int, cost: float) -> Shape:
+        """s nonzeros per column over k = ρ·s atoms (at least s)."""
+        return Shape(sparsity, max(sparsity, int(self.config.rho * sparsity)), cost)
 
     def plan(self, module: nn.Module) -> Plan:
+        return self.plan_in_group("", module, self.config.group_size, 0)
+
+    def plan_in_group(self, name: str, module: nn.Module, members: int, position: int) -> Plan:
+        """A group of ``members`` modules (the last group of layers may be short) shares one dictionary:
+        s and k follow from the members' count, and the share from the position, as ``compress_group``
+        computes them."""
         weight = dense_weight(module)
-        shape = self.shape_for(module.in_features, module.out_features, weight.dtype, self.config.group_size)
-        share = module.in_features * shape.atoms // self.config.group_size
+        shape = self.shape_for(module.in_features, module.out_features, weight.dtype, members)
+        share = dictionary_shares(module.in_features, shape.atoms, members)[position]
         # the stored indices are charged at their real size even when the budget leaves them out
         return Plan(sparse_dict_params(module.in_features, module.out_features, shape.atoms, shape.sparsity,
                                        weight.dtype, getattr(module, "bias", None) is not None, share))
 
     def rank_knob(self, module: nn.Module) -> RankKnob | None:
         """The knob is s (k = ρ·s atoms): each step stores ρ·d_in dictionary values and d_out codes
-        with their indices. A shared dictionary (group_size > 1) has no per-module knob."""
+        with their indices, and the price is exact (``stored``): a step that takes k across a power of
+        two widens every index by a bit. A shared dictionary (group_size > 1) has no per-module knob."""
         if self.config.group_size > 1:
             return None
         d_in, d_out = module.in_features, module.out_features
-        shape = self.shape_for(d_in, d_out, dense_weight(module).dtype, 1)
+        dtype = dense_weight(module).dtype
+        shape = self.shape_for(d_in, d_out, dtype, 1)
         bias = getattr(module, "bias", None)
-        step = math.ceil(self.config.rho * d_in + d_out * (1.0 + shape.index_cost))
-        budget = (1.0 - self.config.ratio) * d_in * d_out
-        return RankKnob(step_params=step, max_rank=max(1, min(d_in, math.floor(d_in * d_out / step))),
-                        rank=shape.sparsity, budget_params=budget, dense_params=d_in * d_out,
-                        fixed_params=bias.numel() if bias is not None else 0)
+
+        def price(sparsity: int) -> int:
+            return self.stored(d_in, d_out, sparsity, dtype)
+
+        dense = d_in * d_out
+        top, ceiling = 1, min(d_in, dense)          # the largest s that stores less than the dense matrix
+        while top < ceiling:
+            middle = (top + ceiling + 1) // 2
+            top, ceiling = (middle, ceiling) if price(middle) < dense else (top, middle - 1)
+        return RankKnob(step_params=price(shape.sparsity + 1) - price(shape.sparsity), max_rank=top,
+                        rank=shape.sparsity, budget_params=(1.0 - self.config.ratio) * dense, dense_params=dense,
+                        fixed_params=bias.numel() if bias is not None else 0, price=price)
+
+    def stored(self, in_features: int, out_features: int, sparsity: int, dtype: torch.dtype) -> int:
+        """Values a module at sparsity s stores without its bias (the indices at their packed width, left
+        out when ``count_indices`` is false, as the uniform budget leaves them out)."""
+        shape = self._sized(min(sparsity, in_features), in_features, 0.0)
+        s, atoms = shape.sparsity, shape.atoms
+        stored = sparse_dict_params(in_features, out_features, atoms, s, dtype, False)
+        return stored if self.config.count_indices else stored - index_params(s * out_features, atoms, dtype)
 
     def with_rank(self, rank: int) -> "CoSpaDi":
         return type(self)(self.config.model_copy(update={"sparsity": int(rank)}))

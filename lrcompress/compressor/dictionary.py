@@ -382,7 +382,8 @@ def sparsity_budget(d_in: int, d_out: int, ratio: float, rho: float, group: int,
 
 def orthogonal_dictionary(signals: torch.Tensor, n_atoms: int, sparsity: int, iterations: int,
                           tolerance: float = 0.0) -> KSVDResult:
-    """Sparse coding over an orthonormal dictionary (DᵀD = I, k ≤ n), both steps in closed form (COMPOT).
+    """Sparse coding over an orthonormal dictionary (DᵀD = I, k ≤ n), both steps in closed form
+    (COMPOT's alternation, as reconstructed from the paper's abstract).
 
     With orthonormal atoms, ‖x − D·c‖² = ‖x‖² − ‖Dᵀx‖² + ‖Dᵀx − c‖², so the best s-sparse code of a
     column is its s largest projections (hard thresholding, exactly what OMP returns on such a D),

@@ -2,9 +2,10 @@
 
 A stage whose ``allocation.strategy`` is not ``uniform`` turns its method's ratio (or rank) into one
 budget: B = Σ_modules ``RankKnob.budget_params`` (the kept parameters the method's own setting allows
-each module, unrounded). Each module i then gets a rank r_i (in the unit of its method's knob, which
-costs ``step_params`` per step) with floor_i ≤ r_i ≤ ceiling_i, Σ r_i·step_i ≤ B, and no module below
-its ceiling whose step would still fit (so the budget is met within one rank step). The compressors
+each module, unrounded). Each module i then gets a rank r_i (in the unit of its method's knob, whose
+exact stored size is ``RankKnob.params(r)``: r·``step_params`` for a factorization, a price with
+uneven steps for CoSpaDi) with floor_i ≤ r_i ≤ ceiling_i, Σ params_i(r_i) ≤ B, and no module below
+its ceiling whose next step would still fit (so the budget is met within one rank step). The compressors
 are only asked for their knob's price (``Compressor.rank_knob``) and for a copy at a given rank
 (``Compressor.with_rank``); this module never names a method. See docs/budget.md for the derivations.
 
@@ -15,8 +16,8 @@ are only asked for their knob's price (``Compressor.rank_knob``) and for a copy 
   increase per parameter, from a K-FAC Fisher G_y ⊗ G_x: dropping component i of W·S = Σ σ_i u_i v_iᵀ
   costs ½·σ_i²·u_iᵀ G_y u_i (cross terms vanish: the v_i are orthonormal), with diag(G_y) from one
   backward pre-pass. Components are kept greedily by score per parameter against the budget, along
-  the upper concave hull of each module's cumulative score (a compressor keeps a prefix of its
-  spectrum, so a module's ranks are taken in order).
+  the upper concave hull of each module's cumulative score against its cumulative price (a
+  compressor keeps a prefix of its spectrum, so a module's ranks are taken in order).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import heapq
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -79,20 +80,21 @@ def fit_to_budget(modules: list[BudgetModule], targets: list[float], budget: flo
 
     Start from the rounded-down clamped targets, then add single steps (to the module furthest below
     its target) while any fits, or remove steps (from the module furthest above its target) while the
-    budget is exceeded. Ends with Σ r·step ≤ budget and no step of a module below its ceiling left
-    that fits."""
+    budget is exceeded (each step at its own price). Ends with Σ params(r) ≤ budget and no step of a
+    module below its ceiling left that fits."""
     ranks = [min(max(int(math.floor(t)), m.floor), m.ceiling) for m, t in zip(modules, targets)]
-    used = sum(r * m.knob.step_params for r, m in zip(ranks, modules))
-    if sum(m.floor * m.knob.step_params for m in modules) > budget:
-        raise LrcompressError(f"allocation: the floors alone need {sum(m.floor * m.knob.step_params for m in modules):,} "
-                              f"parameters, more than the budget {budget:,.0f}; lower allocation.floor")
+    used = sum(m.knob.params(r) for r, m in zip(ranks, modules))
+    floors = sum(m.knob.params(m.floor) for m in modules)
+    if floors > budget:
+        raise LrcompressError(f"allocation: the floors alone need {floors:,} parameters, more than the budget "
+                              f"{budget:,.0f}; lower allocation.floor")
     # Too much: remove from those furthest above their target (their smallest deficit first).
     above = [(t - r, i) for i, (r, t) in enumerate(zip(ranks, targets)) if ranks[i] > modules[i].floor]
     heapq.heapify(above)
     while used > budget and above:
         _, i = heapq.heappop(above)
+        used -= _step(modules[i].knob, ranks[i] - 1)
         ranks[i] -= 1
-        used -= modules[i].knob.step_params
         if ranks[i] > modules[i].floor:
             heapq.heappush(above, (targets[i] - ranks[i], i))
     # Room left: add to those furthest below their target, while a step fits.
@@ -100,10 +102,10 @@ def fit_to_budget(modules: list[BudgetModule], targets: list[float], budget: flo
     heapq.heapify(below)
     while below:
         _, i = heapq.heappop(below)
-        if used + modules[i].knob.step_params > budget:
+        if used + _step(modules[i].knob, ranks[i]) > budget:
             continue                         # this one does not fit; a cheaper one may
+        used += _step(modules[i].knob, ranks[i])
         ranks[i] += 1
-        used += modules[i].knob.step_params
         if ranks[i] < modules[i].ceiling:
             heapq.heappush(below, (-(targets[i] - ranks[i]), i))
     return ranks
@@ -139,52 +141,72 @@ def allocate_spectrum(modules: list[BudgetModule], budget: float) -> list[int]:
         for i, weight in zip(members, weights):
             share = total_removed * weight / total_weight             # = |G|·R·w_i/Σw for equal shapes
             kept = _dense(modules[i].knob) - share
-            targets[i] = kept / modules[i].knob.step_params
+            targets[i] = _rank_at(modules[i], kept)
     return fit_to_budget(modules, targets, budget)
 
 
 def allocate_global(modules: list[BudgetModule], budget: float) -> list[int]:
     """Greedy over all components by estimated loss increase per parameter, floors first."""
     ranks = [m.floor for m in modules]
-    left = budget - sum(m.floor * m.knob.step_params for m in modules)
+    left = budget - sum(m.knob.params(m.floor) for m in modules)
     if left < 0:
         return fit_to_budget(modules, [float(m.floor) for m in modules], budget)   # raises with the reason
     segments = []            # (−density, module, start rank, end rank)
     for index, m in enumerate(modules):
         scores = m.spectrum.scores()[: m.ceiling].tolist()
-        for start, end, gain in _hull_segments(scores, m.floor):
-            segments.append((-gain / ((end - start) * m.knob.step_params), index, start, end))
+        for start, end, gain in _hull_segments(scores, m.floor, m.knob.params):
+            segments.append((-gain / (m.knob.params(end) - m.knob.params(start)), index, start, end))
     segments.sort()
     blocked = [False] * len(modules)       # a module whose segment was cut keeps that prefix only
     for _, index, start, end in segments:
-        m = modules[index]
+        knob = modules[index].knob
         if blocked[index] or ranks[index] != start:
             continue
-        steps = min(end - start, int(left // m.knob.step_params))
-        ranks[index] += steps
-        left -= steps * m.knob.step_params
-        if steps < end - start:
+        reach = start                      # as far along the segment as the budget pays for
+        while reach < end and knob.params(reach + 1) - knob.params(start) <= left:
+            reach += 1
+        ranks[index] = reach
+        left -= knob.params(reach) - knob.params(start)
+        if reach < end:
             blocked[index] = True
     return ranks
 
 
-def _hull_segments(scores: list[float], floor: int) -> list[tuple[int, int, float]]:
-    """Upper concave hull of the cumulative score from rank ``floor`` on: (start, end, Σ scores)."""
-    points = [(floor, 0.0)]
+def _hull_segments(scores: list[float], floor: int, params: Callable[[int], int]) -> list[tuple[int, int, float]]:
+    """Upper concave hull of the cumulative score against the cumulative price from rank ``floor``
+    on (prices may differ from step to step): (start rank, end rank, Σ scores)."""
+    points = [(floor, float(params(floor)), 0.0)]
     total = 0.0
     for rank in range(floor, len(scores)):
         total += max(scores[rank], 0.0)
-        points.append((rank + 1, total))
-    hull: list[tuple[int, float]] = []
+        points.append((rank + 1, float(params(rank + 1)), total))
+    hull: list[tuple[int, float, float]] = []
     for point in points:
         while len(hull) >= 2 and _cross(hull[-2], hull[-1], point) >= 0:
             hull.pop()
         hull.append(point)
-    return [(a[0], b[0], b[1] - a[1]) for a, b in zip(hull, hull[1:])]
+    return [(a[0], b[0], b[2] - a[2]) for a, b in zip(hull, hull[1:])]
 
 
-def _cross(o: tuple[int, float], a: tuple[int, float], b: tuple[int, float]) -> float:
-    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+def _cross(o: tuple[int, float, float], a: tuple[int, float, float], b: tuple[int, float, float]) -> float:
+    return (a[1] - o[1]) * (b[2] - o[2]) - (a[2] - o[2]) * (b[1] - o[1])
+
+
+def _step(knob: RankKnob, rank: int) -> int:
+    """The price of going from ``rank`` to ``rank + 1``."""
+    return knob.params(rank + 1) - knob.params(rank)
+
+
+def _rank_at(m: BudgetModule, kept: float) -> float:
+    """The real-valued rank whose price is ``kept`` (interpolated within a step; prices increase)."""
+    knob = m.knob
+    if knob.price is None:
+        return kept / knob.step_params
+    low, high = 0, max(m.ceiling, 1)
+    while low < high:                      # the largest rank whose price is at most ``kept``
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if knob.params(middle) <= kept else (low, middle - 1)
+    return low + max(0.0, kept - knob.params(low)) / _step(knob, low)
 
 
 def _dense(knob: RankKnob) -> float:
@@ -360,8 +382,8 @@ def _output_diagonals(model, adapter, stages: list[Stage], per_stage: dict[int, 
 
 
 def _stage_summary(stage: Stage, modules: list[BudgetModule], budget: float) -> AllocatedStage:
-    used = sum(m.rank * m.knob.step_params for m in modules)
-    uniform = sum(m.knob.rank * m.knob.step_params for m in modules)
+    used = sum(m.knob.params(m.rank) for m in modules)
+    uniform = sum(m.knob.params(m.knob.rank) for m in modules)
     return AllocatedStage(
         stage=stage.index, method=stage.compressor.name, strategy=strategy_of(stage),
         floor=stage.allocation.floor, ceiling=stage.allocation.ceiling,

@@ -47,13 +47,20 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
     adapter = adapter_for(model)
     planned: list[PlannedModule] = []
     current: dict[str, tuple[int, int]] = {}           # name -> (params, bytes) after the stages so far
-    for index, layer in enumerate(adapter.decoder_layers(model)):
+    layers = list(adapter.decoder_layers(model))
+    selected = {(stage.index, index): stage.select(layer, adapter.layer_prefix(index))
+                for stage in stages for index, layer in enumerate(layers)}
+    for index, layer in enumerate(layers):
         prefix = adapter.layer_prefix(index)
         for stage in stages:
-            for name in stage.select(layer, prefix):
+            for name in selected[(stage.index, index)]:
                 module = layer.get_submodule(name)
                 full = f"{prefix}.{name}"
-                plan = stage.compressor.plan_for(full, module)
+                if stage.group_size > 1:
+                    plan = stage.compressor.plan_in_group(full, module, *_membership(selected, stage, index, name,
+                                                                                     len(layers)))
+                else:
+                    plan = stage.compressor.plan_for(full, module)
                 dense_params = sum(p.numel() for p in module.parameters())
                 dense_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
                 itemsize = next(module.parameters()).element_size()
@@ -67,3 +74,13 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
                 planned.append(PlannedModule(full, stage.index, stage.compressor.name, out_f, in_f, params_before,
                                              params_after, plan.rank, grows, bytes_before, bytes_after))
     return planned
+
+
+def _membership(selected: dict[tuple[int, int], list[str]], stage: Stage, index: int, name: str, layers: int
+                ) -> tuple[int, int]:
+    """(members, position): the modules named ``name`` that the group of layer ``index`` compresses together,
+    and this one's place among them. The engine groups layers [g·⌊i/g⌋, g·⌊i/g⌋ + g) (the last group may
+    be short) and, in each, the layers that select the name."""
+    start = index - index % stage.group_size
+    owners = [j for j in range(start, min(layers, start + stage.group_size)) if name in selected[(stage.index, j)]]
+    return len(owners), owners.index(index)

@@ -16,7 +16,7 @@ from lrcompress.compressor.whiten import WhitenedSVD, WhitenConfig
 from lrcompress.models import adapter_for
 from lrcompress.modules import SparseDictLinear, dense_weight
 from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
-from helpers import correlated_inputs, tiny_model, smollm2_path
+from helpers import correlated_inputs, smollm2_path, sparse_coded_linear, tiny_model
 
 WINDOWS = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -195,12 +195,37 @@ def test_cospadi_groups_on_smollm2_write_a_checkpoint_that_reloads(data_dir, tmp
         assert (reloaded(input_ids=window).logits - run.model(input_ids=window).logits).abs().max() <= 1e-4
 
 
-def test_power_steps_reach_the_atom_updates():
+def test_power_steps_reach_the_atom_updates(monkeypatch):
+    """``power_steps`` is what every K-SVD atom update runs (the update itself is checked against the exact
+    rank-1 SVD in tests/compressor/test_dictionary.py)."""
+    import lrcompress.compressor.dictionary as dictionary
+
+    seen = set()
+    update = dictionary.update_atom
+    monkeypatch.setattr(dictionary, "update_atom", lambda *a, **k: seen.add(a[4]) or update(*a, **k))
     x = correlated_inputs(400, 32)
     linear, stats = linear_with_stats(x, 48)
-    weights = [dense_weight(cospadi(ratio=0.3, iterations=2, power_steps=steps).compress("m", linear, stats).module)
-               for steps in (1, 40)]
-    assert not torch.equal(weights[0], weights[1])
+    cospadi(ratio=0.3, iterations=2, power_steps=7).compress("m", linear, stats)
+    assert seen == {7}
+
+
+def _whiten_error_at_no_fewer_bytes(linear, gram, module) -> float:
+    """A whitened SVD (the exact best rank-r fit in the same metric) at the smallest rank that stores at
+    least ``module``'s bytes."""
+    rank = -(-module.storage_bytes() // (8 * (linear.in_features + linear.out_features)))
+    baseline = WhitenedSVD(WhitenConfig(rank=rank)).compress("m", linear, {"gram": gram}).module
+    return relative_output_error(dense_weight(linear).detach(), dense_weight(baseline).detach(), gram.gram("m"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_on_sparse_coded_weights_it_beats_whitened_svd_at_equal_bytes(seed):
+    """CoSpaDi's premise (§3 of the paper): weights whose whitened columns are sparse combinations of a few
+    of many atoms (a union of subspaces) are fitted better by a dictionary than by any low-rank
+    factorization of the same size. The dictionary here is smaller than the true one (k = 18 < 24)."""
+    linear, gram = sparse_coded_linear(32, 96, atoms=24, sparsity=4, seed=seed)
+    module = cospadi(ratio=0.5).compress("m", linear, {"gram": gram}).module
+    error = relative_output_error(dense_weight(linear).detach(), dense_weight(module).detach(), gram.gram("m"))
+    assert error < _whiten_error_at_no_fewer_bytes(linear, gram, module)
 
 
 def test_atoms_per_step_reach_the_pursuit(monkeypatch):
@@ -221,7 +246,10 @@ def test_atoms_per_step_reach_the_pursuit(monkeypatch):
         assert result.details["omp_atoms_per_step"] == (per_step or 1)
         errors[per_step] = relative_output_error(dense_weight(linear), dense_weight(result.module), stats["gram"].gram("m"))
     assert seen == [1] * 3 + [4] * 3 + [1] * 3
-    assert errors[None] == errors[1] and errors[4] > 1.05 * errors[1]
+    assert errors[None] == errors[1]
+    # Generalized OMP picks 4 atoms from one correlation and refits them jointly: close to OMP, not equal to
+    # it (14% above it here when measured; docs/cospadi.md, "Batched OMP"): a band, not a direction.
+    assert 0.8 * errors[1] <= errors[4] <= 1.3 * errors[1] and errors[4] != errors[1]
 
 
 @pytest.mark.parametrize("sparsity, expected", [(1, 1), (18, 1), (32, 2), (63, 3), (226, 14), (256, 16), (1600, 16)])
@@ -230,13 +258,43 @@ def test_the_default_atoms_per_step_take_at_most_a_sixteenth_of_the_support(spar
     assert pursuit_atoms_per_step(sparsity, 5) == 5
 
 
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("count_indices", [True, False])
-def test_plan_equals_the_record(dtype, count_indices):
+def test_the_plan_is_the_bytes_of_the_stored_tensors(dtype, count_indices):
+    """The plan (shapes alone) against the bytes of the tensors the module writes, counted from the
+    tensors, not by the plan's own arithmetic: the plan counts the packed indices in whole values, so it
+    may exceed the tensors by less than one value."""
     x = correlated_inputs(300, 40)
     linear, stats = linear_with_stats(x, 56)
     linear.to(dtype)
     compressor = cospadi(ratio=0.25, iterations=1, count_indices=count_indices)
     module = compressor.compress("m", linear, stats).module
     assert module.values.dtype == dtype
-    assert compressor.plan(linear).params_after == module.stored_params()
+    planned = compressor.plan(linear).params_after * dtype.itemsize
+    written = _tensor_bytes(module.state_dict().values())
+    assert 0 <= planned - written < dtype.itemsize
+
+
+def test_the_plan_of_a_short_last_group_is_what_its_checkpoint_stores(tmp_path):
+    """Three layers in groups of two: the last group is layer 2 alone (its own dictionary, s chosen for one
+    member). The plan of each group against the bytes of the group's tensors in the written checkpoint."""
+    from lrcompress.pipeline.plan import plan_modules
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    stage = Stage(0, cospadi(ratio=0.3, iterations=1, group_size=2), ["*.up_proj", "*.k_proj"])
+    planned = {p.name: p for p in plan_modules(model, [stage])}
+    LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(WINDOWS)
+    write_checkpoint(model, None, tmp_path, {})
+    stored = load_file(tmp_path / "model.safetensors")
+    for name in ("mlp.up_proj", "self_attn.k_proj"):
+        for group in ((0, 1), (2,)):
+            prefixes = tuple(f"model.layers.{i}.{name}." for i in group)
+            written = _tensor_bytes(t for key, t in stored.items() if key.startswith(prefixes))
+            plan = sum(planned[f"model.layers.{i}.{name}"].bytes_after for i in group)
+            assert 0 <= plan - written < 4 * len(group), (name, group)
+    layers = model.model.layers
+    assert layers[2].mlp.up_proj.sparsity < layers[0].mlp.up_proj.sparsity    # a whole dictionary leaves less s

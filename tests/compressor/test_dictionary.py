@@ -160,6 +160,30 @@ def test_each_atom_update_never_increases_the_error():
         error = new_error
 
 
+def test_an_atom_update_with_enough_power_steps_is_k_svds_exact_rank_1_update():
+    """K-SVD (Aharon et al., 2006) replaces atom j and its coefficients by the top singular pair of the
+    residual block E_ω = R_ω + d_j·c_jᵀ on the columns that use it: the error left on those columns is then
+    ‖E_ω‖² − σ₁². One power step only approaches that; enough steps reach it."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(24, 60, generator=g, dtype=torch.float64)
+    start = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    start /= start.norm(dim=0)
+    indices, values = batched_omp(start.T @ start, start.T @ x, 3)
+    left = {}
+    for steps in (1, 200):
+        d, codes = start.clone(), dense_codes(indices, values, 16)
+        residual = x - d @ codes
+        j = int((codes != 0).sum(dim=1).argmax())
+        users = codes[j] != 0
+        block = (residual + torch.outer(d[:, j], codes[j]))[:, users]
+        top = torch.linalg.svdvals(block)[0]
+        update_atom(d, codes, residual, j, power_steps=steps)
+        left[steps] = float(residual[:, users].square().sum())
+        exact = float(block.square().sum() - top.square())
+    assert left[200] == pytest.approx(exact, rel=1e-6)          # power iteration stops at POWER_TOL = 1e-7
+    assert left[1] > left[200]
+
+
 def test_refit_values_is_least_squares_in_the_given_metric():
     g = torch.Generator().manual_seed(5)
     d = torch.randn(10, 8, generator=g, dtype=torch.float64)

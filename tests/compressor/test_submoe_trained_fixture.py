@@ -1,4 +1,5 @@
-"""Sub-MoE on the tiny Branch-Train-MiX fixture, end to end: recipe run, plain from_pretrained, the gate."""
+"""Sub-MoE on the tiny Branch-Train-MiX fixture, end to end: recipe run, plain from_pretrained (which reproduces
+the recorded perplexity), the gate."""
 import json
 
 import pytest
@@ -48,6 +49,14 @@ def test_reduced_fixture_loads_with_from_pretrained_and_is_gated(trained_moe, tm
         assert torch.isfinite(model(torch.randint(3, 250, (1, 16))).logits).all()
     metrics = json.loads((out / "metrics.json").read_text())
     ppl = next(iter(metrics["eval"]["perplexity"].values()))["value"]
+    # The checkpoint, read by plain transformers, is the model the run evaluated: its perplexity on the same
+    # three windows of 48 tokens, computed here with transformers' own loss, is the recorded one.
+    ids = byte_tokenizer()((trained_moe / "text.txt").read_text(), add_special_tokens=False,
+                           return_tensors="pt").input_ids[0]
+    windows = ids[:3 * 48].view(3, 48)
+    with torch.no_grad():
+        loss = model(input_ids=windows, labels=windows).loss
+    assert float(torch.exp(loss)) == pytest.approx(ppl, rel=1e-4)
     dense = next(iter(metrics["eval"]["baseline_perplexity"].values()))["value"]
     loose = CliRunner().invoke(cli, ["check", str(out / "metrics.json"),
                                      "--max-ppl-increase", str(max(ppl / dense - 1, 0) + 0.01)])

@@ -140,3 +140,180 @@ def test_kfac_score_is_the_exact_loss_increase_of_a_kronecker_quadratic():
         error = (approx - weight) @ x.T                                       # m × tokens
         exact = 0.5 * float((error.square() * d[:, None]).sum())
         assert 0.5 * float(spectrum.scores()[dropped].sum()) == pytest.approx(exact, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uneven prices: a step may cost more than the one before it (CoSpaDi: when k = ρ·s crosses a power of
+# two, every stored index grows by a bit), so the allocation prices each rank at its exact size.
+
+
+def _priced(name: str, steps: list[int], sigma2: list[float], gain: list[float], floor: int = 1) -> BudgetModule:
+    """A module whose step r → r + 1 costs ``steps[r]``."""
+    cumulative = [0] + list(itertools.accumulate(steps))
+    knob = RankKnob(step_params=steps[0], max_rank=len(steps), rank=floor, budget_params=float(cumulative[floor]),
+                    dense_params=cumulative[-1], price=cumulative.__getitem__)
+    spectrum = ModuleSpectrum(torch.tensor(sigma2, dtype=torch.float64), torch.tensor(gain, dtype=torch.float64))
+    return BudgetModule(name, name.split(".")[-1], int(name.split(".")[1]), knob, floor, len(steps), spectrum)
+
+
+def _priced_brute_force(modules: list[BudgetModule], budget: float) -> float:
+    best = math.inf
+    for ranks in itertools.product(*[range(m.floor, m.ceiling + 1) for m in modules]):
+        if sum(m.knob.params(r) for r, m in zip(ranks, modules)) <= budget:
+            best = min(best, sum(float(m.spectrum.scores()[r:].sum()) for r, m in zip(ranks, modules)))
+    return best
+
+
+def _random_priced(seed: int) -> list[BudgetModule]:
+    g = torch.Generator().manual_seed(seed)
+    modules = []
+    for i in range(3):
+        base = int(torch.randint(5, 15, (1,), generator=g))
+        jump = int(torch.randint(1, 5, (1,), generator=g))        # from this step on every step costs more
+        steps = [base + (extra if r >= jump else 0) for r, extra in
+                 enumerate(torch.randint(0, 2 * base, (5,), generator=g).tolist())]
+        sigma2 = (torch.rand(5, generator=g).sort(descending=True).values * 10).tolist()
+        gain = (0.05 + torch.rand(5, generator=g)).tolist()
+        modules.append(_priced(f"layer.{i}.q", steps, sigma2, gain))
+    return modules
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_global_with_uneven_prices_stays_in_the_budget_and_near_the_optimum(seed):
+    """Against brute force over every rank choice, with the exact prices: the greedy never overspends,
+    leaves no step that still fits, and loses at most one hull segment's score against the optimum (it
+    takes the segments in the order of the fractional optimum and cuts at most where the budget ends)."""
+    modules = _random_priced(seed)
+    floors = sum(m.knob.params(m.floor) for m in modules)
+    top = sum(m.knob.params(m.ceiling) for m in modules)
+    for budget in torch.linspace(floors, top, 7).tolist():
+        ranks = allocate_global(modules, budget)
+        used = sum(m.knob.params(r) for r, m in zip(ranks, modules))
+        assert used <= budget
+        assert all(r == m.ceiling or used - m.knob.params(r) + m.knob.params(r + 1) > budget
+                   for r, m in zip(ranks, modules))
+        got = sum(float(m.spectrum.scores()[r:].sum()) for r, m in zip(ranks, modules))
+        biggest = max(float(m.spectrum.scores()[m.floor:].sum()) for m in modules)
+        best = _priced_brute_force(modules, budget)
+        assert best - 1e-9 <= got <= best + biggest + 1e-9
+
+
+def test_global_prices_the_step_that_widens_the_indices():
+    """Module a's third step costs 30 (its indices widen), b's steps 10 each. Priced at 10 a step, every
+    component fits (6 steps of 10 in 60) and the ranks [3, 3] store 80; priced exactly, a's third component
+    costs 3.5 for 30, and the optimum keeps b's (2 and 1.9 for 10 each) instead."""
+    a = _priced("layer.0.a", [10, 10, 30], [5.0, 4.0, 3.5], [1.0] * 3)
+    b = _priced("layer.1.b", [10, 10, 10], [5.0, 2.0, 1.9], [1.0] * 3)
+    ranks = allocate_global([a, b], 60.0)
+    assert ranks == [2, 3]
+    assert a.knob.params(3) + b.knob.params(3) == 80
+    assert sum(float(m.spectrum.scores()[r:].sum()) for r, m in zip(ranks, [a, b])) == _priced_brute_force([a, b], 60.0)
+
+
+def test_spectrum_fits_exact_prices():
+    modules = _random_priced(3)
+    budget = sum(m.knob.params(m.floor) for m in modules) + 40.0
+    ranks = allocate_spectrum(modules, budget)
+    used = sum(m.knob.params(r) for r, m in zip(ranks, modules))
+    assert used <= budget
+    assert all(r == m.ceiling or used - m.knob.params(r) + m.knob.params(r + 1) > budget
+               for r, m in zip(ranks, modules))
+
+
+@pytest.mark.parametrize("method", ["cospadi", "compot"])
+def test_a_dictionary_methods_price_is_what_the_finished_module_stores(method):
+    """The knob's price at every s is the stored size of the module the method builds at that s, including
+    the steps where k crosses a power of two (k = 2s: s = 16 → 17 takes 32 atoms, 5-bit indices, to 34,
+    6-bit) and, for compot, where k reaches its cap d_in = 40."""
+    from helpers import observed_linear
+
+    from lrcompress.compressor import get_compressor
+
+    cls = get_compressor(method)
+    _, linear, gram = observed_linear(300, 48, 40)
+    compressor = cls(cls.Config(ratio=0.3, iterations=1))
+    knob = compressor.rank_knob(linear)
+    widths = set()
+    for s in sorted({15, 16, 17, 18, 21, knob.max_rank}):
+        module = compressor.with_rank(s).compress("m", linear, {"gram": gram}).module
+        widths.add(module.packed_indices.numel() * 8 // module.indices.numel())
+        assert module.storage_bytes() == knob.params(s) * 8 - _padding(module)
+    assert len(widths) > 1                                                # the test crossed a width
+    assert knob.params(knob.max_rank) < 48 * 40 <= knob.params(knob.max_rank + 1)
+
+
+def _padding(module) -> int:
+    """Bytes by which the packed indices fall short of whole float64 values (the price counts values)."""
+    return (-module.packed_indices.numel()) % module.values.element_size()
+
+
+def test_a_cospadi_global_budget_holds_for_the_bytes_the_finished_modules_store(tiny_llama_dir, calibration_file,
+                                                                               tmp_path, no_report):
+    """The budget against the checkpoint bytes of the replacements (not the allocator's own arithmetic):
+    at 0.3 the allocation takes some modules' dictionaries across a power of two (wider indices)."""
+    from tiny_runs import tiny_recipe
+
+    from lrcompress.compressor import get_compressor
+    from lrcompress.modules import storage_bytes
+    from lrcompress.modules.base import compressed_modules
+    from lrcompress.modules.sparse_dict import index_bits
+    from lrcompress.runner import run_recipe
+
+    stage = {"method": "cospadi", "ratio": 0.3, "iterations": 1, "allocation": {"strategy": "global", "floor": 0.2}}
+    result = run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", stages=[stage]))
+    summary = result.metrics.allocation.stages[0]
+    replaced = dict(compressed_modules(result.model))
+    assert sorted(replaced) == sorted(m.name for m in summary.modules)
+    itemsize = 4                                                            # the tiny model is float32
+    stored = sum(storage_bytes(module) for module in replaced.values())
+    assert stored <= summary.budget_params * itemsize
+    cls = get_compressor("cospadi")
+    knob = {name: cls(cls.Config(ratio=0.3)).rank_knob(torch.nn.Linear(module.in_features, module.out_features,
+                                                                       bias=False))
+            for name, module in replaced.items()}
+    next_steps = [(knob[m.name].params(m.rank + 1) - knob[m.name].params(m.rank)) * itemsize for m in summary.modules
+                  if m.rank < m.ceiling]
+    assert summary.budget_params * itemsize - stored < max(next_steps)      # spent within one step
+    uniform_bits = {m.name: index_bits(max(m.uniform_rank, 2 * m.uniform_rank)) for m in summary.modules}
+    assert any(index_bits(replaced[name].atoms) > bits for name, bits in uniform_bits.items())
+
+
+def test_global_allocation_with_output_matching_honours_both(tiny_llama_dir, calibration_file, tmp_path, no_report):
+    """The configuration of RESULTS' best low-rank row (whiten, `global`, `target: original`) on a tiny model:
+    the allocated ranks are the ones built, every module is fitted to the original outputs, the records agree
+    with the modules, and matching lowers the final output error at the same ranks."""
+    from tiny_runs import tiny_recipe
+
+    from lrcompress.models import load_model
+    from lrcompress.runner import run_recipe
+
+    stage = {"method": "whiten", "ratio": 0.4, "allocation": "global"}
+    runs = {target: run_recipe(tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / target, stages=[stage],
+                                           runtime={"device": "cpu", "batch_size": 3, "sequential": True,
+                                                    "target": target}))
+            for target in ("layer", "original")}
+    matched = runs["original"]
+    summary = matched.metrics.allocation.stages[0]
+    chosen = {m.name: m.rank for m in summary.modules}
+    assert len(set(chosen.values())) > 1                                  # not the uniform ranks
+    assert chosen == {m.name: m.rank for m in runs["layer"].metrics.allocation.stages[0].modules}
+    records = {r.name: r for r in matched.metrics.modules}
+    assert {name: r.rank for name, r in records.items()} == chosen
+    assert all(r.details["target"] == "original" for r in records.values())
+    assert matched.metrics.output_matching is not None and matched.metrics.output_matching.reference_forwards > 0
+    for name, record in records.items():
+        module = matched.model.get_submodule(name)
+        assert module.rank == chosen[name]
+        assert record.params_after == module.stored_params() == chosen[name] * (module.in_features +
+                                                                                module.out_features)
+    assert summary.allocated_params == sum(r.params_after for r in records.values()) <= summary.budget_params
+    dense = load_model(str(tiny_llama_dir)).model
+    windows = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(1))
+
+    def final_hidden(model):
+        with torch.no_grad():
+            return model(input_ids=windows, use_cache=False, output_hidden_states=True).hidden_states[-1]
+
+    reference = final_hidden(dense)
+    errors = {t: float((final_hidden(run.model) - reference).norm() / reference.norm()) for t, run in runs.items()}
+    assert errors["original"] < errors["layer"]

@@ -55,6 +55,11 @@ def test_statistics_come_from_the_right_model(sequential):
 
 
 def test_stages_run_in_order_and_can_target_disjoint_modules():
+    """Layer 0's modules are all fitted on the original model's inputs (its attention and its MLP each from
+    one pass before anything in the layer changed), so their records can be checked directly: the error
+    is the one of the finished module in the original Gram, and no larger than a plain SVD's at the same
+    rank (whiten and LoRD both minimise exactly that output error, up to their damping)."""
+    original = tiny_model("qwen2")
     model = tiny_model("qwen2")  # q/k/v carry biases
     stages = [_stage("lord", 0, ["*.mlp.*"], ratio=0.3), _stage("whiten", 1, ["*.self_attn.*"], ["*.o_proj"], rank=8)]
     records = LayerwisePipeline(model, adapter_for(model), stages, PipelineSettings()).run(WINDOWS)
@@ -62,9 +67,18 @@ def test_stages_run_in_order_and_can_target_disjoint_modules():
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, LowRankLinear) and q.bias is not None and q.rank == 8
     assert type(model.model.layers[0].self_attn.o_proj).__name__ == "Linear"
+    first = [r for r in records if r.layer == 0]
+    grams = _grams(original, [r.name for r in first])
+    for record in first:
+        weight = original.get_submodule(record.name).weight.detach()
+        module = model.get_submodule(record.name)
+        expected = relative_output_error(weight, dense_weight(module), grams[record.name])
+        assert record.relative_error == pytest.approx(expected, rel=1e-6)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        plain = (u[:, :module.rank] * s[:module.rank]) @ vh[:module.rank]
+        assert record.relative_error <= relative_output_error(weight, plain, grams[record.name]) * (1 + 1e-6)
     for record in records:
         assert record.params_after < record.params_before
-        assert 0 <= record.relative_error < 1
         assert record.seconds >= 0 and record.numerical_path
 
 
