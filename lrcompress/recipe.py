@@ -233,12 +233,33 @@ class LmEvalSpec(Section):
         return [value] if isinstance(value, str) else value
 
 
+# ``eval: {protocol: standard}``: two domains and four zero-shot tasks, the dense model beside
+# (README, "The standard evaluation"; the zero-shot average is eval.protocol.zero_shot_average).
+STANDARD_EVAL: dict[str, Any] = {
+    "perplexity": [{"dataset": "wikitext2", "split": "test", "seq_len": 512, "max_windows": 40},
+                   {"dataset": "webtext", "split": "test", "seq_len": 512, "max_windows": 40}],
+    "lm_eval": {"tasks": ["arc_easy", "arc_challenge", "piqa", "lambada_openai"], "limit": 200},
+    "baseline": True,
+}
+
+
 class EvalSpec(Section):
+    protocol: Literal["standard"] | None = Field(
+        None, description="standard: WikiText-2 test and web-text test (40 windows of 512 each), arc_easy, "
+                          "arc_challenge, piqa and lambada_openai (200 documents each) and the dense baseline; "
+                          "keys given beside it replace the protocol's")
     perplexity: list[PerplexitySpec] = Field(default_factory=lambda: [PerplexitySpec()])
     lm_eval: LmEvalSpec | None = None
     baseline: bool = Field(False, description="also evaluate the uncompressed model (cached by fingerprint)")
     allow_calibration_split: bool = Field(False, description="evaluate on the very text used for calibration "
                                                              "(refused by default: the number would be optimistic)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("protocol") == "standard":
+            return {**STANDARD_EVAL, **value}
+        return value
 
 
 class Recipe(Section):
