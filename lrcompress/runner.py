@@ -32,9 +32,10 @@ from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
 from .data import TextSource, calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
 from .errors import LrcompressError
-from .eval import EvalContext, EvalSection, RunMetrics, compression_summary, unique_param_count, versions, write_report
+from .eval import EvalContext
+from .results import EvalSection, RunMetrics, compression_summary, unique_param_count, versions, write_report
 from .eval.baseline_cache import cached_evaluation
-from .eval.metrics import CalibrationProvenance, MemoryReport, Provenance
+from .results.metrics import CalibrationProvenance, MemoryReport, Provenance
 from .eval.suite import evaluate_model
 from .models import DTYPES
 from .models.loading import LoadedModel

@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from ..eval.metrics import EvalSection
+from ..results.metrics import EvalSection
 
 
 def _fmt(value: float | None, stderr: float | None = None) -> str:

@@ -21,7 +21,7 @@ from .. import __version__
 from ..checkpoint.layout import write_atomic
 from ..models.gguf import cache_root
 from ..models.identity import model_identity
-from .metrics import BaselineCacheInfo, EvalSection
+from ..results.metrics import BaselineCacheInfo, EvalSection
 
 if TYPE_CHECKING:
     from ..recipe import EvalSpec

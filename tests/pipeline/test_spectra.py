@@ -12,7 +12,7 @@ from tiny_runs import tiny_recipe, tiny_recipe_dict
 
 from lrcompress.compressor import stats as stats_module
 from lrcompress.errors import LrcompressError
-from lrcompress.eval import RunMetrics
+from lrcompress.results import RunMetrics
 from lrcompress.models import adapter_for, load_model
 from lrcompress.models.lazy import LazyLayers, load_lazy
 from lrcompress.pipeline import PipelineObserver, PipelineSettings

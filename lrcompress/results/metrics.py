@@ -25,7 +25,7 @@ from ..modules import compressed_modules
 from ..pipeline.allocation import AllocationResult
 from ..pipeline.records import ModuleRecord
 from ..pipeline.reference import OutputMatchingReport
-from .perplexity import PerplexityResult
+from ..eval.perplexity import PerplexityResult
 
 
 class _Section(BaseModel):

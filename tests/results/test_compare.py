@@ -1,8 +1,8 @@
 """Run labels of `lrcompress compare`: a budget allocation and output matching make a different recipe."""
 import yaml
 
-from lrcompress.eval import RunMetrics
-from lrcompress.eval.compare import method_label
+from lrcompress.results import RunMetrics
+from lrcompress.results.compare import method_label
 
 
 def _run(tmp_path, name, stages, runtime=None):
