@@ -19,7 +19,7 @@ from torch import nn
 from .. import triton_kernels
 from .base import CompressedLinear, column_major, register_module_kind
 from .cpu_kernels import PackedInt4Weight, int4_kernel_available, kernel_group
-from .packing import pack_codes, packed_bytes, unpack_codes
+from ..core.packing import pack_codes, packed_bytes, unpack_codes
 
 # Scales are kept as the raw bits of their float format in an integer buffer of the same width, so that
 # ``model.to(dtype)`` (which casts every floating tensor) never changes what is stored or its size.

@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import triton_kernels
 from .base import CompressedLinear, register_module_kind
-from .packing import pack_codes, packed_bytes, unpack_codes
+from ..core.packing import pack_codes, packed_bytes, unpack_codes
 
 INT16_ATOMS = 32768
 

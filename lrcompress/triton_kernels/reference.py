@@ -55,7 +55,7 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x·Ŵᵀ + b, Ŵ[n, k] = (q[n, k] − z[n, g(k)])·s[n, g(k)] rounded to x's dtype, y in x's dtype.
 
-    ``qweight``: the packed codes (out × in, stored column order; ``modules/packing.py``); ``scales``
+    ``qweight``: the packed codes (out × in, stored column order; ``core/packing.py``); ``scales``
     (float values) and ``zeros`` (uint8): out × groups, groups of ``group_size`` stored columns, the
     last one possibly shorter; ``perm``: stored column k is input perm[k]. The weight is the module's own
     dequantization (``modules.quantized.dequantize``, float32, exact), so this shares no code with the kernel.
