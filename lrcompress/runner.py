@@ -30,6 +30,7 @@ from .checkpoint.layout import disk_errors
 from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
+from .core.devices import resolve_device
 from .data import TextSource, calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
 from .errors import LrcompressError
 from .eval import EvalContext
@@ -46,12 +47,11 @@ from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
 from .pipeline.plan import PlannedModule, plan_modules
 from .pipeline.resume import open_journal, restore_written, run_fingerprint
-from .pipeline.settings import resolve_device
 from .preflight import check_growth, preflight
 from .recipe import Recipe
 from .residency import ResidentModel, model_class
 
-__all__ = ["PlannedModule", "RunResult", "build_stages", "plan_modules", "resolve_device", "run_recipe"]
+__all__ = ["GivenInputs", "RunResult", "build_stages", "run_recipe"]
 
 log = logging.getLogger(__name__)
 

@@ -137,13 +137,6 @@ def _check_file(path: Path, column: str) -> None:
             raise LrcompressError(f"{path}: the first record has no {column!r} field (set text_column)")
 
 
-def read_text_file(path: Path, column: str = "text") -> str:
-    """A .txt/.raw file as-is, or a .jsonl/.parquet file's ``column`` values joined by blank lines."""
-    if path.suffix in RECORD_SUFFIXES:
-        return _join(_file_column(path, column), str(path), column)
-    return path.read_text(encoding="utf-8")
-
-
 # ---------------------------------------------------------------- the hub
 
 def _datasets_module(where: str):

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .. import __version__
 from ..checkpoint.layout import write_atomic
-from ..models.gguf import cache_root
+from ..core.cache import cache_root
+from ..core.version import __version__
 from ..models.identity import model_identity
 from ..results.metrics import BaselineCacheInfo, EvalSection
 

@@ -40,7 +40,6 @@ from .spectra import ModuleSpectrum, collect_spectra
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("uniform", "spectrum", "global")
 DEFAULT_DAMPING = 1e-4
 
 
@@ -378,5 +377,5 @@ def _estimate(m: BudgetModule, rank: int) -> float:
 
 
 __all__ = ["ALLOCATORS", "AllocatedCompressor", "AllocatedModule", "AllocatedStage", "AllocationResult",
-           "BudgetModule", "STRATEGIES", "allocate", "allocate_global", "allocate_spectrum", "allocate_uniform",
+           "BudgetModule", "allocate", "allocate_global", "allocate_spectrum", "allocate_uniform",
            "fit_to_budget", "needs_allocation", "stage_modules"]

@@ -18,8 +18,8 @@ import transformers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 from torch import nn
 
-from .. import __version__
 from ..checkpoint.layout import write_atomic
+from ..core.version import __version__
 from ..errors import LrcompressError
 from ..modules import compressed_modules
 from ..pipeline.allocation import AllocationResult
