@@ -21,7 +21,7 @@ from ..checkpoint.layout import write_atomic
 from ..core.cache import cache_root
 from ..core.version import __version__
 from ..models.identity import model_identity
-from ..results.metrics import BaselineCacheInfo, EvalSection
+from .section import BaselineCacheInfo, EvalSection
 
 if TYPE_CHECKING:
     from ..recipe import EvalSpec

@@ -13,7 +13,7 @@ from torch import nn
 from ..models import load_model
 from .baseline_cache import cached_evaluation
 from .lm_eval_tasks import evaluate_tasks
-from ..results.metrics import BaselineCacheInfo, EvalSection, LmEvalResult
+from .section import BaselineCacheInfo, EvalSection, LmEvalResult
 from .perplexity import EvalContext, perplexity
 
 if TYPE_CHECKING:

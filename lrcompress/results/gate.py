@@ -42,8 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LrcompressError
 from ..eval.lm_eval_tasks import LOWER_IS_BETTER
-from .metrics import EvalSection, LmEvalResult, read_eval_section
+from .metrics import read_eval_section
 from ..eval.perplexity import PerplexityResult
+from ..eval.section import EvalSection, LmEvalResult
 
 log = logging.getLogger(__name__)
 
