@@ -25,6 +25,7 @@ demo: venv model
 	$(VENV)/bin/lrcompress run recipes/demo-lord.yaml --overwrite
 
 test: venv model
+	$(VENV)/bin/ruff check lrcompress tests bench scripts
 	$(PY) -m pytest
 
 test-fast: venv

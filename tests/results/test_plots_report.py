@@ -2,7 +2,6 @@
 import struct
 from dataclasses import replace
 
-import pytest
 
 from lrcompress.results.metrics import RunMetrics
 from lrcompress.results.plots import module_kind, plot_kept_params, plot_module_errors, plot_rate_distortion
