@@ -134,3 +134,17 @@ def test_the_checks_catch_what_they_guard():
     assert _resolve("lrcompress.modules.quantized", False, node) == ["lrcompress.triton_kernels"]
     node = ast.parse("from ..errors import LrcompressError").body[0]
     assert _resolve("lrcompress.pipeline", True, node) == ["lrcompress.errors"]
+
+
+def test_no_pipeline_function_takes_more_than_five_parameters():
+    """The pipeline's state travels in objects (``LayerWalk``, the engine's ``Segment``), not in long signatures."""
+    long = []
+    for path in sorted((PACKAGE / "pipeline").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+                names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+                if len(names) > 5:
+                    long.append(f"pipeline/{path.name}:{node.lineno} {node.name}({', '.join(names)})")
+    assert not long, "more than 5 parameters:\n" + "\n".join(long)

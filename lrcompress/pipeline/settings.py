@@ -15,7 +15,6 @@ from torch import nn
 from ..compressor import Compressor
 from ..core.devices import resolve_device
 from ..compressor.block import BlockCompressor
-from ..errors import LrcompressError
 from .blocks import BlockTargets
 from .distributed import Collective
 from .targets import LinearTargets, TargetKind
