@@ -5,11 +5,13 @@
 
 ``tiny`` builds (once, into MODELS) a tiny random Llama and a tiny Qwen2-MoE with the test helpers, then runs
 every case below with whichever tree is first on PYTHONPATH: plain whiten, budget allocation (spectrum,
-global, a sparsity knob), output matching (whiten, GPTQ, lazy, an MoE block stage beside a Linear stage).
+global, a sparsity knob), the Fisher pre-pass (fwsvd), non-sequential mode, a group of layers (cospadi
+``group_size``), lazy mode (streamed evaluation), output matching (whiten, GPTQ, lazy, an MoE block stage
+beside a Linear stage).
 ``compare`` prints, per checkpoint, whether every safetensors file has the same sha256, whether config.json
 is equal (``recipe_fingerprint`` apart: it hashes the resolved recipe, output directory included), whether
 the other carried files are byte-equal, and whether metrics.json's records, allocation, output-matching
-report and compression summary are equal once measured times and process memory are masked.
+report, compression summary and evaluation are equal once measured times and process memory are masked.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ CASES: dict[str, dict[str, Any]] = {
     "gptq-original": {"stages": [{"method": "gptq", "bits": 4}], "runtime": {**RUNTIME, "target": "original"}},
     "lazy-original": {"stages": [{"method": "whiten", "ratio": 0.2}],
                       "runtime": {**RUNTIME, "lazy": True, "target": "original"}},
+    "fwsvd-fisher": {"stages": [{"method": "fwsvd", "ratio": 0.3}]},
+    "whiten-parallel": {"stages": [{"method": "whiten", "ratio": 0.2}], "runtime": {**RUNTIME, "sequential": False}},
+    "cospadi-group": {"stages": [{"method": "cospadi", "ratio": 0.3, "iterations": 1, "group_size": 2}]},
+    "lazy-global": {"stages": [{"method": "whiten", "ratio": 0.3, "allocation": {"strategy": "global", "floor": 0.2}}],
+                    "runtime": {**RUNTIME, "lazy": True}},
     "moe-original": {"model": "moe", "stages": [{"method": "expert_average", "expert_ratio": 0.5},
                                                 {"method": "whiten", "ratio": 0.2, "targets": ["*self_attn*"]}],
                      "runtime": {**RUNTIME, "target": "original"}},
@@ -81,7 +88,9 @@ def _without_measurements(metrics: dict[str, Any]) -> dict[str, Any]:
         if isinstance(report, dict):
             for key in [k for k in report if "seconds" in k or "memory" in k]:
                 report.pop(key)
-    return {key: metrics.get(key) for key in ("modules", "allocation", "output_matching", "compression")}
+    for result in ((metrics.get("eval") or {}).get("perplexity") or {}).values():
+        result.pop("seconds", None)
+    return {key: metrics.get(key) for key in ("modules", "allocation", "output_matching", "compression", "eval")}
 
 
 def compare_checkpoints(a: Path, b: Path) -> bool:
