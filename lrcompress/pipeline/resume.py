@@ -13,7 +13,7 @@ the uninterrupted run's). One that differs is refused, naming each field that di
 Under ``torchrun`` rank 0 alone creates, resumes or discards the staging directory and writes to it;
 the other processes read what was finished before this run (to skip and replay it as rank 0 does)
 and keep the segments compressed now in memory (identical to rank 0's: the same bytes were
-broadcast). ``open_journal`` is that whole decision, for the runner.
+broadcast). ``open_shared_staging`` is that whole decision, for the runner.
 """
 from __future__ import annotations
 
