@@ -145,7 +145,7 @@ class RecipeRun:
     def __init__(self, recipe: Recipe, observer: PipelineObserver, collective: Collective, directory: Path | None,
                  stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None) -> None:
         self.recipe, self.observer, self.collective = recipe, observer, collective
-        self.stages, self.plan, self.directory = stages, plan, directory
+        self.stages, self.plan, self.directory = stages, plan, directory   # allocate() may bind ranks: new stages
         self.given = given or GivenInputs()
         self.writer = collective.is_writer
         self.output_dir = Path(recipe.output.dir)
@@ -156,7 +156,6 @@ class RecipeRun:
         self.model: ResidentModel | None = None
         self.eval_context: EvalContext | None = None
         self.params_before = 0
-        # allocate: the stages a budget allocation bound its ranks to (else the recipe's, as built)
         # compress
         self.journal: StagedJournal | None = None
         self.written = False                  # the staged checkpoint was complete already (a resumed run)
