@@ -26,6 +26,7 @@ demo: venv model
 
 # `make test` needs the shared data: a real-data test fails (naming the missing path) instead of skipping.
 test: venv model
+	$(VENV)/bin/ruff check lrcompress tests bench scripts
 	LRCOMPRESS_REQUIRE_DATA=1 $(PY) -m pytest
 
 test-fast: venv

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from lrcompress.errors import LrcompressError
-from lrcompress.eval import RunMetrics
+from lrcompress.results import RunMetrics
 from lrcompress.pipeline import ModuleRecord
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe

@@ -3,7 +3,7 @@
     LRCOMPRESS_SMOLLM2=... LRCOMPRESS_DATA=... python bench/build_moe_fixture.py \\
         [--out DIR] [--train-data wikitext2 --train-split train] [--experts 8] [--layers 22-29] [--steps 60]
 
-See ``lrcompress/models/btx.py`` for the method. The output directory (default: ``$LRCOMPRESS_MOE_FIXTURE``,
+See ``bench/btx.py`` for the method. The output directory (default: ``$LRCOMPRESS_MOE_FIXTURE``,
 else ``<dir of $LRCOMPRESS_SMOLLM2>/<model name>-btx-e<E>``; never inside the repository) holds a plain
 Qwen2-MoE checkpoint with its tokenizer and ``fixture_info.json`` (the build settings, timings, domain
 sizes, loss curves, router accuracy, expert distances and perplexities). The build is skipped when that
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from btx import BuildSettings, TrainSettings, build, dense_equivalence_error   # bench/btx.py, beside this script
 
 from lrcompress.data import data_dir, load_text
 from lrcompress.eval import EvalContext, perplexity
-from lrcompress.models.btx import BuildSettings, TrainSettings, build, dense_equivalence_error
 from lrcompress.recipe import PerplexitySpec
 
 

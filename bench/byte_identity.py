@@ -1,15 +1,17 @@
 """Behaviour check for a refactor: do two trees write the same checkpoint bytes?
 
-    PYTHONPATH=<tree>:<tree>/tests python bench/byte_identity.py tiny MODELS OUT   # the tiny cases, one tree
+    PYTHONPATH=<tree>:<tree>/tests python bench/byte_identity.py tiny MODELS OUT [CASE ...]   # one tree
     python bench/byte_identity.py compare A B                                      # two checkpoints, or two OUTs
 
 ``tiny`` builds (once, into MODELS) a tiny random Llama and a tiny Qwen2-MoE with the test helpers, then runs
 every case below with whichever tree is first on PYTHONPATH: plain whiten, budget allocation (spectrum,
-global, a sparsity knob), output matching (whiten, GPTQ, lazy, an MoE block stage beside a Linear stage).
+global, a sparsity knob), the Fisher pre-pass (fwsvd), non-sequential mode, a group of layers (cospadi
+``group_size``), lazy mode (the spectra pre-pass from the layer store, streamed evaluation), output matching (whiten, GPTQ, lazy, an MoE block stage
+beside a Linear stage).
 ``compare`` prints, per checkpoint, whether every safetensors file has the same sha256, whether config.json
 is equal (``recipe_fingerprint`` apart: it hashes the resolved recipe, output directory included), whether
 the other carried files are byte-equal, and whether metrics.json's records, allocation, output-matching
-report and compression summary are equal once measured times and process memory are masked.
+report, compression summary and evaluation are equal once measured times and process memory are masked.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ CASES: dict[str, dict[str, Any]] = {
     "gptq-original": {"stages": [{"method": "gptq", "bits": 4}], "runtime": {**RUNTIME, "target": "original"}},
     "lazy-original": {"stages": [{"method": "whiten", "ratio": 0.2}],
                       "runtime": {**RUNTIME, "lazy": True, "target": "original"}},
+    "fwsvd-fisher": {"stages": [{"method": "fwsvd", "ratio": 0.3}]},
+    "whiten-parallel": {"stages": [{"method": "whiten", "ratio": 0.2}], "runtime": {**RUNTIME, "sequential": False}},
+    "cospadi-group": {"stages": [{"method": "cospadi", "ratio": 0.3, "iterations": 1, "group_size": 2}]},
+    "lazy-spectrum": {"stages": [{"method": "whiten", "ratio": 0.3, "allocation": {"strategy": "spectrum", "floor": 0.2}}],
+                      "runtime": {**RUNTIME, "lazy": True}},
     "moe-original": {"model": "moe", "stages": [{"method": "expert_average", "expert_ratio": 0.5},
                                                 {"method": "whiten", "ratio": 0.2, "targets": ["*self_attn*"]}],
                      "runtime": {**RUNTIME, "target": "original"}},
@@ -54,13 +61,15 @@ def build_models(directory: Path) -> None:
     (directory / "calib.txt").write_text(" ".join(words[i] for i in picks))
 
 
-def run_tiny(models: Path, out: Path) -> None:
+def run_tiny(models: Path, out: Path, only: list[str] | None = None) -> None:
     from lrcompress.recipe import parse_recipe
     from lrcompress.runner import run_recipe
     from tiny_runs import tiny_recipe_dict
 
     build_models(models)
     for name, case in CASES.items():
+        if only and name not in only:
+            continue
         extra = dict(case)
         model = models / extra.pop("model", "llama")
         run_recipe(parse_recipe(tiny_recipe_dict(model, models / "calib.txt", out / name, **extra)))
@@ -81,7 +90,9 @@ def _without_measurements(metrics: dict[str, Any]) -> dict[str, Any]:
         if isinstance(report, dict):
             for key in [k for k in report if "seconds" in k or "memory" in k]:
                 report.pop(key)
-    return {key: metrics.get(key) for key in ("modules", "allocation", "output_matching", "compression")}
+    for result in ((metrics.get("eval") or {}).get("perplexity") or {}).values():
+        result.pop("seconds", None)
+    return {key: metrics.get(key) for key in ("modules", "allocation", "output_matching", "compression", "eval")}
 
 
 def compare_checkpoints(a: Path, b: Path) -> bool:
@@ -119,7 +130,7 @@ def compare(a: Path, b: Path) -> bool:
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "tiny":
-        run_tiny(Path(args[0]), Path(args[1]))
+        run_tiny(Path(args[0]), Path(args[1]), args[2:])
     elif command == "compare":
         sys.exit(0 if compare(Path(args[0]), Path(args[1])) else 1)
     else:

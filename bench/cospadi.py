@@ -24,7 +24,8 @@ from torch import nn
 from lrcompress.compressor import GroupMember, get_compressor
 from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
-from lrcompress.eval import EvalContext, perplexity, unique_param_count
+from lrcompress.eval import EvalContext, perplexity
+from lrcompress.results import unique_param_count
 from lrcompress.models import adapter_for, load_model
 from lrcompress.modules import dense_weight, stored_params
 from lrcompress.modules.surgery import replace_submodule

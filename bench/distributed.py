@@ -95,7 +95,7 @@ def run_one(recipe: dict, count: int, threads: int, out: Path) -> dict:
     (out / f"nproc{count}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         sys.exit(f"N={count} failed (exit {done.returncode}); see {out / f'nproc{count}.log'}")
-    from lrcompress.eval import RunMetrics
+    from lrcompress.results import RunMetrics
 
     metrics = RunMetrics.load(directory / "metrics.json")
     ppl = metrics.eval.perplexity

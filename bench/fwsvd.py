@@ -32,7 +32,7 @@ from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
 from lrcompress.eval import EvalContext, perplexity
 from lrcompress.models import adapter_for, load_model
 from lrcompress.modules import dense_weight
-from lrcompress.pipeline import PipelineSettings, Stage, run_prepasses, select_targets
+from lrcompress.pipeline import LayerWalk, PipelineSettings, Stage, run_prepasses, select_targets
 from lrcompress.modules.surgery import replace_submodule
 from lrcompress.recipe import PerplexitySpec
 
@@ -111,7 +111,7 @@ def main() -> None:
     gram_seconds = time.perf_counter() - started
     fwsvd_cls = get_compressor("fwsvd")
     stage = Stage(0, fwsvd_cls(fwsvd_cls.Config(ratio=0.2)), ["*"])
-    pre = run_prepasses(model, adapter_for(model), [stage], windows, PipelineSettings(batch_size=args.batch_size))
+    pre = run_prepasses(LayerWalk(model, adapter_for(model), windows, PipelineSettings(batch_size=args.batch_size)), [stage])
     fisher = {name: pre.statistics[name]["fisher"] for name in names}
     fisher_report = pre.reports["fisher"]
     log(f"grams {gram_seconds:.0f}s; fisher pass {fisher_report}")

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from frontier import run_lrcompress
-from lrcompress.eval import RunMetrics
+from lrcompress.results import RunMetrics
 
 ROWS = {  # name -> (recipe, overrides)
     "whiten-0.2": ("recipes/whiten.yaml", ["stages.0.ratio=0.2"]),

@@ -32,7 +32,7 @@ from lrcompress.data.sources import data_dir, load_text
 from lrcompress.data.windows import calibration_windows, evaluation_windows, tokenize
 from lrcompress.models import adapter_for
 from lrcompress.models.loading import load_model
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 
 
 def truncated(model: nn.Module, layers: int) -> nn.Module:
@@ -140,9 +140,9 @@ def main() -> None:
         cls = get_compressor(args.method)
         stage = Stage(0, cls(cls.Config(ratio=args.ratio)), ["*"], [])
         started = time.perf_counter()
-        pipeline = LayerwisePipeline(model, adapter_for(model), [stage],
-                                     PipelineSettings(batch_size=4, **settings_for(config)))
-        records = pipeline.run(windows["calibration"])
+        walk = LayerWalk(model, adapter_for(model), windows["calibration"],
+                         PipelineSettings(batch_size=4, **settings_for(config)))
+        records = LayerwisePipeline(walk, [stage]).run()
         seconds = time.perf_counter() - started
         row = {"seconds": seconds,
                "records": {r.name: {"relative_error": r.relative_error,

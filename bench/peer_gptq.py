@@ -104,7 +104,7 @@ def run_llmc(python: str, model: str, windows: Path, out: Path, group_size: int)
                           capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"llm-compressor failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(text for text in done.stdout.splitlines() if text.startswith("RESULT "))
     saved.write_text(line[len("RESULT "):])
     return json.loads(line[len("RESULT "):])
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from lrcompress.eval import EvalContext, RunMetrics, perplexity
+from lrcompress.eval import EvalContext, perplexity
+from lrcompress.results import RunMetrics
 from lrcompress.models import load_model
 from lrcompress.recipe import PerplexitySpec, parse_recipe
 from lrcompress.runner import run_recipe

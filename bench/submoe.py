@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ from lrcompress.compressor import get_compressor
 from lrcompress.data import calibration_windows, data_dir, load_text, tokenize
 from lrcompress.eval import EvalContext, perplexity
 from lrcompress.models import adapter_for, load_model
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from lrcompress.recipe import PerplexitySpec
 
 
@@ -69,7 +68,7 @@ def main() -> None:
             cls = get_compressor(method)
             stage = Stage(0, cls(cls.Config(num_experts=kept, **options)), ["*"])
             started = time.perf_counter()
-            records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=4)).run(windows)
+            records = LayerwisePipeline(LayerWalk(model, adapter_for(model), windows, PipelineSettings(batch_size=4)), [stage]).run()
             compress = time.perf_counter() - started
             error = sum(r.relative_error for r in records) / len(records)
             kept_params = sum(r.params_after for r in records) / sum(r.params_before for r in records)

@@ -30,7 +30,7 @@ from lrcompress.eval import EvalContext, perplexity
 from lrcompress.eval.lm_eval_tasks import evaluate_tasks
 from lrcompress.models import adapter_for, load_model
 from lrcompress.models.moe import expert_count_key
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from lrcompress.recipe import PerplexitySpec
 
 
@@ -63,7 +63,7 @@ def reduce(fixture: str, method: str, options: dict[str, Any], kept: int, window
     cls = get_compressor(method)
     stage = Stage(0, cls(cls.Config(num_experts=kept, **options)), ["*"])
     started = time.perf_counter()
-    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=4)).run(windows)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), windows, PipelineSettings(batch_size=4)), [stage]).run()
     info = {"compress_s": round(time.perf_counter() - started, 1),
             "block_rel_error": sum(r.relative_error for r in records) / len(records),
             "block_params": sum(r.params_after for r in records) / sum(r.params_before for r in records)}

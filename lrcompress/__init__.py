@@ -4,7 +4,7 @@ The Python API is ``run`` (a recipe: path, dict or ``Recipe``; optionally a mode
 already in memory) and ``load`` (a checkpoint, compressed modules swapped in). See README "From Python".
 """
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 
 def load(path, dtype=None, kernels=True):

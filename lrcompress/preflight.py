@@ -22,6 +22,7 @@ from torch import nn
 
 from .data.checks import check_recipe_data
 from .errors import LrcompressError, RecipeError
+from .eval.lm_eval_tasks import check_tasks
 from .models import adapter_for
 from .models.loading import model_skeleton, resolve_model_dir
 from .pipeline import Stage
@@ -73,8 +74,9 @@ def check_data(recipe: Recipe, directory: Path | None, calibration_given: bool =
     """Calibration and evaluation data and lm-eval tasks exist (``data.checks``); evaluation never reads
     the calibration text unless asked. Returns where each will be read from."""
     lines = check_recipe_data(recipe, directory, calibration_given)
+    tasks = _check_tasks(recipe, directory)
     if calibration_given:
-        return lines
+        return lines + tasks
     read = len(recipe.calibration.parts())          # every source of a mixture is guarded
     calibration = {_where(line) for line in lines[:read]}
     for i, spec in enumerate(recipe.eval.perplexity):
@@ -83,7 +85,19 @@ def check_data(recipe: Recipe, directory: Path | None, calibration_given: bool =
             raise RecipeError(f"eval.perplexity.{i} evaluates on the text calibration reads ({where}): the "
                               "perplexity would be optimistic. Evaluate on another split (e.g. wikitext2 test), or "
                               "set eval.allow_calibration_split: true if this is intended")
-    return lines
+    return lines + tasks
+
+
+def _check_tasks(recipe: Recipe, directory: Path | None) -> list[str]:
+    """The recipe's lm-eval tasks, built once (``eval.lm_eval_tasks.check_tasks``): one line per task."""
+    if recipe.eval.lm_eval is None:
+        return []
+    spec = recipe.eval.lm_eval
+    try:
+        checked = check_tasks(spec.tasks, directory, spec.include_path)
+    except LrcompressError as error:
+        raise LrcompressError(f"eval.lm_eval.tasks: {error}") from None
+    return [f"lm-eval {task}: {where}" for task, where in checked.items()]
 
 
 def check_chat_template(recipe: Recipe) -> None:

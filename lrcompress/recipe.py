@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
 from .compressor import COMPRESSORS, CompressorConfig
 from .errors import RecipeError
@@ -272,9 +272,16 @@ class Recipe(Section):
     data_dir: str | None = Field(None, description="where dataset names resolve to local files")
     seed: int = 0
 
+    # Validated stage configs, by (index, method, options): a stage's config is validated once (parse_recipe
+    # checks every one; the run builds its stages from the same objects).
+    _configs: dict[tuple[int, str, str], CompressorConfig] = PrivateAttr(default_factory=dict)
+
     def stage_config(self, index: int) -> CompressorConfig:
         stage = self.stages[index]
-        return COMPRESSORS[stage.method].Config(**stage.options)
+        key = (index, stage.method, json.dumps(stage.options, sort_keys=True, default=repr))
+        if key not in self._configs:
+            self._configs[key] = COMPRESSORS[stage.method].Config(**stage.options)
+        return self._configs[key]
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]

@@ -30,12 +30,14 @@ from .checkpoint.layout import disk_errors
 from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
+from .core.devices import resolve_device
 from .data import DatasetRef, TextSource, calibration_windows, data_dir, tokenize, windows_fingerprint
 from .data.mixture import SourceWindows, calibration_set
 from .errors import LrcompressError
-from .eval import EvalContext, EvalSection, RunMetrics, compression_summary, unique_param_count, versions, write_report
+from .eval import EvalContext
+from .results import EvalSection, RunMetrics, compression_summary, unique_param_count, versions, write_report
 from .eval.baseline_cache import cached_evaluation
-from .eval.metrics import CalibrationProvenance, MemoryReport, Provenance
+from .results.metrics import CalibrationProvenance, MemoryReport, Provenance
 from .eval.suite import evaluate_model
 from .models import DTYPES
 from .models.loading import LoadedModel
@@ -45,13 +47,13 @@ from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
 from .pipeline.plan import PlannedModule, plan_modules
-from .pipeline.resume import open_journal, restore_written, run_fingerprint
-from .pipeline.settings import resolve_device
+from .pipeline.resume import open_shared_staging, restore_written, run_fingerprint
+from .pipeline.walk import LayerWalk
 from .preflight import check_growth, preflight
 from .recipe import Recipe
 from .residency import ResidentModel, model_class
 
-__all__ = ["PlannedModule", "RunResult", "build_stages", "plan_modules", "resolve_device", "run_recipe"]
+__all__ = ["GivenInputs", "RunResult", "build_stages", "run_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,10 @@ def build_stages(recipe: Recipe) -> list[Stage]:
                   spec.allocation) for i, spec in enumerate(recipe.stages)]
 
 
+def _quiet(message: str) -> None:
+    """Warnings of the processes that do not write (rank 0 says them once)."""
+
+
 def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_directory: str | None = None,
                dry_run: bool = False, given: GivenInputs | None = None) -> RunResult:
     """Run ``recipe``; in one process, or in each of the processes torchrun started. ``given``: a model
@@ -90,10 +96,9 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
         stages = build_stages(recipe)
         model_class(recipe, stages)                 # lazy mode's refusals, before any work
         directory = data_dir(data_directory, recipe.data_dir)
-        quiet = (lambda message: None)
         sources: list[str] = []
         observer.phase("checking the datasets, tasks and targets")
-        plan = preflight(recipe, stages, directory, log.warning if collective.is_writer else quiet,
+        plan = preflight(recipe, stages, directory, log.warning if collective.is_writer else _quiet,
                          model=given.loaded.model if given.loaded else None, sources=sources,
                          calibration_given=given.calibration is not None)
         check_growth(recipe, plan)
@@ -128,7 +133,7 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
     calibration = run.calibrate()
     run.allocate(calibration)
     if dry_run:                # a budget's ranks are planned: the plan shows them, nothing is compressed
-        return RunResult(None, run.metrics, plan_modules(run.model.model, stages))
+        return RunResult(None, run.metrics, plan_modules(run.model.model, run.stages))
     records = run.compress(calibration)
     run.write(calibration, records)
     if run.writer:
@@ -137,20 +142,29 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
 
 
 class RecipeRun:
-    """One run's state as its phases fill it in: the stages, the model, the metrics."""
+    """One run's state, every field declared here; the phases fill them in, in order."""
 
     def __init__(self, recipe: Recipe, observer: PipelineObserver, collective: Collective, directory: Path | None,
                  stages: list[Stage], plan: list[PlannedModule], given: GivenInputs | None = None) -> None:
         self.recipe, self.observer, self.collective = recipe, observer, collective
-        self.stages, self.plan, self.directory = stages, plan, directory
+        self.stages, self.plan, self.directory = stages, plan, directory   # allocate() may bind ranks: new stages
         self.given = given or GivenInputs()
         self.writer = collective.is_writer
         self.output_dir = Path(recipe.output.dir)
         self.saves = recipe.output.save
         self.metrics = RunMetrics()
         self.timing = self.metrics.timing
+        # prepare
+        self.model: ResidentModel | None = None
+        self.eval_context: EvalContext | None = None
+        self.params_before = 0
+        # compress
         self.journal: StagedJournal | None = None
+        self.written = False                  # the staged checkpoint was complete already (a resumed run)
+        # write
+        self.recipe_yaml = ""
         self.written_bytes: int | None = None
+        self.records: list[ModuleRecord] = []
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -169,7 +183,7 @@ class RecipeRun:
         with self.timed("load"):
             self.observer.phase(f"loading {recipe.model.path}{loader.loading_note}")
             given = self.given.loaded              # a library caller's model is compressed in place
-            self.model: ResidentModel = loader(given) if given is not None else loader.load(recipe.model)
+            self.model = loader(given) if given is not None else loader.load(recipe.model)
         tokenizer = self.model.tokenizer
         if recipe.calibration.uses_chat_template and not getattr(tokenizer, "chat_template", None):
             raise LrcompressError("calibration.chat_template is true but the tokenizer of "
@@ -205,16 +219,18 @@ class RecipeRun:
             drawn = calibration_set(cal, tokenizer, self.eval_context.data_directory)
         return Calibration(drawn.source, drawn.windows, drawn.parts)
 
-    def settings(self, calibration: Calibration) -> PipelineSettings:
-        return PipelineSettings.from_runtime(self.recipe.runtime, self.collective, len(calibration.windows))
+    def walk(self, calibration: Calibration) -> LayerWalk:
+        """The uncompressed model and this process's calibration windows (all of them alone), for a walk."""
+        settings = PipelineSettings.from_runtime(self.recipe.runtime, self.collective, len(calibration.windows))
+        return LayerWalk(self.model.model, self.model.adapter, self.collective.shard(calibration.windows), settings,
+                         self.observer, self.model.layers())
 
     def allocate(self, calibration: Calibration) -> None:
-        """A budget over a stage's modules: the spectra pre-pass chooses every module's rank (and binds it
-        to the stage) before any decomposition. Nothing happens when every stage is uniform."""
-        model = self.model
+        """A budget over a stage's modules: the spectra pre-pass chooses every module's rank (the run then
+        compresses with stages bound to them) before any decomposition. Nothing happens when every stage is
+        uniform."""
         started = time.perf_counter()
-        allocation = allocate(model.model, model.adapter, self.stages, self.collective.shard(calibration.windows),
-                              self.settings(calibration), self.observer, model.layers())
+        self.stages, allocation = allocate(self.walk(calibration), self.stages)
         if allocation is not None:
             self.metrics.allocation = allocation
             self.timing["allocation"] = time.perf_counter() - started
@@ -235,18 +251,14 @@ class RecipeRun:
         return records
 
     def _compress(self, calibration: Calibration) -> list[ModuleRecord]:
-        model = self.model
-        settings = self.settings(calibration)
-        shard = self.collective.shard(calibration.windows)      # this process's windows (all of them alone)
-        prepass = run_prepasses(model.model, model.adapter, self.stages, shard, settings, self.observer)
+        walk = self.walk(calibration)
+        prepass = run_prepasses(walk, self.stages)
         if prepass.reports:
             self.metrics.prepass = prepass.reports
             self.timing["prepass"] = prepass.seconds
-        pipeline = LayerwisePipeline(model.model, model.adapter, self.stages, settings, self.observer,
-                                     precomputed=prepass.statistics, layers=model.layers(), journal=self.journal)
-        records = pipeline.run(shard)
-        if pipeline.reference is not None:     # output matching: its extra time and memory
-            self.metrics.output_matching = pipeline.reference.report()
+        pipeline = LayerwisePipeline(walk, self.stages, precomputed=prepass.statistics, journal=self.journal)
+        records = pipeline.run()
+        self.metrics.output_matching = pipeline.stream.report()    # output matching's extra time and memory
         return records
 
     def _journal(self, calibration: Calibration) -> StagedJournal | None:
@@ -254,8 +266,10 @@ class RecipeRun:
         recipe = self.recipe
         fingerprint = run_fingerprint(recipe.model_dump(), recipe.model.path, windows_fingerprint(calibration.windows),
                                       versions())
-        return open_journal(self.output_dir, fingerprint, recipe.output.overwrite, self.collective,
-                            self.model.adapter, DTYPES[recipe.model.dtype], self.observer.phase)
+        staging = open_shared_staging(self.output_dir, fingerprint, recipe.output.overwrite, self.collective,
+                                      self.observer.phase)
+        return None if staging is None else StagedJournal(staging, self.model.adapter, DTYPES[recipe.model.dtype],
+                                                          writes=self.collective.is_writer)
 
     # -- write -----------------------------------------------------------------------------------------
     def write(self, calibration: Calibration, records: list[ModuleRecord]) -> None:

@@ -87,3 +87,10 @@ def test_output_matching_options_parse_and_a_blend_outside_0_1_is_refused():
     assert parse_recipe(BASE).runtime.true_sequential is None       # on with target: original only
     with pytest.raises(RecipeError, match=r"runtime\.target_blend"):
         parse_recipe({**BASE, "runtime": {**runtime, "target_blend": 1.5}})
+
+
+def test_a_stage_config_is_validated_once_and_follows_its_options():
+    recipe = parse_recipe({"model": {"path": "m"}, "stages": [{"method": "whiten", "ratio": 0.2}]})
+    assert recipe.stage_config(0) is recipe.stage_config(0)          # parse_recipe's validation is reused
+    recipe.stages[0].ratio = 0.3                                     # an option changed after parsing
+    assert recipe.stage_config(0).ratio == 0.3

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lrcompress.errors import CheckpointError, LrcompressError
-from lrcompress.eval import RunMetrics
+from lrcompress.results import RunMetrics
 from lrcompress.runner import run_recipe
 from tiny_runs import tiny_recipe
 

@@ -173,7 +173,7 @@ def eval_command(checkpoint: str, dataset: str, dataset_config: str | None, spli
     from ..data import data_dir as resolve_data_dir
     from ..eval import EvalContext
     from ..eval.lm_eval_tasks import check_tasks, parse_tasks
-    from ..eval.metrics import EvalReport
+    from ..results.metrics import EvalReport
     from ..eval.suite import evaluate_checkpoint
     from ..pipeline.settings import resolve_device
     from ..recipe import EvalSpec, LmEvalSpec, PerplexitySpec
@@ -232,7 +232,7 @@ def check(metrics: Path, baseline: Path | None, gate_file: Path | None, max_ppl_
           min_recovery: float | None, bounds: tuple[str, ...], confidence: float | None, strict: bool | None) -> None:
     """Regression gate: exit 0 when no metric regresses beyond the noise (a miss within the noise is
     reported as "too small" and passes unless --strict), 1 on a regression, 2 on bad input."""
-    from ..eval.gate import gate_from_options, run_gate
+    from ..results.gate import gate_from_options, run_gate
     from .render_eval import gate_table
 
     gate = gate_from_options(gate_file, max_ppl_increase, min_recovery, list(bounds), confidence, strict)
@@ -251,7 +251,7 @@ def check(metrics: Path, baseline: Path | None, gate_file: Path | None, max_ppl_
               help="where compare.md and rate_distortion.png go")
 def compare(runs: tuple[Path, ...], output: Path) -> None:
     """Compare run directories: a table and a rate–distortion plot (perplexity vs whole-model bytes)."""
-    from ..eval.compare import compare_runs
+    from ..results.compare import compare_runs
     from .render_eval import compare_table
 
     comparison = compare_runs(list(runs), output)
@@ -266,7 +266,7 @@ def compare(runs: tuple[Path, ...], output: Path) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 def inspect(checkpoint: Path) -> None:
     """What was compressed: modules, kinds, ranks, sizes, errors (from metrics.json when present)."""
-    from ..eval.inspect import inspect_checkpoint
+    from ..results.inspect import inspect_checkpoint
 
     inspection = inspect_checkpoint(checkpoint)
     stdout.print(inspection_table(inspection))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from typing import Any
 
@@ -12,8 +11,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..eval.inspect import Inspection
-from ..eval.metrics import RunMetrics, describe_change, format_bytes
+from ..results.inspect import Inspection
+from ..results.metrics import RunMetrics, describe_change, format_bytes
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
 from ..pipeline.allocation import AllocationResult
 from ..pipeline.observer import PlannedWork, WorkProgress

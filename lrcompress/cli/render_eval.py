@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from ..eval.metrics import EvalSection
+from ..results.metrics import EvalSection
 from ..eval.protocol import ZERO_SHOT_METRIC, ZERO_SHOT_TASKS, zero_shot_average
 
 

@@ -2,8 +2,7 @@
 
 A typo in a dataset id or an unreachable hub should cost seconds, not a model load and a compression.
 Files are checked for existence and the text column (parquet schema, first JSON record), hub datasets
-by their metadata (nothing is downloaded), lm-eval tasks by building them (see
-``eval.lm_eval_tasks.check_tasks``). Each failure is a one-line ``LrcompressError``.
+by their metadata (nothing is downloaded). Each failure is a one-line ``LrcompressError``.
 """
 from __future__ import annotations
 
@@ -15,22 +14,14 @@ from .sources import DatasetRef, check_source
 
 
 def check_recipe_data(recipe: Any, directory: Path | None, calibration_given: bool = False) -> list[str]:
-    """Check the calibration set (unless the caller holds it already), every perplexity set and the
-    lm-eval tasks of ``recipe``; returns one line per dataset or task saying where it will be read from."""
+    """Check the calibration set (unless the caller holds it already: every source of a mixture) and every
+    perplexity set of ``recipe``; returns one line per dataset saying where it will be read from. (The
+    lm-eval tasks are evaluation's to check: ``preflight.check_data`` adds them.)"""
     lines = ["calibration: given in memory"] if calibration_given else calibration_lines(recipe.calibration,
                                                                                            directory)
     for number, spec in enumerate(recipe.eval.perplexity):
         lines.append(f"perplexity {spec.dataset}/{spec.split}: "
                      f"{_checked(f'eval.perplexity.{number}', spec, directory)}")
-    if recipe.eval.lm_eval is not None:
-        from ..eval.lm_eval_tasks import check_tasks
-
-        spec = recipe.eval.lm_eval
-        try:
-            checked = check_tasks(spec.tasks, directory, spec.include_path)
-        except LrcompressError as error:
-            raise LrcompressError(f"eval.lm_eval.tasks: {error}") from None
-        lines += [f"lm-eval {task}: {where}" for task, where in checked.items()]
     return lines
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LrcompressError
-from ..hub import hub_reachable, with_offline_reason
+from ..core.hub import hub_reachable, with_offline_reason
 
 # name -> split -> (path under the data directory, HF hub dataset id, HF config); a .jsonl/.parquet file's
 # text is its "text" column. No hub id: the files must be in the data directory (no hub copy exists).
@@ -152,13 +152,6 @@ def _check_file(path: Path, column: str) -> None:
             raise LrcompressError(f"{path}: the first record is not valid JSON ({error.msg})") from None
         if not isinstance(record, dict) or column not in record:
             raise LrcompressError(f"{path}: the first record has no {column!r} field (set text_column)")
-
-
-def read_text_file(path: Path, column: str = "text") -> str:
-    """A .txt/.raw file as-is, or a .jsonl/.parquet file's ``column`` values joined by blank lines."""
-    if path.suffix in RECORD_SUFFIXES:
-        return _join(_file_column(path, column), str(path), column)
-    return path.read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------- the hub

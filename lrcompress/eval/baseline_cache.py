@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .. import __version__
 from ..checkpoint.layout import write_atomic
-from ..models.gguf import cache_root
+from ..core.cache import cache_root
+from ..core.version import __version__
 from ..models.identity import model_identity
-from .metrics import BaselineCacheInfo, EvalSection
+from .section import BaselineCacheInfo, EvalSection
 
 if TYPE_CHECKING:
     from ..recipe import EvalSpec

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..models import ArchitectureAdapter
 from ..models.lazy import LayerStore
-from ..models.capture import capture_layer_inputs, forward_layer
+from ..pipeline.settings import PipelineSettings
+from ..pipeline.walk import LayerWalk, on_device
 from .perplexity import batch_nll
 
 
@@ -26,24 +27,14 @@ class StreamedNll:
     @torch.no_grad()
     def __call__(self, model: nn.Module, windows: torch.Tensor, batch_size: int,
                  device: torch.device) -> list[float]:
-        offload = torch.device("cpu")
-        hidden = capture_layer_inputs(model, self.adapter, windows, batch_size, device, offload)
-        for i, layer in enumerate(self.adapter.decoder_layers(model)):
-            self.store.load([i])
-            home = next(layer.parameters()).device
-            layer.to(device)
-            hidden = forward_layer(layer, hidden, device, offload)
-            layer.to(home)
-            self.store.release([i])
+        settings = PipelineSettings(batch_size=batch_size, compute=device, offload=torch.device("cpu"))
+        walk = LayerWalk(model, self.adapter, windows, settings, store=self.store)
+        hidden = walk.capture()
+        for _, layer in walk.layers(range(len(walk.decoder_layers))):
+            hidden = walk.forward(layer, hidden)
         head = [model.get_submodule(self.adapter.final_norm), model.get_submodule(self.adapter.lm_head)]
-        homes = [next(module.parameters()).device for module in head]
         sums: list[float] = []
-        try:
-            for module in head:
-                module.to(device)
+        with on_device(head, device):
             for states, batch in zip(hidden.hidden, windows.split(batch_size)):
                 sums += batch_nll(self.adapter.head_logits(model, states.to(device)), batch.to(device))
-        finally:
-            for module, home in zip(head, homes):
-                module.to(home)
         return sums

@@ -14,7 +14,7 @@ from ..data import DatasetRef
 from ..models import load_model
 from .baseline_cache import cached_evaluation
 from .lm_eval_tasks import evaluate_tasks
-from .metrics import BaselineCacheInfo, EvalSection, LmEvalResult
+from .section import BaselineCacheInfo, EvalSection, LmEvalResult
 from .perplexity import EvalContext, perplexity
 
 if TYPE_CHECKING:

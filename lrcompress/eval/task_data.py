@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LrcompressError
-from ..hub import hub_reachable
+from ..core.hub import hub_reachable
 
 Doc = dict[str, Any]
 
@@ -121,7 +121,7 @@ def task_docs(task: str, directory: str | Path | None) -> tuple[list[Doc], str]:
     try:
         import datasets
 
-        hub_reachable()      # offline: fail at once instead of retrying (lrcompress/hub.py)
+        hub_reachable()      # offline: fail at once instead of retrying (lrcompress/core/hub.py)
         rows = datasets.load_dataset(hub_id, config, split=split)
     except Exception as error:  # offline, missing: say where we looked
         raise LrcompressError(f"task {task}: no data directory set (--data-dir, recipe data_dir, $LRCOMPRESS_DATA) "

@@ -7,11 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
+from ..core.cache import cache_root
+
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LRCOMPRESS_CACHE", Path.home() / ".cache" / "lrcompress"))
 
 
 def _gguf_key(path: Path) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 from ..checkpoint.layout import lrcompress_block
 from ..checkpoint.reader import build_skeleton, load_compressed, read_metadata
 from ..errors import LrcompressError
-from ..hub import hub_reachable, with_offline_reason
+from ..core.hub import hub_reachable, with_offline_reason
 from .gguf import converted_gguf_dir
 
 log = logging.getLogger(__name__)

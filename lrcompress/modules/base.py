@@ -115,7 +115,7 @@ def column_major(weight: torch.Tensor) -> None:
     """Store a CPU (out × in) weight column-major, in place: same shape and values, its transpose is now
     the contiguous tensor. ``F.linear(x, weight)`` is x·weightᵀ, and at one decode token the BLAS reads a
     contiguous right operand (x·B, row by row) at a higher bandwidth than a transposed one (rows of W
-    dotted with x): 1.35× for SmolLM2's dense linears streamed from memory (bench/RESULTS.md). No extra
+    dotted with x; bench/RESULTS.md has the measurement). No extra
     memory: the old storage is released. Writers copy tensors contiguous, so checkpoints do not change."""
     if weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous():
         weight.data = weight.data.t().contiguous().t()

@@ -5,9 +5,9 @@ x·Wᵀ with W[n, k] = (c[n, k] − 8)·scale[g, n] + zero[g, n] for 4-bit codes
 ``_convert_weight_to_int4pack_for_cpu``. Its constraints (checked in torch 2.13): group ∈ {32, 64,
 128, 256}, K divisible by the group, N divisible by 16, and x, scale and zero in one float dtype. It
 dequantizes each weight in float32 and accumulates in float32; only its inputs and its output are
-rounded to that dtype. Measured on this project's AVX-512 CPU at batch 1 (bench/RESULTS.md): with
-**bfloat16** activations it takes about half the time of a dense float32 ``F.linear``; with float32 or
-float16 activations it falls back to scalar code, 100–400× slower. So the activations are rounded to
+rounded to that dtype. At batch 1 on CPU, with **bfloat16** activations it is faster than a dense float32
+``F.linear``; with float32 or float16 activations it falls back to scalar code, far slower (bench/RESULTS.md
+has the measurements). So the activations are rounded to
 bfloat16 for the kernel and the output is cast back — with the bfloat16 rounding of the scales, the
 one numerical difference from the dequantized reference (``QuantizedLinear.dense_weight``): relative
 output error ≈ 2⁻⁸, small beside the quantization error itself.

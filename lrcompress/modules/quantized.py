@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import triton_kernels
+from ..core.packing import dequantize, pack_codes, packed_bytes, unpack_codes
 from .base import CompressedLinear, column_major, register_module_kind
 from .cpu_kernels import PackedInt4Weight, int4_kernel_available, kernel_group
-from .packing import pack_codes, packed_bytes, unpack_codes
 
 # Scales are kept as the raw bits of their float format in an integer buffer of the same width, so that
 # ``model.to(dtype)`` (which casts every floating tensor) never changes what is stored or its size.
@@ -37,29 +37,6 @@ class KernelOperands(NamedTuple):
     scales: torch.Tensor
     zeros: torch.Tensor
     perm: torch.Tensor | None
-
-
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-               perm: torch.Tensor | None, in_features: int) -> torch.Tensor:
-    """Ŵ in float32 (out × in, input order) from the stored tensors of a :class:`QuantizedLinear`:
-    packed codes, ``scales`` as float values and ``zeros``, both out × groups, and the act-order ``perm``.
-
-    float32 is exact here: (q − z) is a small integer and the scale has ≤ 24 mantissa bits. Groups as a
-    (out × groups × width) view; a ragged last group is padded, then cut off.
-    """
-    out_features, groups = scales.shape
-    codes = unpack_codes(qweight, bits, out_features * in_features, torch.float32).view(out_features, in_features)
-    pad = groups * group_size - in_features
-    if pad:
-        codes = F.pad(codes, (0, pad))
-    scale = scales.to(torch.float32)[:, :, None]
-    zero = zeros.to(torch.float32)[:, :, None]
-    stored = ((codes.view(out_features, groups, group_size) - zero) * scale).view(out_features, -1)[:, :in_features]
-    if perm is None:
-        return stored
-    weight = torch.empty_like(stored)
-    weight[:, perm.long()] = stored
-    return weight
 
 
 @register_module_kind

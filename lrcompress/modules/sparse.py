@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CompressedLinear, register_module_kind
-from .packing import pack_codes, packed_bytes, unpack_codes
+from ..core.packing import pack_codes, packed_bytes, unpack_codes
 
 
 class _SparseLinear(CompressedLinear):

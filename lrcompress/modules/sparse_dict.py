@@ -13,9 +13,8 @@ tensor is packed on the way in.
 
 Inference on CPU: :meth:`SparseDictLinear.prepare_inference` (run by ``lrcompress.load`` and
 ``from_pretrained``) builds the coefficient matrix S once as a dense k × out matrix, and the forward is
-two GEMMs, (x·D)·S. Measured at batch 1 on this project's CPU (bench/RESULTS.md), that is the fastest
-layout torch offers here: the per-call scatter it replaces cost 3–4× the dense linear, a CSR S
-(int32 indices, MKL) 1.3–3× the dense-S product, the gather form more. Its price is memory: k·out
+two GEMMs, (x·D)·S. At batch 1 on CPU that is the fastest layout torch offers here: a per-call scatter,
+a CSR S (int32 indices, MKL) and the gather form are all slower (bench/RESULTS.md). Its price is memory: k·out
 values instead of s·out values and indices (2× the values at k = 2s), so the module in memory is about
 the size of the dense weight (in·k + k·out against in·out; the checkpoint keeps the compressed size).
 On CUDA the Triton gather kernel runs on the fixed-nnz layout and nothing is built.
@@ -34,7 +33,7 @@ from torch import nn
 
 from .. import triton_kernels
 from .base import CompressedLinear, register_module_kind
-from .packing import pack_codes, packed_bytes, unpack_codes
+from ..core.packing import pack_codes, packed_bytes, unpack_codes
 
 INT16_ATOMS = 32768
 

@@ -7,7 +7,8 @@ from .observer import LoggingObserver, PipelineObserver
 from .prepass import PREPASSES, PrePassOutput, PrePassResult, register_prepass, run_prepasses
 from .records import ModuleRecord
 from .targets import select_targets
+from .walk import LayerWalk
 
-__all__ = ["LayerInputs", "LayerwisePipeline", "LoggingObserver", "ModuleRecord", "PipelineObserver",
+__all__ = ["LayerInputs", "LayerWalk", "LayerwisePipeline", "LoggingObserver", "ModuleRecord", "PipelineObserver",
            "PipelineSettings", "PREPASSES", "PrePassOutput", "PrePassResult", "Stage", "capture_layer_inputs",
            "register_prepass", "run_prepasses", "select_targets"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -33,15 +33,13 @@ from torch import nn
 from ..compressor import Compressor, Plan, RankKnob
 from ..errors import LrcompressError
 from ..models import ArchitectureAdapter
-from ..models.lazy import LayerStore
-from .observer import PipelineObserver
 from .prepass import PREPASSES
-from .settings import PipelineSettings, Stage
+from .settings import Stage
 from .spectra import ModuleSpectrum, collect_spectra
+from .walk import LayerWalk
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("uniform", "spectrum", "global")
 DEFAULT_DAMPING = 1e-4
 
 
@@ -324,14 +322,14 @@ def stage_modules(model: nn.Module, adapter: ArchitectureAdapter, stage: Stage) 
     return modules
 
 
-def allocate(model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage], windows: torch.Tensor,
-             settings: PipelineSettings, observer: PipelineObserver, store: LayerStore | None = None,
-             ) -> AllocationResult | None:
-    """Choose the ranks of every stage whose allocation is not uniform and bind them to the stage
-    (its compressor becomes an ``AllocatedCompressor``). None when every stage is uniform."""
+def allocate(walk: LayerWalk, stages: list[Stage]) -> tuple[list[Stage], AllocationResult | None]:
+    """Choose the ranks of every stage whose allocation is not uniform: the stages to compress with (a copy
+    of each such stage whose compressor is an ``AllocatedCompressor``, the others as they are) and the
+    allocation's record (None when every stage is uniform)."""
+    model, adapter, windows = walk.model, walk.adapter, walk.windows
     planned = [stage for stage in stages if strategy_of(stage) != "uniform"]
     if not planned:
-        return None
+        return stages, None
     if any(stage.group_size > 1 for stage in planned):
         raise LrcompressError("allocation: a stage that compresses groups of layers together has one size "
                               "per group; use allocation: uniform there")
@@ -347,12 +345,11 @@ def allocate(model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage]
     report: dict[str, Any] = {}
     diagonals = None
     if needs_gradients(planned):
-        diagonals, report["output_gradients"] = _output_diagonals(model, adapter, planned, per_stage, windows,
-                                                                  settings, observer)
-    observer.phase(f"spectra pre-pass over {len(windows)} windows for {len(damping)} modules")
-    spectra, report["spectra"] = collect_spectra(model, adapter, targets, windows, settings, observer, damping,
-                                                 store, diagonals)
+        diagonals, report["output_gradients"] = _output_diagonals(walk, planned, per_stage)
+    walk.observer.phase(f"spectra pre-pass over {len(windows)} windows for {len(damping)} modules")
+    spectra, report["spectra"] = collect_spectra(walk, targets, damping, diagonals)
     result = AllocationResult(prepass=report)
+    allocated = {}
     for stage in planned:
         modules = per_stage[stage.index]
         for m in modules:
@@ -361,22 +358,22 @@ def allocate(model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage]
         ranks = ALLOCATORS[strategy_of(stage)](modules, budget)
         for m, rank in zip(modules, ranks):
             m.rank = rank
-        stage.compressor = AllocatedCompressor(stage.compressor, {m.name: m.rank for m in modules})
+        allocated[stage.index] = replace(stage, compressor=AllocatedCompressor(stage.compressor,
+                                                                               {m.name: m.rank for m in modules}))
         result.stages.append(_stage_summary(stage, modules, budget))
-    return result
+    return [allocated.get(stage.index, stage) for stage in stages], result
 
 
-def _output_diagonals(model, adapter, stages: list[Stage], per_stage: dict[int, list[BudgetModule]],
-                      windows: torch.Tensor, settings: PipelineSettings, observer: PipelineObserver
+def _output_diagonals(walk: LayerWalk, stages: list[Stage], per_stage: dict[int, list[BudgetModule]],
                       ) -> tuple[dict[str, torch.Tensor], dict]:
     """diag(G_y) of every module of the ``global`` stages, from one backward pre-pass (reduced)."""
     names = []
     for stage in stages:
         if strategy_of(stage) == "global":
             names += [m.name for m in per_stage[stage.index] if m.name not in names]
-    observer.phase(f"output-gradient pre-pass over {len(windows)} windows for {len(names)} modules")
-    result = PREPASSES["output_gradient"](model, adapter, names, windows, settings, observer)
-    statistics = settings.collective.reduce_statistics(result.statistics)
+    walk.observer.phase(f"output-gradient pre-pass over {len(walk.windows)} windows for {len(names)} modules")
+    result = PREPASSES["output_gradient"](walk, names)
+    statistics = walk.settings.collective.reduce_statistics(result.statistics)
     diagonals = {name: statistic.diagonal(name) for name, statistic in statistics.items()}
     return diagonals, {k: v for k, v in result.report.items() if isinstance(v, (int, float, str))}
 
@@ -400,5 +397,5 @@ def _estimate(m: BudgetModule, rank: int) -> float:
 
 
 __all__ = ["ALLOCATORS", "AllocatedCompressor", "AllocatedModule", "AllocatedStage", "AllocationResult",
-           "BudgetModule", "STRATEGIES", "allocate", "allocate_global", "allocate_spectrum", "allocate_uniform",
+           "BudgetModule", "allocate", "allocate_global", "allocate_spectrum", "allocate_uniform",
            "fit_to_budget", "needs_allocation", "stage_modules"]

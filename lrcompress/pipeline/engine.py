@@ -31,12 +31,17 @@ Out-of-memory errors name the layer and module (``pipeline.oom``).
 Output matching (``runtime.target: original``): the uncompressed model's activations run beside the
 compressed ones (``pipeline.reference``); the statistics passes pair them token by token, each stage whose
 compressor takes a target weight is handed W* instead of W, and records measure the error against the
-original model's outputs. With the default target nothing here changes.
+original model's outputs. The engine sees it only through its stream (``pipeline.stream``): the default
+stream changes nothing.
+
+The walk itself (capture, load, move to the device, hook, forward, move back, release) is
+``pipeline.walk``'s, shared with the pre-passes and streamed evaluation.
 """
 from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -44,41 +49,62 @@ from torch import nn
 
 from ..compressor import CompressResult, GroupMember, Statistic, make_statistic
 from ..errors import LrcompressError, NumericalError
-from ..models import ArchitectureAdapter
-from ..models.capture import LayerInputs, capture_layer_inputs, forward_layer
-from ..models.lazy import LayerStore, ResidentLayers
+from ..models.capture import LayerInputs
 from ..modules import dense_weight, storage_bytes, stored_params
 from ..modules.surgery import replace_submodule
 from .blocks import check_coverage
 from .distributed import CompressJob, run_locally
 from .journal import MemoryJournal, SegmentJournal
-from .observer import PipelineObserver, PlannedWork
+from .observer import PlannedWork
 from .oom import naming_out_of_memory
-from .prepass import is_prepass_kind
 from .passes import input_groups
+from .prepass import is_prepass_kind
 from .records import ModuleRecord
-from .reference import ReferenceStream, check_target
-from .settings import PipelineSettings, Stage
+from .reference import check_target, stream_for
+from .settings import Stage
+from .stream import LayerStream
 from .targets import is_linear_like
+from .walk import LayerWalk, hooks
+
+
+@dataclass
+class Segment:
+    """One segment's state while its stages run: its layers, each stage's targets in them, every target as it
+    was before the first stage touched it ("original"), and the records so far."""
+
+    indices: list[int]
+    layers: nn.ModuleList
+    prefixes: dict[int, str]
+    plans: dict[tuple[int, int], list[str]]          # (stage index, layer index) -> target names in the layer
+    originals: dict[tuple[int, str], nn.Module] = field(default_factory=dict)   # (layer, name) -> module
+    records: list[ModuleRecord] = field(default_factory=list)
+
+
+@dataclass
+class Replacement:
+    """One target's compression outcome, before it is swapped in."""
+
+    layer: int
+    name: str                   # inside the layer
+    member: GroupMember
+    result: CompressResult
+    seconds: float
 
 
 class LayerwisePipeline:
-    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage],
-                 settings: PipelineSettings, observer: PipelineObserver | None = None, *,
+    def __init__(self, walk: LayerWalk, stages: list[Stage], *,
                  precomputed: Mapping[str, Mapping[str, Statistic]] | None = None,
-                 layers: LayerStore | None = None, journal: SegmentJournal | None = None) -> None:
-        """``precomputed``: full module name → {kind: Statistic} for the kinds that come from a
-        pre-pass (see ``pipeline.prepass``); they are handed to the compressor with the forward ones.
-        ``layers``: where the layers' original weights come from (default: already in memory);
-        ``journal``: where finished segments are recorded (default: nowhere)."""
-        self.model, self.adapter, self.stages = model, adapter, stages
-        self.store: LayerStore = layers or ResidentLayers()
+                 journal: SegmentJournal | None = None) -> None:
+        """``walk``: the model, its calibration windows, the settings, the observer and the layer store.
+        ``precomputed``: full module name → {kind: Statistic} for the kinds that come from a pre-pass (see
+        ``pipeline.prepass``); they are handed to the compressor with the forward ones. ``journal``: where
+        finished segments are recorded (default: nowhere)."""
+        self.walk, self.stages = walk, stages
+        self.model, self.adapter, self.settings, self.observer = walk.model, walk.adapter, walk.settings, walk.observer
         self.journal: SegmentJournal = journal or MemoryJournal()
-        self.settings = settings
-        self.observer = observer or PipelineObserver()
         self.precomputed = precomputed or {}
         self.config_updates: dict[str, tuple] = {}     # config key -> (value, module that set it)
-        self.reference: ReferenceStream | None = None  # the uncompressed stream (runtime.target: original)
+        self.stream: LayerStream = LayerStream(walk.forward)   # until run() knows the first layer's inputs
 
     def segment_size(self) -> int:
         """Layers handled together: the largest group size; every other size must divide it."""
@@ -89,50 +115,42 @@ class LayerwisePipeline:
         return size
 
     @torch.no_grad()
-    def run(self, windows: torch.Tensor) -> list[ModuleRecord]:
+    def run(self) -> list[ModuleRecord]:
         """Each segment: its original weights come from the layer store, it is compressed and committed
         to the journal (or, when a resumed run finds it finished there, its records are read back),
         restored from the journal, then the calibration inputs go through it to the next segment."""
-        s = self.settings
+        s, walk = self.settings, self.walk
         size = self.segment_size()
         check_coverage(self.model, self.adapter, self.stages)
         check_target(self.stages, s)
-        self.observer.phase(f"capturing the decoder layers' inputs for {len(windows)} windows")
-        inputs = capture_layer_inputs(self.model, self.adapter, windows, s.batch_size, s.compute, s.offload)
-        if s.target == "original":
-            self.reference = ReferenceStream(inputs, s, self._forward)
-        layers = self.adapter.decoder_layers(self.model)
+        self.observer.phase(f"capturing the decoder layers' inputs for {len(walk.windows)} windows")
+        inputs = walk.capture()
+        self.stream = stream_for(inputs, s, walk.forward)
+        layers = walk.decoder_layers
         records: list[ModuleRecord] = []
         self.observer.layers_started(len(layers))
         self.observer.work_planned(self._planned_work(layers))
-        for start in range(0, len(layers), size):
-            indices = list(range(start, min(start + size, len(layers))))
+
+        def loads(indices: list[int]) -> bool:        # the original: to compress it, replay it or run it beside
+            return not (self.journal.finished(indices) and s.sequential) or self.stream.loads_finished_segments
+        for indices in walk.segments(size, loads):
             started = time.perf_counter()
             resumed = self.journal.finished(indices)
             outputs: LayerInputs | None = None
-            if not (resumed and s.sequential) or self.reference:   # the original: to replay it or run beside
-                self.store.load(indices)
-            if self.reference:
-                self.reference.begin(layers, indices)
+            self.stream.begin(layers, indices)
             if resumed:
                 self.observer.phase(f"layers {indices[0]}-{indices[-1]}: finished in an earlier run, replaying")
                 segment_records = self.journal.records(indices)
                 if not s.sequential:           # the next segment's inputs come from the uncompressed one
-                    outputs = self._propagate(layers, indices, inputs)
+                    outputs = self._propagate(indices, inputs)
             else:
-                homes = [next(layers[i].parameters()).device for i in indices]
-                for i in indices:
-                    layers[i].to(s.compute)
-                segment_records, outputs = self._compress_segment(indices, layers, inputs)
-                for i, home in zip(indices, homes):
-                    layers[i].to(home)
+                with walk.on_device(indices):
+                    segment_records, outputs = self._compress_segment(indices, inputs)
                 self.journal.commit(self.model, indices, segment_records)
             self.journal.restore(self.model, indices)
             if outputs is None:
-                outputs = self._propagate(layers, indices, inputs)
-            if self.reference:
-                self.reference.finish(indices)
-            self.store.release(indices)
+                outputs = self._propagate(indices, inputs)
+            self.stream.finish(indices)
             records.extend(segment_records)
             inputs = outputs
             seconds = time.perf_counter() - started
@@ -147,81 +165,93 @@ class LayerwisePipeline:
                 for i, layer in enumerate(layers) for stage in self.stages
                 for name in stage.select(layer, self.adapter.layer_prefix(i))]
 
-    def _propagate(self, layers, indices: list[int], inputs: LayerInputs) -> LayerInputs:
-        """The segment's outputs for ``inputs``, on the compute device and back."""
+    def _propagate(self, indices: list[int], inputs: LayerInputs) -> LayerInputs:
+        """The segment's outputs for ``inputs``, each layer on the compute device and back."""
         for i in indices:
-            home = next(layers[i].parameters()).device
-            layers[i].to(self.settings.compute)
-            inputs = self._forward(layers[i], inputs)
-            layers[i].to(home)
+            with self.walk.on_device([i]):
+                inputs = self.walk.forward(self.walk.decoder_layers[i], inputs)
         return inputs
 
-    def _compress_segment(self, indices: list[int], layers, inputs: LayerInputs
+    def _compress_segment(self, indices: list[int], inputs: LayerInputs
                           ) -> tuple[list[ModuleRecord], LayerInputs | None]:
         """Run every stage on these layers; return the records and, in non-sequential mode, the
         outputs of the uncompressed segment (computed during the first statistics pass, for free)."""
+        layers = self.walk.decoder_layers
         prefixes = {i: self.adapter.layer_prefix(i) for i in indices}
         plans = {(stage.index, i): stage.select(layers[i], prefixes[i]) for stage in self.stages for i in indices}
+        segment = Segment(indices, layers, prefixes, plans)
         for i in indices:
             self.observer.layer_started(i, sum(len(plans[(stage.index, i)]) for stage in self.stages))
-        records: list[ModuleRecord] = []
         uncompressed_outputs: LayerInputs | None = None
-        originals: dict[tuple[int, str], nn.Module] = {}
         for stage in self.stages:
             for i in indices:
                 for name in plans[(stage.index, i)]:
-                    originals.setdefault((i, name), layers[i].get_submodule(name))
+                    segment.originals.setdefault((i, name), layers[i].get_submodule(name))
             if not any(plans[(stage.index, i)] for i in indices):
                 continue
-            first_pass = not self.settings.sequential and not records      # the segment is still intact
-            groups = _chunks(indices, stage.group_size)
-            x = inputs
-            for number, group in enumerate(groups):
-                last_group = number + 1 == len(groups)
-                group_inputs, group_outputs = x, None
-                for step, plan in enumerate(self._passes(stage, group, layers, plans, group_inputs)):
-                    x, collected = group_inputs, {}
-                    for position, i in enumerate(group):
-                        keep = position + 1 < len(group) or (step == 0 and (not last_group or first_pass))
-                        layer_originals = {n: originals[(i, n)] for n in plan[(stage.index, i)]}
-                        collected[i], outputs = self._collect(i, layers[i], plan[(stage.index, i)],
-                                                              self._needs(stage), x, keep, layer_originals)
-                        x = outputs if outputs is not None else x
-                    group_outputs = x if step == 0 else group_outputs    # the first pass sees the intact layer
-                    records.extend(self._compress_group(stage, group, layers, prefixes, plan, collected, originals))
-                x = group_outputs
-                if self.settings.sequential and not last_group:     # the next group sees this one compressed
-                    x = group_inputs
-                    for i in group:
-                        x = self._forward(layers[i], x)
+            first_pass = not self.settings.sequential and not segment.records   # the segment is still intact
+            outputs = self._run_stage(segment, stage, inputs, first_pass)
             if first_pass:
-                uncompressed_outputs = x
-        return records, uncompressed_outputs
+                uncompressed_outputs = outputs
+        return segment.records, uncompressed_outputs
 
-    def _passes(self, stage: Stage, group: list[int], layers, plans: dict, inputs: LayerInputs) -> list[dict]:
+    def _run_stage(self, segment: Segment, stage: Stage, inputs: LayerInputs, first_pass: bool) -> LayerInputs:
+        """One stage over the segment, group by group; returns the last group's outputs as its first statistics
+        pass saw them (the intact segment's outputs when this is the segment's first stage)."""
+        groups = _chunks(segment.indices, stage.group_size)
+        x = inputs
+        for number, group in enumerate(groups):
+            last_group = number + 1 == len(groups)
+            group_outputs = self._run_group(segment, stage, group, x, keep=not last_group or first_pass)
+            if self.settings.sequential and not last_group:     # the next group sees this one compressed
+                for i in group:
+                    x = self.walk.forward(segment.layers[i], x)
+            else:
+                x = group_outputs
+        return x
+
+    def _run_group(self, segment: Segment, stage: Stage, group: list[int], inputs: LayerInputs, keep: bool
+                   ) -> LayerInputs:
+        """Every statistics pass of ``stage`` over ``group`` (each followed by its compression); returns the
+        group's outputs from the first pass (the group as it was), or ``inputs`` when nobody needs them
+        (``keep`` false: the last group of a stage that is not the segment's first)."""
+        group_outputs = inputs
+        for step, plan in enumerate(self._passes(segment, stage, group, inputs)):
+            x, collected = inputs, {}
+            for position, i in enumerate(group):
+                collected[i], outputs = self._collect(segment, stage, i, plan[(stage.index, i)], x)
+                if position + 1 < len(group) or (step == 0 and keep):
+                    x = outputs
+                del outputs
+            if step == 0:                           # the first pass sees the intact group
+                group_outputs = x
+            segment.records.extend(self._compress_group(segment, stage, group, plan, collected))
+        return group_outputs
+
+    def _passes(self, segment: Segment, stage: Stage, group: list[int], inputs: LayerInputs) -> list[dict]:
         """The statistics passes of a stage over a group: one (every target at once) by default; with
         ``true_sequential``, one per set of targets sharing an input (``pipeline.passes``), for stages that
         compress one layer at a time."""
-        names = plans[(stage.index, group[0])]
+        names = segment.plans[(stage.index, group[0])]
         linears = stage.kind.matches_outputs      # module targets (a block stage replaces whole blocks)
         if len(group) > 1 or len(names) < 2 or not linears or not self.settings.passes_within_layer:
-            return [plans]
+            return [segment.plans]
         i = group[0]
-        return [{(stage.index, i): subset} for subset in input_groups(layers[i], names, inputs, self.settings.compute)]
+        return [{(stage.index, i): subset}
+                for subset in input_groups(segment.layers[i], names, inputs, self.settings.compute)]
 
-    def _compress_group(self, stage: Stage, group: list[int], layers, prefixes: dict[int, str],
-                        plans: dict, collected: dict, originals: dict) -> list[ModuleRecord]:
+    def _compress_group(self, segment: Segment, stage: Stage, group: list[int], plan: dict, collected: dict
+                        ) -> list[ModuleRecord]:
         """Compress, per module name, the members found in the group's layers (in layer order)."""
         names: list[str] = []
         for i in group:
-            names += [n for n in plans[(stage.index, i)] if n not in names]
-        owners = {name: [i for i in group if name in plans[(stage.index, i)]] for name in names}
-        members = {name: [GroupMember(f"{prefixes[i]}.{name}", layers[i].get_submodule(name),
-                                      {**collected[i][name], **self._precomputed_for(f"{prefixes[i]}.{name}", stage)})
-                          for i in owners[name]] for name in names}
-        work = members if self.reference is None else {
-            name: self.reference.target_members(stage, members[name], [originals[(i, name)] for i in owners[name]])
-            for name in names}
+            names += [n for n in plan[(stage.index, i)] if n not in names]
+        owners = {name: [i for i in group if name in plan[(stage.index, i)]] for name in names}
+        members = {name: [self._member(segment, stage, i, name, collected[i][name]) for i in owners[name]]
+                   for name in names}
+        work = {name: self.stream.target_members(stage, members[name],
+                                                 [segment.originals[(i, name)] for i in owners[name]])
+                for name in names}
         jobs = [CompressJob(sum(_cost(m.module) for m in members[name]),
                             functools.partial(self._compress_members, stage, owners[name][0], work[name]))
                 for name in names]
@@ -232,11 +262,17 @@ class LayerwisePipeline:
             name = names[index]
             seconds = outcome.seconds / len(members[name])
             for i, member, result in zip(owners[name], members[name], outcome.results):
-                records.append(self._apply(i, layers[i], name, member, stage, result, seconds,
-                                           originals[(i, name)]))
+                records.append(self._apply(segment, stage, Replacement(i, name, member, result, seconds)))
 
         run(jobs, on_done=finished)
         return records
+
+    def _member(self, segment: Segment, stage: Stage, index: int, name: str, stats: dict[str, Statistic]
+                ) -> GroupMember:
+        """A target as the compressor gets it: its module, its forward statistics and its pre-pass ones."""
+        full = f"{segment.prefixes[index]}.{name}"
+        return GroupMember(full, segment.layers[index].get_submodule(name),
+                           {**stats, **self._precomputed_for(full, stage)})
 
     def _compress_members(self, stage: Stage, layer: int, members: list[GroupMember]) -> list[CompressResult]:
         """One ``compress_group`` call (a job: it may run on another process), checked."""
@@ -255,15 +291,14 @@ class LayerwisePipeline:
                                f"for {len(members)} modules")
         return results
 
-    def _needs(self, stage: Stage) -> frozenset[str]:
-        """The statistics a stage's pass collects: its own, and the paired ones of output matching."""
-        return stage.needs | (self.reference.kinds(stage) if self.reference else frozenset())
-
-    def _collect(self, index: int, layer: nn.Module, names: list[str], needs: frozenset[str], inputs: LayerInputs,
-                 keep_outputs: bool, originals: dict[str, nn.Module],
-                 ) -> tuple[dict[str, dict[str, Statistic]], LayerInputs | None]:
+    def _collect(self, segment: Segment, stage: Stage, index: int, names: list[str], inputs: LayerInputs
+                 ) -> tuple[dict[str, dict[str, Statistic]], LayerInputs]:
+        """One statistics pass over layer ``index``: the statistics of its targets ``names`` (reduced across
+        processes) and the layer's outputs."""
+        layer = segment.layers[index]
+        needs = self.stream.needs(stage)
         stats = {name: {kind: make_statistic(kind, layer.get_submodule(name), self.settings.compute,
-                                             originals[name])
+                                             segment.originals[(index, name)])
                         for kind in sorted(needs) if not is_prepass_kind(kind)} for name in names}
 
         def observer_for(name: str):
@@ -272,30 +307,15 @@ class LayerwisePipeline:
                     statistic.observe(args[0].detach(), output.detach())
             return hook
 
-        handles = [layer.get_submodule(name).register_forward_hook(observer_for(name)) for name in names]
-        try:
-            if self.reference:
-                outputs = self.reference.collect(index, layer, names, stats, inputs)
-            else:
-                outputs = self._forward(layer, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return self._reduce(stats), outputs if keep_outputs else None
+        with hooks(layer, names, observer_for):
+            outputs = self.stream.collect(index, layer, names, stats, inputs)
+        return self._reduce(stats), outputs
 
     def _reduce(self, stats: dict[str, dict[str, Statistic]]) -> dict[str, dict[str, Statistic]]:
         """Every process's partial statistics of this layer, merged (the identity in one process)."""
         flat = {f"{name}/{kind}": statistic for name, kinds in stats.items() for kind, statistic in kinds.items()}
         reduced = self.settings.collective.reduce_statistics(flat)
         return {name: {kind: reduced[f"{name}/{kind}"] for kind in kinds} for name, kinds in stats.items()}
-
-    def _forward(self, layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
-        s = self.settings
-
-        def guard(number: int, batches: int):
-            return naming_out_of_memory(lambda: f"in layer {inputs.layer} running batch "
-                                        f"{number + 1}/{batches}", s)
-        return forward_layer(layer, inputs, s.compute, s.offload, guard)
 
     def _precomputed_for(self, full_name: str, stage: Stage) -> dict[str, Statistic]:
         kinds = [kind for kind in stage.needs if is_prepass_kind(kind)]
@@ -306,26 +326,25 @@ class LayerwisePipeline:
                                   "pre-pass that was not run for this module (see pipeline.run_prepasses)")
         return {kind: given[kind] for kind in kinds}
 
-    def _apply(self, index: int, layer: nn.Module, name: str, member: GroupMember, stage: Stage,
-               result: CompressResult, seconds: float, original: nn.Module) -> ModuleRecord:
+    def _apply(self, segment: Segment, stage: Stage, done: Replacement) -> ModuleRecord:
         """Check the replacement and measure its output error, swap it in (with the config settings it
         implies) and record it: the one path for Linears and blocks."""
+        member, result = done.member, done.result
+        original = segment.originals[(done.layer, done.name)]
         replacement = result.module.to(self.settings.compute)
         measured = stage.kind.measure(member, original, replacement, result, stage.compressor.name)
-        error, details = measured.error, stage.kind.details(result)
-        if self.reference and self.reference.applies(stage):   # the error against the original model's outputs
-            approx = dense_weight(replacement).detach()
-            weight = dense_weight(original).detach().to(approx.device)
-            error, matching = self.reference.record(member.name, weight, approx, member.stats, error)
-            details = {**details, **matching}
-        replace_submodule(layer, name, replacement)
+        details = stage.kind.details(result)
+        error, extra = self.stream.measured(stage, member, original, replacement, measured.error)
+        if extra:
+            details = {**details, **extra}
+        replace_submodule(segment.layers[done.layer], done.name, replacement)
         stage.kind.update_config(self.model, stage.compressor, result, self.config_updates, member.name)
         record = ModuleRecord(
-            name=member.name, layer=index, stage=stage.index, method=stage.compressor.name,
+            name=member.name, layer=done.layer, stage=stage.index, method=stage.compressor.name,
             in_features=measured.in_features, out_features=measured.out_features,
             params_before=stored_params(member.module), params_after=stored_params(replacement),
             rank=result.rank, relative_error=error, numerical_path=result.numerical_path,
-            seconds=seconds, details=details,
+            seconds=done.seconds, details=details,
             bytes_before=storage_bytes(member.module), bytes_after=storage_bytes(replacement),
         )
         self.observer.module_done(record)

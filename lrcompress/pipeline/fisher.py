@@ -28,13 +28,10 @@ from torch import nn
 
 from ..compressor.fisher import FisherStatistic, OutputGradientStatistic
 from ..errors import LrcompressError, NumericalError
-from ..models import ArchitectureAdapter
-from ..models.capture import LayerCall, capture_layer_inputs
+from ..models.capture import LayerCall
 from .memory import PeakMemory
-from .observer import PipelineObserver
 from .prepass import PrePassResult, register_prepass
-
-from .settings import PipelineSettings
+from .walk import LayerWalk, hooks, on_device
 
 
 @contextlib.contextmanager
@@ -56,11 +53,10 @@ def frozen_for_gradients(model: nn.Module) -> Iterator[None]:
 GradientStatistic = Any      # a Statistic with observe_gradient(inputs, output_grad) and for_module
 
 
-def _group_by_layer(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], device: torch.device,
-                    factory: Callable[[nn.Module, torch.device], GradientStatistic]
+def _group_by_layer(walk: LayerWalk, targets: list[str], factory: Callable[[nn.Module, torch.device], GradientStatistic]
                     ) -> dict[int, dict[str, GradientStatistic]]:
     """layer index → {name inside the layer: statistic}, validating every target name."""
-    layers = adapter.decoder_layers(model)
+    adapter, layers = walk.adapter, walk.decoder_layers
     grouped: dict[int, dict[str, FisherStatistic]] = {}
     for full in targets:
         index = next((i for i in range(len(layers)) if full.startswith(adapter.layer_prefix(i) + ".")), None)
@@ -70,13 +66,13 @@ def _group_by_layer(model: nn.Module, adapter: ArchitectureAdapter, targets: lis
         module = layers[index].get_submodule(name)
         if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
             raise LrcompressError(f"gradient pre-pass: {full} ({type(module).__name__}) is not a linear module")
-        grouped.setdefault(index, {})[name] = factory(module, device)
+        grouped.setdefault(index, {})[name] = factory(module, walk.settings.compute)
     return grouped
 
 
-def _head_gradient(model: nn.Module, adapter: ArchitectureAdapter, hidden: torch.Tensor, ids: torch.Tensor,
-                   compute: torch.device) -> tuple[torch.Tensor, float]:
+def _head_gradient(walk: LayerWalk, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """∂(Σ_d L_d)/∂h_L for a batch (one window's logits at a time) and Σ_d L_d."""
+    model, adapter, compute = walk.model, walk.adapter, walk.settings.compute
     grads, total = [], 0.0
     for window_hidden, tokens in zip(hidden, ids):
         h = window_hidden.to(compute).detach().requires_grad_(True)
@@ -103,69 +99,54 @@ def _layer_backward(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, gra
                 output.register_hook(lambda grad: statistic.observe_gradient(saved, grad))
         return forward_hook
 
-    handles = [layer.get_submodule(name).register_forward_hook(hook_for(stat)) for name, stat in stats.items()]
     x = hidden.detach().requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            out = call(layer, x)
-            (grad_in,) = torch.autograd.grad(out, x, grad_out)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks(layer, stats, lambda name: hook_for(stats[name])), torch.enable_grad():
+        out = call(layer, x)
+        (grad_in,) = torch.autograd.grad(out, x, grad_out)
     return grad_in
 
 
 @register_prepass("fisher")
-def fisher_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
-                settings: "PipelineSettings", observer: PipelineObserver) -> PrePassResult:
+def fisher_pass(walk: LayerWalk, targets: list[str]) -> PrePassResult:
     """Fisher row/column sums for every target module (full names) over all calibration windows."""
-    return gradient_sweep(model, adapter, targets, windows, settings, observer, FisherStatistic.for_module)
+    return gradient_sweep(walk, targets, FisherStatistic.for_module)
 
 
 @register_prepass("output_gradient")
-def output_gradient_pass(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
-                         settings: "PipelineSettings", observer: PipelineObserver) -> PrePassResult:
+def output_gradient_pass(walk: LayerWalk, targets: list[str]) -> PrePassResult:
     """diag E[g·gᵀ] of every target's output gradient (the K-FAC output factor's diagonal)."""
-    return gradient_sweep(model, adapter, targets, windows, settings, observer, OutputGradientStatistic.for_module,
-                          label="output-gradient pass")
+    return gradient_sweep(walk, targets, OutputGradientStatistic.for_module, label="output-gradient pass")
 
 
-def gradient_sweep(model: nn.Module, adapter: ArchitectureAdapter, targets: list[str], windows: torch.Tensor,
-                   settings: "PipelineSettings", observer: PipelineObserver,
-                   factory: Callable[[nn.Module, torch.device], GradientStatistic],
+def gradient_sweep(walk: LayerWalk, targets: list[str], factory: Callable[[nn.Module, torch.device], GradientStatistic],
                    label: str = "fisher pass") -> PrePassResult:
     """One statistic from ``factory`` per target module, fed (input, output gradient) by the
     backward sweep described above; not yet reduced across processes."""
-    compute, offload = settings.compute, settings.offload
-    grouped = _group_by_layer(model, adapter, targets, compute, factory)
+    model, adapter, windows, settings = walk.model, walk.adapter, walk.windows, walk.settings
+    compute = settings.compute
+    grouped = _group_by_layer(walk, targets, factory)
     if not grouped:
         return PrePassResult({}, {"windows": len(windows), "layers_swept": 0})
-    layers = adapter.decoder_layers(model)
+    layers = walk.decoder_layers
     lowest = min(grouped, default=len(layers))
     head_modules = [model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head)]
-    head_homes = [next(m.parameters(), torch.empty(0)).device for m in head_modules]
     total_loss, boundary_bytes = 0.0, 0
     with frozen_for_gradients(model), PeakMemory(compute) as peak:
-        inputs = capture_layer_inputs(model, adapter, windows, settings.batch_size, compute, offload)
-        for module in head_modules:
-            module.to(compute)
-        try:
+        inputs = walk.capture()
+        with on_device(head_modules, compute):
             batches = list(zip(inputs.hidden, windows.split(settings.batch_size)))
             for number, (hidden, ids) in enumerate(batches):
-                observer.phase(f"{label}: batch {number + 1}/{len(batches)}")
+                walk.observer.phase(f"{label}: batch {number + 1}/{len(batches)}")
                 calls = inputs.calls.batch(number, compute)
-                boundaries = _forward_boundaries(layers, hidden, calls, compute, offload)
+                boundaries = _forward_boundaries(walk, hidden, calls)
                 boundary_bytes = max(boundary_bytes, sum(b.numel() * b.element_size() for b in boundaries))
-                grad, loss = _head_gradient(model, adapter, boundaries[-1], ids, compute)
+                grad, loss = _head_gradient(walk, boundaries[-1], ids)
                 total_loss += loss
                 for index in range(len(layers) - 1, lowest - 1, -1):
-                    with _on(layers[index], compute):
+                    with walk.on_device([index]):
                         grad = _layer_backward(layers[index], boundaries[index].to(compute), calls[index], grad,
                                                grouped.get(index, {}))
                     boundaries.pop()
-        finally:
-            for module, home in zip(head_modules, head_homes):
-                module.to(home)
     statistics = {f"{adapter.layer_prefix(i)}.{name}": stat for i, group in grouped.items()
                   for name, stat in group.items()}
     report = {"windows": len(windows), "mean_loss": total_loss / max(len(windows), 1),
@@ -176,24 +157,13 @@ def gradient_sweep(model: nn.Module, adapter: ArchitectureAdapter, targets: list
 
 
 @torch.no_grad()
-def _forward_boundaries(layers: nn.ModuleList, hidden: torch.Tensor, calls: list[LayerCall],
-                        compute: torch.device, offload: torch.device) -> list[torch.Tensor]:
-    """[h_0, ..., h_L]: the input of every decoder layer and the last output, on ``offload``."""
+def _forward_boundaries(walk: LayerWalk, hidden: torch.Tensor, calls: list[LayerCall]) -> list[torch.Tensor]:
+    """[h_0, ..., h_L]: the input of every decoder layer and the last output, on the offload device."""
+    offload = walk.settings.offload
     boundaries = [hidden.to(offload)]
-    h = hidden.to(compute)
-    for layer, call in zip(layers, calls):
-        with _on(layer, compute):
-            h = call(layer, h)
+    h = hidden.to(walk.settings.compute)
+    for index, call in enumerate(calls):
+        with walk.on_device([index]):
+            h = call(walk.decoder_layers[index], h)
         boundaries.append(h.to(offload))
     return boundaries
-
-
-@contextlib.contextmanager
-def _on(module: nn.Module, device: torch.device) -> Iterator[None]:
-    """Move a decoder layer to the compute device for the duration, then back home."""
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to(home)

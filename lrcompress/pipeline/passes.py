@@ -6,9 +6,8 @@ layer, so ``o_proj`` (``down_proj``) is fitted to the inputs it gets with ``q/k/
 uncompressed, not the ones it receives once they are replaced. For the layer-wise objective that is a
 mismatch of the metric; for output matching (``runtime.target: original``) it is worse: W* is a
 regression from inputs the module will never see to the original outputs, and its correction term
-reads directions of X̂ that the siblings' compression then changes (measured on SmolLM2 in
-bench/RESULTS.md: in the first layers it made ``down_proj``'s true error vs the original grow from 0.32
-to 0.55 while its record said 0.38). GPTQ's ``true_sequential`` and GPTAQ/QEP run one pass per group of
+reads directions of X̂ that the siblings' compression then changes (bench/RESULTS.md: ``down_proj``'s
+true error against the original grows well beyond what its record says). GPTQ's ``true_sequential`` and GPTAQ/QEP run one pass per group of
 modules sharing an input; so does this.
 
 The groups are found from one batch, not from module names: the targets are hooked, the layer runs once,

@@ -12,13 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import torch
 from torch import nn
 
 from ..compressor import Statistic
 from ..models import ArchitectureAdapter
-from .observer import PipelineObserver
-from .settings import PipelineSettings, Stage
+from .settings import Stage
+from .walk import LayerWalk
 
 
 @dataclass
@@ -29,15 +28,15 @@ class PrePassResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-PrePass = Callable[[nn.Module, ArchitectureAdapter, list[str], torch.Tensor, PipelineSettings,
-                    PipelineObserver], PrePassResult]
+PrePass = Callable[[LayerWalk, list[str]], PrePassResult]
 
 PREPASSES: dict[str, PrePass] = {}
 
 
 def register_prepass(kind: str) -> Callable[[PrePass], PrePass]:
     """Decorator: ``kind`` (a statistic name that compressors may list in ``needs``) is computed by
-    the decorated function ``(model, adapter, targets, windows, settings, observer) -> PrePassResult``."""
+    the decorated function ``(walk, targets) -> PrePassResult`` (``walk``: the uncompressed model and the
+    calibration windows, ``pipeline.walk.LayerWalk``; ``targets``: full module names)."""
 
     def wrap(function: PrePass) -> PrePass:
         if kind in PREPASSES:
@@ -77,17 +76,16 @@ def prepass_targets(model: nn.Module, adapter: ArchitectureAdapter, stages: Iter
     return names
 
 
-def run_prepasses(model: nn.Module, adapter: ArchitectureAdapter, stages: list[Stage], windows: torch.Tensor,
-                  settings: PipelineSettings, observer: PipelineObserver | None = None) -> PrePassOutput:
+def run_prepasses(walk: LayerWalk, stages: list[Stage]) -> PrePassOutput:
     """Run every pre-pass kind some stage needs, once each; an empty output when none is needed."""
-    observer = observer or PipelineObserver()
+    model, adapter, windows, settings = walk.model, walk.adapter, walk.windows, walk.settings
     kinds = sorted({kind for stage in stages for kind in stage.needs if is_prepass_kind(kind)})
     output = PrePassOutput()
     for kind in kinds:
         targets = prepass_targets(model, adapter, stages, kind)
-        observer.phase(f"pre-pass {kind!r} over {len(windows)} windows for {len(targets)} modules")
+        walk.observer.phase(f"pre-pass {kind!r} over {len(windows)} windows for {len(targets)} modules")
         started = time.perf_counter()
-        result = PREPASSES[kind](model, adapter, targets, windows, settings, observer)
+        result = PREPASSES[kind](walk, targets)
         # Each process ran its shard of the windows: merge every process's statistics, in rank order.
         result.statistics = settings.collective.reduce_statistics(result.statistics)
         result.report.setdefault("seconds", time.perf_counter() - started)

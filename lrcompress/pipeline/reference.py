@@ -22,7 +22,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,13 +34,13 @@ from ..errors import LrcompressError
 from ..models.capture import LayerInputs
 from ..modules import dense_weight
 from .settings import PipelineSettings, Stage
+from .stream import Forward, LayerStream
+from .walk import hooks
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("layer", "original")
 PAIRED_KINDS = frozenset({"cross_gram"})
-
-Forward = Callable[[nn.Module, LayerInputs], LayerInputs]
 
 
 @dataclass
@@ -78,11 +78,19 @@ def check_target(stages: list[Stage], settings: PipelineSettings) -> None:
                               "eora do); remove the switch")
 
 
-class ReferenceStream:
+def stream_for(inputs: LayerInputs, settings: PipelineSettings, forward: Forward) -> LayerStream:
+    """The stream ``runtime.target`` asks for, starting from the first layer's ``inputs``."""
+    return ReferenceStream(inputs, settings, forward) if settings.target == "original" else LayerStream(forward)
+
+
+class ReferenceStream(LayerStream):
     """The uncompressed model's inputs to each layer of the current segment, and that segment's untouched copy."""
 
+    loads_finished_segments = True      # a replayed segment's original still runs beside, for the next layers
+
     def __init__(self, inputs: LayerInputs, settings: PipelineSettings, forward: Forward) -> None:
-        self.settings, self.forward = settings, forward
+        super().__init__(forward)
+        self.settings = settings
         self.inputs: dict[int, LayerInputs] = {0: inputs}      # layer index -> its reference inputs
         self.pristine: dict[int, nn.Module] = {}
         self.targets: dict[str, tuple[torch.Tensor, str]] = {}  # full name -> (W*, solve path) until recorded
@@ -100,12 +108,12 @@ class ReferenceStream:
         original model's outputs; block stages are left alone (``TargetKind.matches_outputs``)."""
         return stage.kind.matches_outputs
 
-    def kinds(self, stage: Stage) -> frozenset[str]:
-        """Statistics added to a stage's needs: every Linear stage gets the cross-Gram (its records then
+    def needs(self, stage: Stage) -> frozenset[str]:
+        """A stage's needs and the paired statistics: every Linear stage gets the cross-Gram (its records then
         measure the error against the original model's outputs)."""
-        return PAIRED_KINDS if self.applies(stage) else frozenset()
+        return stage.needs | (PAIRED_KINDS if self.applies(stage) else frozenset())
 
-    def begin(self, layers, indices: list[int]) -> None:
+    def begin(self, layers: nn.ModuleList, indices: list[int]) -> None:
         """Keep an untouched copy of the segment's layers (before any stage replaces a module)."""
         started = time.perf_counter()
         for i in indices:
@@ -155,19 +163,14 @@ class ReferenceStream:
                 extra[0] += time.perf_counter() - started
             return hook
 
-        handles = [pristine.get_submodule(n).register_forward_hook(grab(n)) for n in names]
-        handles += [layer.get_submodule(n).register_forward_hook(pair(n)) for n in names]
         hidden, reference_hidden = [], []
-        try:
+        with hooks(pristine, names, grab), hooks(layer, names, pair):
             for batch in range(len(inputs)):
                 started = time.perf_counter()
                 reference_hidden.append(self._run_batch(pristine, reference, batch))
                 extra[0] += time.perf_counter() - started
                 hidden.append(self._run_batch(layer, inputs, batch))
                 stash.clear()
-        finally:
-            for handle in handles:
-                handle.remove()
         self.forwards += 1
         self.seconds += extra[0]
         self.inputs.setdefault(index + 1, reference.following(reference_hidden))
@@ -214,6 +217,15 @@ class ReferenceStream:
             targeted.append(GroupMember(member.name, module, stats))
         self.seconds += time.perf_counter() - started
         return targeted
+
+    def measured(self, stage: Stage, member: GroupMember, original: nn.Module, replacement: nn.Module,
+                 error: float) -> tuple[float, dict[str, Any]]:
+        """Linear stages: the error against the original model's outputs (``record``); blocks: unchanged."""
+        if not self.applies(stage):
+            return error, {}
+        approx = dense_weight(replacement).detach()
+        weight = dense_weight(original).detach().to(approx.device)
+        return self.record(member.name, weight, approx, member.stats, error)
 
     def record(self, name: str, weight: torch.Tensor, approx: torch.Tensor, stats, local_error: float
                ) -> tuple[float, dict[str, Any]]:

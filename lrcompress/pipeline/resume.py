@@ -13,19 +13,17 @@ the uninterrupted run's). One that differs is refused, naming each field that di
 Under ``torchrun`` rank 0 alone creates, resumes or discards the staging directory and writes to it;
 the other processes read what was finished before this run (to skip and replay it as rank 0 does)
 and keep the segments compressed now in memory (identical to rank 0's: the same bytes were
-broadcast). ``open_journal`` is that whole decision, for the runner.
+broadcast). ``open_shared_staging`` is that whole decision, for the runner.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..checkpoint.staging import StagingDir, staging_path
 from ..errors import CheckpointError
-from ..models import ArchitectureAdapter
 from ..models.identity import model_identity
 from ..models.lazy import LayerStore
 from .distributed import Collective
@@ -116,16 +114,15 @@ def read_staging(final: Path) -> StagingDir | None:
     return staging if staging.path.exists() else None
 
 
-def open_journal(final: Path, fingerprint: dict[str, Any], overwrite: bool, collective: Collective,
-                 adapter: ArchitectureAdapter, dtype: torch.dtype, announce: Callable[[str], None]
-                 ) -> StagedJournal | None:
-    """The journal the engine records finished segments in: rank 0 opens (resumes, creates or
-    discards) the staging directory of ``final`` and writes to it, the other processes only read it."""
+def open_shared_staging(final: Path, fingerprint: dict[str, Any], overwrite: bool, collective: Collective,
+                        announce: Callable[[str], None]) -> StagingDir | None:
+    """The staging directory of ``final`` every process sees: rank 0 opens it (resumes, creates or discards
+    it) and writes to it, the other processes only read it (the engine's journal: ``StagedJournal``)."""
     staging = open_staging(final, fingerprint, overwrite, announce) if collective.is_writer else None
     collective.barrier()
     if not collective.is_writer:
         staging = read_staging(final)
-    return None if staging is None else StagedJournal(staging, adapter, dtype, writes=collective.is_writer)
+    return staging
 
 
 def restore_written(model: nn.Module, journal: StagedJournal, store: LayerStore) -> list[ModuleRecord]:

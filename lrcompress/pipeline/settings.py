@@ -13,23 +13,14 @@ import torch
 from torch import nn
 
 from ..compressor import Compressor
+from ..core.devices import resolve_device
 from ..compressor.block import BlockCompressor
-from ..errors import LrcompressError
 from .blocks import BlockTargets
 from .distributed import Collective
 from .targets import LinearTargets, TargetKind
 
 if TYPE_CHECKING:
     from ..recipe import RuntimeSpec
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when there is a device, else the CPU; ``cuda`` without one is refused."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LrcompressError("runtime.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 @dataclass

@@ -20,17 +20,12 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from torch import nn
 
 from ..compressor.linalg import whitening
 from ..compressor.stats import GramStatistic
 from ..errors import NumericalError
-from ..models import ArchitectureAdapter
-from ..models.capture import capture_layer_inputs, forward_layer
-from ..models.lazy import LayerStore, ResidentLayers
 from ..modules import dense_weight
-from .observer import PipelineObserver
-from .settings import PipelineSettings
+from .walk import LayerWalk, hooks
 
 
 @dataclass
@@ -70,42 +65,28 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, damping: float, 
 
 
 @torch.no_grad()
-def collect_spectra(model: nn.Module, adapter: ArchitectureAdapter, targets: Mapping[int, list[str]],
-                    windows: torch.Tensor, settings: PipelineSettings, observer: PipelineObserver,
-                    damping: Mapping[str, float], store: LayerStore | None = None,
+def collect_spectra(walk: LayerWalk, targets: Mapping[int, list[str]], damping: Mapping[str, float],
                     output_diagonals: Mapping[str, torch.Tensor] | None = None,
                     ) -> tuple[dict[str, ModuleSpectrum], dict]:
     """Spectra of every target (layer index → names inside the layer) of the uncompressed model.
 
     ``damping``: per full module name, the damping its compressor whitens with; ``output_diagonals``:
     per full name, diag(G_y) for the gains (optional). Returns the spectra and a report."""
-    store = store or ResidentLayers()
     started = time.perf_counter()
-    compute, offload = settings.compute, settings.offload
-    layers = adapter.decoder_layers(model)
     last = max((i for i, names in targets.items() if names), default=-1)
     spectra: dict[str, ModuleSpectrum] = {}
     if last < 0:
         return spectra, {"seconds": 0.0, "modules": 0}
-    inputs = capture_layer_inputs(model, adapter, windows, settings.batch_size, compute, offload)
-    for index in range(last + 1):
-        observer.phase(f"spectra pre-pass: layer {index + 1}/{last + 1}")
-        store.load([index])
-        layer = layers[index]
-        home = next(layer.parameters()).device
-        layer.to(compute)
+    inputs = walk.capture()
+    for index, layer in walk.layers(range(last + 1)):
+        walk.observer.phase(f"spectra pre-pass: layer {index + 1}/{last + 1}")
         names = targets.get(index, [])
-        grams = {name: GramStatistic(layer.get_submodule(name).in_features, compute) for name in names}
-        handles = [layer.get_submodule(name).register_forward_hook(
-            lambda _m, args, _out, statistic=grams[name]: statistic.observe(args[0].detach(), _out))
-            for name in names]
-        try:
-            outputs = forward_layer(layer, inputs, compute, offload)
-        finally:
-            for handle in handles:
-                handle.remove()
-        grams = settings.collective.reduce_statistics(grams)
-        prefix = adapter.layer_prefix(index)
+        grams = {name: GramStatistic(layer.get_submodule(name).in_features, walk.settings.compute) for name in names}
+
+        with hooks(layer, names, _observing(grams)):
+            outputs = walk.forward(layer, inputs)
+        grams = walk.settings.collective.reduce_statistics(grams)
+        prefix = walk.adapter.layer_prefix(index)
         for name in names:
             full = f"{prefix}.{name}"
             weight = dense_weight(layer.get_submodule(name)).detach()
@@ -113,11 +94,13 @@ def collect_spectra(model: nn.Module, adapter: ArchitectureAdapter, targets: Map
             spectra[full] = whitened_spectrum(weight, grams[name].gram(full), damping.get(full, 1e-4), full,
                                               diagonal)
         del grams
-        layer.to(home)
-        store.release([index])
         inputs = outputs
     report = {"seconds": time.perf_counter() - started, "modules": len(spectra), "layers_swept": last + 1,
               "spectra_bytes": sum(s.nbytes for s in spectra.values()),
               "with_output_gradients": output_diagonals is not None}
     return spectra, report
 
+
+def _observing(grams: dict[str, GramStatistic]):
+    """Forward hooks (one per name) feeding each target's inputs to its Gram."""
+    return lambda name: lambda _module, args, output: grams[name].observe(args[0].detach(), output)

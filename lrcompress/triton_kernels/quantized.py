@@ -12,7 +12,7 @@ Layout choices and why:
 
 - **The checkpoint layout, read as it is.** Codes are row-major (out × in) and packed 8 at a time
   into ``bits`` bytes, code k of a group of 8 at bits [k·bits, (k+1)·bits) of its little-endian
-  word (``modules/packing.py``). For the code at flat index f = n·K + k the kernel reads the byte at
+  word (``core/packing.py``). For the code at flat index f = n·K + k the kernel reads the byte at
   (f // 8)·bits + (f % 8)·bits // 8 and the next one, shifts by (f % 8)·bits % 8 and masks: the same
   arithmetic for every width, since a code of ≤ 8 bits spans at most two bytes. Widths that divide 8
   never straddle a byte and skip the second read; 8-bit codes are the bytes themselves. No repacked

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.packing import dequantize
+
 
 def sparse_dict_matmul(z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """y[..., j] = Σ_t z[..., indices[t, j]] · values[t, j]  (z: [..., k]; indices, values: [s, n]).
@@ -55,12 +57,10 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x·Ŵᵀ + b, Ŵ[n, k] = (q[n, k] − z[n, g(k)])·s[n, g(k)] rounded to x's dtype, y in x's dtype.
 
-    ``qweight``: the packed codes (out × in, stored column order; ``modules/packing.py``); ``scales``
+    ``qweight``: the packed codes (out × in, stored column order; ``core/packing.py``); ``scales``
     (float values) and ``zeros`` (uint8): out × groups, groups of ``group_size`` stored columns, the
     last one possibly shorter; ``perm``: stored column k is input perm[k]. The weight is the module's own
-    dequantization (``modules.quantized.dequantize``, float32, exact), so this shares no code with the kernel.
+    dequantization (``core.packing.dequantize``, float32, exact), so this shares no code with the kernel.
     """
-    from ..modules.quantized import dequantize    # here, not at the top: lrcompress.modules imports this package
-
     weight = dequantize(qweight, scales, zeros, bits, group_size, perm, x.shape[-1])
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -17,7 +17,7 @@ from lrcompress.compressor import get_compressor
 from lrcompress.models import adapter_for
 from lrcompress.modules import (CompensatedLinear, LowRankExperts, LowRankLinear, MaskedSparseLinear, NMSparseLinear,
                                 QuantizedLinear, SparseDictLinear, compressed_modules)
-from lrcompress.pipeline import LayerwisePipeline
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline
 from lrcompress.pipeline.settings import PipelineSettings, Stage
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe
@@ -94,7 +94,7 @@ def test_merged_low_rank_experts_load_natively(family, tmp_path):
     model = tiny_moe(family)
     cls = get_compressor("submoe")
     stage = Stage(0, cls(cls.Config(num_experts=2, ratio=0.3)), ["*"], [])
-    LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(IDS)
+    LayerwisePipeline(LayerWalk(model, adapter_for(model), IDS, PipelineSettings(batch_size=2)), [stage]).run()
     write_checkpoint(model, None, tmp_path, provenance={})
     native = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(native.model.layers[-1].mlp.experts, LowRankExperts)

@@ -8,7 +8,6 @@ a user can fix print one message and exit 2" is this table.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import resource
@@ -404,10 +403,9 @@ def test_a_failed_run_keeps_its_staging_only_when_it_holds_finished_layers(tiny_
 
 def _reset_hub_probe() -> None:
     """The probe's answer is cached per process: forget it (before and after the test that moves the hub)."""
-    if importlib.util.find_spec("lrcompress.hub") is not None:
-        from lrcompress.hub import forget_probe
+    from lrcompress.core.hub import forget_probe
 
-        forget_probe()
+    forget_probe()
 
 
 @pytest.mark.parametrize("key,hub_id", [("model.path", "nobody/no-such-model"),

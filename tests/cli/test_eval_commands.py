@@ -6,7 +6,7 @@ import yaml
 from click.testing import CliRunner
 
 from lrcompress.cli.main import cli
-from lrcompress.eval.metrics import format_bytes
+from lrcompress.results.metrics import format_bytes
 from lrcompress.recipe import parse_recipe
 from lrcompress.runner import run_recipe
 

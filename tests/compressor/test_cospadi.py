@@ -15,7 +15,7 @@ from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.compressor.whiten import WhitenedSVD, WhitenConfig
 from lrcompress.models import adapter_for
 from lrcompress.modules import SparseDictLinear, dense_weight
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from helpers import correlated_inputs, smollm2_path, sparse_coded_linear, tiny_model
 
 WINDOWS = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -97,7 +97,7 @@ def test_engine_collects_the_whole_group_before_compressing_it():
     compressor = RecordingGroupWhiten(WhitenConfig(ratio=0.5))
     compressor.calls = []
     stage = Stage(0, compressor, ["*.q_proj", "*.down_proj"])
-    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings(batch_size=2)), [stage]).run()
     assert compressor.calls == [[f"model.layers.{i}.{name}" for i in pair]
                                 for pair in ((0, 1), (2, 3)) for name in ("self_attn.q_proj", "mlp.down_proj")]
     assert [r.layer for r in records] == [0, 1, 0, 1, 2, 3, 2, 3]
@@ -118,8 +118,7 @@ def test_sequential_mode_holds_between_groups_not_inside_them():
     names = [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
     originals = {n: dense_weight(model.get_submodule(n)).detach().clone() for n in names}
     stage = Stage(0, cospadi(ratio=0.5, iterations=2, group_size=2), ["*.q_proj", "*.o_proj", "*.down_proj"])
-    records = {r.name: r for r in LayerwisePipeline(model, adapter_for(model), [stage],
-                                                    PipelineSettings(batch_size=2)).run(WINDOWS)}
+    records = {r.name: r for r in LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings(batch_size=2)), [stage]).run()}
 
     def error_with(gram_model, name):
         return relative_output_error(originals[name], dense_weight(model.get_submodule(name)).detach(),
@@ -134,7 +133,7 @@ def test_sequential_mode_holds_between_groups_not_inside_them():
 def test_group_mode_shares_one_dictionary_and_survives_the_checkpoint(tmp_path):
     model = tiny_model("llama", num_hidden_layers=4)
     stage = Stage(0, cospadi(ratio=0.3, iterations=2, group_size=2), ["*.up_proj"])
-    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings(batch_size=2)), [stage]).run()
     layers = model.model.layers
     assert layers[0].mlp.up_proj.dictionary is layers[1].mlp.up_proj.dictionary
     assert layers[1].mlp.up_proj.dictionary is not layers[2].mlp.up_proj.dictionary
@@ -287,7 +286,7 @@ def test_the_plan_of_a_short_last_group_is_what_its_checkpoint_stores(tmp_path):
     model = tiny_model("llama", num_hidden_layers=3)
     stage = Stage(0, cospadi(ratio=0.3, iterations=1, group_size=2), ["*.up_proj", "*.k_proj"])
     planned = {p.name: p for p in plan_modules(model, [stage])}
-    LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(WINDOWS)
+    LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings(batch_size=2)), [stage]).run()
     write_checkpoint(model, None, tmp_path, {})
     stored = load_file(tmp_path / "model.safetensors")
     for name in ("mlp.up_proj", "self_attn.k_proj"):

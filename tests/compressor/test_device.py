@@ -15,7 +15,7 @@ from lrcompress.compressor import get_compressor
 from lrcompress.compressor.base import COMPRESSORS
 from lrcompress.compressor.fisher import FisherStatistic
 from lrcompress.models import adapter_for
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from emulated_device import all_on_device, emulated_device
 from helpers import tiny_model
 from moe_helpers import tiny_moe
@@ -60,7 +60,7 @@ def run_on_device(model, stages: list[Stage]) -> None:
         model.to(device)
         windows = WINDOWS.to(device)
         settings = PipelineSettings(batch_size=2, compute=device, offload=device)
-        records = LayerwisePipeline(model, adapter_for(model), stages, settings).run(windows)
+        records = LayerwisePipeline(LayerWalk(model, adapter_for(model), windows, settings), stages).run()
         logits = model(input_ids=windows).logits
         assert records and logits.device == device and all_on_device(model)
         assert torch.isfinite(logits).all().item()

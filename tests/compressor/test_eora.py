@@ -9,7 +9,7 @@ from lrcompress.compressor.eora import eigenspace_factors
 from lrcompress.errors import LrcompressError
 from lrcompress.models import adapter_for
 from lrcompress.modules import CompensatedLinear, QuantizedLinear, dense_weight
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from helpers import compress_with, observed_linear, tiny_model
 
 OUT, IN, RANK = 20, 28, 5
@@ -128,7 +128,7 @@ def test_pipeline_gives_the_compensation_stage_the_original_weight():
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)
                  and ".layers." in n}
     stages = [_stage("rtn", 0, bits=3, group_size=16), _stage("eora", 1, rank=64, space="weight")]
-    records = LayerwisePipeline(model, adapter_for(model), stages, PipelineSettings()).run(WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings()), stages).run()
     assert len(records) == 2 * len(originals)
     for name, weight in originals.items():
         module = model.get_submodule(name)
@@ -146,7 +146,7 @@ def test_pipeline_gives_the_compensation_stage_the_original_weight():
 def test_pipeline_eora_after_rtn_lowers_every_module_error():
     model = tiny_model("llama")
     stages = [_stage("rtn", 0, bits=3, group_size=16), _stage("eora", 1, rank=8)]
-    records = LayerwisePipeline(model, adapter_for(model), stages, PipelineSettings()).run(WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings()), stages).run()
     by_stage = {(r.name, r.stage): r for r in records}
     for (name, stage), record in by_stage.items():
         if stage == 1:

@@ -144,9 +144,9 @@ def test_combination_recipe_runs_the_fisher_pass_once(tiny_llama_dir, calibratio
     calls: list[list[str]] = []
     original = pipeline.PREPASSES["fisher"]
 
-    def counting(model, adapter, targets, *args):
+    def counting(walk, targets):
         calls.append(list(targets))
-        return original(model, adapter, targets, *args)
+        return original(walk, targets)
 
     monkeypatch.setitem(pipeline.PREPASSES, "fisher", counting)
     stages = [{"method": "fwsvd", "ratio": 0.3, "targets": ["*.mlp.*"]},
@@ -168,7 +168,7 @@ def test_combination_recipe_runs_the_fisher_pass_once(tiny_llama_dir, calibratio
 
 def test_module_without_gradient_gets_zero_fisher_and_finite_factors() -> None:
     from lrcompress.models import adapter_for
-    from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage, run_prepasses
+    from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage, run_prepasses
 
     model = tiny_model("llama")
     model.model.layers[0].mlp.unused = nn.Linear(64, 48)      # targeted by "*", never called
@@ -177,11 +177,11 @@ def test_module_without_gradient_gets_zero_fisher_and_finite_factors() -> None:
     windows = torch.randint(3, 259, (3, 16), generator=torch.Generator().manual_seed(0))
     settings = PipelineSettings(batch_size=2)
     adapter = adapter_for(model)
-    pre = run_prepasses(model, adapter, stages, windows, settings)
+    pre = run_prepasses(LayerWalk(model, adapter, windows, settings), stages)
     unused = pre.statistics["model.layers.0.mlp.unused"]["fisher"]
     assert torch.count_nonzero(unused.input_sums) == 0 and torch.count_nonzero(unused.output_sums) == 0
     assert torch.count_nonzero(pre.statistics["model.layers.0.mlp.up_proj"]["fisher"].input_sums) == 64
-    records = LayerwisePipeline(model, adapter, stages, settings, precomputed=pre.statistics).run(windows)
+    records = LayerwisePipeline(LayerWalk(model, adapter, windows, settings), stages, precomputed=pre.statistics).run()
     replaced = model.model.layers[0].mlp.unused
     assert isinstance(replaced, LowRankLinear) and torch.isfinite(replaced.dense_weight()).all()
     assert len(records) == 2 * 7 + 1
@@ -189,10 +189,10 @@ def test_module_without_gradient_gets_zero_fisher_and_finite_factors() -> None:
 
 def test_engine_refuses_a_stage_whose_prepass_did_not_run() -> None:
     from lrcompress.models import adapter_for
-    from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+    from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 
     model = tiny_model("llama")
     stage = Stage(0, get_compressor("fwsvd")(get_compressor("fwsvd").Config(ratio=0.4)), ["*.q_proj"])
     windows = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(LrcompressError, match="fisher"):
-        LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(windows)
+        LayerwisePipeline(LayerWalk(model, adapter_for(model), windows, PipelineSettings(batch_size=2)), [stage]).run()

@@ -12,7 +12,7 @@ from lrcompress.checkpoint import write_checkpoint
 from lrcompress.compressor import get_compressor
 from lrcompress.data import calibration_windows, load_text, tokenize
 from lrcompress.models import adapter_for, load_model
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from helpers import smollm2_path
 from moe_helpers import block_error
 
@@ -58,7 +58,7 @@ def test_merging_the_real_weight_moe_gives_a_plain_smaller_checkpoint(two_layer_
     model = copy.deepcopy(moe)                 # the config too: merging changes its expert count
     cls = get_compressor(method)
     stage = Stage(0, cls(cls.Config(num_experts=4)), ["*"])
-    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(windows[:2])
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), windows[:2], PipelineSettings(batch_size=2)), [stage]).run()
     assert [r.details["experts_after"] for r in records] == [4, 4]
     # layer 0's block sees the original inputs: its record is its output error on them, computed directly
     expected = block_error(moe, model, 0, windows[:2])

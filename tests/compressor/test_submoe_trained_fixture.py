@@ -1,15 +1,18 @@
 """Sub-MoE on the tiny Branch-Train-MiX fixture, end to end: recipe run, plain from_pretrained (which reproduces
 the recorded perplexity), the gate."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))   # bench/btx.py
 from helpers import byte_tokenizer, tiny_model
+from btx import BuildSettings, TrainSettings, build
 from lrcompress.cli.main import cli
-from lrcompress.models.btx import BuildSettings, TrainSettings, build
 from lrcompress.runner import run_recipe
 from tiny_runs import tiny_recipe
 

@@ -134,7 +134,7 @@ def test_parse_tasks():
 def test_importing_lrcompress_does_not_import_lm_eval():
     import subprocess
 
-    code = ("import sys, lrcompress, lrcompress.runner, lrcompress.cli.main, lrcompress.eval.gate; "
+    code = ("import sys, lrcompress, lrcompress.runner, lrcompress.cli.main, lrcompress.results.gate; "
             "print([m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'matplotlib', 'datasets')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

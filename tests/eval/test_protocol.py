@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lrcompress.eval.metrics import LmEvalResult
+from lrcompress.eval.section import LmEvalResult
 from lrcompress.eval.protocol import ZERO_SHOT_TASKS, zero_shot_average
 from lrcompress.recipe import STANDARD_EVAL, parse_recipe
 
@@ -53,7 +53,7 @@ def test_the_lm_eval_table_ends_with_the_average_when_all_four_tasks_ran():
     from rich.console import Console
 
     from lrcompress.cli.render_eval import lm_eval_table
-    from lrcompress.eval.metrics import EvalSection
+    from lrcompress.eval.section import EvalSection
 
     section = EvalSection(lm_eval={name: task(0.5, 0.02) for name in ZERO_SHOT_TASKS})
     console = Console(width=300, record=True)

@@ -52,7 +52,7 @@ def test_a_cuda_forward_goes_through_the_dispatch_with_operands_prepared_once(sp
         module.to(device)
         prepare_for_inference(module)
         module.dense_weight = no_dense_weight
-        y1, y2 = module(x.to(device)), module(x.to(device))
+        y1, _ = module(x.to(device)), module(x.to(device))
     assert len(spy) == 2 and isinstance(y1, Remote) and y1.shape == (2, 3, module.out_features)
     torch.testing.assert_close(y1.local, expected)
     first, second = spy

@@ -317,3 +317,24 @@ def test_global_allocation_with_output_matching_honours_both(tiny_llama_dir, cal
     reference = final_hidden(dense)
     errors = {t: float((final_hidden(run.model) - reference).norm() / reference.norm()) for t, run in runs.items()}
     assert errors["original"] < errors["layer"]
+
+
+def test_allocate_returns_new_stages_and_leaves_the_given_ones_as_they_were():
+    from helpers import tiny_model
+    from lrcompress.compressor import get_compressor
+    from lrcompress.models import adapter_for
+    from lrcompress.pipeline import LayerWalk, PipelineSettings, Stage
+    from lrcompress.pipeline.allocation import AllocatedCompressor, allocate
+    from lrcompress.recipe import AllocationSpec
+
+    model = tiny_model("llama")
+    cls = get_compressor("whiten")
+    budgeted = Stage(0, cls(cls.Config(ratio=0.3)), ["*.mlp.*"], [], AllocationSpec(strategy="spectrum", floor=0.2))
+    uniform = Stage(1, cls(cls.Config(ratio=0.3)), ["*.self_attn.*"], [])
+    given = [budgeted, uniform]
+    windows = torch.randint(3, 259, (4, 16), generator=torch.Generator().manual_seed(0))
+    stages, result = allocate(LayerWalk(model, adapter_for(model), windows, PipelineSettings(batch_size=2)), given)
+    assert result is not None and len(result.stages) == 1
+    assert isinstance(stages[0].compressor, AllocatedCompressor) and stages[0] is not budgeted
+    assert stages[1] is uniform
+    assert not isinstance(budgeted.compressor, AllocatedCompressor)     # the caller's stage is untouched

@@ -9,7 +9,7 @@ from lrcompress.errors import LrcompressError
 from lrcompress.models import adapter_for
 from lrcompress.models.moe import expert_count_key, moe_blocks, route
 from lrcompress.modules import LowRankExperts, storage_bytes, stored_params
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings
 from helpers import tiny_model
 from moe_helpers import MOE_FAMILIES, MOE_WINDOWS, block_error, moe_stage, tiny_moe
 
@@ -21,7 +21,7 @@ def test_pipeline_merges_every_block_and_the_checkpoint_reloads(family, tmp_path
     stage = moe_stage("submoe", num_experts=2)
     plan_after = {f"model.layers.{i}.mlp": stage.compressor.plan(layer.mlp).params_after
                   for i, layer in enumerate(model.model.layers) if moe_blocks(layer)}
-    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(MOE_WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), MOE_WINDOWS, PipelineSettings(batch_size=2)), [stage]).run()
     assert {r.name: r.params_after for r in records} == plan_after
     # The first merged block sees the original model's inputs: its record is its output error, directly.
     first = records[0]
@@ -46,8 +46,8 @@ def test_pipeline_merges_every_block_and_the_checkpoint_reloads(family, tmp_path
 def test_block_error_record_matches_a_direct_computation():
     model = tiny_moe("olmoe", num_hidden_layers=1)
     original = tiny_moe("olmoe", num_hidden_layers=1)
-    records = LayerwisePipeline(model, adapter_for(model), [moe_stage("expert_prune", num_experts=2)],
-                                PipelineSettings(batch_size=4)).run(MOE_WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), MOE_WINDOWS, PipelineSettings(batch_size=4)),
+                                [moe_stage("expert_prune", num_experts=2)]).run()
     assert records[0].relative_error == pytest.approx(block_error(original, model, 0), rel=1e-4)
 
 
@@ -55,10 +55,10 @@ def test_a_stage_must_cover_every_moe_block():
     model = tiny_moe("mixtral")
     stage = moe_stage("submoe", ignore=["model.layers.1.*"], num_experts=2)
     with pytest.raises(LrcompressError, match="left out: model.layers.1.mlp"):
-        LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings()).run(MOE_WINDOWS)
+        LayerwisePipeline(LayerWalk(model, adapter_for(model), MOE_WINDOWS, PipelineSettings()), [stage]).run()
     dense = tiny_model("llama")
     with pytest.raises(LrcompressError, match="no moe blocks"):
-        LayerwisePipeline(dense, adapter_for(dense), [moe_stage("submoe", num_experts=2)], PipelineSettings()).run(MOE_WINDOWS)
+        LayerwisePipeline(LayerWalk(dense, adapter_for(dense), MOE_WINDOWS, PipelineSettings()), [moe_stage("submoe", num_experts=2)]).run()
 
 
 @pytest.mark.parametrize("family", list(MOE_FAMILIES))
@@ -67,7 +67,7 @@ def test_dagger_pipeline_checkpoint_reloads_with_lrcompress_load(family, tmp_pat
 
     model = tiny_moe(family)
     stage = moe_stage("submoe", num_experts=2, ratio=0.3)
-    records = LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2)).run(MOE_WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), MOE_WINDOWS, PipelineSettings(batch_size=2)), [stage]).run()
     assert getattr(model.config, expert_count_key(model.config)) == 2
     blocks = [layer.mlp for layer in model.model.layers if isinstance(getattr(layer.mlp, "experts", None),
                                                                        LowRankExperts)]
@@ -89,8 +89,7 @@ def test_dagger_checkpoint_exports_dense_and_loads_with_from_pretrained(tmp_path
     from lrcompress.checkpoint import export_dense
 
     model = tiny_moe("qwen3_moe")
-    LayerwisePipeline(model, adapter_for(model), [moe_stage("submoe", num_experts=2, rank=6)],
-                      PipelineSettings(batch_size=2)).run(MOE_WINDOWS)
+    LayerwisePipeline(LayerWalk(model, adapter_for(model), MOE_WINDOWS, PipelineSettings(batch_size=2)), [moe_stage("submoe", num_experts=2, rank=6)]).run()
     (tmp_path / "c").mkdir()
     write_checkpoint(model, None, tmp_path / "c", provenance={})
     with torch.no_grad():

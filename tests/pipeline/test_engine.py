@@ -7,7 +7,7 @@ from lrcompress.compressor.linalg import relative_output_error
 from lrcompress.errors import NumericalError
 from lrcompress.models import adapter_for
 from lrcompress.modules import LowRankLinear, dense_weight
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from helpers import tiny_model
 
 WINDOWS = torch.randint(3, 259, (6, 32), generator=torch.Generator().manual_seed(0))
@@ -40,7 +40,7 @@ def test_statistics_come_from_the_right_model(sequential):
     weights = {n: original.get_submodule(n).weight.detach().clone() for n in names}
     stage = _stage("svd", rank=4)
     settings = PipelineSettings(batch_size=4, sequential=sequential)
-    records = LayerwisePipeline(model, adapter_for(model), [stage], settings).run(WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, settings), [stage]).run()
     assert len(records) == 14
     reference = original
     if sequential:  # the model as the pipeline saw it at layer 1: layer 0 compressed, layer 1 intact
@@ -62,7 +62,7 @@ def test_stages_run_in_order_and_can_target_disjoint_modules():
     original = tiny_model("qwen2")
     model = tiny_model("qwen2")  # q/k/v carry biases
     stages = [_stage("lord", 0, ["*.mlp.*"], ratio=0.3), _stage("whiten", 1, ["*.self_attn.*"], ["*.o_proj"], rank=8)]
-    records = LayerwisePipeline(model, adapter_for(model), stages, PipelineSettings()).run(WINDOWS)
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings()), stages).run()
     assert [r.method for r in records[:6]] == ["lord"] * 3 + ["whiten"] * 3
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, LowRankLinear) and q.bias is not None and q.rank == 8
@@ -86,7 +86,7 @@ def test_full_rank_compression_leaves_the_model_function_unchanged():
     model = tiny_model("llama")
     with torch.no_grad():
         before = model(input_ids=WINDOWS).logits
-    LayerwisePipeline(model, adapter_for(model), [_stage("whiten", rank=64)], PipelineSettings()).run(WINDOWS)
+    LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings()), [_stage("whiten", rank=64)]).run()
     with torch.no_grad():
         after = model(input_ids=WINDOWS).logits
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
@@ -97,4 +97,4 @@ def test_nan_activations_fail_with_the_module_name():
     with torch.no_grad():
         model.model.layers[1].input_layernorm.weight[0] = float("nan")
     with pytest.raises(NumericalError, match=r"model\.layers\.1\.self_attn\.q_proj"):
-        LayerwisePipeline(model, adapter_for(model), [_stage("whiten", rank=4)], PipelineSettings()).run(WINDOWS)
+        LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings()), [_stage("whiten", rank=4)]).run()

@@ -7,7 +7,7 @@ from helpers import tiny_model, smollm2_path
 from torch import nn
 
 from lrcompress.models import adapter_for
-from lrcompress.pipeline import PREPASSES, PipelineObserver, PipelineSettings
+from lrcompress.pipeline import PREPASSES, LayerWalk, PipelineObserver, PipelineSettings
 
 WINDOWS, SEQ_LEN = 5, 24
 
@@ -23,7 +23,7 @@ def _targets(model: nn.Module) -> list[str]:
 
 def _fisher(model: nn.Module, windows: torch.Tensor, targets: list[str], batch_size: int = 2):
     settings = PipelineSettings(batch_size=batch_size)
-    return PREPASSES["fisher"](model, adapter_for(model), targets, windows, settings, PipelineObserver())
+    return PREPASSES["fisher"](LayerWalk(model, adapter_for(model), windows, settings, PipelineObserver()), targets)
 
 
 def _autograd_reference(model: nn.Module, windows: torch.Tensor, targets: list[str]):

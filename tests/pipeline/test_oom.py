@@ -5,7 +5,7 @@ import torch
 from lrcompress.compressor import get_compressor
 from lrcompress.errors import OutOfMemory
 from lrcompress.models import adapter_for
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from lrcompress.pipeline.oom import is_out_of_memory
 from helpers import tiny_model
 
@@ -15,7 +15,7 @@ WINDOWS = torch.randint(3, 259, (4, 16), generator=torch.Generator().manual_seed
 def _pipeline(model):
     cls = get_compressor("whiten")
     stage = Stage(0, cls(cls.Config(ratio=0.2)), ["*"])
-    return LayerwisePipeline(model, adapter_for(model), [stage], PipelineSettings(batch_size=2, num_samples=4))
+    return LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings(batch_size=2, num_samples=4)), [stage])
 
 
 def test_an_oom_while_compressing_names_layer_module_and_knobs(monkeypatch):
@@ -29,7 +29,7 @@ def test_an_oom_while_compressing_names_layer_module_and_knobs(monkeypatch):
 
     monkeypatch.setattr(cls, "compress", compress)
     with pytest.raises(OutOfMemory) as caught:
-        _pipeline(tiny_model("llama")).run(WINDOWS)
+        _pipeline(tiny_model("llama")).run()
     message = str(caught.value)
     assert "in layer 1 while compressing model.layers.1.mlp.down_proj (whiten)" in message
     for knob in ("runtime.batch_size (now 2)", "runtime.offload_device (now cpu)", "calibration.num_samples (now 4)"):
@@ -48,7 +48,7 @@ def test_an_oom_in_a_layer_forward_names_the_layer_and_batch(monkeypatch):
 
     monkeypatch.setattr(mlp, "forward", exhausted)
     with pytest.raises(OutOfMemory, match=r"in layer 1 running batch 1/2 .*runtime\.batch_size \(now 2\)"):
-        _pipeline(model).run(WINDOWS)
+        _pipeline(model).run()
 
 
 def test_other_errors_pass_through_unchanged():

@@ -6,7 +6,7 @@ import torch
 from lrcompress.compressor import get_compressor
 from lrcompress.models import adapter_for
 from lrcompress.models.capture import capture_layer_inputs
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from lrcompress.pipeline.passes import input_groups
 from helpers import tiny_model
 
@@ -59,9 +59,8 @@ def test_with_passes_every_record_is_the_error_on_the_inputs_the_module_really_g
     dense = tiny_model("llama")
     want = _outputs(dense, names)
     model = tiny_model("llama")
-    pipeline = LayerwisePipeline(model, adapter_for(model), [_stage("whiten", ratio=0.5)],
-                                 PipelineSettings(batch_size=3, target=target, true_sequential=True))
-    records = {r.name: r for r in pipeline.run(WINDOWS)}
+    walk = LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings(batch_size=3, target=target, true_sequential=True))
+    records = {r.name: r for r in LayerwisePipeline(walk, [_stage("whiten", ratio=0.5)]).run()}
     inputs = {}
     handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0]))
                for n in names]

@@ -12,7 +12,7 @@ from lrcompress.errors import LrcompressError
 from lrcompress.models import adapter_for
 from lrcompress.models.capture import LayerCalls, LayerInputs
 from lrcompress.modules import dense_weight
-from lrcompress.pipeline import LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
 from lrcompress.pipeline.reference import ReferenceStream
 from helpers import correlated_inputs, tiny_model
 
@@ -128,8 +128,9 @@ def test_data_free_methods_are_left_alone(caplog):
 
 def _run(stages, target, model=None):
     model = model or tiny_model("llama")
-    pipeline = LayerwisePipeline(model, adapter_for(model), stages, PipelineSettings(batch_size=4, target=target))
-    return model, pipeline.run(WINDOWS), pipeline
+    pipeline = LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings(batch_size=4, target=target)),
+                                 stages)
+    return model, pipeline.run(), pipeline
 
 
 def _final_hidden(model):
@@ -142,7 +143,7 @@ def test_without_compression_the_matched_run_is_the_dense_model():
     model, records, pipeline = _run([_stage("whiten", rank=10_000)], "original")
     torch.testing.assert_close(_final_hidden(model), dense, rtol=1e-5, atol=1e-5)
     assert all(r.relative_error < 1e-5 and r.details["target"] == "original" for r in records)
-    report = pipeline.reference.report()
+    report = pipeline.stream.report()
     assert report.reference_forwards > 0 and report.layer_copy_bytes > 0
 
 
@@ -181,7 +182,7 @@ def test_records_measure_the_error_against_the_original_outputs():
 
 def test_the_default_target_changes_nothing():
     model, records, pipeline = _run([_stage("whiten", ratio=0.4)], "layer")
-    assert pipeline.reference is None and all("target" not in r.details for r in records)
+    assert pipeline.stream.report() is None and all("target" not in r.details for r in records)
 
 
 def test_chained_stages_get_the_target_and_an_ignoring_stage_still_records_against_the_original():
@@ -202,7 +203,7 @@ def test_chained_stages_get_the_target_and_an_ignoring_stage_still_records_again
 def test_a_target_the_run_cannot_honour_is_refused(stages, settings, message):
     model = tiny_model("llama")
     stages = [_stage(method, i, **options) for i, (method, options) in enumerate(stages)]
-    pipeline = LayerwisePipeline(model, adapter_for(model), stages,
-                                 PipelineSettings(**{"target": "original", **settings}))
+    pipeline = LayerwisePipeline(LayerWalk(model, adapter_for(model), WINDOWS,
+                                           PipelineSettings(**{"target": "original", **settings})), stages)
     with pytest.raises(LrcompressError, match=message):
-        pipeline.run(WINDOWS)
+        pipeline.run()

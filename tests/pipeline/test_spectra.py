@@ -12,10 +12,10 @@ from tiny_runs import tiny_recipe, tiny_recipe_dict
 
 from lrcompress.compressor import stats as stats_module
 from lrcompress.errors import LrcompressError
-from lrcompress.eval import RunMetrics
+from lrcompress.results import RunMetrics
 from lrcompress.models import adapter_for, load_model
 from lrcompress.models.lazy import LazyLayers, load_lazy
-from lrcompress.pipeline import PipelineObserver, PipelineSettings
+from lrcompress.pipeline import LayerWalk, PipelineSettings
 from lrcompress.pipeline import spectra as spectra_module
 from lrcompress.pipeline.spectra import collect_spectra
 from lrcompress.recipe import parse_recipe
@@ -41,8 +41,8 @@ def test_spectra_are_the_whitened_singular_values_and_only_one_layers_grams_live
         return statistic
 
     monkeypatch.setattr(spectra_module, "GramStatistic", counted)
-    spectra, report = collect_spectra(model, adapter_for(model), targets, WINDOWS, PipelineSettings(batch_size=2),
-                                      PipelineObserver(), {})
+    spectra, report = collect_spectra(LayerWalk(model, adapter_for(model), WINDOWS, PipelineSettings(batch_size=2)),
+                                      targets, {})
     per_layer = len(targets[0])
     assert peak[0] <= per_layer                       # never more than one layer's Grams at once
     assert report["spectra_bytes"] == sum(s.nbytes for s in spectra.values())
@@ -67,10 +67,10 @@ def test_the_lazy_layer_store_gives_the_same_spectra(tiny_llama_dir):
     lazy = load_lazy(str(tiny_llama_dir)).model
     settings = PipelineSettings(batch_size=2)
     targets = _targets(eager)
-    expected, _ = collect_spectra(eager, adapter_for(eager), targets, WINDOWS, settings, PipelineObserver(), {})
+    expected, _ = collect_spectra(LayerWalk(eager, adapter_for(eager), WINDOWS, settings), targets, {})
     adapter = adapter_for(lazy)
-    got, _ = collect_spectra(lazy, adapter, targets, WINDOWS, settings, PipelineObserver(), {},
-                             LazyLayers(lazy, adapter, tiny_llama_dir))
+    got, _ = collect_spectra(LayerWalk(lazy, adapter, WINDOWS, settings, store=LazyLayers(lazy, adapter, tiny_llama_dir)),
+                             targets, {})
     for name, spectrum in expected.items():
         torch.testing.assert_close(got[name].sigma2, spectrum.sigma2)
     assert all(p.is_meta for p in adapter.decoder_layers(lazy).parameters())   # every layer released again

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from lrcompress.modules.packing import pack_codes
+from lrcompress.core.packing import pack_codes
 from lrcompress.triton_kernels import omp as omp_kernel
 from lrcompress.triton_kernels import quantized as quantized_kernel
 from lrcompress.triton_kernels import reference

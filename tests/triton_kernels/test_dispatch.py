@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lrcompress.triton_kernels.dispatch as dispatch
-from lrcompress.modules.packing import pack_codes
+from lrcompress.core.packing import pack_codes
 from emulated_device import emulated_device
 
 pytest.importorskip("triton")

@@ -1,7 +1,7 @@
 """The regression gate behind ``lrcompress check``: compare a run's metrics with a baseline's.
 
 Metrics are read from the ``eval`` section of a metrics.json (or a baseline cache entry, or the output
-of ``lrcompress eval --output``), typed by ``eval.metrics``. Each metric carries its protocol; a candidate and a baseline metric are
+of ``lrcompress eval --output``), typed by ``results.metrics``. Each metric carries its protocol; a candidate and a baseline metric are
 compared only when they have the same name *and* the same protocol, so lrcompress's token-level
 perplexity and lm-eval's word perplexities never meet.
 
@@ -41,9 +41,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LrcompressError
-from .lm_eval_tasks import LOWER_IS_BETTER
-from .metrics import EvalSection, LmEvalResult, read_eval_section
-from .perplexity import PerplexityResult
+from ..eval.lm_eval_tasks import LOWER_IS_BETTER
+from .metrics import read_eval_section
+from ..eval.perplexity import PerplexityResult
+from ..eval.section import EvalSection, LmEvalResult
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from ..pipeline.allocation import AllocationResult
 from ..pipeline.records import ModuleRecord
-from .metrics import EvalSection, LmEvalResult, RunMetrics, describe_change, format_bytes
+from ..eval.section import EvalSection, LmEvalResult
+from .metrics import RunMetrics, describe_change, format_bytes
 from .plots import kept_rank, plot_kept_params, plot_kept_rank, plot_module_errors
 
 PLOTS = {"relative_error.png": "Relative output error per module across depth",

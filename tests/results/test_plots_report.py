@@ -2,11 +2,10 @@
 import struct
 from dataclasses import replace
 
-import pytest
 
-from lrcompress.eval.metrics import RunMetrics
-from lrcompress.eval.plots import module_kind, plot_kept_params, plot_module_errors, plot_rate_distortion
-from lrcompress.eval.report import render_report, write_report
+from lrcompress.results.metrics import RunMetrics
+from lrcompress.results.plots import module_kind, plot_kept_params, plot_module_errors, plot_rate_distortion
+from lrcompress.results.report import render_report, write_report
 from lrcompress.pipeline.records import ModuleRecord
 
 
@@ -59,7 +58,7 @@ def test_plots_are_written_and_not_blank(tmp_path):
 
 def _axes_of(plot, rows, tmp_path, monkeypatch):
     """Run ``plot`` and keep its figure's axes (closing is what _save does; intercept it)."""
-    import lrcompress.eval.plots as plots
+    import lrcompress.results.plots as plots
 
     kept = {}
     real_save = plots._save
@@ -128,7 +127,7 @@ def test_report_without_modules_has_no_plots():
 
 def test_a_quantized_run_reports_bytes_removed_never_negative_parameters():
     """GPTQ 3-bit + EoRA keeps every weight as a code and adds factors: more stored values, far fewer bytes."""
-    from lrcompress.eval.metrics import compression_summary
+    from lrcompress.results.metrics import compression_summary
     from lrcompress.pipeline.records import ModuleRecord
 
     records = [ModuleRecord(name="m", layer=0, stage=0, method="gptq", in_features=64, out_features=64,

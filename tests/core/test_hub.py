@@ -1,5 +1,5 @@
 """The hub probe connects where a request would go first: the endpoint, or the HTTPS proxy."""
-from lrcompress.hub import _probe_address
+from lrcompress.core.hub import _probe_address
 
 
 def test_the_probe_goes_to_the_endpoint_without_a_proxy(monkeypatch):

@@ -1,8 +1,8 @@
 """Run labels of `lrcompress compare`: a budget allocation and output matching make a different recipe."""
 import yaml
 
-from lrcompress.eval import RunMetrics
-from lrcompress.eval.compare import method_label
+from lrcompress.results import RunMetrics
+from lrcompress.results.compare import method_label
 
 
 def _run(tmp_path, name, stages, runtime=None):
@@ -22,7 +22,7 @@ def test_labels_name_the_allocation_and_the_target(tmp_path):
 
 
 def test_rows_show_every_shared_perplexity_against_dense_and_the_zero_shot_average(tmp_path):
-    from lrcompress.eval.compare import ZERO_SHOT_COLUMN, RunSummary, common_perplexities, comparison_rows
+    from lrcompress.results.compare import ZERO_SHOT_COLUMN, RunSummary, common_perplexities, comparison_rows
     from lrcompress.eval.protocol import ZeroShotAverage
 
     keys = ["wikitext2/test", "webtext/test"]

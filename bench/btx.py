@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compressor.expert_merge import kmeans
+from lrcompress.compressor.expert_merge import kmeans
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Bit packing of small unsigned integer codes (quantization codes, sparse masks and N:M indices).
+"""Bit packing of small unsigned integer codes (quantization codes, sparse masks and N:M indices), and the
+dequantization of packed quantization codes (shared by ``modules.quantized`` and the kernels' references).
 
 Codes are laid out row-major and packed 8 at a time into ``bits`` bytes, little-endian inside the
 group of 8: code k of a group occupies bits [k·bits, (k+1)·bits) of the group's 8·bits-bit word. The
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def packed_bytes(count: int, bits: int) -> int:
@@ -68,6 +70,29 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype
         shifts = bits * torch.arange(8, device=raw.device, dtype=wide)
         codes = (words[:, None] >> shifts) & mask
     return codes.reshape(-1)[:count].to(dtype)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+               perm: torch.Tensor | None, in_features: int) -> torch.Tensor:
+    """Ŵ in float32 (out × in, input order) from the stored tensors of a :class:`QuantizedLinear`:
+    packed codes, ``scales`` as float values and ``zeros``, both out × groups, and the act-order ``perm``.
+
+    float32 is exact here: (q − z) is a small integer and the scale has ≤ 24 mantissa bits. Groups as a
+    (out × groups × width) view; a ragged last group is padded, then cut off.
+    """
+    out_features, groups = scales.shape
+    codes = unpack_codes(qweight, bits, out_features * in_features, torch.float32).view(out_features, in_features)
+    pad = groups * group_size - in_features
+    if pad:
+        codes = F.pad(codes, (0, pad))
+    scale = scales.to(torch.float32)[:, :, None]
+    zero = zeros.to(torch.float32)[:, :, None]
+    stored = ((codes.view(out_features, groups, group_size) - zero) * scale).view(out_features, -1)[:, :in_features]
+    if perm is None:
+        return stored
+    weight = torch.empty_like(stored)
+    weight[:, perm.long()] = stored
+    return weight
 
 
 def _check_bits(bits: int) -> None:

@@ -5,8 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from lrcompress.cli.main import cli
-from lrcompress.eval.gate import GateConfig, GateInputError, evaluate_gate, gate_from_options, metrics_of, run_gate
-from lrcompress.eval.metrics import EvalSection
+from lrcompress.results.gate import GateConfig, GateInputError, evaluate_gate, gate_from_options, metrics_of, run_gate
+from lrcompress.results.metrics import EvalSection
 
 TOKEN = "token-level perplexity, wikitext2 test, 40 non-overlapping windows of 512 tokens"
 

@@ -11,71 +11,24 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Iterable
 
 import torch
 import transformers
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from .. import __version__
 from ..checkpoint.layout import write_atomic
+from ..core.version import __version__
 from ..errors import LrcompressError
+from ..eval.section import BaselineCacheInfo, EvalSection, Section
 from ..modules import compressed_modules
 from ..pipeline.allocation import AllocationResult
 from ..pipeline.records import ModuleRecord
 from ..pipeline.reference import OutputMatchingReport
-from .perplexity import PerplexityResult
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _omit_absent(self, handler):
-        data = handler(self)
-        for name in self.OMITTED_WHEN_NONE:
-            if data.get(name, 0) is None:
-                del data[name]
-        return data
-
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump()
-
-
-class LmEvalResult(BaseModel):
-    """One lm-eval task: its metrics (``acc``, ``acc_stderr``, ``perplexity``, ... as extra keys, named by
-    lm-eval) and ``protocols`` (metric → what it measures)."""
-
-    model_config = ConfigDict(extra="allow")
-    protocols: dict[str, str]
-    samples: int | None = None
-    num_fewshot: int = 0
-
-    def metric(self, name: str) -> Any:
-        return (self.model_extra or {}).get(name)
-
-
-class BaselineCacheInfo(_Section):
-    fingerprint: str
-    path: str
-    hit: bool
-
-
-class EvalSection(_Section):
-    """``{"perplexity": {"<dataset>/<split>": ...}, "lm_eval": {"<task>": ...}}`` and, in a run with
-    ``eval.baseline``, the dense model's numbers beside them."""
-
-    perplexity: dict[str, PerplexityResult] = Field(default_factory=dict)
-    lm_eval: dict[str, LmEvalResult] | None = None
-    baseline_perplexity: dict[str, PerplexityResult] | None = None
-    baseline_lm_eval: dict[str, LmEvalResult] | None = None
-    baseline_cache: BaselineCacheInfo | None = None
-    OMITTED_WHEN_NONE = ("lm_eval", "baseline_perplexity", "baseline_lm_eval", "baseline_cache")
-
-
-class CompressionSummary(_Section):
+class CompressionSummary(Section):
     """Ratios are fractions *removed*; ``accounting`` says what a parameter and a byte are."""
 
     targeted_modules: int
@@ -96,13 +49,13 @@ class CompressionSummary(_Section):
     accounting: str
 
 
-class MemoryReport(_Section):
+class MemoryReport(Section):
     compress: dict[str, Any]             # pipeline.memory.PeakMemory.report()
     process_peak_rss_bytes: int | None
     lazy: bool
 
 
-class CalibrationSourceRecord(_Section):
+class CalibrationSourceRecord(Section):
     """One source of the calibration set (``data.mixture.SourceWindows``)."""
 
     description: str
@@ -112,7 +65,7 @@ class CalibrationSourceRecord(_Section):
     windows_sha256: str
 
 
-class CalibrationProvenance(_Section):
+class CalibrationProvenance(Section):
     source: str
     text_sha256: str
     windows_sha256: str
@@ -123,7 +76,7 @@ class CalibrationProvenance(_Section):
     OMITTED_WHEN_NONE = ("sources",)
 
 
-class Provenance(_Section):
+class Provenance(Section):
     """Also written into the checkpoint's config.json (``lrcompress.provenance``)."""
 
     versions: dict[str, str]
@@ -135,7 +88,7 @@ class Provenance(_Section):
     OMITTED_WHEN_NONE = ("processes",)
 
 
-class RunMetrics(_Section):
+class RunMetrics(Section):
     """Everything ``lrcompress run`` measured, as metrics.json holds it."""
 
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -200,7 +153,7 @@ def read_eval_section(path: Path) -> EvalSection:
         raise MetricsError(f"{path}: {_first_problem(error)}") from None
 
 
-class EvalReport(_Section):
+class EvalReport(Section):
     """What ``lrcompress eval --output`` writes (``lrcompress check --baseline`` reads its ``eval``)."""
 
     eval: EvalSection

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))   # bench/btx.py
 from helpers import byte_tokenizer, tiny_model
-from lrcompress.models.btx import (BuildSettings, TrainSettings, Trunk, assemble, build, fit_router, mlp_weights,
-                                   paragraphs)
+from btx import BuildSettings, TrainSettings, Trunk, assemble, build, fit_router, mlp_weights, paragraphs
 
 
 def _text(seed: int = 0) -> str:
@@ -34,7 +36,7 @@ def test_identical_experts_reproduce_the_dense_model():
 
 
 def test_dense_equivalence_error_is_round_off():
-    from lrcompress.models.btx import dense_equivalence_error
+    from btx import dense_equivalence_error
 
     dense = tiny_model("llama", num_hidden_layers=3)
     assert dense_equivalence_error(dense, [0, 2], 4, 2, torch.randint(3, 250, (1, 20))) < 1e-4

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lrcompress.modules.packing import pack_codes, packed_bytes, unpack_codes
+from lrcompress.core.packing import pack_codes, packed_bytes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
