@@ -34,7 +34,7 @@ from torch import nn
 
 from ..modules import SparseDictLinear, dense_weight
 from ..modules.sparse_dict import dictionary_shares, index_bits, index_params, sparse_dict_params
-from .base import CompressorConfig, CompressResult, Compressor, GramShrinkageConfig, GroupMember, Plan, RankKnob, register
+from .base import CompressResult, Compressor, GramShrinkageConfig, GroupMember, Plan, RankKnob, register
 from .dictionary import KSVDResult, ksvd, refit_values, sparsity_budget
 from .linalg import shrink_gram, whitening
 from .stats import Statistic, gram_of
