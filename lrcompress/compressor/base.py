@@ -22,6 +22,13 @@ class CompressorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class GramShrinkageConfig(CompressorConfig):
+    """The option of every method that fits a module in the metric of its calibration Gram."""
+
+    shrinkage: float = Field(0.0, ge=0.0, le=1.0, description="α in (1−α)·G + α·Diag(G): distrust the calibration "
+                                                              "Gram's correlations (linalg.shrink_gram)")
+
+
 class LowRankConfig(CompressorConfig):
     """Target size of a low-rank factorization: a parameter ``ratio`` removed, or an explicit ``rank``."""
 

@@ -34,9 +34,9 @@ from torch import nn
 
 from ..modules import SparseDictLinear, dense_weight
 from ..modules.sparse_dict import dictionary_shares, index_bits, index_params, sparse_dict_params
-from .base import CompressorConfig, CompressResult, Compressor, GroupMember, Plan, RankKnob, register
+from .base import CompressResult, Compressor, GramShrinkageConfig, GroupMember, Plan, RankKnob, register
 from .dictionary import KSVDResult, ksvd, refit_values, sparsity_budget
-from .linalg import whitening
+from .linalg import shrink_gram, whitening
 from .stats import Statistic, gram_of
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ GOMP_MAX_ATOMS = 16         # by default a pursuit step adds at most 16 atoms ..
 GOMP_SUPPORT_SHARE = 16     # ... and at most 1/16 of a column's support
 
 
-class CoSpaDiConfig(CompressorConfig):
+class CoSpaDiConfig(GramShrinkageConfig):
     ratio: float = Field(ge=0.0, lt=1.0, description="fraction of the module's parameters removed")
     rho: float = Field(2.0, ge=1.0, description="atoms per nonzero: k = rho·s")
     iterations: int = Field(4, ge=1, description="K-SVD iterations (sparse coding + atom update)")
@@ -196,7 +196,7 @@ class CoSpaDi(Compressor):
             raise ValueError(f"{first.name}: a dictionary group needs modules of one shape, got "
                              f"{[tuple(w.shape) for w in weights]}")
         dtype = weights[0].dtype
-        grams = [_gram(m) for m in members]
+        grams = [shrink_gram(_gram(m), c.shrinkage) for m in members]
         label = first.name if len(members) == 1 else f"{first.name} (+{len(members) - 1} in group)"
         white = whitening(sum(grams), c.damping, label)
         factor = white.factor

@@ -34,6 +34,23 @@ def low_rank_params(out_features: int, in_features: int, rank: int) -> int:
     return rank * (out_features + in_features)
 
 
+def shrink_gram(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """(1 − α)·G + α·Diag(G): shrink the Gram's correlations toward its diagonal.
+
+    Why: a Gram from a few thousand calibration tokens overfits the correlations of its text; the
+    directions it calls unused are then truncated, and other text that excites them breaks. Shrinking
+    the off-diagonal toward zero (Ledoit & Wolf, 2004, "A well-conditioned estimator for large-
+    dimensional covariance matrices", with the diagonal as the target) keeps each input channel's own
+    scale — the activation outliers an identity damping would drown — while distrusting the estimated
+    correlations. α = 0 returns G itself (the same tensor, so the default path is unchanged).
+    """
+    if shrinkage == 0.0:
+        return gram
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1], got {shrinkage}")
+    return (1.0 - shrinkage) * gram + shrinkage * torch.diag_embed(torch.diagonal(gram))
+
+
 @dataclass
 class Whitening:
     """A factor S with G ≈ S·Sᵀ and its inverse: ‖X·Eᵀ‖_F = ‖E·S‖_F for any E (when G = XᵀX)."""

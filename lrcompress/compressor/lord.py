@@ -18,11 +18,12 @@ from pydantic import Field
 from torch import nn
 
 from ..modules import LowRankLinear, dense_weight
-from .base import CompressResult, LowRankCompressor, LowRankConfig, register
+from .base import CompressResult, GramShrinkageConfig, LowRankCompressor, LowRankConfig, register
+from .linalg import shrink_gram
 from .stats import Statistic, gram_of
 
 
-class LoRDConfig(LowRankConfig):
+class LoRDConfig(LowRankConfig, GramShrinkageConfig):
     center: bool = Field(False, description="use the output covariance and fold the mean into the bias")
 
 
@@ -41,7 +42,7 @@ class LoRD(LowRankCompressor):
         gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()
         w = weight.to(torch.float64)
-        gram = gram_stat.gram(name).to(w.device)
+        gram = shrink_gram(gram_stat.gram(name).to(w.device), self.config.shrinkage)
         count = max(gram_stat.count, 1)
         second_moment = gram / count
         bias = getattr(module, "bias", None)

@@ -16,12 +16,12 @@ from pydantic import Field
 from torch import nn
 
 from ..modules import LowRankLinear, dense_weight
-from .base import CompressResult, LowRankCompressor, LowRankConfig, register
-from .linalg import balanced_factors, truncated_svd, whitening
+from .base import CompressResult, GramShrinkageConfig, LowRankCompressor, LowRankConfig, register
+from .linalg import balanced_factors, shrink_gram, truncated_svd, whitening
 from .stats import Statistic, gram_of
 
 
-class WhitenConfig(LowRankConfig):
+class WhitenConfig(LowRankConfig, GramShrinkageConfig):
     damping: float = Field(1e-4, ge=0.0, description="λ in G + λ·mean(diag G)·I before Cholesky")
 
 
@@ -40,7 +40,7 @@ class WhitenedSVD(LowRankCompressor):
         gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()
         rank = self.plan(module).rank
-        white = whitening(gram_stat.gram(name), self.config.damping, name)
+        white = whitening(shrink_gram(gram_stat.gram(name), self.config.shrinkage), self.config.damping, name)
         u, s, vh = truncated_svd(weight.to(white.factor) @ white.factor, rank)
         up, down = balanced_factors(u, s, vh)
         down = down @ white.inverse

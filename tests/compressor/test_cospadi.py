@@ -55,6 +55,20 @@ def test_data_aware_dictionary_beats_the_same_learning_without_whitening():
     assert aware_error == pytest.approx(output_error(x, linear, aware), rel=1e-6)   # ‖X(W−Ŵ)ᵀ‖ from G
 
 
+def test_shrinkage_learns_in_the_shrunk_metric():
+    """shrinkage α fits the dictionary and refits the values in (1−α)·G + α·Diag(G): at α = 1 the result
+    equals the unshrunk method handed the diagonal Gram (built independently here)."""
+    x = correlated_inputs(800, 48)
+    linear, stats = linear_with_stats(x, 40)
+    diagonal = GramStatistic(48)
+    diagonal.sum_xx = torch.diag(torch.diagonal(stats["gram"].gram("m")))
+    shrunk = cospadi(ratio=0.4, iterations=2, shrinkage=1.0).compress("m", linear, stats).module
+    on_diagonal = cospadi(ratio=0.4, iterations=2).compress("m", linear, {"gram": diagonal}).module
+    torch.testing.assert_close(dense_weight(shrunk), dense_weight(on_diagonal), rtol=1e-9, atol=1e-12)
+    plain = cospadi(ratio=0.4, iterations=2).compress("m", linear, stats).module
+    assert not torch.allclose(dense_weight(plain), dense_weight(shrunk))
+
+
 def test_budget_and_both_ratios_are_reported():
     x = correlated_inputs(500, 64)
     linear, stats = linear_with_stats(x, 96)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lrcompress.compressor.linalg import (matched_output_error, matched_weight, rank_for_ratio, relative_output_error,
+                                          shrink_gram,
                                           whitening)
 from helpers import correlated_inputs
 
@@ -112,3 +113,16 @@ def test_matched_output_error_matches_the_direct_computation():
     direct = ((x_hat @ approx.T - x @ w.T).norm() / (x @ w.T).norm()).item()
     error = matched_output_error(w, approx, x_hat.T @ x_hat, x.T @ x_hat, x.T @ x)
     assert error == pytest.approx(direct, rel=1e-9)
+
+
+def test_shrink_gram_blends_toward_the_diagonal_and_zero_returns_the_gram():
+    x = correlated_inputs(200, 12)
+    g = x.T @ x
+    assert shrink_gram(g, 0.0) is g
+    half = shrink_gram(g, 0.5)
+    torch.testing.assert_close(torch.diagonal(half), torch.diagonal(g))            # channel scales kept
+    off = ~torch.eye(12, dtype=torch.bool)
+    torch.testing.assert_close(half[off], 0.5 * g[off])                              # correlations halved
+    torch.testing.assert_close(shrink_gram(g, 1.0), torch.diag(torch.diagonal(g)))
+    with pytest.raises(ValueError, match="shrinkage"):
+        shrink_gram(g, 1.5)
