@@ -88,6 +88,24 @@ def whitening(gram: torch.Tensor, damping: float, module_name: str = "") -> Whit
     return _eigh_whitening(g, module_name)
 
 
+@dataclass(frozen=True)
+class GramMetric:
+    """How a method regularizes the calibration Gram it fits in: shrinkage toward the diagonal, then
+    damping (``shrink_gram``, ``whitening``). The budget's pre-pass whitens with the metric of the method
+    it allocates for, so that the spectrum it ranks is the one the method truncates."""
+
+    damping: float = 1e-4
+    shrinkage: float = 0.0
+
+    @classmethod
+    def of(cls, config: object) -> "GramMetric":
+        """From a compressor config (methods without these options get the defaults)."""
+        return cls(float(getattr(config, "damping", cls.damping)), float(getattr(config, "shrinkage", cls.shrinkage)))
+
+    def whiten(self, gram: torch.Tensor, module_name: str = "") -> Whitening:
+        return whitening(shrink_gram(gram, self.shrinkage), self.damping, module_name)
+
+
 def _eigh_whitening(g: torch.Tensor, module_name: str) -> Whitening:
     """S = Q·Λ^½ with eigenvalues clamped at λ_max·n·eps (so S is invertible)."""
     evals, evecs = torch.linalg.eigh((g + g.T) / 2)

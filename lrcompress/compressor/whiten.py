@@ -17,7 +17,7 @@ from torch import nn
 
 from ..modules import LowRankLinear, dense_weight
 from .base import CompressResult, GramShrinkageConfig, LowRankCompressor, LowRankConfig, register
-from .linalg import balanced_factors, shrink_gram, truncated_svd, whitening
+from .linalg import GramMetric, balanced_factors, truncated_svd
 from .stats import Statistic, gram_of
 
 
@@ -40,7 +40,7 @@ class WhitenedSVD(LowRankCompressor):
         gram_stat = gram_of(stats)
         weight = dense_weight(module).detach()
         rank = self.plan(module).rank
-        white = whitening(shrink_gram(gram_stat.gram(name), self.config.shrinkage), self.config.damping, name)
+        white = GramMetric.of(self.config).whiten(gram_stat.gram(name), name)
         u, s, vh = truncated_svd(weight.to(white.factor) @ white.factor, rank)
         up, down = balanced_factors(u, s, vh)
         down = down @ white.inverse

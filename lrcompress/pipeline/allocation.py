@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..compressor import Compressor, Plan, RankKnob
+from ..compressor.linalg import GramMetric
 from ..errors import LrcompressError
 from ..models import ArchitectureAdapter
 from .prepass import PREPASSES
@@ -39,8 +40,6 @@ from .spectra import ModuleSpectrum, collect_spectra
 from .walk import LayerWalk
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DAMPING = 1e-4
 
 
 def strategy_of(stage: Stage) -> str:
@@ -335,19 +334,19 @@ def allocate(walk: LayerWalk, stages: list[Stage]) -> tuple[list[Stage], Allocat
                               "per group; use allocation: uniform there")
     per_stage = {stage.index: stage_modules(model, adapter, stage) for stage in planned}
     targets: dict[int, list[str]] = {}
-    damping: dict[str, float] = {}
+    metrics: dict[str, GramMetric] = {}
     for stage in planned:
         for m in per_stage[stage.index]:
             inside = m.name[len(adapter.layer_prefix(m.layer)) + 1:]
             if inside not in targets.setdefault(m.layer, []):
                 targets[m.layer].append(inside)
-            damping[m.name] = float(getattr(stage.compressor.config, "damping", DEFAULT_DAMPING))
+            metrics[m.name] = GramMetric.of(stage.compressor.config)
     report: dict[str, Any] = {}
     diagonals = None
     if needs_gradients(planned):
         diagonals, report["output_gradients"] = _output_diagonals(walk, planned, per_stage)
-    walk.observer.phase(f"spectra pre-pass over {len(windows)} windows for {len(damping)} modules")
-    spectra, report["spectra"] = collect_spectra(walk, targets, damping, diagonals)
+    walk.observer.phase(f"spectra pre-pass over {len(windows)} windows for {len(metrics)} modules")
+    spectra, report["spectra"] = collect_spectra(walk, targets, metrics, diagonals)
     result = AllocationResult(prepass=report)
     allocated = {}
     for stage in planned:

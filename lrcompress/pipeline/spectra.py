@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from ..compressor.linalg import whitening
+from ..compressor.linalg import GramMetric
 from ..compressor.stats import GramStatistic
 from ..errors import NumericalError
 from ..modules import dense_weight
@@ -48,10 +48,10 @@ class ModuleSpectrum:
         return self.sigma2 if self.gain is None else self.sigma2 * self.gain
 
 
-def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, damping: float, name: str,
+def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, metric: GramMetric, name: str,
                       output_diagonal: torch.Tensor | None = None) -> ModuleSpectrum:
     """The spectrum of ``weight`` (out × in) in the metric of ``gram`` (in × in), in float64."""
-    white = whitening(gram, damping, name)
+    white = metric.whiten(gram, name)
     whitened = weight.to(white.factor) @ white.factor
     if output_diagonal is None:
         sigma = torch.linalg.svdvals(whitened)
@@ -65,12 +65,12 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, damping: float, 
 
 
 @torch.no_grad()
-def collect_spectra(walk: LayerWalk, targets: Mapping[int, list[str]], damping: Mapping[str, float],
+def collect_spectra(walk: LayerWalk, targets: Mapping[int, list[str]], metrics: Mapping[str, GramMetric],
                     output_diagonals: Mapping[str, torch.Tensor] | None = None,
                     ) -> tuple[dict[str, ModuleSpectrum], dict]:
     """Spectra of every target (layer index → names inside the layer) of the uncompressed model.
 
-    ``damping``: per full module name, the damping its compressor whitens with; ``output_diagonals``:
+    ``metrics``: per full module name, the Gram metric its compressor whitens with (default: ``GramMetric()``); ``output_diagonals``:
     per full name, diag(G_y) for the gains (optional). Returns the spectra and a report."""
     started = time.perf_counter()
     last = max((i for i, names in targets.items() if names), default=-1)
@@ -91,7 +91,7 @@ def collect_spectra(walk: LayerWalk, targets: Mapping[int, list[str]], damping: 
             full = f"{prefix}.{name}"
             weight = dense_weight(layer.get_submodule(name)).detach()
             diagonal = None if output_diagonals is None else output_diagonals.get(full)
-            spectra[full] = whitened_spectrum(weight, grams[name].gram(full), damping.get(full, 1e-4), full,
+            spectra[full] = whitened_spectrum(weight, grams[name].gram(full), metrics.get(full, GramMetric()), full,
                                               diagonal)
         del grams
         inputs = outputs

@@ -11,6 +11,7 @@ import torch
 from lrcompress.compressor import RankKnob
 from lrcompress.pipeline.allocation import (BudgetModule, allocate_global, allocate_spectrum, allocate_uniform,
                                             fit_to_budget)
+from lrcompress.compressor.linalg import GramMetric
 from lrcompress.pipeline.spectra import ModuleSpectrum, whitened_spectrum
 
 
@@ -131,7 +132,7 @@ def test_kfac_score_is_the_exact_loss_increase_of_a_kronecker_quadratic():
     x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
     d = torch.rand(m, generator=g, dtype=torch.float64) + 0.1
     gram = x.T @ x
-    spectrum = whitened_spectrum(weight, gram, 0.0, "test", d)
+    spectrum = whitened_spectrum(weight, gram, GramMetric(damping=0.0), "test", d)
     factor = torch.linalg.cholesky(gram)
     u, s, vh = torch.linalg.svd(weight @ factor, full_matrices=False)
     for dropped in ([4], [1, 3], [0, 2, 4]):
@@ -338,3 +339,20 @@ def test_allocate_returns_new_stages_and_leaves_the_given_ones_as_they_were():
     assert isinstance(stages[0].compressor, AllocatedCompressor) and stages[0] is not budgeted
     assert stages[1] is uniform
     assert not isinstance(budgeted.compressor, AllocatedCompressor)     # the caller's stage is untouched
+
+
+def test_the_budget_ranks_the_spectrum_in_the_metric_the_method_truncates_in():
+    """A stage with Gram shrinkage is priced on the spectrum of W·chol((1−α)G + α·Diag G), not of W·chol(G)."""
+    from lrcompress.compressor.lord import LoRDConfig
+    from lrcompress.compressor.whiten import WhitenConfig
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    shrunk = 0.6 * gram + 0.4 * torch.diag(torch.diagonal(gram))
+    expected = torch.linalg.svdvals(weight @ torch.linalg.cholesky(shrunk)).square()
+    spectrum = whitened_spectrum(weight, gram, GramMetric(damping=0.0, shrinkage=0.4), "test")
+    torch.testing.assert_close(spectrum.sigma2, expected, rtol=1e-10, atol=1e-12)
+    assert GramMetric.of(WhitenConfig(ratio=0.2, damping=1e-3, shrinkage=0.4)) == GramMetric(1e-3, 0.4)
+    assert GramMetric.of(LoRDConfig(ratio=0.2, shrinkage=0.3)) == GramMetric(shrinkage=0.3)
