@@ -88,7 +88,8 @@ def refine_model(original, compressed, windows: torch.Tensor, batch_size: int, c
             x_hat = forward_layer(layer_c, x_hat, CPU, CPU)
         x = y
         reports.append(report.model_dump())
-        print(f"{report.layer}: train {report.train_before:.4g} → {report.train_after:.4g}, held-out "
+        print(f"{report.layer}: mean target² {report.target_mean_square:.4g}; "
+              f"train {report.train_before:.4g} → {report.train_after:.4g}, held-out "
               f"{report.holdout_before:.4g} → {report.holdout_after:.4g}{' (reverted)' if report.reverted else ''}, "
               f"{report.seconds:.1f}s", flush=True)
     return {"seconds": time.perf_counter() - started, "peak_rss_gib": peak_rss_gib(), "layers": reports}

@@ -69,6 +69,7 @@ class RefineReport(BaseModel):
     train_after: float
     holdout_before: float | None
     holdout_after: float | None
+    target_mean_square: float       # mean of the original outputs² (training batches): errors relative to it
     reverted: bool
     seconds: float
 
@@ -105,6 +106,10 @@ def _mean_error(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tenso
         total += float(_mse(output, target).double()) * target.numel()
         count += target.numel()
     return total / count
+
+
+def _mean_square(targets: list[torch.Tensor], batches: list[int]) -> float:
+    return sum(float(targets[b].double().pow(2).sum()) for b in batches) / sum(targets[b].numel() for b in batches)
 
 
 def _split(batches: int, holdout: float) -> tuple[list[int], list[int]]:
@@ -161,7 +166,8 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
             module.prepare_inference()
     return RefineReport(layer=name, parameters=sum(p.numel() for p in params), steps=steps,
                         train_before=train_before, train_after=train_after, holdout_before=held_before,
-                        holdout_after=held_after, reverted=reverted, seconds=time.perf_counter() - started)
+                        holdout_after=held_after, target_mean_square=_mean_square(targets, train),
+                        reverted=reverted, seconds=time.perf_counter() - started)
 
 
 def _train(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], train: list[int],
