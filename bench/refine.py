@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--parameters", default="factors", help="comma-separated: factors, norms, biases")
+    parser.add_argument("--loss", choices=["mse", "token_relative"], default="mse")
     parser.add_argument("--holdout", type=float, default=0.125)
     parser.add_argument("--layers", type=int, help="refine only the first N layers, no evaluation (a sweep)")
     parser.add_argument("--evaluate-only", action="store_true", help="no refinement: the checkpoint as it is")
@@ -131,7 +132,7 @@ def main() -> None:
     else:
         original = load_ready(args.model)
         config = RefineConfig(epochs=args.epochs, lr=args.lr, parameters=args.parameters.split(","),
-                              holdout=args.holdout)
+                              loss=args.loss, holdout=args.holdout)
         windows = calibration(args.calibration, tokenizer, args.samples, args.seq_len, 0)
         record["config"] = config.model_dump()
         record["refine"] = refine_model(original, compressed, windows, args.batch_size, config, args.layers)

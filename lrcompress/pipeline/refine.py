@@ -27,6 +27,13 @@ compressed), so the refinement can only help on data it did not see.
 What is trained (``parameters``): ``factors`` — the two factors of every ``LowRankLinear``;
 ``norms`` — every 1-D weight that is not a bias (RMSNorm/LayerNorm gains); ``biases`` — every bias.
 Everything else (dense or quantized weights, rotary buffers) is frozen and left bit-identical.
+
+Loss (``loss``): ``mse`` is the objective above. ``token_relative`` divides each token's squared error by
+that token's mean square target, then averages over tokens: in SmolLM2's middle layers the first token
+of a window carries a massive activation (≈ 98 % of the output power at layer 15, and half the squared
+error, measured by bench/refine.py's windows), so plain MSE spends half its effort on one token in 512;
+the relative form weighs every token alike (the per-token normalisation is the scale-free error that
+``rel.err`` reports per module, taken per token).
 Cost and evidence on SmolLM2-135M: bench/refine.py and bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -53,13 +60,14 @@ class RefineConfig(BaseModel):
     epochs: int = Field(4, ge=1, description="passes over the training batches")
     lr: float = Field(1e-4, gt=0.0, description="Adam's peak learning rate, decayed to 0 on a cosine")
     parameters: list[ParameterKind] = Field(default_factory=lambda: ["factors"], min_length=1)
+    loss: Literal["mse", "token_relative"] = Field("mse", description="mean squared error, or per token relative")
     holdout: float = Field(0.125, ge=0.0, lt=1.0, description="fraction of the batches held out (the last ones)")
     revert_if_worse: bool = Field(True, description="undo the refinement when the held-out loss did not drop")
     seed: int = 0
 
 
 class RefineReport(BaseModel):
-    """What one refinement did: mean per-element squared error of the layer's output against the original
+    """What one refinement did: the loss (``RefineConfig.loss``) of the layer's output against the original
     layer's output, before and after, on the batches trained on and on the held-out batches."""
 
     layer: str
@@ -89,21 +97,26 @@ def trainable_parameters(layer: nn.Module, kinds: Iterable[str]) -> list[nn.Para
     return list(chosen.values())
 
 
-def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (output.float() - target.float()).pow(2).mean()
+def _loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The float32 loss of one batch (``RefineConfig.loss``)."""
+    error = (output.float() - target.float()).pow(2)
+    if kind == "mse":
+        return error.mean()
+    target = target.float()
+    return (error.mean(-1) / target.pow(2).mean(-1).clamp_min(torch.finfo(torch.float32).tiny)).mean()
 
 
 @torch.no_grad()
 def _mean_error(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], batches: list[int],
-                compute: torch.device) -> float | None:
-    """Mean squared error over ``batches`` (float64 sum of per-batch means, batches weighted by size)."""
+                compute: torch.device, kind: str) -> float | None:
+    """The loss over ``batches`` (float64 sum of per-batch means, batches weighted by size)."""
     if not batches:
         return None
     total, count = 0.0, 0
     for number in batches:
         output = inputs.call(number).to(compute)(layer, inputs.hidden[number].to(compute, torch.float32))
         target = targets[number].to(compute)
-        total += float(_mse(output, target).double()) * target.numel()
+        total += float(_loss(output, target, kind).double()) * target.numel()
         count += target.numel()
     return total / count
 
@@ -144,12 +157,12 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
         parameter.requires_grad_(True)
     try:
         train, held = _split(len(inputs), config.holdout)
-        train_before = _mean_error(layer, inputs, targets, train, compute)
-        held_before = _mean_error(layer, inputs, targets, held, compute)
+        train_before = _mean_error(layer, inputs, targets, train, compute, config.loss)
+        held_before = _mean_error(layer, inputs, targets, held, compute, config.loss)
         snapshot = [p.detach().clone() for p in params]
         steps = _train(layer, inputs, targets, train, params, config, compute, name)
-        train_after = _mean_error(layer, inputs, targets, train, compute)
-        held_after = _mean_error(layer, inputs, targets, held, compute)
+        train_after = _mean_error(layer, inputs, targets, train, compute, config.loss)
+        held_after = _mean_error(layer, inputs, targets, held, compute, config.loss)
         for value in (train_after, held_after):
             if value is not None and not math.isfinite(value):
                 raise NumericalError(f"refine {name}: the refined layer's output error is {value}")
@@ -182,7 +195,7 @@ def _train(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], t
         for position in torch.randperm(len(train), generator=generator).tolist():
             number = train[position]
             output = inputs.call(number).to(compute)(layer, inputs.hidden[number].to(compute, torch.float32))
-            loss = _mse(output, targets[number].to(compute))
+            loss = _loss(output, targets[number].to(compute), config.loss)
             if not torch.isfinite(loss):
                 raise NumericalError(f"refine {name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                                      "(non-finite inputs, targets or weights; try a smaller lr)")

@@ -130,6 +130,19 @@ def test_a_bfloat16_layer_is_refined_in_float32_and_handed_back_in_bfloat16(sett
     assert _train_error(layer, inputs, targets) < 0.8 * before     # the gain survives the cast back
 
 
+def test_the_token_relative_loss_weighs_every_token_alike(setting):
+    layer, inputs, targets = setting
+    report = refine_layer(copy.deepcopy(layer), inputs, targets,
+                          RefineConfig(epochs=2, lr=1e-3, holdout=0.25, loss="token_relative"))
+    with torch.no_grad():
+        per_batch = []
+        for b in range(9):
+            error = (inputs.call(b)(layer, inputs.hidden[b]) - targets[b]).pow(2).mean(-1)
+            per_batch.append((error / targets[b].pow(2).mean(-1)).mean())
+    assert report.train_before == pytest.approx(float(sum(per_batch) / 9), rel=1e-5)
+    assert report.holdout_after < report.holdout_before
+
+
 def test_a_cached_product_is_bypassed_and_rebuilt(setting):
     """A LowRankLinear whose factors are not smaller than the dense weight caches B·A for inference; the
     refinement must train the factors, not the cache, and rebuild the cache from them."""
