@@ -95,6 +95,34 @@ def refine_model(original, compressed, windows: torch.Tensor, batch_size: int, c
     return {"seconds": time.perf_counter() - started, "peak_rss_gib": peak_rss_gib(), "layers": reports}
 
 
+def _named(paths: list[Path]) -> dict[str, float]:
+    """{wikitext2, webtext} → perplexity, read from metrics.json / `lrcompress eval --output` files."""
+    values = {}
+    for path in paths:
+        for key, result in json.loads(path.read_text())["eval"]["perplexity"].items():
+            values["webtext" if "webtext" in key else "wikitext2"] = result["value"]
+    return values
+
+
+def table(records: list[Path], dense: dict[str, float], before: dict[str, float]) -> str:
+    """The markdown table of refined runs (their JSON records) against the dense and unrefined numbers."""
+    def cells(values: dict[str, float]) -> str:
+        return " | ".join(f"{values[d]:.2f} ({values[d] / dense[d]:.2f}×)" for d in ("wikitext2", "webtext"))
+
+    lines = [("| row | calibration | epochs × steps | lr | trained | loss | WikiText-2 test | web-text test | "
+              "refine s | peak RSS GiB | layers reverted |"), "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense | | | | | | {dense['wikitext2']:.2f} | {dense['webtext']:.2f} | | | |",
+             f"| whiten 0.2 | wikitext2 | – | | | | {cells(before)} | | | |"]
+    for path in records:
+        r = json.loads(path.read_text())
+        c, layers = r["config"], r["refine"]["layers"]
+        lines.append(f"| {path.stem} | {r['args']['calibration']} | {c['epochs']} × {layers[0]['steps'] // c['epochs']} | "
+                     f"{c['lr']:g} | {','.join(c['parameters'])} | {c['loss']} | {cells(r['refined'])} | "
+                     f"{r['refine']['seconds']:.0f} | {r['refine']['peak_rss_gib']:.2f} | "
+                     f"{sum(x['reverted'] for x in layers)}/{len(layers)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the original (dense) model directory")
@@ -113,8 +141,17 @@ def main() -> None:
     parser.add_argument("--dense", action="store_true", help="also evaluate the original model")
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--save", type=Path, help="write the refined checkpoint here (a new directory)")
-    parser.add_argument("--out", type=Path, required=True, help="the JSON record of this run")
+    parser.add_argument("--out", type=Path, help="the JSON record of this run")
+    parser.add_argument("--table", type=Path, nargs="+", help="print the table of these JSON records and stop "
+                        "(dense and unrefined numbers from --dense-json / --before-json, `lrcompress eval` outputs)")
+    parser.add_argument("--dense-json", type=Path, nargs="+", default=[])
+    parser.add_argument("--before-json", type=Path, help="a metrics.json of the unrefined run")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table, _named(args.dense_json), _named([args.before_json])))
+        return
+    if args.out is None:
+        parser.error("--out is required")
 
     from transformers import AutoTokenizer
 

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +52,7 @@ from ..models.capture import LayerInputs
 from ..modules.low_rank import LowRankLinear
 
 ParameterKind = Literal["factors", "norms", "biases"]
+CPU = torch.device("cpu")
 
 
 class RefineConfig(BaseModel):
@@ -133,7 +135,7 @@ def _split(batches: int, holdout: float) -> tuple[list[int], list[int]]:
 
 
 def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], config: RefineConfig,
-                 compute: torch.device = torch.device("cpu"), name: str | None = None) -> RefineReport:
+                 compute: torch.device = CPU, name: str | None = None) -> RefineReport:
     """Refine the compressed decoder layer ``layer`` in place so that on ``inputs`` (the compressed
     model's inputs to it, with their layer calls) it reproduces ``targets`` (the original layer's outputs
     on the original inputs, one tensor per batch of ``inputs``). Returns the losses before and after."""
