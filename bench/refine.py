@@ -48,7 +48,14 @@ def domains() -> dict[str, PerplexitySpec]:
                                       seq_len=512, max_windows=40, text_column="text")}
 
 
-def calibration(name: str, tokenizer, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration(names: str, tokenizer, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``samples`` windows from each comma-separated source, interleaved window by window (so that every
+    batch, the held-out ones too, mixes the sources)."""
+    parts = [source_windows(name, tokenizer, samples, seq_len, seed) for name in names.split(",")]
+    return torch.stack(parts, dim=1).flatten(0, 1)
+
+
+def source_windows(name: str, tokenizer, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """Calibration windows as the recipe path makes them: ``wikitext2`` validation, ``webtext`` (the
     calibration file, disjoint by document from the test file) or a file path."""
     if name == "wikitext2":
@@ -127,8 +134,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the original (dense) model directory")
     parser.add_argument("--compressed", required=True, help="a run directory written by `lrcompress run`")
-    parser.add_argument("--calibration", default="wikitext2", help="wikitext2, webtext or a .txt/.jsonl path")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--calibration", default="wikitext2",
+                        help="wikitext2, webtext or a .txt/.jsonl path; several, comma-separated: a mixture")
+    parser.add_argument("--samples", type=int, default=32, help="windows from each calibration source")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2, help="windows per captured batch = per Adam step")
     parser.add_argument("--epochs", type=int, default=4)
