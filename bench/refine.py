@@ -1,7 +1,7 @@
 """Block refinement of a compressed checkpoint (lrcompress/pipeline/refine.py), measured on two domains.
 
     LRCOMPRESS_DATA=... python bench/refine.py --model models/smollm2-135m --compressed runs/whiten-0.2 \
-        --calibration wikitext2 --epochs 4 --out runs/refine/wiki-e4.json [--save runs/whiten-0.2-refined]
+        --calibration wikitext2,webtext --epochs 8 --out runs/refine/mix-e8.json [--save runs/whiten-0.2-refined]
     python bench/refine.py --model models/smollm2-135m --compressed runs/whiten-0.2 --evaluate-only \
         --dense --out runs/refine/before.json         # dense and unrefined numbers, same protocol
 
@@ -139,8 +139,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="windows from each calibration source")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2, help="windows per captured batch = per Adam step")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--parameters", default="factors", help="comma-separated: factors, norms, biases")
     parser.add_argument("--loss", choices=["mse", "token_relative"], default="mse")
     parser.add_argument("--holdout", type=float, default=0.125)

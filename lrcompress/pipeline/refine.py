@@ -59,8 +59,8 @@ class RefineConfig(BaseModel):
     """How one compressed decoder layer is refined (module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(4, ge=1, description="passes over the training batches")
-    lr: float = Field(1e-4, gt=0.0, description="Adam's peak learning rate, decayed to 0 on a cosine")
+    epochs: int = Field(8, ge=1, description="passes over the training batches")
+    lr: float = Field(3e-4, gt=0.0, description="Adam's peak learning rate, decayed to 0 on a cosine")
     parameters: list[ParameterKind] = Field(default_factory=lambda: ["factors"], min_length=1)
     loss: Literal["mse", "token_relative"] = Field("mse", description="mean squared error, or per token relative")
     holdout: float = Field(0.125, ge=0.0, lt=1.0, description="fraction of the batches held out (the last ones)")
