@@ -31,8 +31,8 @@ Everything else (dense or quantized weights, rotary buffers) is frozen and left 
 Loss (``loss``): ``mse`` is the objective above. ``token_relative`` divides each token's squared error by
 that token's mean square target, then averages over tokens: in SmolLM2's middle layers the first token
 of a window carries a massive activation (≈ 98 % of the output power at layer 15, and half the squared
-error, measured on two WikiText-2 calibration windows of the whiten 0.2 checkpoint), so plain MSE spends half its effort on one token in 512;
-the relative form weighs every token alike (the per-token normalisation is the scale-free error that
+error, measured on two WikiText-2 calibration windows of the whiten 0.2 checkpoint), so plain MSE
+spends half its effort on one token in 512; the relative form weighs every token alike (the per-token normalisation is the scale-free error that
 ``rel.err`` reports per module, taken per token). Measured: no better than ``mse`` (bench/RESULTS.md).
 Cost and evidence on SmolLM2-135M: bench/refine.py and bench/RESULTS.md.
 """
