@@ -12,7 +12,7 @@ item 2). This script checks every command without running any compression or eva
 - the command runs from the root: no ``cd``, and the interpreter is the checkout's own (``.venv/bin/python``,
   ``.venv/bin/lrcompress``), not whatever ``python`` is on PATH;
 - the script, recipe or test file it names exists, and so does every path-like argument (a value with a ``/``
-  or a file extension), unless an earlier command *in the same file* writes it (``--out``, ``--output``,
+  or a file extension), unless an earlier command *in the same file* writes it (``--out``, ``--output``, ``--save``,
   ``--json``, ``--jsonl``, ``-o``, ``>``, a recipe's ``output.dir``), it is ``models/smollm2-135m`` (``make
   model`` fetches it), it holds a variable the preamble documents (``$DATA``, ``$FIXTURE``, ``$LLMC_VENV``), or
   the command's trailing comment names it after ``needs:`` (a scratch file, a placeholder, another tree);
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console"}
 COMMAND_START = re.compile(r"^(cd |python|lrcompress |\.venv/bin/)")
-OUTPUT_FLAGS = {"--out", "--output", "--json", "--jsonl", "-o"}
+OUTPUT_FLAGS = {"--out", "--output", "--json", "--jsonl", "-o", "--save"}
 PATH_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".jsonl", ".txt", ".md", ".png", ".sh", ".safetensors", ".gguf"}
 ARTIFACTS = {"models/smollm2-135m": "make model"}
 DOCUMENTED_VARIABLES = {"DATA", "FIXTURE", "LLMC_VENV", "LRCOMPRESS_DATA", "HOME", "PWD"}

@@ -1,0 +1,210 @@
+"""Block refinement: after a decoder layer is compressed, fit its trainable parameters so that, fed the
+*compressed* model's inputs, it reproduces the *original* layer's outputs on the *original* inputs.
+
+Objective, for decoder layer l with original inputs X (original model), compressed-stream inputs X̂
+(the partly compressed, already refined model) and the original layer f, compressed layer g_θ:
+
+    min_θ  mean over tokens and channels of (g_θ(X̂) − f(X))²
+
+Anchoring to f(X), not f(X̂), is what lets the layer correct the error the layers before it left in X̂
+as well as its own (AA-SVD, Sinha & Fleuret 2026, arXiv:2604.02119, §"block-level refinement": anchor
+to the original outputs, model the input shift; SAES-SVD makes the same argument). Fitting a whole
+block's output rather than each linear's is BRECQ's block reconstruction (Li et al. 2021,
+arXiv:2102.05426): a block sees the interactions of its linears (attention, the gated MLP) that a
+per-linear objective cannot.
+
+Optimiser, following block-wise training of compressed weights in EfficientQAT's Block-AP (Chen et al.
+2024, arXiv:2407.11062) and AQLM's block fine-tuning (Egiazarian et al. 2024, arXiv:2401.06118):
+Adam on the selected parameters, a small learning rate with cosine decay to zero over all steps, a
+few epochs over the calibration windows, one step per batch of captured inputs (the batches the
+pipeline propagates; their size is the capture batch size), batch order reshuffled every epoch by a
+seeded generator. The loss is computed in float32 (the layer is run in float32 while it is refined and
+cast back afterwards); per-batch losses are summed in float64. The last ``holdout`` fraction of the
+batches is never trained on: its loss before and after measures generalisation, and with
+``revert_if_worse`` a refinement that makes the held-out loss worse is undone (the layer is left as
+compressed), so the refinement can only help on data it did not see.
+
+What is trained (``parameters``): ``factors`` — the two factors of every ``LowRankLinear``;
+``norms`` — every 1-D weight that is not a bias (RMSNorm/LayerNorm gains); ``biases`` — every bias.
+Everything else (dense or quantized weights, rotary buffers) is frozen and left bit-identical.
+
+Loss (``loss``): ``mse`` is the objective above. ``token_relative`` divides each token's squared error by
+that token's mean square target, then averages over tokens: in SmolLM2's middle layers the first token
+of a window carries a massive activation (≈ 98 % of the output power at layer 15, and half the squared
+error, measured on two WikiText-2 calibration windows of the whiten 0.2 checkpoint), so plain MSE
+spends half its effort on one token in 512; the relative form weighs every token alike (the per-token normalisation is the scale-free error that
+``rel.err`` reports per module, taken per token). Measured: no better than ``mse`` (bench/RESULTS.md).
+Cost and evidence on SmolLM2-135M: bench/refine.py and bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..errors import LrcompressError, NumericalError
+from ..models.capture import LayerInputs
+from ..modules.low_rank import LowRankLinear
+
+ParameterKind = Literal["factors", "norms", "biases"]
+CPU = torch.device("cpu")
+
+
+class RefineConfig(BaseModel):
+    """How one compressed decoder layer is refined (module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(8, ge=1, description="passes over the training batches")
+    lr: float = Field(3e-4, gt=0.0, description="Adam's peak learning rate, decayed to 0 on a cosine")
+    parameters: list[ParameterKind] = Field(default_factory=lambda: ["factors"], min_length=1)
+    loss: Literal["mse", "token_relative"] = Field("mse", description="mean squared error, or per token relative")
+    holdout: float = Field(0.125, ge=0.0, lt=1.0, description="fraction of the batches held out (the last ones)")
+    revert_if_worse: bool = Field(True, description="undo the refinement when the held-out loss did not drop")
+    seed: int = 0
+
+
+class RefineReport(BaseModel):
+    """What one refinement did: the loss (``RefineConfig.loss``) of the layer's output against the original
+    layer's output, before and after, on the batches trained on and on the held-out batches."""
+
+    layer: str
+    parameters: int                 # trainable values
+    steps: int
+    train_before: float
+    train_after: float
+    holdout_before: float | None
+    holdout_after: float | None
+    target_mean_square: float       # mean of the original outputs² (training batches): errors relative to it
+    reverted: bool
+    seconds: float
+
+
+def trainable_parameters(layer: nn.Module, kinds: Iterable[str]) -> list[nn.Parameter]:
+    """The parameters of ``layer`` the kinds select, each once, in module order."""
+    kinds = set(kinds)
+    chosen: dict[int, nn.Parameter] = {}
+    for module in layer.modules():
+        if "factors" in kinds and isinstance(module, LowRankLinear):
+            for parameter in (module.down.weight, module.up.weight):
+                chosen.setdefault(id(parameter), parameter)
+    for name, parameter in layer.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if ("biases" in kinds and leaf == "bias") or ("norms" in kinds and leaf == "weight" and parameter.dim() == 1):
+            chosen.setdefault(id(parameter), parameter)
+    return list(chosen.values())
+
+
+def _loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The float32 loss of one batch (``RefineConfig.loss``)."""
+    error = (output.float() - target.float()).pow(2)
+    if kind == "mse":
+        return error.mean()
+    target = target.float()
+    return (error.mean(-1) / target.pow(2).mean(-1).clamp_min(torch.finfo(torch.float32).tiny)).mean()
+
+
+@torch.no_grad()
+def _mean_error(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], batches: list[int],
+                compute: torch.device, kind: str) -> float | None:
+    """The loss over ``batches`` (float64 sum of per-batch means, batches weighted by size)."""
+    if not batches:
+        return None
+    total, count = 0.0, 0
+    for number in batches:
+        output = inputs.call(number).to(compute)(layer, inputs.hidden[number].to(compute, torch.float32))
+        target = targets[number].to(compute)
+        total += float(_loss(output, target, kind).double()) * target.numel()
+        count += target.numel()
+    return total / count
+
+
+def _mean_square(targets: list[torch.Tensor], batches: list[int]) -> float:
+    return sum(float(targets[b].double().pow(2).sum()) for b in batches) / sum(targets[b].numel() for b in batches)
+
+
+def _split(batches: int, holdout: float) -> tuple[list[int], list[int]]:
+    """(training batches, held-out batches): the last ``round(holdout · batches)`` are held out, at least
+    one when ``holdout`` > 0, never all."""
+    held = 0 if holdout == 0 or batches < 2 else min(batches - 1, max(1, round(holdout * batches)))
+    return list(range(batches - held)), list(range(batches - held, batches))
+
+
+def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], config: RefineConfig,
+                 compute: torch.device = CPU, name: str | None = None) -> RefineReport:
+    """Refine the compressed decoder layer ``layer`` in place so that on ``inputs`` (the compressed
+    model's inputs to it, with their layer calls) it reproduces ``targets`` (the original layer's outputs
+    on the original inputs, one tensor per batch of ``inputs``). Returns the losses before and after."""
+    started = time.perf_counter()
+    name = name or f"decoder layer {inputs.layer}"
+    if len(targets) != len(inputs):
+        raise LrcompressError(f"refine {name}: {len(targets)} target batches for {len(inputs)} input batches")
+    params = trainable_parameters(layer, config.parameters)
+    if not params:
+        raise LrcompressError(f"refine {name}: nothing to train for parameters={config.parameters} "
+                              "(no LowRankLinear factors, norms or biases of that kind in the layer)")
+    dtype = next(layer.parameters()).dtype
+    requires = {id(p): p.requires_grad for p in layer.parameters()}
+    products = [m for m in layer.modules() if isinstance(m, LowRankLinear) and m._product is not None]
+    for module in products:            # the cached B·A would bypass the factors' gradients
+        module._product = None
+    layer.float()
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    for parameter in params:
+        parameter.requires_grad_(True)
+    try:
+        train, held = _split(len(inputs), config.holdout)
+        train_before = _mean_error(layer, inputs, targets, train, compute, config.loss)
+        held_before = _mean_error(layer, inputs, targets, held, compute, config.loss)
+        snapshot = [p.detach().clone() for p in params]
+        steps = _train(layer, inputs, targets, train, params, config, compute, name)
+        train_after = _mean_error(layer, inputs, targets, train, compute, config.loss)
+        held_after = _mean_error(layer, inputs, targets, held, compute, config.loss)
+        for value in (train_after, held_after):
+            if value is not None and not math.isfinite(value):
+                raise NumericalError(f"refine {name}: the refined layer's output error is {value}")
+        reverted = config.revert_if_worse and held_before is not None and held_after >= held_before
+        if reverted:
+            with torch.no_grad():
+                for parameter, saved in zip(params, snapshot):
+                    parameter.copy_(saved)
+    finally:
+        for parameter in layer.parameters():
+            parameter.requires_grad_(requires[id(parameter)])
+        layer.to(dtype)
+        for module in products:
+            module.prepare_inference()
+    return RefineReport(layer=name, parameters=sum(p.numel() for p in params), steps=steps,
+                        train_before=train_before, train_after=train_after, holdout_before=held_before,
+                        holdout_after=held_after, target_mean_square=_mean_square(targets, train),
+                        reverted=reverted, seconds=time.perf_counter() - started)
+
+
+def _train(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], train: list[int],
+           params: list[nn.Parameter], config: RefineConfig, compute: torch.device, name: str) -> int:
+    """Adam with cosine decay over ``config.epochs`` passes of ``train`` (seeded shuffle); the step count."""
+    total = config.epochs * len(train)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    for epoch in range(config.epochs):
+        for position in torch.randperm(len(train), generator=generator).tolist():
+            number = train[position]
+            output = inputs.call(number).to(compute)(layer, inputs.hidden[number].to(compute, torch.float32))
+            loss = _loss(output, targets[number].to(compute), config.loss)
+            if not torch.isfinite(loss):
+                raise NumericalError(f"refine {name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                                     "(non-finite inputs, targets or weights; try a smaller lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+    return step
+
