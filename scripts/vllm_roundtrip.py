@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -49,9 +50,11 @@ DECODE_PROMPT_TOKENS = 16  # lrcompress bench-infer's decode prompt length (eval
 
 # ---------------------------------------------------------------- the lrcompress side (project venv)
 
-def reference(run: str, tokenizer_dir: str, new_tokens: int, windows: int, seq_len: int) -> dict[str, Any]:
+def reference(run: str, tokenizer_dir: str, new_tokens: int, windows: int, seq_len: int, text: str
+              ) -> dict[str, Any]:
     """Greedy tokens, and the summed NLL of the perplexity windows, of
-    ``lrcompress.load(run, kernels=False)`` (float32; full recomputation each step, no KV cache)."""
+    ``lrcompress.load(run, kernels=False)`` (float32; full recomputation each step, no KV cache).
+    ``text``: the perplexity text, a dataset name (``wikitext2``: its test split) or a text file."""
     import torch
     from transformers import AutoTokenizer
 
@@ -63,14 +66,15 @@ def reference(run: str, tokenizer_dir: str, new_tokens: int, windows: int, seq_l
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     prompts = []
     with torch.inference_mode():
-        for text in PROMPTS:
-            ids = tokenizer(text).input_ids
+        for prompt_text in PROMPTS:
+            ids = tokenizer(prompt_text).input_ids
             sequence = list(ids)
             for _ in range(new_tokens):
                 sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
-            prompts.append({"text": text, "ids": ids, "tokens": sequence[len(ids):]})
-        text = load_text("wikitext2", "test", os.environ.get("LRCOMPRESS_DATA")).text
-        cut = evaluation_windows(tokenize(tokenizer, text), seq_len, windows)
+            prompts.append({"text": prompt_text, "ids": ids, "tokens": sequence[len(ids):]})
+        data = os.environ.get("LRCOMPRESS_DATA")
+        source = load_text(text, "test", Path(data) if data else None).text
+        cut = evaluation_windows(tokenize(tokenizer, source), seq_len, windows)
         sums = []
         for window in cut:
             logits = model(input_ids=window[None]).logits[0, :-1].double()
@@ -102,7 +106,7 @@ def vllm_side(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
 
     lora = None
-    options: dict[str, Any] = dict(model=spec["model"], dtype="float32", enforce_eager=True, seed=0,
+    options: dict[str, Any] = dict(model=spec["model"], dtype=spec["dtype"], enforce_eager=True, seed=0,
                                    max_model_len=spec["max_model_len"], max_num_seqs=8,
                                    tokenizer=spec.get("tokenizer") or spec["model"])
     if spec.get("lora"):
@@ -122,9 +126,13 @@ def vllm_side(spec: dict[str, Any]) -> dict[str, Any]:
                                              key=lambda pair: -pair[1])
                                       for step in o.outputs[0].logprobs]} for o in outputs]
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    scored = llm.generate([TokensPrompt(prompt_token_ids=w) for w in spec["windows"]], scoring,
-                          lora_request=lora, use_tqdm=False)
-    result["window_nll"] = [-sum(step[token].logprob for token, step in zip(w, o.prompt_logprobs[1:]))
+    windows = [TokensPrompt(prompt_token_ids=w) for w in spec["windows"]]
+    if lora is None:
+        scored = llm.generate(windows, scoring, use_tqdm=False)
+    else:   # one window per step: with LoRA, vLLM maps the lm_head's LoRA rows per request, not per prompt
+        # token, and prompt logprobs of several requests fail to broadcast (vllm-project/vllm#29955, #16668)
+        scored = [llm.generate([w], scoring, lora_request=lora, use_tqdm=False)[0] for w in windows]
+    result["window_nll"] = [-sum(step[token].logprob for token, step in zip(w[1:], o.prompt_logprobs[1:]))
                             for w, o in zip(spec["windows"], scored)]
     if spec.get("speed"):
         result["speed"] = vllm_speed(llm, lora, spec["speed"], TokensPrompt, SamplingParams)
@@ -199,18 +207,22 @@ def compare(case: dict[str, str], ref: dict[str, Any], served: dict[str, Any], s
 
 
 def markdown(results: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    lines = [f"Greedy, {settings['new_tokens']} new tokens, {len(PROMPTS)} prompts; perplexity: WikiText-2 test, "
+    lines = [f"Greedy, {settings['new_tokens']} new tokens, {len(PROMPTS)} prompts; perplexity: {settings['text']}, "
              f"{settings['windows']} windows of {settings['seq_len']} tokens (ours: lrcompress.load(run, "
-             "kernels=False), float32; vLLM: float32, enforce_eager, prompt logprobs).", "",
-             "| case | vLLM model | identical prompts | first divergences (step: ours gap / vLLM gap, nats) "
-             "| ppl ours | ppl vLLM | max window NLL diff |", "|---|---|---|---|---|---|---|"]
+             "kernels=False), float32; vLLM: enforce_eager, prompt logprobs, in the dtype shown). A divergence "
+             "is shown as step: our margin / vLLM's margin, each side's log-probability of its own token minus "
+             "that of the other side's token (nats) at the first differing step.", "",
+             "| case | vLLM model | vLLM dtype | identical prompts | first divergences (step: ours / vLLM gap) "
+             "| ppl ours | ppl vLLM | max window NLL diff |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']['name']} | {_served(r['case'])} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['case']['name']} | {_served(r['case'])} | {r['case'].get('dtype', 'float32')} "
+                         f"| error: {r['error']} | | | | |")
             continue
         diverged = "; ".join(f"{p['diverges_at']}: {_gap(p.get('ours_gap'))} / {_gap(p.get('vllm_gap'))}"
                              for p in r["prompts"] if not p["identical"]) or "—"
-        lines.append(f"| {r['case']['name']} | {_served(r['case'])} | {r['identical']}/{len(r['prompts'])} "
+        lines.append(f"| {r['case']['name']} | {_served(r['case'])} | {r['case'].get('dtype', 'float32')} "
+                     f"| {r['identical']}/{len(r['prompts'])} "
                      f"| {diverged} | {r['perplexity_ours']:.4f} | {r['perplexity_vllm']:.4f} "
                      f"| {r['max_window_nll_diff']:.3g} |")
     speeds = [r for r in results if r.get("speed")]
@@ -258,22 +270,37 @@ def parse_case(text: str) -> dict[str, str]:
     return case
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the values vLLM's max_lora_rank accepts
+
+
 def lora_rank(adapter: str) -> int:
-    """The largest rank in the adapter (vLLM's max_lora_rank must cover it)."""
+    """vLLM's max_lora_rank for the adapter: the smallest value it accepts that covers every rank."""
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    return max([config["r"], *config.get("rank_pattern", {}).values()])
+    largest = max([config["r"], *config.get("rank_pattern", {}).values()])
+    return next(r for r in VLLM_LORA_RANKS if r >= largest)
+
+
+def last_error(log: str, code: int) -> str:
+    """The line of a failed vLLM side's log that says why (its last ``...Error: ...`` line)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line) or "Value error" in line]
+    return (errors or lines or [f"exit {code}"])[-1][:400]
 
 
 def run_case(case: dict[str, str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     stem = out / case["name"].replace("/", "_")
-    ref = reference(case["run"], case.get("tokenizer", case["model"]), args.new_tokens, args.windows, args.seq_len)
+    ref = reference(case["run"], case.get("tokenizer", case["model"]), args.new_tokens, args.windows, args.seq_len,
+                    args.text)
     spec = {"model": case["model"], "lora": case.get("lora"), "new_tokens": args.new_tokens,
             "prompts": [p["ids"] for p in ref["prompts"]], "windows": ref["windows"],
-            "max_model_len": max(args.seq_len, 1024), "tokenizer": case.get("tokenizer")}
+            "max_model_len": max(args.seq_len, 128), "tokenizer": case.get("tokenizer"),
+            "dtype": case.get("dtype", "float32")}
     if case.get("lora"):
         spec["lora_rank"] = lora_rank(case["lora"])
     speed = {"prompt_tokens": 512, "new_tokens": 64, "repeats": 3} if args.speed else None
     spec["speed"] = speed
+    if speed:
+        spec["max_model_len"] = max(spec["max_model_len"], speed["prompt_tokens"] + 1)
     Path(f"{stem}.spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                VLLM_CPU_OMP_THREADS_BIND=args.cpus, PYTHONPATH="")
@@ -282,8 +309,7 @@ def run_case(case: dict[str, str], args: argparse.Namespace, out: Path) -> dict[
         done = subprocess.run([args.vllm_python, __file__, "vllm-side", f"{stem}.spec.json", f"{stem}.vllm.json"],
                               env=env, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        tail = [line for line in log.read_text().splitlines() if line.strip()][-1:]
-        return {"case": case, "error": (tail[0] if tail else f"exit {done.returncode}")[:300], "log": str(log)}
+        return {"case": case, "error": last_error(log.read_text(), done.returncode), "log": str(log)}
     result = compare(case, ref, json.loads(Path(f"{stem}.vllm.json").read_text()), args.seq_len)
     if speed:
         result["bench_infer"] = bench_infer(case["run"], speed, args.threads, Path(f"{stem}.bench-infer.json"))
@@ -298,12 +324,14 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", required=True, type=parse_case,
-                        help="name=N,run=LRCOMPRESS_RUN,model=EXPORTED_DIR[,lora=ADAPTER_DIR][,tokenizer=DIR]")
+                        help="name=N,run=LRCOMPRESS_RUN,model=EXPORTED_DIR[,lora=ADAPTER_DIR][,tokenizer=DIR]"
+                             "[,dtype=float32|bfloat16] (vLLM's CPU int4 kernel takes bfloat16 activations only)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vllm-python", default=os.environ.get("LRCOMPRESS_VLLM_PYTHON", ".venv-vllm/bin/python"))
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--text", default="wikitext2", help="perplexity text: a dataset name (its test split) or a file")
     parser.add_argument("--speed", action="store_true", help="also time prefill/decode in vLLM and bench-infer")
     parser.add_argument("--threads", type=int, default=1, help="bench-infer threads (vLLM: --cpus)")
     parser.add_argument("--cpus", default="0", help="VLLM_CPU_OMP_THREADS_BIND for the vLLM side")
@@ -315,7 +343,7 @@ def main() -> None:
     for case in args.case:
         results.append(run_case(case, args, args.out))
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    settings = {"new_tokens": args.new_tokens, "windows": args.windows, "seq_len": args.seq_len}
+    settings = {"new_tokens": args.new_tokens, "windows": args.windows, "seq_len": args.seq_len, "text": args.text}
     (args.out / "results.md").write_text(markdown(results, settings))
     print((args.out / "results.md").read_text())
 
