@@ -106,7 +106,9 @@ def vllm_side(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
 
     lora = None
+    # no prefix caching: the timed prompts repeat, and a cached prefill would be timed as free
     options: dict[str, Any] = dict(model=spec["model"], dtype=spec["dtype"], enforce_eager=True, seed=0,
+                                   enable_prefix_caching=False,
                                    max_model_len=spec["max_model_len"], max_num_seqs=8,
                                    tokenizer=spec.get("tokenizer") or spec["model"])
     if spec.get("lora"):
@@ -162,7 +164,8 @@ def vllm_speed(llm: Any, lora: Any, settings: dict[str, int], tokens_prompt: Any
                 seconds[kind].append(took)
     return {"prefill_tokens_per_s": settings["prompt_tokens"] / statistics.median(seconds["prefill"]),
             "decode_tokens_per_s": settings["new_tokens"] / statistics.median(seconds["decode"]),
-            "samples": seconds, "threads": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}
+            "samples": seconds, "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+            "torch_threads": torch.get_num_threads()}
 
 
 def _version(package: str) -> str:
@@ -249,12 +252,15 @@ def _num(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def bench_infer(run: str, settings: dict[str, int], threads: int, json_path: Path) -> dict[str, float]:
-    """``lrcompress bench-infer`` on the run (its compressed model), with the same lengths and threads."""
+def bench_infer(run: str, dense: str | None, settings: dict[str, int], threads: int, json_path: Path
+                ) -> dict[str, float]:
+    """``lrcompress bench-infer`` on the run (its compressed model), with the same lengths and threads;
+    ``dense``: the original to compare with (default: the one the run's provenance names)."""
     subprocess.run([sys.executable, "-m", "lrcompress", "bench-infer", run, "--threads", str(threads),
                     "--prompt-tokens", str(settings["prompt_tokens"]), "--new-tokens", str(settings["new_tokens"]),
-                    "--repeats", str(settings["repeats"]), "--json", str(json_path)], check=True,
-                   stdout=subprocess.DEVNULL)
+                    "--repeats", str(settings["repeats"]), "--json", str(json_path),
+                    *(["--dense", dense] if dense else [])],
+                   check=True, stdout=subprocess.DEVNULL)
     report = json.loads(json_path.read_text())
     return {"prefill_tokens_per_s": report["speeds"]["compressed"]["prefill_tokens_per_s"],
             "decode_tokens_per_s": report["speeds"]["compressed"]["decode_tokens_per_s"],
@@ -312,7 +318,8 @@ def run_case(case: dict[str, str], args: argparse.Namespace, out: Path) -> dict[
         return {"case": case, "error": last_error(log.read_text(), done.returncode), "log": str(log)}
     result = compare(case, ref, json.loads(Path(f"{stem}.vllm.json").read_text()), args.seq_len)
     if speed:
-        result["bench_infer"] = bench_infer(case["run"], speed, args.threads, Path(f"{stem}.bench-infer.json"))
+        result["bench_infer"] = bench_infer(case["run"], case.get("dense"), speed, args.threads,
+                                            Path(f"{stem}.bench-infer.json"))
         result["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load ")[-1]
     return result
 
@@ -325,16 +332,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", required=True, type=parse_case,
                         help="name=N,run=LRCOMPRESS_RUN,model=EXPORTED_DIR[,lora=ADAPTER_DIR][,tokenizer=DIR]"
+                             "[,dense=ORIGINAL (bench-infer's --dense)]"
                              "[,dtype=float32|bfloat16] (vLLM's CPU int4 kernel takes bfloat16 activations only)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vllm-python", default=os.environ.get("LRCOMPRESS_VLLM_PYTHON", ".venv-vllm/bin/python"))
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--text", default="wikitext2", help="perplexity text: a dataset name (its test split) or a file")
+    parser.add_argument("--text", default="wikitext2",
+                        help="perplexity text: a dataset name (its test split) or a file")
     parser.add_argument("--speed", action="store_true", help="also time prefill/decode in vLLM and bench-infer")
     parser.add_argument("--threads", type=int, default=1, help="bench-infer threads (vLLM: --cpus)")
-    parser.add_argument("--cpus", default="0", help="VLLM_CPU_OMP_THREADS_BIND for the vLLM side")
+    parser.add_argument("--cpus", default="nobind", help="VLLM_CPU_OMP_THREADS_BIND for the vLLM side (nobind: its "
+                        "threads follow OMP_NUM_THREADS, unpinned, as bench-infer's)")
     args = parser.parse_args()
     if not Path(args.vllm_python).exists():
         raise SystemExit(f"no vLLM python at {args.vllm_python}: build it with scripts/vllm_env.sh")
