@@ -299,7 +299,7 @@ def run_case(case: dict[str, str], args: argparse.Namespace, out: Path) -> dict[
                     args.text)
     spec = {"model": case["model"], "lora": case.get("lora"), "new_tokens": args.new_tokens,
             "prompts": [p["ids"] for p in ref["prompts"]], "windows": ref["windows"],
-            "max_model_len": max(args.seq_len, 128), "tokenizer": case.get("tokenizer"),
+            "max_model_len": max(args.seq_len + 1, 128), "tokenizer": case.get("tokenizer"),   # window + 1 sampled
             "dtype": case.get("dtype", "float32")}
     if case.get("lora"):
         spec["lora_rank"] = lora_rank(case["lora"])
