@@ -90,7 +90,7 @@ def refine_model(original, compressed, windows: torch.Tensor, batch_size: int, c
             break
         with torch.no_grad():
             y = forward_layer(layer_o, x, CPU, CPU)
-        report = refine_layer(layer_c, x_hat, y.hidden, config, CPU, name=f"{adapter_c.layers}.{index}")
+        report = refine_layer(layer_c, x_hat, y.hidden, config, name=f"{adapter_c.layers}.{index}")
         with torch.no_grad():
             x_hat = forward_layer(layer_c, x_hat, CPU, CPU)
         x = y

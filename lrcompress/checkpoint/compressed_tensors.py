@@ -10,6 +10,12 @@ modules by name. What it cannot express is refused: act-order checkpoints (the p
 and modules that are not plain quantized linears (low-rank, sparse, compensated: an EoRA run exports
 its base this way plus a PEFT adapter, see ``peft.py``). A ragged last group is written with smaller
 groups that repeat its scale (:func:`format_group_size`).
+
+Zero points are laid out for one loader (``runtime``), because the two that read the format disagree on
+their shape: vLLM reads the packed shape compressed-tensors' own compressor writes, (⌈outputs/8⌉ ×
+groups) at 4 bits, and asserts it; transformers 5.x with compressed-tensors 0.20 allocates the parameter
+unpacked (outputs × groups) and refuses any other shape, though it reads only the packed rows. So
+``transformers`` pads the packed rows to that shape, ``vllm`` writes them as packed (docs/vllm.md).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from .layout import CONFIG_NAME, WEIGHTS_NAME, staged_directory
 from .writer import unique_state_dict
 
 FORMAT = "pack-quantized"
+RUNTIMES = ("transformers", "vllm")     # whose zero-point shape is written (module docstring)
 
 
 def _require_compressed_tensors():
@@ -64,7 +71,8 @@ def format_group_size(module: QuantizedLinear) -> int:
     return math.gcd(module.group_size, module.in_features)
 
 
-def module_tensors(name: str, module: QuantizedLinear, pack_to_int32) -> dict[str, torch.Tensor]:
+def module_tensors(name: str, module: QuantizedLinear, pack_to_int32, runtime: str = "transformers"
+                   ) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of one quantized linear (codes and zero points re-centred)."""
     centre = 2 ** (module.bits - 1)
     group = format_group_size(module)
@@ -74,18 +82,22 @@ def module_tensors(name: str, module: QuantizedLinear, pack_to_int32) -> dict[st
     scales = module.scale_values().repeat_interleave(repeat, dim=1)[:, :groups].contiguous()
     tensors = {f"{name}.weight_packed": pack_to_int32(codes, module.bits),
                f"{name}.weight_scale": scales,
-               f"{name}.weight_zero_point": packed_zero_points(zeros, module.bits, pack_to_int32),
+               f"{name}.weight_zero_point": packed_zero_points(zeros, module.bits, pack_to_int32,
+                                                               pad=runtime == "transformers"),
                f"{name}.weight_shape": torch.tensor([module.out_features, module.in_features])}
     if module.bias is not None:
         tensors[f"{name}.bias"] = module.bias.detach().clone()
     return tensors
 
 
-def packed_zero_points(zeros: torch.Tensor, bits: int, pack_to_int32) -> torch.Tensor:
-    """Zero points packed along the outputs as compressed-tensors decompresses them, in rows padded to
-    the (outputs × groups) shape its transformers integration allocates for the parameter (0.20.1:
-    allocated unpacked, read packed; the padding rows are never read)."""
+def packed_zero_points(zeros: torch.Tensor, bits: int, pack_to_int32, pad: bool = True) -> torch.Tensor:
+    """Zero points packed along the outputs as compressed-tensors decompresses them; with ``pad``, in rows
+    padded to the (outputs × groups) shape its transformers integration allocates for the parameter
+    (0.20.1: allocated unpacked, read packed; the padding rows are never read). vLLM asserts the packed
+    shape itself: ``pad=False``."""
     packed = pack_to_int32(zeros, bits, packed_dim=0)
+    if not pad:
+        return packed.contiguous()
     return torch.nn.functional.pad(packed, (0, 0, 0, zeros.shape[0] - packed.shape[0]))
 
 
@@ -103,9 +115,13 @@ def quantization_config(targets: dict[str, QuantizedLinear]) -> dict[str, Any]:
     return config.model_dump(exclude_none=True)
 
 
-def write_compressed_tensors(model: nn.Module, tokenizer: Any, directory: Path) -> int:
+def write_compressed_tensors(model: nn.Module, tokenizer: Any, directory: Path, runtime: str = "transformers"
+                             ) -> int:
     """Write ``model`` (an lrcompress model of quantized linears) as a compressed-tensors checkpoint into
-    the existing ``directory``; returns the number of quantized modules."""
+    the existing ``directory``, zero points shaped for ``runtime``; returns the number of quantized modules."""
+    if runtime not in RUNTIMES:
+        raise CheckpointError(f"runtime {runtime!r}: the compressed-tensors export is laid out for one of "
+                              f"{', '.join(RUNTIMES)}")
     pack_to_int32, *_ = _require_compressed_tensors()
     targets = quantized_targets(model)
     config = quantization_config(targets)
@@ -113,7 +129,7 @@ def write_compressed_tensors(model: nn.Module, tokenizer: Any, directory: Path) 
     tensors = {key: value for key, value in tensors.items()
                if not any(key.startswith(name + ".") for name in targets)}
     for name, module in targets.items():
-        tensors.update(module_tensors(name, module, pack_to_int32))
+        tensors.update(module_tensors(name, module, pack_to_int32, runtime))
     forget_compression(model)
     model_config = model.config.to_dict()
     model_config["quantization_config"] = config
@@ -126,7 +142,8 @@ def write_compressed_tensors(model: nn.Module, tokenizer: Any, directory: Path) 
     return len(targets)
 
 
-def export_compressed_tensors(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool = False) -> int:
+def export_compressed_tensors(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool = False,
+                              runtime: str = "transformers") -> int:
     """:func:`write_compressed_tensors` into a new directory ``out_dir`` (written aside, then renamed)."""
     with staged_directory(Path(out_dir), overwrite) as staging:
-        return write_compressed_tensors(model, tokenizer, staging)
+        return write_compressed_tensors(model, tokenizer, staging, runtime)

@@ -91,10 +91,11 @@ def write_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], ranks: dic
     wrapped.save_pretrained(directory)
 
 
-def export_peft(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool = False) -> PeftExport:
+def export_peft(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool = False,
+                runtime: str = "transformers") -> PeftExport:
     """Write ``<out_dir>/base`` and ``<out_dir>/adapter``; ``model`` is changed in place. The base is the
-    compressed-tensors export of the quantized bases when they all are rtn/gptq quantized linears
-    (and the package is installed), else a dense float checkpoint."""
+    compressed-tensors export of the quantized bases (zero points shaped for ``runtime``) when they all are
+    rtn/gptq quantized linears (and the package is installed), else a dense float checkpoint."""
     tensors, ranks = adapter_tensors(model)
     if not ranks:
         raise CheckpointError("the checkpoint has no compensated modules (eora or a residual stage): "
@@ -106,7 +107,7 @@ def export_peft(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool
     with staged_directory(out_dir, overwrite) as staging:
         (staging / "base").mkdir()
         if quantized_base(model):
-            write_compressed_tensors(model, tokenizer, staging / "base")
+            write_compressed_tensors(model, tokenizer, staging / "base", runtime)
             densify(model)
         else:
             densify(model)

@@ -284,8 +284,12 @@ def inspect(checkpoint: Path) -> None:
               "compensation paths as a PEFT LoRA adapter)")
 @click.option("--format", "format_", type=click.Choice(["compressed-tensors"]),
               help="a standard quantized format (rtn/gptq checkpoints; needs the compressed-tensors package)")
+@click.option("--for", "runtime", type=click.Choice(["transformers", "vllm"]), default="transformers",
+              show_default=True, help="the loader a compressed-tensors export (--format, or --peft's base) is "
+              "shaped for: they disagree on the zero points' shape (docs/vllm.md)")
 @click.option("--overwrite", is_flag=True)
-def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str | None, overwrite: bool) -> None:
+def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str | None, runtime: str,
+           overwrite: bool) -> None:
     """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads; --peft: base + LoRA adapter;
     --format compressed-tensors: the quantized weights in that format)."""
     from ..checkpoint import export_dense, export_peft
@@ -296,9 +300,9 @@ def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str
         _fail(click.UsageError("give exactly one of --dense, --peft or --format"))
     loaded = load_model(str(checkpoint))
     if peft:
-        written = export_peft(loaded.model, loaded.tokenizer, output, overwrite)
+        written = export_peft(loaded.model, loaded.tokenizer, output, overwrite, runtime)
     elif format_:
-        count = export_compressed_tensors(loaded.model, loaded.tokenizer, output, overwrite)
+        count = export_compressed_tensors(loaded.model, loaded.tokenizer, output, overwrite, runtime)
     else:
         export_dense(loaded.model, loaded.tokenizer, output, overwrite)
     if peft:

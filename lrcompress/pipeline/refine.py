@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -52,7 +53,6 @@ from ..models.capture import LayerInputs
 from ..modules.low_rank import LowRankLinear
 
 ParameterKind = Literal["factors", "norms", "biases"]
-CPU = torch.device("cpu")
 
 
 class RefineConfig(BaseModel):
@@ -108,18 +108,36 @@ def _loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor
     return (error.mean(-1) / target.pow(2).mean(-1).clamp_min(torch.finfo(torch.float32).tiny)).mean()
 
 
+@dataclass
+class _Fit:
+    """One layer's refinement problem: the layer, its inputs and targets per batch, where it runs."""
+
+    layer: nn.Module
+    inputs: LayerInputs
+    targets: list[torch.Tensor]
+    name: str
+    loss: str
+
+    @property
+    def compute(self) -> torch.device:
+        return next(self.layer.parameters()).device
+
+    def batch_loss(self, number: int) -> torch.Tensor:
+        compute = self.compute
+        output = self.inputs.call(number).to(compute)(self.layer, self.inputs.hidden[number].to(compute, torch.float32))
+        return _loss(output, self.targets[number].to(compute), self.loss)
+
+
 @torch.no_grad()
-def _mean_error(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], batches: list[int],
-                compute: torch.device, kind: str) -> float | None:
+def _mean_error(fit: _Fit, batches: list[int]) -> float | None:
     """The loss over ``batches`` (float64 sum of per-batch means, batches weighted by size)."""
     if not batches:
         return None
     total, count = 0.0, 0
     for number in batches:
-        output = inputs.call(number).to(compute)(layer, inputs.hidden[number].to(compute, torch.float32))
-        target = targets[number].to(compute)
-        total += float(_loss(output, target, kind).double()) * target.numel()
-        count += target.numel()
+        size = fit.targets[number].numel()
+        total += float(fit.batch_loss(number).double()) * size
+        count += size
     return total / count
 
 
@@ -135,10 +153,11 @@ def _split(batches: int, holdout: float) -> tuple[list[int], list[int]]:
 
 
 def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], config: RefineConfig,
-                 compute: torch.device = CPU, name: str | None = None) -> RefineReport:
+                 name: str | None = None) -> RefineReport:
     """Refine the compressed decoder layer ``layer`` in place so that on ``inputs`` (the compressed
     model's inputs to it, with their layer calls) it reproduces ``targets`` (the original layer's outputs
-    on the original inputs, one tensor per batch of ``inputs``). Returns the losses before and after."""
+    on the original inputs, one tensor per batch of ``inputs``). Returns the losses before and after.
+    It runs where the layer is (a layer walk has put it on the compute device); batches are moved there."""
     started = time.perf_counter()
     name = name or f"decoder layer {inputs.layer}"
     if len(targets) != len(inputs):
@@ -158,13 +177,12 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
     for parameter in params:
         parameter.requires_grad_(True)
     try:
+        fit = _Fit(layer, inputs, targets, name, config.loss)
         train, held = _split(len(inputs), config.holdout)
-        train_before = _mean_error(layer, inputs, targets, train, compute, config.loss)
-        held_before = _mean_error(layer, inputs, targets, held, compute, config.loss)
+        train_before, held_before = _mean_error(fit, train), _mean_error(fit, held)
         snapshot = [p.detach().clone() for p in params]
-        steps = _train(layer, inputs, targets, train, params, config, compute, name)
-        train_after = _mean_error(layer, inputs, targets, train, compute, config.loss)
-        held_after = _mean_error(layer, inputs, targets, held, compute, config.loss)
+        steps = _train(fit, train, params, config)
+        train_after, held_after = _mean_error(fit, train), _mean_error(fit, held)
         for value in (train_after, held_after):
             if value is not None and not math.isfinite(value):
                 raise NumericalError(f"refine {name}: the refined layer's output error is {value}")
@@ -185,8 +203,7 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
                         reverted=reverted, seconds=time.perf_counter() - started)
 
 
-def _train(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], train: list[int],
-           params: list[nn.Parameter], config: RefineConfig, compute: torch.device, name: str) -> int:
+def _train(fit: _Fit, train: list[int], params: list[nn.Parameter], config: RefineConfig) -> int:
     """Adam with cosine decay over ``config.epochs`` passes of ``train`` (seeded shuffle); the step count."""
     total = config.epochs * len(train)
     optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -195,11 +212,9 @@ def _train(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], t
     step = 0
     for epoch in range(config.epochs):
         for position in torch.randperm(len(train), generator=generator).tolist():
-            number = train[position]
-            output = inputs.call(number).to(compute)(layer, inputs.hidden[number].to(compute, torch.float32))
-            loss = _loss(output, targets[number].to(compute), config.loss)
+            loss = fit.batch_loss(train[position])
             if not torch.isfinite(loss):
-                raise NumericalError(f"refine {name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                raise NumericalError(f"refine {fit.name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                                      "(non-finite inputs, targets or weights; try a smaller lr)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -66,3 +66,31 @@ def test_eora_exports_a_quantized_base_and_a_peft_adapter(tied_dir, calibration_
     adapted = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
     torch.testing.assert_close(_logits(adapted), _logits(lrcompress.load(checkpoint, kernels=False)),
                                rtol=0, atol=1e-3)
+
+
+def test_export_for_vllm_writes_the_packed_zero_points_compressed_tensors_decompresses(tied_dir, calibration_file,
+                                                                                       tmp_path, no_report):
+    """``--for vllm``: zero points in the packed (⌈outputs/8⌉ × groups) shape vLLM asserts; compressed-tensors'
+    own decompression of every module gives lrcompress's dequantized weight."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    from lrcompress.modules import dense_weight
+
+    checkpoint = _run(tied_dir, calibration_file, tmp_path / "run", [{"method": "rtn", "bits": 4, "group_size": 32}])
+    result = CliRunner().invoke(cli, ["export", str(checkpoint), str(tmp_path / "ct"), "--format", "compressed-tensors",
+                                      "--for", "vllm"])
+    assert result.exit_code == 0, result.output
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    [group] = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    scheme = QuantizationScheme(**group)
+    reference = lrcompress.load(checkpoint, kernels=False)
+    for name in group["targets"]:
+        state = {key.removeprefix(name + "."): value for key, value in tensors.items() if key.startswith(name + ".")}
+        out_features, in_features = state["weight_shape"].tolist()
+        assert state["weight_zero_point"].shape == (-(-out_features // 8), in_features // 32)
+        state["weight_scale"] = state["weight_scale"].float()     # dequantize in float32, as lrcompress does
+        weight = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+        torch.testing.assert_close(weight.float(), dense_weight(reference.get_submodule(name)).float(), rtol=0,
+                                   atol=1e-6)
