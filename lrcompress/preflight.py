@@ -57,7 +57,7 @@ def preflight(recipe: Recipe, stages: list[Stage], data_directory: Path | None,
         sources.extend(lines)
     skeleton = model if model is not None else model_skeleton(recipe.model.path, recipe.model.dtype,
                                                                recipe.model.trust_remote_code)
-    if recipe.calibration.chat_template and not calibration_given and model is None:
+    if recipe.calibration.uses_chat_template and not calibration_given and model is None:
         check_chat_template(recipe)
     check_sequence_lengths(recipe, skeleton)
     plan = plan_modules(skeleton, stages)
@@ -75,10 +75,11 @@ def check_data(recipe: Recipe, directory: Path | None, calibration_given: bool =
     lines = check_recipe_data(recipe, directory, calibration_given)
     if calibration_given:
         return lines
-    calibration = _where(lines[0])
+    read = len(recipe.calibration.parts())          # every source of a mixture is guarded
+    calibration = {_where(line) for line in lines[:read]}
     for i, spec in enumerate(recipe.eval.perplexity):
-        where = _where(lines[1 + i])
-        if where == calibration and not recipe.eval.allow_calibration_split:
+        where = _where(lines[read + i])
+        if where in calibration and not recipe.eval.allow_calibration_split:
             raise RecipeError(f"eval.perplexity.{i} evaluates on the text calibration reads ({where}): the "
                               "perplexity would be optimistic. Evaluate on another split (e.g. wikitext2 test), or "
                               "set eval.allow_calibration_split: true if this is intended")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .compressor import COMPRESSORS, CompressorConfig
 from .errors import RecipeError
@@ -40,12 +41,82 @@ class DataSpec(Section):
     text_column: str = Field("text", description="the column (or JSON field) holding the text")
 
 
+class CalibrationSource(DataSpec):
+    """One source of a calibration mixture (``calibration.sources``): its own data and its own windows."""
+
+    num_samples: int = Field(ge=1, description="windows drawn from this source alone")
+    chat_template: bool = Field(False, description="render this source's records with the tokenizer's chat template")
+
+
+# The keys of the one-source form; with ``sources`` each source carries its own.
+SINGLE_SOURCE_KEYS = ("dataset", "config", "split", "text_column", "chat_template")
+
+
 class CalibrationSpec(DataSpec):
+    """The calibration windows: one source (``dataset``, ``split``, ... here) or a mixture (``sources``).
+
+    A mixture tokenizes and windows every source on its own: source i draws its ``num_samples`` windows
+    from its own text with the seed ``data.windows.source_seed(seed, i)`` (source 0: ``seed`` itself,
+    so a one-source mixture and the one-source form give the same windows, and adding a source leaves
+    the others' windows as they were). The windows are concatenated in the order of ``sources``, and
+    ``num_samples`` is their sum."""
+
     chat_template: bool = Field(False, description="render each record with the tokenizer's chat template "
                                                    "(instruct models; a 'messages' column or plain text)")
     num_samples: int = Field(32, ge=1)
     seq_len: int = Field(512, ge=2)
     seed: int = 0
+    sources: list[CalibrationSource] | None = Field(
+        None, min_length=1, description="a mixture: several datasets with a number of windows each (instead of "
+                                        "dataset/config/split/text_column/chat_template)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("sources") is not None:
+            for key in SINGLE_SOURCE_KEYS:
+                if key in value:
+                    raise ValueError(f"calibration.{key} is given beside calibration.sources: a mixture names "
+                                     f"its data in each source; move {key} into the sources (or drop sources)")
+        return value
+
+    @model_validator(mode="after")
+    def _total(self) -> "CalibrationSpec":
+        if self.sources is not None:
+            total = sum(source.num_samples for source in self.sources)
+            if "num_samples" in self.model_fields_set and self.num_samples != total:
+                raise ValueError(f"calibration.num_samples is {self.num_samples} but the sources' num_samples sum "
+                                 f"to {total}: with sources, leave num_samples out (it is their sum)")
+            self.num_samples = total
+        return self
+
+    @model_serializer(mode="wrap")
+    def _one_form_dump(self, handler: Any) -> dict[str, Any]:
+        """The form that was given: a one-source section dumps as before mixtures existed (so its recipe
+        and resume fingerprints are unchanged), a mixture without the unused one-source keys."""
+        data = handler(self)
+        if self.sources is None:
+            data.pop("sources", None)
+        else:
+            for key in SINGLE_SOURCE_KEYS:
+                data.pop(key, None)
+        return data
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.sources is not None
+
+    def parts(self) -> list[CalibrationSource]:
+        """The sources in order; the one-source form as a single source of ``num_samples`` windows."""
+        if self.sources is not None:
+            return list(self.sources)
+        return [CalibrationSource(dataset=self.dataset, config=self.config, split=self.split,
+                                  text_column=self.text_column, num_samples=self.num_samples,
+                                  chat_template=self.chat_template)]
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return any(part.chat_template for part in self.parts())
 
 
 class AllocationSpec(Section):
@@ -162,12 +233,33 @@ class LmEvalSpec(Section):
         return [value] if isinstance(value, str) else value
 
 
+# ``eval: {protocol: standard}``: two domains and four zero-shot tasks, the dense model beside
+# (README, "The standard evaluation"; the zero-shot average is eval.protocol.zero_shot_average).
+STANDARD_EVAL: dict[str, Any] = {
+    "perplexity": [{"dataset": "wikitext2", "split": "test", "seq_len": 512, "max_windows": 40},
+                   {"dataset": "webtext", "split": "test", "seq_len": 512, "max_windows": 40}],
+    "lm_eval": {"tasks": ["arc_easy", "arc_challenge", "piqa", "lambada_openai"], "limit": 200},
+    "baseline": True,
+}
+
+
 class EvalSpec(Section):
+    protocol: Literal["standard"] | None = Field(
+        None, description="standard: WikiText-2 test and web-text test (40 windows of 512 each), arc_easy, "
+                          "arc_challenge, piqa and lambada_openai (200 documents each) and the dense baseline; "
+                          "keys given beside it replace the protocol's")
     perplexity: list[PerplexitySpec] = Field(default_factory=lambda: [PerplexitySpec()])
     lm_eval: LmEvalSpec | None = None
     baseline: bool = Field(False, description="also evaluate the uncompressed model (cached by fingerprint)")
     allow_calibration_split: bool = Field(False, description="evaluate on the very text used for calibration "
                                                              "(refused by default: the number would be optimistic)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("protocol") == "standard":
+            return {**STANDARD_EVAL, **value}
+        return value
 
 
 class Recipe(Section):

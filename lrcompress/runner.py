@@ -30,7 +30,8 @@ from .checkpoint.layout import disk_errors
 from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
-from .data import TextSource, calibration_windows, data_dir, load_text, tokenize, windows_fingerprint
+from .data import TextSource, calibration_windows, data_dir, tokenize, windows_fingerprint
+from .data.mixture import SourceWindows, calibration_set
 from .errors import LrcompressError
 from .eval import EvalContext, EvalSection, RunMetrics, compression_summary, unique_param_count, versions, write_report
 from .eval.baseline_cache import cached_evaluation
@@ -68,6 +69,7 @@ class RunResult:
 class Calibration:
     source: TextSource
     windows: torch.Tensor
+    parts: list[SourceWindows] | None = None     # per source (None: given in memory)
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
@@ -169,7 +171,7 @@ class RecipeRun:
             given = self.given.loaded              # a library caller's model is compressed in place
             self.model: ResidentModel = loader(given) if given is not None else loader.load(recipe.model)
         tokenizer = self.model.tokenizer
-        if recipe.calibration.chat_template and not getattr(tokenizer, "chat_template", None):
+        if recipe.calibration.uses_chat_template and not getattr(tokenizer, "chat_template", None):
             raise LrcompressError("calibration.chat_template is true but the tokenizer of "
                                   f"{recipe.model.path} has no chat template")
         self.eval_context = EvalContext(self.directory, self.collective.place(resolve_device(recipe.runtime.device)),
@@ -191,16 +193,17 @@ class RecipeRun:
     def calibrate(self) -> Calibration:
         cal = self.recipe.calibration
         with self.timed("calibration_data"):
-            self.observer.phase(f"tokenizing calibration data {cal.dataset}/{cal.split}")
+            self.observer.phase("tokenizing calibration data " + ", ".join(f"{p.dataset}/{p.split}"
+                                                                         for p in cal.parts()))
             given, tokenizer = self.given.calibration, self.model.tokenizer
             if isinstance(given, torch.Tensor):    # token windows handed over by a library caller
                 return Calibration(TextSource("", f"{len(given)} token windows given in memory",
                                               windows_fingerprint(given)), given)
-            source = given or load_text(cal.dataset, cal.split, self.eval_context.data_directory, config=cal.config,
-                                        text_column=cal.text_column,
-                                        chat_tokenizer=tokenizer if cal.chat_template else None)
-            windows = calibration_windows(tokenize(tokenizer, source.text), cal.num_samples, cal.seq_len, cal.seed)
-        return Calibration(source, windows)
+            if given is not None:                  # text handed over by a library caller: the whole set
+                return Calibration(given, calibration_windows(tokenize(tokenizer, given.text), cal.num_samples,
+                                                              cal.seq_len, cal.seed))
+            drawn = calibration_set(cal, tokenizer, self.eval_context.data_directory)
+        return Calibration(drawn.source, drawn.windows, drawn.parts)
 
     def settings(self, calibration: Calibration) -> PipelineSettings:
         return PipelineSettings.from_runtime(self.recipe.runtime, self.collective, len(calibration.windows))
@@ -266,7 +269,9 @@ class RecipeRun:
             calibration=CalibrationProvenance(source=calibration.source.description,
                                               text_sha256=calibration.source.fingerprint,
                                               windows_sha256=windows_fingerprint(calibration.windows),
-                                              num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed))
+                                              num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed,
+                                              sources=[p.record() for p in calibration.parts]
+                                              if calibration.parts is not None else None))
         if self.collective.world_size > 1:
             provenance.processes = self.collective.world_size
         self.metrics.provenance = provenance

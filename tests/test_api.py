@@ -45,3 +45,16 @@ def test_run_token_windows_in_memory_and_bad_inputs(tiny_llama_dir, calibration_
     assert "4 token windows given in memory" in result.metrics.provenance.calibration.source
     with pytest.raises(LrcompressError, match="2-D LongTensor"):
         lrcompress.run(recipe, dataset=windows.float())
+
+
+def test_data_in_memory_replaces_a_whole_mixture(tiny_llama_dir, calibration_file, tmp_path):
+    """A mixture recipe with ``dataset=``: the text given is the whole calibration set, cut into the sum of
+    the sources' windows; the sources are neither read nor recorded (the second one does not exist)."""
+    mixture = {"seq_len": 32, "sources": [{"dataset": str(calibration_file), "num_samples": 3},
+                                          {"dataset": str(tmp_path / "absent.txt"), "num_samples": 2}]}
+    recipe = tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "out", output={"save": False},
+                              calibration=mixture)
+    result = lrcompress.run(recipe, dataset=calibration_file.read_text())
+    calibration = result.metrics.provenance.calibration
+    assert calibration.source == "text given in memory" and calibration.num_samples == 5
+    assert calibration.sources is None

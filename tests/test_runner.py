@@ -155,3 +155,69 @@ def test_chat_template_calibration_renders_conversations(tiny_llama_dir, calibra
     recipe["model"]["path"] = str(model_dir)
     metrics = run_recipe(parse_recipe(recipe)).metrics
     assert "chat template applied" in metrics.provenance.calibration.source
+
+
+@pytest.fixture
+def second_text(tmp_path):
+    """A second calibration source in records form, with another vocabulary than ``calibration_file``."""
+    path = tmp_path / "second.jsonl"
+    words = "numbers count up while letters spell words and windows slide over the text".split()
+    path.write_text("".join(json.dumps({"body": " ".join(words[(i + j) % len(words)] for j in range(300))}) + "\n"
+                            for i in range(8)))
+    return path
+
+
+def mixture(first, second, first_windows: int = 4, second_windows: int = 2) -> dict:
+    return {"seq_len": 48, "seed": 0, "sources": [
+        {"dataset": str(first), "num_samples": first_windows},
+        {"dataset": str(second), "text_column": "body", "num_samples": second_windows}]}
+
+
+@pytest.mark.usefixtures("no_report")
+def test_a_two_source_mixture_runs_and_is_recorded_per_source(tiny_llama_dir, calibration_file, second_text,
+                                                               tmp_path):
+    from lrcompress.recipe import parse_recipe
+    from tiny_runs import tiny_recipe_dict
+
+    recipe = parse_recipe(tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "mix",
+                                           calibration=mixture(calibration_file, second_text)))
+    single = tiny_recipe(tiny_llama_dir, calibration_file, tmp_path / "one")
+    assert recipe.fingerprint() != single.fingerprint()
+    run_recipe(recipe)
+    saved = json.loads((tmp_path / "mix" / "metrics.json").read_text())["provenance"]["calibration"]
+    assert saved["num_samples"] == 6 and saved["source"].startswith("mixture: 4 × ")
+    first, second = saved["sources"]
+    assert (first["num_samples"], second["num_samples"]) == (4, 2)
+    assert str(calibration_file) in first["description"] and "second.jsonl (column body)" in second["description"]
+    assert first["tokens"] == len(calibration_file.read_text())            # the byte tokenizer: one per byte
+    assert first["text_sha256"] != second["text_sha256"] and first["windows_sha256"] != second["windows_sha256"]
+    config = json.loads((tmp_path / "mix" / "config.json").read_text())
+    assert config["quantization_config"]["provenance"]["calibration"]["sources"] == saved["sources"]
+
+
+def test_the_dry_run_shows_each_source_and_missing_ones_stop_it_before_loading(tiny_llama_dir, calibration_file,
+                                                                                second_text, tmp_path):
+    from lrcompress.recipe import parse_recipe
+    from tiny_runs import tiny_recipe_dict
+
+    recipe = tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "o",
+                              calibration=mixture(calibration_file, second_text))
+    lines = run_recipe(parse_recipe(recipe), dry_run=True).data_sources
+    assert lines[0] == f"calibration.sources.0 (4 windows) {calibration_file}/validation: {calibration_file.resolve()}"
+    assert lines[1] == f"calibration.sources.1 (2 windows) {second_text}/validation: {second_text.resolve()}"
+    recipe["calibration"]["sources"][1]["dataset"] = str(tmp_path / "gone.jsonl")
+    with pytest.raises(LrcompressError, match=r"calibration\.sources\.1\.dataset .*gone\.jsonl"):
+        run_recipe(parse_recipe(recipe), dry_run=True)
+
+
+def test_evaluating_on_any_source_of_the_mixture_is_refused(tiny_llama_dir, calibration_file, second_text, tmp_path):
+    from lrcompress.recipe import parse_recipe
+    from tiny_runs import tiny_recipe_dict
+
+    recipe = tiny_recipe_dict(tiny_llama_dir, calibration_file, tmp_path / "o",
+                              calibration=mixture(calibration_file, second_text))
+    recipe["eval"] = {"perplexity": [{"dataset": str(second_text), "text_column": "body", "seq_len": 48}]}
+    with pytest.raises(LrcompressError, match=r"eval\.perplexity\.0 evaluates on the text calibration reads .*second"):
+        run_recipe(parse_recipe(recipe), dry_run=True)
+    recipe["eval"]["allow_calibration_split"] = True
+    assert run_recipe(parse_recipe(recipe), dry_run=True).plan

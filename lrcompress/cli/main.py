@@ -156,10 +156,14 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
 @click.option("--cache", is_flag=True, help="reuse/store the result in the baseline cache (model + settings fingerprint)")
 @click.option("--json", "as_json", is_flag=True,
               help="print JSON: the perplexity result; with --tasks the whole eval section")
+@click.option("--protocol", type=click.Choice(["standard"]),
+              help="the standard evaluation (WikiText-2 and web-text test, 40×512; arc_easy, arc_challenge, piqa, "
+                   "lambada_openai at 200 documents), instead of the dataset and task options")
 def eval_command(checkpoint: str, dataset: str, dataset_config: str | None, split: str, text_column: str,
                  seq_len: int, max_windows: int | None, perplexity: bool, tasks: str | None, limit: int | None,
                  num_fewshot: int | None, include_paths: tuple[Path, ...], batch_size: int, device: str,
-                 data_dir: Path | None, output: Path | None, cache: bool, as_json: bool) -> None:
+                 data_dir: Path | None, output: Path | None, cache: bool, as_json: bool,
+                 protocol: str | None) -> None:
     """Perplexity and lm-eval tasks of any checkpoint, compressed or not (HF dir, .gguf, lrcompress dir)."""
     from pydantic import ValidationError
 
@@ -178,6 +182,9 @@ def eval_command(checkpoint: str, dataset: str, dataset_config: str | None, spli
                                     seq_len=seq_len, max_windows=max_windows)] if perplexity else []
         lm_spec = LmEvalSpec(tasks=parse_tasks(tasks), limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
                              include_path=[str(p) for p in include_paths]) if tasks else None
+        if protocol is not None:                    # the recipe's preset (recipe.STANDARD_EVAL)
+            standard = EvalSpec(protocol=protocol)
+            ppl_specs, lm_spec = standard.perplexity, standard.lm_eval.model_copy(update={"batch_size": batch_size})
         if not ppl_specs and lm_spec is None:
             raise LrcompressError("nothing to evaluate: --no-perplexity and no --tasks")
         directory = resolve_data_dir(str(data_dir) if data_dir else None)

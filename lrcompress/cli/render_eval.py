@@ -5,6 +5,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..eval.metrics import EvalSection
+from ..eval.protocol import ZERO_SHOT_METRIC, ZERO_SHOT_TASKS, zero_shot_average
 
 
 def _fmt(value: float | None, stderr: float | None = None) -> str:
@@ -28,6 +29,12 @@ def lm_eval_table(section: EvalSection) -> Table | None:
         for metric, protocol in result.protocols.items():
             table.add_row(task, metric, _fmt(result.metric(metric), result.metric(f"{metric}_stderr")),
                           f"{result.samples} ({result.num_fewshot}-shot)", protocol)
+    average = zero_shot_average(tasks)
+    if average is not None:
+        table.add_row("zero-shot average", ZERO_SHOT_METRIC, _fmt(average.value, average.stderr),
+                      "all" if average.limit is None else f"{average.limit} per task",
+                      f"mean {ZERO_SHOT_METRIC} of {', '.join(ZERO_SHOT_TASKS)}; stderr sqrt(Σ seᵢ²)/"
+                      f"{len(ZERO_SHOT_TASKS)} (the standard evaluation)")
     return table
 
 

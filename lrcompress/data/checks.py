@@ -17,8 +17,8 @@ from .sources import DatasetRef, check_source
 def check_recipe_data(recipe: Any, directory: Path | None, calibration_given: bool = False) -> list[str]:
     """Check the calibration set (unless the caller holds it already), every perplexity set and the
     lm-eval tasks of ``recipe``; returns one line per dataset or task saying where it will be read from."""
-    lines = ["calibration: given in memory" if calibration_given
-             else f"calibration: {_checked('calibration', recipe.calibration, directory)}"]
+    lines = ["calibration: given in memory"] if calibration_given else calibration_lines(recipe.calibration,
+                                                                                           directory)
     for number, spec in enumerate(recipe.eval.perplexity):
         lines.append(f"perplexity {spec.dataset}/{spec.split}: "
                      f"{_checked(f'eval.perplexity.{number}', spec, directory)}")
@@ -32,6 +32,15 @@ def check_recipe_data(recipe: Any, directory: Path | None, calibration_given: bo
             raise LrcompressError(f"eval.lm_eval.tasks: {error}") from None
         lines += [f"lm-eval {task}: {where}" for task, where in checked.items()]
     return lines
+
+
+def calibration_lines(spec: Any, directory: Path | None) -> list[str]:
+    """Where each calibration source is read from: "calibration: WHERE" for the one-source form, one
+    "calibration.sources.I (N windows) DATASET/SPLIT: WHERE" line per source of a mixture."""
+    if not spec.is_mixture:
+        return [f"calibration: {_checked('calibration', spec, directory)}"]
+    return [f"calibration.sources.{i} ({part.num_samples} windows) {part.dataset}/{part.split}: "
+            f"{_checked(f'calibration.sources.{i}', part, directory)}" for i, part in enumerate(spec.parts())]
 
 
 def _checked(section: str, spec: Any, directory: Path | None) -> str:

@@ -24,12 +24,20 @@ from typing import Any
 
 from ..errors import LrcompressError
 
-# name -> split -> (path under the data directory, HF hub dataset id, HF config)
-KNOWN_DATASETS: dict[str, dict[str, tuple[str, str, str]]] = {
+# name -> split -> (path under the data directory, HF hub dataset id, HF config); a .jsonl/.parquet file's
+# text is its "text" column. No hub id: the files must be in the data directory (no hub copy exists).
+KNOWN_DATASETS: dict[str, dict[str, tuple[str, str | None, str | None]]] = {
     "wikitext2": {
         "test": ("wikitext-2-raw/wiki.test.raw", "wikitext", "wikitext-2-raw-v1"),
         "validation": ("wikitext-2-raw/wiki.valid.raw", "wikitext", "wikitext-2-raw-v1"),
         "train": ("wikitext-2-raw/wiki.train.raw", "wikitext", "wikitext-2-raw-v1"),
+    },
+    # A 1408-document sample of OpenAI's WebText (gpt-2-output-dataset), split by document into two
+    # disjoint files (README, "Calibration mixtures"); validation and calibration name the same file.
+    "webtext": {
+        "calibration": ("webtext/webtext.calibration.jsonl", None, None),
+        "validation": ("webtext/webtext.calibration.jsonl", None, None),
+        "test": ("webtext/webtext.test.jsonl", None, None),
     },
 }
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
@@ -192,7 +200,7 @@ def _hub_name(hub_id: str, config: str | None) -> str:
 
 # ---------------------------------------------------------------- resolution
 
-def _known_local(ref: DatasetRef, directory: Path | None) -> tuple[Path | None, str, str, str]:
+def _known_local(ref: DatasetRef, directory: Path | None) -> tuple[Path | None, str | None, str | None, str]:
     """(the local file if present, hub id, hub config, where we looked) of a known name."""
     splits = KNOWN_DATASETS[ref.dataset]
     if ref.split not in splits:
@@ -204,12 +212,20 @@ def _known_local(ref: DatasetRef, directory: Path | None) -> tuple[Path | None, 
     return (local if local.is_file() else None), hub_id, hub_config, f"dataset file not found: looked for {local}"
 
 
+def _no_hub_twin(ref: DatasetRef, hub_id: str | None, where: str) -> None:
+    """A known name without a hub copy (``webtext``) is read from the data directory only."""
+    if hub_id is None:
+        raise LrcompressError(f"{where}; {ref.dataset!r} has no copy on the hub: put its files under the data "
+                              f"directory ({ref.dataset}/ there; README, 'Calibration mixtures')")
+
+
 def check_source(ref: DatasetRef, directory: Path | None) -> str:
     """Where ``ref`` would be read from; raises a one-line LrcompressError if it cannot be."""
     if ref.dataset in KNOWN_DATASETS:
         local, hub_id, hub_config, where = _known_local(ref, directory)
         if local is not None:
             return str(local.resolve())
+        _no_hub_twin(ref, hub_id, where)
         _check_hub(hub_id, hub_config, ref.split, "text", where)
         return f"hub {hub_id}/{hub_config} {ref.split}"
     if ref.is_local():
@@ -225,7 +241,10 @@ def read_records(ref: DatasetRef, directory: Path | None) -> tuple[list[Any], st
     if ref.dataset in KNOWN_DATASETS:
         local, hub_id, hub_config, where = _known_local(ref, directory)
         if local is not None:
+            if local.suffix in RECORD_SUFFIXES:
+                return _file_column(local, "text"), f"{ref.dataset}/{ref.split} ({local}, column text)"
             return [local.read_text(encoding="utf-8")], f"{ref.dataset}/{ref.split} ({local})"
+        _no_hub_twin(ref, hub_id, where)
         return (_hub_column(hub_id, hub_config, ref.split, "text", where),
                 f"{ref.dataset}/{ref.split} (hub {hub_id}/{hub_config})")
     if ref.is_local():

@@ -1,7 +1,10 @@
 """``lrcompress compare``: several runs side by side, and the rate–distortion picture.
 
 Each run directory holds a metrics.json (and recipe.yaml) written by ``lrcompress run``. The table lists
-method, sizes (bytes first, parameters beside), perplexities and lm-eval accuracies; the plot shows one
+method, sizes (bytes first, parameters beside), every perplexity the runs share (one column per dataset,
+with the ratio to the dense model's when the run recorded its baseline), the zero-shot average of the
+standard evaluation (``eval.protocol``) with its standard error, and lm-eval accuracies; a dense row
+holds the baseline's numbers. The plot shows one
 perplexity (the same dataset and protocol in every run) against the whole model's size in bytes, one
 line per method. Runs whose perplexities were measured under different protocols still get the table
 (each run's own perplexity, with its protocol) and a warning, but no plot: a picture would compare them.
@@ -14,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import LrcompressError
+from ..eval.protocol import ZERO_SHOT_METRIC, ZERO_SHOT_TASKS, ZeroShotAverage, zero_shot_average
 from .metrics import RunMetrics, format_bytes
 from .plots import plot_rate_distortion
 
@@ -31,6 +35,8 @@ class RunSummary:
     model_bytes: int | None = None         # the whole model's weights after compression
     dense_bytes: int | None = None
     targeted_bytes_ratio: float | None = None
+    zero_shot: ZeroShotAverage | None = None              # the standard evaluation's average (eval.protocol)
+    baseline_zero_shot: ZeroShotAverage | None = None
 
     @property
     def bytes_ratio(self) -> float | None:
@@ -78,38 +84,57 @@ def load_run(directory: Path) -> RunSummary:
                       {k: r.value for k, r in evaluation.perplexity.items()},
                       {k: r.protocol for k, r in evaluation.perplexity.items()},
                       {k: r.value for k, r in (evaluation.baseline_perplexity or {}).items()}, accuracy,
-                      model_bytes, dense_bytes, compression.targeted_bytes_ratio)
+                      model_bytes, dense_bytes, compression.targeted_bytes_ratio,
+                      zero_shot_average(evaluation.lm_eval), zero_shot_average(evaluation.baseline_lm_eval))
+
+
+def common_perplexities(runs: list[RunSummary]) -> list[str]:
+    """The perplexity keys every run has, each under one protocol, in the first run's order."""
+    return [key for key in runs[0].perplexity
+            if all(key in run.perplexity for run in runs) and len({run.protocols[key] for run in runs}) == 1]
 
 
 def common_perplexity(runs: list[RunSummary]) -> str | None:
     """The first perplexity key every run has, under one protocol (None: there is none)."""
-    for key in runs[0].perplexity:
-        if all(key in run.perplexity for run in runs):
-            protocols = {run.protocols[key] for run in runs}
-            if len(protocols) == 1:
-                return key
-    return None
+    return next(iter(common_perplexities(runs)), None)
+
+
+def _versus_dense(value: float, dense: float | None) -> str:
+    return f"{value:.3f}" + (f" ({value / dense:.2f}× dense)" if dense else "")
 
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def comparison_rows(runs: list[RunSummary], key: str | None) -> tuple[list[str], list[list[str]]]:
-    """``key``: the shared perplexity; None: each run's first perplexity, with its protocol beside it."""
+ZERO_SHOT_COLUMN = f"zero-shot avg ({ZERO_SHOT_METRIC}, {len(ZERO_SHOT_TASKS)} tasks, %)"
+
+
+def comparison_rows(runs: list[RunSummary], keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    """``keys``: the shared perplexities, one column each (×dense beside when the run has the baseline);
+    none: each run's first perplexity, with its protocol beside it. A zero-shot column when a run has the
+    standard average; a first "dense" row when a run recorded its baseline."""
     accuracy_columns = list(dict.fromkeys(name for run in runs for name in run.accuracy))
-    perplexity_columns = [f"perplexity {key}"] if key else ["perplexity (own protocol)", "protocol"]
+    perplexity_columns = [f"perplexity {key}" for key in keys] if keys else ["perplexity (own protocol)", "protocol"]
+    zero_shot = any(run.zero_shot for run in runs)
     header = (["run", "method", "model size", "bytes removed", "targeted bytes removed", "params removed"]
-              + perplexity_columns + accuracy_columns)
+              + perplexity_columns + ([ZERO_SHOT_COLUMN] if zero_shot else []) + accuracy_columns)
     rows = []
+    dense = next((run for run in runs if keys and all(key in run.baseline_perplexity for key in keys)), None)
+    if dense is not None:
+        rows.append([f"dense (baseline of {dense.directory})", "dense", format_bytes(dense.dense_bytes), "–", "–",
+                     "–"] + [f"{dense.baseline_perplexity[key]:.3f}" for key in keys]
+                    + ([dense.baseline_zero_shot.format() if dense.baseline_zero_shot else "–"] if zero_shot else [])
+                    + ["–"] * len(accuracy_columns))
     for run in sorted(runs, key=lambda r: (r.method, -(r.model_bytes or 0))):
-        if key:
-            ppl = [f"{run.perplexity[key]:.3f}"]
+        if keys:
+            ppl = [_versus_dense(run.perplexity[key], run.baseline_perplexity.get(key)) for key in keys]
         else:
             own = next(iter(run.perplexity), None)
             ppl = [f"{own}: {run.perplexity[own]:.3f}", run.protocols[own]] if own else ["–", "–"]
         rows.append([str(run.directory), run.method, format_bytes(run.model_bytes), _percent(run.bytes_ratio),
                      _percent(run.targeted_bytes_ratio), f"{100 * run.model_ratio:.1f}%"] + ppl
+                    + ([run.zero_shot.format() if run.zero_shot else "–"] if zero_shot else [])
                     + [f"{run.accuracy[c]:.4f}" if c in run.accuracy else "–" for c in accuracy_columns])
     return header, rows
 
@@ -128,12 +153,13 @@ def compare_runs(directories: list[Path], output: Path) -> Comparison:
     if not directories:
         raise LrcompressError("compare: name at least one run directory")
     runs = [load_run(Path(d)) for d in directories]
-    key = common_perplexity(runs)
+    keys = common_perplexities(runs)
+    key = keys[0] if keys else None          # the plot's perplexity
     warnings = []
     if key is None:
         warnings.append("the runs share no perplexity measured under the same protocol (same dataset, split, "
                         "seq_len and windows): the table shows each run's own, and there is no plot")
-    header, rows = comparison_rows(runs, key)
+    header, rows = comparison_rows(runs, keys)
     output.mkdir(parents=True, exist_ok=True)
     plot, dense = None, None
     if key is not None:
@@ -148,13 +174,19 @@ def compare_runs(directories: list[Path], output: Path) -> Comparison:
         dense = (dense_run.dense_bytes, dense_run.baseline_perplexity[key]) if dense_run else None
         if points:
             plot = plot_rate_distortion(points, output / "rate_distortion.png", f"perplexity {key}", dense)
-    protocol = runs[0].protocols[key] if key else "differs between the runs (see the protocol column)"
+    protocol = "; ".join(f"{k}: {runs[0].protocols[k]}" if len(keys) > 1 else runs[0].protocols[k] for k in keys) \
+        if keys else "differs between the runs (see the protocol column)"
     lines = ["# lrcompress comparison", "", f"Perplexity protocol: {protocol}", ""]
     lines += [f"> warning: {warning}" for warning in warnings] + ([""] if warnings else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "Sizes: the whole model's weights in bytes (quantization codes, scales and indices included); "
               "params removed counts stored values, which quantization does not reduce."]
+    if any(run.zero_shot for run in runs):
+        limits = {run.zero_shot.limit for run in runs if run.zero_shot}
+        lines += ["", f"Zero-shot average: mean {ZERO_SHOT_METRIC} over {', '.join(ZERO_SHOT_TASKS)} in percent, ± its "
+                  "standard error sqrt(Σ seᵢ²)/4 (lrcompress/eval/protocol.py); documents per task: "
+                  + ", ".join("all" if limit is None else str(limit) for limit in sorted(limits, key=str)) + "."]
     if dense is not None:
         lines += ["", f"Dense model: {format_bytes(dense[0])}, perplexity {dense[1]:.3f}"]
     if plot is not None:

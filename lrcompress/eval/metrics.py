@@ -102,6 +102,16 @@ class MemoryReport(_Section):
     lazy: bool
 
 
+class CalibrationSourceRecord(_Section):
+    """One source of the calibration set (``data.mixture.SourceWindows``)."""
+
+    description: str
+    text_sha256: str
+    tokens: int                   # tokens in the source's text, the windows' pool
+    num_samples: int
+    windows_sha256: str
+
+
 class CalibrationProvenance(_Section):
     source: str
     text_sha256: str
@@ -109,6 +119,8 @@ class CalibrationProvenance(_Section):
     num_samples: int
     seq_len: int
     seed: int
+    sources: list[CalibrationSourceRecord] | None = None     # per source, in order (absent: given in memory)
+    OMITTED_WHEN_NONE = ("sources",)
 
 
 class Provenance(_Section):

@@ -217,3 +217,24 @@ def test_a_run_killed_while_writing_or_evaluating_resumes_to_the_same_bytes(wher
         [without_time(p) for p in straight["eval"]["perplexity"].values()]
     assert resumed["compression"] == straight["compression"]
     assert not (tmp_path / "out.partial").exists() and not (out / "state.json").exists()
+
+
+def test_a_changed_calibration_mixture_refuses_to_resume(six_layers, calibration_file, tmp_path):
+    """The sources of a mixture are part of the run's fingerprint: another share of windows, or another
+    source, does not continue a staged run."""
+    second = tmp_path / "second.txt"
+    second.write_text(" ".join(f"token{i % 37}" for i in range(3000)))
+    out = tmp_path / "out"
+    sources = [{"dataset": str(calibration_file), "num_samples": 4}, {"dataset": str(second), "num_samples": 2}]
+    calibration = {"seq_len": 48, "seed": 0, "sources": sources}
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(parse_recipe(tiny_recipe_dict(six_layers, calibration_file, out, calibration=calibration)),
+                   Interrupt(MODULES_PER_LAYER + 1))
+    resized = {**calibration, "sources": [sources[0], {**sources[1], "num_samples": 3}]}
+    with pytest.raises(CheckpointError, match=r"recipe\.calibration\.sources\.1\.num_samples: 2 in the staged run, "
+                                              r"3 now"):
+        run_recipe(parse_recipe(tiny_recipe_dict(six_layers, calibration_file, out, calibration=resized)))
+    single = {"dataset": str(calibration_file), "num_samples": 6, "seq_len": 48, "seed": 0}
+    with pytest.raises(CheckpointError, match="calibration_windows_sha256"):
+        run_recipe(parse_recipe(tiny_recipe_dict(six_layers, calibration_file, out, calibration=single)))
+    assert state_segments(out) == [[0]]
