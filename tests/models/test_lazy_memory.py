@@ -1,6 +1,7 @@
 """Lazy mode under a real memory limit: a synthetic random-weight checkpoint several times larger than
 the budget is compressed in a subprocess whose data segment (RLIMIT_DATA, set after the imports) may
-grow by the budget only. The default mode must fail under the same limit, so the limit is real.
+grow by the budget plus a fixed headroom (``LIMIT``, below the model's size), and whose anonymous memory
+must stay within the budget. The default mode must fail under the same limit, so the limit is real.
 
 The budget covers what lazy mode holds at once: the process's own growth after its imports (~36 MB:
 modules transformers imports at the first forward, the calibration data), one layer, its float64
@@ -25,6 +26,12 @@ from tiny_runs import tiny_recipe_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 BUDGET = 88 * 2**20
+# RLIMIT_DATA counts every private writable mapping, not only the anonymous memory the budget is about:
+# with the packages a fresh install took on 2026-12-06 a lazy run whose anonymous growth is 87 MB needed
+# between 120 and 200 MiB of data segment. The limit gets that headroom; the budget itself is asserted on
+# the anonymous peak (and the pipeline's own measure), and the limit stays below the model's size, so the
+# default mode still cannot fit under it.
+LIMIT = BUDGET + 112 * 2**20
 SYNTHETIC = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=32, num_attention_heads=8,
                  num_key_value_heads=2)        # 32 layers × 8.9 MB fp32 ≈ 286 MB (273 MiB) on disk, 3.1× the budget
 
@@ -87,7 +94,7 @@ def run_limited(tmp_path: Path, model_dir: Path, calibration_file: Path, lazy: b
     script = tmp_path / "limited.py"
     script.write_text(LIMITED)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-    done = subprocess.run([sys.executable, str(script), str(recipe_file), str(BUDGET)], env=env, cwd=tmp_path,
+    done = subprocess.run([sys.executable, str(script), str(recipe_file), str(LIMIT)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no result (exit {done.returncode}): {done.stderr[-2000:]}"
@@ -102,7 +109,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
 def test_lazy_mode_compresses_a_model_several_times_larger_than_its_memory_budget(synthetic_dir, calibration_file,
                                                                                    tmp_path):
     size = sum(p.stat().st_size for p in synthetic_dir.glob("*.safetensors"))
-    assert size > 3 * BUDGET
+    assert size > 3 * BUDGET and size > LIMIT
     eager = run_limited(tmp_path, synthetic_dir, calibration_file, lazy=False)
     assert not eager["ok"], "the default mode fit in the budget: the limit proves nothing"
     lazy = run_limited(tmp_path, synthetic_dir, calibration_file, lazy=True)
