@@ -32,7 +32,7 @@ from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
 from .core.devices import resolve_device
 from .data import DatasetRef, TextSource, calibration_windows, data_dir, tokenize, windows_fingerprint
-from .data.mixture import SourceWindows, calibration_set
+from .data.mixture import CalibrationSet, calibration_set
 from .errors import LrcompressError
 from .eval import EvalContext
 from .results import EvalSection, RunMetrics, compression_summary, unique_param_count, versions, write_report
@@ -65,13 +65,6 @@ class RunResult:
     plan: list[PlannedModule] = field(default_factory=list)
     model: nn.Module | None = None          # the compressed model, in memory (for library users)
     data_sources: list[str] = field(default_factory=list)   # where each dataset and task is read from
-
-
-@dataclass
-class Calibration:
-    source: TextSource
-    windows: torch.Tensor
-    parts: list[SourceWindows] | None = None     # per source (None: given in memory)
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
@@ -204,28 +197,28 @@ class RecipeRun:
                                         baseline_lm_eval=section.lm_eval)
 
     # -- calibrate -------------------------------------------------------------------------------------
-    def calibrate(self) -> Calibration:
+    def calibrate(self) -> CalibrationSet:
         cal = self.recipe.calibration
         with self.timed("calibration_data"):
             self.observer.phase("tokenizing calibration data " + ", ".join(DatasetRef.of(p).label
                                                                          for p in cal.parts()))
             given, tokenizer = self.given.calibration, self.model.tokenizer
             if isinstance(given, torch.Tensor):    # token windows handed over by a library caller
-                return Calibration(TextSource("", f"{len(given)} token windows given in memory",
+                return CalibrationSet(TextSource("", f"{len(given)} token windows given in memory",
                                               windows_fingerprint(given)), given)
             if given is not None:                  # text handed over by a library caller: the whole set
-                return Calibration(given, calibration_windows(tokenize(tokenizer, given.text), cal.num_samples,
+                return CalibrationSet(given, calibration_windows(tokenize(tokenizer, given.text), cal.num_samples,
                                                               cal.seq_len, cal.seed, given.description))
             drawn = calibration_set(cal, tokenizer, self.eval_context.data_directory)
-        return Calibration(drawn.source, drawn.windows, drawn.parts)
+        return drawn
 
-    def walk(self, calibration: Calibration) -> LayerWalk:
+    def walk(self, calibration: CalibrationSet) -> LayerWalk:
         """The uncompressed model and this process's calibration windows (all of them alone), for a walk."""
         settings = PipelineSettings.from_runtime(self.recipe.runtime, self.collective, len(calibration.windows))
         return LayerWalk(self.model.model, self.model.adapter, self.collective.shard(calibration.windows), settings,
                          self.observer, self.model.layers())
 
-    def allocate(self, calibration: Calibration) -> None:
+    def allocate(self, calibration: CalibrationSet) -> None:
         """A budget over a stage's modules: the spectra pre-pass chooses every module's rank (the run then
         compresses with stages bound to them) before any decomposition. Nothing happens when every stage is
         uniform."""
@@ -236,7 +229,7 @@ class RecipeRun:
             self.timing["allocation"] = time.perf_counter() - started
 
     # -- compress --------------------------------------------------------------------------------------
-    def compress(self, calibration: Calibration) -> list[ModuleRecord]:
+    def compress(self, calibration: CalibrationSet) -> list[ModuleRecord]:
         """Pre-passes, then the layer-wise pipeline; finished segments go to ``<out>.partial``. A staged run
         killed during its evaluation is written already: its layers are restored, nothing is compressed."""
         self.journal = self._journal(calibration) if self.saves else None
@@ -250,7 +243,7 @@ class RecipeRun:
                                            lazy=self.model.lazy)
         return records
 
-    def _compress(self, calibration: Calibration) -> list[ModuleRecord]:
+    def _compress(self, calibration: CalibrationSet) -> list[ModuleRecord]:
         walk = self.walk(calibration)
         prepass = run_prepasses(walk, self.stages)
         if prepass.reports:
@@ -261,7 +254,7 @@ class RecipeRun:
         self.metrics.output_matching = pipeline.stream.report()    # output matching's extra time and memory
         return records
 
-    def _journal(self, calibration: Calibration) -> StagedJournal | None:
+    def _journal(self, calibration: CalibrationSet) -> StagedJournal | None:
         """The staging directory of the output, resumed when an interrupted run of this recipe left one."""
         recipe = self.recipe
         fingerprint = run_fingerprint(recipe.model_dump(), recipe.model.path, windows_fingerprint(calibration.windows),
@@ -272,7 +265,7 @@ class RecipeRun:
                                                           writes=self.collective.is_writer)
 
     # -- write -----------------------------------------------------------------------------------------
-    def write(self, calibration: Calibration, records: list[ModuleRecord]) -> None:
+    def write(self, calibration: CalibrationSet, records: list[ModuleRecord]) -> None:
         """Provenance, then (rank 0, when the run saves) the checkpoint: the staged segments plus the
         tensors outside the layers, config.json and the tokenizer; then the compression accounting."""
         recipe, cal = self.recipe, self.recipe.calibration

@@ -42,9 +42,11 @@ class SourceWindows:
 
 @dataclass
 class CalibrationSet:
+    """A run's calibration windows and where they came from."""
+
     source: TextSource           # the one source, or a summary of the mixture (its text is not kept)
     windows: torch.Tensor        # num_samples × seq_len, the sources' windows in order
-    parts: list[SourceWindows]
+    parts: list[SourceWindows] | None = None     # per source (None: handed over in memory by a library caller)
 
 
 def calibration_set(spec: Any, tokenizer: Any, directory: Path | None) -> CalibrationSet:
@@ -59,8 +61,7 @@ def calibration_set(spec: Any, tokenizer: Any, directory: Path | None) -> Calibr
             drawn = calibration_windows(ids, part.num_samples, spec.seq_len, source_seed(spec.seed, index),
                                         text.description)
         except LrcompressError as error:
-            raise (LrcompressError(f"{where}: {error}") if spec.is_mixture
-                   else error) from None
+            raise (LrcompressError(f"{where}: {error}") if spec.is_mixture else error) from None
         texts.append(text)
         windows.append(drawn)
         parts.append(SourceWindows(text.description, text.fingerprint, ids.numel(), part.num_samples,
