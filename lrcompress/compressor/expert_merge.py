@@ -121,6 +121,40 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     return min(int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1, len(s))
 
 
+def union_spectrum(weights: torch.Tensor) -> torch.Tensor:
+    """Singular values of [W_1, …, W_n] (n × out × in → min(out, n·in) values, descending, float64): how
+    much of the experts' joint energy a shared output subspace of each size holds."""
+    n, out, inp = weights.shape
+    concat = weights.to(torch.float64).permute(1, 0, 2).reshape(out, n * inp)
+    return torch.linalg.svdvals(concat)
+
+
+def allocate_ranks(values: list[torch.Tensor], budget: int, floors: list[int], ceilings: list[int]) -> list[int]:
+    """Ranks r_u (floor_u ≤ r_u ≤ ceiling_u, Σ r_u = ``budget`` exactly) maximizing Σ_u Σ_{k<r_u} values_u[k].
+
+    ``values[u][k]`` is what the (k+1)-th kept triplet of unit u is worth (e.g. its share of the unit's
+    Σσ²); they must be non-increasing in k, as normalized σ² are, so every unit's best use of any rank is
+    a prefix and the greedy choice (the budget's remaining triplets go to the largest values over all
+    units) is optimal. Ties go to the earlier unit, then the lower k (deterministic)."""
+    if not len(values) == len(floors) == len(ceilings):
+        raise ValueError("values, floors and ceilings need one entry per unit")
+    for v, lo, hi in zip(values, floors, ceilings):
+        if not 0 <= lo <= hi <= len(v):
+            raise ValueError(f"bounds {lo}..{hi} do not fit a unit of {len(v)} triplets")
+        if len(v) > 1 and bool((v[1:hi] > v[:hi - 1] + 1e-12).any()):
+            raise ValueError("a unit's values must be non-increasing (sorted spectra)")
+    if not sum(floors) <= budget <= sum(ceilings):
+        raise ValueError(f"a budget of {budget} triplets is outside [{sum(floors)}, {sum(ceilings)}], the sum "
+                         "of the units' floors and ceilings")
+    candidates = [(-float(v[k]), unit, k) for unit, (v, lo, hi) in enumerate(zip(values, floors, ceilings))
+                  for k in range(lo, hi)]
+    candidates.sort()
+    ranks = list(floors)
+    for _, unit, _ in candidates[:budget - sum(floors)]:
+        ranks[unit] += 1
+    return ranks
+
+
 def regmean_merge(weights: torch.Tensor, grams: torch.Tensor, damping: float,
                   prior: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """RegMean (Jin et al., arXiv 2212.09849) for one linear map of n members: the W minimizing

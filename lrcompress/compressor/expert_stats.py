@@ -13,7 +13,11 @@
   sums, not means: an expert that gets more tokens weighs more in a whitened union SVD;
 * gate-weighted routed Grams (``expert_grams_weighted``, RegMean): the same sums with every token
   weighted by the gate weight g_j(x) the router gave expert j (Σ g·x xᵀ, Σ g·h hᵀ), and the gate mass
-  Σ g: a token the router sends mostly elsewhere matters little to what expert j must reproduce.
+  Σ g: a token the router sends mostly elsewhere matters little to what expert j must reproduce;
+* union spectra (``expert_spectra``, the multi-layer allocation of ``submoe``): per weight type, the
+  singular values of all the block's experts side by side, [W_1 … W_E], from the weights alone; made by a
+  pre-pass over every MoE block before the first is compressed (``pipeline/expert_spectra.py``), so that
+  each block's statistic can see every block's spectra (``ExpertSpectraStatistic.table``).
 
 Experts run on chunks of ``CHUNK_TOKENS`` tokens so that memory stays at E × chunk × (2I + hidden).
 """
@@ -27,11 +31,13 @@ from torch import nn
 from ..errors import NumericalError
 from ..models.moe import (expert_count, expert_intermediate, expert_outputs, expert_weights, route,
                           routed_weights)
+from .expert_merge import union_spectrum
 from .stats import STATISTICS, Statistic, accumulation_dtype
 
 EXPERT_STATS = "expert_outputs"
 EXPERT_GRAMS = "expert_grams"
 EXPERT_WEIGHTED_GRAMS = "expert_grams_weighted"
+EXPERT_SPECTRA = "expert_spectra"
 CHUNK_TOKENS = 512
 COSINE_EPS = 1e-12
 
@@ -178,3 +184,44 @@ class WeightedExpertGramStatistic(ExpertGramStatistic):
 
 STATISTICS[EXPERT_GRAMS] = lambda module, device, *_: ExpertGramStatistic(module, device)
 STATISTICS[EXPERT_WEIGHTED_GRAMS] = lambda module, device, *_: WeightedExpertGramStatistic(module, device)
+
+
+class ExpertSpectraStatistic(Statistic):
+    """The union spectra of one MoE block's experts, per weight type, and the table of every block's.
+
+    Weights only: nothing is observed, and every process computes the same values, so ``merge`` keeps
+    its own (it checks that the other agrees). ``table`` maps each block's full name to its statistic; it
+    is shared by all blocks of one pre-pass, which is what lets a block's compression know the others'.
+    """
+
+    name = EXPERT_SPECTRA
+
+    def __init__(self, block_name: str, spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                 table: dict[str, "ExpertSpectraStatistic"]) -> None:
+        self.block_name = block_name
+        self.spectra = {kind: s.detach().to("cpu", torch.float64) for kind, s in spectra.items()}
+        self.shapes = dict(shapes)
+        self.table = table
+        table[block_name] = self
+
+    @classmethod
+    def of_block(cls, block_name: str, block: nn.Module,
+                 table: dict[str, "ExpertSpectraStatistic"]) -> "ExpertSpectraStatistic":
+        types = expert_weights(block).types()
+        return cls(block_name, {kind: union_spectrum(w.detach()) for kind, w in types.items()},
+                   {kind: (int(w.shape[1]), int(w.shape[2])) for kind, w in types.items()}, table)
+
+    def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        raise TypeError("expert_spectra come from the weights (a pre-pass), not from observed tokens")
+
+    def merge(self, other: Statistic) -> None:
+        assert isinstance(other, ExpertSpectraStatistic)
+        for kind, s in self.spectra.items():
+            if not torch.allclose(s, other.spectra[kind].to(s), rtol=1e-6, atol=0.0):
+                raise NumericalError(f"{self.block_name}: processes disagree on the {kind} union spectrum")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.spectra)
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.spectra = {kind: state[kind].to("cpu", torch.float64, copy=True) for kind in self.spectra}

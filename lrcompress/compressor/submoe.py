@@ -37,6 +37,7 @@ singleton clusters included, becomes rank r. Such a checkpoint loads with ``lrco
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping
@@ -51,9 +52,10 @@ from ..models.moe import (ExpertWeights, expert_activation, expert_count, expert
 from ..modules.experts import LowRankExperts, activation_name
 from .base import CompressorConfig, Plan, register
 from .block import INPUT_SAMPLE, BlockCompressor, BlockResult
-from .expert_merge import (average_merge, cluster_experts, hierarchical_clusters, merge_rows, merge_weights,
-                           most_frequent, regmean_merge, union_svd_factors, union_svd_merge)
-from .expert_stats import EXPERT_GRAMS, EXPERT_STATS, EXPERT_WEIGHTED_GRAMS, ExpertGramStatistic, ExpertStatistic
+from .expert_merge import (allocate_ranks, average_merge, cluster_experts, hierarchical_clusters, merge_rows,
+                           merge_weights, most_frequent, regmean_merge, union_svd_factors, union_svd_merge)
+from .expert_stats import (EXPERT_GRAMS, EXPERT_SPECTRA, EXPERT_STATS, EXPERT_WEIGHTED_GRAMS, ExpertGramStatistic,
+                           ExpertSpectraStatistic, ExpertStatistic)
 from .linalg import Whitening, balanced_factors, low_rank_params, target_rank, whitening
 from .stats import Statistic
 
@@ -99,6 +101,16 @@ class SubMoEConfig(ExpertReductionConfig):
     subspace_energy: float | None = Field(
         None, gt=0.0, le=1.0, description="keep the fewest singular triplets holding this fraction of the "
                                           "union's Σσ² (capped at subspace_rank or min(out, in))")
+    subspace_budget: float | None = Field(
+        None, gt=0.0, le=1.0, description="keep this fraction of all MoE blocks' min(out, in) triplets in total "
+                                          "(per block and weight type: see 'allocation')")
+    allocation: Literal["uniform", "layers"] = Field(
+        "uniform", description="how a budget of kept triplets (subspace_budget, or Sub-MoE†'s rank/ratio) is "
+                               "shared: the same rank everywhere, or across MoE layers by their union spectra "
+                               "(the multi-layer allocation; a pre-pass reads every block's weights)")
+    allocation_floor: float = Field(
+        0.25, ge=0.0, le=1.0, description="allocation: layers: every unit keeps at least this fraction of its "
+                                          "uniform rank (Sub-MoE†) or of min(out, in) (subspace_budget)")
     regmean_damping: float = Field(1e-2, ge=0.0, description="RegMean: λ in Σ G_i + λ·mean(diag)·I")
     regmean_prior: Literal["zero", "average"] = Field(
         "zero", description="RegMean: what the ridge pulls unexcited input directions towards: 0 (plain ridge) "
@@ -113,12 +125,17 @@ class SubMoEConfig(ExpertReductionConfig):
     def _one_intra_size(self) -> "SubMoEConfig":
         if self.rank is not None and self.ratio is not None:
             raise ValueError("give at most one of 'rank' or 'ratio' (the intra-expert size of Sub-MoE†)")
-        subspace = self.subspace_rank is not None or self.subspace_energy is not None
-        if subspace and self.low_rank:
-            raise ValueError("'subspace_rank'/'subspace_energy' (dense truncation) and 'rank'/'ratio' (Sub-MoE†, "
-                             "low-rank experts) are two truncations of the same subspace: give one")
-        if self.merge == "regmean" and (subspace or self.low_rank):
-            raise ValueError("'merge: regmean' has no subspace: drop 'subspace_*', 'rank' and 'ratio'")
+        rules = [key for key in ("subspace_rank", "subspace_energy", "subspace_budget") if getattr(self, key) is not None]
+        if rules and self.low_rank:
+            raise ValueError("'subspace_rank'/'subspace_energy'/'subspace_budget' (dense truncation) and 'rank'/'ratio' "
+                             "(Sub-MoE†, low-rank experts) are two truncations of the same subspace: give one")
+        if self.merge == "regmean" and (rules or self.low_rank or self.allocation != "uniform"):
+            raise ValueError("'merge: regmean' has no subspace: drop 'subspace_*', 'rank', 'ratio' and 'allocation'")
+        if self.subspace_budget is not None and len(rules) > 1:
+            raise ValueError("'subspace_budget' sets the truncation of every block: drop 'subspace_rank'/'subspace_energy'")
+        if self.allocation == "layers" and self.subspace_budget is None and not self.low_rank:
+            raise ValueError("'allocation: layers' shares a budget across MoE layers: give 'subspace_budget' (dense "
+                             "merged experts) or 'rank'/'ratio' (Sub-MoE†)")
         return self
 
     @property
@@ -223,7 +240,9 @@ class SubMoE(ExpertReducer):
     def needs(self) -> frozenset[str]:       # type: ignore[override]
         if self.config.merge == "regmean":
             return ExpertReducer.needs | {EXPERT_WEIGHTED_GRAMS}
-        return ExpertReducer.needs | ({EXPERT_GRAMS} if self.config.low_rank else set())
+        extra = ({EXPERT_GRAMS} if self.config.low_rank else set()) | (
+            {EXPERT_SPECTRA} if self.config.allocation == "layers" else set())
+        return ExpertReducer.needs | extra
 
     def merge(self, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The paper's merge: union SVD truncated by the documented rule (module docstring)."""
@@ -241,9 +260,12 @@ class SubMoE(ExpertReducer):
                       stats: Mapping[str, Statistic]) -> MergedExperts:
         if self.config.merge == "regmean":
             return self._regmean(name, module, groups, mix, stats)
+        if not self.config.low_rank:
+            return self._dense_merge(name, module, groups, mix, stats)
         rank = self.merged_rank(module)
-        if rank is None:
-            return super().merge_experts(name, module, groups, mix, stats)
+        assert rank is not None
+        if self.config.allocation == "layers":
+            (rank,) = set(self._allocated(name, module, stats).values())
         grams = stats[EXPERT_GRAMS]
         assert isinstance(grams, ExpertGramStatistic)
         original = expert_weights(module)
@@ -267,6 +289,37 @@ class SubMoE(ExpertReducer):
         log.info("%s: Sub-MoE† whitening paths: %s", name, summary)
         return MergedExperts(experts, numerical_path=f"float64; whitening {summary}", rank=rank,
                              details={"rank": rank, "routed_tokens": grams.counts.tolist()})
+
+    def _dense_merge(self, name: str, module: nn.Module, groups: list[list[int]], mix: list[torch.Tensor],
+                     stats: Mapping[str, Statistic]) -> MergedExperts:
+        """The paper's merge with dense merged experts, every weight type truncated at its rank: the
+        default min(out, in), ``subspace_rank``, the block's share of ``subspace_budget``, and/or the
+        fewest triplets holding ``subspace_energy`` of each cluster's Σσ²."""
+        original = expert_weights(module)
+        ranks = self._dense_ranks(name, module, stats)
+        merged = {kind: torch.stack([tensor[members[0]].to(torch.float64) if len(members) == 1 else
+                                     union_svd_merge(tensor[members], w, ranks[kind], self.config.subspace_energy)
+                                     for members, w in zip(groups, mix)])
+                  for kind, tensor in original.types().items()}
+        return MergedExperts(ExpertWeights(**merged), details={"subspace_ranks": ranks})
+
+    def _dense_ranks(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> dict[str, int]:
+        """Truncation rank of each weight type of this block (an energy rule may truncate further)."""
+        shapes = {kind: tuple(t.shape[1:]) for kind, t in expert_weights(module).types().items()}
+        if self.config.subspace_budget is None:
+            return {kind: min(self.config.subspace_rank or min(shape), min(shape)) for kind, shape in shapes.items()}
+        if self.config.allocation == "layers":
+            return self._allocated(name, module, stats)
+        return {kind: max(1, round(self.config.subspace_budget * min(shape))) for kind, shape in shapes.items()}
+
+    def _allocated(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> dict[str, int]:
+        """This block's ranks under the multi-layer allocation: every block's (the pre-pass's table)."""
+        spectra = stats[EXPERT_SPECTRA]
+        assert isinstance(spectra, ExpertSpectraStatistic)
+        uniform = self.merged_rank(module)
+        allocation = allocate_layer_ranks(spectra.table, self.config.subspace_budget, uniform,
+                                          self.config.allocation_floor)
+        return allocation[name]
 
     def _regmean(self, name: str, module: nn.Module, groups: list[list[int]], mix: list[torch.Tensor],
                  stats: Mapping[str, Statistic]) -> MergedExperts:
@@ -310,6 +363,59 @@ class SubMoE(ExpertReducer):
         inputs = whitening(by_kind["gate"], self.config.damping, f"{name}.experts[{member}].gate_up")
         down = whitening(by_kind["down"], self.config.damping, f"{name}.experts[{member}].down")
         return {"gate": inputs, "up": inputs, "down": down}
+
+
+def allocate_layer_ranks(table: Mapping[str, ExpertSpectraStatistic], budget: float | None, uniform: int | None,
+                         floor: float) -> dict[str, dict[str, int]]:
+    """The multi-layer allocation: {block name: {weight type: rank}} for every block of the pre-pass table.
+
+    Sub-MoE (Li et al., arXiv 2506.23266) allocates across MoE layers jointly instead of reducing every
+    layer alike: a layer whose experts are more redundant gives up more (the paper's "multi-layer" adaptive
+    allocation chooses each layer's group count under the overall compression rate). The checkpoint here
+    keeps one expert count for all layers (docs/submoe.md), so what is allocated is the other capacity a
+    merged layer has, the rank of its shared subspace, and the redundancy a layer shows is how much of its
+    experts' joint energy few shared directions hold: the union spectrum σ of [W_1 … W_E] per weight type.
+    The (k+1)-th kept triplet of a unit is worth σ_k² / Σσ² (its share of that union's energy), and
+    ``expert_merge.allocate_ranks`` maximizes the total kept share under the budget:
+
+    * dense merged experts (``uniform`` None): a unit is one weight type of one block, its ceiling
+      min(out, in), the budget round(``budget`` · Σ ceilings) triplets;
+    * Sub-MoE† (``uniform`` = the rank its rank/ratio gives every block): a unit is a block (its three
+      weight types share one rank), a triplet is worth the mean of the three shares, the budget is
+      ``uniform`` × blocks, so the stored parameters equal the uniform setting's (all blocks alike in shape).
+
+    Every unit keeps at least ⌈``floor`` × (uniform rank, or its ceiling)⌉, and at least 1.
+    """
+    names = list(table)
+    if uniform is None:
+        units = [(name, kind) for name in names for kind in table[name].spectra]
+        ceilings = [min(table[name].shapes[kind]) for name, kind in units]
+        values = [_shares(table[name].spectra[kind])[:c] for (name, kind), c in zip(units, ceilings)]
+        floors = [max(1, math.ceil(floor * c)) for c in ceilings]
+        total = round((budget or 0.0) * sum(ceilings))
+    else:
+        ceilings = [min(min(shape) for shape in table[name].shapes.values()) for name in names]
+        values = [torch.stack([_shares(s)[:c] for s in table[name].spectra.values()]).mean(0)
+                  for name, c in zip(names, ceilings)]
+        floors = [min(c, max(1, math.ceil(floor * uniform))) for c in ceilings]
+        total = uniform * len(names)
+    if total < sum(floors):
+        raise LrcompressError(f"the allocation budget of {total} triplets is below the floors' {sum(floors)}: "
+                              "lower 'allocation_floor' or raise the budget")
+    ranks = allocate_ranks(values, min(total, sum(ceilings)), floors, ceilings)
+    if uniform is None:
+        out: dict[str, dict[str, int]] = {name: {} for name in names}
+        for (name, kind), rank in zip(units, ranks):
+            out[name][kind] = rank
+        return out
+    return {name: {kind: rank for kind in table[name].spectra} for name, rank in zip(names, ranks)}
+
+
+def _shares(s: torch.Tensor) -> torch.Tensor:
+    """σ_k² / Σσ²: each triplet's share of the union's energy (zeros for an all-zero union)."""
+    squares = s.to(torch.float64).pow(2)
+    total = float(squares.sum())
+    return squares / total if total > 0 else squares
 
 
 def _reached(members: list[int], w: torch.Tensor, counts: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -356,4 +462,4 @@ class ExpertPrune(ExpertReducer):
         return [[i] for i in most_frequent(scores, kept)]
 
 
-__all__ = ["ExpertAverage", "ExpertPrune", "ExpertReducer", "SubMoE", "INPUT_SAMPLE"]
+__all__ = ["ExpertAverage", "ExpertPrune", "ExpertReducer", "SubMoE", "INPUT_SAMPLE", "allocate_layer_ranks"]
