@@ -25,6 +25,8 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -202,10 +204,12 @@ class TrainSettings:
 
 
 def train_expert(trunk: Trunk, layers: list[int], hidden: torch.Tensor, targets: torch.Tensor,
-                 settings: TrainSettings) -> tuple[dict[int, tuple[torch.Tensor, ...]], list[float]]:
+                 settings: TrainSettings, on_step: Callable[[int], None] | None = None
+                 ) -> tuple[dict[int, tuple[torch.Tensor, ...]], list[float]]:
     """Fine-tune a copy of the MLPs of ``layers`` on (hidden at the trunk's start, token ids) windows
     with AdamW (constant rate, no weight decay), next-token loss; every other weight is frozen.
-    The model is left unchanged. Returns the trained (gate, up, down) per layer and the loss curve."""
+    The model is left unchanged. Returns the trained (gate, up, down) per layer and the loss curve.
+    ``on_step(step)`` runs after every step (1-based) while the trained copy is in the model (snapshots)."""
     model = trunk.model
     originals = {i: copy.deepcopy(model.model.layers[i].mlp) for i in layers}
     for p in model.parameters():
@@ -225,6 +229,8 @@ def train_expert(trunk: Trunk, layers: list[int], hidden: torch.Tensor, targets:
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses))
     trained = {i: mlp_weights(model.model.layers[i].mlp) for i in layers}
     for i in layers:
         model.model.layers[i].mlp = originals[i]
@@ -301,56 +307,147 @@ class BuildSettings:
     seed: int = 0
 
 
+@dataclass
+class DomainSplit:
+    """One domain's windows (N × seq_len token ids), disjoint by use: the expert trains on ``train``; the
+    router is fitted on ``router_fit`` and its accuracy measured on ``router_test`` (out of sample);
+    ``held_out`` is for the per-domain losses. Empty tensors are allowed for the last three."""
+
+    name: str
+    train: torch.Tensor
+    router_fit: torch.Tensor
+    router_test: torch.Tensor
+    held_out: torch.Tensor
+
+
 def build(dense: nn.Module, tokenizer, text: str, settings: BuildSettings,
-          progress=lambda message: None) -> tuple[nn.Module, dict]:
-    """Dense model + training text -> (the MoE model, a record of how it was built and what it is)."""
-    layers = sorted(settings.moe_layers)
-    if not layers:
-        raise ValueError("no MoE layers chosen")
+          progress=lambda message: None, checkpoints: Path | None = None) -> tuple[nn.Module, dict]:
+    """Dense model + training text -> (the MoE model, a record of how it was built and what it is); the
+    domains are k-means clusters of the text's paragraphs. The router is fitted on the last
+    ``router_windows`` training windows of each domain (in sample) and tested on as many unused ones."""
     dense.eval()
     parts = paragraphs(text)
     labels = domain_labels(parts, tokenizer, dense.model.embed_tokens.weight, settings.experts, settings.seed)
     windows = domain_windows(parts, labels, tokenizer, settings.seq_len)
-    sizes = [len(w) for w in windows]
-    progress(f"{len(parts)} paragraphs -> {settings.experts} domains of {sizes} windows of {settings.seq_len}")
+    progress(f"{len(parts)} paragraphs -> {settings.experts} domains of {[len(w) for w in windows]} windows "
+             f"of {settings.seq_len}")
     g = torch.Generator().manual_seed(settings.seed)
-    chosen = [w[torch.randperm(len(w), generator=g)[:settings.windows_per_domain]] for w in windows]
-    trunk = Trunk(dense, layers[0])
-    experts: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in layers}
-    curves = []
-    for domain, ids in enumerate(chosen):
-        hidden = trunk.prefix(ids)
-        started = time.perf_counter()
-        trained, losses = train_expert(trunk, layers, hidden, ids,
-                                       TrainSettings(**{**vars(settings.train), "seed": settings.seed + domain}))
-        for i in layers:
-            experts[i].append(trained[i])
-        curves.append(losses)
-        progress(f"domain {domain}: loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} "
-                 f"({time.perf_counter() - started:.0f} s)")
-    features: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    token_labels = []
-    with torch.no_grad():
-        for domain, ids in enumerate(chosen):
-            held_out = ids[-settings.router_windows:]
-            trunk.suffix(trunk.prefix(held_out), features)
-            token_labels.append(torch.full((held_out.numel(),), domain, dtype=torch.long))
-    y = torch.cat(token_labels)
-    routers, accuracy = {}, {}
-    for i in layers:
-        x = torch.cat(features[i])
-        routers[i] = fit_router(x, y, settings.experts)
-        accuracy[i] = float(((x.double() @ routers[i].double().T).argmax(1) == y).double().mean())
-    dense_mlps = {i: mlp_weights(dense.model.layers[i].mlp) for i in layers}
-    act = dense.model.layers[layers[0]].mlp.act_fn
-    differences = {i: expert_differences(experts[i], dense_mlps[i], torch.cat(features[i])[::7], act)
-                   for i in layers}
-    model = assemble(dense, experts, routers, settings.top_k)
-    info = {"domains_windows": sizes, "paragraphs": len(parts), "moe_layers": layers,
-            "loss_first": [c[0] for c in curves], "loss_last5": [sum(c[-5:]) / len(c[-5:]) for c in curves],
-            "router_top1_domain_accuracy": accuracy, "expert_differences": differences}
+    splits = []
+    for domain, w in enumerate(windows):
+        order = torch.randperm(len(w), generator=g)
+        chosen, unused = w[order[:settings.windows_per_domain]], w[order[settings.windows_per_domain:]]
+        splits.append(DomainSplit(f"cluster{domain}", chosen, chosen[-settings.router_windows:],
+                                  unused[:settings.router_windows], unused[:0]))
+    model, info = build_from_domains(dense, splits, settings, progress, checkpoints)
+    info.update(domains_windows=[len(w) for w in windows], paragraphs=len(parts))
     return model, info
 
 
-__all__ = ["BuildSettings", "Trunk", "TrainSettings", "assemble", "build", "domain_labels", "domain_windows",
-           "expert_differences", "fit_router", "mlp_weights", "moe_config", "paragraphs", "train_expert"]
+def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: BuildSettings,
+                       progress=lambda message: None, checkpoints: Path | None = None) -> tuple[nn.Module, dict]:
+    """One expert per domain split, a router per MoE layer, the assembled MoE and its record.
+
+    With ``checkpoints`` every trained expert is saved there (``expert-<i>-<name>.pt``, with a fingerprint
+    of its settings and training windows) and reused on the next run: an interrupted build resumes."""
+    layers = sorted(settings.moe_layers)
+    if not layers:
+        raise ValueError("no MoE layers chosen")
+    if len(splits) != settings.experts:
+        raise ValueError(f"{len(splits)} domains for {settings.experts} experts")
+    dense.eval()
+    trunk = Trunk(dense, layers[0])
+    experts: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in layers}
+    curves = []
+    for domain, split in enumerate(splits):
+        train = TrainSettings(**{**vars(settings.train), "seed": settings.seed + domain})
+        path = checkpoints / f"expert-{domain}-{split.name}.pt" if checkpoints is not None else None
+        fingerprint = expert_fingerprint(layers, train, split.train)
+        saved = torch.load(path) if path is not None and path.exists() else None
+        if saved is not None and saved["fingerprint"] == fingerprint:
+            trained, losses = saved["trained"], saved["losses"]
+            progress(f"domain {domain} ({split.name}): reused {path.name}")
+        else:
+            started = time.perf_counter()
+            trained, losses = train_expert(trunk, layers, trunk.prefix(split.train), split.train, train)
+            progress(f"domain {domain} ({split.name}): loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} "
+                     f"({time.perf_counter() - started:.0f} s)")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"fingerprint": fingerprint, "trained": trained, "losses": losses}, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)
+        for i in layers:
+            experts[i].append(tuple(trained[i]))
+        curves.append(losses)
+    routers, accuracy = fit_routers(trunk, layers, splits)
+    dense_mlps = {i: mlp_weights(dense.model.layers[i].mlp) for i in layers}
+    act = dense.model.layers[layers[0]].mlp.act_fn
+    features = router_features(trunk, layers, [s.router_fit for s in splits])
+    differences = {i: expert_differences(experts[i], dense_mlps[i], torch.cat(features[i])[::7], act)
+                   for i in layers}
+    model = assemble(dense, experts, routers, settings.top_k)
+    info = {"domains": [s.name for s in splits], "moe_layers": layers,
+            "windows": {s.name: {k: len(getattr(s, k)) for k in ("train", "router_fit", "router_test", "held_out")}
+                        for s in splits},
+            "loss_first": [c[0] for c in curves], "loss_last5": [sum(c[-5:]) / len(c[-5:]) for c in curves],
+            "router_top1_domain_accuracy": accuracy["in_sample"],
+            "router_top1_domain_accuracy_out_of_sample": accuracy["out_of_sample"],
+            "expert_differences": differences}
+    return model, info
+
+
+def expert_fingerprint(layers: list[int], train: TrainSettings, windows: torch.Tensor) -> str:
+    """What a saved expert must match to be reused: its layers, training settings and windows."""
+    import hashlib
+
+    digest = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return f"layers={layers};{sorted(vars(train).items())};windows={tuple(windows.shape)}:{digest}"
+
+
+def router_features(trunk: Trunk, layers: list[int], windows: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+    """The MLP inputs of every MoE layer on each domain's ``windows`` (dense model), one tensor per domain."""
+    features: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    with torch.no_grad():
+        for ids in windows:
+            collected: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+            if len(ids):
+                trunk.suffix(trunk.prefix(ids), collected)
+            for i in layers:
+                features[i].append(torch.cat(collected[i]) if collected[i] else torch.zeros(0, trunk.model.config.hidden_size))
+    return features
+
+
+def fit_routers(trunk: Trunk, layers: list[int], splits: list[DomainSplit]
+                ) -> tuple[dict[int, torch.Tensor], dict[str, dict[int, float | None]]]:
+    """Per MoE layer, the logistic-regression router fitted on the ``router_fit`` windows' MLP inputs
+    (labelled by domain), and its top-1 = domain accuracy on them and on the ``router_test`` windows."""
+    fit = router_features(trunk, layers, [s.router_fit for s in splits])
+    test = router_features(trunk, layers, [s.router_test for s in splits])
+
+    def labels(features):
+        return torch.cat([torch.full((len(f),), d, dtype=torch.long) for d, f in enumerate(features)])
+
+    routers, in_sample, out_of_sample = {}, {}, {}
+    for i in layers:
+        x, y = torch.cat(fit[i]), labels(fit[i])
+        routers[i] = fit_router(x, y, len(splits))
+        in_sample[i] = float(((x.double() @ routers[i].double().T).argmax(1) == y).double().mean())
+        xt, yt = torch.cat(test[i]), labels(test[i])
+        out_of_sample[i] = float(((xt.double() @ routers[i].double().T).argmax(1) == yt).double().mean()) if len(yt) else None
+    return routers, {"in_sample": in_sample, "out_of_sample": out_of_sample}
+
+
+def held_out_loss(trunk: Trunk, ids: torch.Tensor, batch: int = 4) -> float:
+    """Mean next-token loss of the trunk's model on ``ids`` (N × seq_len)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in ids.split(batch):
+            logits = trunk.suffix(trunk.prefix(chunk))
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               chunk[:, 1:].reshape(-1), reduction="sum")
+            total, count = total + float(loss), count + chunk[:, 1:].numel()
+    return total / count
+
+
+__all__ = ["BuildSettings", "DomainSplit", "Trunk", "TrainSettings", "assemble", "build", "build_from_domains",
+           "domain_labels", "domain_windows", "expert_differences", "fit_router", "fit_routers", "held_out_loss",
+           "mlp_weights", "moe_config", "paragraphs", "router_features", "train_expert"]
