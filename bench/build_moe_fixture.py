@@ -3,6 +3,13 @@
     LRCOMPRESS_SMOLLM2=... LRCOMPRESS_DATA=... python bench/build_moe_fixture.py \\
         [--out DIR] [--train-data wikitext2 --train-split train] [--experts 8] [--layers 22-29] [--steps 60]
 
+With ``--domains code_mbpp,code_humaneval,...`` (issue 32's specialist fixture) the experts' domains are
+not k-means clusters of one text but texts that differ by construction (``bench/btx_domains.py``: code,
+web, book and question text, two domains each), every domain's windows are split disjointly into
+training, router-fit, router-test and held-out windows, the router's top-1 accuracy is reported out of
+sample, and every trained expert is checkpointed under ``<out>/experts`` so that an interrupted build
+resumes where it stopped (``bench/btx_pilot.py`` prices the build first).
+
 See ``bench/btx.py`` for the method. The output directory (default: ``$LRCOMPRESS_MOE_FIXTURE``,
 else ``<dir of $LRCOMPRESS_SMOLLM2>/<model name>-btx-e<E>``; never inside the repository) holds a plain
 Qwen2-MoE checkpoint with its tokenizer and ``fixture_info.json`` (the build settings, timings, domain
@@ -21,7 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from btx import BuildSettings, TrainSettings, build, dense_equivalence_error   # bench/btx.py, beside this script
+from btx import (BuildSettings, TrainSettings, build, build_from_domains,     # bench/btx.py, beside this script
+                 dense_equivalence_error)
 
 from lrcompress.data import data_dir, load_text
 from lrcompress.eval import EvalContext, perplexity
@@ -44,6 +52,16 @@ def default_out(model: str, experts: int) -> Path:
     return source.parent / f"{source.name}-btx-e{experts}"
 
 
+def domain_losses(dense, moe, splits, settings: BuildSettings) -> dict[str, dict[str, float]]:
+    """Per domain, the held-out next-token loss of dense SmolLM2 and of the MoE (the issue's "the MoE beats
+    dense on every domain's held-out text"; the per-expert comparison is the pilot's)."""
+    from btx import Trunk, held_out_loss
+
+    first = min(settings.moe_layers)
+    return {s.name: {"dense": held_out_loss(Trunk(dense, first), s.held_out),
+                     "moe": held_out_loss(Trunk(moe, first), s.held_out)} for s in splits if len(s.held_out)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("LRCOMPRESS_SMOLLM2"))
@@ -59,6 +77,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--domains", default=None, help="comma-separated domains by construction "
+                        "(bench/btx_domains.py; --experts must equal their number); default: k-means of --train-data")
+    parser.add_argument("--router-test-windows", type=int, default=4, help="--domains: router accuracy windows")
+    parser.add_argument("--held-out-windows", type=int, default=8, help="--domains: held-out windows per domain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 test windows of 512 (0: skip)")
     parser.add_argument("--threads", type=int, default=None)
@@ -83,18 +105,32 @@ def main() -> None:
     started = time.perf_counter()
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    source = load_text(args.train_data, args.train_split, data_dir(None, None))
-    print(f"training text: {source.description} ({len(source.text)} chars, sha {source.fingerprint})", flush=True)
-    probe = tokenizer(source.text[:2000], return_tensors="pt")["input_ids"][:, :128]
+    progress = lambda m: print(f"[{time.perf_counter() - started:6.0f} s] {m}", flush=True)   # noqa: E731
+    if args.domains:
+        from btx_domains import domain_splits
+
+        splits = domain_splits(data_dir(None, None), args.domains.split(","), tokenizer, args.seq_len,
+                               args.windows_per_domain, args.router_windows, args.router_test_windows,
+                               args.held_out_windows, args.seed)
+        probe = splits[0].train[:1, :128]
+        description, fingerprint = f"domains {args.domains}", None
+    else:
+        source = load_text(args.train_data, args.train_split, data_dir(None, None))
+        print(f"training text: {source.description} ({len(source.text)} chars, sha {source.fingerprint})", flush=True)
+        probe = tokenizer(source.text[:2000], return_tensors="pt")["input_ids"][:, :128]
+        description, fingerprint = source.description, source.fingerprint
     equivalence = dense_equivalence_error(dense, list(settings.moe_layers), settings.experts, settings.top_k, probe)
     print(f"Qwen2-MoE with every expert = the dense MLP: max |logit diff| vs dense {equivalence:.2e}", flush=True)
-    moe, info = build(dense, tokenizer, source.text, settings,
-                      progress=lambda m: print(f"[{time.perf_counter() - started:6.0f} s] {m}", flush=True))
+    if args.domains:
+        moe, info = build_from_domains(dense, splits, settings, progress, checkpoints=out / "experts")
+        info["held_out_loss"] = domain_losses(dense, moe, splits, settings)
+    else:
+        moe, info = build(dense, tokenizer, source.text, settings, progress)
     build_seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info.update(arguments=recorded, dense_equivalence_max_logit_diff=equivalence, training_text=source.description, training_fingerprint=source.fingerprint,
+    info.update(arguments=recorded, dense_equivalence_max_logit_diff=equivalence, training_text=description, training_fingerprint=fingerprint,
                 build_seconds=round(build_seconds, 1), threads=torch.get_num_threads(),
                 machine=platform.machine(), torch=torch.__version__)
     if args.eval_windows:

@@ -92,3 +92,62 @@ def test_assemble_refuses_unequal_expert_counts():
     w = mlp_weights(dense.model.layers[1].mlp)
     with pytest.raises(ValueError, match="same expert count"):
         assemble(dense, {1: [w] * 2, 2: [w] * 3}, {1: torch.zeros(2, 64), 2: torch.zeros(3, 64)}, top_k=2)
+
+
+def _splits(tokenizer, seq_len=32):
+    from btx_domains import split_domain
+
+    rng = random.Random(1)
+    docs = {name: [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(40))
+                   for _ in range(12)] for name, letters in (("ab", "abcdefgh"), ("st", "stuvwxyz"))}
+    return [split_domain(name, d, tokenizer, seq_len, train=6, router_fit=3, router_test=2, held_out=2, seed=0)
+            for name, d in docs.items()]
+
+
+def test_domain_splits_are_disjoint_windows_of_the_domain():
+    for split in _splits(byte_tokenizer()):
+        rows = [tuple(r.tolist()) for part in (split.train, split.router_fit, split.router_test, split.held_out)
+                for r in part]
+        assert len(rows) == len(set(rows)) == 6 + 3 + 2 + 2
+    from btx_domains import split_domain
+
+    with pytest.raises(ValueError, match="nothing left to train on"):
+        split_domain("tiny", ["abc"], byte_tokenizer(), 32, 4, 1, 1, 1, 0)
+
+
+def test_build_from_domains_reports_out_of_sample_accuracy_and_resumes_from_checkpoints(tmp_path, monkeypatch):
+    import btx
+    from btx import build_from_domains, held_out_loss
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    splits = _splits(byte_tokenizer())
+    settings = BuildSettings(experts=2, top_k=2, moe_layers=(1, 2), seq_len=32,
+                             train=TrainSettings(steps=3, batch=2, lr=1e-2))
+    moe, info = build_from_domains(dense, splits, settings, checkpoints=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expert-0-ab.pt", "expert-1-st.pt"]
+    assert set(info["router_top1_domain_accuracy_out_of_sample"]) == {1, 2}
+    assert min(info["router_top1_domain_accuracy_out_of_sample"].values()) > 0.6   # two alphabets, unseen windows
+    assert info["windows"]["ab"] == {"train": 6, "router_fit": 3, "router_test": 2, "held_out": 2}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a checkpointed expert was trained again")
+
+    monkeypatch.setattr(btx, "train_expert", no_training)
+    again, _ = build_from_domains(dense, splits, settings, checkpoints=tmp_path)
+    for a, b in zip(again.state_dict().values(), moe.state_dict().values()):
+        assert torch.equal(a, b)
+    loss = held_out_loss(btx.Trunk(moe, 1), splits[0].held_out)
+    assert 0 < loss < 20
+
+
+def test_pilot_snapshots_the_expert_at_the_asked_steps_and_leaves_the_model_dense():
+    from btx_pilot import train_with_snapshots
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    before = mlp_weights(dense.model.layers[2].mlp)
+    split = _splits(byte_tokenizer())[0]
+    result = train_with_snapshots(Trunk(dense, 2), [2], split, TrainSettings(steps=4, batch=2, lr=1e-2), [2, 4])
+    assert sorted(result["snapshots"]) == [2, 4] and len(result["losses"]) == 4
+    moved = [float((result["snapshots"][s]["weights"][2][0] - before[0]).norm()) for s in (2, 4)]
+    assert 0 < moved[0] < moved[1]
+    assert all(torch.equal(a, b) for a, b in zip(before, mlp_weights(dense.model.layers[2].mlp)))
