@@ -297,11 +297,19 @@ class SubMoE(ExpertReducer):
         fewest triplets holding ``subspace_energy`` of each cluster's Σσ²."""
         original = expert_weights(module)
         ranks = self._dense_ranks(name, module, stats)
-        merged = {kind: torch.stack([tensor[members[0]].to(torch.float64) if len(members) == 1 else
-                                     union_svd_merge(tensor[members], w, ranks[kind], self.config.subspace_energy)
-                                     for members, w in zip(groups, mix)])
-                  for kind, tensor in original.types().items()}
-        return MergedExperts(ExpertWeights(**merged), details={"subspace_ranks": ranks})
+        merged: dict[str, list[torch.Tensor]] = {kind: [] for kind in original.types()}
+        kept: dict[str, list[int | None]] = {kind: [] for kind in original.types()}     # None: a 1-expert cluster
+        for members, w in zip(groups, mix):
+            for kind, tensor in original.types().items():
+                if len(members) == 1:
+                    merged[kind].append(tensor[members[0]].to(torch.float64))
+                    kept[kind].append(None)
+                    continue
+                u, s, vt = union_svd_factors(tensor[members], w, ranks[kind], energy=self.config.subspace_energy)
+                merged[kind].append((u * s) @ vt)
+                kept[kind].append(len(s))
+        return MergedExperts(ExpertWeights(**{kind: torch.stack(ws) for kind, ws in merged.items()}),
+                             details={"subspace_ranks": ranks, "cluster_ranks": kept})
 
     def _dense_ranks(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> dict[str, int]:
         """Truncation rank of each weight type of this block (an energy rule may truncate further)."""
