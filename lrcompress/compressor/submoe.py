@@ -24,7 +24,10 @@ The paper truncates the union SVD but leaves its rank open; the default here is 
 expert weight, r = min(out, in): the merged expert is one expert, so its shared basis keeps as many
 directions as a single expert weight can span, and the union's remaining directions (present only
 because the members differ) are dropped. ``subspace_rank`` or ``subspace_energy`` (fraction of Σσ²
-kept) choose another rank. Where the union already has rank ≤ min(out, in) (a weight with out ≤ in,
+kept) choose another rank; ``subspace_budget`` keeps a fraction of all blocks' min(out, in) triplets, the
+same fraction everywhere or, with ``allocation: layers``, shared across the MoE layers by their union
+spectra (``allocate_layer_ranks``; Sub-MoE†'s rank budget can be shared the same way). Measured on a
+synthetic MoE in ``bench/submoe_rank.py``: no truncation below min(out, in) kept the block output better. Where the union already has rank ≤ min(out, in) (a weight with out ≤ in,
 such as a down projection), the default truncates nothing and that weight type is merged as the
 frequency-weighted average; the others (out > in: gate and up when I > hidden, down when I < hidden)
 are truncated.
@@ -378,11 +381,14 @@ def allocate_layer_ranks(table: Mapping[str, ExpertSpectraStatistic], budget: fl
     """The multi-layer allocation: {block name: {weight type: rank}} for every block of the pre-pass table.
 
     Sub-MoE (Li et al., arXiv 2506.23266) allocates across MoE layers jointly instead of reducing every
-    layer alike: a layer whose experts are more redundant gives up more (the paper's "multi-layer" adaptive
-    allocation chooses each layer's group count under the overall compression rate). The checkpoint here
-    keeps one expert count for all layers (docs/submoe.md), so what is allocated is the other capacity a
-    merged layer has, the rank of its shared subspace, and the redundancy a layer shows is how much of its
-    experts' joint energy few shared directions hold: the union spectrum σ of [W_1 … W_E] per weight type.
+    layer alike. Its "Multi-layer Adaptive Allocation" clusters the experts of several layers jointly and
+    sets each layer's group count under the overall compression rate, so that layers with more redundant
+    experts give up more (as summarized by a review of the paper; its full text, section and equation
+    numbers could not be retrieved here, see docs/submoe.md). The checkpoint here keeps one expert count
+    for all layers (a plain checkpoint has one ``num_experts``), so the closest reading allocates the other
+    capacity a merged layer has, the rank of its shared subspace, and measures a layer's redundancy by how
+    much of its experts' joint energy few shared directions hold: the union spectrum σ of [W_1 … W_E] per
+    weight type (all experts: the clusters are not known before the layer's statistics are).
     The (k+1)-th kept triplet of a unit is worth σ_k² / Σσ² (its share of that union's energy), and
     ``expert_merge.allocate_ranks`` maximizes the total kept share under the budget:
 
