@@ -4,7 +4,7 @@
 
 The issue-32 options of ``submoe``: the default (min(out, in), the rank of one expert weight), an energy
 threshold (``subspace_energy``), a rank budget (``subspace_budget``) shared uniformly or by the
-multi-layer allocation (``allocation: layers``), and Sub-MoE† (``ratio``) with either allocation; the
+multi-layer allocation (``rank_allocation: layers``), and Sub-MoE† (``ratio``) with either allocation; the
 frequency-pruning and averaging baselines run through the same pipeline for scale.
 
 The model: a small random Mixtral (hidden 64, expert width 128, top-2), every MoE layer with E experts
@@ -40,13 +40,13 @@ ROWS: list[tuple[str, str, dict]] = [
     ("Sub-MoE energy 0.99", "submoe", {"subspace_energy": 0.99}),
     ("Sub-MoE energy 0.9", "submoe", {"subspace_energy": 0.9}),
     ("Sub-MoE budget 0.5, uniform", "submoe", {"subspace_budget": 0.5}),
-    ("Sub-MoE budget 0.5, layers", "submoe", {"subspace_budget": 0.5, "allocation": "layers"}),
+    ("Sub-MoE budget 0.5, layers", "submoe", {"subspace_budget": 0.5, "rank_allocation": "layers"}),
     ("Sub-MoE budget 0.25, uniform", "submoe", {"subspace_budget": 0.25}),
-    ("Sub-MoE budget 0.25, layers", "submoe", {"subspace_budget": 0.25, "allocation": "layers"}),
+    ("Sub-MoE budget 0.25, layers", "submoe", {"subspace_budget": 0.25, "rank_allocation": "layers"}),
     ("Sub-MoE budget 0.25, layers, floor 0.1", "submoe",
-     {"subspace_budget": 0.25, "allocation": "layers", "allocation_floor": 0.1}),
+     {"subspace_budget": 0.25, "rank_allocation": "layers", "rank_floor": 0.1}),
     ("Sub-MoE† ratio 0.5, uniform", "submoe", {"ratio": 0.5}),
-    ("Sub-MoE† ratio 0.5, layers", "submoe", {"ratio": 0.5, "allocation": "layers"}),
+    ("Sub-MoE† ratio 0.5, layers", "submoe", {"ratio": 0.5, "rank_allocation": "layers"}),
 ]
 
 

@@ -25,7 +25,7 @@ expert weight, r = min(out, in): the merged expert is one expert, so its shared 
 directions as a single expert weight can span, and the union's remaining directions (present only
 because the members differ) are dropped. ``subspace_rank`` or ``subspace_energy`` (fraction of Σσ²
 kept) choose another rank; ``subspace_budget`` keeps a fraction of all blocks' min(out, in) triplets, the
-same fraction everywhere or, with ``allocation: layers``, shared across the MoE layers by their union
+same fraction everywhere or, with ``rank_allocation: layers``, shared across the MoE layers by their union
 spectra (``allocate_layer_ranks``; Sub-MoE†'s rank budget can be shared the same way). Measured on a
 synthetic MoE in ``bench/submoe_rank.py``: no truncation below min(out, in) kept the block output better. Where the union already has rank ≤ min(out, in) (a weight with out ≤ in,
 such as a down projection), the default truncates nothing and that weight type is merged as the
@@ -106,13 +106,13 @@ class SubMoEConfig(ExpertReductionConfig):
                                           "union's Σσ² (capped at subspace_rank or min(out, in))")
     subspace_budget: float | None = Field(
         None, gt=0.0, le=1.0, description="keep this fraction of all MoE blocks' min(out, in) triplets in total "
-                                          "(per block and weight type: see 'allocation')")
-    allocation: Literal["uniform", "layers"] = Field(
+                                          "(per block and weight type: see 'rank_allocation')")
+    rank_allocation: Literal["uniform", "layers"] = Field(
         "uniform", description="how a budget of kept triplets (subspace_budget, or Sub-MoE†'s rank/ratio) is "
                                "shared: the same rank everywhere, or across MoE layers by their union spectra "
                                "(the multi-layer allocation; a pre-pass reads every block's weights)")
-    allocation_floor: float = Field(
-        0.25, ge=0.0, le=1.0, description="allocation: layers: every unit keeps at least this fraction of its "
+    rank_floor: float = Field(
+        0.25, ge=0.0, le=1.0, description="rank_allocation: layers: every unit keeps at least this fraction of its "
                                           "uniform rank (Sub-MoE†) or of min(out, in) (subspace_budget)")
     regmean_damping: float = Field(1e-2, ge=0.0, description="RegMean: λ in Σ G_i + λ·mean(diag)·I")
     regmean_prior: Literal["zero", "average"] = Field(
@@ -132,12 +132,12 @@ class SubMoEConfig(ExpertReductionConfig):
         if rules and self.low_rank:
             raise ValueError("'subspace_rank'/'subspace_energy'/'subspace_budget' (dense truncation) and 'rank'/'ratio' "
                              "(Sub-MoE†, low-rank experts) are two truncations of the same subspace: give one")
-        if self.merge == "regmean" and (rules or self.low_rank or self.allocation != "uniform"):
-            raise ValueError("'merge: regmean' has no subspace: drop 'subspace_*', 'rank', 'ratio' and 'allocation'")
+        if self.merge == "regmean" and (rules or self.low_rank or self.rank_allocation != "uniform"):
+            raise ValueError("'merge: regmean' has no subspace: drop 'subspace_*', 'rank', 'ratio' and 'rank_allocation'")
         if self.subspace_budget is not None and len(rules) > 1:
             raise ValueError("'subspace_budget' sets the truncation of every block: drop 'subspace_rank'/'subspace_energy'")
-        if self.allocation == "layers" and self.subspace_budget is None and not self.low_rank:
-            raise ValueError("'allocation: layers' shares a budget across MoE layers: give 'subspace_budget' (dense "
+        if self.rank_allocation == "layers" and self.subspace_budget is None and not self.low_rank:
+            raise ValueError("'rank_allocation: layers' shares a budget across MoE layers: give 'subspace_budget' (dense "
                              "merged experts) or 'rank'/'ratio' (Sub-MoE†)")
         return self
 
@@ -244,7 +244,7 @@ class SubMoE(ExpertReducer):
         if self.config.merge == "regmean":
             return ExpertReducer.needs | {EXPERT_WEIGHTED_GRAMS}
         extra = ({EXPERT_GRAMS} if self.config.low_rank else set()) | (
-            {EXPERT_SPECTRA} if self.config.allocation == "layers" else set())
+            {EXPERT_SPECTRA} if self.config.rank_allocation == "layers" else set())
         return ExpertReducer.needs | extra
 
     def merge(self, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -267,7 +267,7 @@ class SubMoE(ExpertReducer):
             return self._dense_merge(name, module, groups, mix, stats)
         rank = self.merged_rank(module)
         assert rank is not None
-        if self.config.allocation == "layers":
+        if self.config.rank_allocation == "layers":
             (rank,) = set(self._allocated(name, module, stats).values())
         grams = stats[EXPERT_GRAMS]
         assert isinstance(grams, ExpertGramStatistic)
@@ -319,7 +319,7 @@ class SubMoE(ExpertReducer):
         shapes = {kind: tuple(t.shape[1:]) for kind, t in expert_weights(module).types().items()}
         if self.config.subspace_budget is None:
             return {kind: min(self.config.subspace_rank or min(shape), min(shape)) for kind, shape in shapes.items()}
-        if self.config.allocation == "layers":
+        if self.config.rank_allocation == "layers":
             return self._allocated(name, module, stats)
         return {kind: max(1, round(self.config.subspace_budget * min(shape))) for kind, shape in shapes.items()}
 
@@ -329,7 +329,7 @@ class SubMoE(ExpertReducer):
         assert isinstance(spectra, ExpertSpectraStatistic)
         uniform = self.merged_rank(module)
         allocation = allocate_layer_ranks(spectra.table, self.config.subspace_budget, uniform,
-                                          self.config.allocation_floor)
+                                          self.config.rank_floor)
         return allocation[name]
 
     def _regmean(self, name: str, module: nn.Module, groups: list[list[int]], mix: list[torch.Tensor],
@@ -415,7 +415,7 @@ def allocate_layer_ranks(table: Mapping[str, ExpertSpectraStatistic], budget: fl
         total = uniform * len(names)
     if total < sum(floors):
         raise LrcompressError(f"the allocation budget of {total} triplets is below the floors' {sum(floors)}: "
-                              "lower 'allocation_floor' or raise the budget")
+                              "lower 'rank_floor' or raise the budget")
     ranks = allocate_ranks(values, min(total, sum(ceilings)), floors, ceilings)
     if uniform is None:
         out: dict[str, dict[str, int]] = {name: {} for name in names}

@@ -1,4 +1,4 @@
-"""Sub-MoE's multi-layer allocation (``allocation: layers``) and the shared-subspace rank options: the
+"""Sub-MoE's multi-layer allocation (``rank_allocation: layers``) and the shared-subspace rank options: the
 greedy allocation (sums to the budget, bounds, optimality), the allocation policy over a pre-pass table,
 the recipe validation, and a pipeline run on a tiny 2-layer MoE through the ``expert_spectra`` pre-pass."""
 import itertools
@@ -97,22 +97,22 @@ def test_union_spectrum_is_the_svd_of_the_side_by_side_weights():
 
 def test_config_validation():
     cls = get_compressor("submoe").Config
-    assert cls(num_experts=2, subspace_budget=0.5, allocation="layers").allocation == "layers"
+    assert cls(num_experts=2, subspace_budget=0.5, rank_allocation="layers").allocation == "layers"
     with pytest.raises(ValueError, match="shares a budget"):
-        cls(num_experts=2, allocation="layers")
+        cls(num_experts=2, rank_allocation="layers")
     with pytest.raises(ValueError, match="shares a budget"):
-        cls(num_experts=2, allocation="layers", subspace_rank=4)
+        cls(num_experts=2, rank_allocation="layers", subspace_rank=4)
     with pytest.raises(ValueError, match="give one"):
         cls(num_experts=2, subspace_budget=0.5, ratio=0.3)
     with pytest.raises(ValueError, match="drop 'subspace_rank'"):
         cls(num_experts=2, subspace_budget=0.5, subspace_energy=0.9)
     with pytest.raises(ValueError, match="no subspace"):
-        cls(num_experts=2, merge="regmean", allocation="layers", subspace_budget=0.5)
+        cls(num_experts=2, merge="regmean", rank_allocation="layers", subspace_budget=0.5)
     with pytest.raises(ValueError):
         cls(num_experts=2, subspace_budget=0.0)
     with pytest.raises(ValueError):
-        cls(num_experts=2, subspace_budget=0.5, allocation="global")
-    assert EXPERT_SPECTRA in get_compressor("submoe")(cls(num_experts=2, ratio=0.3, allocation="layers")).needs
+        cls(num_experts=2, subspace_budget=0.5, rank_allocation="global")
+    assert EXPERT_SPECTRA in get_compressor("submoe")(cls(num_experts=2, ratio=0.3, rank_allocation="layers")).needs
     assert EXPERT_SPECTRA not in get_compressor("submoe")(cls(num_experts=2, subspace_budget=0.5)).needs
 
 
@@ -120,7 +120,7 @@ def test_config_validation():
 def test_pipeline_runs_the_spectra_prepass_and_merges_at_the_allocated_ranks(options):
     model = _two_layers(0)
     table = _table(_two_layers(0))
-    stage = moe_stage("submoe", num_experts=2, allocation="layers", **options)
+    stage = moe_stage("submoe", num_experts=2, rank_allocation="layers", **options)
     settings = PipelineSettings(batch_size=2)
     pre = run_prepasses(LayerWalk(model, adapter_for(model), MOE_WINDOWS, settings), [stage])
     assert sorted(pre.statistics) == ["model.layers.0.mlp", "model.layers.1.mlp"]
