@@ -97,7 +97,7 @@ def test_union_spectrum_is_the_svd_of_the_side_by_side_weights():
 
 def test_config_validation():
     cls = get_compressor("submoe").Config
-    assert cls(num_experts=2, subspace_budget=0.5, rank_allocation="layers").allocation == "layers"
+    assert cls(num_experts=2, subspace_budget=0.5, rank_allocation="layers").rank_allocation == "layers"
     with pytest.raises(ValueError, match="shares a budget"):
         cls(num_experts=2, rank_allocation="layers")
     with pytest.raises(ValueError, match="shares a budget"):
