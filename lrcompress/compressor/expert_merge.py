@@ -121,12 +121,15 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     return min(int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1, len(s))
 
 
-def union_spectrum(weights: torch.Tensor) -> torch.Tensor:
-    """Singular values of [W_1, …, W_n] (n × out × in → min(out, n·in) values, descending, float64): how
-    much of the experts' joint energy a shared output subspace of each size holds."""
-    n, out, inp = weights.shape
-    concat = weights.to(torch.float64).permute(1, 0, 2).reshape(out, n * inp)
-    return torch.linalg.svdvals(concat)
+def spectrum_shares(weights: torch.Tensor) -> torch.Tensor:
+    """Mean over the n experts of σ_k(W_i)² / ‖W_i‖²_F (n × out × in → min(out, in) values, descending,
+    float64, summing to 1 unless every W_i is 0): the share of an expert's energy its k-th direction holds,
+    for a typical expert. A cluster of like experts (what the clustering forms) has a union spectrum close
+    to its members' own, so this is what truncating a merged cluster of this block to rank k keeps."""
+    w = weights.to(torch.float64)
+    squares = torch.linalg.svdvals(w).pow(2)                                  # n × min(out, in)
+    totals = squares.sum(dim=1, keepdim=True)
+    return torch.where(totals > 0, squares / totals.clamp_min(1e-300), torch.zeros_like(squares)).mean(0)
 
 
 def allocate_ranks(values: list[torch.Tensor], budget: int, floors: list[int], ceilings: list[int]) -> list[int]:

@@ -14,10 +14,10 @@
 * gate-weighted routed Grams (``expert_grams_weighted``, RegMean): the same sums with every token
   weighted by the gate weight g_j(x) the router gave expert j (Σ g·x xᵀ, Σ g·h hᵀ), and the gate mass
   Σ g: a token the router sends mostly elsewhere matters little to what expert j must reproduce;
-* union spectra (``expert_spectra``, the multi-layer allocation of ``submoe``): per weight type, the
-  singular values of all the block's experts side by side, [W_1 … W_E], from the weights alone; made by a
-  pre-pass over every MoE block before the first is compressed (``pipeline/expert_spectra.py``), so that
-  each block's statistic can see every block's spectra (``ExpertSpectraStatistic.table``).
+* spectrum shares (``expert_spectra``, the multi-layer allocation of ``submoe``): per weight type, the
+  mean over the block's experts of σ_k(W_i)²/‖W_i‖², from the weights alone; made by a pre-pass over every
+  MoE block before the first is compressed (``pipeline/expert_spectra.py``), so that each block's
+  statistic can see every block's (``ExpertSpectraStatistic.table``).
 
 Experts run on chunks of ``CHUNK_TOKENS`` tokens so that memory stays at E × chunk × (2I + hidden).
 """
@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import NumericalError
 from ..models.moe import (expert_count, expert_intermediate, expert_outputs, expert_weights, route,
                           routed_weights)
-from .expert_merge import union_spectrum
+from .expert_merge import spectrum_shares
 from .stats import STATISTICS, Statistic, accumulation_dtype
 
 EXPERT_STATS = "expert_outputs"
@@ -187,7 +187,8 @@ STATISTICS[EXPERT_WEIGHTED_GRAMS] = lambda module, device, *_: WeightedExpertGra
 
 
 class ExpertSpectraStatistic(Statistic):
-    """The union spectra of one MoE block's experts, per weight type, and the table of every block's.
+    """The spectrum shares of one MoE block's experts (``expert_merge.spectrum_shares``), per weight type,
+    and the table of every block's.
 
     Weights only: nothing is observed, and every process computes the same values, so ``merge`` keeps
     its own (it checks that the other agrees). ``table`` maps each block's full name to its statistic; it
@@ -208,7 +209,7 @@ class ExpertSpectraStatistic(Statistic):
     def of_block(cls, block_name: str, block: nn.Module,
                  table: dict[str, "ExpertSpectraStatistic"]) -> "ExpertSpectraStatistic":
         types = expert_weights(block).types()
-        return cls(block_name, {kind: union_spectrum(w.detach()) for kind, w in types.items()},
+        return cls(block_name, {kind: spectrum_shares(w.detach()) for kind, w in types.items()},
                    {kind: (int(w.shape[1]), int(w.shape[2])) for kind, w in types.items()}, table)
 
     def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
@@ -218,7 +219,7 @@ class ExpertSpectraStatistic(Statistic):
         assert isinstance(other, ExpertSpectraStatistic)
         for kind, s in self.spectra.items():
             if not torch.allclose(s, other.spectra[kind].to(s), rtol=1e-6, atol=0.0):
-                raise NumericalError(f"{self.block_name}: processes disagree on the {kind} union spectrum")
+                raise NumericalError(f"{self.block_name}: processes disagree on the {kind} spectrum shares")
 
     def state(self) -> dict[str, torch.Tensor]:
         return dict(self.spectra)

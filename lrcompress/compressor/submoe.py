@@ -25,9 +25,10 @@ expert weight, r = min(out, in): the merged expert is one expert, so its shared 
 directions as a single expert weight can span, and the union's remaining directions (present only
 because the members differ) are dropped. ``subspace_rank`` or ``subspace_energy`` (fraction of Σσ²
 kept) choose another rank; ``subspace_budget`` keeps a fraction of all blocks' min(out, in) triplets, the
-same fraction everywhere or, with ``rank_allocation: layers``, shared across the MoE layers by their union
-spectra (``allocate_layer_ranks``; Sub-MoE†'s rank budget can be shared the same way). Measured on a
-synthetic MoE in ``bench/submoe_rank.py``: no truncation below min(out, in) kept the block output better. Where the union already has rank ≤ min(out, in) (a weight with out ≤ in,
+same fraction everywhere or, with ``rank_allocation: layers``, shared across the MoE layers by their
+experts' spectra (``allocate_layer_ranks``; Sub-MoE†'s rank budget can be shared the same way). Measured on
+a synthetic MoE in ``bench/submoe_rank.py``: no truncation below min(out, in) kept the block output better.
+Where the union already has rank ≤ min(out, in) (a weight with out ≤ in,
 such as a down projection), the default truncates nothing and that weight type is merged as the
 frequency-weighted average; the others (out > in: gate and up when I > hidden, down when I < hidden)
 are truncated.
@@ -109,7 +110,7 @@ class SubMoEConfig(ExpertReductionConfig):
                                           "(per block and weight type: see 'rank_allocation')")
     rank_allocation: Literal["uniform", "layers"] = Field(
         "uniform", description="how a budget of kept triplets (subspace_budget, or Sub-MoE†'s rank/ratio) is "
-                               "shared: the same rank everywhere, or across MoE layers by their union spectra "
+                               "shared: the same rank everywhere, or across MoE layers by their experts' spectra "
                                "(the multi-layer allocation; a pre-pass reads every block's weights)")
     rank_floor: float = Field(
         0.25, ge=0.0, le=1.0, description="rank_allocation: layers: every unit keeps at least this fraction of its "
@@ -386,11 +387,13 @@ def allocate_layer_ranks(table: Mapping[str, ExpertSpectraStatistic], budget: fl
     experts give up more (as summarized by a review of the paper; its full text, section and equation
     numbers could not be retrieved here, see docs/submoe.md). The checkpoint here keeps one expert count
     for all layers (a plain checkpoint has one ``num_experts``), so the closest reading allocates the other
-    capacity a merged layer has, the rank of its shared subspace, and measures a layer's redundancy by how
-    much of its experts' joint energy few shared directions hold: the union spectrum σ of [W_1 … W_E] per
-    weight type (all experts: the clusters are not known before the layer's statistics are).
-    The (k+1)-th kept triplet of a unit is worth σ_k² / Σσ² (its share of that union's energy), and
-    ``expert_merge.allocate_ranks`` maximizes the total kept share under the budget:
+    capacity a merged layer has, the rank of its shared subspace, and measures how many shared directions a
+    layer needs by its experts' spectra: the (k+1)-th kept triplet of a unit is worth the mean over the
+    layer's experts of σ_k(W_i)²/‖W_i‖² (``expert_merge.spectrum_shares``; a cluster of like experts, what
+    the clustering forms, has a union spectrum close to its members' own, and the clusters themselves are
+    not known before each layer's statistics are). ``expert_merge.allocate_ranks`` maximizes the total kept
+    share under the budget. (Measured in bench/submoe_rank.py against the union spectrum of all of a layer's
+    experts, which overstates what a cluster of like experts needs: see docs/submoe.md.)
 
     * dense merged experts (``uniform`` None): a unit is one weight type of one block, its ceiling
       min(out, in), the budget round(``budget`` · Σ ceilings) triplets;
@@ -404,12 +407,12 @@ def allocate_layer_ranks(table: Mapping[str, ExpertSpectraStatistic], budget: fl
     if uniform is None:
         units = [(name, kind) for name in names for kind in table[name].spectra]
         ceilings = [min(table[name].shapes[kind]) for name, kind in units]
-        values = [_shares(table[name].spectra[kind])[:c] for (name, kind), c in zip(units, ceilings)]
+        values = [table[name].spectra[kind][:c] for (name, kind), c in zip(units, ceilings)]
         floors = [max(1, math.ceil(floor * c)) for c in ceilings]
         total = round((budget or 0.0) * sum(ceilings))
     else:
         ceilings = [min(min(shape) for shape in table[name].shapes.values()) for name in names]
-        values = [torch.stack([_shares(s)[:c] for s in table[name].spectra.values()]).mean(0)
+        values = [torch.stack([s[:c] for s in table[name].spectra.values()]).mean(0)
                   for name, c in zip(names, ceilings)]
         floors = [min(c, max(1, math.ceil(floor * uniform))) for c in ceilings]
         total = uniform * len(names)
@@ -423,13 +426,6 @@ def allocate_layer_ranks(table: Mapping[str, ExpertSpectraStatistic], budget: fl
             out[name][kind] = rank
         return out
     return {name: {kind: rank for kind in table[name].spectra} for name, rank in zip(names, ranks)}
-
-
-def _shares(s: torch.Tensor) -> torch.Tensor:
-    """σ_k² / Σσ²: each triplet's share of the union's energy (zeros for an all-zero union)."""
-    squares = s.to(torch.float64).pow(2)
-    total = float(squares.sum())
-    return squares / total if total > 0 else squares
 
 
 def _reached(members: list[int], w: torch.Tensor, counts: torch.Tensor) -> tuple[list[int], torch.Tensor]:

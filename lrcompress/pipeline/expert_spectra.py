@@ -1,10 +1,10 @@
-"""The ``expert_spectra`` pre-pass: the union spectra of every targeted MoE block, before any is compressed.
+"""The ``expert_spectra`` pre-pass: the spectrum shares of every targeted MoE block, before any is compressed.
 
 ``submoe`` with ``rank_allocation: layers`` shares one budget of kept triplets among all MoE blocks (see
 ``compressor/submoe.py``), so compressing the first block needs every block's spectra. They come from the
 weights alone (no forward pass): each layer is loaded through the layer store (lazy mode works), its
-targeted blocks' expert weights are decomposed (``compressor.expert_merge.union_spectrum``, float64), and
-the layer is released. What is kept: min(out, E·in) float64 values per weight type and block.
+targeted blocks' expert weights are decomposed (``compressor.expert_merge.spectrum_shares``, float64), and
+the layer is released. What is kept: min(out, in) float64 values per weight type and block.
 """
 from __future__ import annotations
 

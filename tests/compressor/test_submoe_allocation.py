@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lrcompress.compressor import get_compressor
-from lrcompress.compressor.expert_merge import allocate_ranks, union_spectrum
+from lrcompress.compressor.expert_merge import allocate_ranks, spectrum_shares
 from lrcompress.compressor.expert_stats import EXPERT_SPECTRA, ExpertSpectraStatistic
 from lrcompress.compressor.submoe import allocate_layer_ranks
 from lrcompress.errors import LrcompressError
@@ -89,10 +89,12 @@ def test_layers_allocation_gives_the_redundant_layer_less_and_keeps_the_budget(r
         allocate_layer_ranks(table, 0.05, None, 0.5)
 
 
-def test_union_spectrum_is_the_svd_of_the_side_by_side_weights():
+def test_spectrum_shares_are_the_experts_mean_energy_shares():
     w = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    expected = torch.linalg.svdvals(torch.cat(list(w), dim=1))
-    torch.testing.assert_close(union_spectrum(w), expected)
+    expected = torch.stack([torch.linalg.svdvals(e).pow(2) / e.pow(2).sum() for e in w]).mean(0)
+    shares = spectrum_shares(torch.cat([w, torch.zeros(1, 5, 4, dtype=torch.float64)]))     # a zero expert adds 0
+    torch.testing.assert_close(shares, expected * 3 / 4)
+    torch.testing.assert_close(spectrum_shares(w).sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_config_validation():
