@@ -36,7 +36,8 @@ def trained_moe(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("options", [{}, {"merge": "regmean"}], ids=["paper", "regmean"])
+@pytest.mark.parametrize("options", [{}, {"merge": "regmean"}, {"subspace_budget": 0.5, "rank_allocation": "layers"}],
+                         ids=["paper", "regmean", "layers-allocation"])
 def test_reduced_fixture_loads_with_from_pretrained_and_is_gated(trained_moe, tmp_path, options):
     out = tmp_path / "run"
     text = str(trained_moe / "text.txt")
@@ -45,12 +46,16 @@ def test_reduced_fixture_loads_with_from_pretrained_and_is_gated(trained_moe, tm
                          eval={"perplexity": [{"dataset": text, "seq_len": 48, "max_windows": 3}],
                                "allow_calibration_split": True, "baseline": True})
     run_recipe(recipe)
+    metrics = json.loads((out / "metrics.json").read_text())
+    if options.get("rank_allocation") == "layers":       # the runner ran the expert_spectra pre-pass
+        assert metrics["prepass"]["expert_spectra"]["blocks"] == 2
+        ranks = [m["details"]["subspace_ranks"] for m in metrics["modules"]]
+        assert sum(r for block in ranks for r in block.values()) == round(0.5 * 2 * 3 * 64)  # 2 blocks × 3 types × min(160, 64)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.num_experts == 2
     assert all(layer.mlp.experts.gate_up_proj.shape[0] == 2 for layer in model.model.layers)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(3, 250, (1, 16))).logits).all()
-    metrics = json.loads((out / "metrics.json").read_text())
     ppl = next(iter(metrics["eval"]["perplexity"].values()))["value"]
     # The checkpoint, read by plain transformers, is the model the run evaluated: its perplexity on the same
     # three windows of 48 tokens, computed here with transformers' own loss, is the recorded one.
