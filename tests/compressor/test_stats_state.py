@@ -13,7 +13,8 @@ import torch
 
 from lrcompress.compressor import GramStatistic, OriginalWeight
 from lrcompress.compressor.block import InputSample
-from lrcompress.compressor.expert_stats import ExpertGramStatistic, ExpertStatistic, WeightedExpertGramStatistic
+from lrcompress.compressor.expert_stats import (ExpertGramStatistic, ExpertSpectraStatistic, ExpertStatistic,
+                                               WeightedExpertGramStatistic)
 from lrcompress.compressor.fisher import FisherStatistic, OutputGradientStatistic
 from lrcompress.compressor.stats import SNAPSHOTS, STATISTICS, CrossGramStatistic, Statistic
 from lrcompress.pipeline import PREPASSES
@@ -83,11 +84,17 @@ def _experts(part: int | None, kind: type = ExpertStatistic) -> Statistic:
     return stat
 
 
+def _spectra(part: int | None) -> Statistic:
+    """Weights only: every part (process) holds the same values, and merging keeps them."""
+    return ExpertSpectraStatistic.of_block("model.layers.0.mlp", _block(), {})
+
+
 CASES: dict[str, Callable[[int | None], Statistic]] = {
     "gram": _gram, "cross_gram": _cross, "original_weight": _original, "fisher": _fisher,
     "output_gradient": _output_gradient, "block_input_sample": _sample,
     "expert_outputs": _experts, "expert_grams": lambda part: _experts(part, ExpertGramStatistic),
     "expert_grams_weighted": lambda part: _experts(part, WeightedExpertGramStatistic),
+    "expert_spectra": _spectra,
 }
 
 

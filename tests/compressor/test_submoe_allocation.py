@@ -147,3 +147,16 @@ def test_subspace_budget_uniform_truncates_every_block_alike():
                                       ).compress("b", block, stats)
     shapes = {k: t.shape[1:] for k, t in expert_weights(block).types().items()}
     assert result.details["subspace_ranks"] == {k: round(0.5 * min(s)) for k, s in shapes.items()}
+
+
+def test_spectra_statistic_is_weights_only_and_refuses_disagreeing_processes():
+    from lrcompress.errors import NumericalError
+
+    model = _two_layers(0)
+    table = _table(model)
+    first, second = table["model.layers.0.mlp"], table["model.layers.1.mlp"]
+    first.merge(ExpertSpectraStatistic.of_block("model.layers.0.mlp", model.model.layers[0].mlp, {}))
+    with pytest.raises(NumericalError, match="disagree"):
+        first.merge(second)
+    with pytest.raises(TypeError, match="weights"):
+        first.observe(torch.zeros(1, 64), torch.zeros(1, 64))
