@@ -10,8 +10,13 @@ averaged); Sub-MoE as the paper describes it (truncated union SVD, frequency-mer
 clusters merged by RegMean; Sub-MoE† (whitened union SVD, low-rank experts) at one intra-expert ratio.
 Each row runs the layer-wise pipeline (sequential, every MoE block reduced) on the same calibration
 windows (WikiText-2 validation), then WikiText-2 test perplexity and, with ``--tasks``, lm-eval
-zero-shot tasks. Resumable: every finished (row, experts kept, what was measured) is one JSON line in
-``--out``; rows already there are skipped, so a stopped run continues where it stopped.
+zero-shot tasks. Resumable: every finished (row, experts kept, what was measured, calibration seed) is one
+JSON line in ``--out``; rows already there are skipped, so a stopped run continues where it stopped.
+
+Issue 32: ``--seeds 0,1,2`` repeats every reduced row on that many calibration samples (the table gives the
+mean and the range); ``--domains`` adds each domain's held-out perplexity on a fixture built with
+``build_moe_fixture.py --domains`` (its held-out windows are rebuilt from the arguments recorded in the
+fixture's ``fixture_info.json``, so they are the windows no expert and no router saw).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from lrcompress.eval import EvalContext, perplexity
 from lrcompress.eval.lm_eval_tasks import evaluate_tasks
 from lrcompress.models import adapter_for, load_model
 from lrcompress.models.moe import expert_count_key
-from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage, run_prepasses
 from lrcompress.recipe import PerplexitySpec
 
 
@@ -45,16 +50,19 @@ def rows(dagger_ratio: float) -> list[tuple[str, str | None, dict[str, Any]]]:
         ("Sub-MoE (paper: truncated union SVD)", "submoe", {}),
         ("Sub-MoE clusters + RegMean", "submoe", {"merge": "regmean"}),
         (f"Sub-MoE† (ratio {dagger_ratio})", "submoe", {"ratio": dagger_ratio}),
+        (f"Sub-MoE† (ratio {dagger_ratio}), ranks allocated across layers", "submoe",
+         {"ratio": dagger_ratio, "rank_allocation": "layers"}),
         ("Sub-MoE clusters + RegMean, ridge towards the average", "submoe",
          {"merge": "regmean", "regmean_prior": "average"}),
     ]
 
 
-def done(path: Path) -> dict[tuple[str, int, str], dict[str, Any]]:
+def done(path: Path) -> dict[tuple[str, int, str, int], dict[str, Any]]:
+    """Finished records by (label, experts kept, measure, calibration seed; 0 for records without one)."""
     if not path.exists():
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["label"], r["kept"], r["measure"]): r for r in records}
+    return {(r["label"], r["kept"], r["measure"], r.get("seed", 0)): r for r in records}
 
 
 def reduce(fixture: str, method: str, options: dict[str, Any], kept: int, windows: torch.Tensor):
@@ -62,8 +70,11 @@ def reduce(fixture: str, method: str, options: dict[str, Any], kept: int, window
     model = loaded.model
     cls = get_compressor(method)
     stage = Stage(0, cls(cls.Config(num_experts=kept, **options)), ["*"])
+    settings = PipelineSettings(batch_size=4)
     started = time.perf_counter()
-    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), windows, PipelineSettings(batch_size=4)), [stage]).run()
+    pre = run_prepasses(LayerWalk(model, adapter_for(model), windows, settings), [stage])
+    records = LayerwisePipeline(LayerWalk(model, adapter_for(model), windows, settings), [stage],
+                                precomputed=pre.statistics).run()
     info = {"compress_s": round(time.perf_counter() - started, 1),
             "block_rel_error": sum(r.relative_error for r in records) / len(records),
             "block_params": sum(r.params_after for r in records) / sum(r.params_before for r in records)}
@@ -81,6 +92,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--dagger-ratio", type=float, default=0.3)
     parser.add_argument("--only", default="", help="comma list of row numbers (1-based) to run")
+    parser.add_argument("--seeds", default="0", help="calibration sample seeds, e.g. 0,1,2 (each reduced row per seed)")
+    parser.add_argument("--domains", action="store_true",
+                        help="also each domain's held-out perplexity (a fixture built with --domains)")
     parser.add_argument("--print", action="store_true", help="print the table from --out and stop")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -95,32 +109,37 @@ def main() -> None:
     experts = getattr(loaded.model.config, expert_count_key(loaded.model.config))
     kept_list = [int(k) for k in args.kept.split(",")] if args.kept else [round(0.75 * experts), experts // 2]
     text = load_text("wikitext2", "validation", data_dir(None, None))
-    windows = calibration_windows(tokenize(loaded.tokenizer, text.text), args.num_samples, 512, 0)
+    tokens = tokenize(loaded.tokenizer, text.text)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    windows = {seed: calibration_windows(tokens, args.num_samples, 512, seed) for seed in seeds}
+    held_out = domain_held_out(Path(args.fixture), loaded.tokenizer) if args.domains else {}
     tasks = [t for t in args.tasks.split(",") if t]
     only = {int(i) for i in args.only.split(",") if i}
     del loaded
     for number, (label, method, options) in enumerate(rows(args.dagger_ratio), 1):
         if only and number not in only:
             continue
-        for kept in [experts] if method is None else kept_list:
+        for kept, seed in [(experts, 0)] if method is None else [(k, s) for k in kept_list for s in seeds]:
             finished = done(out)
-            wanted = ["ppl"] + (["tasks"] if tasks else [])
-            missing = [m for m in wanted if (label, kept, m) not in finished]
+            wanted = ["ppl"] + (["tasks"] if tasks else []) + (["domains"] if held_out else [])
+            missing = [m for m in wanted if (label, kept, m, seed) not in finished]
             if not missing:
                 continue
             if method is None:
                 reloaded = load_model(args.fixture)
                 model, tokenizer, info = reloaded.model, reloaded.tokenizer, {"compress_s": 0.0}
             else:
-                model, tokenizer, info = reduce(args.fixture, method, options, kept, windows)
+                model, tokenizer, info = reduce(args.fixture, method, options, kept, windows[seed])
             base = {"label": label, "method": method, "options": options, "kept": kept, "experts": experts,
-                    "threads": torch.get_num_threads(), **info}
+                    "seed": seed, "threads": torch.get_num_threads(), **info}
             for measure in missing:
                 started = time.perf_counter()
                 if measure == "ppl":
                     result = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.max_windows),
                                         EvalContext(data_dir(None, None)))
                     values: dict[str, Any] = {"perplexity": result.value, "protocol": result.protocol}
+                elif measure == "domains":
+                    values = {"domains": {name: windows_perplexity(model, ids) for name, ids in held_out.items()}}
                 else:
                     raw = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=8,
                                          data_directory=data_dir(None, None))
@@ -133,28 +152,65 @@ def main() -> None:
     print_table(out)
 
 
+def domain_held_out(fixture: Path, tokenizer) -> dict[str, torch.Tensor]:
+    """Each domain's held-out windows of a fixture built with ``--domains``, rebuilt from its recorded
+    arguments (the same split, so windows no expert trained on and no router was fitted on)."""
+    from btx_domains import domain_splits          # bench/btx_domains.py, beside this script
+
+    info = json.loads((fixture / "fixture_info.json").read_text())
+    a = info["arguments"]
+    if not a.get("domains"):
+        raise SystemExit(f"{fixture}: not built with --domains, it has no held-out domain windows")
+    splits = domain_splits(data_dir(None, None), a["domains"].split(","), tokenizer, a["seq_len"],
+                           a["windows_per_domain"], a["router_windows"], a["router_test_windows"],
+                           a["held_out_windows"], a["seed"])
+    return {s.name: s.held_out for s in splits}
+
+
+@torch.no_grad()
+def windows_perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
+    """exp(mean next-token NLL) of ``model`` over the windows ``ids`` (N × seq_len), each on its own."""
+    total, count = 0.0, 0
+    for chunk in ids.split(batch):
+        logits = model(input_ids=chunk, use_cache=False).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                         chunk[:, 1:].reshape(-1), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return float(torch.exp(torch.tensor(total / count)))
+
+
 def print_table(path: Path) -> None:
+    """One line per (row, experts kept): the mean over calibration seeds, with the range when there are several."""
     records = done(path)
-    keys = sorted({(label, kept) for label, kept, _ in records}, key=lambda k: (-k[1], _order(k[0])))
-    base = next((r["perplexity"] for (label, _, m), r in records.items() if r["method"] is None and m == "ppl"), None)
+    keys = sorted({(label, kept) for label, kept, _, _ in records}, key=lambda k: (-k[1], _order(k[0])))
+    base = next((r["perplexity"] for (label, _, m, _), r in records.items() if r["method"] is None and m == "ppl"), None)
     tasks = sorted({t for r in records.values() for t in r.get("tasks", {})})
+    domains = sorted({d for r in records.values() for d in r.get("domains", {})})
     print(f"Machine: {platform.machine()}, torch {torch.__version__}; threads as recorded per row\n")
-    print("| method | experts | block params | perplexity | ppl / fixture | mean block rel. error | "
-          + "".join(f"{t} acc | " for t in tasks) + "compress s |")
-    print("|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|")
+    print("| method | experts | seeds | block params | perplexity | ppl / fixture | mean block rel. error | "
+          + "".join(f"{t} acc | " for t in tasks) + "".join(f"{d} ppl | " for d in domains) + "compress s |")
+    print("|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + len(domains)) + "---|")
     for label, kept in keys:
-        ppl = records.get((label, kept, "ppl"), {})
-        zs = records.get((label, kept, "tasks"), {}).get("tasks", {})
-        any_record = ppl or records.get((label, kept, "tasks"), {})
-        value = ppl.get("perplexity")
-        cells = [label, str(kept), f"{any_record.get('block_params', 1.0):.1%}",
-                 f"{value:.2f}" if value else "–", f"{value / base:.3f}×" if value and base else "–",
-                 f"{any_record['block_rel_error']:.4f}" if "block_rel_error" in any_record else "–"]
-        cells += [f"{zs[t]['acc']:.3f}" if t in zs else "–" for t in tasks]
-        cells.append(f"{any_record.get('compress_s', 0):.0f}")
+        mine = [r for (l, k, _, _), r in records.items() if (l, k) == (label, kept)]
+        ppl = [r["perplexity"] for r in mine if r["measure"] == "ppl"]
+        errors = [r["block_rel_error"] for r in mine if "block_rel_error" in r and r["measure"] == "ppl"]
+        cells = [label, str(kept), str(len({r.get("seed", 0) for r in mine})), f"{mine[0].get('block_params', 1.0):.1%}",
+                 _spread(ppl, "{:.2f}"), _spread([p / base for p in ppl], "{:.3f}×") if base else "–",
+                 _spread(errors, "{:.4f}")]
+        cells += [_spread([r["tasks"][t]["acc"] for r in mine if t in r.get("tasks", {})], "{:.3f}") for t in tasks]
+        cells += [_spread([r["domains"][d] for r in mine if d in r.get("domains", {})], "{:.2f}") for d in domains]
+        cells.append(f"{sum(r.get('compress_s', 0) for r in mine if r['measure'] == 'ppl') / max(1, len(ppl)):.0f}")
         print("| " + " | ".join(cells) + " |")
     protocol = next((r["protocol"] for r in records.values() if "protocol" in r), "")
     print(f"\nPerplexity: {protocol}")
+
+
+def _spread(values: list[float], form: str) -> str:
+    """The mean, and (min–max) when there are several values; '–' for none."""
+    if not values:
+        return "–"
+    mean = form.format(sum(values) / len(values))
+    return mean if len(values) == 1 else f"{mean} ({form.format(min(values))}–{form.format(max(values))})"
 
 
 def _order(label: str) -> int:

@@ -1,0 +1,56 @@
+"""bench/submoe_table.py's issue-32 additions: several calibration seeds per row, per-domain held-out
+perplexity on a fixture built with --domains, and the table that summarizes them."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))   # bench/submoe_table.py
+from helpers import byte_tokenizer, tiny_model
+from submoe_table import domain_held_out, print_table, windows_perplexity
+
+
+def test_table_gives_the_mean_and_range_over_seeds_and_reads_records_without_a_seed(tmp_path, capsys):
+    rows = [{"label": "fixture (no reduction)", "method": None, "kept": 8, "measure": "ppl", "perplexity": 30.0,
+             "protocol": "p"},                                               # an issue-15 record: no seed
+            *({"label": "prune: frequency", "method": "expert_prune", "kept": 4, "measure": "ppl", "seed": s,
+               "perplexity": 33.0 + 3 * s, "block_rel_error": 0.1 * (s + 1), "block_params": 0.5} for s in (0, 1)),
+            {"label": "prune: frequency", "method": "expert_prune", "kept": 4, "measure": "domains", "seed": 0,
+             "domains": {"code": 3.0, "book": 40.0}}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    print_table(path)
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("| prune: frequency"))
+    assert "| 2 |" in line and "34.50 (33.00–36.00)" in line and "1.150× (1.100×–1.200×)" in line
+    assert "0.1500 (0.1000–0.2000)" in line and "| 40.00 | 3.00 |" in line        # book, code: sorted
+
+
+def test_windows_perplexity_is_the_models_own_loss():
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids = torch.randint(3, 250, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = float(torch.exp(model(input_ids=ids, labels=ids).loss))
+    assert windows_perplexity(model, ids, batch=2) == pytest.approx(expected, rel=1e-5)
+
+
+def test_domain_held_out_rebuilds_the_builds_split(tmp_path, monkeypatch, data_dir):
+    from btx_domains import domain_splits
+
+    data = data_dir
+    monkeypatch.setenv("LRCOMPRESS_DATA", str(data))
+    arguments = {"domains": "code_humaneval,qa_arc", "seq_len": 64, "windows_per_domain": 4, "router_windows": 2,
+                 "router_test_windows": 2, "held_out_windows": 3, "seed": 0}
+    (tmp_path / "fixture_info.json").write_text(json.dumps({"arguments": arguments}))
+    held = domain_held_out(tmp_path, byte_tokenizer())
+    splits = domain_splits(data, ["code_humaneval", "qa_arc"], byte_tokenizer(), 64, 4, 2, 2, 3, 0)
+    assert list(held) == ["code_humaneval", "qa_arc"]
+    for split in splits:
+        assert torch.equal(held[split.name], split.held_out) and held[split.name].shape == (3, 64)
+    (tmp_path / "fixture_info.json").write_text(json.dumps({"arguments": {**arguments, "domains": None}}))
+    with pytest.raises(SystemExit, match="not built with --domains"):
+        domain_held_out(tmp_path, byte_tokenizer())
