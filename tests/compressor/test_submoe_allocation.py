@@ -160,3 +160,18 @@ def test_spectra_statistic_is_weights_only_and_refuses_disagreeing_processes():
         first.merge(second)
     with pytest.raises(TypeError, match="weights"):
         first.observe(torch.zeros(1, 64), torch.zeros(1, 64))
+
+
+def test_recipe_validates_the_allocation_options():
+    from pathlib import Path
+
+    from lrcompress.errors import RecipeError
+    from lrcompress.recipe import load_recipe
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "submoe.yaml"
+    stage = load_recipe(recipe, ["stages.0.rank_allocation=layers", "stages.0.subspace_budget=0.5"]).stages[0]
+    assert stage.options["rank_allocation"] == "layers" and stage.allocation.strategy == "uniform"
+    with pytest.raises(RecipeError, match="shares a budget across MoE layers"):
+        load_recipe(recipe, ["stages.0.rank_allocation=layers"])
+    with pytest.raises(RecipeError, match="rank_floor"):
+        load_recipe(recipe, ["stages.0.subspace_budget=0.5", "stages.0.rank_floor=2"])
