@@ -57,7 +57,7 @@ from ..modules.experts import LowRankExperts, activation_name
 from .base import CompressorConfig, Plan, register
 from .block import INPUT_SAMPLE, BlockCompressor, BlockResult
 from .expert_merge import (allocate_ranks, average_merge, cluster_experts, hierarchical_clusters, merge_rows,
-                           merge_weights, most_frequent, regmean_merge, union_svd_factors, union_svd_merge)
+                           merge_weights, most_frequent, regmean_merge, union_svd_factors)
 from .expert_stats import (EXPERT_GRAMS, EXPERT_SPECTRA, EXPERT_STATS, EXPERT_WEIGHTED_GRAMS, ExpertGramStatistic,
                            ExpertSpectraStatistic, ExpertStatistic)
 from .linalg import Whitening, balanced_factors, low_rank_params, target_rank, whitening
@@ -248,11 +248,6 @@ class SubMoE(ExpertReducer):
             {EXPERT_SPECTRA} if self.config.rank_allocation == "layers" else set())
         return ExpertReducer.needs | extra
 
-    def merge(self, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The paper's merge: union SVD truncated by the documented rule (module docstring)."""
-        rank = self.config.subspace_rank or min(weights.shape[1:])
-        return union_svd_merge(weights, w, rank, self.config.subspace_energy)
-
     def merged_rank(self, module: nn.Module) -> int | None:
         if not self.config.low_rank:
             return None
@@ -349,7 +344,7 @@ class SubMoE(ExpertReducer):
                     log.warning("%s: no calibration token reached experts %s: averaged instead of RegMean",
                                 name, members)
                 for kind, tensor in original.types().items():
-                    merged[kind].append(self._merge_group(tensor, members, w) if len(members) > 1
+                    merged[kind].append(average_merge(tensor[members], w) if len(members) > 1
                                         else tensor[members[0]].to(torch.float64))
                 continue
             member_grams = [grams.grams(name, m) for m in reached]

@@ -125,3 +125,31 @@ def test_hierarchical_clustering_recovers_prototype_groups():
     stats = _stats(block)
     result = _compressor("expert_average", num_experts=3, clustering="hierarchical").compress("b", block, stats)
     assert result.details["groups"] == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_regmean_averages_a_cluster_no_token_reached(caplog):
+    from lrcompress.compressor.expert_merge import merge_weights
+    from lrcompress.compressor.submoe import SubMoE
+
+    block = _block(experts=4)
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(64, generator=g)
+    with torch.no_grad():                       # tokens along +u, experts 2 and 3 pointing at −u: never chosen
+        block.gate.weight.copy_(torch.stack([u, 0.5 * u, -u, -0.5 * u]))
+    x = (1 + torch.rand(1, 96, 1, generator=g)) * u + 0.01 * torch.randn(1, 96, 64, generator=g)
+    stats = {EXPERT_STATS: ExpertStatistic(block), EXPERT_WEIGHTED_GRAMS: WeightedExpertGramStatistic(block)}
+    with torch.no_grad():
+        for statistic in stats.values():
+            statistic.observe(x, None)
+    assert stats[EXPERT_STATS].frequencies()[2:].sum() == 0
+
+    class Fixed(SubMoE):
+        def groups(self, statistic, similarity, kept):
+            return [[0, 1], [2, 3]]
+
+    result = Fixed(SubMoE.Config(num_experts=2, merge="regmean")).compress("b", block, stats)
+    w = merge_weights(stats[EXPERT_STATS].frequencies(), [2, 3])
+    for weights, merged in ((block.experts.gate_up_proj, result.module.experts.gate_up_proj),
+                            (block.experts.down_proj, result.module.experts.down_proj)):
+        torch.testing.assert_close(merged[1], average_merge(weights[[2, 3]], w).to(merged.dtype))
+    assert "averaged instead of RegMean" in caplog.text
