@@ -14,7 +14,10 @@ clustering can find or miss. Never used: WikiText-2 (its validation split is the
 its test split the evaluation). Kept out of evaluation on purpose: ARC-Easy (the zero-shot task) is not
 trained on, only ARC-Challenge; PIQA is trained only on validation examples from index ``PIQA_FIRST_TRAIN``
 on, so a zero-shot PIQA run with ``--limit`` ≤ that number reads only untrained examples (lm-eval's limit
-takes the first documents). No answer keys are used (ARC's answerKey, PIQA's labels).
+takes the first documents). No answer keys are used (ARC's answerKey, PIQA's labels). Contaminated by
+construction, so not to be reported on such a fixture: arc_challenge and lambada_openai (its questions and
+passages are training text), i.e. two of the four tasks of the standard evaluation protocol
+(``lrcompress/eval/protocol.py``); the issue's table uses arc_easy and piqa.
 """
 from __future__ import annotations
 
