@@ -87,10 +87,27 @@ def inputs(tokenizer_dir: str, windows: int, seq_len: int, text: str) -> dict[st
             "windows": evaluation_windows(tokenize(tokenizer, source), seq_len, windows).tolist()}
 
 
+_MEMO: dict[str, Any] = {}     # references and bench-infer reports, shared by the cases of one invocation
+
+
+def memoized(key: Any, compute: Any) -> Any:
+    """``compute()`` once per ``key`` (JSON-able) in this process: cases that differ only in vLLM's dtype
+    or kernel share lrcompress's side."""
+    text = json.dumps(key, sort_keys=True)
+    if text not in _MEMO:
+        _MEMO[text] = compute()
+    return _MEMO[text]
+
+
 def reference(run: str, ids: dict[str, Any], new_tokens: int, variant: str | None = None) -> dict[str, Any]:
     """Greedy tokens, and the summed NLL of the perplexity windows, of
     ``lrcompress.load(run, kernels=False)`` (float32; full recomputation each step, no KV cache), or of its
     w8a8 ``variant``, on the :func:`inputs` ``ids``."""
+    return memoized(["reference", run, ids, new_tokens, variant],
+                    lambda: _reference(run, ids, new_tokens, variant))
+
+
+def _reference(run: str, ids: dict[str, Any], new_tokens: int, variant: str | None) -> dict[str, Any]:
     import torch
 
     model = load_reference(run, variant)
@@ -362,8 +379,8 @@ def run_case(case: dict[str, str], args: argparse.Namespace, out: Path) -> dict[
         result["variants"] = [compare(case, reference(case["run"], ids, args.new_tokens, variant), served,
                                       args.seq_len, variant) for variant in VARIANTS]
     if speed:
-        result["bench_infer"] = bench_infer(case["run"], case.get("dense"), speed, args.threads,
-                                            Path(f"{stem}.bench-infer.json"))
+        result["bench_infer"] = memoized(["bench-infer", case["run"], case.get("dense")], lambda: bench_infer(
+            case["run"], case.get("dense"), speed, args.threads, Path(f"{stem}.bench-infer.json")))
         result["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load ")[-1]
     return result
 
