@@ -346,9 +346,10 @@ def lora_rank(adapter: str) -> int:
 
 
 def last_error(log: str, code: int) -> str:
-    """The line of a failed vLLM side's log that says why (its last ``...Error: ...`` line)."""
+    """The line of a failed vLLM side's log that says why (its last ``...Error: ...`` or C++ ``what():`` line)."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line) or "Value error" in line]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line) or "Value error" in line
+              or line.startswith("what():")]      # a C++ exception that aborts the process
     return (errors or lines or [f"exit {code}"])[-1][:400]
 
 

@@ -1,11 +1,12 @@
 """vLLM's OpenAI-compatible server with w8a8 layers on vLLM's oneDNN int8 kernel (docs/vllm.md, section 2).
 
 On a CPU with AMX, vLLM 0.32 serves compressed-tensors w8a8 with its AMX int8 kernel, which on the machine
-of bench/vllm.md fails in every dtype; CPUs without AMX use the oneDNN kernel anyway. This applies the same
+of bench/vllm.md runs in bfloat16 only (float32 is refused, float16 aborts); CPUs without AMX use the oneDNN
+kernel anyway, in any dtype. This applies the same
 switch as ``scripts/vllm_roundtrip.py`` (``int8_kernel=onednn``) and then runs
 ``python -m vllm.entrypoints.openai.api_server`` with the same arguments, in the vLLM venv:
 
-  .venv-vllm/bin/python scripts/vllm_serve.py --model out/rtn-8bit --dtype bfloat16
+  .venv-vllm/bin/python scripts/vllm_serve.py --model out/rtn-8bit --dtype float16
 """
 import os
 import runpy
