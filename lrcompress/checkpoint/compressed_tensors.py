@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..core.packing import dequantize
 from ..errors import CheckpointError
 from ..modules import QuantizedLinear, compressed_modules
 from ..modules.surgery import replace_submodule
@@ -118,7 +119,8 @@ def packed_zero_points(zeros: torch.Tensor, bits: int, pack_to_int32, pad: bool 
 def w8a8_weight(module: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's weight re-quantized to int8 codes (out × in, input order) and float32 scales (out × 1),
     symmetric per output channel: s_i = max_j |Ŵ_ij| / 127 (1 for an all-zero row), q = round(Ŵ / s)."""
-    weight = module.dense_weight().to(torch.float64)
+    weight = dequantize(module.qweight, module.scale_values(), module.zeros, module.bits, module.group_size,
+                        module.perm, module.in_features).to(torch.float64)     # exact, whatever the model dtype
     largest = weight.abs().amax(dim=1, keepdim=True)
     scale = torch.where(largest > 0, largest / INT8_MAX, torch.ones_like(largest)).to(torch.float32)
     codes = torch.round(weight / scale.to(torch.float64)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
