@@ -12,6 +12,11 @@ serves the export with the model as ``lrcompress.load(run, kernels=False)`` comp
 * with ``--speed``: prefill and decode tokens/s in vLLM, measured as ``lrcompress bench-infer`` measures
   them (same seeded random token ids, same lengths, median of repeats after a warm-up).
 
+A w8a8 export (compressed-tensors "int-quantized": weights re-quantized per channel, inputs rounded to int8
+per token, ``lrcompress/checkpoint/compressed_tensors.py``) is not the checkpoint's weight-only model, so it
+is also compared with two lrcompress references that take its steps one at a time (``VARIANTS``): the
+re-quantized weights alone, and those plus per-token int8 inputs — the model vLLM should compute.
+
 Two processes, because vLLM's pins (torch, transformers, compressed-tensors) differ from the project's:
 the driver runs in the project's environment (lrcompress imported) and starts this same file with
 ``--vllm-python`` (the venv ``scripts/vllm_env.sh`` builds) for the vLLM side, which imports only vLLM and
@@ -46,52 +51,89 @@ PROMPTS = [
 ]
 TOP_K = 5                 # vLLM's alternatives kept per decoding step (to explain a divergence)
 DECODE_PROMPT_TOKENS = 16  # lrcompress bench-infer's decode prompt length (eval/inference_bench.py)
+# lrcompress references of a w8a8 export besides the checkpoint itself: levels of simulate_w8a8
+VARIANTS = {"w8a8-weights": None, "w8a8": 127.0}
+
+
+def load_reference(run: str, variant: str | None = None) -> Any:
+    """``lrcompress.load(run, kernels=False)``, or with ``variant`` its w8a8 simulation (``VARIANTS``)."""
+    import lrcompress
+    from lrcompress.checkpoint.compressed_tensors import simulate_w8a8
+
+    model = lrcompress.load(run, kernels=False)
+    return model if variant is None else simulate_w8a8(model, VARIANTS[variant])
+
+
+def export_format(model_dir: str) -> str | None:
+    """The compressed-tensors format of an export (None for a dense one)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("format")
 
 
 # ---------------------------------------------------------------- the lrcompress side (project venv)
 
-def reference(run: str, tokenizer_dir: str, new_tokens: int, windows: int, seq_len: int, text: str
-              ) -> dict[str, Any]:
-    """Greedy tokens, and the summed NLL of the perplexity windows, of
-    ``lrcompress.load(run, kernels=False)`` (float32; full recomputation each step, no KV cache).
-    ``text``: the perplexity text, a dataset name (``wikitext2``: its test split) or a text file."""
-    import torch
+def inputs(tokenizer_dir: str, windows: int, seq_len: int, text: str) -> dict[str, Any]:
+    """The token ids both sides get: the prompts, and ``windows`` consecutive windows of ``text`` (a dataset
+    name, ``wikitext2``: its test split, or a text file) cut as ``lrcompress eval`` cuts them."""
     from transformers import AutoTokenizer
 
-    import lrcompress
     from lrcompress.data.sources import load_text
     from lrcompress.data.windows import evaluation_windows, tokenize
 
-    model = lrcompress.load(run, kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = os.environ.get("LRCOMPRESS_DATA")
+    source = load_text(text, "test", Path(data) if data else None).text
+    return {"prompts": [tokenizer(prompt).input_ids for prompt in PROMPTS],
+            "windows": evaluation_windows(tokenize(tokenizer, source), seq_len, windows).tolist()}
+
+
+_MEMO: dict[str, Any] = {}     # references and bench-infer reports, shared by the cases of one invocation
+
+
+def memoized(key: Any, compute: Any) -> Any:
+    """``compute()`` once per ``key`` (JSON-able) in this process: cases that differ only in vLLM's dtype
+    or kernel share lrcompress's side."""
+    text = json.dumps(key, sort_keys=True)
+    if text not in _MEMO:
+        _MEMO[text] = compute()
+    return _MEMO[text]
+
+
+def reference(run: str, ids: dict[str, Any], new_tokens: int, variant: str | None = None) -> dict[str, Any]:
+    """Greedy tokens, and the summed NLL of the perplexity windows, of
+    ``lrcompress.load(run, kernels=False)`` (float32; full recomputation each step, no KV cache), or of its
+    w8a8 ``variant``, on the :func:`inputs` ``ids``."""
+    return memoized(["reference", run, ids, new_tokens, variant],
+                    lambda: _reference(run, ids, new_tokens, variant))
+
+
+def _reference(run: str, ids: dict[str, Any], new_tokens: int, variant: str | None) -> dict[str, Any]:
+    import torch
+
+    model = load_reference(run, variant)
     prompts = []
     with torch.inference_mode():
-        for prompt_text in PROMPTS:
-            ids = tokenizer(prompt_text).input_ids
-            sequence = list(ids)
+        for prompt_text, prompt in zip(PROMPTS, ids["prompts"]):
+            sequence = list(prompt)
             for _ in range(new_tokens):
                 sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
-            prompts.append({"text": prompt_text, "ids": ids, "tokens": sequence[len(ids):]})
-        data = os.environ.get("LRCOMPRESS_DATA")
-        source = load_text(text, "test", Path(data) if data else None).text
-        cut = evaluation_windows(tokenize(tokenizer, source), seq_len, windows)
+            prompts.append({"text": prompt_text, "ids": prompt, "tokens": sequence[len(prompt):]})
         sums = []
-        for window in cut:
+        for window in torch.tensor(ids["windows"]):
             logits = model(input_ids=window[None]).logits[0, :-1].double()
             nll = torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum")
             sums.append(float(nll))
-    return {"prompts": prompts, "windows": cut.tolist(), "window_nll": sums,
+    seq_len = len(ids["windows"][0])
+    return {"prompts": prompts, "window_nll": sums,
             "perplexity": math.exp(sum(sums) / (len(sums) * (seq_len - 1)))}
 
 
-def logprobs_at(run: str, sequences: list[list[int]]) -> list[list[float]]:
+def logprobs_at(run: str, sequences: list[list[int]], variant: str | None = None) -> list[list[float]]:
     """The reference's next-token log-probabilities (float64) at the end of each sequence: the logit gap
     at a divergence is read off these, for the token vLLM chose and the one we chose."""
     import torch
 
-    import lrcompress
-
-    model = lrcompress.load(run, kernels=False)
+    model = load_reference(run, variant)
     with torch.inference_mode():
         return [torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0, -1].double(), -1).tolist()
                 for s in sequences]
@@ -99,9 +141,21 @@ def logprobs_at(run: str, sequences: list[list[int]]) -> list[list[float]]:
 
 # ---------------------------------------------------------------- the vLLM side (vLLM venv)
 
+def use_onednn_int8() -> None:
+    """Make vLLM's CPU w8a8 layers take its oneDNN int8 kernel. On a CPU with AMX, vLLM 0.32 picks its AMX
+    kernel (``int8_scaled_mm_with_quant``), which on this machine fails in every dtype (docs/vllm.md); CPUs
+    without AMX get the oneDNN kernel anyway. The choice is ``check_cpu_sgl_kernel``, imported by name."""
+    import vllm.model_executor.kernels.linear.scaled_mm.cpu as cpu_scaled_mm
+
+    cpu_scaled_mm.check_cpu_sgl_kernel = lambda n, k, dtype: False
+
+
 def vllm_side(spec: dict[str, Any]) -> dict[str, Any]:
     """Generate, score the windows and (optionally) time the model ``spec`` names, in vLLM."""
     import torch
+
+    if spec.get("int8_kernel") == "onednn":
+        use_onednn_int8()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -185,8 +239,10 @@ def first_divergence(ours: list[int], theirs: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
 
 
-def compare(case: dict[str, str], ref: dict[str, Any], served: dict[str, Any], seq_len: int) -> dict[str, Any]:
-    """Per prompt: identical or the first divergence with both sides' log-probability gap there."""
+def compare(case: dict[str, str], ref: dict[str, Any], served: dict[str, Any], seq_len: int,
+            variant: str | None = None) -> dict[str, Any]:
+    """Per prompt: identical or the first divergence with both sides' log-probability gap there (ours: the
+    reference ``variant``)."""
     rows, pending = [], []
     for index, (prompt, generated) in enumerate(zip(ref["prompts"], served["generations"])):
         at = first_divergence(prompt["tokens"], generated["tokens"])
@@ -199,11 +255,12 @@ def compare(case: dict[str, str], ref: dict[str, Any], served: dict[str, Any], s
             pending.append((index, prompt["ids"] + prompt["tokens"][:at], mine, theirs))
         rows.append(row)
     if pending:                  # our log-probabilities of both candidates at each divergence
-        for (index, _, mine, theirs), lp in zip(pending, logprobs_at(case["run"], [p[1] for p in pending])):
+        for (index, _, mine, theirs), lp in zip(pending, logprobs_at(case["run"], [p[1] for p in pending], variant)):
             rows[index]["ours_gap"] = lp[mine] - lp[theirs]
     count = len(ref["window_nll"]) * (seq_len - 1)
     vllm_ppl = math.exp(sum(served["window_nll"]) / count)
-    return {"case": case, "prompts": rows, "identical": sum(r["identical"] for r in rows),
+    return {"case": case, "reference": variant or "checkpoint", "prompts": rows,
+            "identical": sum(r["identical"] for r in rows),
             "perplexity_ours": ref["perplexity"], "perplexity_vllm": vllm_ppl,
             "max_window_nll_diff": max(abs(a - b) for a, b in zip(ref["window_nll"], served["window_nll"])),
             "vllm": served.get("vllm"), "load_seconds": served.get("load_seconds"), "speed": served.get("speed")}
@@ -222,12 +279,14 @@ def markdown(results: list[dict[str, Any]], settings: dict[str, Any]) -> str:
             lines.append(f"| {r['case']['name']} | {_served(r['case'])} | {r['case'].get('dtype', 'float32')} "
                          f"| error: {r['error']} | | | | |")
             continue
-        diverged = "; ".join(f"{p['diverges_at']}: {_gap(p.get('ours_gap'))} / {_gap(p.get('vllm_gap'))}"
-                             for p in r["prompts"] if not p["identical"]) or "—"
-        lines.append(f"| {r['case']['name']} | {_served(r['case'])} | {r['case'].get('dtype', 'float32')} "
-                     f"| {r['identical']}/{len(r['prompts'])} "
-                     f"| {diverged} | {r['perplexity_ours']:.4f} | {r['perplexity_vllm']:.4f} "
-                     f"| {r['max_window_nll_diff']:.3g} |")
+        for row in [r, *r.get("variants", [])]:
+            diverged = "; ".join(f"{p['diverges_at']}: {_gap(p.get('ours_gap'))} / {_gap(p.get('vllm_gap'))}"
+                                 for p in row["prompts"] if not p["identical"]) or "—"
+            name = r["case"]["name"] + ("" if row is r else f" (ours: {row['reference']})")
+            lines.append(f"| {name} | {_served(r['case'])} | {r['case'].get('dtype', 'float32')} "
+                         f"| {row['identical']}/{len(row['prompts'])} "
+                         f"| {diverged} | {row['perplexity_ours']:.4f} | {row['perplexity_vllm']:.4f} "
+                         f"| {row['max_window_nll_diff']:.3g} |")
     speeds = [r for r in results if r.get("speed")]
     if speeds:
         lines += ["", "| case | vLLM prefill tok/s | vLLM decode tok/s | lrcompress prefill tok/s "
@@ -287,20 +346,19 @@ def lora_rank(adapter: str) -> int:
 
 
 def last_error(log: str, code: int) -> str:
-    """The line of a failed vLLM side's log that says why (its last ``...Error: ...`` line)."""
+    """The line of a failed vLLM side's log that says why (its last ``...Error: ...`` or C++ ``what():`` line)."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line) or "Value error" in line]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line) or "Value error" in line
+              or line.startswith("what():")]      # a C++ exception that aborts the process
     return (errors or lines or [f"exit {code}"])[-1][:400]
 
 
 def run_case(case: dict[str, str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     stem = out / case["name"].replace("/", "_")
-    ref = reference(case["run"], case.get("tokenizer", case["model"]), args.new_tokens, args.windows, args.seq_len,
-                    args.text)
-    spec = {"model": case["model"], "lora": case.get("lora"), "new_tokens": args.new_tokens,
-            "prompts": [p["ids"] for p in ref["prompts"]], "windows": ref["windows"],
+    ids = inputs(case.get("tokenizer", case["model"]), args.windows, args.seq_len, args.text)
+    spec = {"model": case["model"], "lora": case.get("lora"), "new_tokens": args.new_tokens, **ids,
             "max_model_len": max(args.seq_len + 1, 128), "tokenizer": case.get("tokenizer"),   # window + 1 sampled
-            "dtype": case.get("dtype", "float32")}
+            "dtype": case.get("dtype", "float32"), "int8_kernel": case.get("int8_kernel", "auto")}
     if case.get("lora"):
         spec["lora_rank"] = lora_rank(case["lora"])
     speed = {"prompt_tokens": 512, "new_tokens": 64, "repeats": 3} if args.speed else None
@@ -316,10 +374,14 @@ def run_case(case: dict[str, str], args: argparse.Namespace, out: Path) -> dict[
                               env=env, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         return {"case": case, "error": last_error(log.read_text(), done.returncode), "log": str(log)}
-    result = compare(case, ref, json.loads(Path(f"{stem}.vllm.json").read_text()), args.seq_len)
+    served = json.loads(Path(f"{stem}.vllm.json").read_text())
+    result = compare(case, reference(case["run"], ids, args.new_tokens), served, args.seq_len)
+    if export_format(case["model"]) == "int-quantized":          # w8a8: its steps one at a time
+        result["variants"] = [compare(case, reference(case["run"], ids, args.new_tokens, variant), served,
+                                      args.seq_len, variant) for variant in VARIANTS]
     if speed:
-        result["bench_infer"] = bench_infer(case["run"], case.get("dense"), speed, args.threads,
-                                            Path(f"{stem}.bench-infer.json"))
+        result["bench_infer"] = memoized(["bench-infer", case["run"], case.get("dense")], lambda: bench_infer(
+            case["run"], case.get("dense"), speed, args.threads, Path(f"{stem}.bench-infer.json")))
         result["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load ")[-1]
     return result
 
@@ -333,7 +395,8 @@ def main() -> None:
     parser.add_argument("--case", action="append", required=True, type=parse_case,
                         help="name=N,run=LRCOMPRESS_RUN,model=EXPORTED_DIR[,lora=ADAPTER_DIR][,tokenizer=DIR]"
                              "[,dense=ORIGINAL (bench-infer's --dense)]"
-                             "[,dtype=float32|bfloat16] (vLLM's CPU int4 kernel takes bfloat16 activations only)")
+                             "[,dtype=float32|float16|bfloat16] (vLLM's CPU int4 kernel takes 16-bit activations only)"
+                             "[,int8_kernel=auto|onednn] (w8a8 exports: onednn avoids vLLM's AMX int8 kernel)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vllm-python", default=os.environ.get("LRCOMPRESS_VLLM_PYTHON", ".venv-vllm/bin/python"))
     parser.add_argument("--new-tokens", type=int, default=32)

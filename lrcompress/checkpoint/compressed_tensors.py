@@ -1,5 +1,14 @@
-"""Export rtn/gptq checkpoints in the compressed-tensors "pack-quantized" format (transformers loads it
-with the ``compressed-tensors`` package; vLLM serves the format).
+"""Export rtn/gptq checkpoints in the compressed-tensors format (transformers loads it with the
+``compressed-tensors`` package; vLLM serves it), in one of two schemes:
+
+* ``wna16`` ("pack-quantized"): the checkpoint's own weight-only codes, exactly (below);
+* ``w8a8`` ("int-quantized"): int8 weights with one symmetric scale per output channel, and dynamic
+  symmetric per-token int8 activations — the scheme vLLM's ``CompressedTensorsW8A8Int8`` runs, and the
+  one its CPU backend serves for widths other than 4 bits (its WNA16 kernel takes uint4 only,
+  docs/vllm.md). lrcompress's codes are asymmetric and grouped, so the weights are *re-quantized*:
+  s_i = max_j |Ŵ_ij| / 127, q_ij = round(Ŵ_ij / s_i) from the checkpoint's dequantized Ŵ (a second
+  rounding, ≤ s_i/2 per weight), and the served model also rounds every quantized linear's input to
+  int8 per token — it is not the checkpoint's weight-only model (bench/vllm.md measures the gap).
 
 lrcompress stores unsigned codes q ∈ [0, 2^b) and zero points z with W = (q − z)·s per group of
 consecutive inputs; compressed-tensors stores signed codes and zero points, W = (q' − z')·s with
@@ -28,14 +37,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..core.packing import dequantize
 from ..errors import CheckpointError
 from ..modules import QuantizedLinear, compressed_modules
+from ..modules.surgery import replace_submodule
 from .export import forget_compression
 from .layout import CONFIG_NAME, WEIGHTS_NAME, staged_directory
 from .writer import unique_state_dict
 
 FORMAT = "pack-quantized"
+W8A8_FORMAT = "int-quantized"
 RUNTIMES = ("transformers", "vllm")     # whose zero-point shape is written (module docstring)
+SCHEMES = ("auto", "wna16", "w8a8")     # auto: wna16, except w8a8 for vllm where a width is not 4 bits
+INT8_MAX = 127                          # symmetric int8 grid of the w8a8 scheme: [−127, 127]
 
 
 def _require_compressed_tensors():
@@ -48,14 +62,15 @@ def _require_compressed_tensors():
     return pack_to_int32, QuantizationArgs, QuantizationConfig, QuantizationScheme
 
 
-def quantized_targets(model: nn.Module) -> dict[str, QuantizedLinear]:
-    """The quantized linears of ``model``; refuses modules or options the format cannot hold."""
+def quantized_targets(model: nn.Module, act_order: bool = False) -> dict[str, QuantizedLinear]:
+    """The quantized linears of ``model``; refuses modules or options the format cannot hold (``act_order``:
+    accept act-order checkpoints, which the w8a8 scheme re-quantizes in input order)."""
     found: dict[str, QuantizedLinear] = {}
     for name, module in compressed_modules(model):
         if not isinstance(module, QuantizedLinear):
             raise CheckpointError(f"module {name} is {module.kind}: the compressed-tensors export takes rtn/gptq "
                                   "quantized linears only (an EoRA run: export its base with --peft)")
-        if module.act_order:
+        if module.act_order and not act_order:
             raise CheckpointError(f"module {name} was quantized with act_order: its permuted column order has no "
                                   "compressed-tensors equivalent here; re-run gptq with act_order: false")
         found[name] = module
@@ -101,8 +116,85 @@ def packed_zero_points(zeros: torch.Tensor, bits: int, pack_to_int32, pad: bool 
     return torch.nn.functional.pad(packed, (0, 0, 0, zeros.shape[0] - packed.shape[0]))
 
 
+def w8a8_weight(module: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's weight re-quantized to int8 codes (out × in, input order) and float32 scales (out × 1),
+    symmetric per output channel: s_i = max_j |Ŵ_ij| / 127 (1 for an all-zero row), q = round(Ŵ / s)."""
+    weight = dequantize(module.qweight, module.scale_values(), module.zeros, module.bits, module.group_size,
+                        module.perm, module.in_features).to(torch.float64)     # exact, whatever the model dtype
+    largest = weight.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(largest > 0, largest / INT8_MAX, torch.ones_like(largest)).to(torch.float32)
+    codes = torch.round(weight / scale.to(torch.float64)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, scale
+
+
+def w8a8_tensors(name: str, module: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """The compressed-tensors "int-quantized" tensors of one quantized linear: ``weight`` (int8) and
+    ``weight_scale`` (float32, out × 1), as its ``IntQuantizationCompressor`` writes a symmetric channel scheme."""
+    codes, scale = w8a8_weight(module)
+    tensors = {f"{name}.weight": codes, f"{name}.weight_scale": scale}
+    if module.bias is not None:
+        tensors[f"{name}.bias"] = module.bias.detach().clone()
+    return tensors
+
+
+def quantize_per_token(x: torch.Tensor, levels: float = INT8_MAX) -> torch.Tensor:
+    """``x`` rounded to int8 per token (last dimension) and scaled back, scale = max |x| / ``levels``: 127 is
+    vLLM's dynamic per-token int8 quantization (CPU and CUDA), 127.5 compressed-tensors' own fake quantization."""
+    largest = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(largest > 0, largest / levels, torch.ones_like(largest))
+    return torch.round(x / scale).clamp(-INT8_MAX - 1, INT8_MAX) * scale
+
+
+class W8A8Linear(nn.Linear):
+    """The w8a8 scheme as served, in float: the re-quantized int8 weight times its scales, and (unless
+    ``levels`` is None) every input rounded to int8 per token — lrcompress's reference for a w8a8 export."""
+
+    def __init__(self, module: QuantizedLinear, levels: float | None = INT8_MAX) -> None:
+        super().__init__(module.in_features, module.out_features, bias=module.bias is not None, dtype=module.dtype)
+        codes, scale = w8a8_weight(module)
+        with torch.no_grad():
+            self.weight.copy_(codes.to(torch.float32) * scale)
+            if module.bias is not None:
+                self.bias.copy_(module.bias)
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x if self.levels is None else quantize_per_token(x, self.levels))
+
+
+def simulate_w8a8(model: nn.Module, levels: float | None = INT8_MAX) -> nn.Module:
+    """Replace every quantized linear of ``model`` by its :class:`W8A8Linear` (in place): what the w8a8 export
+    computes, up to the served dtype; ``levels=None`` keeps the inputs in float (the weight re-quantization alone)."""
+    for name, module in quantized_targets(model, act_order=True).items():
+        replace_submodule(model, name, W8A8Linear(module, levels))
+    return model
+
+
+def resolve_scheme(scheme: str, runtime: str, targets: dict[str, QuantizedLinear]) -> str:
+    """``auto``: ``w8a8`` for vLLM when a module is not 4-bit (its CPU WNA16 kernel serves uint4 only),
+    else ``wna16`` (exact)."""
+    if scheme not in SCHEMES:
+        raise CheckpointError(f"scheme {scheme!r}: the compressed-tensors export writes one of {', '.join(SCHEMES)}")
+    if scheme != "auto":
+        return scheme
+    return "w8a8" if runtime == "vllm" and any(m.bits != 4 for m in targets.values()) else "wna16"
+
+
+def w8a8_config(targets: dict[str, QuantizedLinear]) -> dict[str, Any]:
+    """compressed-tensors' config of the w8a8 scheme: int8 symmetric channel weights, dynamic symmetric
+    per-token int8 inputs (what vLLM's ``CompressedTensorsW8A8Int8`` takes), format int-quantized."""
+    _, QuantizationArgs, QuantizationConfig, QuantizationScheme = _require_compressed_tensors()
+    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
+    inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    scheme = QuantizationScheme(targets=sorted(targets), weights=weights, input_activations=inputs,
+                                format=W8A8_FORMAT)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=W8A8_FORMAT,
+                                quantization_status="compressed")
+    return config.model_dump(exclude_none=True)
+
+
 def quantization_config(targets: dict[str, QuantizedLinear]) -> dict[str, Any]:
-    """compressed-tensors' own config object, one group per (bits, group size)."""
+    """compressed-tensors' own config object of the wna16 scheme, one group per (bits, group size)."""
     _, QuantizationArgs, QuantizationConfig, QuantizationScheme = _require_compressed_tensors()
     groups: dict[tuple[int, int], list[str]] = {}
     for name, module in targets.items():
@@ -115,21 +207,24 @@ def quantization_config(targets: dict[str, QuantizedLinear]) -> dict[str, Any]:
     return config.model_dump(exclude_none=True)
 
 
-def write_compressed_tensors(model: nn.Module, tokenizer: Any, directory: Path, runtime: str = "transformers"
-                             ) -> int:
+def write_compressed_tensors(model: nn.Module, tokenizer: Any, directory: Path, runtime: str = "transformers",
+                             scheme: str = "auto") -> tuple[int, str]:
     """Write ``model`` (an lrcompress model of quantized linears) as a compressed-tensors checkpoint into
-    the existing ``directory``, zero points shaped for ``runtime``; returns the number of quantized modules."""
+    the existing ``directory`` in ``scheme`` (:data:`SCHEMES`; wna16 zero points shaped for ``runtime``);
+    returns the number of quantized modules and the scheme written."""
     if runtime not in RUNTIMES:
         raise CheckpointError(f"runtime {runtime!r}: the compressed-tensors export is laid out for one of "
                               f"{', '.join(RUNTIMES)}")
     pack_to_int32, *_ = _require_compressed_tensors()
-    targets = quantized_targets(model)
-    config = quantization_config(targets)
+    scheme = resolve_scheme(scheme, runtime, quantized_targets(model, act_order=True))
+    targets = quantized_targets(model, act_order=scheme == "w8a8")
+    config = w8a8_config(targets) if scheme == "w8a8" else quantization_config(targets)
     tensors, _ = unique_state_dict(model)
     tensors = {key: value for key, value in tensors.items()
                if not any(key.startswith(name + ".") for name in targets)}
     for name, module in targets.items():
-        tensors.update(module_tensors(name, module, pack_to_int32, runtime))
+        tensors.update(w8a8_tensors(name, module) if scheme == "w8a8"
+                       else module_tensors(name, module, pack_to_int32, runtime))
     forget_compression(model)
     model_config = model.config.to_dict()
     model_config["quantization_config"] = config
@@ -139,11 +234,11 @@ def write_compressed_tensors(model: nn.Module, tokenizer: Any, directory: Path, 
         model.generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    return len(targets)
+    return len(targets), scheme
 
 
 def export_compressed_tensors(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool = False,
-                              runtime: str = "transformers") -> int:
+                              runtime: str = "transformers", scheme: str = "auto") -> tuple[int, str]:
     """:func:`write_compressed_tensors` into a new directory ``out_dir`` (written aside, then renamed)."""
     with staged_directory(Path(out_dir), overwrite) as staging:
-        return write_compressed_tensors(model, tokenizer, staging, runtime)
+        return write_compressed_tensors(model, tokenizer, staging, runtime, scheme)

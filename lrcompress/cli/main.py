@@ -287,9 +287,13 @@ def inspect(checkpoint: Path) -> None:
 @click.option("--for", "runtime", type=click.Choice(["transformers", "vllm"]), default="transformers",
               show_default=True, help="the loader a compressed-tensors export (--format, or --peft's base) is "
               "shaped for: they disagree on the zero points' shape (docs/vllm.md)")
+@click.option("--scheme", type=click.Choice(["auto", "wna16", "w8a8"]), default="auto", show_default=True,
+              help="compressed-tensors scheme: wna16 = the checkpoint's weight-only codes (exact); w8a8 = int8 "
+              "weights re-quantized per channel + int8 per-token activations (vLLM CPU serves it); auto: w8a8 "
+              "with --for vllm when a module is not 4-bit, else wna16 (docs/vllm.md)")
 @click.option("--overwrite", is_flag=True)
 def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str | None, runtime: str,
-           overwrite: bool) -> None:
+           scheme: str, overwrite: bool) -> None:
     """Export CHECKPOINT to OUTPUT (--dense: a plain checkpoint any tool loads; --peft: base + LoRA adapter;
     --format compressed-tensors: the quantized weights in that format)."""
     from ..checkpoint import export_dense, export_peft
@@ -298,11 +302,13 @@ def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str
 
     if [dense, peft, format_ is not None].count(True) != 1:
         _fail(click.UsageError("give exactly one of --dense, --peft or --format"))
+    if scheme != "auto" and format_ is None:
+        _fail(click.UsageError("--scheme applies to --format compressed-tensors (--peft's base takes auto)"))
     loaded = load_model(str(checkpoint))
     if peft:
         written = export_peft(loaded.model, loaded.tokenizer, output, overwrite, runtime)
     elif format_:
-        count = export_compressed_tensors(loaded.model, loaded.tokenizer, output, overwrite, runtime)
+        count, scheme = export_compressed_tensors(loaded.model, loaded.tokenizer, output, overwrite, runtime, scheme)
     else:
         export_dense(loaded.model, loaded.tokenizer, output, overwrite)
     if peft:
@@ -310,7 +316,7 @@ def export(checkpoint: Path, output: Path, dense: bool, peft: bool, format_: str
                      f"to {written.adapter_dir}")
         return
     if format_:
-        stdout.print(f"wrote {count} quantized modules as {format_} to {output}")
+        stdout.print(f"wrote {count} quantized modules as {format_} ({scheme}) to {output}")
         return
     stdout.print(f"wrote dense checkpoint to {output}")
 

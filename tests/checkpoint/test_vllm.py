@@ -67,3 +67,30 @@ def test_vllm_serves_the_dense_export_and_the_int4_base_with_the_eora_adapter(tm
     assert abs(adapted["perplexity_vllm"] / adapted["perplexity_ours"] - 1) < 0.01
     # the adapter is applied: without it vLLM's windows are several times further from the EoRA model
     assert bare["max_window_nll_diff"] > 5 * adapted["max_window_nll_diff"]
+
+
+def test_vllm_serves_the_w8a8_export_of_an_8bit_run(tmp_path, calibration_file, no_report):
+    """vLLM's CPU int4 kernel refuses 8 bits; ``--for vllm`` then writes w8a8 (int8 channel weights, dynamic
+    per-token int8 inputs), which vLLM serves: it computes lrcompress's w8a8 simulation, in float32."""
+    assert Path(VLLM_PYTHON).is_file(), f"LRCOMPRESS_VLLM_PYTHON={VLLM_PYTHON} does not exist"
+    model_dir = save_tiny(tmp_path / "model", "llama", num_attention_heads=2, num_key_value_heads=1,
+                          intermediate_size=128)
+    run = _run(model_dir, calibration_file, tmp_path / "rtn8", [{"method": "rtn", "bits": 8, "group_size": 32}])
+    _export(run, tmp_path / "w8a8", "--format", "compressed-tensors", "--for", "vllm")
+    assert json.loads((tmp_path / "w8a8" / "config.json").read_text())["quantization_config"]["format"] == \
+        "int-quantized"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "rt"), "--new-tokens", "8", "--windows", "2",
+         "--seq-len", "64", "--text", str(calibration_file), "--vllm-python", VLLM_PYTHON,
+         "--case", f"name=w8a8,run={run},model={tmp_path / 'w8a8'},int8_kernel=onednn"],
+        capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [result] = json.loads((tmp_path / "rt" / "results.json").read_text())
+    assert "error" not in result, result.get("error")
+    by_reference = {row["reference"]: row for row in [result, *result["variants"]]}
+    simulated = by_reference["w8a8"]
+    for prompt in simulated["prompts"]:
+        assert prompt["identical"] or max(prompt["ours_gap"], prompt["vllm_gap"] or 0) < 0.05, prompt
+    assert simulated["max_window_nll_diff"] < 1e-3   # float32 on both sides (measured: 5e-7)
+    # the activations' rounding is what separates the served model from the weight-only one
+    assert by_reference["w8a8-weights"]["max_window_nll_diff"] > 3 * simulated["max_window_nll_diff"]
