@@ -2,30 +2,22 @@
 loads as its GPU constants) and the skip without CUDA. The GPU side runs only where a GPU is."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_script
 
 from lrcompress.pipeline.costs import load_rates
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load()
+gpu_check = load_script(ROOT / "scripts" / "gpu_check.py", "gpu_check")
 
 
 def test_arguments_and_steps(tmp_path):

@@ -101,11 +101,12 @@ CPU_RATES = Rates(gemm_float32=6.3e10, gemm_float64=2.9e10, gemm_bfloat16=4.6e11
                   source="measured on this project's CPU (bench/cost_constants.py, 1 thread)")
 # Estimates, not measurements: H100 SXM peaks (float64/float32 67 TFLOP/s, bf16 989 TFLOP/s dense) at an
 # assumed 50% for GEMMs and 30% for a layer's forward; cuSOLVER factorizations at ~30% of the float64 peak
-# (n³/3 flops for Cholesky, n³/3 for the triangular inverse), eigh ~4 n³ flops at 10%, SVD ~10 m·n·k at 5%;
-# GPTQ's column loop launch-bound at ~30 µs per column.
+# (n³/3 flops for Cholesky, n³/3 for the triangular inverse); eigh (~4 n³ flops) and SVD (~10 m·n·k) at 1-5%:
+# their bidiagonal/tridiagonal reductions are half matrix-vector work, bound by memory bandwidth; GPTQ's
+# column loop launch-bound at ~30 µs per column. Data-centre GPUs only: consumer ones run float64 at 1/64.
 CUDA_RATES = Rates(gemm_float32=3.3e13, gemm_float64=3.3e13, gemm_bfloat16=5.0e14, forward_float32=1.0e13,
-                   forward_bfloat16=1.5e14, svd=10 / 3.4e12, cholesky=1 / 3 / 2.0e13, triangular=1 / 3 / 2.0e13,
-                   eigh=4 / 6.7e12, gptq_column=3.0e-5, gptq_column_row=1e-10, read=2.0e9, process_bytes=1.5 * GIB,
+                   forward_bfloat16=1.5e14, svd=10 / 6.7e11, cholesky=1 / 3 / 2.0e13, triangular=1 / 3 / 2.0e13,
+                   eigh=4 / 3.4e12, gptq_column=3.0e-5, gptq_column_row=1e-10, read=2.0e9, process_bytes=1.5 * GIB,
                    source="ESTIMATED from H100 SXM documented peak rates (no GPU measurement yet)", device="cuda")
 
 
