@@ -59,6 +59,9 @@ def test_dry_run_of_an_8b_config_prints_the_costs_without_weights(config_only, c
     assert "predicted cost on cpu" in result.output and "decompositions (dominant)" in result.output
     assert "peak host memory" in result.output and not (tmp_path / "out").exists()
     assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]
+    batch = CliRunner().invoke(cli, ["--log-json", "run", str(recipe), "--dry-run"])
+    event = json.loads(batch.stdout.strip().splitlines()[-1])
+    assert event["costs"]["dominant_phase"] == "decompositions" and event["costs"]["peak_host_bytes"] > 8 * GIB
 
 
 def test_the_8b_prediction_follows_the_shapes(config_only, calibration_file, tmp_path):
