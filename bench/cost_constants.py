@@ -1,6 +1,7 @@
 """Measure the cost model's constants (``lrcompress.pipeline.costs.Rates``) on this machine's CPU or GPU.
 
     python bench/cost_constants.py [--device cpu|cuda] [--threads 1] [--json rates.json] [--quick]
+    python bench/cost_constants.py --check [--json check.json]     # modules compressed vs the cost model
 
 Each constant is a time per unit of work, fitted as the median over a few sizes (the units make the
 constants size-independent to first order: a GEMM's flops, m·n·min(m, n) for an SVD, n³ for Cholesky,
@@ -122,15 +123,60 @@ def read_rate() -> float:
     return tensor.numel() * 2 / seconds
 
 
+def check_modules(shapes: list[tuple[int, int]]) -> list[dict]:
+    """Each method's real compression of one random m×n module (Gram of 2048 random rows), plus the output-error
+    measure the pipeline adds, against the cost model: seconds vs ``method_seconds`` and the resident set's
+    growth (sampled, ``PeakMemory``) vs ``workspace_bytes``, on this device's built-in or loaded rates."""
+    from torch import nn
+
+    from lrcompress.compressor import GramStatistic, get_compressor
+    from lrcompress.compressor.linalg import relative_output_error
+    from lrcompress.pipeline.costs import load_rates, method_seconds, workspace_bytes
+    from lrcompress.pipeline.memory import PeakMemory
+    from lrcompress.pipeline.plan import PlannedModule
+
+    rates = load_rates("cpu").scaled(torch.get_num_threads())
+    rows = []
+    for m, n in shapes:
+        linear = nn.Linear(n, m, bias=False)
+        gram = GramStatistic(n)
+        gram.observe(torch.randn(2048, n), None)
+        for method, options in (("whiten", {"ratio": 0.2}), ("gptq", {"bits": 4, "group_size": 128}),
+                                ("rtn", {"bits": 4, "group_size": 128})):
+            cls = get_compressor(method)
+            compressor = cls(cls.Config(**options))
+            started = time.perf_counter()
+            with PeakMemory(torch.device("cpu")) as peak:
+                result = compressor.compress("x", linear, {"gram": gram})
+                relative_output_error(linear.weight.detach(), result.module.dense_weight().detach(), gram.gram("x"))
+            seconds = time.perf_counter() - started
+            planned = PlannedModule("x", 0, method, m, n, 0, 0, result.rank)
+            growth = peak.report()["peak_memory_growth_bytes"] or 0
+            rows.append({"method": method, "m": m, "n": n, "seconds": seconds,
+                         "predicted_seconds": method_seconds(method, planned, rates), "growth_bytes": growth,
+                         "predicted_bytes": workspace_bytes(method, planned)})
+            print(f"{method:7} {m}×{n}: {seconds:6.2f} s (predicted {rows[-1]['predicted_seconds']:6.2f}), "
+                  f"{growth / 2**20:6.0f} MiB (predicted {rows[-1]['predicted_bytes'] / 2**20:6.0f})", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="small sizes only")
     parser.add_argument("--json", default=None, help="write {'rates': {device: constants}} here")
+    parser.add_argument("--check", action="store_true",
+                        help="instead: compress 1024×3584, 3584×1024 and 2048×2048 modules with whiten, gptq, rtn "
+                             "and compare time and memory with the cost model (CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.check:
+        rows = check_modules([(1024, 3584), (3584, 1024), (2048, 2048)])
+        if args.json:
+            Path(args.json).write_text(json.dumps({"check": rows, "load": os.getloadavg()}, indent=2))
+        return
     device = torch.device(args.device)
     rates = measure(device, args.quick)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
