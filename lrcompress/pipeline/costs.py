@@ -404,7 +404,7 @@ def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, devic
     host, device_parts = _memory(recipe, plan, shape, rates)
     layers = max(len(shape.layer_params), 1)
     layer_seconds = (phases["statistics"] + phases["decompositions"] + phases["propagation"]) / layers
-    notes = [f"rates: {rates.source}"]
+    notes = []
     unknown = sorted({p.method for p in plan} - {"whiten", "svd", "fwsvd", "lord", "gptq", "eora", "rtn", "prune",
                                                   "wanda", "magnitude", *SCALED_FROM_WHITEN})
     if unknown:
