@@ -7,7 +7,8 @@ devices, lazy or resident, evaluation windows). The model is arithmetic over a f
 - time: a GEMM's flops over the device's rate; an SVD of m×n costs ``svd``·m·n·min(m, n), a Cholesky,
   a triangular inverse and an eigh ``cholesky``/``triangular``/``eigh``·n³; a decoder layer's forward
   (2·active params + 4·seq·attention width flops per token) runs at ``forward_<dtype>``; GPTQ's column
-  loop costs ``gptq_column`` + ``gptq_column_row``·m per column; reading a shard ``read`` bytes/s.
+  loop costs ``gptq_column`` + ``gptq_column_row``·m per column; reading a shard ``read`` bytes/s, writing a
+  finished segment durably ``write`` bytes/s (each is read back once: the journal restores it).
   Each method's decomposition is written out from its code (``method_seconds``), e.g. ``whiten`` =
   Cholesky + triangular inverse + W·S + SVD + factor·S⁻¹, plus the output-error measure every Linear
   target gets (two n×n products). Methods without a closed form (cospadi, compot) are scaled from
@@ -73,6 +74,8 @@ class Rates:
     source: str
     module_overhead: float = 0.005       # seconds per target module outside its linear algebra (python, swap)
     batch_overhead: float = 0.003        # seconds per layer forward call outside its flops
+    expert_overhead: float = 0.0045      # seconds per routed expert per MoE forward call (a python loop over them)
+    write: float = 2.5e8                 # bytes/s of writing a segment durably (save_file + fsync)
     device: str = "cpu"
 
     def gemm(self, dtype: str) -> float:
@@ -107,7 +110,8 @@ CPU_RATES = Rates(gemm_float32=6.3e10, gemm_float64=2.9e10, gemm_bfloat16=4.6e11
 CUDA_RATES = Rates(gemm_float32=3.3e13, gemm_float64=3.3e13, gemm_bfloat16=5.0e14, forward_float32=1.0e13,
                    forward_bfloat16=1.5e14, svd=10 / 6.7e11, cholesky=1 / 3 / 2.0e13, triangular=1 / 3 / 2.0e13,
                    eigh=4 / 3.4e12, gptq_column=3.0e-5, gptq_column_row=1e-10, read=2.0e9, process_bytes=1.5 * GIB,
-                   source="ESTIMATED from H100 SXM documented peak rates (no GPU measurement yet)", device="cuda")
+                   source="ESTIMATED from H100 SXM documented peak rates (no GPU measurement yet)", device="cuda",
+                   expert_overhead=5e-5, write=5e8)
 
 
 def load_rates(device: str, path: str | None = None) -> Rates:
@@ -143,6 +147,8 @@ class ModelShape:
     mlp_width: int
     vocab: int
     itemsize: int
+    experts: int = 0
+    source_itemsize: int = 2             # bytes per value in the checkpoint read (config.json's dtype)
 
     @property
     def total_params(self) -> int:
@@ -173,8 +179,10 @@ def model_shape(model: nn.Module) -> ModelShape:
     mlp = max(int(getattr(config, "intermediate_size", 0) or 0),
               int(getattr(config, "moe_intermediate_size", 0) or 0) * max(top_k, 1), hidden)
     itemsize = next(model.parameters()).element_size()
+    stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
     return ModelShape(layer_params, active, outer, hidden, heads * head_dim, mlp,
-                      int(getattr(config, "vocab_size", 0) or 0), itemsize)
+                      int(getattr(config, "vocab_size", 0) or 0), itemsize, int(experts),
+                      4 if stored.endswith("float32") else 2)
 
 
 @dataclass
@@ -254,7 +262,8 @@ def _forward_seconds(shape: ModelShape, tokens: int, seq_len: int, rates: Rates,
     rate = rates.forward(_dtype(shape))
     attention = 4 * seq_len * shape.attention_width
     calls = -(-tokens // (seq_len * batch))
-    return [tokens * (2 * active + attention) / rate + calls * rates.batch_overhead for active in shape.active_params]
+    overhead = calls * (rates.batch_overhead + shape.experts * rates.expert_overhead)
+    return [tokens * (2 * active + attention) / rate + overhead for active in shape.active_params]
 
 
 def _gram_seconds(plan: list[PlannedModule], tokens: int, rates: Rates) -> float:
@@ -289,16 +298,18 @@ def _phases(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
         statistics += _gram_seconds(plan, tokens, rates)      # the cross-Gram X̂ᵀX
     decompositions = sum(method_seconds(p.method, p, rates) for p in plan)
     propagation = sum(forwards) * (1 + (1 if reference else 0)) if recipe.runtime.sequential else 0.0
-    held = shape.total_params * shape.itemsize
-    load = (shape.outer_params + sum(shape.layer_params)) * 2 / rates.read if recipe.runtime.lazy else held / rates.read
+    stored = shape.total_params * shape.source_itemsize
+    load = stored / rates.read
+    layers_written, outer_written = _written(plan, shape) if recipe.output.save else (0.0, 0.0)
+    write = (layers_written + outer_written) / rates.write + layers_written / rates.read   # segments read back once
     eval_tokens = _eval_tokens(recipe) * (2 if recipe.eval.baseline else 1)
     head = 2 * shape.vocab * shape.hidden * eval_tokens / rates.forward(_dtype(shape))
     evaluation = sum(_forward_seconds(shape, eval_tokens, recipe.eval.perplexity[0].seq_len, rates)) + head \
         if recipe.eval.perplexity else 0.0
     if recipe.runtime.lazy:
-        evaluation += sum(shape.layer_params) * 2 * (2 if recipe.eval.baseline else 1) / rates.read
+        evaluation += (layers_written + (stored if recipe.eval.baseline else 0)) / rates.read
     return {"load": load, "statistics": statistics, "decompositions": decompositions, "propagation": propagation,
-            "evaluation": evaluation}
+            "write": write, "evaluation": evaluation}
 
 
 # -- memory -------------------------------------------------------------------------------------------
@@ -382,14 +393,18 @@ def _memory(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
     return host, device_parts
 
 
+def _written(plan: list[PlannedModule], shape: ModelShape) -> tuple[float, float]:
+    """(decoder layers, the rest) as written: targets at their planned size, everything else as it is."""
+    layers = sum(shape.layer_params) * shape.itemsize - sum(p.bytes_before for p in plan) + sum(p.bytes_after
+                                                                                                 for p in plan)
+    return float(max(layers, 0)), float(shape.outer_params * shape.itemsize)
+
+
 def _disk(plan: list[PlannedModule], shape: ModelShape) -> float:
-    """The written checkpoint: targets at their planned size, everything else as it is; the staging
-    directory is the output itself (renamed when complete), plus one segment's temporary file."""
-    targets_before = sum(p.bytes_before for p in plan)
-    targets_after = sum(p.bytes_after for p in plan)
-    rest = shape.total_params * shape.itemsize - targets_before
-    segment = max(shape.layer_params, default=0) * shape.itemsize
-    return float(max(rest, 0) + targets_after + segment)
+    """The written checkpoint; the staging directory is the output itself (renamed when complete), plus one
+    segment's temporary file while it is written."""
+    layers, outer = _written(plan, shape)
+    return layers + outer + max(shape.layer_params, default=0) * shape.itemsize
 
 
 def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, device: str) -> RunCosts:
@@ -403,7 +418,8 @@ def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, devic
         methods[p.method] = methods.get(p.method, 0.0) + method_seconds(p.method, p, rates)
     host, device_parts = _memory(recipe, plan, shape, rates)
     layers = max(len(shape.layer_params), 1)
-    layer_seconds = (phases["statistics"] + phases["decompositions"] + phases["propagation"]) / layers
+    layer_seconds = (phases["statistics"] + phases["decompositions"] + phases["propagation"] + phases["write"]
+                     ) / layers
     notes = []
     unknown = sorted({p.method for p in plan} - {"whiten", "svd", "fwsvd", "lord", "gptq", "eora", "rtn", "prune",
                                                   "wanda", "magnitude", *SCALED_FROM_WHITEN})
