@@ -226,7 +226,7 @@ def table(args: argparse.Namespace) -> None:
         label = f"{r['shape']} {r['method']}"
         layers = sorted(r["layer_seconds"], key=int)
         rows = [("peak host memory, GiB", p["peak_host_bytes"] / GIB, r["peak_rss"] / GIB)]
-        rows += [(f"layer {i} time, s", p["layer_seconds"], r["layer_seconds"][i]) for i in layers]
+        rows += [(f"layer {i} time, s", p["layers"][int(i)], r["layer_seconds"][i]) for i in layers]
         rows += [(f"layer {i} peak RSS, GiB", p["peak_host_bytes"] / GIB, r["layer_peak_rss"][i] / GIB)
                  for i in layers if i in r["layer_peak_rss"]]
         rows += [("compress phase, s", p["phases"]["statistics"] + p["phases"]["decompositions"]

@@ -20,7 +20,7 @@ def cost_table(costs: RunCosts) -> Table:
     for method, seconds in costs.methods.items():
         table.add_row(f"  decompositions: {method}", format_duration(seconds), f"{seconds / total:.0%}")
     table.add_row("time: total", format_duration(costs.total_seconds), "")
-    table.add_row("time per decoder layer", format_duration(costs.layer_seconds), "", end_section=True)
+    table.add_row("time per decoder layer (slowest)", format_duration(costs.layer_seconds), "", end_section=True)
     host = costs.peak_host_bytes or 1.0
     table.add_row("peak host memory", f"{costs.peak_host_bytes / GIB:.2f} GiB", "")
     for name, value in costs.host_parts.items():

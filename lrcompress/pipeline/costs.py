@@ -193,7 +193,7 @@ class RunCosts:
     device: str
     rates_source: str
     phases: dict[str, float]
-    layer_seconds: float
+    layer_seconds: float                # the slowest decoder layer (statistics, decompositions, propagation, write)
     methods: dict[str, float]
     peak_host_bytes: float
     host_parts: dict[str, float]
@@ -202,6 +202,7 @@ class RunCosts:
     disk_bytes: float
     notes: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    layers: list[float] = field(default_factory=list)      # each decoder layer's seconds, as layer_seconds counts
 
     @property
     def total_seconds(self) -> float:
@@ -287,17 +288,34 @@ def _eval_tokens(recipe: Recipe) -> int:
     return sum((s.max_windows * s.seq_len) if s.max_windows else DEFAULT_EVAL_TOKENS for s in specs)
 
 
-def _phases(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates: Rates) -> dict[str, float]:
+def _layer_index(name: str) -> int:
+    """The decoder layer a target belongs to: the first number in its name (model.layers.<i>.…)."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), 0)
+
+
+def _per_layer(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates: Rates) -> list[dict[str, float]]:
+    """Each decoder layer's statistics, decompositions and propagation seconds."""
     cal = recipe.calibration
     tokens = cal.num_samples * cal.seq_len
     forwards = _forward_seconds(shape, tokens, cal.seq_len, rates, recipe.runtime.batch_size)
     passes, reference = _passes(recipe)
     stages = max(len(recipe.stages), 1)
-    statistics = stages * (passes + reference) * sum(forwards) + _gram_seconds(plan, tokens, rates)
-    if recipe.runtime.target == "original":
-        statistics += _gram_seconds(plan, tokens, rates)      # the cross-Gram X̂ᵀX
-    decompositions = sum(method_seconds(p.method, p, rates) for p in plan)
-    propagation = sum(forwards) * (1 + (1 if reference else 0)) if recipe.runtime.sequential else 0.0
+    grams = 2 if recipe.runtime.target == "original" else 1              # the cross-Gram X̂ᵀX beside XᵀX
+    layers = [{"statistics": stages * (passes + reference) * f, "decompositions": 0.0,
+               "propagation": f * (1 + (1 if reference else 0)) if recipe.runtime.sequential else 0.0}
+              for f in forwards]
+    for p in plan:
+        layer = layers[min(_layer_index(p.name), len(layers) - 1)]
+        layer["statistics"] += grams * _gram_seconds([p], tokens, rates)
+        layer["decompositions"] += method_seconds(p.method, p, rates)
+    return layers
+
+
+def _phases(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates: Rates) -> dict[str, float]:
+    per_layer = _per_layer(recipe, plan, shape, rates) or [{"statistics": 0.0, "decompositions": 0.0,
+                                                           "propagation": 0.0}]
+    statistics, decompositions, propagation = (sum(layer[k] for layer in per_layer)
+                                               for k in ("statistics", "decompositions", "propagation"))
     stored = shape.total_params * shape.source_itemsize
     load = stored / rates.read
     layers_written, outer_written = _written(plan, shape) if recipe.output.save else (0.0, 0.0)
@@ -352,13 +370,11 @@ def _layer_working_set(recipe: Recipe, plan: list[PlannedModule], shape: ModelSh
             "layer": float(layer)}
 
 
-def _layers_of(plan: list[PlannedModule]) -> dict[str, list[PlannedModule]]:
-    """Targets grouped by their decoder layer (the name up to the layer index)."""
-    groups: dict[str, list[PlannedModule]] = {}
+def _layers_of(plan: list[PlannedModule]) -> dict[int, list[PlannedModule]]:
+    """Targets grouped by their decoder layer."""
+    groups: dict[int, list[PlannedModule]] = {}
     for p in plan:
-        parts = p.name.split(".")
-        index = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
-        groups.setdefault(".".join(parts[:index + 1]), []).append(p)
+        groups.setdefault(_layer_index(p.name), []).append(p)
     return groups
 
 
@@ -417,9 +433,9 @@ def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, devic
     for p in plan:
         methods[p.method] = methods.get(p.method, 0.0) + method_seconds(p.method, p, rates)
     host, device_parts = _memory(recipe, plan, shape, rates)
-    layers = max(len(shape.layer_params), 1)
-    layer_seconds = (phases["statistics"] + phases["decompositions"] + phases["propagation"] + phases["write"]
-                     ) / layers
+    count = max(len(shape.layer_params), 1)
+    layers = [sum(layer.values()) + phases["write"] / count for layer in _per_layer(recipe, plan, shape, rates)]
+    layer_seconds = max(layers, default=0.0)
     notes = []
     unknown = sorted({p.method for p in plan} - {"whiten", "svd", "fwsvd", "lord", "gptq", "eora", "rtn", "prune",
                                                   "wanda", "magnitude", *SCALED_FROM_WHITEN})
@@ -431,7 +447,8 @@ def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, devic
     if any(s.max_windows is None for s in recipe.eval.perplexity):
         notes.append(f"evaluation without max_windows: {DEFAULT_EVAL_TOKENS:,} tokens assumed per dataset")
     return RunCosts(device, rates.source, phases, layer_seconds, methods, sum(host.values()), host,
-                    sum(device_parts.values()) if device_parts else None, device_parts, _disk(plan, shape), notes)
+                    sum(device_parts.values()) if device_parts else None, device_parts, _disk(plan, shape), notes,
+                    layers=layers)
 
 
 # -- does it fit ---------------------------------------------------------------------------------------
