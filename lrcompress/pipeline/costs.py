@@ -301,9 +301,10 @@ def _per_layer(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rat
     passes, reference = _passes(recipe)
     stages = max(len(recipe.stages), 1)
     grams = 2 if recipe.runtime.target == "original" else 1              # the cross-Gram X̂ᵀX beside XᵀX
-    layers = [{"statistics": stages * (passes + reference) * f, "decompositions": 0.0,
+    targeted = set(_layers_of(plan))                  # a layer no stage targets gets no statistics pass
+    layers = [{"statistics": stages * (passes + reference) * f if i in targeted else 0.0, "decompositions": 0.0,
                "propagation": f * (1 + (1 if reference else 0)) if recipe.runtime.sequential else 0.0}
-              for f in forwards]
+              for i, f in enumerate(forwards)]
     for p in plan:
         layer = layers[min(_layer_index(p.name), len(layers) - 1)]
         layer["statistics"] += grams * _gram_seconds([p], tokens, rates)
