@@ -230,7 +230,7 @@ def table(args: argparse.Namespace) -> None:
         rows += [(f"layer {i} peak RSS, GiB", p["peak_host_bytes"] / GIB, r["layer_peak_rss"][i] / GIB)
                  for i in layers if i in r["layer_peak_rss"]]
         rows += [("compress phase, s", p["phases"]["statistics"] + p["phases"]["decompositions"]
-                  + p["phases"]["propagation"] + p["phases"]["write"], r["timing"].get("compress", float("nan"))),
+                  + p["phases"]["propagation"] + p["phases"]["layer I/O"], r["timing"].get("compress", float("nan"))),
                  ("evaluation, s", p["phases"]["evaluation"], r["timing"].get("eval", float("nan")))]
         for quantity, predicted, measured in rows:
             lines.append(f"| {label} | {quantity} | {predicted:.2f} | {measured:.2f} | {measured / predicted:.2f} |")

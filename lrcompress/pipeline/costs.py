@@ -8,7 +8,7 @@ devices, lazy or resident, evaluation windows). The model is arithmetic over a f
   a triangular inverse and an eigh ``cholesky``/``triangular``/``eigh``·n³; a decoder layer's forward
   (2·active params + 4·seq·attention width flops per token) runs at ``forward_<dtype>``; GPTQ's column
   loop costs ``gptq_column`` + ``gptq_column_row``·m per column; reading a shard ``read`` bytes/s, writing a
-  finished segment durably ``write`` bytes/s (each is read back once: the journal restores it).
+  finished segment durably ``write`` bytes/s (each is read back once: the journal restores it): "layer I/O".
   Each method's decomposition is written out from its code (``method_seconds``), e.g. ``whiten`` =
   Cholesky + triangular inverse + W·S + SVD + factor·S⁻¹, plus the output-error measure every Linear
   target gets (two n×n products). Methods without a closed form (cospadi, compot) are scaled from
@@ -318,9 +318,11 @@ def _phases(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
     statistics, decompositions, propagation = (sum(layer[k] for layer in per_layer)
                                                for k in ("statistics", "decompositions", "propagation"))
     stored = shape.total_params * shape.source_itemsize
-    load = stored / rates.read
+    outer_stored = shape.outer_params * shape.source_itemsize
+    load = (outer_stored if recipe.runtime.lazy else stored) / rates.read       # lazy: the layers come per layer
     layers_written, outer_written = _written(plan, shape) if recipe.output.save else (0.0, 0.0)
-    write = (layers_written + outer_written) / rates.write + layers_written / rates.read   # segments read back once
+    layer_reads = (stored - outer_stored) / rates.read if recipe.runtime.lazy else 0.0
+    io = layer_reads + (layers_written + outer_written) / rates.write + layers_written / rates.read  # read back once
     eval_tokens = _eval_tokens(recipe) * (2 if recipe.eval.baseline else 1)
     head = 2 * shape.vocab * shape.hidden * eval_tokens / rates.forward(_dtype(shape))
     evaluation = sum(_forward_seconds(shape, eval_tokens, recipe.eval.perplexity[0].seq_len, rates)) + head \
@@ -328,7 +330,7 @@ def _phases(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
     if recipe.runtime.lazy:
         evaluation += (layers_written + (stored if recipe.eval.baseline else 0)) / rates.read
     return {"load": load, "statistics": statistics, "decompositions": decompositions, "propagation": propagation,
-            "write": write, "evaluation": evaluation}
+            "layer I/O": io, "evaluation": evaluation}
 
 
 # -- memory -------------------------------------------------------------------------------------------
@@ -388,10 +390,10 @@ def _memory(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
     streams = 2 if runtime.target == "original" else 1
     activations = 2 * streams * cal.num_samples * cal.seq_len * shape.hidden * shape.itemsize
     if runtime.lazy:
-        weights = shape.outer_params * shape.itemsize + work["layer"] * 1.5     # + the bf16 read buffer
+        weights = shape.outer_params * shape.itemsize + work["layer"] * 2     # + the segment read back (restore)
         weights_label = "outer tensors + one layer (lazy)"
     else:
-        weights = float(shape.total_params * shape.itemsize)
+        weights = float(shape.total_params * shape.itemsize) + work["layer"]
         weights_label = "model weights (resident)"
     compute = work["statistics"] + work["decomposition"]
     host = {"process": rates.process_bytes if device == "cpu" else CPU_RATES.process_bytes, weights_label: weights}
@@ -435,7 +437,9 @@ def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, devic
         methods[p.method] = methods.get(p.method, 0.0) + method_seconds(p.method, p, rates)
     host, device_parts = _memory(recipe, plan, shape, rates)
     count = max(len(shape.layer_params), 1)
-    layers = [sum(layer.values()) + phases["write"] / count for layer in _per_layer(recipe, plan, shape, rates)]
+    written = _written(plan, shape)[0] if recipe.output.save else 0.0
+    per_write = written / count / rates.write + written / count / rates.read     # commit and restore, per layer
+    layers = [sum(layer.values()) + per_write for layer in _per_layer(recipe, plan, shape, rates)]
     layer_seconds = max(layers, default=0.0)
     notes = []
     unknown = sorted({p.method for p in plan} - {"whiten", "svd", "fwsvd", "lord", "gptq", "eora", "rtn", "prune",
