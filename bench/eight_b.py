@@ -4,6 +4,8 @@ model's prediction (``lrcompress.pipeline.costs``). Issue 31.
 
     python bench/eight_b.py build --shape llama3-8b --layers 2 --out DIR      # sharded bf16 safetensors
     python bench/eight_b.py measure --model DIR --method whiten --json OUT.json [--num-samples 4] [--seq-len 512]
+    python bench/eight_b.py predict --model DIR --method whiten [--device cuda] # the cost model's JSON, no run
+    python bench/eight_b.py predict --recipe RECIPE.yaml [--set KEY=VALUE] [--device cuda]
     python bench/eight_b.py table OUT.json [OUT.json ...]                     # prediction beside measurement
 
 ``build`` writes one safetensors shard per decoder layer plus one for the tensors outside them, with the
@@ -239,39 +241,33 @@ def table(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    b = commands.add_parser("build")
-    b.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    b.add_argument("--layers", type=int, default=2)
-    b.add_argument("--vocab", type=int, default=49152, help="SmolLM2's tokenizer (the real models: 128256, 151936)")
-    b.add_argument("--out", required=True)
-    m = commands.add_parser("measure")
-    m.add_argument("--model", required=True)
-    m.add_argument("--method", default="whiten")
-    m.add_argument("--ratio", type=float, default=0.2)
-    m.add_argument("--targets", default=None, help="comma-separated target globs (default: the method's)")
-    m.add_argument("--dtype", default="float32")
-    m.add_argument("--num-samples", type=int, default=4)
-    m.add_argument("--seq-len", type=int, default=512)
-    m.add_argument("--batch-size", type=int, default=4)
-    m.add_argument("--eval-windows", type=int, default=2)
-    m.add_argument("--threads", type=int, default=1)
-    m.add_argument("--json", required=True)
-    p = commands.add_parser("predict")
-    p.add_argument("--recipe", default=None, help="a recipe file (default: measure's recipe for --model)")
-    p.add_argument("--set", action="append", help="KEY=VALUE override of the recipe (repeatable)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    for flag, default in (("--model", None), ("--method", "whiten"), ("--targets", None), ("--dtype", "float32")):
-        p.add_argument(flag, default=default)
-    for flag, default in (("--num-samples", 4), ("--seq-len", 512), ("--batch-size", 4), ("--eval-windows", 2),
-                          ("--threads", 1)):
-        p.add_argument(flag, type=int, default=default)
-    p.add_argument("--ratio", type=float, default=0.2)
-    t = commands.add_parser("table")
-    t.add_argument("results", nargs="+")
+    parser.add_argument("command", choices=["build", "measure", "predict", "table"])
+    parser.add_argument("results", nargs="*", help="table: the JSON files measure wrote")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="build")
+    parser.add_argument("--layers", type=int, default=2, help="build: decoder layers")
+    parser.add_argument("--vocab", type=int, default=49152,
+                        help="build: SmolLM2's tokenizer (the real models: 128256, 151936)")
+    parser.add_argument("--out", default=None, help="build: the checkpoint directory")
+    parser.add_argument("--model", default=None, help="measure/predict: the checkpoint")
+    parser.add_argument("--method", default="whiten")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--targets", default=None, help="comma-separated target globs (default: the method's)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-windows", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="measure: where the measurements go")
+    parser.add_argument("--recipe", default=None, help="predict: a recipe file (default: measure's recipe)")
+    parser.add_argument("--set", action="append", help="predict: KEY=VALUE override of the recipe (repeatable)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="predict: whose rates")
     args = parser.parse_args()
+    needed = {"build": ["out"], "measure": ["model", "json"], "predict": [], "table": ["results"]}[args.command]
+    missing = [name for name in needed if not getattr(args, name)]
+    if missing or (args.command == "predict" and not (args.model or args.recipe)):
+        parser.error(f"{args.command} needs {', '.join('--' + m for m in missing) or '--model or --recipe'}")
     {"build": build, "measure": measure, "predict": predict, "table": table}[args.command](args)
-
 
 if __name__ == "__main__":
     main()
