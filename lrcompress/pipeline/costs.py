@@ -449,6 +449,14 @@ def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, devic
     scaled = sorted({p.method for p in plan} & set(SCALED_FROM_WHITEN))
     if scaled:
         notes.append(f"{', '.join(scaled)}: whiten's cost × the ratio measured on SmolLM2 (issue 16)")
+    prepasses = sorted({spec.method for spec in recipe.stages if spec.method == "fwsvd"}
+                       | {f"allocation: {spec.allocation.strategy}" for spec in recipe.stages
+                          if spec.allocation.strategy != "uniform"})
+    if prepasses:
+        notes.append(f"not counted: the whole-model pre-passes of {', '.join(prepasses)} (about one more statistics "
+                     "pass, plus a backward pass for fwsvd's Fisher)")
+    if recipe.eval.lm_eval is not None:
+        notes.append("not counted: the lm-eval tasks (their documents × the model's forward)")
     if any(s.max_windows is None for s in recipe.eval.perplexity):
         notes.append(f"evaluation without max_windows: {DEFAULT_EVAL_TOKENS:,} tokens assumed per dataset")
     return RunCosts(device, rates.source, phases, layer_seconds, methods, sum(host.values()), host,

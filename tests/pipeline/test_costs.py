@@ -77,6 +77,9 @@ def test_the_8b_prediction_follows_the_shapes(config_only, calibration_file, tmp
     gpu = predicted(eight_b_recipe(config_only, calibration_file, tmp_path / "out"), "cuda")
     assert gpu.peak_device_bytes is not None and gpu.total_seconds < lazy.total_seconds / 20
     assert "ESTIMATED" in gpu.rates_source
+    fisher = eight_b_recipe(config_only, calibration_file, tmp_path / "out", lazy=False)
+    fisher["stages"] = [{"method": "fwsvd", "ratio": 0.2}]
+    assert any("fwsvd" in note and "not counted" in note for note in predicted(fisher).notes)
 
 
 def test_lrcompress_run_dry_run_returns_the_costs(tiny_llama_dir, calibration_file, tmp_path):
