@@ -48,8 +48,8 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
     layers = f"re:model\\.layers\\.[0-{args.layers - 1}]\\..*"
     common = ["--set", "runtime.device=cuda", "--set", "calibration.num_samples=8",
               "--set", "calibration.seq_len=512", "--set", f"stages.0.targets=['{layers}']",
-              "--set", "eval.lm_eval=null", "--set", "eval.baseline=false",
-              "--set", "eval.perplexity.0.max_windows=4", "--set", f"model.path={args.model}"]
+              "--set", "eval={perplexity: [{dataset: wikitext2, split: test, seq_len: 512, max_windows: 4}]}",
+              "--set", f"model.path={args.model}"]
     run = [py, "-m", "lrcompress", "run"]
     return [
         Step("cuda_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/triton_kernels/test_dispatch.py",

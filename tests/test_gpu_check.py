@@ -13,6 +13,7 @@ import pytest
 from helpers import load_script
 
 from lrcompress.pipeline.costs import load_rates
+from lrcompress.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,11 @@ def test_arguments_and_steps(tmp_path):
     assert all((ROOT / word).exists() for step in steps.values() for word in step.command
                if word.startswith(("tests/", "bench/", "recipes/")))
     assert sum(step.timeout for step in steps.values()) <= args.budget <= 7 * 60    # a minute left to install
+    for name in ("whiten", "cospadi"):                  # the overrides are valid keys of those recipes
+        command = steps[name].command
+        recipe = load_recipe(ROOT / command[4], [command[i + 1] for i, w in enumerate(command) if w == "--set"])
+        assert recipe.runtime.device == "cuda" and recipe.eval.lm_eval is None
+        assert recipe.eval.perplexity[0].max_windows == 4 and recipe.stages[0].targets == [r"re:model\.layers\.[0-1]\..*"]
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--layers", "0"])
 
