@@ -27,6 +27,7 @@ from .models import adapter_for
 from .models.loading import model_skeleton, resolve_model_dir
 from .pipeline import Stage
 from .pipeline.blocks import is_block_stage
+from .pipeline.costs import RunCosts, estimate, model_shape
 from .pipeline.plan import PlannedModule, plan_modules
 from .pipeline.targets import is_linear_like, select_targets
 from .recipe import Recipe
@@ -68,6 +69,16 @@ def preflight(recipe: Recipe, stages: list[Stage], data_directory: Path | None,
                  f"{recipe.calibration.num_samples}: every forward call holds all {recipe.calibration.num_samples} "
                  "windows (harmless; did you mean more samples?)")
     return plan
+
+
+def plan_costs(recipe: Recipe, plan: list[PlannedModule], model: nn.Module | None = None) -> RunCosts:
+    """The run's predicted costs (``pipeline.costs``), from the config alone: a meta skeleton unless the
+    caller holds the model."""
+    from .core.devices import resolve_device
+
+    skeleton = model if model is not None else model_skeleton(recipe.model.path, recipe.model.dtype,
+                                                               recipe.model.trust_remote_code)
+    return estimate(recipe, plan, model_shape(skeleton), resolve_device(recipe.runtime.device).type)
 
 
 def check_data(recipe: Recipe, directory: Path | None, calibration_given: bool = False) -> list[str]:

@@ -203,6 +203,8 @@ class RuntimeSpec(Section):
         None, description="within a layer, collect each set of targets sharing an input (q/k/v, o, gate/up, down) "
                           "after the previous set is compressed: one forward per set (default: on for target: "
                           "original only)")
+    check_fit: bool = Field(True, description="refuse a run the cost model predicts would not fit this machine's "
+                                              "host memory, device memory or disk (lrcompress.pipeline.costs)")
 
 
 class OutputSpec(Section):

@@ -43,13 +43,14 @@ from .models import DTYPES
 from .models.loading import LoadedModel
 from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.allocation import allocate, needs_allocation
+from .pipeline.costs import RunCosts, check_fit, fit_refusals
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
 from .pipeline.plan import PlannedModule, plan_modules
 from .pipeline.resume import open_shared_staging, restore_written, run_fingerprint
 from .pipeline.walk import LayerWalk
-from .preflight import check_growth, preflight
+from .preflight import check_growth, plan_costs, preflight
 from .recipe import Recipe
 from .residency import ResidentModel, model_class
 
@@ -65,6 +66,7 @@ class RunResult:
     plan: list[PlannedModule] = field(default_factory=list)
     model: nn.Module | None = None          # the compressed model, in memory (for library users)
     data_sources: list[str] = field(default_factory=list)   # where each dataset and task is read from
+    costs: RunCosts | None = None           # the cost model's prediction (pipeline.costs), made before loading
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
@@ -95,14 +97,19 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
                          model=given.loaded.model if given.loaded else None, sources=sources,
                          calibration_given=given.calibration is not None)
         check_growth(recipe, plan)
+        costs = plan_costs(recipe, plan, given.loaded.model if given.loaded else None)
+        if dry_run:                                  # shown, not raised: the plan is what was asked for
+            fit_refusals(costs, recipe)
+        else:
+            check_fit(costs, recipe)
         if dry_run and not needs_allocation(stages):
-            return RunResult(None, RunMetrics(), plan, data_sources=sources)
+            return RunResult(None, RunMetrics(), plan, data_sources=sources, costs=costs)
         # A dry run with a budget allocation loads the model and runs the spectra pre-pass (nothing written).
         claims = collective.is_writer and recipe.output.save and not dry_run
         with claim_output_dir(Path(recipe.output.dir), recipe.output.overwrite, log.warning) if claims \
                 else nullcontext():
             result = _run_recipe(recipe, observer, directory, collective, stages, plan, given, dry_run)
-        result.data_sources = sources
+        result.data_sources, result.costs = sources, costs
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
 

@@ -138,3 +138,15 @@ def sparse_coded_linear(in_features: int, out_features: int, atoms: int, sparsit
     statistic = GramStatistic(in_features)
     statistic.observe(x, linear(x))
     return linear, statistic
+
+
+def load_script(path: Path, name: str):
+    """A script outside the package (scripts/, bench/) imported as a module, for testing its functions."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,16 @@
 """scripts/check_results_commands.py: every command in bench/RESULTS.md and bench/history/ runs from the root."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_checker():
-    spec = importlib.util.spec_from_file_location("check_results_commands", ROOT / "scripts" / "check_results_commands.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-checker = _load_checker()
+checker = load_script(ROOT / "scripts" / "check_results_commands.py", "check_results_commands")
 
 
 def problems_of(tmp_path: Path, block: str) -> list[str]:

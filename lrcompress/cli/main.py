@@ -119,10 +119,19 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
     if not writer:
         return
     if ctx.obj["log_json"]:   # batch systems: the log on stderr, exactly one JSON result on stdout
-        click.echo(json.dumps(result_event(result, dry_run), default=str))
+        event = result_event(result, dry_run)
+        if dry_run and result.costs is not None:
+            event["costs"] = result.costs.to_dict()
+        click.echo(json.dumps(event, default=str))
         return
     if dry_run:
+        from .render_costs import cost_lines, cost_table
+
         stdout.print(plan_table(result.plan))
+        if result.costs is not None:
+            stdout.print(cost_table(result.costs))
+            for line in cost_lines(result.costs):
+                stdout.print(line, highlight=False)
         for line in result.data_sources:
             stdout.print(line, highlight=False)
         if result.metrics.allocation:   # the spectra pre-pass ran to choose the ranks above

@@ -1,7 +1,10 @@
 """Lazy mode under a real memory limit: a synthetic random-weight checkpoint several times larger than
 the budget is compressed in a subprocess whose data segment (RLIMIT_DATA, set after the imports) may
 grow by the budget plus a fixed headroom (``LIMIT``, below the model's size), and whose anonymous memory
-must stay within the budget. The default mode must fail under the same limit, so the limit is real.
+must stay within the budget. The default mode must fail under the same limit, so the limit is real. The same lazy run also shows that the
+peak does not grow with depth (the last layers' peaks against the first layers') and that writing the
+checkpoint holds no more than a layer does (the save streams: each segment is written as it finishes,
+``checkpoint.staging``; the final step adds only the tensors outside the layers).
 
 The budget covers what lazy mode holds at once: the process's own growth after its imports (~36 MB:
 modules transformers imports at the first forward, the calibration data), one layer, its float64
@@ -41,6 +44,7 @@ import torch
 import transformers.models.llama.modeling_llama  # noqa: F401 (code is imported before the limit)
 import lrcompress.runner
 from lrcompress.recipe import parse_recipe
+from lrcompress.pipeline import PipelineObserver
 from lrcompress.runner import run_recipe
 
 # report.md's plots import and run matplotlib: not the pipeline, and not proportional to the model
@@ -54,16 +58,32 @@ def status(field):
 
 
 class AnonPeak(threading.Thread):
-    # the highest RssAnon seen while the run goes on (the kernel keeps a high-water mark only for all of RSS)
+    # the highest RssAnon seen while the run goes on (the kernel keeps a high-water mark only for all of RSS),
+    # overall and per labelled part of the run (each layer, the write)
 
     def __init__(self):
         super().__init__(daemon=True)
         self.peak, self.running = status("RssAnon"), True
+        self.label, self.peaks = None, {}
 
     def run(self):
         while self.running:
-            self.peak = max(self.peak, status("RssAnon"))
+            value = status("RssAnon")
+            self.peak = max(self.peak, value)
+            if self.label is not None:
+                self.peaks[self.label] = max(self.peaks.get(self.label, 0), value)
             time.sleep(0.001)
+
+
+class Labels(PipelineObserver):
+    def layer_started(self, index, modules):
+        sampler.label = f"layer {index}"
+
+    def layer_done(self, index, seconds):
+        sampler.label = None
+
+    def phase(self, description):
+        sampler.label = "write" if description.startswith("writing") else None
 
 
 torch.set_num_threads(1)
@@ -73,13 +93,14 @@ sampler.start()
 soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
 resource.setrlimit(resource.RLIMIT_DATA, (status("VmData") + int(sys.argv[2]), hard))
 try:
-    metrics = run_recipe(parse_recipe(json.loads(open(sys.argv[1]).read()))).metrics.dump()
+    metrics = run_recipe(parse_recipe(json.loads(open(sys.argv[1]).read())), Labels()).metrics.dump()
 except (MemoryError, RuntimeError) as error:
     print(json.dumps({"ok": False, "error": str(error)[:300]}))
 else:
     sampler.running = False
     sampler.join()
-    print(json.dumps({"ok": True, "anon_growth": sampler.peak - start_anon, "compress": metrics["memory"]["compress"]}))
+    print(json.dumps({"ok": True, "anon_growth": sampler.peak - start_anon, "compress": metrics["memory"]["compress"],
+                      "parts": {label: peak - start_anon for label, peak in sampler.peaks.items()}}))
 """
 
 
@@ -117,3 +138,31 @@ def test_lazy_mode_compresses_a_model_several_times_larger_than_its_memory_budge
     assert lazy["anon_growth"] < BUDGET, lazy
     assert lazy["compress"]["peak_memory_growth_bytes"] < BUDGET, lazy
     assert (tmp_path / "out-True" / "model.safetensors.index.json").is_file()
+    assert_flat_with_depth(lazy["parts"], SYNTHETIC["num_hidden_layers"], layer_bytes(synthetic_dir))
+
+
+def layer_bytes(directory: Path) -> int:
+    """One decoder layer's share of the checkpoint (the shards hold the layers and the outer tensors)."""
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    return index["metadata"]["total_size"] // (SYNTHETIC["num_hidden_layers"] + 1)
+
+
+def assert_flat_with_depth(parts: dict[str, int], layers: int, one_layer: int) -> None:
+    """The anonymous peak while the last quarter of the layers ran is within one layer of the first quarter's
+    (holding the layers done so far would add a layer per layer), and writing the checkpoint holds no more
+    than a layer's work did plus one layer (not the compressed model: ``layers`` of them)."""
+    quarter = layers // 4
+    first = max(parts[f"layer {i}"] for i in range(quarter))
+    last = max(parts[f"layer {i}"] for i in range(layers - quarter, layers))
+    assert last - first < one_layer, (first, last, one_layer)
+    assert parts["write"] < max(first, last) + one_layer, (parts["write"], first, last)
+
+
+def test_the_depth_check_fails_when_the_peak_grows_with_depth():
+    grows = {f"layer {i}": 40_000_000 + i * 9_000_000 for i in range(32)} | {"write": 50_000_000}
+    with pytest.raises(AssertionError):
+        assert_flat_with_depth(grows, 32, 9_000_000)
+    flat = {f"layer {i}": 40_000_000 + (i % 3) * 1_000_000 for i in range(32)} | {"write": 45_000_000}
+    assert_flat_with_depth(flat, 32, 9_000_000)
+    with pytest.raises(AssertionError):     # a save that holds the whole model
+        assert_flat_with_depth(flat | {"write": 40_000_000 + 32 * 9_000_000}, 32, 9_000_000)
