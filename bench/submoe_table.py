@@ -191,7 +191,7 @@ def print_table(path: Path) -> None:
           + "".join(f"{t} acc | " for t in tasks) + "".join(f"{d} ppl | " for d in domains) + "compress s |")
     print("|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + len(domains)) + "---|")
     for label, kept in keys:
-        mine = [r for (l, k, _, _), r in records.items() if (l, k) == (label, kept)]
+        mine = [r for (run_label, k, _, _), r in records.items() if (run_label, k) == (label, kept)]
         ppl = [r["perplexity"] for r in mine if r["measure"] == "ppl"]
         errors = [r["block_rel_error"] for r in mine if "block_rel_error" in r and r["measure"] == "ppl"]
         cells = [label, str(kept), str(len({r.get("seed", 0) for r in mine})), f"{mine[0].get('block_params', 1.0):.1%}",
