@@ -337,7 +337,7 @@ def refine_summary(spec: RefineSpec | None, records: list[ModuleRecord]) -> dict
     return {"config": spec.model_dump(), "refined_layers": len(done), "reverted_layers": sum(r["reverted"] for r in done),
             "skipped_layers": len(layers) - len(done), "seconds": round(sum(r["seconds"] for r in done), 3),
             "peak_memory_growth_bytes": max(growth, default=None),
-            "layers": [{"layer": index, **report} for index, report in sorted(layers.items())]}
+            "layers": [{"index": index, **report} for index, report in sorted(layers.items())]}
 
 
 def describe_refine(runtime: "RuntimeSpec", num_samples: int, seed: int) -> list[str]:
