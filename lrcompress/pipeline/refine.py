@@ -24,9 +24,10 @@ batches is never trained on: its loss before and after measures generalisation, 
 ``revert_if_worse`` a refinement that makes the held-out loss worse is undone (the layer is left as
 compressed), so the refinement can only help on data it did not see.
 
-What is trained (``parameters``): ``factors`` — the two factors of every ``LowRankLinear``;
+What is trained (``parameters``): ``factors`` — the two factors of every ``LowRankLinear`` and the plain
+(unquantized) residual factors of every ``CompensatedLinear`` (EoRA's path; its base stays frozen);
 ``norms`` — every 1-D weight that is not a bias (RMSNorm/LayerNorm gains); ``biases`` — every bias.
-Everything else (dense or quantized weights, rotary buffers) is frozen and left bit-identical.
+Everything else (dense or quantized weights, rotary buffers) is frozen and left bit-identical, in its dtype.
 
 Loss (``loss``): ``mse`` is the objective above. ``token_relative`` divides each token's squared error by
 that token's mean square target, then averages over tokens: in SmolLM2's middle layers the first token
@@ -51,6 +52,7 @@ from torch import nn
 
 from ..errors import LrcompressError, NumericalError
 from ..models.capture import LayerInputs
+from ..modules.compensated import CompensatedLinear
 from ..modules.low_rank import LowRankLinear
 from ..recipe import RefineSpec
 from .memory import PeakMemory
@@ -93,9 +95,10 @@ def trainable_parameters(layer: nn.Module, kinds: Iterable[str]) -> list[nn.Para
     kinds = set(kinds)
     chosen: dict[int, nn.Parameter] = {}
     for module in layer.modules():
-        if "factors" in kinds and isinstance(module, LowRankLinear):
-            for parameter in (module.down.weight, module.up.weight):
-                chosen.setdefault(id(parameter), parameter)
+        if "factors" in kinds and isinstance(module, (LowRankLinear, CompensatedLinear)):
+            for factor in (module.down, module.up):
+                if type(factor) is nn.Linear:          # a compensation's quantized factors stay as they are
+                    chosen.setdefault(id(factor.weight), factor.weight)
     for name, parameter in layer.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if ("biases" in kinds and leaf == "bias") or ("norms" in kinds and leaf == "weight" and parameter.dim() == 1):
@@ -170,7 +173,7 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
     if not params:
         raise LrcompressError(f"refine {name}: nothing to train for parameters={config.parameters} "
                               "(no LowRankLinear factors, norms or biases of that kind in the layer)")
-    dtype = next(layer.parameters()).dtype
+    dtypes = {name: t.dtype for name, t in _tensors(layer)}
     requires = {id(p): p.requires_grad for p in layer.parameters()}
     products = [m for m in layer.modules() if isinstance(m, LowRankLinear) and m._product is not None]
     for module in products:            # the cached B·A would bypass the factors' gradients
@@ -198,13 +201,32 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
     finally:
         for parameter in layer.parameters():
             parameter.requires_grad_(requires[id(parameter)])
-        layer.to(dtype)
+        _restore_dtypes(layer, dtypes)
         for module in products:
             module.prepare_inference()
     return RefineReport(layer=name, parameters=sum(p.numel() for p in params), steps=steps,
                         train_before=train_before, train_after=train_after, holdout_before=held_before,
                         holdout_after=held_after, target_mean_square=_mean_square(targets, train),
                         reverted=reverted, seconds=time.perf_counter() - started)
+
+
+def _tensors(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(layer.named_parameters()) + list(layer.named_buffers())
+
+
+def _restore_dtypes(layer: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Every parameter and buffer back in the dtype it had before ``layer.float()``: a bf16 layer returns to
+    bf16, and a module that keeps some tensors in another dtype than its layer (a quantizer's float16 scales)
+    keeps them so."""
+    for name, tensor in _tensors(layer):
+        if tensor.dtype == dtypes[name]:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = layer.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf].data = tensor.data.to(dtypes[name])
+        else:
+            module._buffers[leaf] = tensor.to(dtypes[name])
 
 
 @torch.enable_grad()          # the engine walks the layers under no_grad

@@ -110,6 +110,20 @@ def test_a_layer_without_trainable_factors_is_skipped_with_its_reason(caplog):
     assert summary["skipped_layers"] == 2 and summary["refined_layers"] == 0
 
 
+def test_a_compensation_path_is_refined_and_its_quantized_base_left_alone():
+    """rtn 4-bit + EoRA rank 4: only the residual factors change, every tensor keeps its dtype."""
+    plain, refined = (copy.deepcopy(_dense("llama")[0]) for _ in range(2))
+    _compressed(plain, [_stage("rtn", 0, bits=4, group_size=16), _stage("eora", 1, rank=4)])
+    records, _ = _compressed(refined, [_stage("rtn", 0, bits=4, group_size=16), _stage("eora", 1, rank=4)],
+                             refine=SPEC)
+    before, after = plain.state_dict(), refined.state_dict()
+    changed = {name for name in after if not torch.equal(before[name], after[name])}
+    assert changed and all(name.endswith(("proj.down.weight", "proj.up.weight")) for name in changed)
+    assert all(before[name].dtype == after[name].dtype for name in after)
+    eora = [r.details["refine"] for r in records if r.method == "eora"]
+    assert eora and all(r["train_after"] < r["train_before"] for r in eora)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(sequential=False), "needs runtime.sequential"),
     (dict(collective=type("Two", (Collective,), {"world_size": 2})()), "runs in one process"),
