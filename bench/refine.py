@@ -1,5 +1,9 @@
 """Block refinement of a compressed checkpoint (lrcompress/pipeline/refine.py), measured on two domains.
 
+Post hoc: it refines a checkpoint that was compressed without refinement. The recipe option
+``runtime.refine`` (docs/refine.md) refines inside the run instead, so that every later layer is compressed
+on the refined layers' outputs; bench/history/refine-issue-26.md compares the two.
+
     LRCOMPRESS_DATA=... python bench/refine.py --model models/smollm2-135m --compressed runs/whiten-0.2 \
         --calibration wikitext2,webtext --epochs 8 --out runs/refine/mix-e8.json [--save runs/whiten-0.2-refined]
     python bench/refine.py --model models/smollm2-135m --compressed runs/whiten-0.2 --evaluate-only \

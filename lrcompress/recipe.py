@@ -182,6 +182,22 @@ class StageSpec(Section):
         return dict(self.model_extra or {})
 
 
+class RefineSpec(Section):
+    """``runtime.refine``: after each decoder layer is compressed, a short Adam refinement of its trainable
+    parameters toward the uncompressed model's outputs of that layer (lrcompress.pipeline.refine,
+    docs/refine.md). The shuffle of each layer's batches is seeded from the recipe's ``seed``."""
+
+    epochs: int = Field(8, ge=1, description="passes over the training batches (one Adam step per batch)")
+    lr: float = Field(3e-4, gt=0.0, description="Adam's peak learning rate, decayed to 0 on a cosine")
+    parameters: list[Literal["factors", "norms", "biases"]] = Field(
+        default_factory=lambda: ["factors"], min_length=1,
+        description="what is trained: factors (both factors of every low-rank module), norms, biases")
+    loss: Literal["mse", "token_relative"] = Field("mse", description="mean squared error, or per token relative")
+    holdout: float = Field(0.125, ge=0.0, lt=1.0, description="fraction of the batches held out (the last ones): "
+                                                              "never trained on, the honest before/after")
+    revert_if_worse: bool = Field(True, description="undo a layer's refinement when its held-out loss did not drop")
+
+
 class RuntimeSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(4, ge=1, description="calibration windows per forward call")
@@ -205,6 +221,22 @@ class RuntimeSpec(Section):
                           "original only)")
     check_fit: bool = Field(True, description="refuse a run the cost model predicts would not fit this machine's "
                                               "host memory, device memory or disk (lrcompress.pipeline.costs)")
+    refine: RefineSpec | None = Field(
+        None, description="refine each compressed layer toward the uncompressed model's layer outputs (a mapping "
+                          "of RefineSpec keys, or true for the defaults; docs/refine.md)")
+
+    @field_validator("refine", mode="before")
+    @classmethod
+    def _refine_switch(cls, value: Any) -> Any:
+        """``refine: true`` is the defaults, ``false`` (or null) is off."""
+        return {} if value is True else None if value is False else value
+
+    @model_validator(mode="after")
+    def _refine_needs_propagation(self) -> "RuntimeSpec":
+        if self.refine is not None and not self.sequential:
+            raise ValueError("runtime.refine needs runtime.sequential: true (a refined layer corrects the error "
+                             "the compressed layers before it propagate, and its outputs feed the next layer)")
+        return self
 
 
 class OutputSpec(Section):

@@ -48,6 +48,7 @@ from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
 from .pipeline.plan import PlannedModule, plan_modules
+from .pipeline.refine import describe_refine, refine_summary
 from .pipeline.resume import open_shared_staging, restore_written, run_fingerprint
 from .pipeline.walk import LayerWalk
 from .preflight import check_growth, plan_costs, preflight
@@ -102,6 +103,7 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
             fit_refusals(costs, recipe)
         else:
             check_fit(costs, recipe)
+        sources += describe_refine(recipe.runtime, recipe.calibration.num_samples, recipe.seed)
         if dry_run and not needs_allocation(stages):
             return RunResult(None, RunMetrics(), plan, data_sources=sources, costs=costs)
         # A dry run with a budget allocation loads the model and runs the spectra pre-pass (nothing written).
@@ -221,7 +223,8 @@ class RecipeRun:
 
     def walk(self, calibration: CalibrationSet) -> LayerWalk:
         """The uncompressed model and this process's calibration windows (all of them alone), for a walk."""
-        settings = PipelineSettings.from_runtime(self.recipe.runtime, self.collective, len(calibration.windows))
+        settings = PipelineSettings.from_runtime(self.recipe.runtime, self.collective, len(calibration.windows),
+                                                 self.recipe.seed)
         return LayerWalk(self.model.model, self.model.adapter, self.collective.shard(calibration.windows), settings,
                          self.observer, self.model.layers())
 
@@ -246,6 +249,7 @@ class RecipeRun:
                 records = restore_written(self.model.model, self.journal, self.model.layers())
             else:
                 records = self._compress(calibration)
+        self.metrics.refine = refine_summary(self.recipe.runtime.refine, records)   # from the records: resumed too
         self.metrics.memory = MemoryReport(compress=peak.report(), process_peak_rss_bytes=image_peak_rss_bytes(),
                                            lazy=self.model.lazy)
         return records

@@ -34,6 +34,12 @@ compressor takes a target weight is handed W* instead of W, and records measure 
 original model's outputs. The engine sees it only through its stream (``pipeline.stream``): the default
 stream changes nothing.
 
+Block refinement (``runtime.refine``): once every stage has compressed a segment, each of its compressed
+layers is refined toward the uncompressed model's outputs of that layer (``pipeline.refine``; the targets
+come from the reference stream, which runs beside the run for it under ``target: layer`` too), before the
+segment is committed to the journal and propagated: the next layer is compressed on the refined layer's
+outputs.
+
 The walk itself (capture, load, move to the device, hook, forward, move back, release) is
 ``pipeline.walk``'s, shared with the pre-passes and streamed evaluation.
 """
@@ -60,7 +66,8 @@ from .oom import naming_out_of_memory
 from .passes import input_groups
 from .prepass import is_prepass_kind
 from .records import ModuleRecord
-from .reference import check_target, stream_for
+from .reference import check_target
+from .refine import SegmentRefinement, check_refine, refining_stream
 from .settings import Stage
 from .stream import LayerStream
 from .targets import is_linear_like
@@ -123,9 +130,10 @@ class LayerwisePipeline:
         size = self.segment_size()
         check_coverage(self.model, self.adapter, self.stages)
         check_target(self.stages, s)
+        check_refine(s)
         self.observer.phase(f"capturing the decoder layers' inputs for {len(walk.windows)} windows")
         inputs = walk.capture()
-        self.stream = stream_for(inputs, s, walk.forward)
+        self.stream = refining_stream(inputs, s, walk.forward)
         layers = walk.decoder_layers
         records: list[ModuleRecord] = []
         self.observer.layers_started(len(layers))
@@ -146,6 +154,7 @@ class LayerwisePipeline:
             else:
                 with walk.on_device(indices):
                     segment_records, outputs = self._compress_segment(indices, inputs)
+                    self._refine(indices, inputs, segment_records)
                 self.journal.commit(self.model, indices, segment_records)
             self.journal.restore(self.model, indices)
             if outputs is None:
@@ -158,6 +167,20 @@ class LayerwisePipeline:
                 self.observer.layer_done(i, seconds / len(indices))
         self.observer.finished()
         return records
+
+    def _refine(self, indices: list[int], inputs: LayerInputs, records: list[ModuleRecord]) -> None:
+        """``runtime.refine``: each compressed layer of the segment refined toward the uncompressed model's
+        outputs (``pipeline.refine``); its report goes into the details of the layer's module records, which
+        the journal keeps with the segment (a resumed run reads them back)."""
+        if self.settings.refine is None:
+            return
+        touched = {record.layer for record in records}
+        self.observer.phase(f"layers {indices[0]}-{indices[-1]}: refining the compressed layers toward the "
+                            "original model's outputs")
+        refinement = SegmentRefinement(self.settings, self.stream, self.walk.forward, self.walk.decoder_layers)
+        reports = refinement.segment(indices, inputs, touched)
+        for record in records:
+            record.details["refine"] = reports[record.layer]
 
     def _planned_work(self, layers) -> list[PlannedWork]:
         """Every target module's size (parameters, read from the skeleton: no weight is loaded), for the ETA."""

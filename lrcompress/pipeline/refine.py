@@ -24,9 +24,10 @@ batches is never trained on: its loss before and after measures generalisation, 
 ``revert_if_worse`` a refinement that makes the held-out loss worse is undone (the layer is left as
 compressed), so the refinement can only help on data it did not see.
 
-What is trained (``parameters``): ``factors`` — the two factors of every ``LowRankLinear``;
+What is trained (``parameters``): ``factors`` — the two factors of every ``LowRankLinear`` and the plain
+(unquantized) residual factors of every ``CompensatedLinear`` (EoRA's path; its base stays frozen);
 ``norms`` — every 1-D weight that is not a bias (RMSNorm/LayerNorm gains); ``biases`` — every bias.
-Everything else (dense or quantized weights, rotary buffers) is frozen and left bit-identical.
+Everything else (dense or quantized weights, rotary buffers) is frozen and left bit-identical, in its dtype.
 
 Loss (``loss``): ``mse`` is the objective above. ``token_relative`` divides each token's squared error by
 that token's mean square target, then averages over tokens: in SmolLM2's middle layers the first token
@@ -38,33 +39,38 @@ Cost and evidence on SmolLM2-135M: bench/refine.py and bench/RESULTS.md.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from torch import nn
 
 from ..errors import LrcompressError, NumericalError
 from ..models.capture import LayerInputs
+from ..modules.compensated import CompensatedLinear
 from ..modules.low_rank import LowRankLinear
+from ..recipe import RefineSpec
+from .memory import PeakMemory
+from .records import ModuleRecord
+from .reference import ReferenceStream, stream_for
+from .settings import PipelineSettings
+from .stream import Forward, LayerStream
 
-ParameterKind = Literal["factors", "norms", "biases"]
+if TYPE_CHECKING:
+    from ..recipe import RuntimeSpec
+
+log = logging.getLogger(__name__)
 
 
-class RefineConfig(BaseModel):
-    """How one compressed decoder layer is refined (module docstring)."""
+class RefineConfig(RefineSpec):
+    """How one compressed decoder layer is refined (module docstring): the recipe's ``runtime.refine`` keys
+    and the seed of the batch shuffle (the engine derives it from the recipe's ``seed`` and the layer)."""
 
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(8, ge=1, description="passes over the training batches")
-    lr: float = Field(3e-4, gt=0.0, description="Adam's peak learning rate, decayed to 0 on a cosine")
-    parameters: list[ParameterKind] = Field(default_factory=lambda: ["factors"], min_length=1)
-    loss: Literal["mse", "token_relative"] = Field("mse", description="mean squared error, or per token relative")
-    holdout: float = Field(0.125, ge=0.0, lt=1.0, description="fraction of the batches held out (the last ones)")
-    revert_if_worse: bool = Field(True, description="undo the refinement when the held-out loss did not drop")
     seed: int = 0
 
 
@@ -89,9 +95,10 @@ def trainable_parameters(layer: nn.Module, kinds: Iterable[str]) -> list[nn.Para
     kinds = set(kinds)
     chosen: dict[int, nn.Parameter] = {}
     for module in layer.modules():
-        if "factors" in kinds and isinstance(module, LowRankLinear):
-            for parameter in (module.down.weight, module.up.weight):
-                chosen.setdefault(id(parameter), parameter)
+        if "factors" in kinds and isinstance(module, (LowRankLinear, CompensatedLinear)):
+            for factor in (module.down, module.up):
+                if type(factor) is nn.Linear:          # a compensation's quantized factors stay as they are
+                    chosen.setdefault(id(factor.weight), factor.weight)
     for name, parameter in layer.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if ("biases" in kinds and leaf == "bias") or ("norms" in kinds and leaf == "weight" and parameter.dim() == 1):
@@ -166,7 +173,7 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
     if not params:
         raise LrcompressError(f"refine {name}: nothing to train for parameters={config.parameters} "
                               "(no LowRankLinear factors, norms or biases of that kind in the layer)")
-    dtype = next(layer.parameters()).dtype
+    dtypes = {name: t.dtype for name, t in _tensors(layer)}
     requires = {id(p): p.requires_grad for p in layer.parameters()}
     products = [m for m in layer.modules() if isinstance(m, LowRankLinear) and m._product is not None]
     for module in products:            # the cached B·A would bypass the factors' gradients
@@ -194,7 +201,7 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
     finally:
         for parameter in layer.parameters():
             parameter.requires_grad_(requires[id(parameter)])
-        layer.to(dtype)
+        _restore_dtypes(layer, dtypes)
         for module in products:
             module.prepare_inference()
     return RefineReport(layer=name, parameters=sum(p.numel() for p in params), steps=steps,
@@ -203,6 +210,26 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
                         reverted=reverted, seconds=time.perf_counter() - started)
 
 
+def _tensors(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(layer.named_parameters()) + list(layer.named_buffers())
+
+
+def _restore_dtypes(layer: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Every parameter and buffer back in the dtype it had before ``layer.float()``: a bf16 layer returns to
+    bf16, and a module that keeps some tensors in another dtype than its layer (a quantizer's float16 scales)
+    keeps them so."""
+    for name, tensor in _tensors(layer):
+        if tensor.dtype == dtypes[name]:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = layer.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf].data = tensor.data.to(dtypes[name])
+        else:
+            module._buffers[leaf] = tensor.to(dtypes[name])
+
+
+@torch.enable_grad()          # the engine walks the layers under no_grad
 def _train(fit: _Fit, train: list[int], params: list[nn.Parameter], config: RefineConfig) -> int:
     """Adam with cosine decay over ``config.epochs`` passes of ``train`` (seeded shuffle); the step count."""
     total = config.epochs * len(train)
@@ -223,3 +250,128 @@ def _train(fit: _Fit, train: list[int], params: list[nn.Parameter], config: Refi
             step += 1
     return step
 
+
+
+# ---------------------------------------------------------------------- the engine's option: runtime.refine
+#
+# With ``runtime.refine`` set, the engine refines every layer of a segment once all stages have compressed it
+# and before the segment is written to the journal (so a resumed run replays the refined layer) and
+# propagated. The targets are always the uncompressed model's outputs of the layer on the uncompressed
+# model's inputs, f_l(X_l): under ``target: original`` the reference stream already carries them; under
+# ``target: layer`` an ``AnchorStream`` carries them without changing what the stages fit.
+
+
+class AnchorStream(ReferenceStream):
+    """``runtime.target: layer`` with ``runtime.refine``: the uncompressed model's activations run beside the
+    run (``ReferenceStream``'s untouched layer copies and reference inputs) only to give refinement its
+    targets; every stage collects, is fitted and is measured exactly as under the plain ``LayerStream``."""
+
+    needs = LayerStream.needs
+    collect = LayerStream.collect
+    target_members = LayerStream.target_members
+    measured = LayerStream.measured
+    report = LayerStream.report
+
+
+def refining_stream(inputs: LayerInputs, settings: PipelineSettings, forward: Forward) -> LayerStream:
+    """The run's stream: ``runtime.target``'s (``reference.stream_for``), or an ``AnchorStream`` when
+    refinement needs the original activations that ``target: layer`` does not carry."""
+    if settings.refine is not None and settings.target == "layer":
+        return AnchorStream(inputs, settings, forward)
+    return stream_for(inputs, settings, forward)
+
+
+def check_refine(settings: PipelineSettings) -> None:
+    """Refuse, before any work, a refinement the run cannot do."""
+    if settings.refine is None:
+        return
+    if not settings.sequential:
+        raise LrcompressError("runtime.refine needs runtime.sequential: true (a refined layer corrects the error "
+                              "the compressed layers before it propagate)")
+    if settings.collective.world_size > 1:
+        raise LrcompressError(f"runtime.refine runs in one process; this run has {settings.collective.world_size} "
+                              "(its gradients would have to be all-reduced across them): run it without --nproc")
+
+
+@dataclass
+class SegmentRefinement:
+    """What refining a segment needs from the engine: the settings (``refine``, ``seed``, devices), the run's
+    stream (a ``ReferenceStream``: the targets), the walk's forward and the decoder layers."""
+
+    settings: PipelineSettings
+    stream: LayerStream
+    forward: Forward
+    layers: nn.ModuleList
+
+    def segment(self, indices: list[int], inputs: LayerInputs, touched: set[int]) -> dict[int, dict[str, Any]]:
+        """Refine the layers of ``indices`` that a stage compressed (``touched``), in order, each on the
+        compressed stream's inputs to it (``inputs`` for the first, the refined predecessor's outputs after);
+        the layers are on the compute device. Returns layer → its report (``RefineReport`` fields, or
+        ``skipped`` with the reason)."""
+        reports: dict[int, dict[str, Any]] = {}
+        x = inputs
+        for position, index in enumerate(indices):
+            if index in touched:
+                reports[index] = self.layer(index, x)
+            if position + 1 < len(indices):
+                x = self.forward(self.layers[index], x)
+        return reports
+
+    def layer(self, index: int, inputs: LayerInputs) -> dict[str, Any]:
+        """One layer: its targets from the reference stream, then ``refine_layer`` with the layer's seed."""
+        spec, stream = self.settings.refine, self.stream
+        if not isinstance(stream, ReferenceStream):
+            raise RuntimeError("runtime.refine needs the reference stream (refining_stream) to run beside")
+        started = time.perf_counter()
+        layer = self.layers[index]
+        if not trainable_parameters(layer, spec.parameters):
+            reason = (f"nothing to train for parameters={spec.parameters}: its compressed modules hold no low-rank "
+                      "factors (quantized, pruned or dictionary weights stay as compressed)")
+            log.warning("runtime.refine: decoder layer %d skipped, %s", index, reason)
+            return {"skipped": reason}
+        config = RefineConfig(**spec.model_dump(), seed=self.settings.seed + index)
+        targets = stream.inputs_for(index + 1).hidden
+        with PeakMemory(self.settings.compute) as peak:
+            report = refine_layer(layer, inputs, targets, config, name=f"decoder layer {index}")
+        log.info("refined decoder layer %d: train %.4g -> %.4g, held-out %s -> %s%s, %.1fs", index,
+                 report.train_before, report.train_after, _short(report.holdout_before),
+                 _short(report.holdout_after), " (reverted)" if report.reverted else "", report.seconds)
+        return {**report.model_dump(), "seconds": time.perf_counter() - started,
+                "peak_memory_growth_bytes": peak.report()["peak_memory_growth_bytes"]}
+
+
+def _short(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def refine_summary(spec: RefineSpec | None, records: list[ModuleRecord]) -> dict[str, Any] | None:
+    """metrics.json ``refine``: the settings, each layer's report (read from its module records, where the
+    engine put it and where a resumed run reads it back), and the totals: time, peak memory growth, how
+    many layers were refined, reverted and skipped."""
+    if spec is None:
+        return None
+    layers: dict[int, dict[str, Any]] = {}
+    for record in records:
+        if "refine" in record.details:
+            layers.setdefault(record.layer, record.details["refine"])
+    done = [r for r in layers.values() if "skipped" not in r]
+    growth = [r["peak_memory_growth_bytes"] for r in done if r.get("peak_memory_growth_bytes") is not None]
+    return {"config": spec.model_dump(), "refined_layers": len(done), "reverted_layers": sum(r["reverted"] for r in done),
+            "skipped_layers": len(layers) - len(done), "seconds": round(sum(r["seconds"] for r in done), 3),
+            "peak_memory_growth_bytes": max(growth, default=None),
+            "layers": [{"index": index, **report} for index, report in sorted(layers.items())]}
+
+
+def describe_refine(runtime: "RuntimeSpec", num_samples: int, seed: int) -> list[str]:
+    """The dry run's line for ``runtime.refine`` (none when it is off): what is trained, on what, how long."""
+    spec = runtime.refine
+    if spec is None:
+        return []
+    batches = math.ceil(num_samples / runtime.batch_size)
+    train, held = _split(batches, spec.holdout)
+    beside = ("the output-matching reference stream" if runtime.target == "original" else
+              "a reference stream run beside for it (one more layer forward per layer, one layer copy)")
+    return [f"runtime.refine: after its stages, each compressed layer's {', '.join(spec.parameters)} are refined toward "
+            f"the uncompressed model's outputs of that layer ({beside}): Adam lr {spec.lr:g} with cosine decay, "
+            f"{spec.epochs} epochs × {len(train)} steps of {runtime.batch_size} windows, {len(held)} batch(es) held out"
+            f"{' (reverted if not better)' if spec.revert_if_worse else ''}, loss {spec.loss}, shuffle seed {seed} + layer"]

@@ -20,7 +20,7 @@ from .distributed import Collective
 from .targets import LinearTargets, TargetKind
 
 if TYPE_CHECKING:
-    from ..recipe import RuntimeSpec
+    from ..recipe import RefineSpec, RuntimeSpec
 
 
 @dataclass
@@ -76,15 +76,21 @@ class PipelineSettings:
     # One statistics pass per set of targets sharing an input within a layer (pipeline.passes); None:
     # on exactly when target is "original" (where fitting stale inputs hurts most).
     true_sequential: bool | None = None
+    # runtime.refine: each compressed layer refined toward the uncompressed model's outputs (pipeline.refine);
+    # None: off. ``seed`` (the recipe's) seeds each layer's batch shuffle (seed + layer index).
+    refine: "RefineSpec | None" = None
+    seed: int = 0
 
     @property
     def passes_within_layer(self) -> bool:
         return self.true_sequential if self.true_sequential is not None else self.target == "original"
 
     @classmethod
-    def from_runtime(cls, runtime: "RuntimeSpec", collective: Collective, num_samples: int) -> "PipelineSettings":
-        """The recipe's ``runtime`` section, with the devices placed for this process."""
+    def from_runtime(cls, runtime: "RuntimeSpec", collective: Collective, num_samples: int,
+                     seed: int = 0) -> "PipelineSettings":
+        """The recipe's ``runtime`` section, with the devices placed for this process; ``seed``: the recipe's."""
         return cls(runtime.batch_size, collective.place(resolve_device(runtime.device)),
                    collective.place(torch.device(runtime.offload_device)), runtime.sequential, collective,
                    num_samples, target=runtime.target, target_damping=runtime.target_damping,
-                   target_blend=runtime.target_blend, true_sequential=runtime.true_sequential)
+                   target_blend=runtime.target_blend, true_sequential=runtime.true_sequential,
+                   refine=runtime.refine, seed=seed)

@@ -100,7 +100,8 @@ class RunMetrics(Section):
     modules: list[ModuleRecord] = Field(default_factory=list)
     allocation: AllocationResult | None = None             # a stage with a budget allocation: the ranks chosen
     output_matching: OutputMatchingReport | None = None    # runtime.target: original: what it cost
-    OMITTED_WHEN_NONE = ("prepass", "memory", "provenance", "compression", "allocation", "output_matching")
+    refine: dict[str, Any] | None = None                    # runtime.refine: pipeline.refine.refine_summary
+    OMITTED_WHEN_NONE = ("prepass", "memory", "provenance", "compression", "allocation", "output_matching", "refine")
 
     def save(self, path: Path) -> None:
         write_json(path, self.dump())
