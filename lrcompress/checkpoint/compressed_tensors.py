@@ -36,6 +36,7 @@ from .writer import unique_state_dict
 
 FORMAT = "pack-quantized"
 RUNTIMES = ("transformers", "vllm")     # whose zero-point shape is written (module docstring)
+FACTORED_KINDS = ("low_rank", "sparse_dict")   # may hold quantized factors (apply_to: factors): refused by name
 
 
 def _require_compressed_tensors():
@@ -52,6 +53,10 @@ def quantized_targets(model: nn.Module) -> dict[str, QuantizedLinear]:
     """The quantized linears of ``model``; refuses modules or options the format cannot hold."""
     found: dict[str, QuantizedLinear] = {}
     for name, module in compressed_modules(model):
+        if module.kind in FACTORED_KINDS and any(isinstance(inner, QuantizedLinear) for inner in module.modules()):
+            raise CheckpointError(f"module {name} is {module.kind} with quantized factors: compressed-tensors has no "
+                                  "layout for a quantized factor pair or quantized dictionary values (it quantizes "
+                                  "one weight per linear); export it with `lrcompress export --dense` instead")
         if not isinstance(module, QuantizedLinear):
             raise CheckpointError(f"module {name} is {module.kind}: the compressed-tensors export takes rtn/gptq "
                                   "quantized linears only (an EoRA run: export its base with --peft)")
