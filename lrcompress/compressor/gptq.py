@@ -16,17 +16,20 @@ cancels in the algorithm, so the calibration Gram G = XᵀX is used as is). As i
   current block the pending lazy updates are applied before fitting, so the result does not depend
   on ``block_size`` (with group and block sizes aligned, this is exactly the reference behaviour);
 * inputs that are always zero (diag H = 0) get H_jj = 1 and W_:j = 0 (they never affect the output).
+
+With ``apply_to: factors`` the factors of an earlier low-rank or dictionary stage are quantized instead,
+each with the Gram of its own inputs (``factors``); dictionary values, whose every row has its own Hessian,
+go through :func:`gptq_rows`.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from ..errors import LrcompressError, NumericalError
 from .base import register
