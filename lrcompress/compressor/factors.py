@@ -6,10 +6,12 @@ made, instead of the module's m×n product (docs/quantized-factors.md).
   rank-r activations of the *quantized* first factor, so A is quantized first and B's Hessian is ZᵀZ with
   Z = X·A_qᵀ, i.e. A_q·G·A_qᵀ (:func:`rank_gram`): exact, computed from the input Gram the stage already
   collected, so no second pass over the calibration data is needed.
-* ``SparseDictLinear`` (cospadi, compot): the nonzero values of S. Output column j is
-  y_j = Σ_t z_{idx[t, j]}·v[t, j] with z = x·D, so its values' Hessian is the block of DᵀGD on its support
-  idx[:, j] (:func:`value_grams`): one s × s Hessian per output column (``gptq.gptq_rows``). The dictionary
-  keeps the model dtype.
+* ``SparseDictLinear`` (cospadi, compot): the dictionary D (in × k; a linear with weight Dᵀ reading x, so
+  its Hessian is G, as for ``down``) when this module alone holds it, then the nonzero values of S. Output
+  column j is y_j = Σ_t z_{idx[t, j]}·v[t, j] with z = x·D_q, so its values' Hessian is the block of D_qᵀ·G·D_q
+  on its support idx[:, j] (:func:`value_grams`): one s × s Hessian per output column (``gptq.gptq_rows``).
+  A dictionary shared by a group of modules (``group_size`` > 1) keeps the model dtype: each member would
+  round it differently, and it would no longer be one tensor; its values are still quantized.
 
 rtn needs no Hessian: it rounds each factor on the same grid. The stored layout is the one of ``rtn``/``gptq``
 (a ``QuantizedLinear`` per factor, packed by ``core.packing``), nested in the factored module's spec.
@@ -53,14 +55,16 @@ def rank_gram(down: nn.Module, gram: torch.Tensor) -> torch.Tensor:
     return a @ gram.to(a) @ a.T
 
 
-def value_grams(module: SparseDictLinear, gram: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+def value_grams(dictionary: torch.Tensor, indices: torch.Tensor, gram: torch.Tensor
+                ) -> Callable[[slice], torch.Tensor]:
     """For a slice of output columns j, the (columns × s × s) Hessians of their values: the blocks
-    (DᵀGD)[idx_j, idx_j] of the Gram of the dictionary outputs z = x·D (float64)."""
-    d = module.dictionary.detach().to(torch.float64)
+    (DᵀGD)[idx_j, idx_j] of the Gram of the dictionary outputs z = x·D (D: in × k, the dictionary the
+    values will be used with; float64). Exact from the input Gram: no data pass."""
+    d = dictionary.detach().to(torch.float64)
     atoms = d.T @ gram.to(d) @ d
 
     def grams(columns: slice) -> torch.Tensor:
-        support = module.indices[:, columns].T.long()                  # columns × s
+        support = indices[:, columns].T.long()                         # columns × s
         return atoms[support[:, :, None], support[:, None, :]]
     return grams
 
@@ -84,10 +88,17 @@ def quantize_factors(quantizer: "QuantizingCompressor", name: str, module: nn.Mo
     if isinstance(module, SparseDictLinear):
         if module.values is None:
             raise already_quantized(name, quantizer.name)
-        hessians = None if gram is None else value_grams(module, gram)
-        values, path, details = quantizer.quantize_rows(module.values.detach().T, hessians, f"{name}.values")
-        return CompressResult(module.with_quantized_values(values), numerical_path=f"values {path}",
-                              details={"factors": "values", "values": details, **_shared(details)})
+        dictionary, paths, details = None, [], {}
+        if not module.dictionary_shared:
+            dictionary, path, details["dictionary"] = quantizer.quantize_matrix(module.dictionary.detach().T, gram,
+                                                                                None, f"{name}.dictionary")
+            paths.append(f"dictionary {path}")
+        hessians = None if gram is None else value_grams(
+            module.dictionary if dictionary is None else dictionary.dense_weight().T, module.indices, gram)
+        values, path, details["values"] = quantizer.quantize_rows(module.values.detach().T, hessians, f"{name}.values")
+        paths.append(f"values {path}")
+        return CompressResult(module.with_quantized(values, dictionary), numerical_path="; ".join(paths),
+                              details={"factors": ", ".join(details), **details, **_shared(details["values"])})
     raise not_factored(name, quantizer.name, type(module).__name__)
 
 
@@ -119,7 +130,10 @@ def factor_spec(name: str, spec: dict[str, Any] | None, config: QuantConfig, met
             raise LrcompressError(f"{name}: act_order cannot apply to dictionary values (every output column has "
                                   "its own Hessian, hence its own order, and the layout stores one order); "
                                   "set act_order: false")
-        return {**spec, "values": quantized_spec(spec["sparsity"], spec["out_features"], config, False)}
+        quantized = {"values": quantized_spec(spec["sparsity"], spec["out_features"], config, False)}
+        if spec.get("dictionary_share", spec["in_features"] * spec["atoms"]) == spec["in_features"] * spec["atoms"]:
+            quantized["dictionary"] = quantized_spec(spec["in_features"], spec["atoms"], config, False)
+        return {**spec, **quantized}
     raise not_factored(name, method, f"planned as {kind}" if kind else "not factored by an earlier stage")
 
 

@@ -70,22 +70,50 @@ def test_rows_with_one_shared_hessian_are_plain_gptq():
 def test_value_hessians_are_the_blocks_of_the_dictionary_outputs_gram(dictionary):
     x, _, _, module = dictionary
     z = x @ module.dictionary.detach()                             # dictionary outputs on the calibration inputs
-    grams = value_grams(module, x.T @ x)(slice(3, 9))
+    grams = value_grams(module.dictionary, module.indices, x.T @ x)(slice(3, 9))
     for j, block in zip(range(3, 9), grams):
         support = module.indices[:, j].long()
         torch.testing.assert_close(block, z[:, support].T @ z[:, support], rtol=1e-10, atol=1e-8)
 
 
-def test_gptq_on_the_values_beats_rtn_and_keeps_the_dictionary(dictionary):
+def test_gptq_on_the_dictionary_and_values_beats_rtn(dictionary):
     x, linear, stats, module = dictionary
     options = dict(bits=3, group_size=16, apply_to="factors")
     rtn, gptq = compress_with("rtn", module, stats, **options), compress_with("gptq", module, stats, **options)
-    assert isinstance(gptq, SparseDictLinear) and gptq.values is None
-    assert gptq.dictionary is module.dictionary and torch.equal(gptq.indices, module.indices)
-    # Strictly better, by little: OMP picks nearly orthogonal atoms in the whitened metric, so each column's
-    # Hessian is close to diagonal (mean |correlation| 0.015 here) and leaves GPTQ little error to spread.
-    assert _error(gptq, x, module) < _error(rtn, x, module)
-    torch.testing.assert_close(gptq.dense_weight(), (gptq.dictionary @ gptq.coefficients()).T)
+    assert isinstance(gptq, SparseDictLinear) and gptq.values is None and gptq.dictionary is None
+    assert isinstance(gptq.quantized_dictionary, QuantizedLinear) and torch.equal(gptq.indices, module.indices)
+    assert _error(gptq, x, module) < 0.9 * _error(rtn, x, module)
+    torch.testing.assert_close(gptq.dense_weight(), (gptq.dictionary_matrix() @ gptq.coefficients()).T)
+
+
+def test_the_values_hessians_come_from_the_quantized_dictionary(dictionary):
+    """Values: per column, GPTQ with the Gram of z = x·D_q on its support, D_q the *quantized* dictionary —
+    recomputed here from the data. On their own, GPTQ gains little over rtn on values: OMP picks nearly
+    orthogonal atoms in the whitened metric, so each column's Hessian is close to diagonal."""
+    x, _, stats, module = dictionary
+    gptq = compress_with("gptq", module, stats, bits=3, group_size=16, apply_to="factors")
+    with torch.no_grad():
+        z = gptq.quantized_dictionary(x)                            # outputs of the quantized dictionary
+
+    def from_data(columns: slice) -> torch.Tensor:
+        support = module.indices[:, columns].T.long()
+        picked = z[:, support]                                      # tokens × columns × s
+        return torch.einsum("tcs,tcu->csu", picked, picked)
+    values = gptq_rows(module.values.detach().T, from_data, 3, 16, "float16")
+    assert torch.equal(gptq.quantized_values.codes(), values.codes)
+
+
+def test_a_shared_dictionary_stays_shared_and_only_the_values_are_quantized():
+    from lrcompress.compressor import GroupMember, get_compressor
+    members = []
+    for seed in (3, 4):
+        _, linear, gram = observed_linear(600, 40, 32, seed=seed)
+        members.append(GroupMember(f"m{seed}", linear, {"gram": gram}))
+    cls = get_compressor("cospadi")
+    shared = [r.module for r in cls(cls.Config(ratio=0.3, group_size=2, iterations=1)).compress_group(members)]
+    packed = [compress_with("rtn", m, {}, bits=4, group_size=8, apply_to="factors") for m in shared]
+    assert packed[0].dictionary is packed[1].dictionary is shared[0].dictionary
+    assert all(isinstance(m.quantized_values, QuantizedLinear) and m.values is None for m in packed)
 
 
 def test_stored_bytes_are_the_state_dict_and_the_budget_price(low_rank):
