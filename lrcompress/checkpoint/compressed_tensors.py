@@ -50,6 +50,7 @@ W8A8_FORMAT = "int-quantized"
 RUNTIMES = ("transformers", "vllm")     # whose zero-point shape is written (module docstring)
 SCHEMES = ("auto", "wna16", "w8a8")     # auto: wna16, except w8a8 for vllm where a width is not 4 bits
 INT8_MAX = 127                          # symmetric int8 grid of the w8a8 scheme: [−127, 127]
+FACTORED_KINDS = ("low_rank", "sparse_dict")   # may hold quantized factors (apply_to: factors): refused by name
 
 
 def _require_compressed_tensors():
@@ -67,6 +68,10 @@ def quantized_targets(model: nn.Module, act_order: bool = False) -> dict[str, Qu
     accept act-order checkpoints, which the w8a8 scheme re-quantizes in input order)."""
     found: dict[str, QuantizedLinear] = {}
     for name, module in compressed_modules(model):
+        if module.kind in FACTORED_KINDS and any(isinstance(inner, QuantizedLinear) for inner in module.modules()):
+            raise CheckpointError(f"module {name} is {module.kind} with quantized factors: compressed-tensors has no "
+                                  "layout for a quantized factor pair or quantized dictionary values (it quantizes "
+                                  "one weight per linear); export it with `lrcompress export --dense` instead")
         if not isinstance(module, QuantizedLinear):
             raise CheckpointError(f"module {name} is {module.kind}: the compressed-tensors export takes rtn/gptq "
                                   "quantized linears only (an EoRA run: export its base with --peft)")

@@ -62,6 +62,9 @@ class Plan:
     params_after: int
     rank: int | None = None
     bytes_after: int | None = None     # when it differs from params_after × the weight's element size
+    # The spec of the module the stage writes, where a later ``apply_to: factors`` stage needs its shape
+    # (a low-rank pair, a dictionary); None where no later stage can act on its factors.
+    spec: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,17 @@ class Compressor(ABC):
         False and the switch leaves them alone (docs/output-matching.md)."""
         return False
 
+    @property
+    def acts_on_factors(self) -> bool:
+        """Whether this stage quantizes the factors an earlier stage made (``apply_to: factors``) instead
+        of replacing the module: its plan then comes from the earlier plan's spec (``plan_factors``)."""
+        return False
+
+    def plan_factors(self, name: str, spec: dict[str, Any] | None, dtype: Any) -> Plan:
+        """The plan of an ``acts_on_factors`` stage for the module that the earlier stages planned as ``spec``
+        (None: no earlier stage replaced it); absolute sizes of the whole module."""
+        raise NotImplementedError(f"{self.name} does not act on factors")
+
     def compress_group(self, members: list[GroupMember]) -> list[CompressResult]:
         """Compress modules that share something (a dictionary); by default each one alone."""
         return [self.compress(m.name, m.module, m.stats) for m in members]
@@ -170,7 +184,8 @@ class LowRankCompressor(Compressor):
         m, n = module.out_features, module.in_features
         rank = self.config.rank_for(m, n)
         bias = getattr(module, "bias", None)
-        return Plan(low_rank_params(m, n, rank) + (bias.numel() if bias is not None else 0), rank)
+        spec = {"kind": "low_rank", "in_features": n, "out_features": m, "rank": rank, "bias": bias is not None}
+        return Plan(low_rank_params(m, n, rank) + (bias.numel() if bias is not None else 0), rank, spec=spec)
 
     def rank_knob(self, module: nn.Module) -> RankKnob:
         m, n = module.out_features, module.in_features

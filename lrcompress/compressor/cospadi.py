@@ -137,9 +137,13 @@ class CoSpaDi(Compressor):
         weight = dense_weight(module)
         shape = self.shape_for(module.in_features, module.out_features, weight.dtype, members)
         share = dictionary_shares(module.in_features, shape.atoms, members)[position]
+        bias = getattr(module, "bias", None) is not None
+        spec = {"kind": SparseDictLinear.kind, "in_features": module.in_features, "out_features": module.out_features,
+                "atoms": shape.atoms, "sparsity": shape.sparsity, "bias": bias, "index_bits": index_bits(shape.atoms),
+                "dictionary_share": share}
         # the stored indices are charged at their real size even when the budget leaves them out
         return Plan(sparse_dict_params(module.in_features, module.out_features, shape.atoms, shape.sparsity,
-                                       weight.dtype, getattr(module, "bias", None) is not None, share))
+                                       weight.dtype, bias, share), spec=spec)
 
     def rank_knob(self, module: nn.Module) -> RankKnob | None:
         """The knob is s (k = ρ·s atoms): each step stores ρ·d_in dictionary values and d_out codes

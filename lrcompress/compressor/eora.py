@@ -15,7 +15,10 @@ not depend on the calibration size (it matters when A and B are quantized). Choi
 
 * ``space: weight`` is the baseline compensation of the paper: the plain truncated SVD of ΔW;
 * ``bits``: A and B are quantized with round-to-nearest (the paper quantizes them to 4 bits), each
-  along its input dimension in groups of ``group_size``; the quantized factors count in the record.
+  along its input dimension in groups of ``group_size``; the quantized factors count in the record and
+  in the plan's bytes. ``quantizer: gptq`` quantizes them with GPTQ instead, A with the input Gram and B
+  with the Gram of A_q's outputs, A_q·G·A_qᵀ, as ``gptq`` with ``apply_to: factors`` does for a low-rank
+  pair (``factors``, docs/quantized-factors.md).
 
 W comes from the pipeline's ``original_weight`` snapshot (the module before the run's first stage),
 W_c from the module this stage receives; the base module is kept as it is inside the result.
@@ -30,8 +33,9 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import LrcompressError
-from ..modules import CompensatedLinear, dense_weight, stored_params
+from ..modules import CompensatedLinear, LowRankLinear, dense_weight, storage_bytes, stored_params
 from .base import CompressResult, Compressor, CompressorConfig, Plan, register
+from .factors import factor_spec, planned, quantize_factors
 from .linalg import balanced_factors, truncated_svd
 from .quantgrid import QuantConfig, ScaleDtype, quantized_linear, round_to_nearest
 from .stats import OriginalWeight, Statistic, gram_of
@@ -46,6 +50,8 @@ class EoRAConfig(CompressorConfig):
     bits: int | None = Field(None, ge=2, le=8, description="quantize A and B to this many bits (null: keep float)")
     group_size: int | None = Field(128, ge=1, description="group size of the factor quantization")
     scale_dtype: ScaleDtype = "float16"
+    quantizer: Literal["rtn", "gptq"] = Field(
+        "rtn", description="how ``bits`` quantizes A and B: rtn (the paper) or gptq with each factor's own Hessian")
 
     def rank_for(self, out_features: int, in_features: int) -> int:
         return min(self.rank, out_features, in_features)
@@ -97,9 +103,23 @@ class EoRA(Compressor):
         return self.config.space == "eigen"
 
     def plan(self, module: nn.Module) -> Plan:
+        """Adds the factors to whatever the module stores: rank·(m + n) values, at their packed bytes with ``bits``."""
         m, n = module.out_features, module.in_features
         rank = self.config.rank_for(m, n)
-        return Plan(stored_params(module) + rank * (m + n), rank)
+        params = stored_params(module) + rank * (m + n)
+        if self.config.bits is None:
+            return Plan(params, rank)
+        pair = {"kind": LowRankLinear.kind, "in_features": n, "out_features": m, "rank": rank, "bias": False}
+        factors = planned(factor_spec("eora", pair, self._grid(), self.name), dense_weight(module).dtype)
+        return Plan(params, rank, bytes_after=storage_bytes(module) + factors.bytes_after)
+
+    def _grid(self) -> QuantConfig:
+        """The grid of the quantized factors (a GPTQ config when ``quantizer: gptq``; same grid, same bytes)."""
+        c = self.config
+        if c.quantizer == "gptq":
+            from .gptq import GPTQConfig
+            return GPTQConfig(bits=c.bits, group_size=c.group_size, scale_dtype=c.scale_dtype, apply_to="factors")
+        return QuantConfig(bits=c.bits, group_size=c.group_size, scale_dtype=c.scale_dtype, apply_to="factors")
 
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
         original = stats.get("original_weight")
@@ -121,10 +141,17 @@ class EoRA(Compressor):
         else:
             up, down = weight_space_factors(delta, rank)
             path = "svd(ΔW)"
-        if self.config.bits is not None:
-            path += f", factors rtn {self.config.bits}-bit"
         dtype = current.dtype
-        replacement = CompensatedLinear(module, factor_module(down, self.config, dtype),
-                                        factor_module(up, self.config, dtype))
+        if self.config.bits is not None and self.config.quantizer == "gptq":
+            from .gptq import GPTQ
+            pair = LowRankLinear.from_factors(up, down, None, dtype)
+            quantized = quantize_factors(GPTQ(self._grid()), name, pair, gram_stat.gram(name)).module
+            down_module, up_module = quantized.down, quantized.up
+            path += f", factors gptq {self.config.bits}-bit"
+        else:
+            down_module, up_module = factor_module(down, self.config, dtype), factor_module(up, self.config, dtype)
+            if self.config.bits is not None:
+                path += f", factors rtn {self.config.bits}-bit"
+        replacement = CompensatedLinear(module, down_module, up_module)
         return CompressResult(replacement, rank=rank, numerical_path=path,
                               details={"space": self.config.space, "base_kind": type(module).__name__})

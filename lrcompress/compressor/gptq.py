@@ -16,25 +16,26 @@ cancels in the algorithm, so the calibration Gram G = XᵀX is used as is). As i
   current block the pending lazy updates are applied before fitting, so the result does not depend
   on ``block_size`` (with group and block sizes aligned, this is exactly the reference behaviour);
 * inputs that are always zero (diag H = 0) get H_jj = 1 and W_:j = 0 (they never affect the output).
+
+With ``apply_to: factors`` the factors of an earlier low-rank or dictionary stage are quantized instead,
+each with the Gram of its own inputs (``factors``); dictionary values, whose every row has its own Hessian,
+go through :func:`gptq_rows`.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable
 
 import torch
 from pydantic import Field
-from torch import nn
 
-from ..errors import NumericalError
-from ..modules import dense_weight
-from .base import CompressResult, register
-from .linalg import whitening
+from ..errors import LrcompressError, NumericalError
+from .base import register
+from .linalg import CHOLESKY_RETRIES, DAMPING_GROWTH, whitening
 from .quantgrid import QuantConfig, ScaleDtype, dequantize, fit_grid, quantize, quantized_linear
-from .rtn import QuantizingCompressor
-from .stats import Statistic, gram_of
+from .rtn import Quantized, QuantizingCompressor
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,79 @@ class GPTQ(QuantizingCompressor):
         """Quantizes T with Hessian X̂ᵀX̂: with T = W* this is GPTAQ's asymmetric calibration."""
         return True
 
-    def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> CompressResult:
-        gram_stat = gram_of(stats)
-        weight = dense_weight(module).detach()
+    def quantize_matrix(self, weight: torch.Tensor, gram: torch.Tensor | None, bias: torch.Tensor | None,
+                        name: str) -> Quantized:
         c = self.config
-        result = gptq_quantize(weight, gram_stat.gram(name), c.bits, c.group_size, c.scale_dtype, c.damping,
-                               c.block_size, c.act_order, name)
-        replacement = quantized_linear(result.codes, result.scales, result.zeros, c,
-                                       getattr(module, "bias", None), weight.dtype, result.perm)
+        result = gptq_quantize(weight, gram, c.bits, c.group_size, c.scale_dtype, c.damping, c.block_size,
+                               c.act_order, name)
+        replacement = quantized_linear(result.codes, result.scales, result.zeros, c, bias, weight.dtype, result.perm)
         path = f"gptq[{result.path}]" + (", act-order" if c.act_order else "")
-        return CompressResult(replacement, numerical_path=path,
-                              details={"bits": c.bits, "group_size": replacement.group_size, "loss": result.loss})
+        return replacement, path, {"bits": c.bits, "group_size": replacement.group_size, "loss": result.loss}
+
+    def quantize_rows(self, weight: torch.Tensor, hessians: Callable[[slice], torch.Tensor] | None,
+                      name: str) -> Quantized:
+        c = self.config
+        if c.act_order:
+            raise LrcompressError(f"{name}: act_order cannot apply to rows with their own Hessians; set act_order: false")
+        result = gptq_rows(weight, hessians, c.bits, c.group_size, c.scale_dtype, c.damping, name)
+        replacement = quantized_linear(result.codes, result.scales, result.zeros, c, None, weight.dtype)
+        return replacement, f"gptq-rows[{result.path}]", {"bits": c.bits, "group_size": replacement.group_size,
+                                                         "loss": result.loss}
+
+
+def gptq_rows(weight: torch.Tensor, hessians: Callable[[slice], torch.Tensor], bits: int, group_size: int | None,
+              scale_dtype: ScaleDtype, damping: float = 0.01, name: str = "", chunk: int = 256) -> GPTQResult:
+    """GPTQ for a matrix whose every row has its own Hessian: ``hessians(rows)`` gives the (rows × k × k)
+    Hessians of a slice of rows. A dictionary's values need it (output column j of S reads only the atoms
+    of its support, so its Hessian is the support's block of DᵀGD, different for every j).
+
+    Per row this is exactly :func:`gptq_quantize` without act-order (the same damping, grid fitting on
+    the error-updated weights, loss); rows are processed ``chunk`` at a time, each chunk's columns in one
+    batched sweep (no lazy blocks: a row of k values is short). A damping that fails Cholesky for any row
+    of a chunk is raised ×10 for that chunk (recorded in the path)."""
+    rows, k = weight.shape
+    width = min(group_size or k, k)
+    codes = torch.empty(rows, k, dtype=torch.int64, device=weight.device)
+    scales = torch.empty(rows, math.ceil(k / width), dtype=torch.float64, device=weight.device)
+    zeros = torch.empty_like(scales)
+    loss, paths = 0.0, set()
+    for start in range(0, rows, chunk):
+        part = slice(start, min(start + chunk, rows))
+        w = weight[part].to(torch.float64).clone()
+        h = hessians(part).to(device=w.device, dtype=torch.float64).clone()
+        dead = torch.diagonal(h, dim1=1, dim2=2) == 0
+        if bool(dead.any()):
+            batch, column = dead.nonzero(as_tuple=True)
+            h[batch, column, column] = 1.0
+            w[dead] = 0.0
+        upper, path = _batched_inverse_cholesky(h, damping, name)
+        paths.add(path)
+        scale = zero = None
+        for i in range(k):
+            if i % width == 0:
+                scale, zero = fit_grid(w[:, i:min(i + width, k)], bits, scale_dtype)
+                scales[part, i // width], zeros[part, i // width] = scale, zero
+            q = quantize(w[:, i], scale, zero, bits)
+            codes[part, i] = q
+            err = (w[:, i] - dequantize(q, scale, zero)) / upper[:, i, i]
+            loss += float((err**2).sum()) / 2
+            w[:, i:] -= err[:, None] * upper[:, i, i:]
+    return GPTQResult(codes, scales, zeros, None, loss, "/".join(sorted(paths)))
+
+
+def _batched_inverse_cholesky(h: torch.Tensor, damping: float, name: str) -> tuple[torch.Tensor, str]:
+    """Upper Cholesky factors U of (H_b + λ·mean(diag H_b)·I)⁻¹ for a batch of Hessians H_b."""
+    identity = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    scale = torch.diagonal(h, dim1=1, dim2=2).mean(dim=1)[:, None, None]
+    lam = damping
+    for attempt in range(CHOLESKY_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(h + lam * scale * identity)
+        if not bool(info.any()) and bool(torch.isfinite(lower).all()):
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex((inverse + inverse.transpose(1, 2)) / 2, upper=True)
+            if not bool(info.any()) and bool(torch.isfinite(upper).all()):
+                return upper, (f"cholesky(damping={lam:.0e})" if attempt == 0
+                               else f"cholesky-raised(damping={lam:.0e})")
+        lam *= DAMPING_GROWTH
+    raise NumericalError(f"{name}: Cholesky of the per-row damped Hessians failed up to damping {lam:.0e}; "
+                         "raise 'damping'")

@@ -28,6 +28,9 @@ class QuantConfig(CompressorConfig):
     bits: int = Field(4, ge=2, le=8, description="bits per weight code")
     group_size: int | None = Field(128, ge=1, description="inputs sharing one scale/zero (null: whole row)")
     scale_dtype: ScaleDtype = Field("float16", description="storage format of the scales")
+    apply_to: Literal["weight", "factors"] = Field(
+        "weight", description="weight: quantize the module's (dense) weight; factors: quantize the factors an "
+                              "earlier low-rank or dictionary stage made of it (docs/quantized-factors.md)")
 
     def width(self, in_features: int) -> int:
         return min(self.group_size or in_features, in_features)

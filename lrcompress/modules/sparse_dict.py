@@ -22,6 +22,16 @@ On CUDA the Triton gather kernel runs on the fixed-nnz layout and nothing is bui
 A dictionary may be shared by several modules (CoSpaDi's per-group mode): they hold the same
 Parameter, the checkpoint stores it once (an alias in the "tied" list), and each module's
 ``stored_params`` is charged its share of the dictionary so that the shares add up exactly.
+
+Quantized factors (an ``rtn``/``gptq`` stage with ``apply_to: factors``, docs/quantized-factors.md): the
+s × out values may be stored as a ``QuantizedLinear`` of s inputs and ``out`` outputs, ``quantized_values``
+(its weight is Sᵀ's nonzeros, one row per output column, groups along the column's support), and a
+dictionary of this module alone as a ``QuantizedLinear`` of ``in`` inputs and k outputs,
+``quantized_dictionary`` (its weight is Dᵀ; z = x·D is its forward). The ``values``/``dictionary``
+parameters are then absent (None): :meth:`SparseDictLinear.value_matrix` and
+:meth:`SparseDictLinear.dictionary_matrix` dequantize when needed, and the spec nests the quantized modules'
+specs under ``values``/``dictionary``. A shared dictionary is never quantized (its members would each round
+it differently).
 """
 from __future__ import annotations
 
@@ -32,7 +42,8 @@ import torch
 from torch import nn
 
 from .. import triton_kernels
-from .base import CompressedLinear, register_module_kind
+from .base import CompressedLinear, module_from_spec, module_spec, register_module_kind, storage_bytes
+from .quantized import QuantizedLinear
 from ..core.packing import pack_codes, packed_bytes, unpack_codes
 
 INT16_ATOMS = 32768
@@ -83,17 +94,36 @@ class SparseDictLinear(CompressedLinear):
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 dictionary: nn.Parameter | None = None, dictionary_share: int | None = None) -> None:
+                 dictionary: nn.Parameter | None = None, dictionary_share: int | None = None,
+                 quantized_values: QuantizedLinear | None = None,
+                 quantized_dictionary: QuantizedLinear | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.atoms, self.sparsity = atoms, sparsity
-        if dictionary is None:
-            dictionary = nn.Parameter(torch.empty(in_features, atoms, dtype=dtype, device=device))
-        if tuple(dictionary.shape) != (in_features, atoms):
-            raise ValueError(f"dictionary shape {tuple(dictionary.shape)} != ({in_features}, {atoms})")
-        self.dictionary = dictionary
         self.dictionary_share = in_features * atoms if dictionary_share is None else dictionary_share
-        self.values = nn.Parameter(torch.empty(sparsity, out_features, dtype=dtype, device=device))
+        self.dtype = dtype or torch.get_default_dtype()
+        if quantized_dictionary is not None:
+            if (quantized_dictionary.in_features, quantized_dictionary.out_features) != (in_features, atoms):
+                raise ValueError(f"quantized dictionary of {quantized_dictionary.in_features} inputs and "
+                                 f"{quantized_dictionary.out_features} atoms != ({in_features}, {atoms})")
+            if self.dictionary_share != in_features * atoms:
+                raise ValueError("a shared dictionary cannot be quantized")
+            self.register_parameter("dictionary", None)
+            self.quantized_dictionary = quantized_dictionary
+        else:
+            if dictionary is None:
+                dictionary = nn.Parameter(torch.empty(in_features, atoms, dtype=dtype, device=device))
+            if tuple(dictionary.shape) != (in_features, atoms):
+                raise ValueError(f"dictionary shape {tuple(dictionary.shape)} != ({in_features}, {atoms})")
+            self.dictionary = dictionary
+        if quantized_values is None:
+            self.values = nn.Parameter(torch.empty(sparsity, out_features, dtype=dtype, device=device))
+        else:
+            if (quantized_values.in_features, quantized_values.out_features) != (sparsity, out_features):
+                raise ValueError(f"quantized values of {quantized_values.out_features}×{quantized_values.in_features} "
+                                 f"do not hold {out_features} columns of {sparsity} nonzeros")
+            self.register_parameter("values", None)
+            self.quantized_values = quantized_values
         self.register_buffer("packed_indices", torch.zeros(index_bytes(sparsity * out_features, atoms),
                                                            dtype=torch.uint8, device=device))
         self.register_buffer("indices", torch.zeros(sparsity, out_features, dtype=index_dtype_for(atoms),
@@ -125,6 +155,39 @@ class SparseDictLinear(CompressedLinear):
                 module.bias.copy_(bias.to(dtype))
         return module
 
+    @property
+    def dictionary_shared(self) -> bool:
+        """Whether other modules hold the same dictionary (this one is charged a share of it)."""
+        return self.dictionary_share != self.in_features * self.atoms
+
+    def with_quantized(self, values: QuantizedLinear, dictionary: QuantizedLinear | None) -> "SparseDictLinear":
+        """A new module with this one's indices and bias, ``values`` (s inputs → out outputs) as its values and
+        ``dictionary`` (in → k) as its dictionary, or this one's (the same Parameter: a shared dictionary
+        stays shared)."""
+        device = self.packed_indices.device
+        module = type(self)(self.in_features, self.out_features, self.atoms, self.sparsity, bias=self.bias is not None,
+                            dtype=self.dtype, device=device, dictionary=self.dictionary if dictionary is None else None,
+                            dictionary_share=self.dictionary_share, quantized_values=values,
+                            quantized_dictionary=dictionary)
+        with torch.no_grad():
+            module.packed_indices.copy_(self.packed_indices)
+            module.indices.copy_(self.indices)
+            if self.bias is not None:
+                module.bias.copy_(self.bias)
+        return module
+
+    def dictionary_matrix(self) -> torch.Tensor:
+        """D, in × k (dequantized when stored quantized)."""
+        if self.dictionary is not None:
+            return self.dictionary
+        return self.quantized_dictionary.dense_weight().T
+
+    def value_matrix(self) -> torch.Tensor:
+        """The s × out nonzero values (dequantized when stored quantized)."""
+        if self.values is not None:
+            return self.values
+        return self.quantized_values.dense_weight().T
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         """Load the packed indices (packing a legacy int16/int32 ``indices`` tensor), then unpack them
@@ -144,52 +207,70 @@ class SparseDictLinear(CompressedLinear):
         self.indices = codes.view(self.sparsity, self.out_features)
 
     def prepare_inference(self) -> None:
-        on_cpu = self.values.device.type == "cpu"
+        on_cpu = self.packed_indices.device.type == "cpu"
         self._coefficients = self.coefficients().detach() if on_cpu else None
 
     def inference_tensors(self) -> list[torch.Tensor]:
         return [] if self._coefficients is None else [self._coefficients]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x @ self.dictionary
+        z = x @ self.dictionary if self.dictionary is not None else self.quantized_dictionary(x)
         prepared = self._coefficients
         if prepared is not None and x.device.type == "cpu" and not x.requires_grad:
             y = z @ prepared.to(z.dtype)
         else:
-            y = triton_kernels.sparse_dict_matmul(z, self.indices, self.values)
+            y = triton_kernels.sparse_dict_matmul(z, self.indices, self.value_matrix().to(z.dtype))
         return y + self.bias if self.bias is not None else y
 
     def coefficients(self) -> torch.Tensor:
         """S as a dense k × out matrix."""
-        dense = torch.zeros(self.atoms, self.out_features, dtype=self.values.dtype, device=self.values.device)
-        return dense.scatter_add_(0, self.indices.long(), self.values)
+        values = self.value_matrix().to(self._value_dtype())
+        dense = torch.zeros(self.atoms, self.out_features, dtype=values.dtype, device=values.device)
+        return dense.scatter_add_(0, self.indices.long(), values)
 
     def dense_weight(self) -> torch.Tensor:
-        return (self.dictionary @ self.coefficients()).T
+        return (self.dictionary_matrix() @ self.coefficients()).T
+
+    def _value_dtype(self) -> torch.dtype:
+        """The model dtype (the float dictionary's, else the values', else the one built with)."""
+        float_tensor = self.dictionary if self.dictionary is not None else self.values
+        return float_tensor.dtype if float_tensor is not None else self.dtype
 
     def index_params(self) -> int:
         """The indices in units of stored values (bytes of indices / bytes per value, rounded up)."""
-        return index_params(self.indices.numel(), self.atoms, self.values.dtype)
+        return index_params(self.indices.numel(), self.atoms, self._value_dtype())
 
     def stored_params(self) -> int:
-        return sparse_dict_params(self.in_features, self.out_features, self.atoms, self.sparsity, self.values.dtype,
+        return sparse_dict_params(self.in_features, self.out_features, self.atoms, self.sparsity, self._value_dtype(),
                                   self.bias is not None, self.dictionary_share)
 
     def storage_bytes(self) -> int:
-        """Checkpoint bytes, with a shared dictionary charged at this module's share."""
-        tensors = [self.values, self.packed_indices] + ([self.bias] if self.bias is not None else [])
-        return (self.dictionary_share * self.dictionary.element_size()
-                + sum(t.numel() * t.element_size() for t in tensors))
+        """Checkpoint bytes, with a shared dictionary charged at this module's share (quantized values at the
+        bytes of their packed module)."""
+        tensors = [self.packed_indices] + ([self.bias] if self.bias is not None else [])
+        tensors += [self.values] if self.values is not None else []
+        values = 0 if self.values is not None else storage_bytes(self.quantized_values)
+        dictionary = (self.dictionary_share * self.dictionary.element_size() if self.dictionary is not None
+                      else storage_bytes(self.quantized_dictionary))
+        return dictionary + values + sum(t.numel() * t.element_size() for t in tensors)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+        spec = {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
                 "atoms": self.atoms, "sparsity": self.sparsity, "bias": self.bias is not None,
                 "index_bits": index_bits(self.atoms), "dictionary_share": self.dictionary_share}
+        if self.values is None:
+            spec["values"] = module_spec(self.quantized_values)
+        if self.dictionary is None:
+            spec["dictionary"] = module_spec(self.quantized_dictionary)
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> "SparseDictLinear":
+        values = module_from_spec(spec["values"], dtype) if "values" in spec else None
+        dictionary = module_from_spec(spec["dictionary"], dtype) if "dictionary" in spec else None
         module = cls(spec["in_features"], spec["out_features"], spec["atoms"], spec["sparsity"],
-                     bias=spec["bias"], dtype=dtype, dictionary_share=spec.get("dictionary_share"))
+                     bias=spec["bias"], dtype=dtype, dictionary_share=spec.get("dictionary_share"),
+                     quantized_values=values, quantized_dictionary=dictionary)
         bits = spec.get("index_bits")       # absent: a checkpoint of the unpacked layout (loaded by packing)
         if bits is not None and bits != index_bits(module.atoms):
             raise ValueError(f"{bits}-bit indices do not match {spec['atoms']} atoms")

@@ -43,10 +43,13 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
     """Every target module with its method and size (bytes and parameters) before/after, without touching
     any weight. A compressor plans from the uncompressed module; for a module an earlier stage already
     planned, the later stage's change (after − uncompressed) is added to the earlier stage's result:
-    exact for compensation stages (EoRA adds its factors to whatever the base stored)."""
+    exact for compensation stages (EoRA adds its factors to whatever the base stored). A stage that acts on
+    the factors of an earlier stage (``apply_to: factors``) plans from that stage's spec instead, and gives
+    the whole module's size."""
     adapter = adapter_for(model)
     planned: list[PlannedModule] = []
     current: dict[str, tuple[int, int]] = {}           # name -> (params, bytes) after the stages so far
+    specs: dict[str, dict | None] = {}                 # name -> the planned spec of the last stage on it
     layers = list(adapter.decoder_layers(model))
     selected = {(stage.index, index): stage.select(layer, adapter.layer_prefix(index))
                 for stage in stages for index, layer in enumerate(layers)}
@@ -56,7 +59,9 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
             for name in selected[(stage.index, index)]:
                 module = layer.get_submodule(name)
                 full = f"{prefix}.{name}"
-                if stage.group_size > 1:
+                if stage.compressor.acts_on_factors:
+                    plan = stage.compressor.plan_factors(full, specs.get(full), next(module.parameters()).dtype)
+                elif stage.group_size > 1:
                     plan = stage.compressor.plan_in_group(full, module, *_membership(selected, stage, index, name,
                                                                                      len(layers)))
                 else:
@@ -64,11 +69,15 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
                 dense_params = sum(p.numel() for p in module.parameters())
                 dense_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
                 itemsize = next(module.parameters()).element_size()
-                after_bytes = plan.bytes_after if plan.bytes_after is not None else plan.params_after * itemsize
                 params_before, bytes_before = current.get(full, (dense_params, dense_bytes))
-                params_after = params_before + plan.params_after - dense_params
-                bytes_after = bytes_before + after_bytes - dense_bytes
+                if stage.compressor.acts_on_factors:
+                    params_after, bytes_after = plan.params_after, plan.bytes_after
+                else:
+                    after_bytes = plan.bytes_after if plan.bytes_after is not None else plan.params_after * itemsize
+                    params_after = params_before + plan.params_after - dense_params
+                    bytes_after = bytes_before + after_bytes - dense_bytes
                 current[full] = (params_after, bytes_after)
+                specs[full] = plan.spec
                 out_f, in_f = stage.shape(module, model.config)
                 grows = stage.compressor.shrinks and plan.params_after >= dense_params and could_shrink(out_f, in_f)
                 planned.append(PlannedModule(full, stage.index, stage.compressor.name, out_f, in_f, params_before,

@@ -35,6 +35,10 @@ KINDS = {
     "cospadi-shared": ([{"method": "cospadi", "ratio": 0.2, "group_size": 2, "iterations": 1}], SparseDictLinear),
     "rtn3+eora": ([{"method": "rtn", "bits": 3, "group_size": 32}, {"method": "eora", "rank": 8}],
                   CompensatedLinear),
+    "whiten+gptq-factors": ([{"method": "whiten", "ratio": 0.3},
+                             {"method": "gptq", "bits": 4, "group_size": 16, "apply_to": "factors"}], LowRankLinear),
+    "cospadi+rtn-values": ([{"method": "cospadi", "ratio": 0.3, "iterations": 1},
+                            {"method": "rtn", "bits": 4, "group_size": 16, "apply_to": "factors"}], SparseDictLinear),
 }
 
 

@@ -271,6 +271,9 @@ CASES = [
          "short.txt has 20 tokens; 6 windows of calibration.seq_len 48 need at least 49",
          absent="short.txt/validation"),
     Case("calibration file empty", _calibration_text("", "empty.txt"), "empty.txt is empty"),
+    # issue 27: quantized factors need a factored module
+    Case("apply_to: factors on a plain Linear", _args("--set", "stages.0={method: gptq, apply_to: factors}"),
+         "model.layers.0.self_attn.q_proj: gptq with apply_to: factors quantizes the factors of a low-rank"),
 ]
 
 

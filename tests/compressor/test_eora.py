@@ -152,3 +152,20 @@ def test_pipeline_eora_after_rtn_lowers_every_module_error():
         if stage == 1:
             assert record.relative_error < by_stage[(name, 0)].relative_error
             assert record.method == "eora" and record.rank == 8
+
+
+def test_gptq_quantized_factors_beat_rtn_ones_and_the_plan_counts_their_bytes():
+    """``quantizer: gptq`` quantizes A with the input Gram and B with A_q·G·A_qᵀ (as ``apply_to: factors``);
+    the plan's bytes are the built module's, for both quantizers."""
+    x, linear, gram, base = _compressed_layer()
+    w = linear.weight.detach()
+    options = dict(rank=RANK, bits=3, group_size=8)
+    rtn = _eora(base, linear, gram, **options)
+    gptq = _eora(base, linear, gram, quantizer="gptq", **options)
+    assert isinstance(gptq.down, QuantizedLinear) and isinstance(gptq.up, QuantizedLinear)
+    assert _output_error(x, w, dense_weight(gptq)) < _output_error(x, w, dense_weight(rtn))
+    cls = get_compressor("eora")
+    for module, quantizer in ((rtn, "rtn"), (gptq, "gptq")):
+        plan = cls(cls.Config(quantizer=quantizer, **options)).plan(base)
+        assert plan.bytes_after == module.storage_bytes() == sum(
+            t.numel() * t.element_size() for t in module.state_dict().values())

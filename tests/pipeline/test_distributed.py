@@ -74,15 +74,20 @@ def _outcomes() -> dict[int, JobOutcome]:
     base = quantized[0].module
     stats = {"gram": linears[1][1], "original_weight": OriginalWeight(linears[1][0].weight.detach())}
     compensated = [_compressor("eora", rank=3).compress("m1", base, stats)]
+    factors = _compressor("gptq", bits=4, group_size=8, apply_to="factors")          # quantized factors (issue 27)
+    packed_pair = [factors.compress("m0", low_rank[0].module, {"gram": linears[0][1]})]
+    packed_values = [_compressor("rtn", bits=4, group_size=8, apply_to="factors").compress(f"m{i}", r.module, {})
+                     for i, r in enumerate(shared)]
     return {0: JobOutcome(low_rank, 0.5), 2: JobOutcome(quantized, 0.25), 3: JobOutcome(shared, 1.5),
-            5: JobOutcome(compensated, 0.125)}
+            5: JobOutcome(compensated, 0.125), 6: JobOutcome(packed_pair, 0.5), 7: JobOutcome(packed_values, 0.5)}
 
 
 def test_compressed_modules_survive_the_trip_through_bytes():
     sent = _outcomes()
     received = decode_outcomes(encode_outcomes(sent))
     assert sorted(received) == sorted(sent)
-    kinds = {0: LowRankLinear, 2: QuantizedLinear, 3: SparseDictLinear, 5: CompensatedLinear}
+    kinds = {0: LowRankLinear, 2: QuantizedLinear, 3: SparseDictLinear, 5: CompensatedLinear, 6: LowRankLinear,
+             7: SparseDictLinear}
     x = torch.randn(5, 16)
     for index, outcome in sent.items():
         got = received[index]
@@ -97,8 +102,9 @@ def test_compressed_modules_survive_the_trip_through_bytes():
             for key in ours:
                 assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
             torch.testing.assert_close(copy.module(x), original.module(x), rtol=0, atol=0)
-    first, second = received[3].results
-    assert first.module.dictionary is second.module.dictionary     # still one shared dictionary
+    for index in (3, 7):
+        first, second = received[index].results
+        assert first.module.dictionary is second.module.dictionary     # still one shared dictionary
 
 
 def test_a_failure_keeps_its_error_type_across_processes():
