@@ -131,3 +131,14 @@ def test_a_compensation_path_is_refined_and_its_quantized_base_left_alone():
 def test_what_refinement_cannot_do_is_refused(settings, message):
     with pytest.raises(LrcompressError, match=message):
         check_refine(PipelineSettings(refine=SPEC, **settings))
+
+
+def test_quantized_factors_are_not_trained():
+    """whiten + rtn on its factors (apply_to: factors): both factors are quantized linears, so refinement finds
+    nothing to train and leaves the layer exactly as compressed (it must not reach into a packed factor)."""
+    plain, refined = (copy.deepcopy(_dense("llama")[0]) for _ in range(2))
+    stages = [_stage("whiten", 0, ratio=0.3), _stage("rtn", 1, bits=4, group_size=16, apply_to="factors")]
+    _compressed(plain, stages)
+    records, _ = _compressed(refined, stages, refine=SPEC)
+    assert all("nothing to train" in r.details["refine"]["skipped"] for r in records)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), refined.state_dict().values()))
