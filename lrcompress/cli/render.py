@@ -11,6 +11,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..eval.protocol import ZERO_SHOT_METRIC, ZERO_SHOT_TASKS, zero_shot_average
 from ..results.inspect import Inspection
 from ..results.metrics import RunMetrics, describe_change, format_bytes
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
@@ -148,11 +149,20 @@ def summary_table(metrics: RunMetrics, output_dir) -> Table:
         worst = max(metrics.modules, key=lambda m: m.relative_error)
         table.add_row("relative output error", f"mean {sum(errors) / len(errors):.4f}, "
                       f"worst {worst.relative_error:.4f} ({worst.name})")
-    for name, result in (metrics.eval.baseline_perplexity or {}).items():
+    dense = metrics.eval.baseline_perplexity or {}
+    for name, result in dense.items():
         table.add_row(f"dense perplexity {name}", f"{result.value:.3f}")
     for name, result in metrics.eval.perplexity.items():
         stderr = f" ± {result.stderr:.3f}" if result.stderr is not None else ""
-        table.add_row(f"perplexity {name}", f"{result.value:.3f}{stderr}  [{result.protocol}]")
+        ratio = f" ({result.value / dense[name].value:.2f}× dense)" if name in dense else ""
+        table.add_row(f"perplexity {name}", f"{result.value:.3f}{stderr}{ratio}  [{result.protocol}]")
+    for label, tasks in (("dense zero-shot average", metrics.eval.baseline_lm_eval),
+                         ("zero-shot average", metrics.eval.lm_eval)):
+        average = zero_shot_average(tasks)    # the standard evaluation's third number, beside the two above
+        if average is not None:
+            documents = "all documents" if average.limit is None else f"{average.limit} documents each"
+            table.add_row(label, f"{average.format()} % ({ZERO_SHOT_METRIC} of {', '.join(ZERO_SHOT_TASKS)}; "
+                                 f"{documents})")
     for name, seconds in metrics.timing.items():
         table.add_row(f"time {name}", f"{seconds:.1f} s")
     return table
