@@ -97,14 +97,15 @@ class Rates:
                        source=f"{self.source}, × {threads} threads (assumed linear)")
 
 
-# Measured here: bench/cost_constants.py, one thread, 2026-12-06 (load 2-6 on 2 cores). bfloat16 GEMMs run on
+# Measured here: bench/cost_constants.py, one thread, 2026-12-06 21:54 (load 2.7-3.1 on 2 cores, as during the
+# bench/eight_b.py runs; at load 6 GEMMs ran ~1.3× slower). bfloat16 GEMMs run on
 # AMX; forward_bfloat16 is assumed = float32's. Cholesky and the triangular inverse at n = 4096 (blocked LAPACK is
 # ~2× more efficient there than at the script's 1024-2048). svd_whitened: corrected after the Qwen3-30B-A3B- and
 # Llama-3-8B-shaped attention layers (bench/history/issue31-costs.md): gesdd on W·S, whose spectrum decays like
 # the activations', took 0.25-0.31 of a random matrix's time.
-CPU_RATES = Rates(gemm_float32=6.3e10, gemm_float64=3.3e10, gemm_bfloat16=4.6e11, forward_float32=3.9e10,
-                  forward_bfloat16=3.9e10, svd=1.3e-9, cholesky=2.4e-11, triangular=3.2e-11, eigh=2.8e-10,
-                  gptq_column=7.6e-5, gptq_column_row=3.3e-7, read=3.0e8, process_bytes=0.55 * GIB,
+CPU_RATES = Rates(gemm_float32=6.7e10, gemm_float64=3.3e10, gemm_bfloat16=3.7e11, forward_float32=5.2e10,
+                  forward_bfloat16=5.2e10, svd=1.3e-9, cholesky=2.4e-11, triangular=3.2e-11, eigh=2.9e-10,
+                  gptq_column=1.8e-4, gptq_column_row=5.4e-7, read=4.4e8, process_bytes=0.55 * GIB,
                   source="measured on this project's CPU (bench/cost_constants.py, 1 thread)")
 # Estimates, not measurements: H100 SXM peaks (float64/float32 67 TFLOP/s, bf16 989 TFLOP/s dense) at an
 # assumed 50% for GEMMs and 30% for a layer's forward; cuSOLVER factorizations at ~30% of the float64 peak
