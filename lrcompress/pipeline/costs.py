@@ -116,7 +116,7 @@ CUDA_RATES = Rates(gemm_float32=3.3e13, gemm_float64=3.3e13, gemm_bfloat16=5.0e1
                    forward_bfloat16=1.5e14, svd=10 / 6.7e11, cholesky=1 / 3 / 2.0e13, triangular=1 / 3 / 2.0e13,
                    eigh=4 / 3.4e12, gptq_column=3.0e-5, gptq_column_row=1e-10, read=2.0e9, process_bytes=1.5 * GIB,
                    source="ESTIMATED from H100 SXM documented peak rates (no GPU measurement yet)", device="cuda",
-                   expert_overhead=5e-5, write=5e8)
+                   expert_overhead=5e-5, write=5e8, svd_whitened=1.0)     # spectrum speed-up unmeasured on GPU
 
 
 def load_rates(device: str, path: str | None = None) -> Rates:
