@@ -229,8 +229,9 @@ def table(args: argparse.Namespace) -> None:
         layers = sorted(r["layer_seconds"], key=int)
         rows = [("peak host memory, GiB", p["peak_host_bytes"] / GIB, r["peak_rss"] / GIB)]
         rows += [(f"layer {i} time, s", p["layers"][int(i)], r["layer_seconds"][i]) for i in layers]
+        compressed = {str(m["layer"]) for m in r["modules"]}          # the run's peak is predicted for these
         rows += [(f"layer {i} peak RSS, GiB", p["peak_host_bytes"] / GIB, r["layer_peak_rss"][i] / GIB)
-                 for i in layers if i in r["layer_peak_rss"]]
+                 for i in layers if i in r["layer_peak_rss"] and i in compressed]
         rows += [("compress phase, s", p["phases"]["statistics"] + p["phases"]["decompositions"]
                   + p["phases"]["propagation"] + p["phases"]["layer I/O"], r["timing"].get("compress", float("nan"))),
                  ("evaluation, s", p["phases"]["evaluation"], r["timing"].get("eval", float("nan")))]

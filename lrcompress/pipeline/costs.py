@@ -72,6 +72,7 @@ class Rates:
     read: float
     process_bytes: float
     source: str
+    svd_whitened: float = 0.3            # an SVD of W·S (whitened) takes this fraction of a random matrix's time
     module_overhead: float = 0.005       # seconds per target module outside its linear algebra (python, swap)
     batch_overhead: float = 0.003        # seconds per layer forward call outside its flops
     expert_overhead: float = 0.0045      # seconds per routed expert per MoE forward call (a python loop over them)
@@ -96,11 +97,15 @@ class Rates:
                        source=f"{self.source}, × {threads} threads (assumed linear)")
 
 
-# Measured here: bench/cost_constants.py, one thread, 2026-12-06 (load 2-6 on 2 cores; the quiet figures
-# were ~1.4× higher for GEMMs). bfloat16 GEMMs run on AMX; forward_bfloat16 is assumed = float32's.
-CPU_RATES = Rates(gemm_float32=6.3e10, gemm_float64=2.9e10, gemm_bfloat16=4.6e11, forward_float32=3.9e10,
-                  forward_bfloat16=3.9e10, svd=1.3e-9, cholesky=5.8e-11, triangular=3.5e-11, eigh=2.8e-10,
-                  gptq_column=7.6e-5, gptq_column_row=3.3e-7, read=3.0e8, process_bytes=0.55 * GIB,
+# Measured here: bench/cost_constants.py, one thread, 2026-12-06 21:54 (load 2.7-3.1 on 2 cores, as during the
+# bench/eight_b.py runs; at load 6 GEMMs ran ~1.3× slower). bfloat16 GEMMs run on
+# AMX; forward_bfloat16 is assumed = float32's. Cholesky and the triangular inverse at n = 4096 (blocked LAPACK is
+# ~2× more efficient there than at the script's 1024-2048). svd_whitened: corrected after the Qwen3-30B-A3B- and
+# Llama-3-8B-shaped attention layers (bench/history/issue31-costs.md): gesdd on W·S, whose spectrum decays like
+# the activations', took 0.25-0.31 of a random matrix's time.
+CPU_RATES = Rates(gemm_float32=6.7e10, gemm_float64=3.3e10, gemm_bfloat16=3.7e11, forward_float32=5.2e10,
+                  forward_bfloat16=5.2e10, svd=1.3e-9, cholesky=2.4e-11, triangular=3.2e-11, eigh=2.9e-10,
+                  gptq_column=1.8e-4, gptq_column_row=5.4e-7, read=4.4e8, process_bytes=0.55 * GIB,
                   source="measured on this project's CPU (bench/cost_constants.py, 1 thread)")
 # Estimates, not measurements: H100 SXM peaks (float64/float32 67 TFLOP/s, bf16 989 TFLOP/s dense) at an
 # assumed 50% for GEMMs and 30% for a layer's forward; cuSOLVER factorizations at ~30% of the float64 peak
@@ -111,7 +116,7 @@ CUDA_RATES = Rates(gemm_float32=3.3e13, gemm_float64=3.3e13, gemm_bfloat16=5.0e1
                    forward_bfloat16=1.5e14, svd=10 / 6.7e11, cholesky=1 / 3 / 2.0e13, triangular=1 / 3 / 2.0e13,
                    eigh=4 / 3.4e12, gptq_column=3.0e-5, gptq_column_row=1e-10, read=2.0e9, process_bytes=1.5 * GIB,
                    source="ESTIMATED from H100 SXM documented peak rates (no GPU measurement yet)", device="cuda",
-                   expert_overhead=5e-5, write=5e8)
+                   expert_overhead=5e-5, write=5e8, svd_whitened=1.0)     # spectrum speed-up unmeasured on GPU
 
 
 def load_rates(device: str, path: str | None = None) -> Rates:
@@ -236,8 +241,9 @@ def method_seconds(method: str, module: PlannedModule, rates: Rates) -> float:
 
     whitening = rates.cholesky * n**3 + rates.triangular * n**3
     measure = 2 * gemm(m, n, n) + rates.module_overhead
+    white_svd = rates.svd * rates.svd_whitened * m * n * k
     if method in ("whiten", "asvd") or method in SCALED_FROM_WHITEN:
-        cost = whitening + gemm(m, n, n) + rates.svd * m * n * k + gemm(r, n, n)
+        cost = whitening + gemm(m, n, n) + white_svd + gemm(r, n, n)
         return cost * SCALED_FROM_WHITEN.get(method, 1.0) + measure
     if method == "svd" or method == "fwsvd":
         return rates.svd * m * n * k + measure
@@ -247,11 +253,11 @@ def method_seconds(method: str, module: PlannedModule, rates: Rates) -> float:
         loop = n * (rates.gptq_column + rates.gptq_column_row * m) + gemm(m, n, n) / 2
         return whitening + gemm(n, n, n) + rates.cholesky * n**3 + loop + measure
     if method == "eora":
-        return rates.eigh * n**3 + gemm(m, n, n) + rates.svd * m * n * k + measure
+        return rates.eigh * n**3 + gemm(m, n, n) + white_svd + measure
     if method in ("rtn", "prune", "wanda", "magnitude"):
         return 50 * m * n / g64 + measure
     # a method without its own formula: whiten's, said in the notes
-    return whitening + gemm(m, n, n) + rates.svd * m * n * k + gemm(r, n, n) + measure
+    return whitening + gemm(m, n, n) + white_svd + gemm(r, n, n) + measure
 
 
 def _dtype(shape: ModelShape) -> str:
