@@ -50,7 +50,7 @@ def preflight(recipe: Recipe, stages: list[Stage], data_directory: Path | None,
     ``model`` when the caller holds one). ``sources`` receives one line per dataset and task saying where
     it will be read from; ``calibration_given``: the caller holds the calibration data (not checked)."""
     announce = announce or log.warning
-    if not recipe.stages:
+    if not recipe.stages and recipe.budget is None:
         raise RecipeError("the recipe has no stages: nothing would be compressed. Add a stage (e.g. "
                           "stages: [{method: whiten, ratio: 0.2}]), or use `lrcompress eval` to evaluate a model as it is")
     lines = check_data(recipe, data_directory, calibration_given)

@@ -43,6 +43,7 @@ from .models import DTYPES
 from .models.loading import LoadedModel
 from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.allocation import allocate, needs_allocation
+from .pipeline.bytebudget import BudgetCompressor, Choice
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
@@ -68,6 +69,10 @@ class RunResult:
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
+    """The recipe's stages; a ``budget`` section is one stage whose compressor applies each module's choice."""
+    if recipe.budget is not None:
+        choices = [Choice(label, method, config) for label, method, config in recipe.budget_configs()]
+        return [Stage(0, BudgetCompressor(choices, recipe.budget), recipe.budget.targets, recipe.budget.ignore)]
     return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore,
                   spec.allocation) for i, spec in enumerate(recipe.stages)]
 

@@ -1,0 +1,395 @@
+"""A model-wide byte budget: one choice per module (bits and group, a rank, ...) from one loss per byte.
+
+A recipe's ``budget`` section names a size (``bytes``, ``mib`` or ``bits_per_weight``) and a set of
+allowed choices (a method with its options, list-valued options expanded into alternatives). Every
+target module is offered every choice; each is priced in two numbers, measured before the run on the
+*uncompressed* model (one forward sweep, layer by layer, at most one layer's Grams alive):
+
+- its **bytes**: ``storage_bytes`` of the replacement the choice's compressor builds (codes, scales, zero
+  points, factors and bias: exactly what the checkpoint stores for that module);
+- its **estimated loss increase**, the K-FAC estimate of docs/budget.md applied to the replacement's actual
+  weight change ΔW = W − Ŵ: ΔL ≈ ½·tr(G_y·ΔW·G_x·ΔWᵀ) with G_x = XᵀX (the Gram) and diag(G_y) from the
+  output-gradient pre-pass. For a truncation this is the global allocation's component score summed over
+  the dropped components; for a quantizer it is the rounding error on its grid weighted by the inputs
+  and the loss gradients (HAWQ-V2/V3's Fisher-weighted error, Dong et al. 2020, Yao et al. 2021). Both are
+  in one unit, so bits, groups and ranks compete on one scale. The pipeline never names a method: a
+  choice is priced by calling its compressor (statistics: the Gram alone).
+
+The allocation is a multiple-choice knapsack (one choice per module, Σ bytes ≤ budget, Σ loss minimal),
+solved exactly by dynamic programming over the bytes above each module's cheapest choice, in units of
+their greatest common divisor, when that table is small enough (``DP_CELLS``); otherwise by the greedy
+over the lower convex hull of each module's (bytes, loss) choices (Sinha & Zoltners 1979) followed by a
+fill of what is left. The LP relaxation's optimum is recorded as a lower bound beside either, so the
+distance to the integer optimum is bounded in the record.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..compressor import Compressor, CompressorConfig, Plan, get_compressor
+from ..compressor.stats import GramStatistic
+from ..errors import LrcompressError
+from ..modules import dense_weight, storage_bytes
+from .prepass import PREPASSES
+from .settings import Stage
+from .spectra import sweep_grams
+from .walk import LayerWalk
+
+MIB = 2**20
+DP_CELLS = 40_000_000          # modules × byte units above which the exact table gives way to the greedy
+PRICED_NEEDS = frozenset({"gram"})   # what the pre-pass can hand a choice's compressor
+
+
+@dataclass
+class Choice:
+    """One allowed configuration: a method, its validated config and a label for tables."""
+
+    label: str
+    method: str
+    config: CompressorConfig
+
+    def compressor(self) -> Compressor:
+        return get_compressor(self.method)(self.config)
+
+
+class BudgetCompressor(Compressor):
+    """The byte budget's stage: each module is compressed by the choice the allocation gave it.
+
+    Before the allocation it plans every module at its first choice (what ``preflight`` sees); the
+    engine sees one stage, collects the union of the choices' statistics once per layer, and records
+    ``details.choice`` beside the usual record."""
+
+    name = "budget"      # type: ignore[misc]
+
+    def __init__(self, choices: list[Choice], spec: Any) -> None:
+        super().__init__(CompressorConfig())
+        self.choices, self.spec = choices, spec          # spec: the recipe's BudgetSpec (its size and solver)
+        self.compressors = [choice.compressor() for choice in choices]
+        self.needs = frozenset().union(*(c.needs for c in self.compressors))   # type: ignore[misc]
+        self.chosen: dict[str, int] = {}
+
+    @property
+    def takes_target(self) -> bool:
+        return all(c.takes_target for c in self.compressors)
+
+    def _for(self, name: str) -> Compressor:
+        return self.compressors[self.chosen.get(name, 0)]
+
+    def plan(self, module: nn.Module) -> Plan:
+        return self.compressors[0].plan(module)
+
+    def plan_for(self, name: str, module: nn.Module) -> Plan:
+        return self._for(name).plan(module)
+
+    def compress(self, name: str, module: nn.Module, stats):
+        if name not in self.chosen:
+            raise LrcompressError(f"{name}: the byte budget chose nothing for this module (no allocation ran)")
+        result = self._for(name).compress(name, module, stats)
+        result.details = {**result.details, "choice": self.choices[self.chosen[name]].label,
+                          "method": self._for(name).name}
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The multiple-choice knapsack
+
+
+@dataclass
+class Solution:
+    picks: list[int]              # per module, the index of its choice
+    loss: float
+    bytes: int
+    solver: str                   # "dp" (exact) or "hull-greedy"
+    lower_bound: float            # the LP relaxation's optimum: no choice of modules does better
+
+
+def _pareto(costs: list[int], losses: list[float]) -> list[int]:
+    """Indices of the choices no other beats (fewer or equal bytes and lower loss), by increasing bytes."""
+    order = sorted(range(len(costs)), key=lambda j: (costs[j], losses[j]))
+    kept: list[int] = []
+    for j in order:
+        if not kept or losses[j] < losses[kept[-1]]:
+            if kept and costs[j] == costs[kept[-1]]:
+                continue
+            kept.append(j)
+    return kept
+
+
+def _hull(costs: list[int], losses: list[float], pareto: list[int]) -> list[int]:
+    """The lower convex hull of a module's Pareto choices in the (bytes, loss) plane, by increasing bytes."""
+    hull: list[int] = []
+    for j in pareto:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the segment a→j: it is never the best use of its bytes
+            if (losses[b] - losses[a]) * (costs[j] - costs[a]) >= (losses[j] - losses[a]) * (costs[b] - costs[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    return hull
+
+
+def _segments(costs: list[list[int]], losses: list[list[float]], hulls: list[list[int]]
+              ) -> list[tuple[float, int, int, int]]:
+    """Every hull step of every module, best loss saved per byte first: (−density, module, from, to)."""
+    steps = []
+    for i, hull in enumerate(hulls):
+        for a, b in zip(hull, hull[1:]):
+            steps.append((-(losses[i][a] - losses[i][b]) / (costs[i][b] - costs[i][a]), i, a, b))
+    steps.sort()
+    return steps
+
+
+def lp_bound(costs: list[list[int]], losses: list[list[float]], budget: int) -> float:
+    """The optimum of the LP relaxation (a fraction of one hull step allowed): a lower bound on the loss."""
+    hulls = [_hull(c, l, _pareto(c, l)) for c, l in zip(costs, losses)]
+    left = budget - sum(c[h[0]] for c, h in zip(costs, hulls))
+    loss = sum(l[h[0]] for l, h in zip(losses, hulls))
+    for density, i, a, b in _segments(costs, losses, hulls):
+        price = costs[i][b] - costs[i][a]
+        if price > left:
+            return loss + density * left        # density < 0: the fraction of the step that fits
+        left -= price
+        loss -= losses[i][a] - losses[i][b]
+    return loss
+
+
+def solve_greedy(costs: list[list[int]], losses: list[list[float]], budget: int) -> list[int]:
+    """Hull steps by loss saved per byte while they fit (a module whose step does not fit stops there),
+    then the bytes left go to the single upgrades (any cheaper-in-loss choice that fits) saving most."""
+    hulls = [_hull(c, l, _pareto(c, l)) for c, l in zip(costs, losses)]
+    picks = [h[0] for h in hulls]
+    left = budget - sum(c[p] for c, p in zip(costs, picks))
+    blocked = [False] * len(costs)
+    for _, i, a, b in _segments(costs, losses, hulls):
+        if blocked[i] or picks[i] != a:
+            continue
+        price = costs[i][b] - costs[i][a]
+        if price <= left:
+            picks[i], left = b, left - price
+        else:
+            blocked[i] = True
+    while True:                       # fill: the best single upgrade that still fits
+        best = None
+        for i, (c, l) in enumerate(zip(costs, losses)):
+            for j in range(len(c)):
+                extra, saved = c[j] - c[picks[i]], l[picks[i]] - l[j]
+                if saved > 0 and extra <= left and (best is None or saved > best[0]):
+                    best = (saved, i, j, extra)
+        if best is None:
+            return picks
+        _, i, j, extra = best
+        picks[i], left = j, left - extra
+
+
+def solve_dp(costs: list[list[int]], losses: list[list[float]], budget: int, cells: int = DP_CELLS
+             ) -> list[int] | None:
+    """The exact optimum by dynamic programming over the bytes above every module's cheapest choice, in
+    units of their greatest common divisor; None when the table would exceed ``cells`` entries."""
+    base = [min(c) for c in costs]
+    left = budget - sum(base)
+    extras = [[cost - b for cost in c] for c, b in zip(costs, base)]
+    unit = 0
+    for extra in extras:
+        for value in extra:
+            unit = math.gcd(unit, value)
+    capacity = left // unit if unit else 0
+    if (capacity + 1) * len(costs) > cells:
+        return None
+    best = np.zeros(capacity + 1)                 # least loss of the modules so far within c units
+    picks = np.zeros((len(costs), capacity + 1), dtype=np.int16)
+    for i, (extra, loss) in enumerate(zip(extras, losses)):
+        table = np.full(capacity + 1, np.inf)
+        for j, (e, value) in enumerate(zip(extra, loss)):
+            units = e // unit if unit else 0
+            if units > capacity:
+                continue
+            candidate = best[: capacity + 1 - units] + value
+            better = candidate < table[units:]
+            table[units:][better] = candidate[better]
+            picks[i, units:][better] = j
+        best = table
+    chosen, c = [0] * len(costs), capacity
+    for i in range(len(costs) - 1, -1, -1):
+        chosen[i] = int(picks[i, c])
+        c -= extras[i][chosen[i]] // unit if unit else 0
+    return chosen
+
+
+def solve(costs: list[list[int]], losses: list[list[float]], budget: int, solver: str = "auto") -> Solution:
+    """One choice per module with Σ bytes ≤ ``budget`` and the least Σ loss (see the module's docstring)."""
+    least = sum(min(c) for c in costs)
+    if least > budget:
+        raise LrcompressError(f"budget: the cheapest choice of every module alone needs {least:,} bytes, more "
+                              f"than the {budget:,} the budget leaves them; allow smaller choices or raise it")
+    picks = solve_dp(costs, losses, budget) if solver in ("auto", "dp") else None
+    name = "dp"
+    if picks is None:
+        if solver == "dp":
+            raise LrcompressError(f"budget: solver dp needs more than {DP_CELLS:,} table cells here; use auto or greedy")
+        picks, name = solve_greedy(costs, losses, budget), "hull-greedy"
+    return Solution(picks, float(sum(l[p] for l, p in zip(losses, picks))), sum(c[p] for c, p in zip(costs, picks)),
+                    name, lp_bound(costs, losses, budget))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pricing every choice of every module
+
+
+@dataclass
+class Priced:
+    """One module's choices: bytes and estimated loss of each, and the dense module's bytes."""
+
+    name: str
+    kind: str
+    layer: int
+    dense_bytes: int
+    costs: list[int]
+    losses: list[float]
+
+
+def output_diagonals(walk: LayerWalk, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """diag(G_y) of every module in ``names``, from one backward pre-pass (reduced across processes)."""
+    walk.observer.phase(f"output-gradient pre-pass over {len(walk.windows)} windows for {len(names)} modules")
+    result = PREPASSES["output_gradient"](walk, names)
+    statistics = walk.settings.collective.reduce_statistics(result.statistics)
+    diagonals = {name: statistic.diagonal(name) for name, statistic in statistics.items()}
+    return diagonals, {k: v for k, v in result.report.items() if isinstance(v, (int, float, str))}
+
+
+def estimated_loss(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, diagonal: torch.Tensor) -> float:
+    """tr(diag(d)·ΔW·G·ΔWᵀ) for ΔW = W − Ŵ (twice the K-FAC estimate; the ½ is one constant for all)."""
+    delta = weight.to(torch.float64) - approx.to(device=weight.device, dtype=torch.float64)
+    rows = ((delta @ gram.to(delta)) * delta).sum(dim=1)
+    return float((rows * diagonal.to(rows)).sum())
+
+
+def price_choices(walk: LayerWalk, stage: Stage, diagonals: Mapping[str, torch.Tensor]
+                  ) -> tuple[list[Priced], dict]:
+    """Every choice of every target of ``stage``, priced on the uncompressed model (one Gram sweep)."""
+    budget: BudgetCompressor = stage.compressor       # type: ignore[assignment]
+    adapter = walk.adapter
+    targets = {index: stage.select(layer, adapter.layer_prefix(index))
+               for index, layer in enumerate(adapter.decoder_layers(walk.model))}
+
+    def visit(full: str, module: nn.Module, gram: GramStatistic) -> Priced:
+        weight = dense_weight(module).detach()
+        matrix = gram.gram(full)
+        costs, losses = [], []
+        for compressor in budget.compressors:
+            result = compressor.compress(full, module, {"gram": gram})
+            costs.append(storage_bytes(result.module))
+            losses.append(estimated_loss(weight, dense_weight(result.module).detach(), matrix, diagonals[full]))
+        layer = next(i for i, names in targets.items() if full.startswith(adapter.layer_prefix(i) + "."))
+        return Priced(full, full[len(adapter.layer_prefix(layer)) + 1:], layer, storage_bytes(module), costs, losses)
+
+    priced, report = sweep_grams(walk, targets, visit, "pricing the budget's choices")
+    order = [f"{adapter.layer_prefix(i)}.{n}" for i, names in targets.items() for n in names]
+    return [priced[name] for name in order], report
+
+
+# ---------------------------------------------------------------------------------------------
+# The record
+
+
+@dataclass
+class BudgetedModule:
+    """One module's choice: its label, bytes and estimated loss, beside the dense module's bytes."""
+
+    name: str
+    kind: str
+    layer: int
+    choice: str
+    bytes: int
+    dense_bytes: int
+    estimated_loss: float
+
+
+@dataclass
+class ByteBudgetResult:
+    """What the byte budget chose (metrics.json ``allocation.budget``; --dry-run and inspect render it).
+
+    ``total_bytes`` = ``fixed_bytes`` (every stored tensor outside the targets, tied ones once) + Σ the
+    modules' ``bytes``: the bytes of the model's state dict after the run, exactly."""
+
+    given: str                         # the recipe's size, as written ("140 MiB", "3.0 bits per weight", ...)
+    budget_bytes: int                  # the whole model's budget (bits per weight: fixed + the targets' share)
+    fixed_bytes: int
+    target_budget_bytes: int
+    target_bytes: int
+    total_bytes: int
+    target_weights: int                # weight values of the targets (bits per weight = 8·target_bytes / this)
+    solver: str
+    estimated_loss: float
+    lower_bound: float
+    choices: list[str] = field(default_factory=list)
+    modules: list[BudgetedModule] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.target_bytes / max(self.target_weights, 1)
+
+    def by_choice(self) -> dict[str, tuple[int, int]]:
+        """choice label → (modules, bytes), in the order the recipe lists the choices."""
+        counts = {label: (0, 0) for label in self.choices}
+        for m in self.modules:
+            n, b = counts.get(m.choice, (0, 0))
+            counts[m.choice] = (n + 1, b + m.bytes)
+        return {label: value for label, value in counts.items() if value[0]}
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor of the model's state dict, shared (tied) tensors once."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
+    """Price every choice, solve the knapsack, bind the choices to ``stage``'s ``BudgetCompressor``."""
+    started = time.perf_counter()
+    budget: BudgetCompressor = stage.compressor       # type: ignore[assignment]
+    spec, adapter = budget.spec, walk.adapter
+    names = [f"{adapter.layer_prefix(i)}.{n}" for i, layer in enumerate(adapter.decoder_layers(walk.model))
+             for n in stage.select(layer, adapter.layer_prefix(i))]
+    if not names:
+        raise LrcompressError("budget: its targets match no module of the model")
+    diagonals, _ = output_diagonals(walk, names)
+    priced, _ = price_choices(walk, stage, diagonals)
+    fixed = state_bytes(walk.model) - sum(p.dense_bytes for p in priced)
+    weights = sum(walk.model.get_submodule(p.name).weight.numel() for p in priced)
+    total, given = spec.total_bytes(fixed, weights)
+    solution = solve([p.costs for p in priced], [p.losses for p in priced], total - fixed, spec.solver)
+    budget.chosen = {p.name: pick for p, pick in zip(priced, solution.picks)}
+    labels = [choice.label for choice in budget.choices]
+    modules = [BudgetedModule(p.name, p.kind, p.layer, labels[pick], p.costs[pick], p.dense_bytes, p.losses[pick])
+               for p, pick in zip(priced, solution.picks)]
+    return ByteBudgetResult(given=given, budget_bytes=total, fixed_bytes=fixed, target_budget_bytes=total - fixed,
+                            target_bytes=solution.bytes, total_bytes=fixed + solution.bytes, target_weights=weights,
+                            solver=solution.solver, estimated_loss=solution.loss, lower_bound=solution.lower_bound,
+                            choices=labels, modules=modules, seconds=time.perf_counter() - started)
+
+
+def budget_stage(stages: list[Stage]) -> Stage | None:
+    """The stage a recipe's ``budget`` section became, if any."""
+    return next((s for s in stages if isinstance(s.compressor, BudgetCompressor)), None)
+
+
+__all__ = ["BudgetCompressor", "BudgetedModule", "ByteBudgetResult", "Choice", "allocate_bytes", "budget_stage",
+           "estimated_loss", "lp_bound", "output_diagonals", "price_choices", "solve", "solve_dp", "solve_greedy",
+           "state_bytes"]
