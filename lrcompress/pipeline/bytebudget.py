@@ -82,6 +82,9 @@ class BudgetCompressor(Compressor):
     def _for(self, name: str) -> Compressor:
         return self.compressors[self.chosen.get(name, 0)]
 
+    def method_for(self, name: str) -> str:
+        return self._for(name).name if name in self.chosen else self.name
+
     def plan(self, module: nn.Module) -> Plan:
         return self.compressors[0].plan(module)
 
@@ -92,8 +95,7 @@ class BudgetCompressor(Compressor):
         if name not in self.chosen:
             raise LrcompressError(f"{name}: the byte budget chose nothing for this module (no allocation ran)")
         result = self._for(name).compress(name, module, stats)
-        result.details = {**result.details, "choice": self.choices[self.chosen[name]].label,
-                          "method": self._for(name).name}
+        result.details = {**result.details, "choice": self.choices[self.chosen[name]].label}
         return result
 
 
@@ -252,6 +254,7 @@ class Priced:
     kind: str
     layer: int
     dense_bytes: int
+    weights: int
     costs: list[int]
     losses: list[float]
 
@@ -289,7 +292,8 @@ def price_choices(walk: LayerWalk, stage: Stage, diagonals: Mapping[str, torch.T
             costs.append(storage_bytes(result.module))
             losses.append(estimated_loss(weight, dense_weight(result.module).detach(), matrix, diagonals[full]))
         layer = next(i for i, names in targets.items() if full.startswith(adapter.layer_prefix(i) + "."))
-        return Priced(full, full[len(adapter.layer_prefix(layer)) + 1:], layer, storage_bytes(module), costs, losses)
+        return Priced(full, full[len(adapter.layer_prefix(layer)) + 1:], layer, storage_bytes(module), weight.numel(),
+                      costs, losses)
 
     priced, report = sweep_grams(walk, targets, visit, "pricing the budget's choices")
     order = [f"{adapter.layer_prefix(i)}.{n}" for i, names in targets.items() for n in names]
@@ -311,6 +315,7 @@ class BudgetedModule:
     bytes: int
     dense_bytes: int
     estimated_loss: float
+    weights: int = 0                   # the module's weight values (bits per weight = 8·bytes / weights)
 
 
 @dataclass
@@ -372,13 +377,13 @@ def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
     diagonals, _ = output_diagonals(walk, names)
     priced, _ = price_choices(walk, stage, diagonals)
     fixed = state_bytes(walk.model) - sum(p.dense_bytes for p in priced)
-    weights = sum(walk.model.get_submodule(p.name).weight.numel() for p in priced)
+    weights = sum(p.weights for p in priced)
     total, given = spec.total_bytes(fixed, weights)
     solution = solve([p.costs for p in priced], [p.losses for p in priced], total - fixed, spec.solver)
     budget.chosen = {p.name: pick for p, pick in zip(priced, solution.picks)}
     labels = [choice.label for choice in budget.choices]
-    modules = [BudgetedModule(p.name, p.kind, p.layer, labels[pick], p.costs[pick], p.dense_bytes, p.losses[pick])
-               for p, pick in zip(priced, solution.picks)]
+    modules = [BudgetedModule(p.name, p.kind, p.layer, labels[pick], p.costs[pick], p.dense_bytes, p.losses[pick],
+                              p.weights) for p, pick in zip(priced, solution.picks)]
     return ByteBudgetResult(given=given, budget_bytes=total, fixed_bytes=fixed, target_budget_bytes=total - fixed,
                             target_bytes=solution.bytes, total_bytes=fixed + solution.bytes, target_weights=weights,
                             solver=solution.solver, estimated_loss=solution.loss, lower_bound=solution.lower_bound,
