@@ -192,10 +192,11 @@ def solve_greedy(costs: list[list[int]], losses: list[list[float]], budget: int)
         picks[i], left = j, left - extra
 
 
-def solve_dp(costs: list[list[int]], losses: list[list[float]], budget: int, cells: int = DP_CELLS
+def solve_dp(costs: list[list[int]], losses: list[list[float]], budget: int, cells: int | None = None
              ) -> list[int] | None:
     """The exact optimum by dynamic programming over the bytes above every module's cheapest choice, in
-    units of their greatest common divisor; None when the table would exceed ``cells`` entries."""
+    units of their greatest common divisor; None when the table would exceed ``cells`` (``DP_CELLS``) entries."""
+    cells = DP_CELLS if cells is None else cells
     base = [min(c) for c in costs]
     left = budget - sum(base)
     extras = [[cost - b for cost in c] for c, b in zip(costs, base)]
