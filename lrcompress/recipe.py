@@ -461,10 +461,12 @@ def _check_budget_choices(budget: BudgetSpec, source: str) -> None:
     for index, choice in enumerate(budget.choices):
         cls = COMPRESSORS[choice.method]
         where = ("budget", "choices", index)
-        if issubclass(cls, BlockCompressor) or not cls.needs <= {"gram"}:
+        needs = cls.needs if isinstance(cls.needs, frozenset) else None      # a property: needs depend on options
+        if issubclass(cls, BlockCompressor) or needs is None or not needs <= {"gram"}:
+            what = "whole blocks" if issubclass(cls, BlockCompressor) or needs is None else sorted(needs - {"gram"})
             raise RecipeError(f"{source}: invalid recipe\n  {'.'.join(map(str, where))}.method: {choice.method!r} "
-                              f"cannot be a budget choice: it needs {sorted(cls.needs - {'gram'}) or 'whole blocks'}, "
-                              "and a choice is priced from the calibration Gram of one module")
+                              f"cannot be a budget choice: it needs {what}, and a choice is priced from the "
+                              "calibration Gram of one module")
         for options in choice.expanded():
             try:
                 config = cls.Config(**options)
