@@ -375,6 +375,7 @@ def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
              for n in stage.select(layer, adapter.layer_prefix(i))]
     if not names:
         raise LrcompressError("budget: its targets match no module of the model")
+    _check_reachable(walk.model, budget, names, spec)
     diagonals, _ = output_diagonals(walk, names)
     priced, _ = price_choices(walk, stage, diagonals)
     fixed = state_bytes(walk.model) - sum(p.dense_bytes for p in priced)
@@ -389,6 +390,26 @@ def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
                             target_bytes=solution.bytes, total_bytes=fixed + solution.bytes, target_weights=weights,
                             solver=solution.solver, estimated_loss=solution.loss, lower_bound=solution.lower_bound,
                             choices=labels, modules=modules, seconds=time.perf_counter() - started)
+
+
+def planned_bytes(compressor: Compressor, module: nn.Module) -> int:
+    """The bytes ``compressor``'s plan says the module will store (no statistics, no weights read)."""
+    plan = compressor.plan(module)
+    return plan.bytes_after if plan.bytes_after is not None else plan.params_after * module.weight.element_size()
+
+
+def _check_reachable(model: nn.Module, budget: BudgetCompressor, names: list[str], spec: Any) -> None:
+    """Refuse a budget below every module's cheapest planned choice before any pre-pass runs (the pricing
+    measures the same bytes again; ``solve`` checks them exactly)."""
+    modules = [model.get_submodule(name) for name in names]
+    dense = sum(storage_bytes(m) for m in modules)
+    fixed = state_bytes(model) - dense
+    total, given = spec.total_bytes(fixed, sum(m.weight.numel() for m in modules))
+    least = sum(min(planned_bytes(c, m) for c in budget.compressors) for m in modules)
+    if fixed + least > total:
+        raise LrcompressError(f"budget: {given} ({total:,} bytes) is below the smallest model these choices make: "
+                              f"{fixed + least:,} bytes ({(fixed + least) / MIB:.2f} MiB: {fixed:,} outside the "
+                              f"targets + {least:,} for the {len(names)} targets at their cheapest choice)")
 
 
 def budget_stage(stages: list[Stage]) -> Stage | None:

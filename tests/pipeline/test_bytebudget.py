@@ -173,3 +173,13 @@ def test_lazy_mode_refuses_the_byte_budget(tiny_llama_dir, calibration_file, tmp
     recipe.runtime.lazy = True
     with pytest.raises(LrcompressError, match="output_gradient"):
         model_class(recipe, build_stages(recipe))
+
+
+def test_a_budget_no_choice_can_meet_is_refused_before_any_pre_pass(tiny_llama_dir, calibration_file, tmp_path,
+                                                                      monkeypatch):
+    from lrcompress.runner import run_recipe
+
+    monkeypatch.setattr(bytebudget, "output_diagonals", lambda *args: pytest.fail("a pre-pass ran"))
+    recipe = _budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", 3.0)   # below rtn 2-bit g16: 3.5
+    with pytest.raises(LrcompressError, match=r"below the smallest model these choices make: [\d,]+ bytes"):
+        run_recipe(recipe, dry_run=True)
