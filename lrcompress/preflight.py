@@ -141,7 +141,9 @@ def check_targets(stages: list[Stage], plan: list[PlannedModule], model: nn.Modu
     for stage in stages:
         if any(p.stage == stage.index for p in plan):
             continue
-        key = f"stages.{stage.index} ({stage.compressor.name})"
+        own = getattr(stage.compressor, "recipe_key", None)      # a byte budget's stage: its own section
+        section = own or f"stages.{stage.index}"
+        key = own or f"{section} ({stage.compressor.name})"
         if is_block_stage(stage):
             raise RecipeError(f"{key}: its targets {stage.targets} match no block this method compresses in "
                               f"{len(layers)} decoder layers of model_type {model.config.model_type!r}")
@@ -150,11 +152,11 @@ def check_targets(stages: list[Stage], plan: list[PlannedModule], model: nn.Modu
         if matched:
             raise RecipeError(f"{key}: ignore {stage.ignore} excludes every module its targets {stage.targets} "
                               f"match ({len(matched)} modules, e.g. {matched[0]}): nothing would be compressed; "
-                              f"fix stages.{stage.index}.ignore")
+                              f"fix {section}.ignore")
         examples = [f"{adapter.layer_prefix(0)}.{name}" for name, module in layers[0].named_modules()
                     if name and is_linear_like(module)][:SHOWN] if len(layers) else []
         raise RecipeError(f"{key}: targets {stage.targets} match no module of the decoder layers (the linear "
-                          f"modules are named like {', '.join(examples)}); fix stages.{stage.index}.targets "
+                          f"modules are named like {', '.join(examples)}); fix {section}.targets "
                           "(globs over full names, or 're:<regex>')")
 
 

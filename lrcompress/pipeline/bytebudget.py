@@ -67,6 +67,7 @@ class BudgetCompressor(Compressor):
     ``details.choice`` beside the usual record."""
 
     name = "budget"      # type: ignore[misc]
+    recipe_key = "budget"     # the recipe section messages name (preflight)
 
     def __init__(self, choices: list[Choice], spec: Any) -> None:
         super().__init__(CompressorConfig())

@@ -183,3 +183,12 @@ def test_a_budget_no_choice_can_meet_is_refused_before_any_pre_pass(tiny_llama_d
     recipe = _budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", 3.0)   # below rtn 2-bit g16: 3.5
     with pytest.raises(LrcompressError, match=r"below the smallest model these choices make: [\d,]+ bytes"):
         run_recipe(recipe, dry_run=True)
+
+
+def test_targets_that_match_nothing_name_the_budget_section(tiny_llama_dir, calibration_file, tmp_path):
+    from lrcompress.errors import RecipeError
+    from lrcompress.runner import run_recipe
+
+    recipe = _budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", 4.5, targets=["*.no_such_proj"])
+    with pytest.raises(RecipeError, match=r"^budget: targets \['\*\.no_such_proj'\] match no module.*fix budget\.targets"):
+        run_recipe(recipe, dry_run=True)
