@@ -184,9 +184,9 @@ class StageSpec(Section):
         return dict(self.model_extra or {})
 
 
-class BudgetChoiceSpec(Section):
-    """One allowed choice of a byte budget: a method and its options; a list value lists alternatives
-    (``bits: [3, 4]`` with ``group_size: [32, 128]`` is four choices)."""
+class BudgetStepSpec(Section):
+    """A method and its options; a list value lists alternatives (``bits: [3, 4]`` with
+    ``group_size: [32, 128]`` is four)."""
 
     model_config = ConfigDict(extra="allow")
     method: str
@@ -197,12 +197,27 @@ class BudgetChoiceSpec(Section):
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
-    def expanded(self) -> list[dict[str, Any]]:
+    def alternatives(self) -> list[dict[str, Any]]:
         """Every combination of the listed alternatives, in order (the last option varies fastest)."""
         combos: list[dict[str, Any]] = [{}]
         for key, value in self.options.items():
             combos = [{**c, key: v} for c in combos for v in (value if isinstance(value, list) else [value])]
         return combos
+
+
+class BudgetChoiceSpec(BudgetStepSpec):
+    """One allowed choice of a byte budget: a method, and optionally methods applied after it to the same
+    module (``then: [{method: eora, rank: [32, 64]}]``: a compensation of the first one's error)."""
+
+    then: list[BudgetStepSpec] = Field(default_factory=list, description="methods applied after this one to "
+                                                                         "the same module, in order")
+
+    def expanded(self) -> list[list[tuple[str, dict[str, Any]]]]:
+        """Every combination of every step's alternatives: a list of (method, options) per choice."""
+        chains: list[list[tuple[str, dict[str, Any]]]] = [[(self.method, o)] for o in self.alternatives()]
+        for step in self.then:
+            chains = [chain + [(step.method, o)] for chain in chains for o in step.alternatives()]
+        return chains
 
 
 class BudgetSpec(Section):
@@ -344,17 +359,17 @@ class Recipe(Section):
             raise ValueError("give either 'stages' or 'budget': a byte budget chooses every target's method itself")
         return self
 
-    def budget_configs(self) -> list[tuple[str, str, CompressorConfig]]:
-        """(label, method, validated config) of every choice the ``budget`` section allows, in order."""
+    def budget_configs(self) -> list[tuple[str, list[tuple[str, CompressorConfig]]]]:
+        """(label, [(method, validated config), ...]) of every choice the ``budget`` section allows, in order."""
         if self.budget is None:
             return []
-        found: list[tuple[str, str, CompressorConfig]] = []
+        found: dict[str, list[tuple[str, CompressorConfig]]] = {}
         for choice in self.budget.choices:
-            for options in choice.expanded():
-                label = choice.method + "".join(f" {k}={v}" for k, v in options.items())
-                if label not in [f[0] for f in found]:
-                    found.append((label, choice.method, COMPRESSORS[choice.method].Config(**options)))
-        return found
+            for chain in choice.expanded():
+                label = " + ".join(method + "".join(f" {k}={v}" for k, v in options.items())
+                                   for method, options in chain)
+                found.setdefault(label, [(method, COMPRESSORS[method].Config(**options)) for method, options in chain])
+        return list(found.items())
 
     def stage_config(self, index: int) -> CompressorConfig:
         stage = self.stages[index]
@@ -454,27 +469,32 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 
 def _check_budget_choices(budget: BudgetSpec, source: str) -> None:
-    """Every expanded choice validates against its method's schema, and the method can be priced from the
-    Gram alone (the pre-pass hands a choice nothing else) on one module at a time."""
+    """Every expanded choice validates against its methods' schemas, and each method can be priced on one
+    module at a time from what the pre-pass has: the calibration Gram (and, after the first step of a
+    choice, the module's original weight, for a compensation such as EoRA)."""
     from .compressor.block import BlockCompressor
 
     for index, choice in enumerate(budget.choices):
-        cls = COMPRESSORS[choice.method]
-        where = ("budget", "choices", index)
-        needs = cls.needs if isinstance(cls.needs, frozenset) else None      # a property: needs depend on options
-        if issubclass(cls, BlockCompressor) or needs is None or not needs <= {"gram"}:
-            what = "whole blocks" if issubclass(cls, BlockCompressor) or needs is None else sorted(needs - {"gram"})
-            raise RecipeError(f"{source}: invalid recipe\n  {'.'.join(map(str, where))}.method: {choice.method!r} "
-                              f"cannot be a budget choice: it needs {what}, and a choice is priced from the "
-                              "calibration Gram of one module")
-        for options in choice.expanded():
-            try:
-                config = cls.Config(**options)
-            except ValidationError as error:
-                raise RecipeError(_format_errors(source, error, where)) from None
-            if cls(config).group_size > 1:
-                raise RecipeError(f"{source}: invalid recipe\n  {'.'.join(map(str, where))}.group_size: a budget "
-                                  "choice compresses one module at a time")
+        steps = [(("budget", "choices", index), choice)] + [(("budget", "choices", index, "then", j), step)
+                                                            for j, step in enumerate(choice.then)]
+        for position, (where, step) in enumerate(steps):
+            cls = COMPRESSORS[step.method]
+            needs = cls.needs if isinstance(cls.needs, frozenset) else None      # a property: needs depend on options
+            allowed = {"gram"} if position == 0 else {"gram", "original_weight"}
+            if issubclass(cls, BlockCompressor) or needs is None or not needs <= allowed:
+                what = "whole blocks" if issubclass(cls, BlockCompressor) or needs is None else sorted(needs - allowed)
+                raise RecipeError(f"{source}: invalid recipe\n  {'.'.join(map(str, where))}.method: {step.method!r} "
+                                  f"cannot be a budget choice{' step' if position else ''}: it needs {what}, and a "
+                                  "choice is priced from the calibration Gram of one module"
+                                  + ("" if position else " (a compensation such as eora goes under 'then')"))
+            for options in step.alternatives():
+                try:
+                    config = cls.Config(**options)
+                except ValidationError as error:
+                    raise RecipeError(_format_errors(source, error, where)) from None
+                if cls(config).group_size > 1:
+                    raise RecipeError(f"{source}: invalid recipe\n  {'.'.join(map(str, where))}.group_size: a "
+                                      "budget choice compresses one module at a time")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

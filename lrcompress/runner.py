@@ -71,7 +71,7 @@ class RunResult:
 def build_stages(recipe: Recipe) -> list[Stage]:
     """The recipe's stages; a ``budget`` section is one stage whose compressor applies each module's choice."""
     if recipe.budget is not None:
-        choices = [Choice(label, method, config) for label, method, config in recipe.budget_configs()]
+        choices = [Choice(label, steps) for label, steps in recipe.budget_configs()]
         return [Stage(0, BudgetCompressor(choices, recipe.budget), recipe.budget.targets, recipe.budget.ignore)]
     return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore,
                   spec.allocation) for i, spec in enumerate(recipe.stages)]

@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..compressor import Compressor, CompressorConfig, Plan, get_compressor
-from ..compressor.stats import GramStatistic
+from ..compressor import CompressResult, Compressor, CompressorConfig, Plan, get_compressor
+from ..compressor.stats import GramStatistic, OriginalWeight
 from ..errors import LrcompressError
-from ..modules import dense_weight, storage_bytes
+from ..modules import dense_weight, storage_bytes, stored_params
 from .prepass import PREPASSES
 from .settings import Stage
 from .spectra import sweep_grams
@@ -49,14 +49,51 @@ PRICED_NEEDS = frozenset({"gram"})   # what the pre-pass can hand a choice's com
 
 @dataclass
 class Choice:
-    """One allowed configuration: a method, its validated config and a label for tables."""
+    """One allowed configuration: a label for tables and its steps, (method, validated config) applied in
+    order to one module (one step, or a compression then a compensation of its error)."""
 
     label: str
-    method: str
-    config: CompressorConfig
+    steps: list[tuple[str, CompressorConfig]]
 
     def compressor(self) -> Compressor:
-        return get_compressor(self.method)(self.config)
+        made = [get_compressor(method)(config) for method, config in self.steps]
+        return made[0] if len(made) == 1 else ChainCompressor(made)
+
+
+class ChainCompressor(Compressor):
+    """Several compressors applied in order to one module: each gets the previous one's replacement and the
+    module's ``original_weight`` (built here when the engine has not, as in the pricing pre-pass)."""
+
+    def __init__(self, steps: list[Compressor]) -> None:
+        super().__init__(CompressorConfig())
+        self.steps = steps
+        self.name = "+".join(step.name for step in steps)                            # type: ignore[misc]
+        self.needs = frozenset().union(*(step.needs for step in steps))             # type: ignore[misc]
+
+    @property
+    def takes_target(self) -> bool:
+        return all(step.takes_target for step in self.steps)
+
+    def plan(self, module: nn.Module) -> Plan:
+        """Each later step's plan adds what it stores beyond the module it is planned on (as ``plan_modules``
+        adds a later stage's change)."""
+        first = self.steps[0].plan(module)
+        params, size = first.params_after, planned_bytes(self.steps[0], module)
+        for step in self.steps[1:]:
+            params += step.plan(module).params_after - stored_params(module)
+            size += planned_bytes(step, module) - storage_bytes(module)
+        return Plan(params, self.steps[-1].plan(module).rank or first.rank, size)
+
+    def compress(self, name: str, module: nn.Module, stats):
+        if "original_weight" not in stats:
+            stats = {**stats, "original_weight": OriginalWeight(dense_weight(module).detach())}
+        result = self.steps[0].compress(name, module, stats)
+        for step in self.steps[1:]:
+            later = step.compress(name, result.module, stats)
+            result = CompressResult(later.module, later.rank if later.rank is not None else result.rank,
+                                    f"{result.numerical_path}; {step.name}: {later.numerical_path}",
+                                    {**result.details, **later.details})
+        return result
 
 
 class BudgetCompressor(Compressor):
@@ -75,6 +112,7 @@ class BudgetCompressor(Compressor):
         self.compressors = [choice.compressor() for choice in choices]
         self.needs = frozenset().union(*(c.needs for c in self.compressors))   # type: ignore[misc]
         self.chosen: dict[str, int] = {}
+        self.priced_bytes: dict[str, int] = {}       # after the allocation: the chosen replacement's bytes
 
     @property
     def takes_target(self) -> bool:
@@ -90,7 +128,9 @@ class BudgetCompressor(Compressor):
         return self.compressors[0].plan(module)
 
     def plan_for(self, name: str, module: nn.Module) -> Plan:
-        return self._for(name).plan(module)
+        """The chosen method's plan, with the bytes its replacement was measured to store when priced."""
+        plan = self._for(name).plan(module)
+        return replace(plan, bytes_after=self.priced_bytes[name]) if name in self.priced_bytes else plan
 
     def compress(self, name: str, module: nn.Module, stats):
         if name not in self.chosen:
@@ -384,6 +424,7 @@ def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
     total, given = spec.total_bytes(fixed, weights)
     solution = solve([p.costs for p in priced], [p.losses for p in priced], total - fixed, spec.solver)
     budget.chosen = {p.name: pick for p, pick in zip(priced, solution.picks)}
+    budget.priced_bytes = {p.name: p.costs[pick] for p, pick in zip(priced, solution.picks)}
     labels = [choice.label for choice in budget.choices]
     modules = [BudgetedModule(p.name, p.kind, p.layer, labels[pick], p.costs[pick], p.dense_bytes, p.losses[pick],
                               p.weights) for p, pick in zip(priced, solution.picks)]
@@ -406,7 +447,9 @@ def _check_reachable(model: nn.Module, budget: BudgetCompressor, names: list[str
     dense = sum(storage_bytes(m) for m in modules)
     fixed = state_bytes(model) - dense
     total, given = spec.total_bytes(fixed, sum(m.weight.numel() for m in modules))
-    least = sum(min(planned_bytes(c, m) for c in budget.compressors) for m in modules)
+    # a chain stores at least what its first step does (a later step's plan may count float factors)
+    firsts = [c.steps[0] if isinstance(c, ChainCompressor) else c for c in budget.compressors]
+    least = sum(min(planned_bytes(c, m) for c in firsts) for m in modules)
     if fixed + least > total:
         raise LrcompressError(f"budget: {given} ({total:,} bytes) is below the smallest model these choices make: "
                               f"{fixed + least:,} bytes ({(fixed + least) / MIB:.2f} MiB: {fixed:,} outside the "
@@ -418,6 +461,6 @@ def budget_stage(stages: list[Stage]) -> Stage | None:
     return next((s for s in stages if isinstance(s.compressor, BudgetCompressor)), None)
 
 
-__all__ = ["BudgetCompressor", "BudgetedModule", "ByteBudgetResult", "Choice", "allocate_bytes", "budget_stage",
+__all__ = ["BudgetCompressor", "ChainCompressor", "BudgetedModule", "ByteBudgetResult", "Choice", "allocate_bytes", "budget_stage",
            "estimated_loss", "lp_bound", "output_diagonals", "price_choices", "solve", "solve_dp", "solve_greedy",
            "state_bytes"]

@@ -94,14 +94,16 @@ def _budget_recipe(model_dir, text, out, bits_per_weight: float, **extra):
     from tiny_runs import tiny_recipe
 
     budget = {"bits_per_weight": bits_per_weight, "targets": ["*.self_attn.k_proj", "*.self_attn.o_proj", "*.mlp.down_proj"],
-              "choices": [{"method": "rtn", "bits": [2, 4], "group_size": 16}, {"method": "whiten", "rank": 4}], **extra}
+              "choices": [{"method": "rtn", "bits": [2, 4], "group_size": 16}, {"method": "whiten", "rank": 4},
+                          {"method": "rtn", "bits": 2, "group_size": 16, "then": [{"method": "eora", "rank": 2}]}],
+              **extra}
     return tiny_recipe(model_dir, text, out, stages=[], budget=budget)
 
 
 def test_the_choice_on_a_tiny_model_is_the_brute_force_optimum_over_its_priced_choices(
         tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
-    """Six modules, three choices each (rtn 2-bit, rtn 4-bit, whiten rank 4): the run's choice and the
-    solver at other budgets against all 729 combinations of the prices the pre-pass measured."""
+    """Six modules, four choices each (rtn 2-bit, rtn 4-bit, whiten rank 4, rtn 2-bit + EoRA rank 2): the
+    run's choice and the solver at other budgets against all 4096 combinations of the measured prices."""
     from lrcompress.runner import run_recipe
 
     seen = {}
@@ -115,7 +117,7 @@ def test_the_choice_on_a_tiny_model_is_the_brute_force_optimum_over_its_priced_c
     result = run_recipe(_budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", 4.5), dry_run=True)
     budget = result.metrics.allocation.budget
     costs, losses = seen["costs"], seen["losses"]
-    assert len(costs) == 6 and all(len(c) == 3 for c in costs)
+    assert len(costs) == 6 and all(len(c) == 4 for c in costs)
     assert len({m.choice for m in budget.modules}) > 1          # the budget mixes choices: a real test
     assert budget.estimated_loss == pytest.approx(_brute_force(costs, losses, seen["budget"]), rel=1e-12)
     assert budget.target_bytes <= budget.target_budget_bytes
@@ -129,8 +131,9 @@ def test_the_choice_on_a_tiny_model_is_the_brute_force_optimum_over_its_priced_c
                 assert solution.loss == pytest.approx(optimum, rel=1e-12)
             else:
                 assert solution.loss >= optimum * (1 - 1e-12)
-    assert [p.method for p in result.plan] == [("whiten" if m.choice.startswith("whiten") else "rtn")
+    assert [p.method for p in result.plan] == [m.choice.split(" ")[0] + ("+eora" if "eora" in m.choice else "")
                                                for m in budget.modules]
+    assert [p.bytes_after for p in result.plan] == [m.bytes for m in budget.modules]    # the plan shows the prices
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -158,6 +161,7 @@ def test_the_checkpoint_stores_the_planned_bytes_to_the_byte(tiny_llama_dir, tie
     chosen = {m.name: m for m in budget.modules}
     assert {r.name: r.bytes_after for r in run.metrics.modules} == {n: m.bytes for n, m in chosen.items()}
     assert all(r.details["choice"] == chosen[r.name].choice for r in run.metrics.modules)
+    assert {m.choice for m in budget.modules} >= {"rtn bits=2 group_size=16 + eora rank=2"}   # a chain is in the test
 
 
 def _bytes_of(handle, key: str) -> int:
