@@ -257,17 +257,22 @@ def budget_tables(budget: ByteBudgetResult) -> list[Table]:
     (one row per decoder layer, one column per module kind, a letter per choice)."""
     letters = {label: chr(ord("A") + i) if i < 26 else str(i) for i, label in enumerate(budget.choices)}
     summary = Table(title=f"byte budget: {budget.given} ({budget.solver})")
-    for column in ("key", "choice", "modules", "bytes", "bits/weight"):
+    for column in ("key", "choice", "modules", "bytes", "bits/weight", "all modules: MiB", "est. loss"):
         summary.add_column(column, justify="left" if column in ("key", "choice") else "right")
     weights: dict[str, int] = {}
     for m in budget.modules:
         weights[m.choice] = weights.get(m.choice, 0) + m.weights
-    for label, (count, size) in budget.by_choice().items():
-        summary.add_row(letters[label], label, str(count), f"{size:,}", f"{8 * size / max(weights[label], 1):.3f}")
+    taken = budget.by_choice()
+    for label in budget.choices:
+        count, size = taken.get(label, (0, 0))
+        whole, loss = budget.uniform.get(label, (0, float("nan")))
+        summary.add_row(letters[label], label, str(count), f"{size:,}",
+                        f"{8 * size / weights[label]:.3f}" if count else "–", f"{whole / 2**20:.2f}", f"{loss:.4g}")
     summary.caption = (f"model {budget.total_bytes:,} bytes ({budget.total_bytes / 2**20:.2f} MiB) of a budget of "
                        f"{budget.budget_bytes:,}: targets {budget.target_bytes:,} "
                        f"({budget.bits_per_weight:.3f} bits per weight) + the rest {budget.fixed_bytes:,}; "
-                       f"estimated loss {budget.estimated_loss:.4g} (LP bound {budget.lower_bound:.4g}); "
+                       f"estimated loss {budget.estimated_loss:.4g} (LP bound {budget.lower_bound:.4g}; the last two "
+                       "columns: every module at that choice); "
                        f"choices priced in {budget.seconds:.1f} s")
     kinds = list(dict.fromkeys(m.kind for m in budget.modules))
     grid = Table(title="choice per module (key above)")

@@ -380,6 +380,8 @@ class ByteBudgetResult:
     choices: list[str] = field(default_factory=list)
     modules: list[BudgetedModule] = field(default_factory=list)
     seconds: float = 0.0
+    # per choice, the model's bytes and the estimated loss if every module took it (the uniform recipes)
+    uniform: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
@@ -431,7 +433,9 @@ def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
     return ByteBudgetResult(given=given, budget_bytes=total, fixed_bytes=fixed, target_budget_bytes=total - fixed,
                             target_bytes=solution.bytes, total_bytes=fixed + solution.bytes, target_weights=weights,
                             solver=solution.solver, estimated_loss=solution.loss, lower_bound=solution.lower_bound,
-                            choices=labels, modules=modules, seconds=time.perf_counter() - started)
+                            choices=labels, modules=modules, seconds=time.perf_counter() - started,
+                            uniform={label: (fixed + sum(p.costs[j] for p in priced), sum(p.losses[j] for p in priced))
+                                     for j, label in enumerate(labels)})
 
 
 def planned_bytes(compressor: Compressor, module: nn.Module) -> int:

@@ -119,4 +119,5 @@ def test_dry_run_of_a_byte_budget_lists_every_modules_choice_and_the_total(tiny_
     assert "rtn bits=2 group_size=16" in text and "rtn bits=4 group_size=16" in text
     assert "choice per module" in text and "mlp.down_proj" in text
     assert "model " in text and "bytes (" in text and "of a budget of" in text
+    assert "all modules: MiB" in text and "est. loss" in text
     assert not (tmp_path / "out").exists()

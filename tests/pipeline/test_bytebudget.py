@@ -121,6 +121,9 @@ def test_the_choice_on_a_tiny_model_is_the_brute_force_optimum_over_its_priced_c
     assert len({m.choice for m in budget.modules}) > 1          # the budget mixes choices: a real test
     assert budget.estimated_loss == pytest.approx(_brute_force(costs, losses, seen["budget"]), rel=1e-12)
     assert budget.target_bytes <= budget.target_budget_bytes
+    for j, label in enumerate(budget.choices):     # the uniform recipes: every module at one choice
+        assert budget.uniform[label] == (budget.fixed_bytes + sum(c[j] for c in costs),
+                                         pytest.approx(sum(l[j] for l in losses)))
     least, most = sum(min(c) for c in costs), sum(max(c) for c in costs)
     for target in (least, least + (most - least) // 3, (least + most) // 2, most):
         for name in ("dp", "greedy"):
