@@ -181,7 +181,8 @@ def result_event(result, dry_run: bool) -> dict[str, Any]:
     """``run --log-json``'s one line on stdout: what a batch system needs to know about the run."""
     if dry_run:
         return {"event": "result", "status": "ok", "dry_run": True, "data_sources": result.data_sources,
-                "plan": [vars(p) for p in result.plan]}
+                "plan": [vars(p) for p in result.plan],
+                "allocation": result.metrics.dump().get("allocation")}   # a budget's choices (null without one)
     metrics: RunMetrics = result.metrics
     document = metrics.dump()
     return {"event": "result", "status": "ok", "dry_run": False,

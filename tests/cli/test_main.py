@@ -121,3 +121,6 @@ def test_dry_run_of_a_byte_budget_lists_every_modules_choice_and_the_total(tiny_
     assert "model " in text and "bytes (" in text and "of a budget of" in text
     assert "all modules: MiB" in text and "est. loss" in text
     assert not (tmp_path / "out").exists()
+    event = json.loads(CliRunner().invoke(cli, ["--log-json", "run", str(recipe), "--dry-run"]).stdout)
+    chosen = event["allocation"]["budget"]["modules"]
+    assert [m["bytes"] for m in chosen] == [p["bytes_after"] for p in event["plan"]]
