@@ -274,7 +274,8 @@ def budget_tables(budget: ByteBudgetResult) -> list[Table]:
                        f"({budget.bits_per_weight:.3f} bits per weight) + the rest {budget.fixed_bytes:,}; "
                        f"estimated loss {budget.estimated_loss:.4g} (LP bound {budget.lower_bound:.4g}; the last two "
                        "columns: every module at that choice); "
-                       f"choices priced in {budget.seconds:.1f} s")
+                       + (f"prices reused from {budget.prices_cache}" if budget.prices_reused
+                          else f"choices priced and solved in {budget.seconds:.1f} s"))
     kinds = list(dict.fromkeys(m.kind for m in budget.modules))
     grid = Table(title="choice per module (key above)")
     grid.add_column("layer", justify="right")

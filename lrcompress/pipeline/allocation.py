@@ -325,10 +325,12 @@ def stage_modules(model: nn.Module, adapter: ArchitectureAdapter, stage: Stage) 
     return modules
 
 
-def allocate(walk: LayerWalk, stages: list[Stage]) -> tuple[list[Stage], AllocationResult | None]:
+def allocate(walk: LayerWalk, stages: list[Stage], budget_cache: dict[str, Any] | None = None
+             ) -> tuple[list[Stage], AllocationResult | None]:
     """Choose the ranks of every stage whose allocation is not uniform: the stages to compress with (a copy
     of each such stage whose compressor is an ``AllocatedCompressor``, the others as they are) and the
-    allocation's record (None when every stage is uniform)."""
+    allocation's record (None when every stage is uniform). A byte budget's stage gets its choices bound in
+    place (``bytebudget.allocate_bytes``; ``budget_cache``: the key its prices are kept under, or None)."""
     model, adapter, windows = walk.model, walk.adapter, walk.windows
     budgeted = [stage for stage in stages if strategy_of(stage) == "bytes"]
     planned = [stage for stage in stages if strategy_of(stage) not in ("uniform", "bytes")]
@@ -336,7 +338,7 @@ def allocate(walk: LayerWalk, stages: list[Stage]) -> tuple[list[Stage], Allocat
         return stages, None
     result = AllocationResult()
     if budgeted:            # the recipe's budget section: one stage, bound in place to its modules' choices
-        result.budget = allocate_bytes(walk, budgeted[0])
+        result.budget = allocate_bytes(walk, budgeted[0], budget_cache)
     if not planned:
         return stages, result
     if any(stage.group_size > 1 for stage in planned):

@@ -24,9 +24,12 @@ distance to the integer optimum is bounded in the record.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -35,6 +38,8 @@ from torch import nn
 
 from ..compressor import CompressResult, Compressor, CompressorConfig, Plan, get_compressor
 from ..compressor.stats import GramStatistic, OriginalWeight
+from ..checkpoint.layout import write_atomic
+from ..core.cache import cache_root
 from ..errors import LrcompressError
 from ..modules import dense_weight, storage_bytes, stored_params
 from .prepass import PREPASSES
@@ -382,6 +387,8 @@ class ByteBudgetResult:
     seconds: float = 0.0
     # per choice, the model's bytes and the estimated loss if every module took it (the uniform recipes)
     uniform: dict[str, tuple[int, float]] = field(default_factory=dict)
+    prices_cache: str | None = None     # where the prices are kept (None: not kept)
+    prices_reused: bool = False         # taken from there instead of priced by this run
 
     @property
     def bits_per_weight(self) -> float:
@@ -409,8 +416,12 @@ def state_bytes(model: nn.Module) -> int:
     return total
 
 
-def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
-    """Price every choice, solve the knapsack, bind the choices to ``stage``'s ``BudgetCompressor``."""
+def allocate_bytes(walk: LayerWalk, stage: Stage, cache_key: dict[str, Any] | None = None) -> ByteBudgetResult:
+    """Price every choice, solve the knapsack, bind the choices to ``stage``'s ``BudgetCompressor``.
+
+    ``cache_key``: what the prices depend on (the model's files, the calibration windows, the choices,
+    the targets, ...; the runner builds it). With one, the prices are kept under ``$LRCOMPRESS_CACHE/
+    budget-prices`` and a later run or dry run of the same key at another size only solves the knapsack."""
     started = time.perf_counter()
     budget: BudgetCompressor = stage.compressor       # type: ignore[assignment]
     spec, adapter = budget.spec, walk.adapter
@@ -419,8 +430,17 @@ def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
     if not names:
         raise LrcompressError("budget: its targets match no module of the model")
     _check_reachable(walk.model, budget, names, spec)
-    diagonals, _ = output_diagonals(walk, names)
-    priced, _ = price_choices(walk, stage, diagonals)
+    cached = _cache_file(cache_key)
+    priced = _read_prices(cached, names)
+    reused = priced is not None
+    if priced is None:
+        diagonals, _ = output_diagonals(walk, names)
+        priced, _ = price_choices(walk, stage, diagonals)
+        if cached is not None and walk.settings.collective.is_writer:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cached, json.dumps([asdict(p) for p in priced]))
+    else:
+        walk.observer.phase(f"byte budget: the choices' prices from {cached}")
     fixed = state_bytes(walk.model) - sum(p.dense_bytes for p in priced)
     weights = sum(p.weights for p in priced)
     total, given = spec.total_bytes(fixed, weights)
@@ -435,7 +455,9 @@ def allocate_bytes(walk: LayerWalk, stage: Stage) -> ByteBudgetResult:
                             solver=solution.solver, estimated_loss=solution.loss, lower_bound=solution.lower_bound,
                             choices=labels, modules=modules, seconds=time.perf_counter() - started,
                             uniform={label: (fixed + sum(p.costs[j] for p in priced), sum(p.losses[j] for p in priced))
-                                     for j, label in enumerate(labels)})
+                                     for j, label in enumerate(labels)},
+                            prices_cache=str(cached) if cached is not None else None,
+                            prices_reused=reused)
 
 
 def planned_bytes(compressor: Compressor, module: nn.Module) -> int:
@@ -458,6 +480,24 @@ def _check_reachable(model: nn.Module, budget: BudgetCompressor, names: list[str
         raise LrcompressError(f"budget: {given} ({total:,} bytes) is below the smallest model these choices make: "
                               f"{fixed + least:,} bytes ({(fixed + least) / MIB:.2f} MiB: {fixed:,} outside the "
                               f"targets + {least:,} for the {len(names)} targets at their cheapest choice)")
+
+
+def _cache_file(key: dict[str, Any] | None) -> Path | None:
+    if key is None:
+        return None
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_root() / "budget-prices" / f"{digest}.json"
+
+
+def _read_prices(path: Path | None, names: list[str]) -> list[Priced] | None:
+    """The kept prices of exactly these modules, or None (no file, unreadable, other modules)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        priced = [Priced(**entry) for entry in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):
+        return None
+    return priced if [p.name for p in priced] == names else None
 
 
 def budget_stage(stages: list[Stage]) -> Stage | None:

@@ -199,3 +199,20 @@ def test_targets_that_match_nothing_name_the_budget_section(tiny_llama_dir, cali
     recipe = _budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", 4.5, targets=["*.no_such_proj"])
     with pytest.raises(RecipeError, match=r"^budget: targets \['\*\.no_such_proj'\] match no module.*fix budget\.targets"):
         run_recipe(recipe, dry_run=True)
+
+
+def test_a_second_size_reuses_the_prices_and_other_choices_do_not(tiny_llama_dir, calibration_file, tmp_path,
+                                                                  monkeypatch):
+    from lrcompress.runner import run_recipe
+
+    monkeypatch.setenv("LRCOMPRESS_CACHE", str(tmp_path / "cache"))
+    first = run_recipe(_budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "a", 4.5), dry_run=True)
+    assert not first.metrics.allocation.budget.prices_reused
+    monkeypatch.setattr(bytebudget, "output_diagonals", lambda *args: pytest.fail("priced again"))
+    second = run_recipe(_budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "b", 6.0), dry_run=True)
+    a, b = first.metrics.allocation.budget, second.metrics.allocation.budget
+    assert b.prices_reused and b.prices_cache == a.prices_cache
+    assert b.uniform == a.uniform and b.target_bytes > a.target_bytes     # same prices, a larger budget spent
+    with pytest.raises(BaseException, match="priced again"):             # other choices: other prices
+        run_recipe(_budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "c", 6.0,
+                                  choices=[{"method": "rtn", "bits": [3, 4], "group_size": 16}]), dry_run=True)
