@@ -51,7 +51,7 @@ def preflight(recipe: Recipe, stages: list[Stage], data_directory: Path | None,
     ``model`` when the caller holds one). ``sources`` receives one line per dataset and task saying where
     it will be read from; ``calibration_given``: the caller holds the calibration data (not checked)."""
     announce = announce or log.warning
-    if not recipe.stages:
+    if not recipe.stages and recipe.budget is None:
         raise RecipeError("the recipe has no stages: nothing would be compressed. Add a stage (e.g. "
                           "stages: [{method: whiten, ratio: 0.2}]), or use `lrcompress eval` to evaluate a model as it is")
     lines = check_data(recipe, data_directory, calibration_given)
@@ -152,7 +152,9 @@ def check_targets(stages: list[Stage], plan: list[PlannedModule], model: nn.Modu
     for stage in stages:
         if any(p.stage == stage.index for p in plan):
             continue
-        key = f"stages.{stage.index} ({stage.compressor.name})"
+        own = getattr(stage.compressor, "recipe_key", None)      # a byte budget's stage: its own section
+        section = own or f"stages.{stage.index}"
+        key = own or f"{section} ({stage.compressor.name})"
         if is_block_stage(stage):
             raise RecipeError(f"{key}: its targets {stage.targets} match no block this method compresses in "
                               f"{len(layers)} decoder layers of model_type {model.config.model_type!r}")
@@ -161,11 +163,11 @@ def check_targets(stages: list[Stage], plan: list[PlannedModule], model: nn.Modu
         if matched:
             raise RecipeError(f"{key}: ignore {stage.ignore} excludes every module its targets {stage.targets} "
                               f"match ({len(matched)} modules, e.g. {matched[0]}): nothing would be compressed; "
-                              f"fix stages.{stage.index}.ignore")
+                              f"fix {section}.ignore")
         examples = [f"{adapter.layer_prefix(0)}.{name}" for name, module in layers[0].named_modules()
                     if name and is_linear_like(module)][:SHOWN] if len(layers) else []
         raise RecipeError(f"{key}: targets {stage.targets} match no module of the decoder layers (the linear "
-                          f"modules are named like {', '.join(examples)}); fix stages.{stage.index}.targets "
+                          f"modules are named like {', '.join(examples)}); fix {section}.targets "
                           "(globs over full names, or 're:<regex>')")
 
 

@@ -143,6 +143,27 @@ class AllocationSpec(Section):
         return self
 
 
+def _compiled(patterns: list[str]) -> list[str]:
+    """Target patterns: globs, or regular expressions after 're:' (which must compile)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error}); "
+                                 "patterns without 're:' are globs") from None
+    return patterns
+
+
+def _known(method: str) -> str:
+    if method not in COMPRESSORS:
+        hint = difflib.get_close_matches(method, COMPRESSORS, n=1)
+        raise ValueError(f"unknown method {method!r}"
+                         + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f"; known: {', '.join(sorted(COMPRESSORS))}")
+    return method
+
+
 class StageSpec(Section):
     """One compression stage. Method options sit beside ``method`` and are checked by the method."""
 
@@ -155,27 +176,8 @@ class StageSpec(Section):
     allow_growth: bool = Field(False, description="accept modules that this stage would not shrink (a rank at "
                                                   "or above the break-even m·n/(m+n)); refused by default")
 
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as error:
-                    raise ValueError(f"{pattern!r} is not a valid regular expression ({error}); "
-                                     "patterns without 're:' are globs") from None
-        return patterns
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        if method not in COMPRESSORS:
-            hint = difflib.get_close_matches(method, COMPRESSORS, n=1)
-            raise ValueError(f"unknown method {method!r}"
-                             + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                             + f"; known: {', '.join(sorted(COMPRESSORS))}")
-        return method
+    _patterns_compile = field_validator("targets", "ignore")(lambda patterns: _compiled(patterns))
+    _known_method = field_validator("method")(lambda method: _known(method))
 
     @property
     def options(self) -> dict[str, Any]:
@@ -196,6 +198,80 @@ class RefineSpec(Section):
     holdout: float = Field(0.125, ge=0.0, lt=1.0, description="fraction of the batches held out (the last ones): "
                                                               "never trained on, the honest before/after")
     revert_if_worse: bool = Field(True, description="undo a layer's refinement when its held-out loss did not drop")
+
+
+class BudgetStepSpec(Section):
+    """A method and its options; a list value lists alternatives (``bits: [3, 4]`` with
+    ``group_size: [32, 128]`` is four)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+
+    _known_method = field_validator("method")(lambda method: _known(method))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def alternatives(self) -> list[dict[str, Any]]:
+        """Every combination of the listed alternatives, in order (the last option varies fastest)."""
+        combos: list[dict[str, Any]] = [{}]
+        for key, value in self.options.items():
+            combos = [{**c, key: v} for c in combos for v in (value if isinstance(value, list) else [value])]
+        return combos
+
+
+class BudgetChoiceSpec(BudgetStepSpec):
+    """One allowed choice of a byte budget: a method, and optionally methods applied after it to the same
+    module (``then: [{method: eora, rank: [32, 64]}]``: a compensation of the first one's error)."""
+
+    then: list[BudgetStepSpec] = Field(default_factory=list, description="methods applied after this one to "
+                                                                         "the same module, in order")
+
+    def expanded(self) -> list[list[tuple[str, dict[str, Any]]]]:
+        """Every combination of every step's alternatives: a list of (method, options) per choice."""
+        chains: list[list[tuple[str, dict[str, Any]]]] = [[(self.method, o)] for o in self.alternatives()]
+        for step in self.then:
+            chains = [chain + [(step.method, o)] for chain in chains for o in step.alternatives()]
+        return chains
+
+
+class BudgetSpec(Section):
+    """A byte budget for the whole model (docs/budget.md, "A byte budget for the model"): one choice per
+    target module among ``choices``, all chosen together from one estimate of loss per byte. Replaces
+    ``stages``."""
+
+    bytes: int | None = Field(None, ge=1, description="the model's stored bytes (every tensor, tied ones once)")
+    mib: float | None = Field(None, gt=0, description="the same in MiB (2^20 bytes)")
+    bits_per_weight: float | None = Field(None, gt=0, description="bytes of the targets (codes, scales, factors, "
+                                                                   "biases) per weight value of the targets, × 8")
+    choices: list[BudgetChoiceSpec] = Field(min_length=1, description="allowed choices per module")
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    ignore: list[str] = Field(default_factory=list)
+    solver: Literal["auto", "dp", "greedy"] = Field("auto", description="dp: exact (a table over the bytes); "
+                                                    "greedy: convex-hull greedy; auto: dp where the table is small")
+
+    _patterns_compile = field_validator("targets", "ignore")(lambda patterns: _compiled(patterns))
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "BudgetSpec":
+        given = [k for k in ("bytes", "mib", "bits_per_weight") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'bytes', 'mib' or 'bits_per_weight'"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    def total_bytes(self, fixed_bytes: int, target_weights: int) -> tuple[int, str]:
+        """The whole model's budget in bytes and the size as given, from the bytes outside the targets
+        and the targets' weight count (for bits per weight)."""
+        if self.bytes is not None:
+            return self.bytes, f"{self.bytes:,} bytes"
+        if self.mib is not None:
+            return int(self.mib * MIB), f"{self.mib:g} MiB"
+        return fixed_bytes + int(self.bits_per_weight * target_weights / 8), f"{self.bits_per_weight:g} bits per weight"
+
+
+MIB = 2**20
 
 
 class RuntimeSpec(Section):
@@ -300,6 +376,7 @@ class Recipe(Section):
     model: ModelSpec
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     stages: list[StageSpec] = Field(default_factory=list)
+    budget: BudgetSpec | None = Field(None, description="one byte budget for the model, instead of stages")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -309,6 +386,24 @@ class Recipe(Section):
     # Validated stage configs, by (index, method, options): a stage's config is validated once (parse_recipe
     # checks every one; the run builds its stages from the same objects).
     _configs: dict[tuple[int, str, str], CompressorConfig] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _budget_or_stages(self) -> "Recipe":
+        if self.budget is not None and self.stages:
+            raise ValueError("give either 'stages' or 'budget': a byte budget chooses every target's method itself")
+        return self
+
+    def budget_configs(self) -> list[tuple[str, list[tuple[str, CompressorConfig]]]]:
+        """(label, [(method, validated config), ...]) of every choice the ``budget`` section allows, in order."""
+        if self.budget is None:
+            return []
+        found: dict[str, list[tuple[str, CompressorConfig]]] = {}
+        for choice in self.budget.choices:
+            for chain in choice.expanded():
+                label = " + ".join(method + "".join(f" {k}={v}" for k, v in options.items())
+                                   for method, options in chain)
+                found.setdefault(label, [(method, COMPRESSORS[method].Config(**options)) for method, options in chain])
+        return list(found.items())
 
     def stage_config(self, index: int) -> CompressorConfig:
         stage = self.stages[index]
@@ -402,7 +497,38 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
             recipe.stage_config(index)
         except ValidationError as error:
             raise RecipeError(_format_errors(source, error, ("stages", index))) from None
+    if recipe.budget is not None:
+        _check_budget_choices(recipe.budget, source)
     return recipe
+
+
+def _check_budget_choices(budget: BudgetSpec, source: str) -> None:
+    """Every expanded choice validates against its methods' schemas, and each method can be priced on one
+    module at a time from what the pre-pass has: the calibration Gram (and, after the first step of a
+    choice, the module's original weight, for a compensation such as EoRA)."""
+    from .compressor.block import BlockCompressor
+
+    for index, choice in enumerate(budget.choices):
+        steps = [(("budget", "choices", index), choice)] + [(("budget", "choices", index, "then", j), step)
+                                                            for j, step in enumerate(choice.then)]
+        for position, (where, step) in enumerate(steps):
+            cls = COMPRESSORS[step.method]
+            needs = cls.needs if isinstance(cls.needs, frozenset) else None      # a property: needs depend on options
+            allowed = {"gram"} if position == 0 else {"gram", "original_weight"}
+            if issubclass(cls, BlockCompressor) or needs is None or not needs <= allowed:
+                what = "whole blocks" if issubclass(cls, BlockCompressor) or needs is None else sorted(needs - allowed)
+                raise RecipeError(f"{source}: invalid recipe\n  {'.'.join(map(str, where))}.method: {step.method!r} "
+                                  f"cannot be a budget choice{' step' if position else ''}: it needs {what}, and a "
+                                  "choice is priced from the calibration Gram of one module"
+                                  + ("" if position else " (a compensation such as eora goes under 'then')"))
+            for options in step.alternatives():
+                try:
+                    config = cls.Config(**options)
+                except ValidationError as error:
+                    raise RecipeError(_format_errors(source, error, where)) from None
+                if cls(config).group_size > 1:
+                    raise RecipeError(f"{source}: invalid recipe\n  {'.'.join(map(str, where))}.group_size: a "
+                                      "budget choice compresses one module at a time")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

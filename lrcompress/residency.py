@@ -76,8 +76,8 @@ class LazyModel(ResidentModel):
                                   "with `lrcompress eval` on a machine that holds it")
         for stage in stages:
             kinds = sorted(kind for kind in stage.needs if is_prepass_kind(kind))
-            if strategy_of(stage) == "global":
-                kinds.append("output_gradient (allocation: global)")
+            if strategy_of(stage) in ("global", "bytes"):
+                kinds.append(f"output_gradient (allocation: {strategy_of(stage)})")
             if kinds:
                 raise LrcompressError(f"runtime.lazy: stage {stage.index} ({stage.compressor.name}) needs {kinds}, "
                                       "a pass over the whole model; use runtime.lazy: false")

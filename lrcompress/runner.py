@@ -31,6 +31,7 @@ from .checkpoint.lock import claim_output_dir
 from .checkpoint.writer import unique_tensors
 from .compressor import get_compressor
 from .core.devices import resolve_device
+from .core.version import __version__
 from .data import DatasetRef, TextSource, calibration_windows, data_dir, tokenize, windows_fingerprint
 from .data.mixture import CalibrationSet, calibration_set
 from .errors import LrcompressError
@@ -40,10 +41,12 @@ from .eval.baseline_cache import cached_evaluation
 from .results.metrics import CalibrationProvenance, MemoryReport, Provenance
 from .eval.suite import evaluate_model
 from .models import DTYPES
+from .models.identity import model_identity
 from .models.loading import LoadedModel
 from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.allocation import allocate, needs_allocation
 from .pipeline.costs import RunCosts, check_fit, fit_refusals
+from .pipeline.bytebudget import BudgetCompressor, Choice
 from .pipeline.distributed import Collective, process_group
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
@@ -71,6 +74,10 @@ class RunResult:
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
+    """The recipe's stages; a ``budget`` section is one stage whose compressor applies each module's choice."""
+    if recipe.budget is not None:
+        choices = [Choice(label, steps) for label, steps in recipe.budget_configs()]
+        return [Stage(0, BudgetCompressor(choices, recipe.budget), recipe.budget.targets, recipe.budget.ignore)]
     return [Stage(i, get_compressor(spec.method)(recipe.stage_config(i)), spec.targets, spec.ignore,
                   spec.allocation) for i, spec in enumerate(recipe.stages)]
 
@@ -233,10 +240,22 @@ class RecipeRun:
         compresses with stages bound to them) before any decomposition. Nothing happens when every stage is
         uniform."""
         started = time.perf_counter()
-        self.stages, allocation = allocate(self.walk(calibration), self.stages)
+        self.stages, allocation = allocate(self.walk(calibration), self.stages, self._budget_cache_key(calibration))
         if allocation is not None:
             self.metrics.allocation = allocation
             self.timing["allocation"] = time.perf_counter() - started
+
+    def _budget_cache_key(self, calibration: CalibrationSet) -> dict | None:
+        """What a byte budget's prices depend on (None: not kept, for a model a library caller handed over,
+        whose files may not be what it holds)."""
+        recipe = self.recipe
+        if recipe.budget is None or self.given.loaded is not None:
+            return None
+        budget = recipe.budget.model_dump(exclude={"bytes", "mib", "bits_per_weight", "solver"})
+        return {"model": model_identity(recipe.model.path), "dtype": recipe.model.dtype,
+                "windows": windows_fingerprint(calibration.windows), "budget": budget,
+                "choices": [[label, [[m, c.model_dump()] for m, c in steps]] for label, steps in recipe.budget_configs()],
+                "device": self.eval_context.device.type, "lrcompress": __version__}
 
     # -- compress --------------------------------------------------------------------------------------
     def compress(self, calibration: CalibrationSet) -> list[ModuleRecord]:

@@ -94,3 +94,41 @@ def test_a_stage_config_is_validated_once_and_follows_its_options():
     assert recipe.stage_config(0) is recipe.stage_config(0)          # parse_recipe's validation is reused
     recipe.stages[0].ratio = 0.3                                     # an option changed after parsing
     assert recipe.stage_config(0).ratio == 0.3
+
+
+def test_a_budget_expands_listed_options_into_choices():
+    recipe = parse_recipe({"model": {"path": "m"}, "budget": {"mib": 140, "choices": [
+        {"method": "gptq", "bits": [3, 4], "group_size": [32, 128]}, {"method": "whiten", "rank": 8}]}})
+    labels = [label for label, _ in recipe.budget_configs()]
+    assert labels == ["gptq bits=3 group_size=32", "gptq bits=3 group_size=128", "gptq bits=4 group_size=32",
+                      "gptq bits=4 group_size=128", "whiten rank=8"]
+    assert recipe.budget.total_bytes(0, 0) == (140 * 2**20, "140 MiB")
+    chained = parse_recipe({"model": {"path": "m"}, "budget": {"mib": 140, "choices": [
+        {"method": "rtn", "bits": 3, "then": [{"method": "eora", "rank": [16, 64]}]}]}})
+    assert [label for label, _ in chained.budget_configs()] == ["rtn bits=3 + eora rank=16", "rtn bits=3 + eora rank=64"]
+    assert [method for method, _ in chained.budget_configs()[1][1]] == ["rtn", "eora"]
+
+
+@pytest.mark.parametrize("budget, key, words", [
+    ("{mib: 140, choices: [{method: rtn, bits: [3, 9]}]}", "budget.choices.0.bits", "less than or equal to 8"),
+    ("{mib: 140, choices: [{method: rtn, bitz: 3}]}", "budget.choices.0.bitz", "unknown key"),
+    ("{mib: 140, choices: [{method: eora, rank: 4}]}", "budget.choices.0.method", "goes under 'then'"),
+    ("{mib: 140, choices: [{method: rtn, then: [{method: eora, rank: [4, 0]}]}]}", "budget.choices.0.then.0.rank",
+     "greater than or equal to 1"),
+    ("{mib: 140, choices: [{method: rtn, then: [{method: fwsvd, rank: 4}]}]}", "budget.choices.0.then.0.method",
+     "needs ['fisher']"),
+    ("{mib: 140, bytes: 10, choices: [{method: rtn}]}", "budget", "exactly one of"),
+    ("{mib: 140, choices: []}", "budget.choices", "at least 1"),
+])
+def test_a_bad_budget_names_the_file_and_key(tmp_path, budget, key, words):
+    path = _write(tmp_path, f"model: {{path: m}}\nbudget: {budget}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert str(path) in message and f"  {key}:" in message and words in message
+
+
+def test_a_budget_beside_stages_is_refused(tmp_path):
+    path = _write(tmp_path, "model: {path: m}\nstages: [{method: rtn}]\nbudget: {mib: 1, choices: [{method: rtn}]}\n")
+    with pytest.raises(RecipeError, match="either 'stages' or 'budget'"):
+        load_recipe(path)

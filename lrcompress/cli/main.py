@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from ..errors import LrcompressError
 from ..pipeline import PipelineObserver
-from .render import (allocation_table, console, inspection_table, make_observer, plan_table, provenance_table,
+from .render import (allocation_tables, console, inspection_table, make_observer, plan_table, provenance_table,
                      result_event, setup_logging, summary_table)
 
 stdout = Console() if Console().is_terminal else Console(width=200)  # logs: no wrapped names
@@ -135,7 +135,8 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         for line in result.data_sources:
             stdout.print(line, highlight=False)
         if result.metrics.allocation:   # the spectra pre-pass ran to choose the ranks above
-            stdout.print(allocation_table(result.metrics.allocation))
+            for table in allocation_tables(result.metrics.allocation):
+                stdout.print(table)
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
     from .render_eval import lm_eval_table
@@ -280,7 +281,8 @@ def inspect(checkpoint: Path) -> None:
     inspection = inspect_checkpoint(checkpoint)
     stdout.print(inspection_table(inspection))
     if inspection.allocation:
-        stdout.print(allocation_table(inspection.allocation))
+        for table in allocation_tables(inspection.allocation):
+            stdout.print(table)
     if inspection.provenance:
         stdout.print(provenance_table(inspection.provenance))
 

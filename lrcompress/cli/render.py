@@ -16,6 +16,7 @@ from ..results.inspect import Inspection
 from ..results.metrics import RunMetrics, describe_change, format_bytes
 from ..pipeline import LoggingObserver, ModuleRecord, PipelineObserver
 from ..pipeline.allocation import AllocationResult
+from ..pipeline.bytebudget import ByteBudgetResult
 from ..pipeline.observer import PlannedWork, WorkProgress
 from ..pipeline.memory import describe_peak_memory
 
@@ -190,7 +191,8 @@ def result_event(result, dry_run: bool) -> dict[str, Any]:
     """``run --log-json``'s one line on stdout: what a batch system needs to know about the run."""
     if dry_run:
         return {"event": "result", "status": "ok", "dry_run": True, "data_sources": result.data_sources,
-                "plan": [vars(p) for p in result.plan]}
+                "plan": [vars(p) for p in result.plan],
+                "allocation": result.metrics.dump().get("allocation")}   # a budget's choices (null without one)
     metrics: RunMetrics = result.metrics
     document = metrics.dump()
     return {"event": "result", "status": "ok", "dry_run": False,
@@ -259,3 +261,45 @@ def allocation_table(allocation: AllocationResult) -> Table:
                         + (", with output gradients" if spectra.get("with_output_gradients") else ""))
     table.caption = "\n".join(captions)
     return table
+
+
+def budget_tables(budget: ByteBudgetResult) -> list[Table]:
+    """A byte budget's choices: how many modules and bytes each took, and the choice of every module
+    (one row per decoder layer, one column per module kind, a letter per choice)."""
+    letters = {label: chr(ord("A") + i) if i < 26 else str(i) for i, label in enumerate(budget.choices)}
+    summary = Table(title=f"byte budget: {budget.given} ({budget.solver})")
+    for column in ("key", "choice", "modules", "bytes", "bits/weight", "all modules: MiB", "est. loss"):
+        summary.add_column(column, justify="left" if column in ("key", "choice") else "right")
+    weights: dict[str, int] = {}
+    for m in budget.modules:
+        weights[m.choice] = weights.get(m.choice, 0) + m.weights
+    taken = budget.by_choice()
+    for label in budget.choices:
+        count, size = taken.get(label, (0, 0))
+        whole, loss = budget.uniform.get(label, (0, float("nan")))
+        summary.add_row(letters[label], label, str(count), f"{size:,}",
+                        f"{8 * size / weights[label]:.3f}" if count else "–", f"{whole / 2**20:.2f}", f"{loss:.4g}")
+    summary.caption = (f"model {budget.total_bytes:,} bytes ({budget.total_bytes / 2**20:.2f} MiB) of a budget of "
+                       f"{budget.budget_bytes:,}: targets {budget.target_bytes:,} "
+                       f"({budget.bits_per_weight:.3f} bits per weight) + the rest {budget.fixed_bytes:,}; "
+                       f"estimated loss {budget.estimated_loss:.4g} (LP bound {budget.lower_bound:.4g}; the last two "
+                       "columns: every module at that choice); "
+                       + (f"prices reused from {budget.prices_cache}" if budget.prices_reused
+                          else f"choices priced and solved in {budget.seconds:.1f} s"))
+    kinds = list(dict.fromkeys(m.kind for m in budget.modules))
+    grid = Table(title="choice per module (key above)")
+    grid.add_column("layer", justify="right")
+    for kind in kinds:
+        grid.add_column(kind, justify="center")
+    rows: dict[int, dict[str, str]] = {}
+    for m in budget.modules:
+        rows.setdefault(m.layer, {})[m.kind] = letters[m.choice]
+    for layer, cells in rows.items():
+        grid.add_row(str(layer), *(cells.get(kind, "·") for kind in kinds))
+    return [summary, grid]
+
+
+def allocation_tables(allocation: AllocationResult) -> list[Table]:
+    """Every table an allocation has: a stage allocation's ranks, a byte budget's choices."""
+    return ([allocation_table(allocation)] if allocation.stages else []) + \
+        (budget_tables(allocation.budget) if allocation.budget else [])

@@ -160,6 +160,11 @@ class Compressor(ABC):
         (``group_size`` > 1; the last group of layers may hold fewer); by default the group changes nothing."""
         return self.plan_for(name, module)
 
+    def method_for(self, name: str) -> str:
+        """The method that compresses the module named ``name`` (records and plans name it; a byte budget's
+        stage gives each module its own)."""
+        return self.name
+
     def rank_knob(self, module: nn.Module) -> RankKnob | None:
         """The price of this method's size knob for ``module``; None: no knob a budget can move."""
         return None

@@ -34,7 +34,7 @@ from ..compressor import Compressor, Plan, RankKnob
 from ..compressor.linalg import GramMetric
 from ..errors import LrcompressError
 from ..models import ArchitectureAdapter
-from .prepass import PREPASSES
+from .bytebudget import BudgetCompressor, ByteBudgetResult, allocate_bytes, output_diagonals
 from .settings import Stage
 from .spectra import ModuleSpectrum, collect_spectra
 from .walk import LayerWalk
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 
 def strategy_of(stage: Stage) -> str:
+    """uniform, spectrum or global (a stage's ``allocation``), or bytes (the stage of a recipe's ``budget``)."""
+    if isinstance(stage.compressor, BudgetCompressor):
+        return "bytes"
     return "uniform" if stage.allocation is None else stage.allocation.strategy
 
 
@@ -51,7 +54,7 @@ def needs_allocation(stages: list[Stage]) -> bool:
 
 
 def needs_gradients(stages: list[Stage]) -> bool:
-    return any(strategy_of(stage) == "global" for stage in stages)
+    return any(strategy_of(stage) in ("global", "bytes") for stage in stages)
 
 
 @dataclass
@@ -297,6 +300,7 @@ class AllocationResult:
 
     stages: list[AllocatedStage] = field(default_factory=list)
     prepass: dict[str, Any] = field(default_factory=dict)
+    budget: ByteBudgetResult | None = None          # a recipe's byte budget: every module's choice
 
     def ranks(self) -> dict[str, int]:
         return {m.name: m.rank for stage in self.stages for m in stage.modules}
@@ -321,14 +325,22 @@ def stage_modules(model: nn.Module, adapter: ArchitectureAdapter, stage: Stage) 
     return modules
 
 
-def allocate(walk: LayerWalk, stages: list[Stage]) -> tuple[list[Stage], AllocationResult | None]:
+def allocate(walk: LayerWalk, stages: list[Stage], budget_cache: dict[str, Any] | None = None
+             ) -> tuple[list[Stage], AllocationResult | None]:
     """Choose the ranks of every stage whose allocation is not uniform: the stages to compress with (a copy
     of each such stage whose compressor is an ``AllocatedCompressor``, the others as they are) and the
-    allocation's record (None when every stage is uniform)."""
+    allocation's record (None when every stage is uniform). A byte budget's stage gets its choices bound in
+    place (``bytebudget.allocate_bytes``; ``budget_cache``: the key its prices are kept under, or None)."""
     model, adapter, windows = walk.model, walk.adapter, walk.windows
-    planned = [stage for stage in stages if strategy_of(stage) != "uniform"]
-    if not planned:
+    budgeted = [stage for stage in stages if strategy_of(stage) == "bytes"]
+    planned = [stage for stage in stages if strategy_of(stage) not in ("uniform", "bytes")]
+    if not planned and not budgeted:
         return stages, None
+    result = AllocationResult()
+    if budgeted:            # the recipe's budget section: one stage, bound in place to its modules' choices
+        result.budget = allocate_bytes(walk, budgeted[0], budget_cache)
+    if not planned:
+        return stages, result
     if any(stage.group_size > 1 for stage in planned):
         raise LrcompressError("allocation: a stage that compresses groups of layers together has one size "
                               "per group; use allocation: uniform there")
@@ -347,7 +359,7 @@ def allocate(walk: LayerWalk, stages: list[Stage]) -> tuple[list[Stage], Allocat
         diagonals, report["output_gradients"] = _output_diagonals(walk, planned, per_stage)
     walk.observer.phase(f"spectra pre-pass over {len(windows)} windows for {len(metrics)} modules")
     spectra, report["spectra"] = collect_spectra(walk, targets, metrics, diagonals)
-    result = AllocationResult(prepass=report)
+    result.prepass = report
     allocated = {}
     for stage in planned:
         modules = per_stage[stage.index]
@@ -370,11 +382,7 @@ def _output_diagonals(walk: LayerWalk, stages: list[Stage], per_stage: dict[int,
     for stage in stages:
         if strategy_of(stage) == "global":
             names += [m.name for m in per_stage[stage.index] if m.name not in names]
-    walk.observer.phase(f"output-gradient pre-pass over {len(walk.windows)} windows for {len(names)} modules")
-    result = PREPASSES["output_gradient"](walk, names)
-    statistics = walk.settings.collective.reduce_statistics(result.statistics)
-    diagonals = {name: statistic.diagonal(name) for name, statistic in statistics.items()}
-    return diagonals, {k: v for k, v in result.report.items() if isinstance(v, (int, float, str))}
+    return output_diagonals(walk, names)
 
 
 def _stage_summary(stage: Stage, modules: list[BudgetModule], budget: float) -> AllocatedStage:

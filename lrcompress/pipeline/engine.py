@@ -363,7 +363,7 @@ class LayerwisePipeline:
         replace_submodule(segment.layers[done.layer], done.name, replacement)
         stage.kind.update_config(self.model, stage.compressor, result, self.config_updates, member.name)
         record = ModuleRecord(
-            name=member.name, layer=done.layer, stage=stage.index, method=stage.compressor.name,
+            name=member.name, layer=done.layer, stage=stage.index, method=stage.compressor.method_for(member.name),
             in_features=measured.in_features, out_features=measured.out_features,
             params_before=stored_params(member.module), params_after=stored_params(replacement),
             rank=result.rank, relative_error=error, numerical_path=result.numerical_path,

@@ -80,7 +80,7 @@ def plan_modules(model: nn.Module, stages: list[Stage]) -> list[PlannedModule]:
                 specs[full] = plan.spec
                 out_f, in_f = stage.shape(module, model.config)
                 grows = stage.compressor.shrinks and plan.params_after >= dense_params and could_shrink(out_f, in_f)
-                planned.append(PlannedModule(full, stage.index, stage.compressor.name, out_f, in_f, params_before,
+                planned.append(PlannedModule(full, stage.index, stage.compressor.method_for(full), out_f, in_f, params_before,
                                              params_after, plan.rank, grows, bytes_before, bytes_after))
     return planned
 

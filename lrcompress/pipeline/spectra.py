@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -72,14 +72,31 @@ def collect_spectra(walk: LayerWalk, targets: Mapping[int, list[str]], metrics: 
 
     ``metrics``: per full module name, the Gram metric its compressor whitens with (default: ``GramMetric()``); ``output_diagonals``:
     per full name, diag(G_y) for the gains (optional). Returns the spectra and a report."""
+
+    def spectrum(full: str, module: torch.nn.Module, gram: GramStatistic) -> ModuleSpectrum:
+        diagonal = None if output_diagonals is None else output_diagonals.get(full)
+        return whitened_spectrum(dense_weight(module).detach(), gram.gram(full), metrics.get(full, GramMetric()),
+                                 full, diagonal)
+
+    spectra, report = sweep_grams(walk, targets, spectrum, "spectra pre-pass")
+    report.update(spectra_bytes=sum(s.nbytes for s in spectra.values()),
+                  with_output_gradients=output_diagonals is not None)
+    return spectra, report
+
+
+@torch.no_grad()
+def sweep_grams(walk: LayerWalk, targets: Mapping[int, list[str]],
+                visit: Callable[[str, torch.nn.Module, GramStatistic], Any], label: str) -> tuple[dict[str, Any], dict]:
+    """``visit(full name, module, its reduced Gram)`` for every target of the uncompressed model, one
+    decoder layer at a time (at most one layer's Grams alive); returns what each visit returned and a report."""
     started = time.perf_counter()
     last = max((i for i, names in targets.items() if names), default=-1)
-    spectra: dict[str, ModuleSpectrum] = {}
+    results: dict[str, Any] = {}
     if last < 0:
-        return spectra, {"seconds": 0.0, "modules": 0}
+        return results, {"seconds": 0.0, "modules": 0}
     inputs = walk.capture()
     for index, layer in walk.layers(range(last + 1)):
-        walk.observer.phase(f"spectra pre-pass: layer {index + 1}/{last + 1}")
+        walk.observer.phase(f"{label}: layer {index + 1}/{last + 1}")
         names = targets.get(index, [])
         grams = {name: GramStatistic(layer.get_submodule(name).in_features, walk.settings.compute) for name in names}
 
@@ -89,16 +106,10 @@ def collect_spectra(walk: LayerWalk, targets: Mapping[int, list[str]], metrics: 
         prefix = walk.adapter.layer_prefix(index)
         for name in names:
             full = f"{prefix}.{name}"
-            weight = dense_weight(layer.get_submodule(name)).detach()
-            diagonal = None if output_diagonals is None else output_diagonals.get(full)
-            spectra[full] = whitened_spectrum(weight, grams[name].gram(full), metrics.get(full, GramMetric()), full,
-                                              diagonal)
+            results[full] = visit(full, layer.get_submodule(name), grams[name])
         del grams
         inputs = outputs
-    report = {"seconds": time.perf_counter() - started, "modules": len(spectra), "layers_swept": last + 1,
-              "spectra_bytes": sum(s.nbytes for s in spectra.values()),
-              "with_output_gradients": output_diagonals is not None}
-    return spectra, report
+    return results, {"seconds": time.perf_counter() - started, "modules": len(results), "layers_swept": last + 1}
 
 
 def _observing(grams: dict[str, GramStatistic]):

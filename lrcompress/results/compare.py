@@ -46,10 +46,15 @@ class RunSummary:
 def method_label(metrics: RunMetrics, directory: Path) -> str:
     """The stages' methods joined by '+', from recipe.yaml, else from the module records. A budget
     allocation other than uniform follows its method in brackets, and output matching is named: runs that
-    differ only in those are different recipes, one line each in the plot."""
+    differ only in those are different recipes, one line each in the plot. A byte budget is
+    ``budget[its choices' methods]``: its runs at several sizes are one line."""
     recipe = directory / "recipe.yaml"
     if recipe.is_file():
         data = yaml.safe_load(recipe.read_text()) or {}
+        budget = data.get("budget")
+        if isinstance(budget, dict):        # one line per set of choices, whatever the size
+            methods = dict.fromkeys(c.get("method", "?") for c in budget.get("choices") or [] if isinstance(c, dict))
+            return "budget[" + "|".join(methods) + "]"
         stages = [stage for stage in data.get("stages") or [] if isinstance(stage, dict)]
         methods = [stage.get("method", "?") + _allocation_suffix(stage) for stage in stages]
         if methods:

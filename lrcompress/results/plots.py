@@ -164,3 +164,15 @@ def plot_rate_distortion(points: dict[str, list[tuple[float, float]]], path: Pat
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
+
+
+def plot_budget_bits(modules: Iterable[Any], path: Path) -> Path:
+    """A byte budget's choice as stored bits per weight (8·bytes / weight values, scales and factors
+    included) across depth, one line per module kind (``modules``: ``bytebudget.BudgetedModule``)."""
+    points: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for m in modules:
+        points[(m.kind, "byte budget")].append((m.layer, 8.0 * m.bytes / max(m.weights, 1)))
+    series = {key: ([p[0] for p in sorted(v)], [p[1] for p in sorted(v)]) for key, v in sorted(points.items())}
+    values = [v for _, ys in series.values() for v in ys]
+    return _line_plot(series, "byte budget: stored bits per weight per module", "bits per weight", path, False,
+                      linear_limits(values) if values else None)

@@ -4,14 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..pipeline.allocation import AllocationResult
+from ..pipeline.bytebudget import ByteBudgetResult
 from ..pipeline.records import ModuleRecord
 from ..eval.section import EvalSection, LmEvalResult
 from .metrics import RunMetrics, describe_change, format_bytes
-from .plots import kept_rank, plot_kept_params, plot_kept_rank, plot_module_errors
+from .plots import kept_rank, plot_budget_bits, plot_kept_params, plot_kept_rank, plot_module_errors
 
 PLOTS = {"relative_error.png": "Relative output error per module across depth",
          "kept_params.png": "Kept size (bytes after / before) per module",
-         "kept_rank.png": "Kept rank per layer and module kind"}
+         "kept_rank.png": "Kept rank per layer and module kind",
+         "budget_bits.png": "Byte budget: stored bits per weight per module"}
 
 
 def _rank_or_sparsity(module: ModuleRecord) -> str:
@@ -54,9 +56,12 @@ def allocation_lines(allocation: AllocationResult | None) -> list[str]:
     """The budget allocation per stage and module kind (ranks chosen against the uniform ones)."""
     if not allocation:
         return []
-    lines = ["", "## Budget allocation", "",
-             "| stage | strategy | module kind | min rank | mean rank | max rank | uniform rank |",
-             "|---|---|---|---|---|---|---|"]
+    lines = budget_lines(allocation.budget) if allocation.budget else []
+    if not allocation.stages:
+        return lines
+    lines += ["", "## Budget allocation", "",
+              "| stage | strategy | module kind | min rank | mean rank | max rank | uniform rank |",
+              "|---|---|---|---|---|---|---|"]
     notes = []
     for stage in allocation.stages:
         for kind, modules in stage.by_kind().items():
@@ -68,6 +73,17 @@ def allocation_lines(allocation: AllocationResult | None) -> list[str]:
                      f"{stage.uniform_params:,}); floor {stage.floor}, ceiling {stage.ceiling} of each "
                      "module's largest rank.")
     return lines + [""] + notes
+
+
+def budget_lines(budget: ByteBudgetResult) -> list[str]:
+    """A byte budget: modules and bytes per choice, and the total against the budget."""
+    lines = ["", f"## Byte budget ({budget.given})", "", "| choice | modules | bytes |", "|---|---|---|"]
+    lines += [f"| {label} | {count} | {size:,} |" for label, (count, size) in budget.by_choice().items()]
+    return lines + ["", f"Model {budget.total_bytes:,} bytes of a budget of {budget.budget_bytes:,} (targets "
+                        f"{budget.target_bytes:,}, {budget.bits_per_weight:.3f} bits per weight; the rest "
+                        f"{budget.fixed_bytes:,}); solver {budget.solver}, estimated loss {budget.estimated_loss:.4g}, "
+                        f"LP bound {budget.lower_bound:.4g}. Each module's choice is in metrics.json "
+                        "(allocation.budget.modules)."]
 
 
 def render_report(metrics: RunMetrics, recipe_yaml: str, plots: list[str] | None = None) -> str:
@@ -130,6 +146,9 @@ def write_report(directory: Path, metrics: RunMetrics, recipe_yaml: str) -> Path
         uniform = {kind: group[0].uniform_rank for stage in stages for kind, group in stage.by_kind().items()}
         plot_kept_rank(modules, directory / "kept_rank.png", uniform or None)
         plots.append("kept_rank.png")
+    if metrics.allocation and metrics.allocation.budget:
+        plot_budget_bits(metrics.allocation.budget.modules, directory / "budget_bits.png")
+        plots.append("budget_bits.png")
     path = directory / "report.md"
     path.write_text(render_report(metrics, recipe_yaml, plots))
     return path

@@ -107,3 +107,20 @@ def test_log_json_error_is_one_result_event(tiny_llama_dir, calibration_file, tm
     assert result.exit_code == 2
     [event] = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert event["status"] == "error" and "stages.0.ratoi" in event["message"]
+
+
+def test_dry_run_of_a_byte_budget_lists_every_modules_choice_and_the_total(tiny_llama_dir, calibration_file, tmp_path):
+    budget = {"bits_per_weight": 4.5, "choices": [{"method": "rtn", "bits": [2, 4], "group_size": 16}]}
+    recipe = _recipe_file(tmp_path, tiny_llama_dir, calibration_file, stages=[], budget=budget)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "byte budget: 4.5 bits per weight (dp)" in text
+    assert "rtn bits=2 group_size=16" in text and "rtn bits=4 group_size=16" in text
+    assert "choice per module" in text and "mlp.down_proj" in text
+    assert "model " in text and "bytes (" in text and "of a budget of" in text
+    assert "all modules: MiB" in text and "est. loss" in text
+    assert not (tmp_path / "out").exists()
+    event = json.loads(CliRunner().invoke(cli, ["--log-json", "run", str(recipe), "--dry-run"]).stdout)
+    chosen = event["allocation"]["budget"]["modules"]
+    assert [m["bytes"] for m in chosen] == [p["bytes_after"] for p in event["plan"]]

@@ -21,6 +21,18 @@ def test_labels_name_the_allocation_and_the_target(tmp_path):
     assert method_label(RunMetrics(), chained) == "gptq+eora[spectrum]"
 
 
+def test_byte_budget_runs_of_one_choice_set_share_a_label_whatever_their_size(tmp_path):
+    labels = set()
+    for name, mib in (("x", 140), ("y", 160)):
+        directory = tmp_path / name
+        directory.mkdir()
+        budget = {"mib": mib, "choices": [{"method": "gptq", "bits": [3, 4]}, {"method": "whiten", "rank": 8},
+                                          {"method": "gptq", "bits": 2}]}
+        (directory / "recipe.yaml").write_text(yaml.safe_dump({"stages": [], "budget": budget}))
+        labels.add(method_label(RunMetrics(), directory))
+    assert labels == {"budget[gptq|whiten]"}
+
+
 def test_rows_show_every_shared_perplexity_against_dense_and_the_zero_shot_average(tmp_path):
     from lrcompress.results.compare import ZERO_SHOT_COLUMN, RunSummary, common_perplexities, comparison_rows
     from lrcompress.eval.protocol import ZeroShotAverage
