@@ -20,7 +20,7 @@ one-call price of a (quantized) rank-r pair for budget allocation.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -31,8 +31,17 @@ from ..modules import stored_params
 from .base import CompressResult, Plan
 from .quantgrid import QuantConfig
 
-if TYPE_CHECKING:
-    from .rtn import QuantizingCompressor
+
+class MatrixQuantizer(Protocol):
+    """What quantize_factors needs of rtn/gptq (rtn.QuantizingCompressor); a protocol, so that this module,
+    which rtn imports, does not import rtn back."""
+
+    name: str
+
+    def quantize_matrix(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def quantize_rows(self, *args: Any, **kwargs: Any) -> Any: ...
+
 
 FACTORED = "a low-rank (svd, whiten, lord, fwsvd) or dictionary (cospadi, compot) stage"
 
@@ -69,7 +78,7 @@ def value_grams(dictionary: torch.Tensor, indices: torch.Tensor, gram: torch.Ten
     return grams
 
 
-def quantize_factors(quantizer: "QuantizingCompressor", name: str, module: nn.Module,
+def quantize_factors(quantizer: MatrixQuantizer, name: str, module: nn.Module,
                      gram: torch.Tensor | None) -> CompressResult:
     """The replacement of a factored ``module`` with its factors quantized by ``quantizer`` (``gram``: the
     module's input Gram for a Hessian-based quantizer, else None)."""
@@ -144,6 +153,14 @@ def planned(spec: dict[str, Any], dtype: torch.dtype) -> Plan:
     return Plan(stored_params(skeleton), rank=spec.get("rank"), bytes_after=storage_bytes(skeleton), spec=spec)
 
 
+
+class _FactorGrid(QuantConfig):
+    """A grid and whether codes are stored in act order: all that the bytes depend on (GPTQConfig's other
+    fields do not change them, and importing gptq here would close the cycle rtn -> factors -> gptq -> rtn)."""
+
+    act_order: bool = False
+
+
 def low_rank_bytes(module: nn.Module, rank: int, bits: int | None = None, group_size: int | None = 128,
                    scale_dtype: str = "float16", act_order: bool = False) -> int:
     """Exact checkpoint bytes of ``module`` (a Linear, out × in) stored as a rank-``rank`` pair, with both
@@ -153,7 +170,6 @@ def low_rank_bytes(module: nn.Module, rank: int, bits: int | None = None, group_
     spec = {"kind": LowRankLinear.kind, "in_features": module.in_features, "out_features": module.out_features,
             "rank": rank, "bias": bias}
     if bits is not None:
-        from .gptq import GPTQConfig
-        config = GPTQConfig(bits=bits, group_size=group_size, scale_dtype=scale_dtype, act_order=act_order)
+        config = _FactorGrid(bits=bits, group_size=group_size, scale_dtype=scale_dtype, act_order=act_order)
         spec = factor_spec(type(module).__name__, spec, config, "low_rank_bytes")
     return planned(spec, dense_weight(module).dtype).bytes_after
