@@ -125,18 +125,7 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
         click.echo(json.dumps(event, default=str))
         return
     if dry_run:
-        from .render_costs import cost_lines, cost_table
-
-        stdout.print(plan_table(result.plan))
-        if result.costs is not None:
-            stdout.print(cost_table(result.costs))
-            for line in cost_lines(result.costs):
-                stdout.print(line, highlight=False)
-        for line in result.data_sources:
-            stdout.print(line, highlight=False)
-        if result.metrics.allocation:   # the spectra pre-pass ran to choose the ranks above
-            for table in allocation_tables(result.metrics.allocation):
-                stdout.print(table)
+        _print_dry_run(result)
         return
     stdout.print(summary_table(result.metrics, result.output_dir))
     from .render_eval import lm_eval_table
@@ -144,6 +133,22 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: b
     tasks = lm_eval_table(result.metrics.eval)
     if tasks is not None:
         stdout.print(tasks)
+
+
+def _print_dry_run(result) -> None:
+    """The plan, its predicted costs, the data it would read and (after a pre-pass) the allocated ranks."""
+    from .render_costs import cost_lines, cost_table
+
+    stdout.print(plan_table(result.plan))
+    if result.costs is not None:
+        stdout.print(cost_table(result.costs))
+        for line in cost_lines(result.costs):
+            stdout.print(line, highlight=False)
+    for line in result.data_sources:
+        stdout.print(line, highlight=False)
+    if result.metrics.allocation:   # the spectra pre-pass ran to choose the ranks above
+        for table in allocation_tables(result.metrics.allocation):
+            stdout.print(table)
 
 
 @cli.command("eval")
