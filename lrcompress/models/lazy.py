@@ -8,6 +8,7 @@ host memory holds one segment of layers at a time instead of the model.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +21,10 @@ from ..errors import LrcompressError
 from .adapters import ArchitectureAdapter, adapter_for
 from .loading import DTYPES, LoadedModel, is_compressed_dir, resolve_model_dir
 
+# one routed expert's projection stored as its own tensor (Qwen2/3-MoE, DeepSeek: gate/up/down_proj; Mixtral:
+# w1 = gate, w3 = up, w2 = down, under block_sparse_moe)
+PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+EXPERT_ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
 class LayerStore(Protocol):
@@ -60,13 +65,45 @@ class LazyLayers:
                 raise LrcompressError(f"{self.index.directory}: no tensors under {prefix}. (lazy loading reads the "
                                       "checkpoint's own tensor names; use runtime.lazy: false for checkpoints "
                                       "that transformers converts while loading)")
-            assign_tensors(self.model, prefix, self.index.read(keys), self.aliases, self.index.directory)
+            expected = {f"{prefix}.{name}" for name in self.model.get_submodule(prefix).state_dict()}
+            tensors = fuse_expert_tensors(self.index.read(keys), expected)
+            assign_tensors(self.model, prefix, tensors, self.aliases, self.index.directory)
             _check_materialized(self.model.get_submodule(prefix), prefix)
 
     def release(self, indices: list[int]) -> None:
         layers = self.adapter.decoder_layers(self.model)
         for i in indices:
             layers[i].to(torch.device("meta"))
+
+
+def fuse_expert_tensors(tensors: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint that stores every routed expert's projections as separate tensors (how transformers ≥ 5
+    itself saves Qwen3-MoE, and the hub's Qwen/Mixtral/DeepSeek files) for a model that holds them fused
+    (``experts.gate_up_proj`` E × 2I × hidden, ``experts.down_proj`` E × hidden × I): stack them as
+    transformers' loading does (``conversion_mapping``: MergeModulelist(dim=0), then Concatenate(dim=1) of
+    gate and up), and rename Mixtral's ``block_sparse_moe`` to ``mlp``; only where the fused or renamed name
+    is one the model ``expected`` and the stored one is not. Lazy mode reads the checkpoint's own names, so
+    without this it would find none of the experts."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        renamed = name.replace(".block_sparse_moe.", ".mlp.")
+        renamed = renamed if renamed != name and name not in expected else name
+        match = PER_EXPERT.match(renamed)
+        if match is None or renamed in expected or f"{match['block']}.experts.down_proj" not in expected:
+            out[renamed] = tensor
+            continue
+        roles = experts.setdefault(match["block"], {})
+        roles.setdefault(EXPERT_ROLE[match["proj"]], {})[int(match["expert"])] = tensor
+    for block, roles in experts.items():
+        stacked = {role: torch.stack([by[e] for e in sorted(by)]) for role, by in roles.items()}
+        counts = {role: len(t) for role, t in stacked.items()}
+        if set(counts) != {"gate", "up", "down"} or len(set(counts.values())) != 1:
+            raise LrcompressError(f"{block}.experts: the checkpoint's per-expert tensors are incomplete "
+                                  f"(experts per projection: {counts})")
+        out[f"{block}.experts.gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)
+        out[f"{block}.experts.down_proj"] = stacked["down"]
+    return out
 
 
 def _check_materialized(module: nn.Module, where: str) -> None:
