@@ -160,6 +160,170 @@ def check_modules(shapes: list[tuple[int, int]]) -> list[dict]:
     return rows
 
 
+DICT_SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336),
+               "smoke": (384, 256)}    # Llama-3-8B's shape classes (m × n); smoke: a quick try of the script
+RUN_ITERATIONS = 2     # K-SVD's first sparse coding is the SVD start's orthonormal shortcut: the second is OMP
+DICT_DEFAULTS = {"cospadi": {"ratio": 0.2, "iterations": 4}, "compot": {"ratio": 0.2, "iterations": 20}}
+
+
+class StageClock:
+    """Wall time per stage of one cospadi/compot compression, with the loops too long to run whole on this
+    machine run on a sample and scaled: the K-SVD atom updates (every ``stride``-th atom), the batched OMP and
+    the value refit (the first ``columns`` columns; the sample's output is tiled to the full width, which
+    changes the result, never the cost of the stages that follow). Everything else runs in full."""
+
+    def __init__(self, atoms: int, columns: int) -> None:
+        self.atoms, self.columns = atoms, columns
+        self.seconds: dict[str, float] = {}
+        self.scaled: dict[str, float] = {}
+        self.marks: list[float] = []
+        self.calls: dict[str, list[float]] = {}
+        self.learn_started = 0.0
+        self.borrowed = 0.0          # seconds of a result computed for the other method (the shared whitening)
+
+    def add(self, stage: str, seconds: float, scale: float = 1.0) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.scaled[stage] = self.scaled.get(stage, 0.0) + seconds * scale
+        self.calls.setdefault(stage, []).append(seconds * scale)
+
+    def timed(self, stage: str, fn):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.add(stage, time.perf_counter() - started)
+            return result
+        return wrapper
+
+    def sampled_columns(self, stage: str, fn, at: int):
+        """``fn``'s column-wise work on the first ``columns`` columns of its tensor arguments from ``at`` on
+        (each · × N), scaled to N."""
+        def wrapper(*args):
+            full = args[at].shape[1]
+            take = min(self.columns, full)
+            cut = [a[:, :take] if isinstance(a, torch.Tensor) else a for a in args[at:]]
+            started = time.perf_counter()
+            outputs = fn(*args[:at], *cut)
+            self.add(stage, time.perf_counter() - started, full / take)
+            reps = -(-full // take)
+            tile = [o.repeat(1, reps)[:, :full] if isinstance(o, torch.Tensor) else o for o in outputs]
+            return tuple(tile) if isinstance(outputs, tuple) else tile
+        return wrapper
+
+    def sampled_atoms(self, update_atom):
+        def wrapper(dictionary, codes, residual, power_steps):
+            k = dictionary.shape[1]
+            chosen = range(0, k, max(1, k // self.atoms))
+            started = time.perf_counter()
+            unused = [j for j in chosen if not update_atom(dictionary, codes, residual, j, power_steps)]
+            self.add("atom updates", time.perf_counter() - started, k / len(chosen))
+            return unused
+        return wrapper
+
+
+def dict_check(names: list[str], atoms: int, columns: int) -> list[dict]:
+    """cospadi and compot (the recipe defaults: ratio 0.2, ρ = 2, 4 K-SVD iterations / 20 alternations) on one
+    random module of each Llama-3-8B shape class, Gram of 2048 random rows (rank 2048, as 4 × 512 calibration
+    tokens give), one K-SVD iteration / one alternation run and the rest extrapolated, against the cost model."""
+    from unittest import mock
+
+    from torch import nn
+
+    from lrcompress.compressor import GramStatistic, cospadi, dictionary, get_compressor
+    from lrcompress.compressor.linalg import relative_output_error
+    from lrcompress.pipeline.costs import load_rates, method_seconds, workspace_bytes
+    from lrcompress.pipeline.memory import PeakMemory
+    from lrcompress.pipeline.plan import PlannedModule
+
+    rates = load_rates("cpu")
+    rows = []
+    for name in names:
+        m, n = DICT_SHAPES[name]
+        linear = nn.Linear(n, m, bias=False)
+        gram = GramStatistic(n)
+        gram.observe(torch.randn(2048, n), None)
+        started = time.perf_counter()
+        relative_output_error(linear.weight.detach(), linear.weight.detach() * 0.9, gram.gram("x"))
+        measure = time.perf_counter() - started
+        whitened: dict = {}                 # both methods whiten the same Gram: computed once, its time charged to each
+        for method, defaults in DICT_DEFAULTS.items():
+            clock = StageClock(atoms, columns)
+            cls = get_compressor(method)
+            compressor = cls(cls.Config(**{**defaults, "iterations": RUN_ITERATIONS, "tolerance": 0.0}))
+            patches = [mock.patch.object(cospadi, "whitening", _once(clock, whitened, cospadi.whitening)),
+                       mock.patch.object(cospadi, "refit_values", clock.sampled_columns("refit", cospadi.refit_values, 1)),
+                       mock.patch.object(dictionary, "initial_dictionary",
+                                         clock.timed("initial SVD", dictionary.initial_dictionary)),
+                       mock.patch.object(dictionary, "batched_omp", clock.sampled_columns("OMP", dictionary.batched_omp, 1)),
+                       mock.patch.object(dictionary, "_update_atoms", clock.sampled_atoms(dictionary.update_atom)),
+                       mock.patch.object(dictionary, "dense_codes", _marking(clock, dictionary.dense_codes))]
+            learn = cls.learn
+            for patch in patches:
+                patch.start()
+            try:
+                def timed_learn(self, *a):
+                    clock.learn_started = time.perf_counter()
+                    return clock.timed("learn", learn)(self, *a)
+
+                with mock.patch.object(cls, "learn", timed_learn), \
+                        PeakMemory(torch.device("cpu")) as peak:
+                    started = time.perf_counter()
+                    result = compressor.compress("x", linear, {"gram": gram})
+                    seconds = time.perf_counter() - started
+            finally:
+                for patch in patches:
+                    patch.stop()
+            rows.append(_dict_row(name, method, m, n, seconds, measure, clock, defaults["iterations"], result,
+                                  peak.report()["peak_memory_growth_bytes"] or 0))
+            planned = PlannedModule("x", 0, method, m, n, 0, 0, None)
+            rows[-1].update(predicted_seconds=method_seconds(method, planned, rates),
+                            predicted_bytes=workspace_bytes(method, planned))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _once(clock: StageClock, cache: dict, whitening):
+    def wrapper(*args):
+        if "result" in cache:
+            clock.borrowed += cache["seconds"]
+        else:
+            started = time.perf_counter()
+            cache["result"] = whitening(*args)
+            cache["seconds"] = time.perf_counter() - started
+        clock.add("whitening", cache["seconds"])
+        return cache["result"]
+    return wrapper
+
+
+def _marking(clock: StageClock, dense_codes):
+    def wrapper(*args):
+        clock.marks.append(time.perf_counter())
+        return dense_codes(*args)
+    return wrapper
+
+
+def _dict_row(name: str, method: str, m: int, n: int, seconds: float, measure: float, clock: StageClock,
+              iterations: int, result, growth: int) -> dict:
+    """One compression's stages, and its full cost: the sampled loops scaled, the two iterations run, the
+    second one (K-SVD: the first runs OMP's orthonormal shortcut on the SVD start) × the rest of the default
+    count (cospadi's tolerance may stop K-SVD earlier: an upper bound), plus the output-error measure."""
+    s, scaled = clock.seconds, clock.scaled
+    extra = sum(scaled[k] - s[k] for k in ("OMP", "atom updates") if k in s)
+    learn = s["learn"] + extra                          # the two iterations at full size
+    init = s.get("initial SVD", 0.0) if method == "cospadi" else clock.marks[0] - clock.learn_started
+    if method == "cospadi":
+        omp = clock.calls.get("OMP", [0.0, 0.0])
+        iteration = (learn - init + omp[-1] - omp[0]) / 2
+    else:
+        iteration = (learn - init) / RUN_ITERATIONS
+    refit = scaled.get("refit", 0.0) - s.get("refit", 0.0)
+    outside = seconds - s["learn"] + refit + clock.borrowed     # whitening, un-whitening, the refit (scaled), ...
+    full = outside + learn + (iterations - RUN_ITERATIONS) * iteration + measure
+    return {"shape": name, "method": method, "m": m, "n": n, "run_seconds": seconds, "stages": s,
+            "stages_scaled": scaled, "calls": clock.calls, "initial_svd": init, "iteration": iteration,
+            "iterations": iterations, "measure": measure, "extrapolated_seconds": full, "growth_bytes": growth,
+            "atoms": result.details["atoms"], "sparsity": result.details["sparsity"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -169,9 +333,19 @@ def main() -> None:
     parser.add_argument("--check", action="store_true",
                         help="instead: compress 1024×3584, 3584×1024 and 2048×2048 modules with whiten, gptq, rtn "
                              "and compare time and memory with the cost model (CPU)")
+    parser.add_argument("--dict-check", default=None, metavar="SHAPES",
+                        help="instead: cospadi and compot on these comma-separated Llama-3-8B shape classes "
+                             f"({', '.join(DICT_SHAPES)}), sampled and extrapolated (dict_check), vs the cost model")
+    parser.add_argument("--atoms", type=int, default=64, help="dict-check: K-SVD atoms updated (the rest scaled)")
+    parser.add_argument("--columns", type=int, default=512, help="dict-check: OMP and refit columns run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.dict_check:
+        rows = dict_check(args.dict_check.split(","), args.atoms, args.columns)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"dict_check": rows, "load": os.getloadavg()}, indent=2))
+        return
     if args.check:
         rows = check_modules([(1024, 3584), (3584, 1024), (2048, 2048)])
         if args.json:

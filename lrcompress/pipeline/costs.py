@@ -11,8 +11,9 @@ devices, lazy or resident, evaluation windows). The model is arithmetic over a f
   finished segment durably ``write`` bytes/s (each is read back once: the journal restores it): "layer I/O".
   Each method's decomposition is written out from its code (``method_seconds``), e.g. ``whiten`` =
   Cholesky + triangular inverse + W·S + SVD + factor·S⁻¹, plus the output-error measure every Linear
-  target gets (two n×n products). Methods without a closed form (cospadi, compot) are scaled from
-  whiten by the ratio measured on SmolLM2 (bench/history/cospadi-compot-issue-16.md).
+  target gets (two n×n products). cospadi and compot (``dictionary_seconds``): whitening, the SVD start,
+  per K-SVD iteration the batched OMP (``omp``·m·k·s) and the atom updates (``atom_update``·k·n·m), per
+  COMPOT alternation an SVD of n×k, and the value refit (``refit``·m·s³), with s and k from the planned size.
 - memory: what is held at once (the model, or one segment of layers plus the tensors outside them with
   ``runtime.lazy``), the activations between layers, the statistics of one layer's targets (float64
   Grams on CPU, float32 on accelerators), and the largest decomposition's workspace, counted from the
@@ -47,7 +48,7 @@ RATES_ENV = "LRCOMPRESS_COST_RATES"
 GIB = 2**30
 DEFAULT_EVAL_TOKENS = 300_000      # a split's size when max_windows is not set (WikiText-2 test: ~290k tokens)
 EXPERT_COUNT_KEYS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
-SCALED_FROM_WHITEN = {"cospadi": 30.0, "compot": 9.3}   # SmolLM2 compression time / whiten's (issue 16)
+DICTIONARY_ITERATIONS = {"cospadi": 4, "compot": 20}   # the methods' default K-SVD iterations / alternations
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class Rates:
     batch_overhead: float = 0.003        # seconds per layer forward call outside its flops
     expert_overhead: float = 0.0045      # seconds per routed expert per MoE forward call (a python loop over them)
     write: float = 2.5e8                 # bytes/s of writing a segment durably (save_file + fsync)
+    omp: float = 1.7e-8                  # s per m·k·s of K-SVD's batched OMP (float32, 16 atoms a step)
+    atom_update: float = 2.4e-9          # s per k·n·m of K-SVD's rank-1 atom updates (matrix-vector passes)
+    refit: float = 6.2e-11               # s per m·s³ of the values' least-squares refit on their supports
     device: str = "cpu"
 
     def gemm(self, dtype: str) -> float:
@@ -116,7 +120,8 @@ CUDA_RATES = Rates(gemm_float32=3.3e13, gemm_float64=3.3e13, gemm_bfloat16=5.0e1
                    forward_bfloat16=1.5e14, svd=10 / 6.7e11, cholesky=1 / 3 / 2.0e13, triangular=1 / 3 / 2.0e13,
                    eigh=4 / 3.4e12, gptq_column=3.0e-5, gptq_column_row=1e-10, read=2.0e9, process_bytes=1.5 * GIB,
                    source="ESTIMATED from H100 SXM documented peak rates (no GPU measurement yet)", device="cuda",
-                   expert_overhead=5e-5, write=5e8, svd_whitened=1.0)     # spectrum speed-up unmeasured on GPU
+                   expert_overhead=5e-5, write=5e8, svd_whitened=1.0,     # spectrum speed-up unmeasured on GPU
+                   omp=1.7e-10, atom_update=2.4e-11, refit=6.2e-13)      # K-SVD: assumed 100× the CPU's thread
 
 
 def load_rates(device: str, path: str | None = None) -> Rates:
@@ -228,9 +233,39 @@ class RunCosts:
 
 # -- time ---------------------------------------------------------------------------------------------
 
-def method_seconds(method: str, module: PlannedModule, rates: Rates) -> float:
+def dictionary_shape(method: str, module: PlannedModule) -> tuple[int, int]:
+    """(s, k) of a cospadi/compot module: nonzeros per output and atoms, k = 2s (the default ρ; compot: at most
+    n), from its planned size s·(ρ·n + m·(1 + an index's ~0.3 of a value)), else the default ratio 0.2."""
+    m, n = module.out_features, module.in_features
+    after = module.params_after if 0 < module.params_after < m * n else 0.8 * m * n
+    s = max(1, min(n, int(after / (2 * n + 1.3 * m))))
+    return s, min(2 * s, n) if method == "compot" else 2 * s
+
+
+def dictionary_seconds(method: str, module: PlannedModule, rates: Rates, iterations: int | None = None) -> float:
+    """cospadi / compot, from their code (compressor/cospadi.py, compressor/dictionary.py): the whitening and
+    Fᵀ·Wᵀ, the SVD start of the n×m signals, ``iterations`` K-SVD iterations (DᵀD, DᵀX, batched OMP, the
+    residual, k rank-1 atom updates) or COMPOT alternations (X·Sᵀ, its n×k SVD, the Procrustes product, DᵀX),
+    then the value refit in the layer's metric (Dᵀ·M, DᵀMD, DᵀMW and m Cholesky solves of s×s) and
+    D = F⁻ᵀ·D_F. Both SVDs are of whitened matrices (``svd_whitened``)."""
+    m, n = module.out_features, module.in_features
+    s, k = dictionary_shape(method, module)
+    g32, g64 = rates.gemm("float32"), rates.gemm_float64
+    setup = (rates.cholesky + rates.triangular) * n**3 + 2 * n * n * m / g64
+    start = rates.svd * rates.svd_whitened * n * m * min(n, m)
+    refit = rates.refit * m * s**3 + 2 * k * n * (n + k + m) / g64 + 2 * n * n * k / g64
+    count = iterations or DICTIONARY_ITERATIONS[method]
+    if method == "compot":
+        each = rates.svd * rates.svd_whitened * n * k * min(n, k) + 2 * k * n * (2 * m + k) / g64
+    else:
+        each = rates.omp * m * k * s + rates.atom_update * k * n * m + 2 * k * n * (k + 2 * m) / g32
+    return setup + start + count * each + refit
+
+
+def method_seconds(method: str, module: PlannedModule, rates: Rates, iterations: int | None = None) -> float:
     """One module's decomposition on ``rates``' device, from the method's code (float64 throughout), plus
-    the output-error measure every Linear target gets (tr(E·G·Eᵀ) and tr(W·G·Wᵀ): two m·n·n products)."""
+    the output-error measure every Linear target gets (tr(E·G·Eᵀ) and tr(W·G·Wᵀ): two m·n·n products);
+    ``iterations``: a dictionary method's K-SVD iterations / alternations (default: the method's)."""
     m, n = module.out_features, module.in_features
     k = min(m, n)
     r = module.rank or k
@@ -242,9 +277,10 @@ def method_seconds(method: str, module: PlannedModule, rates: Rates) -> float:
     whitening = rates.cholesky * n**3 + rates.triangular * n**3
     measure = 2 * gemm(m, n, n) + rates.module_overhead
     white_svd = rates.svd * rates.svd_whitened * m * n * k
-    if method in ("whiten", "asvd") or method in SCALED_FROM_WHITEN:
-        cost = whitening + gemm(m, n, n) + white_svd + gemm(r, n, n)
-        return cost * SCALED_FROM_WHITEN.get(method, 1.0) + measure
+    if method in DICTIONARY_ITERATIONS:
+        return dictionary_seconds(method, module, rates, iterations) + measure
+    if method in ("whiten", "asvd"):
+        return whitening + gemm(m, n, n) + white_svd + gemm(r, n, n) + measure
     if method == "svd" or method == "fwsvd":
         return rates.svd * m * n * k + measure
     if method == "lord":
@@ -314,8 +350,15 @@ def _per_layer(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rat
     for p in plan:
         layer = layers[min(_layer_index(p.name), len(layers) - 1)]
         layer["statistics"] += grams * _gram_seconds([p], tokens, rates)
-        layer["decompositions"] += method_seconds(p.method, p, rates)
+        layer["decompositions"] += method_seconds(p.method, p, rates, _iterations(recipe, p))
     return layers
+
+
+def _iterations(recipe: Recipe, module: PlannedModule) -> int | None:
+    """The recipe's ``iterations`` for the stage that plans ``module`` (the dictionary methods'), if set."""
+    stages = recipe.stages
+    value = stages[module.stage].options.get("iterations") if module.stage < len(stages) else None
+    return int(value) if isinstance(value, (int, float)) else None
 
 
 def _phases(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates: Rates) -> dict[str, float]:
@@ -440,7 +483,7 @@ def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, devic
     phases = _phases(recipe, plan, shape, rates)
     methods: dict[str, float] = {}
     for p in plan:
-        methods[p.method] = methods.get(p.method, 0.0) + method_seconds(p.method, p, rates)
+        methods[p.method] = methods.get(p.method, 0.0) + method_seconds(p.method, p, rates, _iterations(recipe, p))
     host, device_parts = _memory(recipe, plan, shape, rates)
     count = max(len(shape.layer_params), 1)
     written = _written(plan, shape)[0] if recipe.output.save else 0.0
@@ -449,12 +492,13 @@ def estimate(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, devic
     layer_seconds = max(layers, default=0.0)
     notes = []
     unknown = sorted({p.method for p in plan} - {"whiten", "svd", "fwsvd", "lord", "gptq", "eora", "rtn", "prune",
-                                                  "wanda", "magnitude", *SCALED_FROM_WHITEN})
+                                                  "wanda", "magnitude", *DICTIONARY_ITERATIONS})
     if unknown:
         notes.append(f"no cost formula for {', '.join(unknown)}: whiten's decomposition cost is used")
-    scaled = sorted({p.method for p in plan} & set(SCALED_FROM_WHITEN))
-    if scaled:
-        notes.append(f"{', '.join(scaled)}: whiten's cost × the ratio measured on SmolLM2 (issue 16)")
+    dictionary = sorted({p.method for p in plan} & set(DICTIONARY_ITERATIONS))
+    if dictionary:
+        notes.append(f"{', '.join(dictionary)}: every K-SVD iteration / alternation counted (the early stop "
+                     "on a small gain is not predicted: an upper bound)")
     prepasses = sorted({spec.method for spec in recipe.stages if spec.method == "fwsvd"}
                        | {f"allocation: {spec.allocation.strategy}" for spec in recipe.stages
                           if spec.allocation.strategy != "uniform"})

@@ -164,3 +164,21 @@ def test_a_tiny_run_lands_within_a_loose_band_of_its_prediction(calibration_file
     compress = sum(costs.phases[k] for k in ("statistics", "decompositions", "propagation", "layer I/O"))
     ratio = result.metrics.timing["compress"] / compress
     assert 0.1 < ratio < 10, (result.metrics.timing, costs.phases)
+
+
+def test_the_dictionary_methods_cost_their_iterations_and_sizes(config_only, calibration_file, tmp_path):
+    """cospadi/compot are costed from their own loops (K-SVD iterations, COMPOT alternations: the recipe's
+    count), not scaled from whiten: more iterations cost more, a smaller ratio (larger s) costs more."""
+    def decompositions(method: str, **options) -> float:
+        recipe = eight_b_recipe(config_only, calibration_file, tmp_path / "out")
+        recipe["stages"] = [{"method": method, "ratio": 0.2, "targets": ["re:model\\.layers\\.0\\.mlp\\.gate_proj"],
+                             **options}]
+        return predicted(recipe).phases["decompositions"]
+
+    for method, few, many in (("cospadi", 1, 4), ("compot", 2, 20)):
+        assert decompositions(method, iterations=many) > decompositions(method, iterations=few)
+        assert decompositions(method) == pytest.approx(decompositions(method, iterations=many))   # the default
+    assert decompositions("cospadi", ratio=0.1) > decompositions("cospadi", ratio=0.5)
+    planned = cost_model.PlannedModule("x", 0, "compot", 14336, 1024, 0, 0, None)
+    sparsity, atoms = cost_model.dictionary_shape("compot", planned)
+    assert atoms <= 1024 < 2 * sparsity                          # an orthonormal dictionary: at most n atoms
