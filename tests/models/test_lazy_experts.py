@@ -9,6 +9,9 @@ from helpers import save_tiny
 from lrcompress.errors import LrcompressError
 from lrcompress.models import adapter_for, load_model
 from lrcompress.models.lazy import LazyLayers, fuse_expert_tensors, load_lazy
+from lrcompress.recipe import parse_recipe
+from lrcompress.runner import run_recipe
+from tiny_runs import tiny_recipe_dict
 
 
 def test_a_lazy_layer_of_a_per_expert_qwen3_moe_checkpoint_equals_the_loaded_model(tmp_path):
@@ -29,6 +32,24 @@ def test_a_lazy_layer_of_a_per_expert_qwen3_moe_checkpoint_equals_the_loaded_mod
         assert not different, different
     store.release([0])
     assert adapter.decoder_layers(lazy)[0].mlp.experts.gate_up_proj.is_meta
+
+
+def test_a_lazy_run_of_a_per_expert_qwen3_moe_checkpoint_equals_the_default_run(tmp_path, calibration_file,
+                                                                                 no_report):
+    directory = save_tiny(tmp_path / "model", "qwen3_moe")
+    runs = {}
+    for lazy in (False, True):
+        recipe = tiny_recipe_dict(directory, calibration_file, tmp_path / f"lazy-{lazy}",
+                                  runtime={"device": "cpu", "batch_size": 3, "lazy": lazy})
+        recipe["stages"][0]["targets"] = ["*self_attn*"]
+        runs[lazy] = run_recipe(parse_recipe(recipe)).metrics.dump()
+    errors = [[m["relative_error"] for m in runs[lazy]["modules"]] for lazy in (False, True)]
+    assert errors[0] and errors[1] == pytest.approx(errors[0], rel=1e-6)
+    (key, eager), = runs[False]["eval"]["perplexity"].items()
+    assert runs[True]["eval"]["perplexity"][key]["value"] == pytest.approx(eager["value"], rel=1e-5)
+    reloaded = load_model(str(tmp_path / "lazy-True")).model          # the written experts load back
+    want = load_model(str(tmp_path / "lazy-False")).model.model.layers[1].mlp.experts.down_proj
+    assert torch.equal(reloaded.model.layers[1].mlp.experts.down_proj, want)
 
 
 def test_mixtral_names_are_renamed_and_fused_and_an_incomplete_set_is_refused():
