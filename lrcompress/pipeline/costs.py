@@ -390,7 +390,9 @@ def workspace_bytes(method: str, module: PlannedModule) -> float:
     holds the Cholesky factor and its inverse (2 n²; the identity and the shifted Gram are freed on the way)
     and W, W·S, the SVD's copy, U and Vᵀ (~5 m·n); gptq W, its codes and the Hessian's copies (3 m·n +
     5.5 n²); lord W·G·Wᵀ, its eigenvectors and a copy (3 m²) and 2 m·n; rtn its codes, scales and the
-    output-error measure (E, W and E·G: 5 m·n in all)."""
+    output-error measure (E, W and E·G: 5 m·n in all); cospadi and compot the whitening (2 n²), the refit's
+    metric G + ηI and its identity (2 n²), the whitened signals and their float32 copies (~2 m·n), the
+    dictionary, Dᵀ·M and the un-whitened D (3 n·k) and DᵀMD (k²)."""
     m, n = module.out_features, module.in_features
     measure = 3 * m * n
     if method == "gptq":
@@ -401,7 +403,10 @@ def workspace_bytes(method: str, module: PlannedModule) -> float:
         elements = 4 * m * n
     elif method in ("rtn", "prune", "wanda", "magnitude"):
         elements = 5 * m * n
-    else:                                    # whiten and the methods that whiten first (cospadi, compot, eora)
+    elif method in DICTIONARY_ITERATIONS:
+        _, k = dictionary_shape(method, module)
+        elements = 4 * n * n + 2 * m * n + 3 * n * k + k * k
+    else:                                    # whiten and the methods that whiten first (eora, asvd)
         elements = 2 * n * n + 5 * m * n
     return 8.0 * max(elements, measure)
 
