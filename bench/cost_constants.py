@@ -281,6 +281,27 @@ def dict_check(names: list[str], atoms: int, columns: int) -> list[dict]:
     return rows
 
 
+def dict_table(paths: list[str]) -> None:
+    """``--dict-check`` results against the committed cost model: seconds (extrapolated) and the resident
+    set's growth (plus the whitening computed for the other method, which compot's run borrows)."""
+    from lrcompress.pipeline.costs import load_rates, method_seconds, workspace_bytes
+    from lrcompress.pipeline.plan import PlannedModule
+
+    rates = load_rates("cpu")
+    print("| module | method | s, k | seconds run | seconds extrapolated | predicted | ratio | MiB | predicted MiB | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        rows = json.loads(Path(path).read_text())["dict_check"]
+        for r in rows:
+            m, n = r["m"], r["n"]
+            planned = PlannedModule("x", 0, r["method"], m, n, m * n, 0, None)     # ratio 0.2: the default
+            seconds, memory = method_seconds(r["method"], planned, rates), workspace_bytes(r["method"], planned)
+            growth = r["growth_bytes"] + (2 * n * n * 8 if r["method"] == "compot" else 0)
+            print(f"| {r['shape']} {m}×{n} | {r['method']} | {r['sparsity']}, {r['atoms']} | {r['run_seconds']:.0f} | "
+                  f"{r['extrapolated_seconds']:.0f} | {seconds:.0f} | {r['extrapolated_seconds'] / seconds:.2f} | "
+                  f"{growth / 2**20:.0f} | {memory / 2**20:.0f} | {growth / memory:.2f} |")
+
+
 def _once(clock: StageClock, cache: dict, whitening):
     def wrapper(*args):
         if "result" in cache:
@@ -338,7 +359,12 @@ def main() -> None:
                              f"({', '.join(DICT_SHAPES)}), sampled and extrapolated (dict_check), vs the cost model")
     parser.add_argument("--atoms", type=int, default=64, help="dict-check: K-SVD atoms updated (the rest scaled)")
     parser.add_argument("--columns", type=int, default=512, help="dict-check: OMP and refit columns run")
+    parser.add_argument("--dict-table", nargs="+", default=None, metavar="JSON",
+                        help="instead: the --dict-check results against the cost model, as a table")
     args = parser.parse_args()
+    if args.dict_table:
+        dict_table(args.dict_table)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.dict_check:

@@ -30,6 +30,7 @@ bench/history/issue31-costs.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -78,9 +79,9 @@ class Rates:
     batch_overhead: float = 0.003        # seconds per layer forward call outside its flops
     expert_overhead: float = 0.0045      # seconds per routed expert per MoE forward call (a python loop over them)
     write: float = 2.5e8                 # bytes/s of writing a segment durably (save_file + fsync)
-    omp: float = 1.7e-8                  # s per m·k·s of K-SVD's batched OMP (float32, 16 atoms a step)
-    atom_update: float = 2.4e-9          # s per k·n·m of K-SVD's rank-1 atom updates (matrix-vector passes)
-    refit: float = 6.2e-11               # s per m·s³ of the values' least-squares refit on their supports
+    omp: float = 2.7e-8                  # s per m·k·s of K-SVD's batched OMP (float32, 16 atoms a step)
+    atom_update: float = 2.1e-9          # s per k·n·m of K-SVD's rank-1 atom updates (matrix-vector passes)
+    refit: float = 2.3e-11               # s per m·s³ of the values' least-squares refit on their supports
     device: str = "cpu"
 
     def gemm(self, dtype: str) -> float:
@@ -121,7 +122,7 @@ CUDA_RATES = Rates(gemm_float32=3.3e13, gemm_float64=3.3e13, gemm_bfloat16=5.0e1
                    eigh=4 / 3.4e12, gptq_column=3.0e-5, gptq_column_row=1e-10, read=2.0e9, process_bytes=1.5 * GIB,
                    source="ESTIMATED from H100 SXM documented peak rates (no GPU measurement yet)", device="cuda",
                    expert_overhead=5e-5, write=5e8, svd_whitened=1.0,     # spectrum speed-up unmeasured on GPU
-                   omp=1.7e-10, atom_update=2.4e-11, refit=6.2e-13)      # K-SVD: assumed 100× the CPU's thread
+                   omp=2.7e-10, atom_update=2.1e-11, refit=2.3e-13)      # K-SVD: assumed 100× the CPU's thread
 
 
 def load_rates(device: str, path: str | None = None) -> Rates:
@@ -235,10 +236,10 @@ class RunCosts:
 
 def dictionary_shape(method: str, module: PlannedModule) -> tuple[int, int]:
     """(s, k) of a cospadi/compot module: nonzeros per output and atoms, k = 2s (the default ρ; compot: at most
-    n), from its planned size s·(ρ·n + m·(1 + an index's ~0.3 of a value)), else the default ratio 0.2."""
+    n), from its planned size s·(ρ·n + m·(1 + an index's ~0.35 of a float32 value)), else the default ratio 0.2."""
     m, n = module.out_features, module.in_features
     after = module.params_after if 0 < module.params_after < m * n else 0.8 * m * n
-    s = max(1, min(n, int(after / (2 * n + 1.3 * m))))
+    s = max(1, min(n, int(after / (2 * n + 1.35 * m))))
     return s, min(2 * s, n) if method == "compot" else 2 * s
 
 
@@ -390,9 +391,11 @@ def workspace_bytes(method: str, module: PlannedModule) -> float:
     holds the Cholesky factor and its inverse (2 n²; the identity and the shifted Gram are freed on the way)
     and W, W·S, the SVD's copy, U and Vᵀ (~5 m·n); gptq W, its codes and the Hessian's copies (3 m·n +
     5.5 n²); lord W·G·Wᵀ, its eigenvectors and a copy (3 m²) and 2 m·n; rtn its codes, scales and the
-    output-error measure (E, W and E·G: 5 m·n in all); cospadi and compot the whitening (2 n²), the refit's
-    metric G + ηI and its identity (2 n²), the whitened signals and their float32 copies (~2 m·n), the
-    dictionary, Dᵀ·M and the un-whitened D (3 n·k) and DᵀMD (k²)."""
+    output-error measure (E, W and E·G: 5 m·n in all); cospadi and compot the whitening (2 n²), the whitened
+    signals, their float32 copies, the residual and W (~4 m·n), then the larger of the refit's (the metric
+    G + ηI and its identity 2 n², the dictionary, Dᵀ·M and the un-whitened D 3 n·k, DᵀMD k²) and the index
+    packing's (``core.packing.pack_codes`` widens s·m indices of ⌈log₂ k⌉ > 8 bits to one int64 per bit, twice:
+    4.5 GiB for an 8B gate_proj)."""
     m, n = module.out_features, module.in_features
     measure = 3 * m * n
     if method == "gptq":
@@ -404,8 +407,9 @@ def workspace_bytes(method: str, module: PlannedModule) -> float:
     elif method in ("rtn", "prune", "wanda", "magnitude"):
         elements = 5 * m * n
     elif method in DICTIONARY_ITERATIONS:
-        _, k = dictionary_shape(method, module)
-        elements = 4 * n * n + 2 * m * n + 3 * n * k + k * k
+        s, k = dictionary_shape(method, module)
+        bits = max(1, math.ceil(math.log2(k)))
+        elements = 2 * n * n + 4 * m * n + max(2 * n * n + 3 * n * k + k * k, 2 * s * m * bits)
     else:                                    # whiten and the methods that whiten first (eora, asvd)
         elements = 2 * n * n + 5 * m * n
     return 8.0 * max(elements, measure)
