@@ -4,7 +4,8 @@ grow by the budget plus a fixed headroom (``LIMIT``, below the model's size), an
 must stay within the budget. The default mode must fail under the same limit, so the limit is real. The same lazy run also shows that the
 peak does not grow with depth (the last layers' peaks against the first layers') and that writing the
 checkpoint holds no more than a layer does (the save streams: each segment is written as it finishes,
-``checkpoint.staging``; the final step adds only the tensors outside the layers).
+``checkpoint.staging``; the final step adds only the tensors outside the layers); the same run keeping an
+eighth of a layer after every layer shows that depth check failing on a real leak.
 
 The budget covers what lazy mode holds at once: the process's own growth after its imports (~36 MB:
 modules transformers imports at the first forward, the calibration data), one layer, its float64
@@ -81,12 +82,15 @@ class Labels(PipelineObserver):
 
     def layer_done(self, index, seconds):
         sampler.label = None
+        if leak:            # a run that keeps memory per layer (the test that the depth check catches one)
+            retained.append(torch.ones(leak // 4))
 
     def phase(self, description):
         sampler.label = "write" if description.startswith("writing") else None
 
 
 torch.set_num_threads(1)
+leak, retained = int(sys.argv[3]), []
 start_anon = status("RssAnon")
 sampler = AnonPeak()
 sampler.start()
@@ -104,7 +108,10 @@ else:
 """
 
 
-def run_limited(tmp_path: Path, model_dir: Path, calibration_file: Path, lazy: bool) -> dict:
+def run_limited(tmp_path: Path, model_dir: Path, calibration_file: Path, lazy: bool, leak: int = 0,
+                limit: int = LIMIT) -> dict:
+    """The run under RLIMIT_DATA ``limit`` (its anonymous peaks overall and per layer); ``leak``: bytes kept
+    after every layer, as a pipeline that retained per-layer memory would."""
     recipe = tiny_recipe_dict(model_dir, calibration_file, tmp_path / f"out-{lazy}",
                               runtime={"device": "cpu", "batch_size": 2, "lazy": lazy},
                               stages=[{"method": "rtn", "bits": 4, "group_size": 128}])
@@ -115,7 +122,7 @@ def run_limited(tmp_path: Path, model_dir: Path, calibration_file: Path, lazy: b
     script = tmp_path / "limited.py"
     script.write_text(LIMITED)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-    done = subprocess.run([sys.executable, str(script), str(recipe_file), str(LIMIT)], env=env, cwd=tmp_path,
+    done = subprocess.run([sys.executable, str(script), str(recipe_file), str(limit), str(leak)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no result (exit {done.returncode}): {done.stderr[-2000:]}"
@@ -166,3 +173,14 @@ def test_the_depth_check_fails_when_the_peak_grows_with_depth():
     assert_flat_with_depth(flat, 32, 9_000_000)
     with pytest.raises(AssertionError):     # a save that holds the whole model
         assert_flat_with_depth(flat | {"write": 40_000_000 + 32 * 9_000_000}, 32, 9_000_000)
+
+
+def test_the_depth_check_catches_a_real_run_that_keeps_memory_per_layer(synthetic_dir, calibration_file, tmp_path):
+    """The same lazy run keeping an eighth of a layer after every layer (36 MB over 32 layers, no data limit so
+    that the depth check, not the limit, must catch it): the last layers' peak exceeds the first ones' by more
+    than a layer."""
+    one_layer = layer_bytes(synthetic_dir)
+    leaky = run_limited(tmp_path, synthetic_dir, calibration_file, lazy=True, leak=one_layer // 8, limit=2**40)
+    assert leaky["ok"], leaky
+    with pytest.raises(AssertionError):
+        assert_flat_with_depth(leaky["parts"], SYNTHETIC["num_hidden_layers"], one_layer)
