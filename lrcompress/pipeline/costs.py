@@ -82,6 +82,7 @@ class Rates:
     omp: float = 2.7e-8                  # s per m·k·s of K-SVD's batched OMP (float32, 16 atoms a step)
     atom_update: float = 2.1e-9          # s per k·n·m of K-SVD's rank-1 atom updates (matrix-vector passes)
     refit: float = 2.3e-11               # s per m·s³ of the values' least-squares refit on their supports
+    alternation: float = 0.55            # a COMPOT alternation's measured share of its SVD + GEMM count (below)
     device: str = "cpu"
 
     def gemm(self, dtype: str) -> float:
@@ -122,7 +123,8 @@ CUDA_RATES = Rates(gemm_float32=3.3e13, gemm_float64=3.3e13, gemm_bfloat16=5.0e1
                    eigh=4 / 3.4e12, gptq_column=3.0e-5, gptq_column_row=1e-10, read=2.0e9, process_bytes=1.5 * GIB,
                    source="ESTIMATED from H100 SXM documented peak rates (no GPU measurement yet)", device="cuda",
                    expert_overhead=5e-5, write=5e8, svd_whitened=1.0,     # spectrum speed-up unmeasured on GPU
-                   omp=2.7e-10, atom_update=2.1e-11, refit=2.3e-13)      # K-SVD: assumed 100× the CPU's thread
+                   omp=2.7e-10, atom_update=2.1e-11, refit=2.3e-13,      # K-SVD: assumed 100× the CPU's thread
+                   alternation=1.0)
 
 
 def load_rates(device: str, path: str | None = None) -> Rates:
@@ -248,7 +250,9 @@ def dictionary_seconds(method: str, module: PlannedModule, rates: Rates, iterati
     Fᵀ·Wᵀ, the SVD start of the n×m signals, ``iterations`` K-SVD iterations (DᵀD, DᵀX, batched OMP, the
     residual, k rank-1 atom updates) or COMPOT alternations (X·Sᵀ, its n×k SVD, the Procrustes product, DᵀX),
     then the value refit in the layer's metric (Dᵀ·M, DᵀMD, DᵀMW and m Cholesky solves of s×s) and
-    D = F⁻ᵀ·D_F. Both SVDs are of whitened matrices (``svd_whitened``)."""
+    D = F⁻ᵀ·D_F. Both SVDs are of whitened matrices (``svd_whitened``); a COMPOT alternation took 0.42–0.69
+    (× ``alternation``) of its count on Llama-3-8B's four shape classes (bench/history/issue31-costs.md: X·Sᵀ
+    has the rank of the calibration at most, and gesdd deflates)."""
     m, n = module.out_features, module.in_features
     s, k = dictionary_shape(method, module)
     g32, g64 = rates.gemm("float32"), rates.gemm_float64
@@ -257,7 +261,7 @@ def dictionary_seconds(method: str, module: PlannedModule, rates: Rates, iterati
     refit = rates.refit * m * s**3 + 2 * k * n * (n + k + m) / g64 + 2 * n * n * k / g64
     count = iterations or DICTIONARY_ITERATIONS[method]
     if method == "compot":
-        each = rates.svd * rates.svd_whitened * n * k * min(n, k) + 2 * k * n * (2 * m + k) / g64
+        each = rates.alternation * (rates.svd * rates.svd_whitened * n * k * min(n, k) + 2 * k * n * (2 * m + k) / g64)
     else:
         each = rates.omp * m * k * s + rates.atom_update * k * n * m + 2 * k * n * (k + 2 * m) / g32
     return setup + start + count * each + refit
