@@ -2,6 +2,8 @@
 
     python bench/cost_constants.py [--device cpu|cuda] [--threads 1] [--json rates.json] [--quick]
     python bench/cost_constants.py --check [--json check.json]     # modules compressed vs the cost model
+    python bench/cost_constants.py --dict-check q_proj,gate_proj [--columns 128 --atoms 64] --json dict.json
+    python bench/cost_constants.py --dict-table dict.json [...]     # cospadi/compot on 8B shapes vs the model
 
 Each constant is a time per unit of work, fitted as the median over a few sizes (the units make the
 constants size-independent to first order: a GEMM's flops, m·n·min(m, n) for an SVD, n³ for Cholesky,
