@@ -21,17 +21,33 @@ def packed_bytes(count: int, bits: int) -> int:
     return count if bits == 8 else math.ceil(count / 8) * bits
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor."""
+PACK_CHUNK_CODES = 1 << 22     # codes packed per step: bounds the int64 temporaries (~0.5 GiB at 16 bits)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, chunk: int = PACK_CHUNK_CODES) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor.
+
+    Packed ``chunk`` codes at a time (a multiple of 8, so every chunk ends on a whole byte): the int64
+    working copies (one word, or one bit per index bit for wide codes) would otherwise be 8·bits bytes
+    per code for the whole tensor at once — gigabytes for the dictionary indices of an 8B model's MLP.
+    """
     _check_bits(bits)
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits}) to pack them in {bits} bits")
     if bits == 8:
         return flat.to(torch.uint8)
+    step = max(8, chunk - chunk % 8)
+    return torch.cat([_pack_chunk(flat[start:start + step], bits) for start in range(0, flat.numel(), step)]
+                     or [flat.new_empty(0, dtype=torch.uint8)])
+
+
+def _pack_chunk(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_codes` of one chunk (its length a multiple of 8 unless it is the last)."""
+    flat = codes.to(torch.int64)
     pad = (-flat.numel()) % 8
     if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
+        flat = F.pad(flat, (0, pad))
     if bits > 8:
         stream = (flat[:, None] >> torch.arange(bits, device=flat.device)) & 1          # [N, bits] bits
         weights = 1 << torch.arange(8, device=flat.device)

@@ -25,3 +25,15 @@ def test_out_of_range_codes_are_rejected():
         pack_codes(torch.tensor([8]), 3)
     with pytest.raises(ValueError, match="packed bytes"):
         unpack_codes(torch.zeros(2, dtype=torch.uint8), 3, 8)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 7, 12, 17])
+@pytest.mark.parametrize("count", [0, 5, 64, 1003])
+@pytest.mark.parametrize("chunk", [8, 13, 40])
+def test_packing_in_chunks_gives_the_same_bytes(bits, count, chunk):
+    """Chunks bound the int64 temporaries; a chunk that is not a multiple of 8 is rounded down to one."""
+    codes = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(bits + count))
+    whole = pack_codes(codes, bits, chunk=1 << 30)
+    assert torch.equal(pack_codes(codes, bits, chunk=chunk), whole)
+    assert whole.numel() == packed_bytes(count, bits)
+    assert torch.equal(unpack_codes(whole, bits, count), codes)
