@@ -28,7 +28,8 @@ model: $(MODEL)/config.json
 $(MODEL)/config.json: | $(VENV)/.installed-base
 	$(PY) scripts/fetch_demo_model.py --out $(MODEL)
 
-# The best recipe measured that stays near 10 minutes on 2 cores (recipes/demo.yaml); the summary at the end shows
+# The best recipe measured that fits 10 minutes on 2 cores from a fresh clone (recipes/demo.yaml; install and
+# fetch included: bench/history/issue26-causes.md, "Stop 27"); the summary at the end shows
 # WikiText-2 and web-text perplexity and the zero-shot average, each beside the dense model's.
 demo: $(VENV)/.installed-base model
 	$(VENV)/bin/lrcompress run recipes/demo.yaml --overwrite
