@@ -10,20 +10,28 @@ export LRCOMPRESS_SMOLLM2 ?= $(abspath $(MODEL))
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# Two steps: the package (all that `make demo` needs), then the test extras. --no-compile: pip would
+# byte-compile every file of torch & co. (about a third of the install's time); Python compiles what is
+# imported, once, on first use.
+$(VENV)/.installed-base: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-base
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
 	touch $@
 
 model: $(MODEL)/config.json
 
-$(MODEL)/config.json: | $(VENV)/.installed
+$(MODEL)/config.json: | $(VENV)/.installed-base
 	$(PY) scripts/fetch_demo_model.py --out $(MODEL)
 
-# The best recipe measured that stays near 10 minutes on 2 cores (recipes/demo.yaml); the summary at the end shows
+# The best recipe measured that fits 10 minutes on 2 cores from a fresh clone (recipes/demo.yaml; install and
+# fetch included: bench/history/issue26-causes.md, "Stop 27"); the summary at the end shows
 # WikiText-2 and web-text perplexity and the zero-shot average, each beside the dense model's.
-demo: venv model
+demo: $(VENV)/.installed-base model
 	$(VENV)/bin/lrcompress run recipes/demo.yaml --overwrite
 
 # `make test` needs the shared data: a real-data test fails (naming the missing path) instead of skipping.

@@ -7,7 +7,7 @@ between processes as named tensors (``state``/``load_state``, counts included): 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Mapping
+from typing import Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -46,6 +46,43 @@ class Statistic(ABC):
         ones: a shallow copy of a statistic can load another process's state without touching it."""
 
 
+class InputProducts:
+    """XᵀX, Σx and the row count of the last input tensor seen, computed once for every Gram that observes
+    that very tensor: q, k and v are called on the same normed hidden states, gate and up on the same
+    input, so a layer's seven Grams need four products, not seven (the Grams are the larger part of a
+    statistics pass on CPU). A hit needs the same storage, shape, strides and version counter (no in-place
+    change since), and the tensor is held until ``clear`` so that its memory cannot be reused meanwhile.
+    Every Gram goes through this (shared or not), so sharing never changes a bit of the result."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._held: torch.Tensor | None = None
+        self._value: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def of(self, inputs: torch.Tensor, dtype: torch.dtype, device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        version = object() if inputs.is_inference() else inputs._version   # no counter: never a hit
+        key = (inputs.data_ptr(), inputs.device, inputs.dtype, tuple(inputs.shape), inputs.stride(), version,
+               dtype, torch.device(device))
+        if self._value is None or key != self._key:
+            x = inputs.reshape(-1, inputs.shape[-1]).to(device=device, dtype=dtype)
+            self._key, self._held, self._value = key, inputs, (x.T @ x, x.sum(dim=0), x.shape[0])
+        return self._value
+
+    def clear(self) -> None:
+        self._key = self._held = self._value = None
+
+
+def share_products(statistics: Iterable[Statistic]) -> InputProducts:
+    """One ``InputProducts`` for every Gram among ``statistics`` (the targets of one layer's pass); clear
+    it when the pass is over."""
+    shared = InputProducts()
+    for statistic in statistics:
+        if isinstance(statistic, GramStatistic):
+            statistic.products = shared
+    return shared
+
+
 class GramStatistic(Statistic):
     """Running sums of XᵀX, of x and the row count, over every token the module sees."""
 
@@ -56,12 +93,14 @@ class GramStatistic(Statistic):
         self.sum_xx = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.sum_x = torch.zeros(in_features, dtype=dtype, device=device)
         self.count = 0
+        self.products: InputProducts | None = None   # shared with the Grams of modules fed the same tensor
 
     def observe(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).to(device=self.sum_xx.device, dtype=self.sum_xx.dtype)
-        self.sum_xx.addmm_(x.T, x)
-        self.sum_x += x.sum(dim=0)
-        self.count += x.shape[0]
+        products = self.products if self.products is not None else InputProducts()
+        xx, x_sum, rows = products.of(inputs, self.sum_xx.dtype, self.sum_xx.device)
+        self.sum_xx += xx
+        self.sum_x += x_sum
+        self.count += rows
 
     def merge(self, other: Statistic) -> None:
         assert isinstance(other, GramStatistic)

@@ -1,4 +1,5 @@
-"""Zero-shot tasks through lm-eval: ``HFLM(pretrained=<model object>)`` + ``simple_evaluate``.
+"""Zero-shot tasks through lm-eval: ``HFLM(pretrained=<model object>)`` + ``simple_evaluate``, the HFLM
+running a context shared by several choices once (``eval.shared_context``).
 
 The four tasks lrcompress ships (arc_easy, arc_challenge, piqa, lambada_openai) run from task YAMLs in
 ``lrcompress/eval/tasks`` that read the local release files under the data directory; any other name is
@@ -180,7 +181,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
     sources = {task: describe_source(task, directory, include_path) for task in tasks}  # early: missing files
     started = time.perf_counter()
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from .shared_context import SharedContextLM     # imports lm-eval: only here, when a task runs
 
     lm_names = {task: LOCAL_TASKS.get(task, task) for task in tasks}
     manager = task_manager(tasks, directory, include_path)
@@ -189,7 +191,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
     home = next(model.parameters()).device
     model.to(device)
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
         with _quiet_lm_eval():
             output = simple_evaluate(model=lm, tasks=list(lm_names.values()), num_fewshot=num_fewshot, limit=limit,
                                      task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters)

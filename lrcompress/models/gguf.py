@@ -40,6 +40,7 @@ UNMAPPED_CONFIG_KEYS: dict[str, dict[str, str]] = {
                  "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
     "qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"},
 }
+MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}   # transformers' name of each architecture above
 
 
 def gguf_config(path: Path):
@@ -48,6 +49,8 @@ def gguf_config(path: Path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if getattr(config, "model_type", None) not in MODEL_TYPES.values():
+        return config       # nothing to complete: no second parse of the file (a 49k vocabulary takes seconds)
     reader = gguf.GGUFReader(str(path))
     architecture = reader.fields["general.architecture"].contents()
     for key, attribute in UNMAPPED_CONFIG_KEYS.get(architecture, {}).items():

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from ..compressor import CompressResult, GroupMember, Statistic, make_statistic
+from ..compressor.stats import share_products
 from ..errors import LrcompressError, NumericalError
 from ..models.capture import LayerInputs
 from ..modules import dense_weight, storage_bytes, stored_params
@@ -330,8 +331,10 @@ class LayerwisePipeline:
                     statistic.observe(args[0].detach(), output.detach())
             return hook
 
+        shared = share_products(statistic for kinds in stats.values() for statistic in kinds.values())
         with hooks(layer, names, observer_for):
             outputs = self.stream.collect(index, layer, names, stats, inputs)
+        shared.clear()
         return self._reduce(stats), outputs
 
     def _reduce(self, stats: dict[str, dict[str, Statistic]]) -> dict[str, dict[str, Statistic]]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..compressor.linalg import GramMetric
-from ..compressor.stats import GramStatistic
+from ..compressor.stats import GramStatistic, share_products
 from ..errors import NumericalError
 from ..modules import dense_weight
 from .walk import LayerWalk, hooks
@@ -100,8 +100,10 @@ def sweep_grams(walk: LayerWalk, targets: Mapping[int, list[str]],
         names = targets.get(index, [])
         grams = {name: GramStatistic(layer.get_submodule(name).in_features, walk.settings.compute) for name in names}
 
+        shared = share_products(grams.values())     # q/k/v (gate/up) read one input: one product for them
         with hooks(layer, names, _observing(grams)):
             outputs = walk.forward(layer, inputs)
+        shared.clear()
         grams = walk.settings.collective.reduce_statistics(grams)
         prefix = walk.adapter.layer_prefix(index)
         for name in names:
