@@ -93,7 +93,7 @@ def run_lrcompress(model: str, calibration: tuple[int, int], out: Path, group_si
                "--set", f"stages.0.bits={bits}", "--set", f"stages.0.group_size={group_size}",
                "--set", f"calibration.num_samples={count}", "--set", f"calibration.seq_len={seq_len}",
                "--set", f"runtime.threads={threads()}", "--set", "runtime.device=cpu",
-               "--set", "eval.perplexity=[]", "--set", "eval.baseline=false", "--overwrite", "--output", str(out)]
+               "--set", "eval.perplexity=[]", "--set", "eval.lm_eval=null", "--set", "eval.baseline=false", "--overwrite", "--output", str(out)]
     if not (out / "metrics.json").is_file():
         subprocess.run(command, check=True)
     return lrcompress_side(out)
