@@ -1,7 +1,12 @@
-"""llm-compressor's GPTQ (W4A16) beside lrcompress's ``gptq`` (4 bits), same group size, on one model.
+"""llm-compressor's GPTQ (W4A16 or W3A16) beside lrcompress's ``gptq`` (same bits), same group size, on one model.
 
     python bench/peer_gptq.py --model MODEL --llmc-python $LLMC_VENV/bin/python --out DIR \
-        [--calibration 32 --seq-len 512 --group-size 64]
+        [--calibration 32 --seq-len 512 --group-size 64 --bits 4 --domains wikitext2,webtext]
+        [--lrcompress-run RUN --skip-dense]
+
+``--lrcompress-run RUN``: take lrcompress's side from a finished ``lrcompress run`` directory of the same
+calibration and settings (its perplexities as recorded under the same protocol, its bytes) instead of
+compressing and evaluating again; ``--skip-dense``: no dense evaluation (the run's recorded baseline, if any).
 
 Both get the same calibration windows: lrcompress's own (``calibration_windows``: WikiText-2 validation,
 seeded random offsets, seed 0), handed to llm-compressor as a pre-tokenized dataset. Each compression
@@ -11,7 +16,7 @@ metrics, i.e. without loading and writing; llm-compressor: ``oneshot``), peak me
 peak resident set (``ru_maxrss``, compression only: neither process evaluates; lrcompress records it in its metrics, the
 llm-compressor process reports its own). Perplexity is then
 measured for both in this process by the project's protocol (``lrcompress.eval.perplexity``:
-WikiText-2 test, seq 512, first 40 windows): the lrcompress checkpoint through ``lrcompress.load``
+the test split of each of ``--domains`` — WikiText-2 and the web-text test file —, seq 512, first 40 windows): the lrcompress checkpoint through ``lrcompress.load``
 (its exact dequantized reference), the llm-compressor checkpoint through transformers with the
 compressed-tensors package (dequantized on load).
 
@@ -44,14 +49,14 @@ LLMC_SCRIPT = textwrap.dedent('''
 
     model_path, windows_path, out = sys.argv[1:4]
     torch.set_num_threads(int(sys.argv[4]))
-    group_size = int(sys.argv[5])
+    group_size, bits = int(sys.argv[5]), int(sys.argv[6])
     windows = torch.load(windows_path)
     dataset = Dataset.from_dict({"input_ids": windows.tolist(),
                                  "attention_mask": torch.ones_like(windows).tolist()})
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    # The W4A16 preset (symmetric int4, per group) at the requested group size.
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
+    # The W4A16 preset (symmetric int, per group) at the requested bits and group size (W3A16 at 3 bits).
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                           ignore=["lm_head"])
     started = time.perf_counter()
@@ -81,35 +86,63 @@ def write_windows(model: str, count: int, seq_len: int, path: Path) -> None:
     torch.save(calibration_windows(tokenize(tokenizer, text), count, seq_len, seed=0), path)
 
 
-def run_lrcompress(model: str, count: int, seq_len: int, out: Path, group_size: int) -> dict:
+def run_lrcompress(model: str, calibration: tuple[int, int], out: Path, group_size: int, bits: int) -> dict:
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "gptq.yaml"
+    count, seq_len = calibration
     command = [sys.executable, "-m", "lrcompress", "run", str(recipe), "--set", f"model.path={model}",
-               "--set", "stages.0.bits=4", "--set", f"stages.0.group_size={group_size}",
+               "--set", f"stages.0.bits={bits}", "--set", f"stages.0.group_size={group_size}",
                "--set", f"calibration.num_samples={count}", "--set", f"calibration.seq_len={seq_len}",
                "--set", f"runtime.threads={threads()}", "--set", "runtime.device=cpu",
-               "--set", "eval.perplexity=[]", "--set", "eval.baseline=false", "--overwrite", "--output", str(out)]
+               "--set", "eval.perplexity=[]", "--set", "eval.lm_eval=null", "--set", "eval.baseline=false", "--overwrite", "--output", str(out)]
     if not (out / "metrics.json").is_file():
         subprocess.run(command, check=True)
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {"seconds": metrics["timing"]["compress"], "peak_rss_bytes": metrics["memory"]["process_peak_rss_bytes"]}
+    return lrcompress_side(out)
 
 
-def run_llmc(python: str, model: str, windows: Path, out: Path, group_size: int) -> dict:
+def lrcompress_side(run: Path) -> dict:
+    """Time, memory, bytes and the recorded perplexities of a finished ``lrcompress run`` directory."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    evaluation = metrics.get("eval") or {}
+    return {"seconds": metrics["timing"]["compress"], "peak_rss_bytes": metrics["memory"]["process_peak_rss_bytes"],
+            "model_bytes": metrics["compression"].get("model_bytes_after"), **disk_bytes(run),
+            "recorded_perplexity": {key.split("/")[0]: value["value"]
+                                    for key, value in (evaluation.get("perplexity") or {}).items()},
+            "recorded_baseline": {key.split("/")[0]: value["value"]
+                                  for key, value in (evaluation.get("baseline_perplexity") or {}).items()}}
+
+
+def disk_bytes(directory: Path) -> dict:
+    """The safetensors files' sizes on disk, and the bytes of the tensors they hold (headers excluded)."""
+    from safetensors import safe_open
+
+    files, tensors = 0, 0
+    for shard in sorted(directory.glob("*.safetensors")):
+        files += shard.stat().st_size
+        with safe_open(str(shard), "pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                tensors += tensor.numel() * tensor.element_size()
+    return {"safetensors_file_bytes": files, "tensor_bytes": tensors}
+
+
+def run_llmc(python: str, model: str, windows: Path, out: Path, settings: tuple[int, int]) -> dict:
+    group_size, bits = settings
     saved = out.parent / "llmc_result.json"
     if saved.is_file() and (out / "config.json").is_file():
-        return json.loads(saved.read_text())
+        return {**json.loads(saved.read_text()), **disk_bytes(out)}
     script = out.parent / "llmc_gptq.py"
     script.write_text(LLMC_SCRIPT)
-    done = subprocess.run([python, str(script), model, str(windows), str(out), str(threads()), str(group_size)],
-                          capture_output=True, text=True)
+    done = subprocess.run([python, str(script), model, str(windows), str(out), str(threads()), str(group_size),
+                           str(bits)], capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"llm-compressor failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     line = next(text for text in done.stdout.splitlines() if text.startswith("RESULT "))
     saved.write_text(line[len("RESULT "):])
-    return json.loads(line[len("RESULT "):])
+    return {**json.loads(line[len("RESULT "):]), **disk_bytes(out)}
 
 
-def perplexities(model: str, lrc: Path, llmc: Path) -> dict[str, float]:
+def perplexities(model: str, loaders: dict, domains: list[str]) -> dict[str, dict[str, float]]:
+    """Per loader name, per domain: the test split's perplexity, seq 512, first 40 windows."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,15 +151,20 @@ def perplexities(model: str, lrc: Path, llmc: Path) -> dict[str, float]:
     from lrcompress.recipe import PerplexitySpec
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    data = Path(os.environ["LRCOMPRESS_DATA"])
-    loaders = {"dense": lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
-               "lrcompress": lambda: lrcompress.load(lrc, kernels=False),
-               "llm-compressor": lambda: AutoModelForCausalLM.from_pretrained(llmc, dtype=torch.float32)}
-    spec, context = PerplexitySpec(dataset="wikitext2", split="test", seq_len=512, max_windows=40), EvalContext(data)
-    return {name: perplexity(load().eval(), tokenizer, spec, context).value for name, load in loaders.items()}
+    context = EvalContext(Path(os.environ["LRCOMPRESS_DATA"]))
+    make = {"dense": lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+            "lrcompress": lambda path: lrcompress.load(path, kernels=False),
+            "llm-compressor": lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)}
+    result: dict[str, dict[str, float]] = {}
+    for name, path in loaders.items():
+        loaded = make[name](path).eval()
+        result[name] = {domain: perplexity(loaded, tokenizer, PerplexitySpec(dataset=domain, split="test", seq_len=512,
+                                                                             max_windows=40), context).value
+                        for domain in domains}
+    return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--llmc-python", required=True)
@@ -136,25 +174,49 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64,
                         help="64 by default: llm-compressor refuses groups that do not divide a layer's inputs "
                              "(128 does not divide SmolLM2's 576); lrcompress takes any size")
-    args = parser.parse_args()
+    parser.add_argument("--bits", type=int, default=4, choices=(3, 4), help="W4A16 or W3A16")
+    parser.add_argument("--domains", default="wikitext2,webtext", help="test sets, comma-separated")
+    parser.add_argument("--lrcompress-run", type=Path, help="a finished lrcompress run of the same settings to "
+                                                            "take lrcompress's side from (nothing run again)")
+    parser.add_argument("--skip-dense", action="store_true", help="no dense evaluation")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    domains = [d for d in args.domains.split(",") if d]
     windows = args.out / "calibration.pt"
     write_windows(args.model, args.calibration, args.seq_len, windows)
-    llmc = run_llmc(args.llmc_python, args.model, windows, args.out / "llmc", args.group_size)
-    lrc = run_lrcompress(args.model, args.calibration, args.seq_len, args.out / "lrcompress", args.group_size)
-    ppl = perplexities(args.model, args.out / "lrcompress", args.out / "llmc")
+    llmc = run_llmc(args.llmc_python, args.model, windows, args.out / "llmc", (args.group_size, args.bits))
+    loaders = {"llm-compressor": str(args.out / "llmc")} | ({} if args.skip_dense else {"dense": args.model})
+    if args.lrcompress_run is not None:
+        lrc = lrcompress_side(args.lrcompress_run)
+        ppl = perplexities(args.model, loaders, domains)
+        ppl["lrcompress"] = {d: lrc["recorded_perplexity"][d] for d in domains}
+    else:
+        lrc = run_lrcompress(args.model, (args.calibration, args.seq_len), args.out / "lrcompress", args.group_size,
+                             args.bits)
+        ppl = perplexities(args.model, loaders | {"lrcompress": str(args.out / "lrcompress")}, domains)
     report = {"calibration": [args.calibration, args.seq_len], "threads": threads(), "group_size": args.group_size,
-              "perplexity": ppl,
-              "lrcompress": lrc, "llm-compressor": llmc}
+              "bits": args.bits, "domains": domains, "perplexity": ppl, "lrcompress": lrc, "llm-compressor": llmc}
     (args.out / "peer_gptq.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{args.calibration} calibration windows of {args.seq_len} tokens, {threads()} thread(s); "
-          f"WikiText-2 test perplexity, seq 512, 40 windows (dense: {ppl['dense']:.2f})\n")
-    print("| tool | method | perplexity | compression s | peak RSS GiB |")
-    print("|---|---|---|---|---|")
-    g = args.group_size
-    for name, result, method in (("lrcompress", lrc, f"gptq 4-bit g{g}, asymmetric, natural order"),
-                                 ("llm-compressor", llmc, f"GPTQ W4A16 g{g}, symmetric, its default order")):
-        print(f"| {name} | {method} | {ppl[name]:.2f} | {result['seconds']:.1f} | "
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    g, bits, domains, ppl = report["group_size"], report["bits"], report["domains"], report["perplexity"]
+    calibration = report["calibration"]
+    dense = ", ".join(f"{d} {ppl['dense'][d]:.2f}" for d in domains) if "dense" in ppl else "not evaluated"
+    print(f"\n{calibration[0]} calibration windows of {calibration[1]} tokens, {report['threads']} thread(s); "
+          f"test perplexity, seq 512, 40 windows (dense: {dense})\n")
+    print("| tool | method | " + " | ".join(domains) + " | tensor bytes | safetensors files | compression s | peak RSS GiB |")
+    print("|---|---|" + "---|" * len(domains) + "---|---|---|---|")
+    for name, method in (("lrcompress", f"gptq {bits}-bit g{g}, asymmetric, natural order"),
+                         ("llm-compressor", f"GPTQ W{bits}A16 g{g}, symmetric, its default order")):
+        result = report[name]
+        print(f"| {name} | {method} | " + " | ".join(f"{ppl[name][d]:.2f}" for d in domains)
+              + f" | {result['tensor_bytes']:,} | {result['safetensors_file_bytes']:,} | {result['seconds']:.1f} | "
               f"{result['peak_rss_bytes'] / 2**30:.2f} |")
 
 

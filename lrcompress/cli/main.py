@@ -263,9 +263,9 @@ def check(metrics: Path, baseline: Path | None, gate_file: Path | None, max_ppl_
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="where compare.md and rate_distortion.png go")
+              help="where compare.md and the rate_distortion*.png plots go")
 def compare(runs: tuple[Path, ...], output: Path) -> None:
-    """Compare run directories: a table and a rate–distortion plot (perplexity vs whole-model bytes)."""
+    """Compare run directories: a table and a rate–distortion plot per shared perplexity (vs whole-model bytes)."""
     from ..results.compare import compare_runs
     from .render_eval import compare_table
 
@@ -273,7 +273,7 @@ def compare(runs: tuple[Path, ...], output: Path) -> None:
     for warning in comparison.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     stdout.print(compare_table(comparison.header, comparison.rows))
-    written = [comparison.table] + ([comparison.plot] if comparison.plot else [])
+    written = [comparison.table] + comparison.plots
     stdout.print(f"wrote {' and '.join(map(str, written))}", highlight=False)
 
 

@@ -81,13 +81,19 @@ class ChainCompressor(Compressor):
 
     def plan(self, module: nn.Module) -> Plan:
         """Each later step's plan adds what it stores beyond the module it is planned on (as ``plan_modules``
-        adds a later stage's change)."""
-        first = self.steps[0].plan(module)
+        adds a later stage's change); a step on the factors (``apply_to: factors``) plans the whole module
+        from the spec of the step before it."""
+        first = plan = self.steps[0].plan(module)
         params, size = first.params_after, planned_bytes(self.steps[0], module)
         for step in self.steps[1:]:
-            params += step.plan(module).params_after - stored_params(module)
-            size += planned_bytes(step, module) - storage_bytes(module)
-        return Plan(params, self.steps[-1].plan(module).rank or first.rank, size)
+            if step.acts_on_factors:
+                plan = step.plan_factors(self.name, plan.spec, next(module.parameters()).dtype)
+                params, size = plan.params_after, plan.bytes_after
+            else:
+                plan = step.plan(module)
+                params += plan.params_after - stored_params(module)
+                size += planned_bytes(step, module) - storage_bytes(module)
+        return Plan(params, plan.rank or first.rank, size)
 
     def compress(self, name: str, module: nn.Module, stats):
         if "original_weight" not in stats:
@@ -473,9 +479,9 @@ def _check_reachable(model: nn.Module, budget: BudgetCompressor, names: list[str
     dense = sum(storage_bytes(m) for m in modules)
     fixed = state_bytes(model) - dense
     total, given = spec.total_bytes(fixed, sum(m.weight.numel() for m in modules))
-    # a chain stores at least what its first step does (a later step's plan may count float factors)
-    firsts = [c.steps[0] if isinstance(c, ChainCompressor) else c for c in budget.compressors]
-    least = sum(min(planned_bytes(c, m) for c in firsts) for m in modules)
+    # a chain stores at least what its first step does, or what its plan says (less when it quantizes factors)
+    least = sum(min(min(planned_bytes(c, m), planned_bytes(c.steps[0], m)) if isinstance(c, ChainCompressor)
+                    else planned_bytes(c, m) for c in budget.compressors) for m in modules)
     if fixed + least > total:
         raise LrcompressError(f"budget: {given} ({total:,} bytes) is below the smallest model these choices make: "
                               f"{fixed + least:,} bytes ({(fixed + least) / MIB:.2f} MiB: {fixed:,} outside the "

@@ -4,9 +4,10 @@ Each run directory holds a metrics.json (and recipe.yaml) written by ``lrcompres
 method, sizes (bytes first, parameters beside), every perplexity the runs share (one column per dataset,
 with the ratio to the dense model's when the run recorded its baseline), the zero-shot average of the
 standard evaluation (``eval.protocol``) with its standard error, and lm-eval accuracies; a dense row
-holds the baseline's numbers. The plot shows one
+holds the baseline's numbers. Each plot shows one
 perplexity (the same dataset and protocol in every run) against the whole model's size in bytes, one
-line per method. Runs whose perplexities were measured under different protocols still get the table
+line per method: one plot per perplexity the runs share (both domains of the standard evaluation: WikiText-2
+and web text). Runs whose perplexities were measured under different protocols still get the table
 (each run's own perplexity, with its protocol) and a warning, but no plot: a picture would compare them.
 """
 from __future__ import annotations
@@ -149,36 +150,52 @@ class Comparison:
     header: list[str]
     rows: list[list[str]]
     table: Path
-    plot: Path | None
+    plot: Path | None                  # the first shared perplexity's plot (rate_distortion.png)
     warnings: list[str]
+    plots: list[Path] = field(default_factory=list)    # one per shared perplexity (both domains of the standard one)
+
+
+def plot_name(index: int, key: str) -> str:
+    """rate_distortion.png for the first shared perplexity, rate_distortion_<key>.png for the others."""
+    return "rate_distortion.png" if index == 0 else "rate_distortion_" + "".join(
+        c if c.isalnum() else "-" for c in key).strip("-") + ".png"
+
+
+def _plots(runs: list[RunSummary], keys: list[str], output: Path, warnings: list[str]
+           ) -> tuple[list[Path], tuple[int, float] | None]:
+    """One rate–distortion plot per shared perplexity (a run without a size in bytes is left out, with a
+    warning), and the dense model's (bytes, first perplexity) where a run recorded its baseline."""
+    unsized = [str(run.directory) for run in runs if run.model_bytes is None]
+    if unsized and keys:
+        warnings.append(f"no size in bytes recorded for {', '.join(unsized)}: left out of the plot")
+    plots, first_dense = [], None
+    for index, key in enumerate(keys):
+        points: dict[str, list[tuple[float, float]]] = {}
+        for run in runs:
+            if run.model_bytes is not None:
+                points.setdefault(run.method, []).append((run.model_bytes, run.perplexity[key]))
+        dense_run = next((run for run in runs if key in run.baseline_perplexity and run.dense_bytes), None)
+        dense = (dense_run.dense_bytes, dense_run.baseline_perplexity[key]) if dense_run else None
+        first_dense = dense if index == 0 else first_dense
+        if points:
+            plots.append(plot_rate_distortion(points, output / plot_name(index, key), f"perplexity {key}", dense))
+    return plots, first_dense
 
 
 def compare_runs(directories: list[Path], output: Path) -> Comparison:
-    """Write compare.md (and rate_distortion.png when the runs share a perplexity protocol) into ``output``."""
+    """Write compare.md (and a rate_distortion*.png per perplexity the runs share under one protocol) into
+    ``output``."""
     if not directories:
         raise LrcompressError("compare: name at least one run directory")
     runs = [load_run(Path(d)) for d in directories]
     keys = common_perplexities(runs)
-    key = keys[0] if keys else None          # the plot's perplexity
     warnings = []
-    if key is None:
+    if not keys:
         warnings.append("the runs share no perplexity measured under the same protocol (same dataset, split, "
                         "seq_len and windows): the table shows each run's own, and there is no plot")
     header, rows = comparison_rows(runs, keys)
     output.mkdir(parents=True, exist_ok=True)
-    plot, dense = None, None
-    if key is not None:
-        points: dict[str, list[tuple[float, float]]] = {}
-        unsized = [str(run.directory) for run in runs if run.model_bytes is None]
-        for run in runs:
-            if run.model_bytes is not None:
-                points.setdefault(run.method, []).append((run.model_bytes, run.perplexity[key]))
-        if unsized:
-            warnings.append(f"no size in bytes recorded for {', '.join(unsized)}: left out of the plot")
-        dense_run = next((run for run in runs if key in run.baseline_perplexity and run.dense_bytes), None)
-        dense = (dense_run.dense_bytes, dense_run.baseline_perplexity[key]) if dense_run else None
-        if points:
-            plot = plot_rate_distortion(points, output / "rate_distortion.png", f"perplexity {key}", dense)
+    plots, dense = _plots(runs, keys, output, warnings)
     protocol = "; ".join(f"{k}: {runs[0].protocols[k]}" if len(keys) > 1 else runs[0].protocols[k] for k in keys) \
         if keys else "differs between the runs (see the protocol column)"
     lines = ["# lrcompress comparison", "", f"Perplexity protocol: {protocol}", ""]
@@ -194,9 +211,8 @@ def compare_runs(directories: list[Path], output: Path) -> Comparison:
                   + ", ".join("all" if limit is None else str(limit) for limit in sorted(limits, key=str)) + "."]
     if dense is not None:
         lines += ["", f"Dense model: {format_bytes(dense[0])}, perplexity {dense[1]:.3f}"]
-    if plot is not None:
-        lines += ["", f"![rate–distortion]({plot.name})"]
+    lines += ["", *(f"![rate–distortion, {key}]({plot.name})" for key, plot in zip(keys, plots))] if plots else []
     lines.append("")
     table = output / "compare.md"
     table.write_text("\n".join(lines))
-    return Comparison(header, rows, table, plot, warnings)
+    return Comparison(header, rows, table, plots[0] if plots else None, warnings, plots)

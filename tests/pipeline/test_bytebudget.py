@@ -100,12 +100,8 @@ def _budget_recipe(model_dir, text, out, bits_per_weight: float, **extra):
     return tiny_recipe(model_dir, text, out, stages=[], budget=budget)
 
 
-def test_the_choice_on_a_tiny_model_is_the_brute_force_optimum_over_its_priced_choices(
-        tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
-    """Six modules, four choices each (rtn 2-bit, rtn 4-bit, whiten rank 4, rtn 2-bit + EoRA rank 2): the
-    run's choice and the solver at other budgets against all 4096 combinations of the measured prices."""
-    from lrcompress.runner import run_recipe
-
+def _capture_prices(monkeypatch) -> tuple[dict, object]:
+    """The measured prices and budget the run hands the solver (filled when it runs), and the solver itself."""
     seen = {}
     original = bytebudget.solve
 
@@ -114,6 +110,16 @@ def test_the_choice_on_a_tiny_model_is_the_brute_force_optimum_over_its_priced_c
         return original(costs, losses, budget, solver)
 
     monkeypatch.setattr(bytebudget, "solve", capturing)
+    return seen, original
+
+
+def test_the_choice_on_a_tiny_model_is_the_brute_force_optimum_over_its_priced_choices(
+        tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
+    """Six modules, four choices each (rtn 2-bit, rtn 4-bit, whiten rank 4, rtn 2-bit + EoRA rank 2): the
+    run's choice and the solver at other budgets against all 4096 combinations of the measured prices."""
+    from lrcompress.runner import run_recipe
+
+    seen, original = _capture_prices(monkeypatch)
     result = run_recipe(_budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", 4.5), dry_run=True)
     budget = result.metrics.allocation.budget
     costs, losses = seen["costs"], seen["losses"]
@@ -142,8 +148,6 @@ def test_the_choice_on_a_tiny_model_is_the_brute_force_optimum_over_its_priced_c
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_checkpoint_stores_the_planned_bytes_to_the_byte(tiny_llama_dir, tied_dir, calibration_file, tmp_path,
                                                             no_report, tied):
-    from safetensors import safe_open
-
     import lrcompress
     from lrcompress.runner import run_recipe
 
@@ -156,20 +160,24 @@ def test_the_checkpoint_stores_the_planned_bytes_to_the_byte(tiny_llama_dir, tie
     counted = state_bytes(loaded)                                   # every tensor of the state dict, tied ones once
     assert counted == budget.total_bytes <= budget.budget_bytes
     assert budget.fixed_bytes == dense - sum(m.dense_bytes for m in budget.modules)
-    on_disk = 0
-    for shard in (tmp_path / "run").glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as handle:
-            on_disk += sum(_bytes_of(handle, key) for key in handle.keys())
-    assert on_disk == counted
+    assert _tensor_bytes_on_disk(tmp_path / "run") == counted
     chosen = {m.name: m for m in budget.modules}
     assert {r.name: r.bytes_after for r in run.metrics.modules} == {n: m.bytes for n, m in chosen.items()}
     assert all(r.details["choice"] == chosen[r.name].choice for r in run.metrics.modules)
     assert {m.choice for m in budget.modules} >= {"rtn bits=2 group_size=16 + eora rank=2"}   # a chain is in the test
 
 
-def _bytes_of(handle, key: str) -> int:
-    tensor = handle.get_tensor(key)
-    return tensor.numel() * tensor.element_size()
+def _tensor_bytes_on_disk(directory) -> int:
+    """The bytes of every tensor of the checkpoint's safetensors files (their JSON headers left out)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in directory.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def test_lazy_mode_refuses_the_byte_budget(tiny_llama_dir, calibration_file, tmp_path):
@@ -216,3 +224,90 @@ def test_a_second_size_reuses_the_prices_and_other_choices_do_not(tiny_llama_dir
     with pytest.raises(BaseException, match="priced again"):             # other choices: other prices
         run_recipe(_budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "c", 6.0,
                                   choices=[{"method": "rtn", "bits": [3, 4], "group_size": 16}]), dry_run=True)
+
+
+FACTOR_CHOICES = [{"method": "rtn", "bits": [2, 4], "group_size": 16},
+                  {"method": "whiten", "rank": [2, 4], "then": [{"method": "gptq", "apply_to": "factors", "bits": 4,
+                                                                "group_size": 16}]}]
+FACTOR_LABEL = "whiten rank=4 + gptq apply_to=factors bits=4 group_size=16"
+
+
+def test_a_rank_with_quantized_factors_is_a_choice_priced_and_stored_to_the_byte(
+        tiny_llama_dir, calibration_file, tmp_path, no_report, monkeypatch):
+    """whiten rank r, then gptq 4-bit on its two factors, as one choice beside rtn: the allocation is the brute
+    force optimum of the measured prices, each module stores the bytes it was priced at, and the checkpoint
+    loads (lrcompress.load and transformers) with the run's logits."""
+    from transformers import AutoModelForCausalLM
+
+    import lrcompress
+    from lrcompress.modules import LowRankLinear, storage_bytes
+    from lrcompress.runner import run_recipe
+
+    seen, original = _capture_prices(monkeypatch)
+    run = run_recipe(_budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", 3.2, choices=FACTOR_CHOICES))
+    budget = run.metrics.allocation.budget
+    costs, losses = seen["costs"], seen["losses"]
+    assert len(costs) == 6 and all(len(c) == 4 for c in costs)
+    assert FACTOR_LABEL in budget.choices and any(m.choice == FACTOR_LABEL for m in budget.modules)
+    assert len({m.choice for m in budget.modules}) > 1
+    assert budget.estimated_loss == pytest.approx(_brute_force(costs, losses, seen["budget"]), rel=1e-12)
+    least, most = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    for target in (least, (least + most) // 2, most):
+        assert original(costs, losses, target, "dp").loss == pytest.approx(_brute_force(costs, losses, target), rel=1e-12)
+    loaded = lrcompress.load(str(tmp_path / "run"), kernels=False)
+    chosen = {m.name: m for m in budget.modules}
+    for name, m in chosen.items():
+        module = loaded.get_submodule(name)
+        assert storage_bytes(module) == m.bytes
+        if m.choice == FACTOR_LABEL:        # a low-rank pair whose two factors are quantized, not float
+            assert isinstance(module, LowRankLinear) and not any(
+                type(f) is torch.nn.Linear for f in (module.down, module.up))
+    assert state_bytes(loaded) == budget.total_bytes <= budget.budget_bytes
+    assert _tensor_bytes_on_disk(tmp_path / "run") == budget.total_bytes
+    assert {r.name: r.bytes_after for r in run.metrics.modules} == {n: m.bytes for n, m in chosen.items()}
+    ids = torch.arange(24).reshape(2, 12) % loaded.config.vocab_size
+    with torch.no_grad():
+        expected = run.model.eval()(ids).logits
+        assert torch.equal(loaded.eval()(ids).logits, expected)
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run")).eval()
+        assert torch.equal(hf(ids).logits, expected)
+
+
+def test_a_chain_that_quantizes_factors_plans_the_bytes_it_stores(tiny_llama_dir):
+    """The chain's plan (what preflight and the reachability check see before any pricing) is the packed pair,
+    not the float pair plus the change a dense 4-bit quantization would make."""
+    import lrcompress
+    from lrcompress.modules import storage_bytes
+    from lrcompress.recipe import parse_recipe
+    from lrcompress.runner import build_stages
+
+    recipe = parse_recipe({"model": {"path": str(tiny_llama_dir)}, "budget": {"bits_per_weight": 4, "choices": [
+        FACTOR_CHOICES[1]]}})
+    chains = build_stages(recipe)[0].compressor.compressors
+    module = lrcompress.load(str(tiny_llama_dir)).model.layers[0].mlp.down_proj
+    gram = _gram_for(module)
+    for chain in chains:
+        replacement = chain.compress("down_proj", module, {"gram": gram}).module
+        assert bytebudget.planned_bytes(chain, module) == storage_bytes(replacement) < storage_bytes(module) / 4
+
+
+def test_a_size_only_quantized_factors_reach_is_not_refused(tiny_llama_dir, calibration_file, tmp_path):
+    """whiten rank 2 with float factors is larger than the budget, with 4-bit factors smaller: the check before
+    the pre-pass must not count the float pair."""
+    from lrcompress.runner import run_recipe
+
+    choices = [{"method": "whiten", "rank": 2, "then": [{"method": "gptq", "apply_to": "factors", "bits": 4,
+                                                         "group_size": 16}]}]
+    run = run_recipe(_budget_recipe(tiny_llama_dir, calibration_file, tmp_path / "run", 1.0, choices=choices),
+                     dry_run=True)
+    budget = run.metrics.allocation.budget
+    assert budget.target_bytes <= budget.target_budget_bytes
+    assert all(m.choice.startswith("whiten rank=2 + gptq") for m in budget.modules)
+
+
+def _gram_for(module: torch.nn.Module):
+    from lrcompress.compressor.stats import GramStatistic
+
+    gram = GramStatistic(module.in_features)
+    gram.observe(torch.randn(64, module.in_features, generator=torch.Generator().manual_seed(0)), None)
+    return gram

@@ -52,3 +52,29 @@ def test_rows_show_every_shared_perplexity_against_dense_and_the_zero_shot_avera
     assert lord[6:] == ["84.780 (2.96× dense)", "214.900 (8.81× dense)", "41.00 ± 1.25"]
     header, rows = comparison_rows([run, other], ["wikitext2/test"])
     assert rows[0][1] == "dense" and rows[-1][6:] == ["300.000", "–"]      # no baseline, no average: no ratio
+
+
+def test_every_shared_perplexity_gets_its_own_plot_and_the_table_both_columns(tmp_path, monkeypatch):
+    """The standard evaluation's two domains: a rate–distortion plot each (the first keeps its old name), both
+    in compare.md; a perplexity one run lacks gets no plot."""
+    from lrcompress.results import compare
+
+    protocols = {"wikitext2/test": "token-level perplexity, 40 windows", "webtext/test": "token-level, 40 windows"}
+    dense = {"wikitext2/test": 28.69, "webtext/test": 27.77}
+    summaries = {
+        "rtn": compare.RunSummary(tmp_path / "rtn", "rtn", 0.0, 0.0, {"wikitext2/test": 38.4, "webtext/test": 36.7},
+                                  protocols, dense, {}, 169_166_592, 538_060_032, 0.6),
+        "gptq": compare.RunSummary(tmp_path / "gptq", "gptq", 0.0, 0.0, {"wikitext2/test": 87.9, "webtext/test": 90.1},
+                                   protocols, dense, {}, 155_895_552, 538_060_032, 0.65),
+        "one": compare.RunSummary(tmp_path / "one", "svd", 0.0, 0.0, {"wikitext2/test": 99.0},
+                                  {"wikitext2/test": protocols["wikitext2/test"]}, {}, {}, 155_895_552, 538_060_032, 0.6)}
+    monkeypatch.setattr(compare, "load_run", lambda directory: summaries[directory.name])
+    both = compare.compare_runs([tmp_path / "rtn", tmp_path / "gptq"], tmp_path / "both")
+    assert [p.name for p in both.plots] == ["rate_distortion.png", "rate_distortion_webtext-test.png"]
+    assert both.plot == both.plots[0] and all(p.read_bytes()[:4] == b"\x89PNG" for p in both.plots)
+    table = both.table.read_text()
+    assert "perplexity wikitext2/test | perplexity webtext/test" in table
+    assert "36.700 (1.32× dense)" in table and "(rate_distortion_webtext-test.png)" in table
+    one = compare.compare_runs([tmp_path / "rtn", tmp_path / "one"], tmp_path / "one-domain")
+    assert [p.name for p in one.plots] == ["rate_distortion.png"]
+    assert not (tmp_path / "one-domain" / "rate_distortion_webtext-test.png").exists()
