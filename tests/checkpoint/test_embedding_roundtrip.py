@@ -129,3 +129,20 @@ def test_embedding_alone_is_a_recipe(calibration_file, tmp_path):
     torch.testing.assert_close(_logits(lrcompress.load(result.output_dir, kernels=False)), _logits(result.model),
                                rtol=0, atol=0)
     assert result.metrics.compression.model_bytes_after == _tensor_bytes(result.output_dir)
+
+
+def test_a_byte_budget_counts_the_quantized_embedding_to_the_byte(tied_dir, calibration_file, tmp_path):
+    """The budget's fixed bytes are the model's after the embedding was quantized (tied head once), and the
+    written checkpoint holds exactly the total the allocation planned."""
+    budget = {"bytes": 10**9, "targets": ["*.mlp.down_proj"],
+              "choices": [{"method": "rtn", "bits": [2, 4], "group_size": 16}]}
+    recipe = tiny_recipe_dict(tied_dir, calibration_file, tmp_path / "run", eval={"perplexity": []},
+                              embedding=EMBEDDING, budget=budget)
+    recipe["stages"] = []
+    result = run_recipe(parse_recipe(recipe))
+    allocation = result.metrics.allocation.budget
+    embed = next(m for m in result.metrics.modules if m.name == "model.embed_tokens")
+    dense = state_bytes(AutoModelForCausalLM.from_pretrained(tied_dir))
+    targets_dense = sum(m.dense_bytes for m in allocation.modules)
+    assert allocation.fixed_bytes == dense - targets_dense - embed.bytes_before + embed.bytes_after
+    assert allocation.total_bytes == _tensor_bytes(result.output_dir) == result.metrics.compression.model_bytes_after
