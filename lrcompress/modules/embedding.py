@@ -13,7 +13,6 @@ rows (Gemma: √d, rounded to the model's dtype as transformers does).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..core.packing import dequantize, packed_bytes
 from .base import CompressedModule, register_module_kind
-from .quantized import SCALE_FORMATS, QuantizedLinear
+from .quantized import SCALE_FORMATS, QuantizedLinear, register_codes
 
 
 @register_module_kind
@@ -34,18 +33,11 @@ class QuantizedEmbedding(CompressedModule):
                  scale_dtype: str = "float16", embed_scale: float = 1.0, symmetric: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        if scale_dtype not in SCALE_FORMATS:
-            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_FORMATS)}, got {scale_dtype!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.scale_dtype = bits, min(group_size, embedding_dim), scale_dtype
         self.embed_scale, self.symmetric = float(embed_scale), symmetric
         self.dtype = dtype or torch.get_default_dtype()
-        groups = math.ceil(embedding_dim / self.group_size)
-        raw = SCALE_FORMATS[scale_dtype][1]
-        self.register_buffer("qweight", torch.zeros(packed_bytes(num_embeddings * embedding_dim, bits),
-                                                    dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.zeros(num_embeddings, groups, dtype=raw, device=device))
-        self.register_buffer("zeros", torch.zeros(num_embeddings, groups, dtype=torch.uint8, device=device))
+        register_codes(self, num_embeddings, embedding_dim, device)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, settings: dict[str, Any],
