@@ -4,12 +4,14 @@ Done once, data-free, right after the dense baseline and before any pre-pass, so
 it (the byte budget's prices and fixed bytes, the calibration statistics, the propagated inputs, the
 evaluation) sees the model that will be written. A tied head (the same tensor as the embedding) becomes a
 ``TiedQuantizedHead`` on the embedding's very buffers; an untied one a ``QuantizedLinear`` on the same
-grid (``untied_lm_head: false`` keeps it). Each replaced matrix gets a record (stage −1, layer −1)
-whose error is the relative weight error ‖E − Ê‖/‖E‖: there is no calibration input to weigh it with.
+grid (``untied_lm_head: false`` keeps it). Each replaced module gets a record (stage −1, layer −1)
+whose error is the relative weight error ‖E − Ê‖/‖E‖: there is no calibration input to weigh it with. A tied
+head's record counts no values and no bytes (they are the embedding's).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -65,9 +67,13 @@ def quantize_model_embedding(model: nn.Module, adapter: ArchitectureAdapter, spe
     untie(model, [name for name, _, _ in replaced])
     tied = any(isinstance(replacement, TiedQuantizedHead) for _, _, replacement in replaced)
     records = []
-    for name, module, replacement in replaced:
+    for name, module, replacement in replaced:      # the embedding first
         replace_submodule(model, name, replacement)
-        if not isinstance(replacement, TiedQuantizedHead):
+        if isinstance(replacement, TiedQuantizedHead):    # nothing of its own: the embedding's very codes
+            records.append(replace(records[0], name=name, params_before=0, params_after=0, bytes_before=0,
+                                   bytes_after=0, details={"tied_to": adapter.embed},
+                                   numerical_path=f"tied: multiplies by the codes of {adapter.embed}"))
+        else:
             records.append(_record(name, module, replacement, tied, time.perf_counter() - started))
     return records
 

@@ -34,8 +34,7 @@ def _series(modules: Iterable["ModuleRecord"], value) -> dict[tuple[str, str], t
     """One (layers, values) series per (module kind, method), ordered by depth."""
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for m in modules:
-        if m.layer >= 0:            # records outside the decoder layers (a quantized embedding: −1) have no depth
-            series[(module_kind(m.name), m.method)].append((m.layer, value(m)))
+        series[(module_kind(m.name), m.method)].append((m.layer, value(m)))
     return {key: ([p[0] for p in sorted(points)], [p[1] for p in sorted(points)])
             for key, points in sorted(series.items())}
 
