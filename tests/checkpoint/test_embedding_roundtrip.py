@@ -147,3 +147,21 @@ def test_a_byte_budget_counts_the_quantized_embedding_to_the_byte(tied_dir, cali
     targets_dense = sum(m.dense_bytes for m in allocation.modules)
     assert allocation.fixed_bytes == dense - targets_dense - embed.bytes_before + embed.bytes_after
     assert allocation.total_bytes == _tensor_bytes(result.output_dir) == result.metrics.compression.model_bytes_after
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lazy_mode_writes_the_same_checkpoint(tied, calibration_file, tmp_path):
+    """runtime.lazy quantizes the materialized embedding the same way: same bytes, perplexity and logits."""
+    source = save_tiny(tmp_path / "source", "llama", tie_word_embeddings=tied)
+    runs = {}
+    for lazy in (False, True):
+        recipe = tiny_recipe_dict(source, calibration_file, tmp_path / f"run-{lazy}", embedding=EMBEDDING,
+                                  runtime={"device": "cpu", "batch_size": 3, "lazy": lazy})
+        recipe["stages"] = [{"method": "rtn", "bits": 4, "group_size": 32}]
+        runs[lazy] = run_recipe(parse_recipe(recipe))
+    resident, lazy = runs[False], runs[True]
+    assert lazy.metrics.compression.model_bytes_after == resident.metrics.compression.model_bytes_after
+    assert [p.value for p in lazy.metrics.eval.perplexity.values()] == \
+        [p.value for p in resident.metrics.eval.perplexity.values()]
+    torch.testing.assert_close(_logits(lrcompress.load(lazy.output_dir, kernels=False)),
+                               _logits(lrcompress.load(resident.output_dir, kernels=False)), rtol=0, atol=0)
