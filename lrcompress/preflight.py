@@ -28,6 +28,7 @@ from .models.loading import model_skeleton, resolve_model_dir
 from .pipeline import Stage
 from .pipeline.blocks import is_block_stage
 from .pipeline.costs import RunCosts, estimate, model_shape
+from .pipeline.embedding import planned_embedding
 from .pipeline.plan import PlannedModule, plan_modules
 from .pipeline.targets import is_linear_like, select_targets
 from .recipe import Recipe
@@ -51,9 +52,10 @@ def preflight(recipe: Recipe, stages: list[Stage], data_directory: Path | None,
     ``model`` when the caller holds one). ``sources`` receives one line per dataset and task saying where
     it will be read from; ``calibration_given``: the caller holds the calibration data (not checked)."""
     announce = announce or log.warning
-    if not recipe.stages and recipe.budget is None:
+    if not recipe.stages and recipe.budget is None and recipe.embedding is None:
         raise RecipeError("the recipe has no stages: nothing would be compressed. Add a stage (e.g. "
-                          "stages: [{method: whiten, ratio: 0.2}]), or use `lrcompress eval` to evaluate a model as it is")
+                          "stages: [{method: whiten, ratio: 0.2}]) or an embedding section, or use `lrcompress eval` "
+                          "to evaluate a model as it is")
     lines = check_data(recipe, data_directory, calibration_given)
     if sources is not None:
         sources.extend(lines)
@@ -69,6 +71,16 @@ def preflight(recipe: Recipe, stages: list[Stage], data_directory: Path | None,
                  f"{recipe.calibration.num_samples}: every forward call holds all {recipe.calibration.num_samples} "
                  "windows (harmless; did you mean more samples?)")
     return plan
+
+
+def plan_embedding(recipe: Recipe, model: nn.Module | None = None) -> list[PlannedModule]:
+    """The plan rows of the recipe's ``embedding`` key (none without it), on the meta skeleton unless the
+    caller holds the model."""
+    if recipe.embedding is None:
+        return []
+    skeleton = model if model is not None else model_skeleton(recipe.model.path, recipe.model.dtype,
+                                                               recipe.model.trust_remote_code)
+    return planned_embedding(skeleton, adapter_for(skeleton), recipe.embedding)
 
 
 def plan_costs(recipe: Recipe, plan: list[PlannedModule], model: nn.Module | None = None) -> RunCosts:

@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_serializer, model_validator)
 
 from .compressor import COMPRESSORS, CompressorConfig
+from .compressor.quantgrid import QuantConfig
 from .errors import RecipeError
 
 DEFAULT_TARGETS = ["*"]  # every nn.Linear inside the decoder layers (the adapter defines that set)
@@ -274,6 +275,23 @@ class BudgetSpec(Section):
 MIB = 2**20
 
 
+class EmbeddingSpec(Section):
+    """``embedding``: the token embedding quantized round-to-nearest per group of a row, data-free, before the
+    layer walk (docs/quantized-embedding.md). A tied LM head shares its codes (stored once); an untied one
+    is quantized on the same grid unless ``untied_lm_head: false``."""
+
+    bits: int = Field(8, ge=2, le=8, description="bits per code")
+    group_size: int | None = Field(128, ge=1, description="features of a row sharing one scale/zero (null: the row)")
+    symmetric: bool = Field(False, description="zero point fixed at 2^(bits-1), step max|w|/(2^(bits-1)-1) "
+                                               "(Q8_0-like); false: the asymmetric min/max grid of rtn")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="storage format of the scales")
+    untied_lm_head: bool = Field(True, description="also quantize an untied LM head on this grid (a tied head "
+                                                   "always shares the embedding's codes)")
+
+    def grid(self) -> "QuantConfig":
+        return QuantConfig(bits=self.bits, group_size=self.group_size, scale_dtype=self.scale_dtype)
+
+
 class RuntimeSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(4, ge=1, description="calibration windows per forward call")
@@ -377,6 +395,8 @@ class Recipe(Section):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     stages: list[StageSpec] = Field(default_factory=list)
     budget: BudgetSpec | None = Field(None, description="one byte budget for the model, instead of stages")
+    embedding: EmbeddingSpec | None = Field(None, description="quantize the token embedding (and an untied LM "
+                                                              "head) before the layer walk; null: keep it")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -386,6 +406,14 @@ class Recipe(Section):
     # Validated stage configs, by (index, method, options): a stage's config is validated once (parse_recipe
     # checks every one; the run builds its stages from the same objects).
     _configs: dict[tuple[int, str, str], CompressorConfig] = PrivateAttr(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """Without ``embedding`` a recipe dumps as before the key existed (its fingerprints are unchanged)."""
+        data = handler(self)
+        if self.embedding is None:
+            data.pop("embedding", None)
+        return data
 
     @model_validator(mode="after")
     def _budget_or_stages(self) -> "Recipe":

@@ -43,18 +43,20 @@ from .eval.suite import evaluate_model
 from .models import DTYPES
 from .models.identity import model_identity
 from .models.loading import LoadedModel
+from .modules import compressed_modules
 from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.allocation import allocate, needs_allocation
 from .pipeline.costs import RunCosts, check_fit, fit_refusals
 from .pipeline.bytebudget import BudgetCompressor, Choice
 from .pipeline.distributed import Collective, process_group
+from .pipeline.embedding import quantize_model_embedding
 from .pipeline.journal import StagedJournal
 from .pipeline.memory import PeakMemory, image_peak_rss_bytes
 from .pipeline.plan import PlannedModule, plan_modules
 from .pipeline.refine import describe_refine, refine_summary
 from .pipeline.resume import open_shared_staging, restore_written, run_fingerprint
 from .pipeline.walk import LayerWalk
-from .preflight import check_growth, plan_costs, preflight
+from .preflight import check_growth, plan_costs, plan_embedding, preflight
 from .recipe import Recipe
 from .residency import ResidentModel, model_class
 
@@ -105,6 +107,7 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
                          model=given.loaded.model if given.loaded else None, sources=sources,
                          calibration_given=given.calibration is not None)
         check_growth(recipe, plan)
+        outer_plan = plan_embedding(recipe, given.loaded.model if given.loaded else None)
         costs = plan_costs(recipe, plan, given.loaded.model if given.loaded else None)
         if dry_run:                                  # shown, not raised: the plan is what was asked for
             fit_refusals(costs, recipe)
@@ -112,12 +115,13 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
             check_fit(costs, recipe)
         sources += describe_refine(recipe.runtime, recipe.calibration.num_samples, recipe.seed)
         if dry_run and not needs_allocation(stages):
-            return RunResult(None, RunMetrics(), plan, data_sources=sources, costs=costs)
+            return RunResult(None, RunMetrics(), outer_plan + plan, data_sources=sources, costs=costs)
         # A dry run with a budget allocation loads the model and runs the spectra pre-pass (nothing written).
         claims = collective.is_writer and recipe.output.save and not dry_run
         with claim_output_dir(Path(recipe.output.dir), recipe.output.overwrite, log.warning) if claims \
                 else nullcontext():
             result = _run_recipe(recipe, observer, directory, collective, stages, plan, given, dry_run)
+        result.plan = outer_plan + result.plan
         result.data_sources, result.costs = sources, costs
         collective.barrier()          # the other ranks wait until rank 0 has written and evaluated
     return result
@@ -139,11 +143,12 @@ def _run_recipe(recipe: Recipe, observer: PipelineObserver, directory: Path | No
     run.prepare()
     if recipe.eval.baseline and run.writer and not dry_run:
         run.dense_baseline()
+    run.quantize_embedding()
     calibration = run.calibrate()
     run.allocate(calibration)
     if dry_run:                # a budget's ranks are planned: the plan shows them, nothing is compressed
         return RunResult(None, run.metrics, plan_modules(run.model.model, run.stages))
-    records = run.compress(calibration)
+    records = run.embedding_records + run.compress(calibration)
     run.write(calibration, records)
     if run.writer:
         run.evaluate()
@@ -167,6 +172,7 @@ class RecipeRun:
         self.model: ResidentModel | None = None
         self.eval_context: EvalContext | None = None
         self.params_before = 0
+        self.embedding_records: list[ModuleRecord] = []    # the recipe's embedding key, before the walk
         # compress
         self.journal: StagedJournal | None = None
         self.written = False                  # the staged checkpoint was complete already (a resumed run)
@@ -212,6 +218,13 @@ class RecipeRun:
         self.metrics.eval = EvalSection(perplexity={}, baseline_perplexity=section.perplexity, baseline_cache=cache,
                                         baseline_lm_eval=section.lm_eval)
 
+    def quantize_embedding(self) -> None:
+        """The recipe's ``embedding`` key, after the dense baseline and before anything sees the model."""
+        if self.recipe.embedding is not None:
+            self.observer.phase("quantizing the token embedding (data-free)")
+            self.embedding_records = quantize_model_embedding(self.model.model, self.model.adapter,
+                                                              self.recipe.embedding)
+
     # -- calibrate -------------------------------------------------------------------------------------
     def calibrate(self) -> CalibrationSet:
         cal = self.recipe.calibration
@@ -252,7 +265,8 @@ class RecipeRun:
         if recipe.budget is None or self.given.loaded is not None:
             return None
         budget = recipe.budget.model_dump(exclude={"bytes", "mib", "bits_per_weight", "solver"})
-        return {"model": model_identity(recipe.model.path), "dtype": recipe.model.dtype,
+        embedding = {"embedding": recipe.embedding.model_dump()} if recipe.embedding is not None else {}
+        return {**embedding, "model": model_identity(recipe.model.path), "dtype": recipe.model.dtype,
                 "windows": windows_fingerprint(calibration.windows), "budget": budget,
                 "choices": [[label, [[m, c.model_dump()] for m, c in steps]] for label, steps in recipe.budget_configs()],
                 "device": self.eval_context.device.type, "lrcompress": __version__}
@@ -323,7 +337,9 @@ class RecipeRun:
                                                     if not name.startswith(adapter.layers + "."))
                     staging.complete(outer, aliases, model.config, dtype, provenance.dump(), self.model.tokenizer,
                                      {"recipe.yaml": self.recipe_yaml},
-                                     source=self.model.loaded.local_dir or recipe.model.path)
+                                     source=self.model.loaded.local_dir or recipe.model.path,
+                                     outer_specs={name: module.spec() for name, module in compressed_modules(model)
+                                                  if not name.startswith(adapter.layers + ".")})
                 self.written_bytes = bytes_on_disk(staging.path)
         self.metrics.compression = compression_summary(records, self.params_before, unique_param_count(model),
                                                        self.written_bytes, dtype.itemsize)

@@ -51,6 +51,7 @@ RUNTIMES = ("transformers", "vllm")     # whose zero-point shape is written (mod
 SCHEMES = ("auto", "wna16", "w8a8")     # auto: wna16, except w8a8 for vllm where a width is not 4 bits
 INT8_MAX = 127                          # symmetric int8 grid of the w8a8 scheme: [−127, 127]
 FACTORED_KINDS = ("low_rank", "sparse_dict")   # may hold quantized factors (apply_to: factors): refused by name
+EMBEDDING_KINDS = ("quantized_embedding", "quantized_tied_head")   # the recipe's embedding key: refused by name
 
 
 def _require_compressed_tensors():
@@ -72,6 +73,11 @@ def quantized_targets(model: nn.Module, act_order: bool = False) -> dict[str, Qu
             raise CheckpointError(f"module {name} is {module.kind} with quantized factors: compressed-tensors has no "
                                   "layout for a quantized factor pair or quantized dictionary values (it quantizes "
                                   "one weight per linear); export it with `lrcompress export --dense` instead")
+        if module.kind in EMBEDDING_KINDS:
+            raise CheckpointError(f"module {name} is a quantized token embedding ({module.kind}, the recipe's "
+                                  "embedding key): lrcompress writes compressed-tensors for linear layers only, and "
+                                  "runtimes read the token embedding of such a checkpoint as a float tensor; export "
+                                  "with `lrcompress export --dense`, or compress without the embedding key")
         if not isinstance(module, QuantizedLinear):
             raise CheckpointError(f"module {name} is {module.kind}: the compressed-tensors export takes rtn/gptq "
                                   "quantized linears only (an EoRA run: export its base with --peft)")

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..modules import compressed_modules
+from ..modules import QuantizedEmbedding, compressed_modules, retie
 from ..modules.surgery import replace_submodule
 from .layout import GUARD_KEY, METADATA_KEY, QUANT_METHOD, QUANTIZATION_KEY, staged_directory
 
@@ -14,8 +14,11 @@ from .layout import GUARD_KEY, METADATA_KEY, QUANT_METHOD, QUANTIZATION_KEY, sta
 def densify(model: nn.Module) -> nn.Module:
     """Replace every compressed module by its plain equivalent (an nn.Linear, fused experts), in place,
     and drop what marks the model as an lrcompress checkpoint (so that it saves as a plain one)."""
-    for name, module in compressed_modules(model):
+    replaced = compressed_modules(model)
+    for name, module in replaced:
         replace_submodule(model, name, module.to_dense())
+    if any(isinstance(module, QuantizedEmbedding) for _, module in replaced):
+        retie(model)            # a tied head is the (now dense) embedding's tensor again
     forget_compression(model)
     return model
 

@@ -24,7 +24,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CheckpointError
-from ..modules import MODULE_KINDS, prepare_for_inference
+from ..modules import MODULE_KINDS, prepare_for_inference, untie
 from ..modules.surgery import replace_submodule
 from .layout import FORMAT_VERSION, GUARD_KEY, LOAD_GUARD, QUANT_METHOD
 from .reader import restore_aliases
@@ -65,6 +65,7 @@ class LrcompressQuantizer(HfQuantizer):
                 raise CheckpointError(f"module {name}: unknown compressed kind {spec.get('kind')!r}; "
                                       f"known: {sorted(MODULE_KINDS)}")
             replace_submodule(model, name, kind.from_spec(spec, dtype))
+        untie(model, list(self.quantization_config.modules))   # a quantized embedding and head: tied by aliases
         aliases = [re.escape(alias) + "$" for alias in self.quantization_config.tied]
         if aliases:      # stored once under another name: not missing (re-pointed after loading)
             model._keys_to_ignore_on_load_missing = [*(model._keys_to_ignore_on_load_missing or []), *aliases]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..modules import MODULE_KINDS, prepare_for_inference
+from ..modules import MODULE_KINDS, prepare_for_inference, untie
 from ..modules.surgery import replace_submodule
 from .layout import (CONFIG_NAME, FORMAT_VERSION, GUARD_KEY, METADATA_KEY, QUANTIZATION_KEY, lrcompress_block,
                      weight_files)
@@ -63,6 +63,7 @@ def build_skeleton(config_dict: dict, meta: dict, dtype: torch.dtype, source: st
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{source}, lrcompress block: module {name}: invalid {spec['kind']} spec "
                                   f"({type(error).__name__}: {error})") from None
+    untie(model, list(meta.get("modules", {})))      # a quantized embedding and head share their tensors themselves
     return model
 
 

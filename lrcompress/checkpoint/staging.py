@@ -140,10 +140,11 @@ class StagingDir:
 
     def complete(self, outer: dict[str, torch.Tensor], outer_aliases: dict[str, str], model_config: Any,
                  dtype: torch.dtype, provenance: dict[str, Any], tokenizer: Any, extra_files: dict[str, str],
-                 source: str | Path | None = None) -> None:
+                 source: str | Path | None = None, outer_specs: dict[str, dict[str, Any]] | None = None) -> None:
         """Write everything but the metrics: the tensors outside the layers, the index, config.json, the
         generation config and tokenizer files of ``source`` (copied unchanged) and ``extra_files``; then
-        mark the state ``written`` (last, durably)."""
+        mark the state ``written`` (last, durably). ``outer_specs``: the compressed modules outside the
+        layers (a quantized embedding and LM head)."""
         segments = [self.segment_info(layers) for layers in self.finished()]
         with disk_errors(f"writing the checkpoint into {self.path}", self.path):
             tmp = self.path / f"{OUTER_NAME}.tmp"
@@ -151,7 +152,7 @@ class StagingDir:
             replace_durably(tmp, self.path / OUTER_NAME)
             weight_map = {name: OUTER_NAME for name in outer}
             sizes = _nbytes(outer)
-            specs, aliases = {}, dict(outer_aliases)
+            specs, aliases = dict(outer_specs or {}), dict(outer_aliases)
             for info in segments:
                 file = f"{_stem(info['layers'])}.safetensors"
                 weight_map.update({name: file for name in info["tensors"]})

@@ -51,6 +51,18 @@ def fit_grid(group: torch.Tensor, bits: int, scale_dtype: ScaleDtype) -> tuple[t
     return scale, zero
 
 
+def fit_symmetric(group: torch.Tensor, bits: int, scale_dtype: ScaleDtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A symmetric grid for every row of ``group``: zero point 2^(bits−1), step max|w|/(2^(bits−1) − 1), so
+    that the codes span ±max|w| with 0 exact (llama.cpp's Q8_0 at 8 bits: d = max|w|/127). The lowest code
+    0 is never produced by rounding; the grid is one level narrower than the asymmetric one."""
+    half = 2 ** (bits - 1)
+    amax = group.to(torch.float64).abs().amax(dim=1)
+    amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+    storage = SCALE_FORMATS[scale_dtype][0]
+    scale = (amax / (half - 1)).clamp_min(torch.finfo(storage).tiny).to(storage).to(torch.float64)
+    return scale, torch.full_like(scale, float(half))
+
+
 def quantize(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes of ``values`` (rows × k, or rows,) on the grid of each row; int64."""
     if values.dim() == 2:
@@ -64,8 +76,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return (codes.to(torch.float64) - zero) * scale
 
 
-def round_to_nearest(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (out × in), scales and zeros (out × groups) of plain round-to-nearest quantization."""
+def round_to_nearest(weight: torch.Tensor, config: QuantConfig, symmetric: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (out × in), scales and zeros (out × groups) of plain round-to-nearest quantization, on the
+    asymmetric grid (``fit_grid``) or the symmetric one (``fit_symmetric``)."""
+    fit = fit_symmetric if symmetric else fit_grid
     out_features, in_features = weight.shape
     width = config.width(in_features)
     groups = math.ceil(in_features / width)
@@ -74,7 +89,7 @@ def round_to_nearest(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.T
     zeros = torch.empty_like(scales)
     for index in range(groups):
         columns = slice(index * width, min((index + 1) * width, in_features))
-        scale, zero = fit_grid(weight[:, columns], config.bits, config.scale_dtype)
+        scale, zero = fit(weight[:, columns], config.bits, config.scale_dtype)
         codes[:, columns] = quantize(weight[:, columns], scale, zero, config.bits)
         scales[:, index], zeros[:, index] = scale, zero
     return codes, scales, zeros

@@ -30,6 +30,20 @@ SCALE_FORMATS: dict[str, tuple[torch.dtype, torch.dtype]] = {
 }
 
 
+def register_codes(module: nn.Module, rows: int, columns: int, device: torch.device | str | None) -> None:
+    """The buffers of a rows × columns table of codes grouped along its rows, for a module whose ``bits``,
+    ``group_size`` and ``scale_dtype`` are set: ``qweight`` (packed), ``scales`` (raw float bits) and
+    ``zeros`` (uint8), both rows × groups. Shared by ``QuantizedLinear`` and ``QuantizedEmbedding``."""
+    if module.scale_dtype not in SCALE_FORMATS:
+        raise ValueError(f"scale_dtype must be one of {sorted(SCALE_FORMATS)}, got {module.scale_dtype!r}")
+    groups = math.ceil(columns / module.group_size)
+    raw = SCALE_FORMATS[module.scale_dtype][1]
+    module.register_buffer("qweight", torch.zeros(packed_bytes(rows * columns, module.bits), dtype=torch.uint8,
+                                                  device=device))
+    module.register_buffer("scales", torch.zeros(rows, groups, dtype=raw, device=device))
+    module.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8, device=device))
+
+
 class KernelOperands(NamedTuple):
     """What the device kernel reads: views of the module's buffers (no copy), ``scales`` as floats."""
 
@@ -56,18 +70,11 @@ class QuantizedLinear(CompressedLinear):
                  scale_dtype: str = "float16", bias: bool = False, act_order: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        if scale_dtype not in SCALE_FORMATS:
-            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_FORMATS)}, got {scale_dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.scale_dtype = bits, min(group_size, in_features), scale_dtype
         self.act_order = act_order
         self.dtype = dtype or torch.get_default_dtype()
-        groups = math.ceil(in_features / self.group_size)
-        raw = SCALE_FORMATS[scale_dtype][1]
-        self.register_buffer("qweight", torch.zeros(packed_bytes(out_features * in_features, bits),
-                                                    dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=raw, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        register_codes(self, out_features, in_features, device)
         if act_order:
             self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
         else:

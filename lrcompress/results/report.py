@@ -135,7 +135,7 @@ def render_report(metrics: RunMetrics, recipe_yaml: str, plots: list[str] | None
 
 def write_report(directory: Path, metrics: RunMetrics, recipe_yaml: str) -> Path:
     """report.md and its PNG plots (per-module error across depth, kept parameters) in ``directory``."""
-    modules = metrics.modules
+    modules = [m for m in metrics.modules if m.layer >= 0]     # across depth: the decoder layers' records
     plots = []
     if modules:
         plot_module_errors(modules, directory / "relative_error.png")
