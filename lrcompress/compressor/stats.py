@@ -65,6 +65,7 @@ class InputProducts:
         key = (inputs.data_ptr(), inputs.device, inputs.dtype, tuple(inputs.shape), inputs.stride(), version,
                dtype, torch.device(device))
         if self._value is None or key != self._key:
+            self.clear()            # the previous product goes before the next one is made: one at a time
             x = inputs.reshape(-1, inputs.shape[-1]).to(device=device, dtype=dtype)
             self._key, self._held, self._value = key, inputs, (x.T @ x, x.sum(dim=0), x.shape[0])
         return self._value
