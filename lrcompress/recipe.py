@@ -201,6 +201,26 @@ class RefineSpec(Section):
     revert_if_worse: bool = Field(True, description="undo a layer's refinement when its held-out loss did not drop")
 
 
+class DistillSpec(Section):
+    """``runtime.distill``: after the layer walk, a short end-to-end distillation of the compressed modules'
+    float factors toward the original model's next-token distributions on the calibration windows
+    (forward KL, lrcompress.pipeline.distill, docs/distill.md). Seeded from the recipe's ``seed``."""
+
+    epochs: int = Field(1, ge=1, description="passes over the training windows")
+    lr: float = Field(2e-5, gt=0.0, description="AdamW's peak learning rate (linear warm-up, then cosine decay to 0)")
+    batch_size: int = Field(4, ge=1, description="windows per AdamW step (gradients accumulated window by window)")
+    micro_batch: int = Field(1, ge=1, description="windows per forward/backward call (memory: the logits and the "
+                                                   "autograd graph of that many windows)")
+    held_out: float = Field(0.125, gt=0.0, lt=1.0, description="fraction of the calibration windows never trained on "
+                                                               "(spread over the mixture): the keep/revert guard")
+    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the steps with a linear warm-up of the lr")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay")
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both distributions (loss × T²)")
+    evals_per_epoch: int = Field(2, ge=1, description="held-out evaluations per epoch; the best state is kept")
+    revert_if_worse: bool = Field(True, description="keep the factors as compressed when no evaluated state beats "
+                                                    "them on the held-out windows")
+
+
 class BudgetStepSpec(Section):
     """A method and its options; a list value lists alternatives (``bits: [3, 4]`` with
     ``group_size: [32, 128]`` is four)."""
@@ -319,10 +339,15 @@ class RuntimeSpec(Section):
         None, description="refine each compressed layer toward the uncompressed model's layer outputs (a mapping "
                           "of RefineSpec keys, or true for the defaults; docs/refine.md)")
 
-    @field_validator("refine", mode="before")
+    distill: DistillSpec | None = Field(
+        None, description="after the layer walk, distil the compressed model's factors toward the original model's "
+                          "next-token distributions (a mapping of DistillSpec keys, or true for the defaults; "
+                          "docs/distill.md)")
+
+    @field_validator("refine", "distill", mode="before")
     @classmethod
     def _refine_switch(cls, value: Any) -> Any:
-        """``refine: true`` is the defaults, ``false`` (or null) is off."""
+        """``refine: true`` / ``distill: true`` is the defaults, ``false`` (or null) is off."""
         return {} if value is True else None if value is False else value
 
     @model_validator(mode="after")
@@ -330,6 +355,9 @@ class RuntimeSpec(Section):
         if self.refine is not None and not self.sequential:
             raise ValueError("runtime.refine needs runtime.sequential: true (a refined layer corrects the error "
                              "the compressed layers before it propagate, and its outputs feed the next layer)")
+        if self.distill is not None and self.lazy:
+            raise ValueError("runtime.distill trains the whole compressed model end to end and needs it resident; "
+                             "runtime.lazy: true holds one decoder layer at a time: drop one of them")
         return self
 
 

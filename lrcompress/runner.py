@@ -47,6 +47,8 @@ from .modules import compressed_modules
 from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, PipelineSettings, Stage, run_prepasses
 from .pipeline.allocation import allocate, needs_allocation
 from .pipeline.costs import RunCosts, check_fit, fit_refusals
+from .pipeline.distill import DistillConfig
+from .pipeline.distill_stage import DistillStage, describe_distill
 from .pipeline.bytebudget import BudgetCompressor, Choice
 from .pipeline.distributed import Collective, process_group
 from .pipeline.embedding import quantize_model_embedding
@@ -114,6 +116,7 @@ def run_recipe(recipe: Recipe, observer: PipelineObserver | None = None, data_di
         else:
             check_fit(costs, recipe)
         sources += describe_refine(recipe.runtime, recipe.calibration.num_samples, recipe.seed)
+        sources += describe_distill(recipe.runtime, recipe.calibration.num_samples, recipe.seed)
         if dry_run and not needs_allocation(stages):
             return RunResult(None, RunMetrics(), outer_plan + plan, data_sources=sources, costs=costs)
         # A dry run with a budget allocation loads the model and runs the spectra pre-pass (nothing written).
@@ -280,9 +283,13 @@ class RecipeRun:
         with self.timed("compress"), PeakMemory(torch.device("cpu")) as peak:
             if self.written:
                 records = restore_written(self.model.model, self.journal, self.model.layers())
+                self.metrics.distill = self._distill_stage(calibration).saved()
             else:
                 records = self._compress(calibration)
         self.metrics.refine = refine_summary(self.recipe.runtime.refine, records)   # from the records: resumed too
+        if self.metrics.distill is not None:
+            self.metrics.distill.pop("committed", None)
+            self.timing["distill"] = self.metrics.distill["seconds"] + self.metrics.distill["teacher_seconds"]
         self.metrics.memory = MemoryReport(compress=peak.report(), process_peak_rss_bytes=image_peak_rss_bytes(),
                                            lazy=self.model.lazy)
         return records
@@ -293,10 +300,27 @@ class RecipeRun:
         if prepass.reports:
             self.metrics.prepass = prepass.reports
             self.timing["prepass"] = prepass.seconds
+        distill = self._distill_stage(calibration)
+        if distill is not None:              # the teacher: the model as the walk receives it
+            distill.capture(self.model.model, walk.windows, self.recipe.runtime.batch_size)
         pipeline = LayerwisePipeline(walk, self.stages, precomputed=prepass.statistics, journal=self.journal)
         records = pipeline.run()
         self.metrics.output_matching = pipeline.stream.report()    # output matching's extra time and memory
+        if distill is not None:
+            self.observer.phase("distilling the compressed factors toward the original model's next-token "
+                                "distributions (runtime.distill)")
+            self.metrics.distill = distill.finish(self.model.model, walk.windows)
         return records
+
+    def _distill_stage(self, calibration: CalibrationSet) -> DistillStage | None:
+        """``runtime.distill``'s stage (None when it is off), seeded from the recipe's seed."""
+        spec = self.recipe.runtime.distill
+        if spec is None:
+            return None
+        config = DistillConfig(**spec.model_dump(), seed=self.recipe.seed)
+        return DistillStage(config, self.model.adapter, self.journal,
+                            self.collective.place(resolve_device(self.recipe.runtime.device)),
+                            self.collective.world_size)
 
     def _journal(self, calibration: CalibrationSet) -> StagedJournal | None:
         """The staging directory of the output, resumed when an interrupted run of this recipe left one."""

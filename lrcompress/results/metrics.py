@@ -101,7 +101,9 @@ class RunMetrics(Section):
     allocation: AllocationResult | None = None             # a stage with a budget allocation: the ranks chosen
     output_matching: OutputMatchingReport | None = None    # runtime.target: original: what it cost
     refine: dict[str, Any] | None = None                    # runtime.refine: pipeline.refine.refine_summary
-    OMITTED_WHEN_NONE = ("prepass", "memory", "provenance", "compression", "allocation", "output_matching", "refine")
+    distill: dict[str, Any] | None = None                   # runtime.distill: pipeline.distill_stage
+    OMITTED_WHEN_NONE = ("prepass", "memory", "provenance", "compression", "allocation", "output_matching", "refine",
+                         "distill")
 
     def save(self, path: Path) -> None:
         write_json(path, self.dump())

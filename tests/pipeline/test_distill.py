@@ -1,0 +1,115 @@
+"""``pipeline.distill``: end-to-end distillation of the compressed factors toward the original model's
+next-token distributions. On tiny random models of several families (soft-capped Gemma 2, Phi-3, an MoE
+with low-rank experts): the KL against the original drops on windows it never trained on, an absurd lr is
+reverted by the held-out guard, everything but the factors stays bit-identical, a run is deterministic,
+a family whose logits cannot be rebuilt and a non-finite gradient are refused with their cause named."""
+import copy
+import functools
+
+import pytest
+import torch
+
+from families import SEQ, family_model
+from lrcompress.compressor import get_compressor
+from lrcompress.errors import LrcompressError, NumericalError
+from lrcompress.models import adapter_for
+from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage
+from lrcompress.pipeline.distill import (DistillConfig, distill_model, kl_per_token, split_windows,
+                                         teacher_states)
+from lrcompress.pipeline.refine import trainable_parameters
+
+CALIBRATION = torch.randint(3, 259, (32, SEQ), generator=torch.Generator().manual_seed(1))
+UNSEEN = torch.randint(3, 259, (16, SEQ), generator=torch.Generator().manual_seed(2))
+CONFIG = DistillConfig(epochs=4, lr=3e-3, batch_size=4)       # 28 training windows: 7 steps per epoch
+
+
+@functools.cache
+def _compressed(family: str):
+    """(dense model, its compressed copy (whiten 0.6), the teacher states of the calibration windows)."""
+    dense = family_model(family)
+    model = copy.deepcopy(dense)
+    adapter = adapter_for(model)
+    teacher = teacher_states(model, adapter, CALIBRATION, 4, torch.device("cpu"))
+    whiten = get_compressor("whiten")
+    stage = Stage(0, whiten(whiten.Config(ratio=0.6)), ["*"], [])
+    LayerwisePipeline(LayerWalk(model, adapter, CALIBRATION, PipelineSettings(batch_size=4)), [stage]).run()
+    return dense, model, teacher
+
+
+def _fresh(family: str):
+    dense, model, teacher = _compressed(family)
+    return dense, copy.deepcopy(model), teacher
+
+
+@torch.no_grad()
+def _kl(model, dense, windows=UNSEEN) -> float:
+    return float(kl_per_token(model(input_ids=windows).logits, dense(input_ids=windows).logits))
+
+
+@pytest.mark.parametrize("family, lr, bound", [("llama", 3e-3, 0.9), ("qwen2", 3e-3, 0.9), ("gemma2", 3e-3, 0.9),
+                                              ("phi3", 3e-3, 0.9), ("qwen2_moe", 1e-3, 0.95)])
+def test_distillation_lowers_the_kl_on_text_it_did_not_train_on(family, lr, bound):
+    """Whiten 0.6, then 4 epochs. Measured KL on 16 unseen windows after/before: 0.62 (llama), 0.61 (qwen2),
+    0.81 (gemma2, soft-capped logits), 0.59 (phi3), 0.87 (qwen2_moe: its fused experts are not factorized,
+    only attention and the shared expert are; at 3e-3 every evaluated state was worse and the guard reverted).
+    The bounds leave room for platform rounding, not for no effect."""
+    dense, model, teacher = _fresh(family)
+    before = _kl(model, dense)
+    report = distill_model(model, adapter_for(model), CALIBRATION, teacher, CONFIG.model_copy(update={"lr": lr}))
+    assert _kl(model, dense) < bound * before
+    assert report.held_out_after < report.held_out_before and not report.reverted
+    assert report.steps == 28 and report.train_windows == 28 and report.held_out_windows == 4
+    assert len(report.curve) == 8 and report.kept_step in [c["step"] for c in report.curve]
+
+
+def test_the_guard_reverts_an_absurd_learning_rate_and_only_factors_change():
+    dense, model, teacher = _fresh("llama")
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    report = distill_model(model, adapter_for(model), CALIBRATION, teacher, CONFIG.model_copy(update={"lr": 5.0}))
+    assert report.reverted and report.kept_step == 0 and report.held_out_after == report.held_out_before
+    assert all(torch.equal(t, state[name]) for name, t in model.state_dict().items())
+    report = distill_model(model, adapter_for(model), CALIBRATION, teacher, CONFIG)
+    factors = {id(p) for p in trainable_parameters(adapter_for(model).decoder_layers(model), ["factors"])}
+    names = {name for name, p in model.named_parameters() if id(p) in factors}
+    changed = {name for name, t in model.state_dict().items() if not torch.equal(t, state[name])}
+    assert changed and changed <= names and all(n.endswith(("up.weight", "down.weight")) for n in changed)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_run_is_deterministic_and_the_model_keeps_its_dtypes():
+    dense, model, teacher = _fresh("qwen2")
+    other = copy.deepcopy(model).to(torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    config = CONFIG.model_copy(update={"epochs": 1})
+    first = distill_model(model, adapter_for(model), CALIBRATION, teacher, config)
+    second = distill_model(other, adapter_for(other), CALIBRATION, teacher, config)
+    assert first.curve == second.curve
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_non_finite_gradient_names_the_module():
+    dense, model, teacher = _fresh("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.down.weight[0, 0] = float("inf")
+    with pytest.raises(NumericalError, match=r"KL is nan|model\.layers\.\d\..*weight holds NaN/Inf"):
+        distill_model(model, adapter_for(model), CALIBRATION, teacher, CONFIG)
+
+
+def test_the_teacher_head_is_checked_against_the_models_logits(monkeypatch):
+    model = family_model("gemma2")
+    model.config.final_logit_softcapping = 0.05         # a cap the tiny model's logits reach (default 30)
+    adapter = adapter_for(model)
+    states = teacher_states(model, adapter, CALIBRATION[:6], 4, torch.device("cpu"))
+    assert states.shape == (6, SEQ, model.config.hidden_size) and states.dtype == torch.float32
+    monkeypatch.setattr(type(adapter), "head_logits", lambda self, m, h: m.lm_head(m.model.norm(h)))  # no soft-cap
+    with pytest.raises(LrcompressError, match="cannot be rebuilt"):
+        teacher_states(model, adapter, CALIBRATION[:4], 4, torch.device("cpu"))
+
+
+def test_held_out_windows_are_spread_over_the_set():
+    train, held = split_windows(32, 0.125)
+    assert held == [4, 12, 20, 28] and len(train) == 28 and not set(train) & set(held)
+    assert split_windows(2, 0.9) == ([0], [1])
+    with pytest.raises(LrcompressError, match="at least 2 calibration windows"):
+        split_windows(1, 0.5)
