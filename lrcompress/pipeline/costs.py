@@ -383,8 +383,51 @@ def _phases(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
         if recipe.eval.perplexity else 0.0
     if recipe.runtime.lazy:
         evaluation += (layers_written + (stored if recipe.eval.baseline else 0)) / rates.read
-    return {"load": load, "statistics": statistics, "decompositions": decompositions, "propagation": propagation,
-            "layer I/O": io, "evaluation": evaluation}
+    phases = {"load": load, "statistics": statistics, "decompositions": decompositions, "propagation": propagation,
+              "layer I/O": io, "evaluation": evaluation}
+    if recipe.runtime.distill is not None:
+        phases["distillation"] = distill_seconds(recipe, shape, rates)
+    return phases
+
+
+def _distill_windows(recipe: Recipe) -> tuple[int, int]:
+    """(training, held-out) windows of ``runtime.distill`` (``pipeline.distill.split_windows``'s count)."""
+    count = recipe.calibration.num_samples
+    held = min(count - 1, max(1, round(recipe.runtime.distill.held_out * count)))
+    return count - held, held
+
+
+def distill_seconds(recipe: Recipe, shape: ModelShape, rates: Rates) -> float:
+    """``runtime.distill``: the teacher's forward over every window, then per trained window a whole-model
+    forward and backward (≈ 3 forwards) with the LM head and the teacher's head, and the held-out evaluations
+    (before, and ``evals_per_epoch`` per epoch)."""
+    spec, cal = recipe.runtime.distill, recipe.calibration
+    if spec is None:
+        return 0.0
+    head = 2 * shape.vocab * shape.hidden * cal.seq_len / rates.forward(_dtype(shape))
+    window = sum(_forward_seconds(shape, cal.seq_len, cal.seq_len, rates, 1)) + head
+    train, held = _distill_windows(recipe)
+    evaluations = (1 + spec.epochs * spec.evals_per_epoch) * held * (window + head)
+    return cal.num_samples * window + spec.epochs * train * (3 * window + head) + evaluations
+
+
+def distill_bytes(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape) -> tuple[float, float]:
+    """(teacher states, training working set) of ``runtime.distill`` in bytes: the original model's last layer
+    outputs on every window (held from before the walk to the end), and during the training the gradients,
+    AdamW's two moments, the best and the initial state of the factors, the autograd graph of one micro-batch
+    through every layer, its logits (student, teacher, their log-softmaxes and the gradient) and a float32
+    copy of a model stored narrower."""
+    spec, cal = recipe.runtime.distill, recipe.calibration
+    if spec is None:
+        return 0.0, 0.0
+    teacher = cal.num_samples * cal.seq_len * shape.hidden * 4
+    factors = sum(p.params_after for p in plan if p.rank is not None) * 4 * 5
+    tokens = spec.micro_batch * cal.seq_len
+    heads = max(shape.attention_width // 128, 1)
+    graph = len(shape.layer_params) * tokens * (12 * shape.hidden + 4 * shape.mlp_width + heads * cal.seq_len) * 4
+    logits = 5 * tokens * shape.vocab * 4
+    upcast = shape.total_params * (4 - shape.itemsize)
+    return float(teacher), float(factors + graph + logits + upcast)
 
 
 # -- memory -------------------------------------------------------------------------------------------
@@ -459,6 +502,12 @@ def _memory(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
         weights_label = "model weights (resident)"
     compute = work["statistics"] + work["decomposition"]
     host = {"process": rates.process_bytes if device == "cpu" else CPU_RATES.process_bytes, weights_label: weights}
+    teacher, training = distill_bytes(recipe, plan, shape)
+    if runtime.distill is not None:     # the training runs after the walk: it adds what the walk's set does not cover
+        host["distillation teacher states"] = teacher
+        if device == "cpu":
+            host["distillation training (beyond the walk's working set)"] = max(
+                training - activations - compute - work["forward"], 0.0)
     device_parts: dict[str, float] = {}
     if device == "cpu":
         host["activations"] = float(activations)
@@ -471,6 +520,9 @@ def _memory(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
             host["activations"] = float(activations)
         device_parts.update({"layer": work["layer"], "statistics + largest decomposition": compute,
                              "forward batch": work["forward"], "CUDA context": 0.5 * GIB})
+        if runtime.distill is not None:   # the whole model moves to the device for the training
+            device_parts["distillation (the whole model, beyond the walk's working set)"] = max(
+                weights + training - work["layer"] - compute - work["forward"], 0.0)
     return host, device_parts
 
 
@@ -584,10 +636,15 @@ def _largest(parts: dict[str, float]) -> str:
 def _host_fix(costs: RunCosts, recipe: Recipe) -> str:
     term = max(costs.host_parts, key=costs.host_parts.get)
     if not recipe.runtime.lazy and term.startswith("model weights"):
+        if recipe.runtime.distill is not None:     # lazy mode cannot distil (the whole model trains at once)
+            return "runtime.distill needs the whole model resident: drop runtime.distill, or use a larger machine"
         return "set runtime.lazy: true (one decoder layer at a time)"
     if term == "activations":
         return (f"lower calibration.num_samples (now {recipe.calibration.num_samples})"
                 + (" or set runtime.device: cuda with offload_device: cuda" if recipe.runtime.device != "cpu" else ""))
+    if term.startswith("distillation"):
+        return (f"lower calibration.num_samples (now {recipe.calibration.num_samples}) or "
+                f"runtime.distill.micro_batch (now {recipe.runtime.distill.micro_batch}), or drop runtime.distill")
     if term == "forward batch":
         return f"lower runtime.batch_size (now {recipe.runtime.batch_size})"
     return ("the largest module's statistics and decomposition need it: use a machine with more memory, or "
