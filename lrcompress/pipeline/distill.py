@@ -104,10 +104,11 @@ def teacher_states(model: nn.Module, adapter: ArchitectureAdapter, windows: torc
     norm = model.get_submodule(adapter.final_norm)
     kept: list[torch.Tensor] = []
     handle = norm.register_forward_hook(lambda _m, args, _o: kept.append(args[0].detach().float().cpu()))
+    first: torch.Tensor | None = None
     try:
         for start in range(0, len(windows), batch):
             logits = model(input_ids=windows[start:start + batch].to(device), use_cache=False).logits
-            first = logits if start == 0 else first
+            first = logits if first is None else first
     finally:
         handle.remove()
     _check_head(model, adapter, kept[0].to(device), first)        # after: the check runs the final norm too
@@ -221,8 +222,11 @@ def _train(student: _Student, train: list[int], held: list[int], params: list[nn
         order = [train[i] for i in torch.randperm(len(train), generator=generator).tolist()]
         for position in range(per_epoch):
             step += 1
+            began = time.perf_counter()
             seen.append(_step(student, order[position * config.batch_size:(position + 1) * config.batch_size],
                               params, optimizer, step))
+            log.info("distill step %d/%d: KL %.4f, lr %.3g, %.1fs", step, total, seen[-1],
+                     optimizer.param_groups[0]["lr"], time.perf_counter() - began)
             schedule.step()
             if position + 1 in evals:
                 kl = student.mean_kl(held)
