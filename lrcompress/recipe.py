@@ -215,6 +215,9 @@ class DistillSpec(Section):
                                                                "(spread over the mixture): the keep/revert guard")
     warmup: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the steps with a linear warm-up of the lr")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay")
+    windows_scale: int = Field(1, ge=1, description="distil on this many times each calibration source's windows, "
+                                                    "drawn from the same texts with the calibration's seed (1: the "
+                                                    "calibration windows themselves)")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both distributions (loss × T²)")
     evals_per_epoch: int = Field(2, ge=1, description="held-out evaluations per epoch; the best state is kept")
     revert_if_worse: bool = Field(True, description="keep the factors as compressed when no evaluated state beats "

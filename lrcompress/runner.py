@@ -48,7 +48,7 @@ from .pipeline import LayerwisePipeline, ModuleRecord, PipelineObserver, Pipelin
 from .pipeline.allocation import allocate, needs_allocation
 from .pipeline.costs import RunCosts, check_fit, fit_refusals
 from .pipeline.distill import DistillConfig
-from .pipeline.distill_stage import DistillStage, describe_distill
+from .pipeline.distill_stage import DistillStage, describe_distill, distill_windows
 from .pipeline.bytebudget import BudgetCompressor, Choice
 from .pipeline.distributed import Collective, process_group
 from .pipeline.embedding import quantize_model_embedding
@@ -302,14 +302,16 @@ class RecipeRun:
             self.timing["prepass"] = prepass.seconds
         distill = self._distill_stage(calibration)
         if distill is not None:              # the teacher: the model as the walk receives it
-            distill.capture(self.model.model, walk.windows, self.recipe.runtime.batch_size)
+            windows = distill_windows(self.recipe.calibration, self.recipe.runtime.distill.windows_scale,
+                                      self.model.tokenizer, self.eval_context.data_directory, walk.windows)
+            distill.capture(self.model.model, windows, self.recipe.runtime.batch_size)
         pipeline = LayerwisePipeline(walk, self.stages, precomputed=prepass.statistics, journal=self.journal)
         records = pipeline.run()
         self.metrics.output_matching = pipeline.stream.report()    # output matching's extra time and memory
         if distill is not None:
             self.observer.phase("distilling the compressed factors toward the original model's next-token "
                                 "distributions (runtime.distill)")
-            self.metrics.distill = distill.finish(self.model.model, walk.windows)
+            self.metrics.distill = distill.finish(self.model.model, windows)
         return records
 
     def _distill_stage(self, calibration: CalibrationSet) -> DistillStage | None:

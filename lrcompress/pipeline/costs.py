@@ -392,7 +392,7 @@ def _phases(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape, rates:
 
 def _distill_windows(recipe: Recipe) -> tuple[int, int]:
     """(training, held-out) windows of ``runtime.distill`` (``pipeline.distill.split_windows``'s count)."""
-    count = recipe.calibration.num_samples
+    count = recipe.calibration.num_samples * recipe.runtime.distill.windows_scale
     held = min(count - 1, max(1, round(recipe.runtime.distill.held_out * count)))
     return count - held, held
 
@@ -408,7 +408,7 @@ def distill_seconds(recipe: Recipe, shape: ModelShape, rates: Rates) -> float:
     window = sum(_forward_seconds(shape, cal.seq_len, cal.seq_len, rates, 1)) + head
     train, held = _distill_windows(recipe)
     evaluations = (1 + spec.epochs * spec.evals_per_epoch) * held * (window + head)
-    return cal.num_samples * window + spec.epochs * train * (3 * window + head) + evaluations
+    return (train + held) * window + spec.epochs * train * (3 * window + head) + evaluations
 
 
 def distill_bytes(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape) -> tuple[float, float]:
@@ -420,7 +420,7 @@ def distill_bytes(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape) 
     spec, cal = recipe.runtime.distill, recipe.calibration
     if spec is None:
         return 0.0, 0.0
-    teacher = cal.num_samples * cal.seq_len * shape.hidden * 4
+    teacher = cal.num_samples * spec.windows_scale * cal.seq_len * shape.hidden * 4
     factors = sum(p.params_after for p in plan if p.rank is not None) * 4 * 5
     tokens = spec.micro_batch * cal.seq_len
     heads = max(shape.attention_width // 128, 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..checkpoint.layout import disk_errors, replace_durably, write_durable
 from ..checkpoint.shards import read_all
+from ..data.mixture import calibration_set
 from ..errors import LrcompressError
 from ..models import ArchitectureAdapter
 from .distill import DistillConfig, distill_model, split_windows, teacher_states
@@ -34,7 +36,7 @@ from .memory import PeakMemory
 from .refine import trainable_parameters
 
 if TYPE_CHECKING:
-    from ..recipe import RuntimeSpec
+    from ..recipe import CalibrationSpec, RuntimeSpec
 
 log = logging.getLogger(__name__)
 REPORT_NAME, TENSORS_NAME = "distill.json", "distill.safetensors"
@@ -125,6 +127,21 @@ class DistillStage:
         saved["committed"] = True
 
 
+def distill_windows(calibration: "CalibrationSpec", scale: int, tokenizer: Any, directory: Path | None,
+                    windows: torch.Tensor) -> torch.Tensor:
+    """The windows to distil on: the calibration's own (``windows``) at scale 1, else every source's
+    ``num_samples`` × ``scale`` windows drawn from the same text with the same seeds (``calibration_set``)."""
+    if scale == 1:
+        return windows
+    data = calibration.model_dump()
+    if calibration.sources is not None:
+        data["sources"] = [{**source, "num_samples": source["num_samples"] * scale} for source in data["sources"]]
+        data.pop("num_samples", None)
+    else:
+        data["num_samples"] = calibration.num_samples * scale
+    return calibration_set(type(calibration).model_validate(data), tokenizer, directory).windows
+
+
 def _trained(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[str, nn.Parameter]]:
     """(full name, parameter) of what the distillation trains, in a fixed order."""
     chosen = {id(p) for p in trainable_parameters(adapter.decoder_layers(model), ["factors"])}
@@ -152,7 +169,7 @@ def describe_distill(runtime: "RuntimeSpec", num_samples: int, seed: int) -> lis
     spec = runtime.distill
     if spec is None:
         return []
-    train, held = split_windows(max(num_samples, 2), spec.held_out)
+    train, held = split_windows(max(num_samples * spec.windows_scale, 2), spec.held_out)
     steps = -(-len(train) // spec.batch_size)
     return [f"runtime.distill: after the walk, every low-rank factor trained toward the original model's next-token "
             f"distributions (KL, teacher = its last layer's outputs kept before the walk): AdamW lr {spec.lr:g}, "

@@ -92,3 +92,12 @@ def test_the_dry_run_shows_it_and_several_processes_are_refused(two_layers, cali
     assert "AdamW lr 0.001" in line and "2 epoch(s) × 2 steps of 2 windows, 2 window(s) held out" in line
     with pytest.raises(LrcompressError, match="runtime.distill runs in one process; this run has 2"):
         DistillStage(DistillConfig(), None, None, torch.device("cpu"), world_size=2)
+
+
+def test_windows_scale_distils_on_more_windows_of_the_same_sources(two_layers, calibration_file, tmp_path):
+    recipe = _recipe(two_layers, calibration_file, tmp_path / "scaled",
+                     distill={**DISTILL, "epochs": 1, "windows_scale": 2})
+    line = next(s for s in run_recipe(recipe, dry_run=True).data_sources if s.startswith("runtime.distill"))
+    assert "1 epoch(s) × 4 steps of 2 windows, 4 window(s) held out" in line
+    report = json.loads((run_recipe(recipe).output_dir / "metrics.json").read_text())["distill"]
+    assert (report["train_windows"], report["held_out_windows"], report["steps"]) == (8, 4, 4)
