@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from lrcompress.models import adapter_for
 from lrcompress.models.loading import load_model
 from lrcompress.pipeline.distill import DistillConfig, distill_model, kl_per_token, teacher_states
 from lrcompress.recipe import load_recipe
-
 THIRD_TEXTS = {"lambada": ("lambada-openai/lambada_test.jsonl", "text"), "code": ("code/mbpp.jsonl", "code"),
                "wikitext2-test": ("wikitext2", "text"), "webtext-test": ("webtext", "text")}
 
@@ -55,20 +55,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--original", required=True)
-    parser.add_argument("--lr", type=float, nargs="+", default=[2e-5])
+    parser.add_argument("--lr", type=float, nargs="*", default=[2e-5],
+                        help="learning rates to try (none: only the checkpoint's KL on the texts)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--windows", type=int, default=8, help="windows of each third text")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")     # the per-step lines
     recipe = load_recipe(args.checkpoint / "recipe.yaml", [f"model.path={args.original}"])
     directory = data_dir(None, recipe.data_dir)
     original = load_model(args.original, "float32").model.eval()
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     windows = calibration_set(recipe.calibration, tokenizer, directory).windows
-    adapter = adapter_for(original)
-    started = time.perf_counter()
-    teacher = teacher_states(original, adapter, windows, recipe.runtime.batch_size, torch.device("cpu"))
-    print(f"teacher states: {len(windows)} windows, {time.perf_counter() - started:.1f}s", flush=True)
+    if args.lr:
+        started = time.perf_counter()
+        teacher = teacher_states(original, adapter_for(original), windows, recipe.runtime.batch_size,
+                                 torch.device("cpu"))
+        print(f"teacher states: {len(windows)} windows, {time.perf_counter() - started:.1f}s", flush=True)
     texts = {name: text_windows(tokenizer, name, directory, recipe.calibration.seq_len, args.windows)
              for name in THIRD_TEXTS}
     with torch.no_grad():
