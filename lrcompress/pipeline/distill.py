@@ -107,11 +107,14 @@ def teacher_states(model: nn.Module, adapter: ArchitectureAdapter, windows: torc
     first: torch.Tensor | None = None
     try:
         for start in range(0, len(windows), batch):
-            logits = model(input_ids=windows[start:start + batch].to(device), use_cache=False).logits
-            first = logits if first is None else first
+            ids = windows[start:start + batch].to(device)
+            if first is None:                  # the first window's logits, for the check; then none are needed
+                first = model(input_ids=ids, use_cache=False).logits[:1].clone()
+            else:                              # logits_to_keep=1: the LM head runs on one position only
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
-    _check_head(model, adapter, kept[0].to(device), first)        # after: the check runs the final norm too
+    _check_head(model, adapter, kept[0][:1].to(device), first)    # after: the check runs the final norm too
     return torch.cat(kept)
 
 
