@@ -50,6 +50,7 @@ GIB = 2**30
 DEFAULT_EVAL_TOKENS = 300_000      # a split's size when max_windows is not set (WikiText-2 test: ~290k tokens)
 EXPERT_COUNT_KEYS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
 DICTIONARY_ITERATIONS = {"cospadi": 4, "compot": 20}   # the methods' default K-SVD iterations / alternations
+TRAIN_FORWARDS = 2.5               # runtime.distill: a window's forward + backward, in forwards (distill_seconds)
 
 
 @dataclass(frozen=True)
@@ -399,8 +400,10 @@ def _distill_windows(recipe: Recipe) -> tuple[int, int]:
 
 def distill_seconds(recipe: Recipe, shape: ModelShape, rates: Rates) -> float:
     """``runtime.distill``: the teacher's forward over every window, then per trained window a whole-model
-    forward and backward (≈ 3 forwards) with the LM head and the teacher's head, and the held-out evaluations
-    (before, and ``evals_per_epoch`` per epoch)."""
+    forward and backward with the LM head and the teacher's head, and the held-out evaluations (before, and
+    ``evals_per_epoch`` per epoch). The backward computes input gradients through every layer but weight
+    gradients of the factors only: forward + backward measured 2.4 forwards on SmolLM2-135M (one CPU thread,
+    bench/history/distill-issue-26.md); counted as ``TRAIN_FORWARDS`` = 2.5."""
     spec, cal = recipe.runtime.distill, recipe.calibration
     if spec is None:
         return 0.0
@@ -408,7 +411,7 @@ def distill_seconds(recipe: Recipe, shape: ModelShape, rates: Rates) -> float:
     window = sum(_forward_seconds(shape, cal.seq_len, cal.seq_len, rates, 1)) + head
     train, held = _distill_windows(recipe)
     evaluations = (1 + spec.epochs * spec.evals_per_epoch) * held * (window + head)
-    return (train + held) * window + spec.epochs * train * (3 * window + head) + evaluations
+    return (train + held) * window + spec.epochs * train * (TRAIN_FORWARDS * window + head) + evaluations
 
 
 def distill_bytes(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape) -> tuple[float, float]:

@@ -20,8 +20,8 @@ def test_distillation_is_a_phase_and_two_host_terms(config_only, calibration_fil
     training = costs.host_parts["distillation training (beyond the walk's working set)"]
     assert training > 8e9 * 2                                        # at least the float32 upcast of a bf16 8B
     assert costs.peak_host_bytes == pytest.approx(plain.peak_host_bytes + teacher + training)
-    # 3 forwards per trained window (forward + backward), 2 epochs, 28 of 32 windows: over 2 · 28/32 · 3 propagations
-    assert costs.phases["distillation"] > 2 * 28 / 32 * 3 * plain.phases["propagation"]
+    # 2.5 forwards per trained window (forward + backward), 2 epochs, 28 of 32 windows: over 2 · 28/32 · 2.5 propagations
+    assert costs.phases["distillation"] > 2 * 28 / 32 * 2.5 * plain.phases["propagation"]
     longer = predicted(eight_b_recipe(config_only, calibration_file, tmp_path / "out", lazy=False,
                                       distill={"epochs": 4}))
     assert longer.phases["distillation"] > 1.8 * costs.phases["distillation"]
