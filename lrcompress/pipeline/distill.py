@@ -258,6 +258,8 @@ def distill_model(model: nn.Module, adapter: ArchitectureAdapter, windows: torch
                        {id(p): name for name, p in model.named_parameters()})
     with _trainable(model, params):
         before = student.mean_kl(held)
+        log.info("distill: %d trained values, %d training and %d held-out windows; held-out KL before %.4f",
+                 sum(p.numel() for p in params), len(train), len(held), before)
         report = DistillReport(parameters=sum(p.numel() for p in params), train_windows=len(train),
                                held_out_windows=len(held), steps=0, kept_step=0, reverted=False,
                                held_out_before=before, held_out_after=before)
