@@ -69,7 +69,6 @@ class DistillReport(BaseModel):
     reverted: bool
     held_out_before: float
     held_out_after: float
-    train_before: float | None = None
     curve: list[dict[str, float]] = []
     seconds: float = 0.0
     peak_memory_bytes: int | None = None
