@@ -31,24 +31,36 @@ from lrcompress.models.loading import load_model
 from lrcompress.pipeline.distill import DistillConfig, distill_model, kl_per_token, teacher_states
 from lrcompress.recipe import load_recipe
 THIRD_TEXTS = {"lambada": ("lambada-openai/lambada_test.jsonl", "text"), "code": ("code/mbpp.jsonl", "code"),
-               "wikitext2-test": ("wikitext2", "text"), "webtext-test": ("webtext", "text")}
+               "wikitext2-test": ("wikitext2", "text"), "webtext-test": ("webtext", "text"),
+               "lambada-passages": (), "webtext-short": ()}
 
 
-def text_windows(tokenizer, name: str, directory: Path, seq_len: int, count: int) -> torch.Tensor:
-    """The first ``count`` windows of one of ``THIRD_TEXTS`` (documents joined as the data layer joins them)."""
+def text_windows(tokenizer, name: str, directory: Path, seq_len: int, count: int) -> list[torch.Tensor]:
+    """The first ``count`` sequences of one of ``THIRD_TEXTS``: windows of ``seq_len`` (documents joined as the
+    data layer joins them); ``lambada-passages``: whole passages, each from position 0 (lm-eval's setting);
+    ``webtext-short``: the first 64 tokens of the web-text test windows, each from position 0."""
+    if name == "lambada-passages":
+        rows = [json.loads(line) for line in (directory / THIRD_TEXTS["lambada"][0]).read_text().splitlines()[:count * 8]]
+        return [tokenize(tokenizer, row["text"]).view(1, -1) for row in rows]
+    if name == "webtext-short":
+        return [w[:, :64] for w in text_windows(tokenizer, "webtext-test", directory, seq_len, count * 8)]
     dataset, column = THIRD_TEXTS[name]
     if name.endswith("-test"):
         source = load_text(dataset, "test", directory, text_column=column)
     else:
         source = load_text(str(directory / dataset), "test", directory, text_column=column)
-    return evaluation_windows(tokenize(tokenizer, source.text), seq_len, count, name)
+    return list(evaluation_windows(tokenize(tokenizer, source.text), seq_len, count, name).split(1))
 
 
 @torch.no_grad()
-def kl_against(student, teacher_logits: list[torch.Tensor], windows: torch.Tensor) -> float:
-    """Per-token KL(original ‖ ``student``) on ``windows``, one window at a time."""
-    return sum(float(kl_per_token(student(input_ids=windows[i:i + 1], use_cache=False).logits, teacher_logits[i]))
-               for i in range(len(windows))) / len(windows)
+def kl_against(student, teacher: list[torch.Tensor], sequences: list[torch.Tensor]) -> float:
+    """Per-token KL(original ‖ ``student``) over ``sequences`` (tokens weighted alike), one at a time; ``teacher``:
+    the original model's last layer outputs per sequence (its head is the student's: frozen)."""
+    adapter, total = adapter_for(student), 0.0
+    for ids, states in zip(sequences, teacher):
+        reference = adapter.head_logits(student, states)
+        total += float(kl_per_token(student(input_ids=ids, use_cache=False).logits, reference)) * ids.numel()
+    return total / sum(ids.numel() for ids in sequences)
 
 
 def main() -> None:
@@ -59,6 +71,8 @@ def main() -> None:
                         help="learning rates to try (none: only the checkpoint's KL on the texts)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--windows", type=int, default=8, help="windows of each third text")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[],
+                        help="other checkpoints whose KL on the same texts is reported (e.g. distilled runs)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")     # the per-step lines
@@ -74,12 +88,15 @@ def main() -> None:
         print(f"teacher states: {len(windows)} windows, {time.perf_counter() - started:.1f}s", flush=True)
     texts = {name: text_windows(tokenizer, name, directory, recipe.calibration.seq_len, args.windows)
              for name in THIRD_TEXTS}
-    with torch.no_grad():
-        references = {name: [original(input_ids=w[i:i + 1], use_cache=False).logits for i in range(len(w))]
-                      for name, w in texts.items()}
+    references = {name: [teacher_states(original, adapter_for(original), ids, 1, torch.device("cpu"))
+                         for ids in sequences] for name, sequences in texts.items()}
     compressed = lrcompress.load(args.checkpoint, kernels=False).eval()
     results = {"before": {name: kl_against(compressed, references[name], w) for name, w in texts.items()}}
     print("before", json.dumps(results["before"]), flush=True)
+    for other in args.compare:
+        model = lrcompress.load(other, kernels=False).eval()
+        results[str(other)] = {name: kl_against(model, references[name], w) for name, w in texts.items()}
+        print(other, json.dumps(results[str(other)]), flush=True)
     for lr in args.lr:
         model = copy.deepcopy(compressed)
         report = distill_model(model, adapter_for(model), windows, teacher,
