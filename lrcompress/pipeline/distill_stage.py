@@ -83,7 +83,7 @@ class DistillStage:
             if self.teacher is None:
                 raise RuntimeError("DistillStage.finish before capture")
             config = self.config
-            with _on(model, self.device), PeakMemory(torch.device("cpu")) as peak:
+            with _on(model, self.device), PeakMemory(self.device) as peak:
                 report = distill_model(model, self.adapter, windows, self.teacher, config)
             self.teacher = None
             saved = {**report.model_dump(), "teacher_seconds": self.teacher_seconds,
