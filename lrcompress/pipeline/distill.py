@@ -214,7 +214,7 @@ def _train(student: _Student, train: list[int], held: list[int], params: list[nn
     config = student.config
     per_epoch = math.ceil(len(train) / config.batch_size)
     total = config.epochs * per_epoch
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, config.warmup))
     evals = {round(per_epoch * (k + 1) / config.evals_per_epoch) for k in range(config.evals_per_epoch)}
     generator = torch.Generator().manual_seed(config.seed)
