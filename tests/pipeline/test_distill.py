@@ -18,15 +18,7 @@ from lrcompress.pipeline.distill import (DistillConfig, distill_model, kl_per_to
                                          teacher_states)
 from lrcompress.pipeline.refine import trainable_parameters
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: a whole-model backward of a tiny model is hundreds of small kernels, and on a shared
-    2-core machine two threads per kernel made these tests 50× slower (16 s against 0.3 s per distillation)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CALIBRATION = torch.randint(3, 259, (32, SEQ), generator=torch.Generator().manual_seed(1))
 UNSEEN = torch.randint(3, 259, (16, SEQ), generator=torch.Generator().manual_seed(2))

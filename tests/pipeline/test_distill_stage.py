@@ -22,17 +22,7 @@ from tiny_runs import tiny_recipe_dict
 DISTILL = {"epochs": 2, "lr": 1e-3, "batch_size": 2, "held_out": 0.34}     # 6 windows: 4 trained on, 2 held out
 IDS = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(5))
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: a whole-model backward of a tiny model is hundreds of small kernels, and on a shared
-    2-core machine two threads per kernel made these tests 50× slower (16 s against 0.3 s per distillation)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-pytestmark = pytest.mark.usefixtures("no_report")
+pytestmark = pytest.mark.usefixtures("no_report", "one_thread")
 
 
 @pytest.fixture(scope="module")
