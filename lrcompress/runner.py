@@ -283,7 +283,8 @@ class RecipeRun:
         with self.timed("compress"), PeakMemory(torch.device("cpu")) as peak:
             if self.written:
                 records = restore_written(self.model.model, self.journal, self.model.layers())
-                self.metrics.distill = self._distill_stage(calibration).saved()
+                distill = self._distill_stage(calibration)
+                self.metrics.distill = distill.saved() if distill is not None else None
             else:
                 records = self._compress(calibration)
         self.metrics.refine = refine_summary(self.recipe.runtime.refine, records)   # from the records: resumed too

@@ -101,3 +101,17 @@ def test_windows_scale_distils_on_more_windows_of_the_same_sources(two_layers, c
     assert "1 epoch(s) × 4 steps of 2 windows, 4 window(s) held out" in line
     report = json.loads((run_recipe(recipe).output_dir / "metrics.json").read_text())["distill"]
     assert (report["train_windows"], report["held_out_windows"], report["steps"]) == (8, 4, 4)
+
+
+def test_a_run_killed_while_evaluating_reports_its_distillation_when_resumed(two_layers, calibration_file, tmp_path,
+                                                                            monkeypatch):
+    from lrcompress.runner import RecipeRun
+
+    recipe = _recipe(two_layers, calibration_file, tmp_path / "resumed")
+    with monkeypatch.context() as patch:
+        patch.setattr(RecipeRun, "evaluate", _raise)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe)
+    monkeypatch.setattr(distill_stage, "distill_model", _raise)      # nothing may be trained again
+    report = json.loads((run_recipe(recipe).output_dir / "metrics.json").read_text())["distill"]
+    assert report["steps"] == 4 and "committed" not in report
