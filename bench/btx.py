@@ -211,7 +211,7 @@ class TrainSettings:
     batch: int = 2
     lr: float = 2e-4
     seed: int = 0
-    schedule: str = "constant"       # "constant" | "cosine" (linear warm-up, cosine decay to 0)
+    schedule: str = "constant"       # "constant" | "cosine" (linear warm-up, cosine decay to ~0)
     warmup: int = 0                  # warm-up steps of the cosine schedule
     draw: str = "random"             # "random": windows with replacement | "epochs": a fresh permutation per pass
     loss_positions: int = 0          # 0: every position | k: k seeded random positions per window
@@ -226,8 +226,8 @@ class TrainSettings:
 
 
 def learning_rate_factor(step: int, settings: TrainSettings) -> float:
-    """The rate multiplier at ``step`` (0-based): 1, or linear warm-up to 1 then cosine decay to 0 at the
-    last step."""
+    """The rate multiplier at ``step`` (0-based): 1, or a linear warm-up to 1 over ``warmup`` steps, then a
+    cosine decay that would reach 0 one step after the last."""
     if settings.schedule == "constant":
         return 1.0
     if step < settings.warmup:
