@@ -27,7 +27,7 @@ def test_table_gives_the_mean_and_range_over_seeds_and_reads_records_without_a_s
     out = capsys.readouterr().out
     line = next(row for row in out.splitlines() if row.startswith("| prune: frequency"))
     assert "| 2 |" in line and "34.50 (33.00–36.00)" in line and "1.150× (1.100×–1.200×)" in line
-    assert "0.1500 (0.1000–0.2000)" in line and "| 40.00 | 3.00 |" in line        # book, code: sorted
+    assert "0.1500 (0.1000–0.2000) | – |" in line and "| 40.00 | 3.00 |" in line        # book, code: sorted
 
 
 def test_windows_perplexity_is_the_models_own_loss():
@@ -61,3 +61,21 @@ def test_fixture_splits_rebuild_the_builds_split_and_calibration_never_reads_hel
     (tmp_path / "fixture_info.json").write_text(json.dumps({"arguments": {**arguments, "domains": None}}))
     with pytest.raises(SystemExit, match="not built with --domains"):
         fixture_splits(tmp_path, byte_tokenizer())
+
+
+def test_held_out_block_error_is_zero_for_the_unreduced_model_and_grows_with_a_change():
+    from btx import assemble, mlp_weights
+    from submoe_table import block_errors, block_reference
+
+    dense = tiny_model("llama", num_hidden_layers=2)
+    experts = {i: [mlp_weights(dense.model.layers[i].mlp)] * 4 for i in (0, 1)}
+    routers = {i: torch.randn(4, dense.config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in (0, 1)}
+    moe = assemble(dense, experts, routers, top_k=2)
+    held = {"a": torch.randint(3, 250, (3, 16)), "b": torch.randint(3, 250, (3, 16))}
+    reference = block_reference(moe, held, 2)
+    assert {i: x.shape for i, (x, _) in reference.items()} == {0: (4, 16, 64), 1: (4, 16, 64)}
+    assert block_errors(moe, reference) == {0: 0.0, 1: 0.0}
+    with torch.no_grad():
+        moe.model.layers[1].mlp.experts.down_proj[0] *= 1.5
+    errors = block_errors(moe, reference)
+    assert errors[0] == 0.0 and errors[1] > 0.01
