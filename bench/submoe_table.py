@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -251,8 +252,9 @@ def print_table(path: Path) -> None:
     print(f"Machine: {platform.machine()}, torch {torch.__version__}; threads as recorded per row\n")
     print("| method | experts | seeds | block params | perplexity | ppl / fixture | mean block rel. error | "
           "held-out block error | "
-          + "".join(f"{t} acc | " for t in tasks) + "".join(f"{d} ppl | " for d in domains) + "compress s |")
-    print("|---|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + len(domains)) + "---|")
+          + "".join(f"{t} acc | " for t in tasks) + "".join(f"{d} ppl | " for d in domains)
+          + ("domains' geometric mean | " if domains else "") + "compress s |")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + len(domains) + bool(domains)) + "---|")
     for label, kept in keys:
         mine = [r for (run_label, k, _, _), r in records.items() if (run_label, k) == (label, kept)]
         ppl = [r["perplexity"] for r in mine if r["measure"] == "ppl"]
@@ -264,6 +266,9 @@ def print_table(path: Path) -> None:
                  _spread([sum(e.values()) / len(e) for r in mine if (e := r.get("held_out_block_rel_error"))], "{:.4f}")]
         cells += [_spread([r["tasks"][t]["acc"] for r in mine if t in r.get("tasks", {})], "{:.3f}") for t in tasks]
         cells += [_spread([r["domains"][d] for r in mine if d in r.get("domains", {})], "{:.2f}") for d in domains]
+        if domains:
+            cells.append(_spread([math.exp(sum(math.log(v) for v in r["domains"].values()) / len(r["domains"]))
+                                  for r in mine if r.get("domains")], "{:.2f}"))
         cells.append(f"{sum(r.get('compress_s', 0) for r in per_seed.values()) / len(per_seed):.0f}")
         print("| " + " | ".join(cells) + " |")
     protocol = next((r["protocol"] for r in records.values() if "protocol" in r), "")

@@ -27,7 +27,7 @@ def test_table_gives_the_mean_and_range_over_seeds_and_reads_records_without_a_s
     out = capsys.readouterr().out
     line = next(row for row in out.splitlines() if row.startswith("| prune: frequency"))
     assert "| 2 |" in line and "34.50 (33.00–36.00)" in line and "1.150× (1.100×–1.200×)" in line
-    assert "0.1500 (0.1000–0.2000) | – |" in line and "| 40.00 | 3.00 |" in line        # book, code: sorted
+    assert "0.1500 (0.1000–0.2000) | – |" in line and "| 40.00 | 3.00 | 10.95 |" in line        # book, code: sorted
 
 
 def test_windows_perplexity_is_the_models_own_loss():
