@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -178,6 +179,11 @@ class Trunk:
 
     def suffix(self, hidden: torch.Tensor, hook_layers: dict[int, list[torch.Tensor]] | None = None) -> torch.Tensor:
         """Logits from the hidden states at layer ``start``; ``hook_layers``: collect the MLP inputs."""
+        return self.model.lm_head(self.final_hidden(hidden, hook_layers))
+
+    def final_hidden(self, hidden: torch.Tensor, hook_layers: dict[int, list[torch.Tensor]] | None = None
+                     ) -> torch.Tensor:
+        """The final norm's output (the head's input) from the hidden states at layer ``start``."""
         pe = self._positions(hidden)
         h = hidden
         for index, layer in enumerate(self.model.model.layers[self.start:], self.start):
@@ -188,7 +194,7 @@ class Trunk:
                 handle.remove()
             else:
                 h = layer(h, attention_mask=None, position_ids=pe[0], position_embeddings=pe[1])
-        return self.model.lm_head(self.model.model.norm(h))
+        return self.model.model.norm(h)
 
     def _positions(self, h: torch.Tensor):
         position_ids = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
@@ -197,19 +203,80 @@ class Trunk:
 
 @dataclass
 class TrainSettings:
+    """How one expert is trained. The defaults are issue 15's (constant rate, windows drawn with
+    replacement, the loss on every position); issue 32's specialists use ``schedule="cosine"``,
+    ``draw="epochs"`` and ``loss_positions`` (see ``train_expert``)."""
+
     steps: int = 60
     batch: int = 2
     lr: float = 2e-4
     seed: int = 0
+    schedule: str = "constant"       # "constant" | "cosine" (linear warm-up, cosine decay to ~0)
+    warmup: int = 0                  # warm-up steps of the cosine schedule
+    draw: str = "random"             # "random": windows with replacement | "epochs": a fresh permutation per pass
+    loss_positions: int = 0          # 0: every position | k: k seeded random positions per window
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine") or self.draw not in ("random", "epochs"):
+            raise ValueError(f"unknown schedule {self.schedule!r} or draw {self.draw!r}")
+        if self.schedule == "constant" and self.warmup:
+            raise ValueError("warm-up needs schedule='cosine'")
+        if not 0 <= self.warmup < self.steps or self.loss_positions < 0:
+            raise ValueError("warmup must be in [0, steps) and loss_positions >= 0")
+
+
+def learning_rate_factor(step: int, settings: TrainSettings) -> float:
+    """The rate multiplier at ``step`` (0-based): 1, or a linear warm-up to 1 over ``warmup`` steps, then a
+    cosine decay that would reach 0 one step after the last."""
+    if settings.schedule == "constant":
+        return 1.0
+    if step < settings.warmup:
+        return (step + 1) / (settings.warmup + 1)
+    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def window_draws(windows: int, settings: TrainSettings, generator: torch.Generator) -> torch.Tensor:
+    """steps × batch window indices: with replacement, or passes over a fresh permutation each (every
+    window is seen once before any is seen twice)."""
+    total = settings.steps * settings.batch
+    if settings.draw == "random":
+        return torch.randint(windows, (settings.steps, settings.batch), generator=generator)
+    passes = -(-total // windows)
+    return torch.cat([torch.randperm(windows, generator=generator) for _ in range(passes)])[:total].reshape(
+        settings.steps, settings.batch)
+
+
+def next_token_loss(trunk: Trunk, hidden: torch.Tensor, ids: torch.Tensor, positions: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Mean next-token loss of the windows; with ``positions`` = k > 0 on k positions per window drawn
+    uniformly without replacement (seeded): an unbiased estimate of the full loss whose head costs k/L of
+    the full one (every position still runs through the layers and feeds the attention)."""
+    final = trunk.final_hidden(hidden)[:, :-1]
+    targets = ids[:, 1:]
+    if positions and positions < final.shape[1]:
+        pick = torch.stack([torch.randperm(final.shape[1], generator=generator)[:positions]
+                            for _ in range(final.shape[0])])
+        final = torch.gather(final, 1, pick[..., None].expand(-1, -1, final.shape[-1]))
+        targets = torch.gather(targets, 1, pick)
+    logits = trunk.model.lm_head(final)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def train_expert(trunk: Trunk, layers: list[int], hidden: torch.Tensor, targets: torch.Tensor,
                  settings: TrainSettings, on_step: Callable[[int], None] | None = None
                  ) -> tuple[dict[int, tuple[torch.Tensor, ...]], list[float]]:
     """Fine-tune a copy of the MLPs of ``layers`` on (hidden at the trunk's start, token ids) windows
-    with AdamW (constant rate, no weight decay), next-token loss; every other weight is frozen.
+    with AdamW (no weight decay), next-token loss; every other weight is frozen.
     The model is left unchanged. Returns the trained (gate, up, down) per layer and the loss curve.
-    ``on_step(step)`` runs after every step (1-based) while the trained copy is in the model (snapshots)."""
+    ``on_step(step)`` runs after every step (1-based) while the trained copy is in the model (snapshots).
+
+    Why the cosine schedule (issue 32): at a constant rate the experts drift apart only slowly
+    (≈ steps^0.43) while the late, noisy steps turn the held-out loss back up; a high peak rate moves the
+    weights far early, and the decay to 0 removes the step noise at the end (annealing), so distance and
+    held-out quality stop pulling against each other. ``draw="epochs"`` keeps a domain's windows from
+    repeating before all were seen; ``loss_positions`` cuts the 49k-vocabulary head's cost, ≈ 80% of a
+    full-loss step (bench/history/issue32-submoe.md)."""
     model = trunk.model
     originals = {i: copy.deepcopy(model.model.layers[i].mlp) for i in layers}
     for p in model.parameters():
@@ -219,12 +286,12 @@ def train_expert(trunk: Trunk, layers: list[int], hidden: torch.Tensor, targets:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(settings.seed)
+    draws = window_draws(len(hidden), settings, g)
     losses = []
-    for _ in range(settings.steps):
-        pick = torch.randint(len(hidden), (settings.batch,), generator=g)
-        logits = trunk.suffix(hidden[pick])
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                           targets[pick][:, 1:].reshape(-1))
+    for step, pick in enumerate(draws):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * learning_rate_factor(step, settings)
+        loss = next_token_loss(trunk, hidden[pick], targets[pick], settings.loss_positions, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -343,12 +410,20 @@ def build(dense: nn.Module, tokenizer, text: str, settings: BuildSettings,
     return model, info
 
 
+class BuildPaused(Exception):
+    """``max_new_experts`` experts were trained and checkpointed; the next run resumes after them."""
+
+
 def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: BuildSettings,
-                       progress=lambda message: None, checkpoints: Path | None = None) -> tuple[nn.Module, dict]:
+                       progress=lambda message: None, checkpoints: Path | None = None,
+                       max_new_experts: int | None = None, prefix_cache: Path | None = None
+                       ) -> tuple[nn.Module, dict]:
     """One expert per domain split, a router per MoE layer, the assembled MoE and its record.
 
     With ``checkpoints`` every trained expert is saved there (``expert-<i>-<name>.pt``, with a fingerprint
-    of its settings and training windows) and reused on the next run: an interrupted build resumes."""
+    of its settings and training windows) and reused on the next run: an interrupted build resumes.
+    ``max_new_experts``: raise ``BuildPaused`` before training one more than that (a bounded job stops
+    cleanly between experts); ``prefix_cache``: see ``cached_prefix``."""
     layers = sorted(settings.moe_layers)
     if not layers:
         raise ValueError("no MoE layers chosen")
@@ -357,27 +432,36 @@ def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: Bu
     dense.eval()
     trunk = Trunk(dense, layers[0])
     experts: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in layers}
-    curves = []
+    curves, new, own_losses = [], 0, {}
     for domain, split in enumerate(splits):
         train = TrainSettings(**{**vars(settings.train), "seed": settings.seed + domain})
         path = checkpoints / f"expert-{domain}-{split.name}.pt" if checkpoints is not None else None
         fingerprint = expert_fingerprint(layers, train, split.train)
         saved = torch.load(path) if path is not None and path.exists() else None
         if saved is not None and saved["fingerprint"] == fingerprint:
-            trained, losses = saved["trained"], saved["losses"]
+            trained, losses, own = saved["trained"], saved["losses"], saved.get("own_held_out_loss")
             progress(f"domain {domain} ({split.name}): reused {path.name}")
         else:
+            if max_new_experts is not None and new >= max_new_experts:
+                raise BuildPaused(f"{new} new experts trained; stopped before domain {domain} ({split.name})")
             started = time.perf_counter()
-            trained, losses = train_expert(trunk, layers, trunk.prefix(split.train), split.train, train)
+            hidden = cached_prefix(trunk, split.train, prefix_cache)
+            progress(f"domain {domain} ({split.name}): prefix of {len(split.train)} windows "
+                     f"({time.perf_counter() - started:.0f} s)")
+            trained, losses = train_expert(trunk, layers, hidden, split.train, train)
+            own = expert_loss(trunk, trained, split.held_out) if len(split.held_out) else None
+            new += 1
             progress(f"domain {domain} ({split.name}): loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} "
                      f"({time.perf_counter() - started:.0f} s)")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"fingerprint": fingerprint, "trained": trained, "losses": losses}, path.with_suffix(".tmp"))
+                torch.save({"fingerprint": fingerprint, "trained": trained, "losses": losses, "own_held_out_loss": own},
+                           path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").replace(path)
         for i in layers:
             experts[i].append(tuple(trained[i]))
         curves.append(losses)
+        own_losses[split.name] = own
     routers, accuracy = fit_routers(trunk, layers, splits)
     dense_mlps = {i: mlp_weights(dense.model.layers[i].mlp) for i in layers}
     act = dense.model.layers[layers[0]].mlp.act_fn
@@ -391,7 +475,7 @@ def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: Bu
             "loss_first": [c[0] for c in curves], "loss_last5": [sum(c[-5:]) / len(c[-5:]) for c in curves],
             "router_top1_domain_accuracy": accuracy["in_sample"],
             "router_top1_domain_accuracy_out_of_sample": accuracy["out_of_sample"],
-            "expert_differences": differences}
+            "expert_differences": differences, "expert_own_held_out_loss": own_losses}
     return model, info
 
 
@@ -436,18 +520,57 @@ def fit_routers(trunk: Trunk, layers: list[int], splits: list[DomainSplit]
     return routers, {"in_sample": in_sample, "out_of_sample": out_of_sample}
 
 
-def held_out_loss(trunk: Trunk, ids: torch.Tensor, batch: int = 4) -> float:
-    """Mean next-token loss of the trunk's model on ``ids`` (N × seq_len)."""
+def held_out_loss(trunk: Trunk, ids: torch.Tensor, batch: int = 4, hidden: torch.Tensor | None = None) -> float:
+    """Mean next-token loss of the trunk's model on ``ids`` (N × seq_len); ``hidden``: their prefix
+    output, if already computed."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for chunk in ids.split(batch):
-            logits = trunk.suffix(trunk.prefix(chunk))
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            h = hidden[start:start + batch] if hidden is not None else trunk.prefix(chunk)
+            logits = trunk.suffix(h)
             loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                chunk[:, 1:].reshape(-1), reduction="sum")
             total, count = total + float(loss), count + chunk[:, 1:].numel()
     return total / count
 
 
-__all__ = ["BuildSettings", "DomainSplit", "Trunk", "TrainSettings", "assemble", "build", "build_from_domains",
-           "domain_labels", "domain_windows", "expert_differences", "fit_router", "fit_routers", "held_out_loss",
-           "mlp_weights", "moe_config", "paragraphs", "router_features", "train_expert"]
+def expert_loss(trunk: Trunk, trained: dict[int, tuple[torch.Tensor, ...]], ids: torch.Tensor) -> float:
+    """``held_out_loss`` of the dense model with the MLPs of ``trained``'s layers replaced by one expert's
+    (gate, up, down): the expert alone on ``ids``, as against the dense MLP. The model is left unchanged."""
+    mlps = {i: trunk.model.model.layers[i].mlp for i in trained}
+    saved = {i: mlp_weights(m) for i, m in mlps.items()}
+    try:
+        for i, weights in trained.items():
+            for linear, w in zip((mlps[i].gate_proj, mlps[i].up_proj, mlps[i].down_proj), weights):
+                linear.weight.data.copy_(w)
+        return held_out_loss(trunk, ids)
+    finally:
+        for i, weights in saved.items():
+            for linear, w in zip((mlps[i].gate_proj, mlps[i].up_proj, mlps[i].down_proj), weights):
+                linear.weight.data.copy_(w)
+
+
+def cached_prefix(trunk: Trunk, windows: torch.Tensor, cache: Path | None) -> torch.Tensor:
+    """``trunk.prefix(windows)``, saved under ``cache`` (named by the split layer and the windows' hash)
+    and reused: the frozen prefix costs as much as the training itself, and a pilot's domains recur in
+    the build."""
+    import hashlib
+
+    if cache is None:
+        return trunk.prefix(windows)
+    digest = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    path = cache / f"prefix-{trunk.start}-{tuple(windows.shape)}-{digest}.pt".replace(" ", "")
+    if path.exists():
+        return torch.load(path)
+    hidden = trunk.prefix(windows)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(hidden, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return hidden
+
+
+__all__ = ["BuildPaused", "BuildSettings", "DomainSplit", "Trunk", "TrainSettings", "assemble", "build", "build_from_domains",
+           "cached_prefix", "domain_labels", "domain_windows", "expert_differences", "expert_loss", "fit_router", "fit_routers", "held_out_loss",
+           "learning_rate_factor", "mlp_weights", "moe_config", "next_token_loss", "paragraphs", "router_features",
+           "train_expert", "window_draws"]

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from btx import (BuildSettings, TrainSettings, build, build_from_domains,     # bench/btx.py, beside this script
-                 dense_equivalence_error)
+from btx import (BuildPaused, BuildSettings, TrainSettings, build,     # bench/btx.py, beside this script
+                 build_from_domains, dense_equivalence_error)
 
 from lrcompress.data import data_dir, load_text
 from lrcompress.eval import EvalContext, perplexity
@@ -76,7 +76,17 @@ def main() -> None:
     parser.add_argument("--router-windows", type=int, default=8)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=2e-4, help="(peak) rate")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                        help="cosine: linear warm-up, cosine decay to 0 (issue 32's specialists; btx.train_expert)")
+    parser.add_argument("--warmup", type=int, default=0, help="warm-up steps of --schedule cosine")
+    parser.add_argument("--draw", default="random", choices=["random", "epochs"],
+                        help="training windows with replacement, or every window once per pass")
+    parser.add_argument("--loss-positions", type=int, default=0,
+                        help="next-token loss on this many random positions per window (0: all)")
+    parser.add_argument("--max-new-experts", type=int, default=None,
+                        help="train at most this many experts, then stop (exit 3; a rerun resumes)")
+    parser.add_argument("--prefix-cache", default=None, help="directory of cached frozen-prefix outputs")
     parser.add_argument("--domains", default=None, help="comma-separated domains by construction "
                         "(bench/btx_domains.py; --experts must equal their number); default: k-means of --train-data")
     parser.add_argument("--router-test-windows", type=int, default=4, help="--domains: router accuracy windows")
@@ -93,8 +103,14 @@ def main() -> None:
     settings = BuildSettings(experts=args.experts, top_k=args.top_k, moe_layers=layer_list(args.layers),
                              seq_len=args.seq_len, windows_per_domain=args.windows_per_domain,
                              router_windows=args.router_windows, seed=args.seed,
-                             train=TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed))
-    recorded = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
+                             train=TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                                 schedule=args.schedule, warmup=args.warmup, draw=args.draw,
+                                                 loss_positions=args.loss_positions))
+    # what does not change the result is not recorded; the new training options only when set (so that
+    # issue 15's recorded arguments still match)
+    ignored = ("out", "threads", "max_new_experts", "prefix_cache")
+    defaults = {"schedule": "constant", "warmup": 0, "draw": "random", "loss_positions": 0}
+    recorded = {k: v for k, v in vars(args).items() if k not in ignored and defaults.get(k, object()) != v}
     info_path = out / "fixture_info.json"
     if info_path.exists() and json.loads(info_path.read_text()).get("arguments") == recorded:
         print(f"{out}: already built with these settings")
@@ -122,7 +138,13 @@ def main() -> None:
     equivalence = dense_equivalence_error(dense, list(settings.moe_layers), settings.experts, settings.top_k, probe)
     print(f"Qwen2-MoE with every expert = the dense MLP: max |logit diff| vs dense {equivalence:.2e}", flush=True)
     if args.domains:
-        moe, info = build_from_domains(dense, splits, settings, progress, checkpoints=out / "experts")
+        try:
+            moe, info = build_from_domains(dense, splits, settings, progress, checkpoints=out / "experts",
+                                           max_new_experts=args.max_new_experts,
+                                           prefix_cache=Path(args.prefix_cache) if args.prefix_cache else None)
+        except BuildPaused as paused:
+            print(f"paused: {paused}; rerun the same command to resume", flush=True)
+            sys.exit(3)
         info["held_out_loss"] = domain_losses(dense, moe, splits, settings)
     else:
         moe, info = build(dense, tokenizer, source.text, settings, progress)

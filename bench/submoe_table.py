@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -54,6 +55,10 @@ def rows(dagger_ratio: float) -> list[tuple[str, str | None, dict[str, Any]]]:
          {"ratio": dagger_ratio, "rank_allocation": "layers"}),
         ("Sub-MoE clusters + RegMean, ridge towards the average", "submoe",
          {"merge": "regmean", "regmean_prior": "average"}),
+        # issue 32, item 2: the shared subspace's rank (the default above is min(out, in))
+        ("Sub-MoE, subspace_energy 0.9", "submoe", {"subspace_energy": 0.9}),
+        ("Sub-MoE, subspace_budget 0.5, uniform", "submoe", {"subspace_budget": 0.5}),
+        ("Sub-MoE, subspace_budget 0.5, layers", "submoe", {"subspace_budget": 0.5, "rank_allocation": "layers"}),
     ]
 
 
@@ -87,7 +92,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSONL of finished rows (appended; resumable)")
     parser.add_argument("--kept", default=None, help="experts kept, e.g. 6,4 (default: ¾E and ½E)")
     parser.add_argument("--num-samples", type=int, default=16, help="calibration windows of 512 tokens")
-    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--max-windows", type=int, default=40, help="WikiText-2 test windows (0: no WikiText-2 ppl)")
+    parser.add_argument("--calibration", default="wikitext2", choices=["wikitext2", "domains"],
+                        help="domains: per seed, --per-domain windows drawn from each domain's router-fit and "
+                        "router-test windows (a fixture built with --domains; never its held-out windows)")
+    parser.add_argument("--per-domain", type=int, default=4, help="--calibration domains: windows per domain")
+    parser.add_argument("--block-windows", type=int, default=2,
+                        help="--domains: held-out windows per domain for the MoE blocks' output error")
     parser.add_argument("--tasks", default="", help="lm-eval zero-shot tasks, e.g. arc_easy,piqa (empty: none)")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--dagger-ratio", type=float, default=0.3)
@@ -108,63 +119,115 @@ def main() -> None:
     loaded = load_model(args.fixture)
     experts = getattr(loaded.model.config, expert_count_key(loaded.model.config))
     kept_list = [int(k) for k in args.kept.split(",")] if args.kept else [round(0.75 * experts), experts // 2]
-    text = load_text("wikitext2", "validation", data_dir(None, None))
-    tokens = tokenize(loaded.tokenizer, text.text)
     seeds = [int(s) for s in args.seeds.split(",")]
-    windows = {seed: calibration_windows(tokens, args.num_samples, 512, seed) for seed in seeds}
-    held_out = domain_held_out(Path(args.fixture), loaded.tokenizer) if args.domains else {}
+    splits = fixture_splits(Path(args.fixture), loaded.tokenizer) if args.domains or args.calibration == "domains" else []
+    if args.calibration == "domains":
+        windows = {seed: domain_calibration(splits, args.per_domain, seed) for seed in seeds}
+    else:
+        text = load_text("wikitext2", "validation", data_dir(None, None))
+        tokens = tokenize(loaded.tokenizer, text.text)
+        windows = {seed: calibration_windows(tokens, args.num_samples, 512, seed) for seed in seeds}
+    held_out = {s.name: s.held_out for s in splits} if args.domains else {}
+    reference = block_reference(loaded.model, held_out, args.block_windows) if held_out else {}
     tasks = [t for t in args.tasks.split(",") if t]
     only = {int(i) for i in args.only.split(",") if i}
     del loaded
-    for number, (label, method, options) in enumerate(rows(args.dagger_ratio), 1):
-        if only and number not in only:
+    # seed-major: a run stopped by a time limit has whole seeds (every row) rather than whole rows
+    numbered = [(n, row) for n, row in enumerate(rows(args.dagger_ratio), 1) if not only or n in only]
+    plan = [(label, method, options, experts, 0) for _, (label, method, options) in numbered if method is None]
+    plan += [(label, method, options, kept, seed) for seed in seeds for kept in kept_list
+             for _, (label, method, options) in numbered if method is not None]
+    for label, method, options, kept, seed in plan:
+        finished = done(out)
+        wanted = ["ppl"] if args.max_windows else []
+        wanted += (["tasks"] if tasks else []) + (["domains"] if held_out else [])
+        missing = [m for m in wanted if (label, kept, m, seed) not in finished]
+        if not missing:
             continue
-        for kept, seed in [(experts, 0)] if method is None else [(k, s) for k in kept_list for s in seeds]:
-            finished = done(out)
-            wanted = ["ppl"] + (["tasks"] if tasks else []) + (["domains"] if held_out else [])
-            missing = [m for m in wanted if (label, kept, m, seed) not in finished]
-            if not missing:
-                continue
-            if method is None:
-                reloaded = load_model(args.fixture)
-                model, tokenizer, info = reloaded.model, reloaded.tokenizer, {"compress_s": 0.0}
+        if method is None:
+            reloaded = load_model(args.fixture)
+            model, tokenizer, info = reloaded.model, reloaded.tokenizer, {"compress_s": 0.0}
+        else:
+            model, tokenizer, info = reduce(args.fixture, method, options, kept, windows[seed])
+        base = {"label": label, "method": method, "options": options, "kept": kept, "experts": experts, "seed": seed,
+                "calibration": args.calibration if method else None, "threads": torch.get_num_threads(), **info}
+        for measure in missing:
+            started = time.perf_counter()
+            if measure == "ppl":
+                result = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.max_windows),
+                                    EvalContext(data_dir(None, None)))
+                values: dict[str, Any] = {"perplexity": result.value, "protocol": result.protocol}
+            elif measure == "domains":
+                values = {"domains": {name: windows_perplexity(model, ids) for name, ids in held_out.items()},
+                          "held_out_block_rel_error": block_errors(model, reference)}
             else:
-                model, tokenizer, info = reduce(args.fixture, method, options, kept, windows[seed])
-            base = {"label": label, "method": method, "options": options, "kept": kept, "experts": experts,
-                    "seed": seed, "threads": torch.get_num_threads(), **info}
-            for measure in missing:
-                started = time.perf_counter()
-                if measure == "ppl":
-                    result = perplexity(model, tokenizer, PerplexitySpec(max_windows=args.max_windows),
-                                        EvalContext(data_dir(None, None)))
-                    values: dict[str, Any] = {"perplexity": result.value, "protocol": result.protocol}
-                elif measure == "domains":
-                    values = {"domains": {name: windows_perplexity(model, ids) for name, ids in held_out.items()}}
-                else:
-                    raw = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=8,
-                                         data_directory=data_dir(None, None))
-                    values = {"tasks": {t: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "samples")}
-                                        for t, r in raw.items()}, "limit": args.limit}
-                record = {**base, "measure": measure, **values, "eval_s": round(time.perf_counter() - started, 1)}
-                with out.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                print(json.dumps(record), flush=True)
+                raw = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=8,
+                                     data_directory=data_dir(None, None))
+                keep = ("acc", "acc_stderr", "acc_norm", "samples")
+                values = {"tasks": {t: {k: v for k, v in r.items() if k in keep} for t, r in raw.items()},
+                          "limit": args.limit}
+            record = {**base, "measure": measure, **values, "eval_s": round(time.perf_counter() - started, 1)}
+            with out.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
     print_table(out)
 
 
-def domain_held_out(fixture: Path, tokenizer) -> dict[str, torch.Tensor]:
-    """Each domain's held-out windows of a fixture built with ``--domains``, rebuilt from its recorded
-    arguments (the same split, so windows no expert trained on and no router was fitted on)."""
+def fixture_splits(fixture: Path, tokenizer) -> list:
+    """The domains' window splits of a fixture built with ``--domains``, rebuilt from its recorded
+    arguments (the same split: held-out windows no expert trained on and no router was fitted on)."""
     from btx_domains import domain_splits          # bench/btx_domains.py, beside this script
 
     info = json.loads((fixture / "fixture_info.json").read_text())
     a = info["arguments"]
     if not a.get("domains"):
         raise SystemExit(f"{fixture}: not built with --domains, it has no held-out domain windows")
-    splits = domain_splits(data_dir(None, None), a["domains"].split(","), tokenizer, a["seq_len"],
-                           a["windows_per_domain"], a["router_windows"], a["router_test_windows"],
-                           a["held_out_windows"], a["seed"])
-    return {s.name: s.held_out for s in splits}
+    return domain_splits(data_dir(None, None), a["domains"].split(","), tokenizer, a["seq_len"],
+                         a["windows_per_domain"], a["router_windows"], a["router_test_windows"],
+                         a["held_out_windows"], a["seed"])
+
+
+def domain_calibration(splits: list, per_domain: int, seed: int) -> torch.Tensor:
+    """The calibration sample of one seed: ``per_domain`` windows drawn (seeded) from each domain's
+    router-fit and router-test windows, so every domain's experts see their tokens; never held-out text."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for split in splits:
+        pool = torch.cat([split.router_fit, split.router_test])
+        if len(pool) < per_domain:
+            raise SystemExit(f"domain {split.name}: {len(pool)} router windows, {per_domain} asked for")
+        chosen.append(pool[torch.randperm(len(pool), generator=g)[:per_domain]])
+    return torch.cat(chosen)
+
+
+def moe_blocks(model) -> dict[int, torch.nn.Module]:
+    """The model's MoE blocks by layer index (the layers whose MLP has experts)."""
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+
+
+@torch.no_grad()
+def block_reference(model, held_out: dict[str, torch.Tensor], per_domain: int
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per MoE layer of the unreduced ``model``, its block's inputs on the first ``per_domain`` held-out
+    windows of every domain and its outputs on them: what a reduced block is compared against."""
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in moe_blocks(model)}
+    handles = [block.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].detach()))
+               for i, block in moe_blocks(model).items()]
+    try:
+        for ids in held_out.values():
+            model(input_ids=ids[:per_domain], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: (torch.cat(x), moe_blocks(model)[i](torch.cat(x))) for i, x in inputs.items()}
+
+
+@torch.no_grad()
+def block_errors(model, reference: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, float]:
+    """Relative output error ‖f'(X) − f(X)‖_F / ‖f(X)‖_F of each reduced MoE block on the unreduced model's
+    held-out block inputs X (the block alone: the same inputs for every method)."""
+    blocks = moe_blocks(model)
+    return {i: float((blocks[i](x) - y).norm() / y.norm()) for i, (x, y) in reference.items()}
 
 
 @torch.no_grad()
@@ -188,18 +251,25 @@ def print_table(path: Path) -> None:
     domains = sorted({d for r in records.values() for d in r.get("domains", {})})
     print(f"Machine: {platform.machine()}, torch {torch.__version__}; threads as recorded per row\n")
     print("| method | experts | seeds | block params | perplexity | ppl / fixture | mean block rel. error | "
-          + "".join(f"{t} acc | " for t in tasks) + "".join(f"{d} ppl | " for d in domains) + "compress s |")
-    print("|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + len(domains)) + "---|")
+          "held-out block error | "
+          + "".join(f"{t} acc | " for t in tasks) + "".join(f"{d} ppl | " for d in domains)
+          + ("domains' geometric mean | " if domains else "") + "compress s |")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + len(domains) + bool(domains)) + "---|")
     for label, kept in keys:
         mine = [r for (run_label, k, _, _), r in records.items() if (run_label, k) == (label, kept)]
         ppl = [r["perplexity"] for r in mine if r["measure"] == "ppl"]
-        errors = [r["block_rel_error"] for r in mine if "block_rel_error" in r and r["measure"] == "ppl"]
+        per_seed = {r.get("seed", 0): r for r in sorted(mine, key=lambda r: "block_rel_error" in r)}  # once per seed
+        errors = [r["block_rel_error"] for r in per_seed.values() if "block_rel_error" in r]
         cells = [label, str(kept), str(len({r.get("seed", 0) for r in mine})), f"{mine[0].get('block_params', 1.0):.1%}",
                  _spread(ppl, "{:.2f}"), _spread([p / base for p in ppl], "{:.3f}×") if base else "–",
-                 _spread(errors, "{:.4f}")]
+                 _spread(errors, "{:.4f}"),
+                 _spread([sum(e.values()) / len(e) for r in mine if (e := r.get("held_out_block_rel_error"))], "{:.4f}")]
         cells += [_spread([r["tasks"][t]["acc"] for r in mine if t in r.get("tasks", {})], "{:.3f}") for t in tasks]
         cells += [_spread([r["domains"][d] for r in mine if d in r.get("domains", {})], "{:.2f}") for d in domains]
-        cells.append(f"{sum(r.get('compress_s', 0) for r in mine if r['measure'] == 'ppl') / max(1, len(ppl)):.0f}")
+        if domains:
+            cells.append(_spread([math.exp(sum(math.log(v) for v in r["domains"].values()) / len(r["domains"]))
+                                  for r in mine if r.get("domains")], "{:.2f}"))
+        cells.append(f"{sum(r.get('compress_s', 0) for r in per_seed.values()) / len(per_seed):.0f}")
         print("| " + " | ".join(cells) + " |")
     protocol = next((r["protocol"] for r in records.values() if "protocol" in r), "")
     print(f"\nPerplexity: {protocol}")

@@ -1,6 +1,7 @@
 """Branch-Train-MiX fixture build on a tiny random Llama: exact dense equivalence, the build path, loading."""
 from __future__ import annotations
 
+import math
 import random
 import sys
 from pathlib import Path
@@ -151,3 +152,60 @@ def test_pilot_snapshots_the_expert_at_the_asked_steps_and_leaves_the_model_dens
     moved = [float((result["snapshots"][s]["weights"][2][0] - before[0]).norm()) for s in (2, 4)]
     assert 0 < moved[0] < moved[1]
     assert all(torch.equal(a, b) for a, b in zip(before, mlp_weights(dense.model.layers[2].mlp)))
+
+
+def test_build_pauses_between_experts_and_resumes_with_the_prefix_cached(tmp_path):
+    from btx import BuildPaused, build_from_domains
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    splits = _splits(byte_tokenizer())
+    settings = BuildSettings(experts=2, top_k=2, moe_layers=(1, 2), seq_len=32,
+                             train=TrainSettings(steps=4, batch=2, lr=1e-2, schedule="cosine", warmup=1,
+                                                 draw="epochs", loss_positions=8))
+    with pytest.raises(BuildPaused, match="before domain 1"):
+        build_from_domains(dense, splits, settings, checkpoints=tmp_path / "experts", max_new_experts=1,
+                           prefix_cache=tmp_path / "prefix")
+    assert [p.name for p in (tmp_path / "experts").iterdir()] == ["expert-0-ab.pt"]
+    assert len(list((tmp_path / "prefix").iterdir())) == 1
+    _, info = build_from_domains(dense, splits, settings, checkpoints=tmp_path / "experts", max_new_experts=1,
+                                 prefix_cache=tmp_path / "prefix")
+    assert len(list((tmp_path / "prefix").iterdir())) == 2
+    assert set(info["expert_own_held_out_loss"]) == {"ab", "st"}
+    assert all(0 < v < 20 for v in info["expert_own_held_out_loss"].values())
+
+
+def test_cosine_schedule_warms_up_linearly_and_decays_to_zero():
+    from btx import learning_rate_factor
+
+    settings = TrainSettings(steps=11, schedule="cosine", warmup=3)
+    factors = [learning_rate_factor(s, settings) for s in range(11)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a > b for a, b in zip(factors[3:], factors[4:])) and factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert learning_rate_factor(7, TrainSettings(steps=11)) == 1.0
+    with pytest.raises(ValueError, match="warm-up needs"):
+        TrainSettings(steps=11, warmup=2)
+
+
+def test_epoch_draws_see_every_window_once_per_pass():
+    from btx import window_draws
+
+    draws = window_draws(5, TrainSettings(steps=6, batch=2, draw="epochs"), torch.Generator().manual_seed(0))
+    flat = draws.flatten().tolist()
+    assert draws.shape == (6, 2) and sorted(flat[:5]) == sorted(flat[5:10]) == [0, 1, 2, 3, 4]
+
+
+def test_loss_on_random_positions_is_an_unbiased_estimate_of_the_full_loss():
+    from btx import next_token_loss
+
+    dense = tiny_model("llama", num_hidden_layers=2)
+    trunk = Trunk(dense, 1)
+    ids = torch.randint(3, 250, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = trunk.prefix(ids)
+        full = float(dense(input_ids=ids, labels=ids).loss)
+        g = torch.Generator().manual_seed(1)
+        assert float(next_token_loss(trunk, hidden, ids, 0, g)) == pytest.approx(full, rel=1e-5)
+        assert float(next_token_loss(trunk, hidden, ids, 16, g)) == pytest.approx(full, rel=1e-5)   # all 16
+        samples = [float(next_token_loss(trunk, hidden, ids, 2, g)) for _ in range(400)]
+    assert sum(samples) / len(samples) == pytest.approx(full, rel=0.03)
+    assert max(samples) - min(samples) > 0.03 * full        # the subsets do differ

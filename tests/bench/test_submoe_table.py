@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))   # bench/submoe_table.py
 from helpers import byte_tokenizer, tiny_model
-from submoe_table import domain_held_out, print_table, windows_perplexity
+from submoe_table import domain_calibration, fixture_splits, print_table, windows_perplexity
 
 
 def test_table_gives_the_mean_and_range_over_seeds_and_reads_records_without_a_seed(tmp_path, capsys):
@@ -27,7 +27,7 @@ def test_table_gives_the_mean_and_range_over_seeds_and_reads_records_without_a_s
     out = capsys.readouterr().out
     line = next(row for row in out.splitlines() if row.startswith("| prune: frequency"))
     assert "| 2 |" in line and "34.50 (33.00–36.00)" in line and "1.150× (1.100×–1.200×)" in line
-    assert "0.1500 (0.1000–0.2000)" in line and "| 40.00 | 3.00 |" in line        # book, code: sorted
+    assert "0.1500 (0.1000–0.2000) | – |" in line and "| 40.00 | 3.00 | 10.95 |" in line        # book, code: sorted
 
 
 def test_windows_perplexity_is_the_models_own_loss():
@@ -38,7 +38,7 @@ def test_windows_perplexity_is_the_models_own_loss():
     assert windows_perplexity(model, ids, batch=2) == pytest.approx(expected, rel=1e-5)
 
 
-def test_domain_held_out_rebuilds_the_builds_split(tmp_path, monkeypatch, data_dir):
+def test_fixture_splits_rebuild_the_builds_split_and_calibration_never_reads_held_out_text(tmp_path, monkeypatch, data_dir):
     from btx_domains import domain_splits
 
     data = data_dir
@@ -46,11 +46,36 @@ def test_domain_held_out_rebuilds_the_builds_split(tmp_path, monkeypatch, data_d
     arguments = {"domains": "code_humaneval,qa_arc", "seq_len": 64, "windows_per_domain": 4, "router_windows": 2,
                  "router_test_windows": 2, "held_out_windows": 3, "seed": 0}
     (tmp_path / "fixture_info.json").write_text(json.dumps({"arguments": arguments}))
-    held = domain_held_out(tmp_path, byte_tokenizer())
+    rebuilt = fixture_splits(tmp_path, byte_tokenizer())
     splits = domain_splits(data, ["code_humaneval", "qa_arc"], byte_tokenizer(), 64, 4, 2, 2, 3, 0)
-    assert list(held) == ["code_humaneval", "qa_arc"]
-    for split in splits:
-        assert torch.equal(held[split.name], split.held_out) and held[split.name].shape == (3, 64)
+    assert [s.name for s in rebuilt] == ["code_humaneval", "qa_arc"]
+    for mine, split in zip(rebuilt, splits):
+        assert torch.equal(mine.held_out, split.held_out) and mine.held_out.shape == (3, 64)
+        assert torch.equal(mine.train, split.train) and torch.equal(mine.router_fit, split.router_fit)
+    calibration = {seed: domain_calibration(rebuilt, 3, seed) for seed in (0, 1)}
+    assert calibration[0].shape == (6, 64) and not torch.equal(calibration[0], calibration[1])
+    pools = [torch.cat([s.router_fit, s.router_test]) for s in rebuilt]
+    for row in calibration[0]:
+        assert any((pool == row).all(1).any() for pool in pools)
+        assert not any((s.held_out == row).all(1).any() for s in rebuilt)
     (tmp_path / "fixture_info.json").write_text(json.dumps({"arguments": {**arguments, "domains": None}}))
     with pytest.raises(SystemExit, match="not built with --domains"):
-        domain_held_out(tmp_path, byte_tokenizer())
+        fixture_splits(tmp_path, byte_tokenizer())
+
+
+def test_held_out_block_error_is_zero_for_the_unreduced_model_and_grows_with_a_change():
+    from btx import assemble, mlp_weights
+    from submoe_table import block_errors, block_reference
+
+    dense = tiny_model("llama", num_hidden_layers=2)
+    experts = {i: [mlp_weights(dense.model.layers[i].mlp)] * 4 for i in (0, 1)}
+    routers = {i: torch.randn(4, dense.config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in (0, 1)}
+    moe = assemble(dense, experts, routers, top_k=2)
+    held = {"a": torch.randint(3, 250, (3, 16)), "b": torch.randint(3, 250, (3, 16))}
+    reference = block_reference(moe, held, 2)
+    assert {i: x.shape for i, (x, _) in reference.items()} == {0: (4, 16, 64), 1: (4, 16, 64)}
+    assert block_errors(moe, reference) == {0: 0.0, 1: 0.0}
+    with torch.no_grad():
+        moe.model.layers[1].mlp.experts.down_proj[0] *= 1.5
+    errors = block_errors(moe, reference)
+    assert errors[0] == 0.0 and errors[1] > 0.01
