@@ -44,9 +44,8 @@ from torch import nn
 
 from ..errors import LrcompressError, NumericalError
 from ..models import ArchitectureAdapter
-from ..modules.low_rank import LowRankLinear
 from ..recipe import DistillSpec
-from .refine import _restore_dtypes, trainable_parameters
+from .refine import Trainable, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +254,7 @@ def distill_model(model: nn.Module, adapter: ArchitectureAdapter, windows: torch
     train, held = split_windows(len(windows), config.held_out)
     student = _Student(model, adapter, windows, teacher, config, device,
                        {id(p): name for name, p in model.named_parameters()})
-    with _trainable(model, params):
+    with Trainable(model, params):
         before = student.mean_kl(held)
         log.info("distill: %d trained values, %d training and %d held-out windows; held-out KL before %.4f",
                  sum(p.numel() for p in params), len(train), len(held), before)
@@ -273,34 +272,3 @@ def distill_model(model: nn.Module, adapter: ArchitectureAdapter, windows: torch
         report.reverted = report.kept_step == 0
     report.seconds = time.perf_counter() - started
     return report
-
-
-class _trainable:
-    """Inside: the model in float32, only ``params`` requiring gradients, low-rank products uncached (a cached
-    B·A would bypass the factors' gradients). On exit everything as it was, the trained values cast back."""
-
-    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
-        self.model, self.params = model, params
-
-    def __enter__(self) -> None:
-        model = self.model
-        self.dtypes = {name: t.dtype for name, t in list(model.named_parameters()) + list(model.named_buffers())}
-        self.requires = {id(p): p.requires_grad for p in model.parameters()}
-        self.products = [m for m in model.modules() if isinstance(m, LowRankLinear) and m._product is not None]
-        for module in self.products:
-            module._product = None
-        self.training = model.training
-        model.float().eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        for parameter in self.params:
-            parameter.requires_grad_(True)
-
-    def __exit__(self, *exc: object) -> None:
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(self.requires[id(parameter)])
-            parameter.grad = None
-        _restore_dtypes(self.model, self.dtypes)
-        for module in self.products:
-            module.prepare_inference()
-        self.model.train(self.training)

@@ -173,17 +173,7 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
     if not params:
         raise LrcompressError(f"refine {name}: nothing to train for parameters={config.parameters} "
                               "(no LowRankLinear factors, norms or biases of that kind in the layer)")
-    dtypes = {name: t.dtype for name, t in _tensors(layer)}
-    requires = {id(p): p.requires_grad for p in layer.parameters()}
-    products = [m for m in layer.modules() if isinstance(m, LowRankLinear) and m._product is not None]
-    for module in products:            # the cached B·A would bypass the factors' gradients
-        module._product = None
-    layer.float()
-    for parameter in layer.parameters():
-        parameter.requires_grad_(False)
-    for parameter in params:
-        parameter.requires_grad_(True)
-    try:
+    with Trainable(layer, params):
         fit = _Fit(layer, inputs, targets, name, config.loss)
         train, held = _split(len(inputs), config.holdout)
         train_before, held_before = _mean_error(fit, train), _mean_error(fit, held)
@@ -198,16 +188,43 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
             with torch.no_grad():
                 for parameter, saved in zip(params, snapshot):
                     parameter.copy_(saved)
-    finally:
-        for parameter in layer.parameters():
-            parameter.requires_grad_(requires[id(parameter)])
-        _restore_dtypes(layer, dtypes)
-        for module in products:
-            module.prepare_inference()
     return RefineReport(layer=name, parameters=sum(p.numel() for p in params), steps=steps,
                         train_before=train_before, train_after=train_after, holdout_before=held_before,
                         holdout_after=held_after, target_mean_square=_mean_square(targets, train),
                         reverted=reverted, seconds=time.perf_counter() - started)
+
+
+class Trainable:
+    """Inside: ``module`` (a decoder layer, or a whole model) in float32 and eval mode, only ``params`` requiring
+    gradients, low-rank products uncached (a cached B·A would bypass the factors' gradients). On exit, even
+    after an error, everything as it was, the trained values cast back to their dtypes and gradients freed.
+    Shared by the block refinement here and the end-to-end distillation (``pipeline.distill``)."""
+
+    def __init__(self, module: nn.Module, params: list[nn.Parameter]) -> None:
+        self.module, self.params = module, params
+
+    def __enter__(self) -> None:
+        module = self.module
+        self.dtypes = {name: t.dtype for name, t in _tensors(module)}
+        self.requires = {id(p): p.requires_grad for p in module.parameters()}
+        self.products = [m for m in module.modules() if isinstance(m, LowRankLinear) and m._product is not None]
+        for low_rank in self.products:
+            low_rank._product = None
+        self.training = module.training
+        module.float().eval()
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+        for parameter in self.params:
+            parameter.requires_grad_(True)
+
+    def __exit__(self, *exc: object) -> None:
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(self.requires[id(parameter)])
+            parameter.grad = None
+        _restore_dtypes(self.module, self.dtypes)
+        for low_rank in self.products:
+            low_rank.prepare_inference()
+        self.module.train(self.training)
 
 
 def _tensors(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
