@@ -194,7 +194,8 @@ class RefineSpec(Section):
     lr: float = Field(3e-4, gt=0.0, description="Adam's peak learning rate, decayed to 0 on a cosine")
     parameters: list[Literal["factors", "norms", "biases"]] = Field(
         default_factory=lambda: ["factors"], min_length=1,
-        description="what is trained: factors (both factors of every low-rank module), norms, biases")
+        description="what is trained: factors (both factors of every low-rank module, a sparse dictionary's atoms "
+                    "and nonzero values), norms, biases")
     loss: Literal["mse", "token_relative"] = Field("mse", description="mean squared error, or per token relative")
     holdout: float = Field(0.125, ge=0.0, lt=1.0, description="fraction of the batches held out (the last ones): "
                                                               "never trained on, the honest before/after")

@@ -50,6 +50,10 @@ class CompressedModule(nn.Module):
         """The tensors :meth:`prepare_inference` built (outside the state dict), for memory accounting."""
         return []
 
+    def release_inference(self) -> None:
+        """Drop what :meth:`prepare_inference` built, so the forward computes from the stored tensors again
+        (while they are trained a cached product would hide their gradients and go stale)."""
+
     @classmethod
     def describe_shape(cls, spec: dict[str, Any]) -> str:
         """The shape a spec describes, for people (``inspect``): out × in for a linear."""

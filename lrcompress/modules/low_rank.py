@@ -107,6 +107,9 @@ class LowRankLinear(CompressedLinear):
     def inference_tensors(self) -> list[torch.Tensor]:
         return [] if self._product is None else [self._product]
 
+    def release_inference(self) -> None:
+        self._product = None
+
     def dense_weight(self) -> torch.Tensor:
         return dense_weight(self.up) @ dense_weight(self.down)
 

@@ -213,6 +213,9 @@ class SparseDictLinear(CompressedLinear):
     def inference_tensors(self) -> list[torch.Tensor]:
         return [] if self._coefficients is None else [self._coefficients]
 
+    def release_inference(self) -> None:
+        self._coefficients = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = x @ self.dictionary if self.dictionary is not None else self.quantized_dictionary(x)
         prepared = self._coefficients

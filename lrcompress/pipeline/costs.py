@@ -424,7 +424,8 @@ def distill_bytes(recipe: Recipe, plan: list[PlannedModule], shape: ModelShape) 
     if spec is None:
         return 0.0, 0.0
     teacher = cal.num_samples * spec.windows_scale * cal.seq_len * shape.hidden * 4
-    factors = sum(p.params_after for p in plan if p.rank is not None) * 4 * 5
+    trained = [p for p in plan if p.rank is not None or p.method in DICTIONARY_ITERATIONS]   # refine's "factors"
+    factors = sum(p.params_after for p in trained) * 4 * 5
     tokens = spec.micro_batch * cal.seq_len
     heads = max(shape.attention_width // 128, 1)
     # saved activations per token and layer: 20·hidden + 8·mlp + heads·seq floats, fitted to the measured peak

@@ -19,8 +19,9 @@ SmolLM2-135M); the final norm and the LM head, which this distillation never tra
 original logits one micro-batch at a time (``ArchitectureAdapter.head_logits``: Gemma 2's soft-capping and the
 other families' logit scales included, checked against the model's own logits at capture).
 
-What is trained: both factors of every ``LowRankLinear`` and the unquantized residual factors of every
-``CompensatedLinear`` (``refine.trainable_parameters``'s ``factors``); everything else, embeddings, norms,
+What is trained: both factors of every ``LowRankLinear``, the unquantized residual factors of every
+``CompensatedLinear`` and the float dictionary and nonzero values (on their fixed support) of every
+``SparseDictLinear`` (``refine.trainable_parameters``'s ``factors``); everything else, embeddings, norms,
 biases, quantized codes, untouched weights, stays frozen and bit-identical. The model runs in float32 while
 trained (a bf16 model is cast up and back, as ``refine`` does). AdamW, linear warm-up then cosine decay to 0,
 one step per ``batch_size`` windows (accumulated ``micro_batch`` at a time), window order reshuffled each
@@ -248,8 +249,8 @@ def distill_model(model: nn.Module, adapter: ArchitectureAdapter, windows: torch
     started = time.perf_counter()
     params = trainable_parameters(adapter.decoder_layers(model), ["factors"])
     if not params:
-        raise LrcompressError("runtime.distill: the compressed model has no low-rank factors to train (quantized, "
-                              "pruned or dictionary weights are not distilled)")
+        raise LrcompressError("runtime.distill: the compressed model has no float factors to train (low-rank pairs "
+                              "or sparse dictionaries; quantized or pruned weights are not distilled)")
     device = params[0].device
     train, held = split_windows(len(windows), config.held_out)
     student = _Student(model, adapter, windows, teacher, config, device,

@@ -171,7 +171,7 @@ def describe_distill(runtime: "RuntimeSpec", num_samples: int, seed: int) -> lis
         return []
     train, held = split_windows(max(num_samples * spec.windows_scale, 2), spec.held_out)
     steps = -(-len(train) // spec.batch_size)
-    return [f"runtime.distill: after the walk, every low-rank factor trained toward the original model's next-token "
+    return [f"runtime.distill: after the walk, every float factor (low-rank pairs, dictionaries and their values) trained toward the original model's next-token "
             f"distributions (KL, teacher = its last layer's outputs kept before the walk): AdamW lr {spec.lr:g}, "
             f"{spec.warmup:g} warm-up then cosine, {spec.epochs} epoch(s) × {steps} steps of {spec.batch_size} "
             f"windows, {len(held)} window(s) held out{' (best state kept)' if spec.revert_if_worse else ''}, "

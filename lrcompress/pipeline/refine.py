@@ -52,8 +52,10 @@ from torch import nn
 
 from ..errors import LrcompressError, NumericalError
 from ..models.capture import LayerInputs
+from ..modules.base import CompressedModule
 from ..modules.compensated import CompensatedLinear
 from ..modules.low_rank import LowRankLinear
+from ..modules.sparse_dict import SparseDictLinear
 from ..recipe import RefineSpec
 from .memory import PeakMemory
 from .records import ModuleRecord
@@ -91,19 +93,30 @@ class RefineReport(BaseModel):
 
 
 def trainable_parameters(layer: nn.Module, kinds: Iterable[str]) -> list[nn.Parameter]:
-    """The parameters of ``layer`` the kinds select, each once, in module order."""
+    """The parameters of ``layer`` the kinds select, each once, in module order. "factors" are both factors
+    of a low-rank pair (a compensation's float residual included) and a sparse dictionary's atoms and
+    nonzero values: the values move on their fixed support (the indices are not trainable), a dictionary
+    that several modules share is one parameter. Quantized factors, values and dictionaries stay as they are."""
     kinds = set(kinds)
     chosen: dict[int, nn.Parameter] = {}
     for module in layer.modules():
-        if "factors" in kinds and isinstance(module, (LowRankLinear, CompensatedLinear)):
-            for factor in (module.down, module.up):
-                if type(factor) is nn.Linear:          # a compensation's quantized factors stay as they are
-                    chosen.setdefault(id(factor.weight), factor.weight)
+        if "factors" in kinds:
+            for factor in _factor_weights(module):
+                chosen.setdefault(id(factor), factor)
     for name, parameter in layer.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if ("biases" in kinds and leaf == "bias") or ("norms" in kinds and leaf == "weight" and parameter.dim() == 1):
             chosen.setdefault(id(parameter), parameter)
     return list(chosen.values())
+
+
+def _factor_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The float factor tensors of one compressed module (none for any other module)."""
+    if isinstance(module, (LowRankLinear, CompensatedLinear)):
+        return [factor.weight for factor in (module.down, module.up) if type(factor) is nn.Linear]
+    if isinstance(module, SparseDictLinear):
+        return [tensor for tensor in (module.dictionary, module.values) if tensor is not None]
+    return []
 
 
 def _loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -172,7 +185,7 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
     params = trainable_parameters(layer, config.parameters)
     if not params:
         raise LrcompressError(f"refine {name}: nothing to train for parameters={config.parameters} "
-                              "(no LowRankLinear factors, norms or biases of that kind in the layer)")
+                              "(no low-rank or dictionary factors, norms or biases of that kind in the layer)")
     with Trainable(layer, params):
         fit = _Fit(layer, inputs, targets, name, config.loss)
         train, held = _split(len(inputs), config.holdout)
@@ -196,7 +209,8 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
 
 class Trainable:
     """Inside: ``module`` (a decoder layer, or a whole model) in float32 and eval mode, only ``params`` requiring
-    gradients, low-rank products uncached (a cached B·A would bypass the factors' gradients). On exit, even
+    gradients, the inference caches of the modules that own them dropped (a cached B·A or dictionary product
+    would bypass the gradients and go stale), rebuilt on exit. On exit, even
     after an error, everything as it was, the trained values cast back to their dtypes and gradients freed.
     Shared by the block refinement here and the end-to-end distillation (``pipeline.distill``)."""
 
@@ -207,9 +221,11 @@ class Trainable:
         module = self.module
         self.dtypes = {name: t.dtype for name, t in _tensors(module)}
         self.requires = {id(p): p.requires_grad for p in module.parameters()}
-        self.products = [m for m in module.modules() if isinstance(m, LowRankLinear) and m._product is not None]
-        for low_rank in self.products:
-            low_rank._product = None
+        trained = {id(p) for p in self.params}
+        self.prepared = [m for m in module.modules() if isinstance(m, CompressedModule) and m.inference_tensors()
+                         and any(id(p) in trained for p in m.parameters())]
+        for prepared in self.prepared:
+            prepared.release_inference()
         self.training = module.training
         module.float().eval()
         for parameter in module.parameters():
@@ -222,8 +238,8 @@ class Trainable:
             parameter.requires_grad_(self.requires[id(parameter)])
             parameter.grad = None
         _restore_dtypes(self.module, self.dtypes)
-        for low_rank in self.products:
-            low_rank.prepare_inference()
+        for prepared in self.prepared:
+            prepared.prepare_inference()
         self.module.train(self.training)
 
 
@@ -342,8 +358,8 @@ class SegmentRefinement:
         started = time.perf_counter()
         layer = self.layers[index]
         if not trainable_parameters(layer, spec.parameters):
-            reason = (f"nothing to train for parameters={spec.parameters}: its compressed modules hold no low-rank "
-                      "factors (quantized, pruned or dictionary weights stay as compressed)")
+            reason = (f"nothing to train for parameters={spec.parameters}: its compressed modules hold no float "
+                      "factors (quantized or pruned weights stay as compressed)")
             log.warning("runtime.refine: decoder layer %d skipped, %s", index, reason)
             return {"skipped": reason}
         config = RefineConfig(**spec.model_dump(), seed=self.settings.seed + index)

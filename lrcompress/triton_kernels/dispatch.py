@@ -28,6 +28,11 @@ def triton_available() -> bool:
     return True
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an operation on these tensors now."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """The kernel runs only on CUDA tensors of a dtype it supports, with Triton present."""
     return (all(t.is_cuda for t in tensors) and triton_available()
@@ -36,7 +41,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def sparse_dict_matmul(z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    if use_triton(z, indices, values):
+    """The kernel has no backward: where autograd must see through the product (a distillation trains the
+    dictionary or the values) the reference runs, on every device."""
+    if use_triton(z, indices, values) and not needs_grad(z, values):
         from .sparse_dict import sparse_dict_matmul as kernel
 
         return kernel(z.contiguous(), indices.contiguous(), values.contiguous())

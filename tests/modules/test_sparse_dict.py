@@ -108,3 +108,46 @@ def test_inference_layout_is_built_once_and_computes_the_same():
     x.requires_grad_(True)                       # training takes the reference path on the live values
     module(x).sum().backward()
     assert module.values.grad is not None
+
+
+def test_gradients_reach_the_dictionary_and_values_and_match_finite_differences():
+    """What a distillation trains (pipeline.refine's ``factors``): autograd through the forward against central
+    differences in float64, for the input, the dictionary and the values on their support."""
+    module = random_module(in_features=5, out_features=4, atoms=6, sparsity=2, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+
+    dictionary = module.dictionary.detach().clone().requires_grad_(True)
+    values = module.values.detach().clone().requires_grad_(True)
+    def through_module(x, dictionary, values):
+        return torch.func.functional_call(module, {"dictionary": dictionary, "values": values}, (x,), strict=False)
+
+    assert torch.autograd.gradcheck(through_module, (x, dictionary, values))
+    module.dictionary.requires_grad_(True)
+    module.values.requires_grad_(True)
+    loss = module(x).pow(2).sum()
+    loss.backward()
+    expected = torch.autograd.grad(((x @ module.dictionary) @ _dense_code(module.indices, module.values, 6)
+                                    + module.bias).pow(2).sum(), (module.dictionary, module.values))
+    assert torch.allclose(module.dictionary.grad, expected[0]) and torch.allclose(module.values.grad, expected[1])
+    assert module.values.grad.abs().sum() > 0
+
+
+def _dense_code(indices: torch.Tensor, values: torch.Tensor, atoms: int) -> torch.Tensor:
+    """S (atoms × out) from the fixed-nnz code by a one-hot product, independent of the module's scatter."""
+    one_hot = torch.nn.functional.one_hot(indices.long(), atoms).to(values.dtype)      # [s, out, atoms]
+    return torch.einsum("soa,so->ao", one_hot, values)
+
+
+def test_a_released_inference_cache_lets_trained_values_show_in_the_forward():
+    """prepare_inference caches S densely on the CPU; release_inference drops it, so a changed value is seen."""
+    module = random_module()
+    module.prepare_inference()
+    assert module.inference_tensors()
+    x = torch.randn(4, 13)
+    with torch.no_grad():
+        before = module(x)
+        module.values.add_(1.0)
+        assert torch.equal(module(x), before)             # the stale cache: why a trainer must release it
+        module.release_inference()
+        assert not module.inference_tensors()
+        assert torch.allclose(module(x), x @ module.dense_weight().T + module.bias, atol=1e-5)

@@ -3,7 +3,9 @@
 it runs on a GPU, and a run that would not fit is refused with a fix that does not suggest lazy mode."""
 import pytest
 
-from lrcompress.pipeline.costs import GIB, refusals
+from lrcompress.models.loading import model_skeleton
+from lrcompress.pipeline.costs import GIB, distill_bytes, model_shape, refusals
+from lrcompress.pipeline.plan import PlannedModule
 from lrcompress.recipe import parse_recipe
 from pipeline.test_costs import config_only, eight_b_recipe, predicted  # noqa: F401  (config_only: a fixture)
 
@@ -37,3 +39,15 @@ def test_a_distillation_that_does_not_fit_is_refused_without_suggesting_lazy_mod
     on_gpu = predicted(recipe, "cuda")
     term = on_gpu.device_parts["distillation (the whole model, beyond the walk's working set)"]
     assert term > 32 * GIB                                           # the 8B model in float32 on the device
+
+
+def test_a_sparse_dictionary_counts_as_trained_factors(config_only, calibration_file, tmp_path):  # noqa: F811
+    """The distillation trains CoSpaDi's dictionaries and values (pipeline.refine's "factors"): their gradient,
+    AdamW's moments, best and initial copies (5 float32 copies of the planned values) are in the training term."""
+    recipe = parse_recipe(eight_b_recipe(config_only, calibration_file, tmp_path / "out", lazy=False,
+                                         distill=DISTILL))
+    shape = model_shape(model_skeleton(recipe.model.path, recipe.model.dtype))
+    dictionary = PlannedModule("model.layers.0.mlp.down_proj", 0, "cospadi", 4096, 14336, 58720256, 46976204, None)
+    quantized = PlannedModule("model.layers.0.mlp.down_proj", 0, "gptq", 4096, 14336, 58720256, 58720256, None)
+    assert distill_bytes(recipe, [dictionary], shape)[1] - distill_bytes(recipe, [quantized], shape)[1] == \
+        pytest.approx(46976204 * 4 * 5)

@@ -124,6 +124,20 @@ def test_a_compensation_path_is_refined_and_its_quantized_base_left_alone():
     assert eora and all(r["train_after"] < r["train_before"] for r in eora)
 
 
+def test_a_sparse_dictionary_is_refined_on_its_support():
+    """CoSpaDi 0.5: in the first layer (the later ones see refined inputs, so their pursuit picks other supports)
+    the dictionaries and nonzero values change, the indices and everything else do not; each refined layer's
+    training error falls."""
+    plain, refined = (copy.deepcopy(_dense("llama")[0]) for _ in range(2))
+    _compressed(plain, [_stage("cospadi", ratio=0.5, iterations=1)])
+    records, _ = _compressed(refined, [_stage("cospadi", ratio=0.5, iterations=1)], refine=SPEC)
+    before, after = plain.model.layers[0].state_dict(), refined.model.layers[0].state_dict()
+    changed = {name for name in after if not torch.equal(before[name], after[name])}
+    assert {name.rsplit(".", 1)[-1] for name in changed} == {"dictionary", "values"}
+    reports = [r.details["refine"] for r in records]
+    assert reports and all(r["train_after"] < r["train_before"] for r in reports)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(sequential=False), "needs runtime.sequential"),
     (dict(collective=type("Two", (Collective,), {"world_size": 2})()), "runs in one process"),
