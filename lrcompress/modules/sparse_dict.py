@@ -176,6 +176,26 @@ class SparseDictLinear(CompressedLinear):
                 module.bias.copy_(self.bias)
         return module
 
+    @torch.no_grad()
+    def balance_atoms(self) -> bool:
+        """Rescale every atom D[:, j] by c_j and the values that use it by 1/c_j so that the atom and its row of S
+        have equal norms: the product D·S, the function, is unchanged (up to float rounding), as SVD's √Σ split
+        of a low-rank pair. Why: the pursuit leaves atoms with the whitening folded in (norms ~1e-2 on
+        SmolLM2) beside values ~10, and Adam's step is absolute, so a step that barely moves a value rewrites
+        an atom (a distillation at lr 3e-5 diverged at its second step). An atom no value uses keeps its
+        scale. Only a float dictionary of this module alone, with float values, is balanced; the return says
+        whether it was."""
+        if self.dictionary is None or self.values is None or self.dictionary_shared:
+            return False
+        dictionary, values = self.dictionary.float(), self.values.float()
+        rows = torch.zeros(self.atoms, dtype=torch.float32, device=values.device)
+        rows.index_add_(0, self.indices.long().flatten(), values.pow(2).flatten())
+        atoms = dictionary.pow(2).sum(0)
+        scale = torch.where((rows > 0) & (atoms > 0), (rows / atoms.clamp_min(1e-30)).pow(0.25), torch.ones_like(rows))
+        self.dictionary.copy_(dictionary * scale)
+        self.values.copy_(values / scale[self.indices.long()])
+        return True
+
     def dictionary_matrix(self) -> torch.Tensor:
         """D, in × k (dequantized when stored quantized)."""
         if self.dictionary is not None:

@@ -210,7 +210,9 @@ def refine_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tens
 class Trainable:
     """Inside: ``module`` (a decoder layer, or a whole model) in float32 and eval mode, only ``params`` requiring
     gradients, the inference caches of the modules that own them dropped (a cached B·A or dictionary product
-    would bypass the gradients and go stale), rebuilt on exit. On exit, even
+    would bypass the gradients and go stale), rebuilt on exit, and a trained sparse dictionary's atoms and
+    values rescaled to equal norms (``SparseDictLinear.balance_atoms``: the same product, kept after exit and
+    by a revert, so that Adam's absolute step is as large for both). On exit, even
     after an error, everything as it was, the trained values cast back to their dtypes and gradients freed.
     Shared by the block refinement here and the end-to-end distillation (``pipeline.distill``)."""
 
@@ -232,6 +234,11 @@ class Trainable:
             parameter.requires_grad_(False)
         for parameter in self.params:
             parameter.requires_grad_(True)
+        balanced = [m.balance_atoms() for m in module.modules()
+                    if isinstance(m, SparseDictLinear) and m.dictionary is not None and id(m.dictionary) in trained]
+        if balanced:
+            log.info("%d of %d trained dictionaries rebalanced (atoms and values to equal norms, same product)",
+                     sum(balanced), len(balanced))
 
     def __exit__(self, *exc: object) -> None:
         for parameter in self.module.parameters():

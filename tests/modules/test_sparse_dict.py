@@ -151,3 +151,16 @@ def test_a_released_inference_cache_lets_trained_values_show_in_the_forward():
         module.release_inference()
         assert not module.inference_tensors()
         assert torch.allclose(module(x), x @ module.dense_weight().T + module.bias, atol=1e-5)
+
+
+def test_balancing_the_atoms_keeps_the_product_and_equalizes_the_norms():
+    module = random_module(atoms=9, sparsity=3)
+    with torch.no_grad():
+        module.dictionary.mul_(1e-3)                     # the pursuit's scale: small atoms, large values
+        module.values.mul_(1e3)
+    weight = module.dense_weight().clone()
+    assert module.balance_atoms()
+    torch.testing.assert_close(module.dense_weight(), weight, rtol=1e-5, atol=1e-5)
+    rows = torch.zeros(9).index_add_(0, module.indices.long().flatten(), module.values.detach().pow(2).flatten())
+    used = rows > 0
+    torch.testing.assert_close(module.dictionary.detach().pow(2).sum(0)[used], rows[used])
