@@ -209,3 +209,47 @@ def test_loss_on_random_positions_is_an_unbiased_estimate_of_the_full_loss():
         samples = [float(next_token_loss(trunk, hidden, ids, 2, g)) for _ in range(400)]
     assert sum(samples) / len(samples) == pytest.approx(full, rel=0.03)
     assert max(samples) - min(samples) > 0.03 * full        # the subsets do differ
+
+
+def test_per_domain_rate_retrains_only_the_named_domain_at_its_rate(tmp_path, monkeypatch):
+    import btx
+    from btx import build_from_domains
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    splits = _splits(byte_tokenizer())
+    base = BuildSettings(experts=2, top_k=2, moe_layers=(1, 2), seq_len=32,
+                         train=TrainSettings(steps=4, batch=2, lr=1e-2, schedule="cosine", warmup=1))
+    build_from_domains(dense, splits, base, checkpoints=tmp_path)
+    first = {p.name: torch.load(p) for p in tmp_path.iterdir()}
+    rates = []
+    real = btx.train_expert
+
+    def recording(trunk, layers, hidden, targets, settings, on_step=None):
+        rates.append((settings.lr, settings.seed))
+        return real(trunk, layers, hidden, targets, settings, on_step)
+
+    monkeypatch.setattr(btx, "train_expert", recording)
+    slow = BuildSettings(**{**vars(base), "domain_lr": {"st": 1e-4}})
+    _, info = build_from_domains(dense, splits, slow, checkpoints=tmp_path)
+    assert rates == [(1e-4, 1)]                       # "ab" reused as trained before; "st" at its rate, same seed
+    assert info["expert_lr"] == {"ab": 1e-2, "st": 1e-4}
+    second = {p.name: torch.load(p) for p in tmp_path.iterdir()}
+    assert torch.equal(second["expert-0-ab.pt"]["trained"][2][0], first["expert-0-ab.pt"]["trained"][2][0])
+    dense_gate = mlp_weights(dense.model.layers[2].mlp)[0]
+
+    def moved(saved):
+        return float((saved["expert-1-st.pt"]["trained"][2][0] - dense_gate).norm())
+
+    assert 0 < moved(second) < 0.1 * moved(first)      # AdamW steps scale with the rate
+    with pytest.raises(ValueError, match="unknown domains"):
+        build_from_domains(dense, splits, BuildSettings(**{**vars(base), "domain_lr": {"web": 1e-3}}))
+
+
+def test_domain_lr_flag_parses_each_domain_once_with_a_positive_rate():
+    from build_moe_fixture import parse_domain_lr
+
+    assert parse_domain_lr(None) == {}
+    assert parse_domain_lr("web_a=5e-4, book_b=1e-3") == {"web_a": 5e-4, "book_b": 1e-3}
+    for bad in ("web_a", "web_a=0", "web_a=x", "=1e-3", "web_a=1e-3,web_a=2e-3"):
+        with pytest.raises(ValueError, match="--domain-lr"):
+            parse_domain_lr(bad)
