@@ -253,3 +253,40 @@ def test_domain_lr_flag_parses_each_domain_once_with_a_positive_rate():
     for bad in ("web_a", "web_a=0", "web_a=x", "=1e-3", "web_a=1e-3,web_a=2e-3"):
         with pytest.raises(ValueError, match="--domain-lr"):
             parse_domain_lr(bad)
+
+
+def test_routing_shares_count_the_top_k_slots_per_family():
+    from btx_routing import slot_shares
+
+    domains = ["web_a", "web_b", "book_a", "book_b"]
+    # layer 1: token 0 -> (web_b, web_a), token 1 -> (book_a, web_a); layer 2: token 0 -> (book_b, book_a),
+    # token 1 -> (web_a, book_b)
+    layer1 = torch.tensor([[2.0, 3.0, 0.0, -1.0], [1.0, 0.0, 5.0, -1.0]])
+    layer2 = torch.tensor([[0.0, -1.0, 1.0, 2.0], [3.0, 0.0, -1.0, 2.0]])
+    shares = slot_shares([layer1, layer2], 2, domains, "web_a")
+    assert shares["family_share"] == {"book": 0.5, "web": 0.5}
+    assert shares["own_expert_share"] == 3 / 8
+    assert shares["top1_family_accuracy"] == 2 / 4      # top-1: web_b, book_a | book_b, web_a
+
+
+def test_routing_report_reads_the_routers_of_an_assembled_moe():
+    from btx_routing import routing_report
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    w = mlp_weights(dense.model.layers[1].mlp)
+    routers = {i: torch.zeros(4, dense.config.hidden_size) for i in (1, 2)}
+    moe = assemble(dense, {1: [w] * 4, 2: [w] * 4}, routers, top_k=2)
+    bias = torch.tensor([0.0, 1.0, 2.0, 3.0])           # every token: expert 3 ("qa_b") first, then expert 2
+
+    def biased(module, args, out):
+        return (out[0] + bias, *out[1:]) if isinstance(out, tuple) else out + bias
+
+    handles = [moe.model.layers[i].mlp.gate.register_forward_hook(biased) for i in (1, 2)]
+    ids = torch.randint(3, 250, (3, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        report = routing_report(moe, {"web_a": ids}, ["web_a", "web_b", "qa_a", "qa_b"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert report["web_a"]["family_share"] == {"qa": 1.0, "web": 0.0}
+    assert report["web_a"]["own_expert_share"] == 0.0 and report["web_a"]["top1_family_accuracy"] == 0.0
