@@ -552,16 +552,18 @@ def held_out_loss(trunk: Trunk, ids: torch.Tensor, batch: int = 4, hidden: torch
     return total / count
 
 
-def expert_loss(trunk: Trunk, trained: dict[int, tuple[torch.Tensor, ...]], ids: torch.Tensor) -> float:
+def expert_loss(trunk: Trunk, trained: dict[int, tuple[torch.Tensor, ...]], ids: torch.Tensor,
+                hidden: torch.Tensor | None = None) -> float:
     """``held_out_loss`` of the dense model with the MLPs of ``trained``'s layers replaced by one expert's
-    (gate, up, down): the expert alone on ``ids``, as against the dense MLP. The model is left unchanged."""
+    (gate, up, down): the expert alone on ``ids``, as against the dense MLP. The model is left unchanged.
+    ``hidden``: the frozen prefix's output on ``ids``, if computed (the prefix precedes every MoE layer)."""
     mlps = {i: trunk.model.model.layers[i].mlp for i in trained}
     saved = {i: mlp_weights(m) for i, m in mlps.items()}
     try:
         for i, weights in trained.items():
             for linear, w in zip((mlps[i].gate_proj, mlps[i].up_proj, mlps[i].down_proj), weights):
                 linear.weight.data.copy_(w)
-        return held_out_loss(trunk, ids)
+        return held_out_loss(trunk, ids, hidden=hidden)
     finally:
         for i, weights in saved.items():
             for linear, w in zip((mlps[i].gate_proj, mlps[i].up_proj, mlps[i].down_proj), weights):
