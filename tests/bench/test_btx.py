@@ -290,3 +290,19 @@ def test_routing_report_reads_the_routers_of_an_assembled_moe():
             handle.remove()
     assert report["web_a"]["family_share"] == {"qa": 1.0, "web": 0.0}
     assert report["web_a"]["own_expert_share"] == 0.0 and report["web_a"]["top1_family_accuracy"] == 0.0
+
+
+def test_expert_loss_from_a_computed_prefix_equals_the_full_pass_and_leaves_the_model_dense():
+    from btx import expert_loss
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    trunk = Trunk(dense, 1)
+    before = mlp_weights(dense.model.layers[2].mlp)
+    g = torch.Generator().manual_seed(0)
+    trained = {i: tuple(w + 0.05 * torch.randn(w.shape, generator=g) for w in mlp_weights(dense.model.layers[i].mlp))
+               for i in (1, 2)}
+    ids = torch.randint(3, 250, (3, 16), generator=g)
+    full = expert_loss(trunk, trained, ids)
+    assert expert_loss(trunk, trained, ids, hidden=trunk.prefix(ids)) == pytest.approx(full, rel=1e-6)
+    assert full != pytest.approx(expert_loss(trunk, {}, ids), rel=1e-4)        # the expert is in the model
+    assert all(torch.equal(a, b) for a, b in zip(before, mlp_weights(dense.model.layers[2].mlp)))
