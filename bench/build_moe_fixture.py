@@ -8,7 +8,8 @@ not k-means clusters of one text but texts that differ by construction (``bench/
 web, book and question text, two domains each), every domain's windows are split disjointly into
 training, router-fit, router-test and held-out windows, the router's top-1 accuracy is reported out of
 sample, and every trained expert is checkpointed under ``<out>/experts`` so that an interrupted build
-resumes where it stopped (``bench/btx_pilot.py`` prices the build first).
+resumes where it stopped (``bench/btx_pilot.py`` prices the build first); ``--domain-lr web_a=5e-4,...`` gives
+domains their own peak rate (the others train at ``--lr``, exactly as before, so their saved experts are reused).
 
 See ``bench/btx.py`` for the method. The output directory (default: ``$LRCOMPRESS_MOE_FIXTURE``,
 else ``<dir of $LRCOMPRESS_SMOLLM2>/<model name>-btx-e<E>``; never inside the repository) holds a plain
