@@ -8,7 +8,8 @@ not k-means clusters of one text but texts that differ by construction (``bench/
 web, book and question text, two domains each), every domain's windows are split disjointly into
 training, router-fit, router-test and held-out windows, the router's top-1 accuracy is reported out of
 sample, and every trained expert is checkpointed under ``<out>/experts`` so that an interrupted build
-resumes where it stopped (``bench/btx_pilot.py`` prices the build first).
+resumes where it stopped (``bench/btx_pilot.py`` prices the build first); ``--domain-lr web_a=5e-4,...`` gives
+domains their own peak rate (the others train at ``--lr``, exactly as before, so their saved experts are reused).
 
 See ``bench/btx.py`` for the method. The output directory (default: ``$LRCOMPRESS_MOE_FIXTURE``,
 else ``<dir of $LRCOMPRESS_SMOLLM2>/<model name>-btx-e<E>``; never inside the repository) holds a plain
@@ -52,6 +53,23 @@ def default_out(model: str, experts: int) -> Path:
     return source.parent / f"{source.name}-btx-e{experts}"
 
 
+def parse_domain_lr(spec: str | None) -> dict[str, float]:
+    """``name=rate,name=rate`` -> {name: rate}; empty for None."""
+    out: dict[str, float] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, rate = part.partition("=")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = float("nan")
+        if not sep or not name.strip() or not value > 0 or name.strip() in out:
+            raise ValueError(f"--domain-lr: {part!r} is not name=positive rate (each name once)")
+        out[name.strip()] = value
+    return out
+
+
 def domain_losses(dense, moe, splits, settings: BuildSettings) -> dict[str, dict[str, float]]:
     """Per domain, the held-out next-token loss of dense SmolLM2 and of the MoE (the issue's "the MoE beats
     dense on every domain's held-out text"; the per-expert comparison is the pilot's)."""
@@ -84,6 +102,8 @@ def main() -> None:
                         help="training windows with replacement, or every window once per pass")
     parser.add_argument("--loss-positions", type=int, default=0,
                         help="next-token loss on this many random positions per window (0: all)")
+    parser.add_argument("--domain-lr", default=None,
+                        help="--domains: per-domain peak rates, e.g. web_a=5e-4,book_a=1e-3 (the others: --lr)")
     parser.add_argument("--max-new-experts", type=int, default=None,
                         help="train at most this many experts, then stop (exit 3; a rerun resumes)")
     parser.add_argument("--prefix-cache", default=None, help="directory of cached frozen-prefix outputs")
@@ -100,16 +120,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else default_out(args.model, args.experts)
+    try:
+        domain_lr = parse_domain_lr(args.domain_lr)
+    except ValueError as error:
+        parser.error(str(error))
+    if domain_lr and not args.domains:
+        parser.error("--domain-lr needs --domains")
+    if set(domain_lr) - set((args.domains or "").split(",")):
+        parser.error(f"--domain-lr names domains not in --domains: {sorted(set(domain_lr) - set(args.domains.split(',')))}")
     settings = BuildSettings(experts=args.experts, top_k=args.top_k, moe_layers=layer_list(args.layers),
                              seq_len=args.seq_len, windows_per_domain=args.windows_per_domain,
-                             router_windows=args.router_windows, seed=args.seed,
+                             router_windows=args.router_windows, seed=args.seed, domain_lr=domain_lr,
                              train=TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                                                  schedule=args.schedule, warmup=args.warmup, draw=args.draw,
                                                  loss_positions=args.loss_positions))
     # what does not change the result is not recorded; the new training options only when set (so that
     # issue 15's recorded arguments still match)
     ignored = ("out", "threads", "max_new_experts", "prefix_cache")
-    defaults = {"schedule": "constant", "warmup": 0, "draw": "random", "loss_positions": 0}
+    defaults = {"schedule": "constant", "warmup": 0, "draw": "random", "loss_positions": 0, "domain_lr": None}
     recorded = {k: v for k, v in vars(args).items() if k not in ignored and defaults.get(k, object()) != v}
     info_path = out / "fixture_info.json"
     if info_path.exists() and json.loads(info_path.read_text()).get("arguments") == recorded:

@@ -209,3 +209,100 @@ def test_loss_on_random_positions_is_an_unbiased_estimate_of_the_full_loss():
         samples = [float(next_token_loss(trunk, hidden, ids, 2, g)) for _ in range(400)]
     assert sum(samples) / len(samples) == pytest.approx(full, rel=0.03)
     assert max(samples) - min(samples) > 0.03 * full        # the subsets do differ
+
+
+def test_per_domain_rate_retrains_only_the_named_domain_at_its_rate(tmp_path, monkeypatch):
+    import btx
+    from btx import build_from_domains
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    splits = _splits(byte_tokenizer())
+    base = BuildSettings(experts=2, top_k=2, moe_layers=(1, 2), seq_len=32,
+                         train=TrainSettings(steps=4, batch=2, lr=1e-2, schedule="cosine", warmup=1))
+    build_from_domains(dense, splits, base, checkpoints=tmp_path)
+    first = {p.name: torch.load(p) for p in tmp_path.iterdir()}
+    rates = []
+    real = btx.train_expert
+
+    def recording(trunk, layers, hidden, targets, settings, on_step=None):
+        rates.append((settings.lr, settings.seed))
+        return real(trunk, layers, hidden, targets, settings, on_step)
+
+    monkeypatch.setattr(btx, "train_expert", recording)
+    slow = BuildSettings(**{**vars(base), "domain_lr": {"st": 1e-4}})
+    _, info = build_from_domains(dense, splits, slow, checkpoints=tmp_path)
+    assert rates == [(1e-4, 1)]                       # "ab" reused as trained before; "st" at its rate, same seed
+    assert info["expert_lr"] == {"ab": 1e-2, "st": 1e-4}
+    second = {p.name: torch.load(p) for p in tmp_path.iterdir()}
+    assert torch.equal(second["expert-0-ab.pt"]["trained"][2][0], first["expert-0-ab.pt"]["trained"][2][0])
+    dense_gate = mlp_weights(dense.model.layers[2].mlp)[0]
+
+    def moved(saved):
+        return float((saved["expert-1-st.pt"]["trained"][2][0] - dense_gate).norm())
+
+    assert 0 < moved(second) < 0.1 * moved(first)      # AdamW steps scale with the rate
+    with pytest.raises(ValueError, match="unknown domains"):
+        build_from_domains(dense, splits, BuildSettings(**{**vars(base), "domain_lr": {"web": 1e-3}}))
+
+
+def test_domain_lr_flag_parses_each_domain_once_with_a_positive_rate():
+    from build_moe_fixture import parse_domain_lr
+
+    assert parse_domain_lr(None) == {}
+    assert parse_domain_lr("web_a=5e-4, book_b=1e-3") == {"web_a": 5e-4, "book_b": 1e-3}
+    for bad in ("web_a", "web_a=0", "web_a=x", "=1e-3", "web_a=1e-3,web_a=2e-3"):
+        with pytest.raises(ValueError, match="--domain-lr"):
+            parse_domain_lr(bad)
+
+
+def test_routing_shares_count_the_top_k_slots_per_family():
+    from btx_routing import slot_shares
+
+    domains = ["web_a", "web_b", "book_a", "book_b"]
+    # layer 1: token 0 -> (web_b, web_a), token 1 -> (book_a, web_a); layer 2: token 0 -> (book_b, book_a),
+    # token 1 -> (web_a, book_b)
+    layer1 = torch.tensor([[2.0, 3.0, 0.0, -1.0], [1.0, 0.0, 5.0, -1.0]])
+    layer2 = torch.tensor([[0.0, -1.0, 1.0, 2.0], [3.0, 0.0, -1.0, 2.0]])
+    shares = slot_shares([layer1, layer2], 2, domains, "web_a")
+    assert shares["family_share"] == {"book": 0.5, "web": 0.5}
+    assert shares["own_expert_share"] == 3 / 8
+    assert shares["top1_family_accuracy"] == 2 / 4      # top-1: web_b, book_a | book_b, web_a
+
+
+def test_routing_report_reads_the_routers_of_an_assembled_moe():
+    from btx_routing import routing_report
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    w = mlp_weights(dense.model.layers[1].mlp)
+    routers = {i: torch.zeros(4, dense.config.hidden_size) for i in (1, 2)}
+    moe = assemble(dense, {1: [w] * 4, 2: [w] * 4}, routers, top_k=2)
+    bias = torch.tensor([0.0, 1.0, 2.0, 3.0])           # every token: expert 3 ("qa_b") first, then expert 2
+
+    def biased(module, args, out):
+        return (out[0] + bias, *out[1:]) if isinstance(out, tuple) else out + bias
+
+    handles = [moe.model.layers[i].mlp.gate.register_forward_hook(biased) for i in (1, 2)]
+    ids = torch.randint(3, 250, (3, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        report = routing_report(moe, {"web_a": ids}, ["web_a", "web_b", "qa_a", "qa_b"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert report["web_a"]["family_share"] == {"qa": 1.0, "web": 0.0}
+    assert report["web_a"]["own_expert_share"] == 0.0 and report["web_a"]["top1_family_accuracy"] == 0.0
+
+
+def test_expert_loss_from_a_computed_prefix_equals_the_full_pass_and_leaves_the_model_dense():
+    from btx import expert_loss
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    trunk = Trunk(dense, 1)
+    before = mlp_weights(dense.model.layers[2].mlp)
+    g = torch.Generator().manual_seed(0)
+    trained = {i: tuple(w + 0.05 * torch.randn(w.shape, generator=g) for w in mlp_weights(dense.model.layers[i].mlp))
+               for i in (1, 2)}
+    ids = torch.randint(3, 250, (3, 16), generator=g)
+    full = expert_loss(trunk, trained, ids)
+    assert expert_loss(trunk, trained, ids, hidden=trunk.prefix(ids)) == pytest.approx(full, rel=1e-6)
+    assert full != pytest.approx(expert_loss(trunk, {}, ids), rel=1e-4)        # the expert is in the model
+    assert all(torch.equal(a, b) for a, b in zip(before, mlp_weights(dense.model.layers[2].mlp)))
