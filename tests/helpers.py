@@ -150,3 +150,18 @@ def load_script(path: Path, name: str):
     sys.modules[spec.name] = module          # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def assert_runtime_option_refused(directory: Path, option: str, value: str, key: str) -> None:
+    """A recipe file whose ``runtime.<option>`` is ``value`` (YAML) is refused on load, the error matching ``key``
+    and naming the file (the runtime options' recipe tests share it)."""
+    import pytest
+
+    from lrcompress.errors import RecipeError
+    from lrcompress.recipe import load_recipe
+
+    path = directory / "recipe.yaml"
+    path.write_text(f"model: {{path: m}}\nstages:\n  - {{method: whiten, ratio: 0.2}}\nruntime: {{{option}: {value}}}\n")
+    with pytest.raises(RecipeError, match=key) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_runtime_option_refused
 from lrcompress.errors import RecipeError
 from lrcompress.recipe import DistillSpec, load_recipe, parse_recipe
 
@@ -46,11 +47,7 @@ def test_true_is_the_defaults_and_false_is_off(tmp_path):
     ("8", r"runtime\.distill"),
 ])
 def test_a_bad_value_names_the_key_and_the_file(tmp_path: Path, distill, key):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(f"model: {{path: m}}\nstages:\n  - {{method: whiten, ratio: 0.2}}\nruntime: {{distill: {distill}}}\n")
-    with pytest.raises(RecipeError, match=key) as info:
-        load_recipe(path)
-    assert str(path) in str(info.value)
+    assert_runtime_option_refused(tmp_path, "distill", distill, key)
 
 
 def test_a_lazy_run_is_refused():

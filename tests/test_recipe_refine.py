@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_runtime_option_refused
 from lrcompress.errors import RecipeError
 from lrcompress.recipe import RefineSpec, load_recipe, parse_recipe
 
@@ -48,11 +49,7 @@ def test_set_overrides_reach_the_option(tmp_path):
     ("8", r"runtime\.refine"),
 ])
 def test_a_bad_value_names_the_key_and_the_file(tmp_path: Path, refine, key):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(f"model: {{path: m}}\nstages:\n  - {{method: whiten, ratio: 0.2}}\nruntime: {{refine: {refine}}}\n")
-    with pytest.raises(RecipeError, match=key) as info:
-        load_recipe(path)
-    assert str(path) in str(info.value)
+    assert_runtime_option_refused(tmp_path, "refine", refine, key)
 
 
 def test_refinement_without_propagation_is_refused():
