@@ -205,7 +205,8 @@ class RefineSpec(Section):
 class DistillSpec(Section):
     """``runtime.distill``: after the layer walk, a short end-to-end distillation of the compressed modules'
     float factors toward the original model's next-token distributions on the calibration windows
-    (forward KL, lrcompress.pipeline.distill, docs/distill.md). Seeded from the recipe's ``seed``."""
+    (forward KL by default; reverse or a mixture with ``divergence``; lrcompress.pipeline.distill,
+    docs/distill.md). Seeded from the recipe's ``seed``."""
 
     epochs: int = Field(1, ge=1, description="passes over the training windows")
     lr: float = Field(2e-5, gt=0.0, description="AdamW's peak learning rate (linear warm-up, then cosine decay to 0)")
@@ -223,6 +224,24 @@ class DistillSpec(Section):
     evals_per_epoch: int = Field(2, ge=1, description="held-out evaluations per epoch; the best state is kept")
     revert_if_worse: bool = Field(True, description="keep the factors as compressed when no evaluated state beats "
                                                     "them on the held-out windows")
+    divergence: Literal["forward", "reverse", "mixed"] = Field(
+        "forward", description="forward: KL(original ‖ compressed), mass-covering; reverse: KL(compressed ‖ "
+                               "original), mode-seeking; mixed: (1 − reverse_weight)·forward + reverse_weight·reverse")
+    reverse_weight: float | None = Field(None, gt=0.0, lt=1.0, description="divergence: mixed only: the reverse "
+                                                                         "KL's weight (unset: 0.5)")
+
+    @model_validator(mode="after")
+    def _weight_needs_mixed(self) -> "DistillSpec":
+        if self.reverse_weight is not None and self.divergence != "mixed":
+            raise ValueError(f"reverse_weight applies only to divergence: mixed (divergence is {self.divergence})")
+        return self
+
+    @property
+    def reverse_share(self) -> float:
+        """β of the objective (1 − β)·KL(p ‖ q) + β·KL(q ‖ p): 0 forward, 1 reverse, ``reverse_weight`` mixed."""
+        if self.divergence == "mixed":
+            return 0.5 if self.reverse_weight is None else self.reverse_weight
+        return 1.0 if self.divergence == "reverse" else 0.0
 
 
 class BudgetStepSpec(Section):

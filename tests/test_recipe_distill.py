@@ -24,6 +24,9 @@ def test_the_option_round_trips_and_reaches_the_fingerprint():
     again = parse_recipe(recipe.model_dump())
     assert again.runtime.distill == spec and again.fingerprint() == recipe.fingerprint()
     assert parse_recipe(_with(None)).fingerprint() != recipe.fingerprint()
+    mixed = parse_recipe(_with({"divergence": "mixed", "reverse_weight": 0.3})).runtime.distill
+    assert (mixed.divergence, mixed.reverse_weight) == ("mixed", 0.3)
+    assert parse_recipe(_with({"divergence": "reverse"})).fingerprint() != parse_recipe(_with(True)).fingerprint()
 
 
 def test_true_is_the_defaults_and_false_is_off(tmp_path):
@@ -44,6 +47,9 @@ def test_true_is_the_defaults_and_false_is_off(tmp_path):
     ("{temperature: 0}", r"runtime\.distill\.temperature"),
     ("{epoch: 2}", r"runtime\.distill\.epoch: unknown key"),
     ("{seed: 3}", r"runtime\.distill\.seed: unknown key"),      # the recipe's seed decides it
+    ("{divergence: backward}", r"runtime\.distill\.divergence"),
+    ("{divergence: mixed, reverse_weight: 1.0}", r"runtime\.distill\.reverse_weight"),
+    ("{reverse_weight: 0.3}", r"runtime\.distill.*reverse_weight applies only to divergence: mixed"),
     ("8", r"runtime\.distill"),
 ])
 def test_a_bad_value_names_the_key_and_the_file(tmp_path: Path, distill, key):

@@ -6,6 +6,19 @@ compressed model's (both at temperature T, docs/distill.md):
 
     min_θ  T² · mean_t KL(p_t ‖ q_θ,t) = T² · mean_t Σ_v p_t(v) (log p_t(v) − log q_θ,t(v))
 
+(``divergence: forward``, the default). The forward KL is mass-covering: where the compressed model cannot
+follow the original everywhere, it spreads its probability over every token the original gives any, which
+can lower the original's most likely token (measured on LAMBADA, bench/history/zeroshot-issue-26.md §5).
+``divergence: reverse`` trains T² · mean_t KL(q_θ,t ‖ p_t) instead, which is mode-seeking: it penalizes mass
+where the original has little and lets the student drop the original's tail. MiniLLM (Gu et al. 2024,
+arXiv:2306.08543) argues for the reverse KL in generative distillation for this reason; it optimizes the
+sequence-level reverse KL with a policy gradient on sampled text, whereas here the student is scored on the
+calibration text's tokens (teacher forcing), the token-level reverse KL that Wu et al. (2024, "Rethinking
+Kullback-Leibler Divergence in Knowledge Distillation for LLMs", arXiv:2404.02657) compare and that they
+find to converge to the same optimum as the forward KL but through different parts of the distribution first.
+``divergence: mixed`` trains (1 − β)·forward + β·reverse with β = ``reverse_weight``, a fixed-weight reading
+of their adaptive mixture (AKL). The held-out guard scores the same objective as the training.
+
 This is logit distillation from the uncompressed model, which Minitron found the best retraining after
 pruning (Sreenivas et al. 2024, arXiv:2407.14679, forward KL on the logits), applied to the parameter
 update SVD-LLM makes after truncation (Wang et al. 2024, arXiv:2403.07378: a LoRA-style update of the
@@ -58,10 +71,12 @@ class DistillConfig(DistillSpec):
 
 
 class DistillReport(BaseModel):
-    """What a distillation did: KL(original ‖ compressed) per token on the held-out and training windows, the
-    evaluation curve, the kept step (0: the compressed factors were kept), time and memory."""
+    """What a distillation did: the trained divergence per token (``divergence``: forward is KL(original ‖
+    compressed)) on the held-out and training windows, the evaluation curve, the kept step (0: the compressed
+    factors were kept), time and memory."""
 
     parameters: int
+    divergence: str = "forward"
     train_windows: int
     held_out_windows: int
     steps: int
@@ -75,13 +90,20 @@ class DistillReport(BaseModel):
     teacher_seconds: float = 0.0
 
 
-def kl_per_token(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T² · mean over tokens of KL(softmax(teacher/T) ‖ softmax(student/T)), in float32."""
-    t = float(temperature)
+def kl_per_token(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                 reverse_share: float = 0.0) -> torch.Tensor:
+    """T² · mean over tokens of (1 − β)·KL(p ‖ q) + β·KL(q ‖ p), p = softmax(teacher/T), q = softmax(student/T),
+    β = ``reverse_share`` (0: the forward KL alone), in float32."""
+    t, beta = float(temperature), float(reverse_share)
     log_q = F.log_softmax(student.float() / t, dim=-1)
     log_p = F.log_softmax(teacher.float() / t, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl.mean() * t * t
+    gap = log_p - log_q
+    per_token = torch.zeros(gap.shape[:-1], device=gap.device)
+    if beta < 1.0:
+        per_token = per_token + (1.0 - beta) * (log_p.exp() * gap).sum(-1)
+    if beta > 0.0:
+        per_token = per_token - beta * (log_q.exp() * gap).sum(-1)
+    return per_token.mean() * t * t
 
 
 def split_windows(count: int, held_out: float) -> tuple[list[int], list[int]]:
@@ -139,12 +161,12 @@ class _Student:
     names: dict[int, str] = field(default_factory=dict)     # parameter id -> its name, for NaN messages
 
     def loss(self, indices: list[int]) -> torch.Tensor:
-        """Mean per-token KL on the windows ``indices`` (one forward)."""
+        """Mean per-token divergence (``config.divergence``) on the windows ``indices`` (one forward)."""
         ids = self.windows[indices].to(self.device)
         logits = self.model(input_ids=ids, use_cache=False).logits
         with torch.no_grad():
             target = self.adapter.head_logits(self.model, self.teacher[indices].to(self.device))
-        return kl_per_token(logits, target, self.config.temperature)
+        return kl_per_token(logits, target, self.config.temperature, self.config.reverse_share)
 
     @torch.no_grad()
     def mean_kl(self, indices: list[int]) -> float:
@@ -257,9 +279,10 @@ def distill_model(model: nn.Module, adapter: ArchitectureAdapter, windows: torch
                        {id(p): name for name, p in model.named_parameters()})
     with Trainable(model, params):
         before = student.mean_kl(held)
-        log.info("distill: %d trained values, %d training and %d held-out windows; held-out KL before %.4f",
-                 sum(p.numel() for p in params), len(train), len(held), before)
-        report = DistillReport(parameters=sum(p.numel() for p in params), train_windows=len(train),
+        log.info("distill: %d trained values, %d training and %d held-out windows; held-out %s KL before %.4f",
+                 sum(p.numel() for p in params), len(train), len(held), config.divergence, before)
+        report = DistillReport(parameters=sum(p.numel() for p in params), divergence=config.divergence,
+                               train_windows=len(train),
                                held_out_windows=len(held), steps=0, kept_step=0, reverted=False,
                                held_out_before=before, held_out_after=before)
         best = _train(student, train, held, params, report)

@@ -36,7 +36,7 @@ from .memory import PeakMemory
 from .refine import trainable_parameters
 
 if TYPE_CHECKING:
-    from ..recipe import CalibrationSpec, RuntimeSpec
+    from ..recipe import CalibrationSpec, DistillSpec, RuntimeSpec
 
 log = logging.getLogger(__name__)
 REPORT_NAME, TENSORS_NAME = "distill.json", "distill.safetensors"
@@ -164,6 +164,13 @@ class _on:
             self.model.to(self.home)
 
 
+def _objective(spec: DistillSpec) -> str:
+    """The trained divergence in words, for the dry run."""
+    if spec.divergence == "mixed":
+        return f"{1 - spec.reverse_share:g}·forward + {spec.reverse_share:g}·reverse KL"
+    return f"{spec.divergence} KL"
+
+
 def describe_distill(runtime: "RuntimeSpec", num_samples: int, seed: int) -> list[str]:
     """The dry run's line for ``runtime.distill`` (none when it is off)."""
     spec = runtime.distill
@@ -172,7 +179,7 @@ def describe_distill(runtime: "RuntimeSpec", num_samples: int, seed: int) -> lis
     train, held = split_windows(max(num_samples * spec.windows_scale, 2), spec.held_out)
     steps = -(-len(train) // spec.batch_size)
     return [f"runtime.distill: after the walk, every float factor (low-rank pairs, dictionaries and their values) trained toward the original model's next-token "
-            f"distributions (KL, teacher = its last layer's outputs kept before the walk): AdamW lr {spec.lr:g}, "
+            f"distributions ({_objective(spec)}, teacher = its last layer's outputs kept before the walk): AdamW lr {spec.lr:g}, "
             f"{spec.warmup:g} warm-up then cosine, {spec.epochs} epoch(s) × {steps} steps of {spec.batch_size} "
             f"windows, {len(held)} window(s) held out{' (best state kept)' if spec.revert_if_worse else ''}, "
             f"T={spec.temperature:g}, seed {seed}"]

@@ -132,3 +132,62 @@ def test_held_out_windows_are_spread_over_the_set():
     assert split_windows(2, 0.9) == ([0], [1])
     with pytest.raises(LrcompressError, match="at least 2 calibration windows"):
         split_windows(1, 0.5)
+
+
+def test_the_divergences_match_torch_kl_div_and_mix_linearly():
+    """Independent check: ``F.kl_div(input=log q, target=log p, log_target=True)`` is KL(p ‖ q)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 5, 11, generator=g) * 2, torch.randn(3, 5, 11, generator=g) * 2
+    log_q, log_p = F.log_softmax(student / 2.0, -1), F.log_softmax(teacher / 2.0, -1)
+    forward = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / 15 * 4.0
+    reverse = F.kl_div(log_p, log_q, log_target=True, reduction="sum") / 15 * 4.0
+    assert torch.allclose(kl_per_token(student, teacher, 2.0), forward, rtol=1e-5)
+    assert torch.allclose(kl_per_token(student, teacher, 2.0, 1.0), reverse, rtol=1e-5)
+    assert torch.allclose(kl_per_token(student, teacher, 2.0, 0.3), 0.7 * forward + 0.3 * reverse, rtol=1e-5)
+    assert not torch.allclose(forward, reverse, rtol=1e-2)
+    assert DistillConfig(divergence="reverse").reverse_share == 1.0 and DistillConfig().reverse_share == 0.0
+    assert DistillConfig(divergence="mixed", reverse_weight=0.25).reverse_share == 0.25
+
+
+def test_the_reverse_kl_seeks_the_mode_and_the_forward_kl_covers_the_mass():
+    """The teacher puts two tokens far ahead (logit 5, the rest ~N(0, 1)); the student ranks the second of them
+    with the rest and can only sharpen or flatten (q = softmax(s·z')). The forward KL's best s flattens the
+    student to cover the missed token; the reverse KL's keeps it sharp on the one it has. Best-s entropies
+    measured: 4.41 forward, 4.18 mixed, 3.94 reverse (teacher 3.51), the property that motivates
+    ``divergence: reverse`` (MiniLLM, arXiv:2306.08543)."""
+    teacher = torch.randn(64, 200, generator=torch.Generator().manual_seed(0))
+    teacher[:, :2] = 5.0
+    student = teacher.clone()
+    student[:, 1] = 0.0
+    scales = torch.linspace(0.05, 3.0, 296)
+
+    def best_scale(share: float) -> float:
+        losses = torch.stack([kl_per_token(s * student, teacher, 1.0, share) for s in scales])
+        return float(scales[losses.argmin()])
+
+    def entropy(scale: float) -> float:
+        log_q = torch.log_softmax(scale * student, -1)
+        return float(-(log_q.exp() * log_q).sum(-1).mean())
+
+    forward, mixed, reverse = (entropy(best_scale(share)) for share in (0.0, 0.5, 1.0))
+    assert reverse < mixed - 0.1 and mixed < forward - 0.1
+
+
+@pytest.mark.parametrize("divergence", ["reverse", "mixed"])
+def test_the_reverse_and_mixed_divergences_distil_on_unseen_text(divergence):
+    """Whiten 0.6 on tiny Llama, then 4 epochs of the other objectives: the trained divergence falls on the
+    unseen windows (measured after/before: 0.62 reverse, 0.62 mixed) and the report names it."""
+    dense, model, teacher = _fresh("llama")
+    config = CONFIG.model_copy(update={"divergence": divergence})
+    share = config.reverse_share
+
+    @torch.no_grad()
+    def unseen() -> float:
+        return float(kl_per_token(model(input_ids=UNSEEN).logits, dense(input_ids=UNSEEN).logits, 1.0, share))
+
+    before = unseen()
+    report = distill_model(model, adapter_for(model), CALIBRATION, teacher, config)
+    assert report.divergence == divergence and not report.reverted
+    assert unseen() < 0.9 * before and report.held_out_after < report.held_out_before

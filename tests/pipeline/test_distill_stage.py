@@ -90,6 +90,11 @@ def test_the_dry_run_shows_it_and_several_processes_are_refused(two_layers, cali
     result = run_recipe(_recipe(two_layers, calibration_file, tmp_path / "dry"), dry_run=True)
     line = next(source for source in result.data_sources if source.startswith("runtime.distill"))
     assert "AdamW lr 0.001" in line and "2 epoch(s) × 2 steps of 2 windows, 2 window(s) held out" in line
+    assert "(forward KL, teacher" in line
+    mixed = _recipe(two_layers, calibration_file, tmp_path / "mixed",
+                    distill={**DISTILL, "divergence": "mixed", "reverse_weight": 0.25})
+    line = next(s for s in run_recipe(mixed, dry_run=True).data_sources if s.startswith("runtime.distill"))
+    assert "(0.75·forward + 0.25·reverse KL, teacher" in line
     with pytest.raises(LrcompressError, match="runtime.distill runs in one process; this run has 2"):
         DistillStage(DistillConfig(), None, None, torch.device("cpu"), world_size=2)
 
