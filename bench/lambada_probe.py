@@ -13,7 +13,8 @@ checkpoint, and splits them by
 - the dense model's rank of the target's first token (1: the dense model gets it; 2–10; > 10),
 
 and reports, per model, how often its greedy first token is a token of the passage (its "copy rate"), the
-KL(dense ‖ model) at the target position against the mean over the passage's positions, and an induction
+KL(dense ‖ model) at the target position against the mean over the passage's positions, the model's entropy
+there and over the passage (flatter or sharper than dense: what a KL objective does to it), and an induction
 probe on no task text at all: random token strings repeated once, the loss and the top-1 accuracy on the
 repeat (a model that copies from context predicts the repeat almost perfectly).
 Nothing is written except ``--json``. docs/generalization.md, bench/history/zeroshot-issue-26.md.
@@ -55,6 +56,8 @@ class Score:
     copies: bool            # the argmax at the first target position is a token of the context
     kl_target: float        # KL(dense ‖ model) at the first target position (0 for the dense model)
     kl_passage: float       # mean KL(dense ‖ model) over the context's positions
+    entropy_target: float   # the model's entropy at the first target position (nats)
+    entropy_passage: float  # its mean entropy over the context's positions: flatter or sharper than dense
 
 
 def _word(text: str) -> str:
@@ -89,9 +92,11 @@ def score(logp: torch.Tensor, passage: Passage, dense: torch.Tensor | None) -> S
     if dense is not None:
         kl = (dense.exp() * (dense - logp)).sum(-1)
         kl_target, kl_passage = float(kl[-n]), float(kl[:-n].mean()) if kl.numel() > n else float("nan")
+    entropy = -(logp.exp() * logp).sum(-1)
     return Score(float(tail.gather(1, tokens[:, None]).sum()), bool((tail.argmax(-1) == tokens).all()),
                  int((first > first[passage.target[0]]).sum()) + 1, int(first.argmax()) in set(passage.context),
-                 kl_target, kl_passage)
+                 kl_target, kl_passage, float(entropy[-n]),
+                 float(entropy[:-n].mean()) if entropy.numel() > n else float("nan"))
 
 
 @torch.no_grad()
@@ -158,14 +163,15 @@ def main() -> None:
         cells = [summarize(result["scores"], rows) for rows in splits.values()]
         print(f"| {name} | " + " | ".join(f"{c['acc']:.3f} / {c['logp']:.2f}" for c in cells) + " |")
     print("\n| model | target ppl | copy rate (argmax in passage) | KL at target | mean KL over passage | "
-          "induction NLL | induction top-1 | s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "entropy at target | mean entropy over passage | induction NLL | induction top-1 | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         s = result["scores"]
         ppl = math.exp(-sum(x.logp for x in s) / len(s))
         nll, top1 = result["induction"]
         print(f"| {name} | {ppl:.1f} | {sum(x.copies for x in s) / len(s):.3f} | "
               f"{sum(x.kl_target for x in s) / len(s):.3f} | {sum(x.kl_passage for x in s) / len(s):.3f} | "
+              f"{sum(x.entropy_target for x in s) / len(s):.3f} | {sum(x.entropy_passage for x in s) / len(s):.3f} | "
               f"{nll:.3f} | {top1:.3f} | {result['seconds']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"in_context": [p.in_context for p in items],

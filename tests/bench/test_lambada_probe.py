@@ -1,6 +1,7 @@
 """bench/lambada_probe.py scores LAMBADA's final word as lm-eval's HFLM does (tiny random Llama, byte tokenizer)."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -47,3 +48,17 @@ def test_kl_is_zero_against_itself_and_positive_against_another_model():
     same, different = score(dense, item, dense), score(log_probs(other, item, lm.max_length), item, dense)
     assert same.kl_target == pytest.approx(0.0, abs=1e-12) and same.kl_passage == pytest.approx(0.0, abs=1e-12)
     assert different.kl_target > 0 and different.kl_passage > 0
+
+
+def test_the_entropy_is_log_v_for_a_uniform_model_and_lower_for_a_sharper_one():
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_model("llama"), byte_tokenizer()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu")
+    item = passages(lm, DOCS[:1])[0]
+    logp = log_probs(model, item, lm.max_length)
+    vocab = logp.shape[-1]
+    uniform = score(torch.full_like(logp, -math.log(vocab)), item, None)
+    sharp = score(torch.log_softmax(logp * 4.0, -1), item, None)
+    assert uniform.entropy_target == pytest.approx(math.log(vocab)) and uniform.entropy_passage == pytest.approx(math.log(vocab))
+    assert sharp.entropy_target < score(logp, item, None).entropy_target < uniform.entropy_target
