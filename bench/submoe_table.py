@@ -82,7 +82,9 @@ def reduce(fixture: str, method: str, options: dict[str, Any], kept: int, window
                                 precomputed=pre.statistics).run()
     info = {"compress_s": round(time.perf_counter() - started, 1),
             "block_rel_error": sum(r.relative_error for r in records) / len(records),
-            "block_params": sum(r.params_after for r in records) / sum(r.params_before for r in records)}
+            "block_params": sum(r.params_after for r in records) / sum(r.params_before for r in records),
+            # which experts each block merged or kept (issue 32: the clusters decide per-domain losses)
+            "groups": {str(r.layer): r.details["groups"] for r in records if "groups" in r.details}}
     return model, loaded.tokenizer, info
 
 

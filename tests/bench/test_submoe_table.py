@@ -79,3 +79,23 @@ def test_held_out_block_error_is_zero_for_the_unreduced_model_and_grows_with_a_c
         moe.model.layers[1].mlp.experts.down_proj[0] *= 1.5
     errors = block_errors(moe, reference)
     assert errors[0] == 0.0 and errors[1] > 0.01
+
+
+@pytest.mark.parametrize("method, options", [("expert_prune", {}), ("submoe", {})])
+def test_reduce_records_which_experts_each_block_kept_or_merged(tmp_path, method, options):
+    from btx import assemble, mlp_weights
+    from submoe_table import reduce
+
+    dense = tiny_model("llama", num_hidden_layers=2)
+    g = torch.Generator().manual_seed(0)
+    experts = {i: [tuple(w + 0.1 * torch.randn(w.shape, generator=g) for w in mlp_weights(dense.model.layers[i].mlp))
+                   for _ in range(4)] for i in (0, 1)}
+    routers = {i: torch.randn(4, dense.config.hidden_size, generator=g) for i in (0, 1)}
+    assemble(dense, experts, routers, top_k=2).save_pretrained(tmp_path)
+    model, _, info = reduce(str(tmp_path), method, options, 2, torch.randint(3, 250, (4, 16), generator=g))
+    assert set(info["groups"]) == {"0", "1"}
+    for groups in info["groups"].values():            # a partition of the 4 experts into 2 groups (pruning: 2 kept)
+        members = sorted(i for group in groups for i in group)
+        assert len(groups) == 2 and (members == [0, 1, 2, 3] if method == "submoe" else len(members) == 2)
+    assert json.loads(json.dumps(info)) == info
+    assert all(layer.mlp.experts.down_proj.shape[0] == 2 for layer in model.model.layers)
