@@ -16,7 +16,10 @@ JSON line in ``--out``; rows already there are skipped, so a stopped run continu
 Issue 32: ``--seeds 0,1,2`` repeats every reduced row on that many calibration samples (the table gives the
 mean and the range); ``--domains`` adds each domain's held-out perplexity on a fixture built with
 ``build_moe_fixture.py --domains`` (its held-out windows are rebuilt from the arguments recorded in the
-fixture's ``fixture_info.json``, so they are the windows no expert and no router saw).
+fixture's ``fixture_info.json``, so they are the windows no expert and no router saw). Zero-shot tasks are
+scored per document too, and ``--print`` gives each row's paired difference from the fixture on the same
+documents (its standard error is what says whether two rows differ); ``--dense MODEL`` adds the dense model
+the experts grew from as a reference row (its tasks and WikiText-2 perplexity only).
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ from lrcompress.models import adapter_for, load_model
 from lrcompress.models.moe import expert_count_key
 from lrcompress.pipeline import LayerWalk, LayerwisePipeline, PipelineSettings, Stage, run_prepasses
 from lrcompress.recipe import PerplexitySpec
+
+
+DENSE_LABEL = "dense (the model the experts grew from)"
 
 
 def rows(dagger_ratio: float) -> list[tuple[str, str | None, dict[str, Any]]]:
@@ -82,7 +88,9 @@ def reduce(fixture: str, method: str, options: dict[str, Any], kept: int, window
                                 precomputed=pre.statistics).run()
     info = {"compress_s": round(time.perf_counter() - started, 1),
             "block_rel_error": sum(r.relative_error for r in records) / len(records),
-            "block_params": sum(r.params_after for r in records) / sum(r.params_before for r in records)}
+            "block_params": sum(r.params_after for r in records) / sum(r.params_before for r in records),
+            # which experts each block merged or kept (issue 32: the clusters decide per-domain losses)
+            "groups": {str(r.layer): r.details["groups"] for r in records if "groups" in r.details}}
     return model, loaded.tokenizer, info
 
 
@@ -108,6 +116,9 @@ def main() -> None:
                         help="also each domain's held-out perplexity (a fixture built with --domains)")
     parser.add_argument("--print", action="store_true", help="print the table from --out and stop")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dense", default=None,
+                        help="also the dense model the fixture grew from (e.g. models/smollm2-135m): its --tasks "
+                        "(and WikiText-2 perplexity), as a reference row")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,15 +148,17 @@ def main() -> None:
     plan = [(label, method, options, experts, 0) for _, (label, method, options) in numbered if method is None]
     plan += [(label, method, options, kept, seed) for seed in seeds for kept in kept_list
              for _, (label, method, options) in numbered if method is not None]
+    if args.dense:
+        plan.insert(0, (DENSE_LABEL, None, {"dense": args.dense}, 0, 0))
     for label, method, options, kept, seed in plan:
         finished = done(out)
         wanted = ["ppl"] if args.max_windows else []
-        wanted += (["tasks"] if tasks else []) + (["domains"] if held_out else [])
+        wanted += (["tasks"] if tasks else []) + (["domains"] if held_out and label != DENSE_LABEL else [])
         missing = [m for m in wanted if (label, kept, m, seed) not in finished]
         if not missing:
             continue
         if method is None:
-            reloaded = load_model(args.fixture)
+            reloaded = load_model(options.get("dense", args.fixture))
             model, tokenizer, info = reloaded.model, reloaded.tokenizer, {"compress_s": 0.0}
         else:
             model, tokenizer, info = reduce(args.fixture, method, options, kept, windows[seed])
@@ -162,8 +175,8 @@ def main() -> None:
                           "held_out_block_rel_error": block_errors(model, reference)}
             else:
                 raw = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=8,
-                                     data_directory=data_dir(None, None))
-                keep = ("acc", "acc_stderr", "acc_norm", "samples")
+                                     data_directory=data_dir(None, None), per_document=True)
+                keep = ("acc", "acc_stderr", "acc_norm", "samples", "per_document")
                 values = {"tasks": {t: {k: v for k, v in r.items() if k in keep} for t, r in raw.items()},
                           "limit": args.limit}
             record = {**base, "measure": measure, **values, "eval_s": round(time.perf_counter() - started, 1)}
@@ -246,7 +259,8 @@ def print_table(path: Path) -> None:
     """One line per (row, experts kept): the mean over calibration seeds, with the range when there are several."""
     records = done(path)
     keys = sorted({(label, kept) for label, kept, _, _ in records}, key=lambda k: (-k[1], _order(k[0])))
-    base = next((r["perplexity"] for (label, _, m, _), r in records.items() if r["method"] is None and m == "ppl"), None)
+    base = next((r["perplexity"] for (label, _, m, _), r in records.items()
+                 if r["method"] is None and m == "ppl" and label != DENSE_LABEL), None)
     tasks = sorted({t for r in records.values() for t in r.get("tasks", {})})
     domains = sorted({d for r in records.values() for d in r.get("domains", {})})
     print(f"Machine: {platform.machine()}, torch {torch.__version__}; threads as recorded per row\n")
@@ -273,6 +287,39 @@ def print_table(path: Path) -> None:
         print("| " + " | ".join(cells) + " |")
     protocol = next((r["protocol"] for r in records.values() if "protocol" in r), "")
     print(f"\nPerplexity: {protocol}")
+    print_paired(records)
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean of a − b, its standard error) over the same documents: the paired comparison of two models'
+    0/1 scores. Its error is sd(a_i − b_i)/√n, small when the two mostly agree, where comparing the two
+    accuracies' own standard errors (≈ √(p(1−p)/n) each) would call every small difference noise."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired scores need the same documents (>= 2): {len(a)} vs {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def print_paired(records: dict[tuple[str, int, str, int], dict[str, Any]]) -> None:
+    """Per task with per-document scores: every record's accuracy ± its standard error, and its paired
+    difference from the unreduced fixture's on the same documents."""
+    scored = [r for r in records.values() if r["measure"] == "tasks"]
+    fixture = next((r for r in scored if r["method"] is None and r["label"] != DENSE_LABEL), None)
+    for task in sorted({t for r in scored for t in r["tasks"]}):
+        rows_ = [r for r in scored if "per_document" in r["tasks"].get(task, {})]
+        if not rows_:
+            continue
+        print(f"\n{task} (limit {rows_[0].get('limit')}): acc ± stderr; paired difference from the fixture ± stderr\n")
+        print("| method | experts | seed | acc | paired Δ vs fixture |\n|---|---|---|---|---|")
+        for r in sorted(rows_, key=lambda r: (-r["kept"], _order(r["label"]), r.get("seed", 0))):
+            result = r["tasks"][task]
+            cell = "–"
+            if fixture is not None and r is not fixture and "per_document" in fixture["tasks"].get(task, {}):
+                mean, se = paired_difference(result["per_document"]["acc"], fixture["tasks"][task]["per_document"]["acc"])
+                cell = f"{mean:+.4f} ± {se:.4f}"
+            print(f"| {r['label']} | {r['kept']} | {r.get('seed', 0)} | {result['acc']:.4f} ± "
+                  f"{result.get('acc_stderr') or 0:.4f} | {cell} |")
 
 
 def _spread(values: list[float], form: str) -> str:

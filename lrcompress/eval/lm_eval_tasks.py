@@ -87,6 +87,16 @@ def task_result(task: str, raw: dict[str, Any], samples: int | None) -> dict[str
     return result
 
 
+def document_metrics(samples: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """lm-eval's logged samples of one task -> {metric: [0 or 1 per document, by document id]}, for the
+    metrics that score each document right or wrong (acc, acc_norm); a corpus-level metric's per-document
+    inputs (lambada's log-likelihoods behind its perplexity) are not per-document scores and are left out."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    names = [m for m in (ordered[0].get("metrics", []) if ordered else [])
+             if all(s.get(m) in (0, 1) for s in ordered)]
+    return {m: [float(s[m]) for s in ordered] for m in names}
+
+
 def describe_source(task: str, directory: Path | None, include_path: list[str] | None = None) -> str:
     if task not in LOCAL_TASKS:
         return ("lm-eval task (" + ", ".join(include_path) + " or lm-eval's registry)") if include_path \
@@ -175,8 +185,12 @@ def _quiet_lm_eval():
 def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
                    num_fewshot: int | None = None, data_directory: str | Path | None = None,
                    device: torch.device | str = "cpu", bootstrap_iters: int = 1000,
-                   include_path: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run lm-eval on ``model`` (any nn.Module with a HF causal-LM interface, compressed or not)."""
+                   include_path: list[str] | None = None, per_document: bool = False) -> dict[str, dict[str, Any]]:
+    """Run lm-eval on ``model`` (any nn.Module with a HF causal-LM interface, compressed or not).
+
+    ``per_document``: each task's entry also holds ``per_document`` = {metric: its value on every document,
+    in document order} (see ``document_metrics``): two models scored on the same documents can then be
+    compared pairwise, whose standard error is far smaller than either accuracy's when they mostly agree."""
     directory = Path(data_directory) if data_directory is not None else None
     sources = {task: describe_source(task, directory, include_path) for task in tasks}  # early: missing files
     started = time.perf_counter()
@@ -194,7 +208,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
         lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
         with _quiet_lm_eval():
             output = simple_evaluate(model=lm, tasks=list(lm_names.values()), num_fewshot=num_fewshot, limit=limit,
-                                     task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters)
+                                     task_manager=manager, log_samples=per_document,
+                                     bootstrap_iters=bootstrap_iters)
     except (ConnectionError, OSError) as error:  # data that went away between the check and the run
         raise LrcompressError(f"lm-eval could not load its data: {type(error).__name__}: "
                               f"{(str(error).strip().splitlines() or [''])[0]}") from None
@@ -210,6 +225,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
         counts = output.get("n-samples", {}).get(lm_name, {})
         entry = task_result(task, output["results"][lm_name], counts.get("effective"))
         entry.update(source=sources[task], limit=limit, num_fewshot=num_fewshot or 0, lm_eval_task=lm_name)
+        if per_document:
+            entry["per_document"] = document_metrics(output.get("samples", {}).get(lm_name, []))
         results[task] = entry
     log.info("lm-eval: %d task(s) in %.1f s", len(tasks), seconds)
     return results

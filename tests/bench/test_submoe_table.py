@@ -3,6 +3,7 @@ perplexity on a fixture built with --domains, and the table that summarizes them
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -79,3 +80,56 @@ def test_held_out_block_error_is_zero_for_the_unreduced_model_and_grows_with_a_c
         moe.model.layers[1].mlp.experts.down_proj[0] *= 1.5
     errors = block_errors(moe, reference)
     assert errors[0] == 0.0 and errors[1] > 0.01
+
+
+@pytest.mark.parametrize("method, options", [("expert_prune", {}), ("submoe", {})])
+def test_reduce_records_which_experts_each_block_kept_or_merged(tmp_path, method, options):
+    from btx import assemble, mlp_weights
+    from submoe_table import reduce
+
+    dense = tiny_model("llama", num_hidden_layers=2)
+    g = torch.Generator().manual_seed(0)
+    experts = {i: [tuple(w + 0.1 * torch.randn(w.shape, generator=g) for w in mlp_weights(dense.model.layers[i].mlp))
+                   for _ in range(4)] for i in (0, 1)}
+    routers = {i: torch.randn(4, dense.config.hidden_size, generator=g) for i in (0, 1)}
+    assemble(dense, experts, routers, top_k=2).save_pretrained(tmp_path)
+    model, _, info = reduce(str(tmp_path), method, options, 2, torch.randint(3, 250, (4, 16), generator=g))
+    assert set(info["groups"]) == {"0", "1"}
+    for groups in info["groups"].values():            # a partition of the 4 experts into 2 groups (pruning: 2 kept)
+        members = sorted(i for group in groups for i in group)
+        assert len(groups) == 2 and (members == [0, 1, 2, 3] if method == "submoe" else len(members) == 2)
+    assert json.loads(json.dumps(info)) == info
+    assert all(layer.mlp.experts.down_proj.shape[0] == 2 for layer in model.model.layers)
+
+
+def test_paired_difference_is_the_mean_difference_with_the_paired_standard_error():
+    from submoe_table import paired_difference
+
+    a, b = [1, 1, 0, 1, 0, 1, 1, 1], [1, 1, 0, 1, 0, 1, 0, 0]       # the same documents; 2 of 8 differ
+    mean, se = paired_difference(a, b)
+    d = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1], dtype=torch.float64)
+    assert mean == pytest.approx(0.25) and se == pytest.approx(float(d.std() / math.sqrt(8)))
+    a = [1] * 60 + [0] * 40                                           # 100 documents, 4 of them differ
+    mean, se = paired_difference(a, [0] * 4 + a[4:])
+    assert mean == pytest.approx(0.04) and se == pytest.approx(math.sqrt(0.04 * 0.96 / 99))
+    assert se < 0.5 * math.sqrt(0.56 * 0.44 / 100)                    # < half either accuracy's own stderr
+    with pytest.raises(ValueError, match="same documents"):
+        paired_difference(a, b[:-1])
+
+
+def test_printed_table_pairs_each_row_with_the_fixture_on_the_same_documents(tmp_path, capsys):
+    from submoe_table import DENSE_LABEL
+
+    def scored(label, method, kept, acc, seed=0):
+        return {"label": label, "method": method, "kept": kept, "seed": seed, "measure": "tasks", "limit": 4,
+                "tasks": {"piqa": {"acc": sum(acc) / 4, "acc_stderr": 0.25, "per_document": {"acc": acc}}}}
+
+    records = [scored("fixture (no reduction)", None, 8, [1, 1, 1, 0]), scored(DENSE_LABEL, None, 0, [1, 0, 0, 0]),
+               scored("prune: frequency", "expert_prune", 4, [1, 1, 0, 0])]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print_table(path)
+    out = capsys.readouterr().out
+    assert "| prune: frequency | 4 | 0 | 0.5000 ± 0.2500 | -0.2500 ± 0.2500 |" in out
+    assert f"| {DENSE_LABEL} | 0 | 0 | 0.2500 ± 0.2500 | -0.5000 ± 0.2887 |" in out
+    assert "| fixture (no reduction) | 8 | 0 | 0.7500 ± 0.2500 | – |" in out

@@ -87,6 +87,22 @@ def test_multiple_choice_tasks_score_like_our_own_loglikelihoods(results, model_
     assert task.split("_")[0] in result["source"].lower().replace("-", "_")
 
 
+def test_per_document_scores_are_each_documents_own_and_average_to_the_accuracy(model_and_tokenizer, task_data_dir):
+    model, tokenizer = model_and_tokenizer
+    results = evaluate_tasks(model, tokenizer, ["arc_easy", "lambada_openai"], limit=3, batch_size=2,
+                             data_directory=task_data_dir, per_document=True)
+    arc = results["arc_easy"]
+    assert set(arc["per_document"]) == {"acc", "acc_norm"}
+    expected = [expected_choice_metrics(model, tokenizer, [doc]) for doc in arc_docs(ARC)]   # one document each
+    assert arc["per_document"]["acc"] == [acc for acc, _ in expected]
+    assert arc["per_document"]["acc_norm"] == [norm for _, norm in expected]
+    assert sum(arc["per_document"]["acc"]) / 3 == pytest.approx(arc["acc"])
+    # lambada: its 0/1 acc per document, not the log-likelihoods its corpus-level perplexity is made of
+    assert set(results["lambada_openai"]["per_document"]) == {"acc"}
+    assert "per_document" not in evaluate_tasks(model, tokenizer, ["arc_easy"], limit=1, batch_size=2,
+                                                data_directory=task_data_dir)["arc_easy"]
+
+
 def test_lambada_scores_like_our_own_loglikelihoods(results, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     scores = [continuation_scores(model, tokenizer, " ".join(r["text"].split(" ")[:-1]), " " + r["text"].split(" ")[-1])
