@@ -36,6 +36,16 @@ DOMAINS = ("code_mbpp", "code_humaneval", "qa_arc", "qa_piqa")
 MOE_LAYER = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_for_the_module():
+    """The build trains small expert MLPs (many small kernels): measured 76 s on one thread, 350 s with the suite's
+    two threads on a loaded 2-core machine (as tests/pipeline/conftest.py's ``one_thread``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def specialists(data_dir):
     """(the 4-expert MoE, calibration windows, held-out windows): ≈ 40 s of one thread."""
