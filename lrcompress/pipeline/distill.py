@@ -8,7 +8,8 @@ compressed model's (both at temperature T, docs/distill.md):
 
 (``divergence: forward``, the default). The forward KL is mass-covering: where the compressed model cannot
 follow the original everywhere, it spreads its probability over every token the original gives any, which
-can lower the original's most likely token (measured on LAMBADA, bench/history/zeroshot-issue-26.md §5).
+can lower the original's most likely token. (That was the first reading of the LAMBADA loss the distillation
+causes on SmolLM2, bench/history/zeroshot-issue-26.md §5; §6 refutes it there: the reverse KL below lost more.)
 ``divergence: reverse`` trains T² · mean_t KL(q_θ,t ‖ p_t) instead, which is mode-seeking: it penalizes mass
 where the original has little and lets the student drop the original's tail. MiniLLM (Gu et al. 2024,
 arXiv:2306.08543) argues for the reverse KL in generative distillation for this reason; it optimizes the
