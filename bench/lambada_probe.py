@@ -83,20 +83,22 @@ def log_probs(model, passage: Passage, max_length: int) -> torch.Tensor:
     return F.log_softmax(logits.double(), dim=-1)
 
 
+def _at_target_and_over_context(per_position: torch.Tensor, n: int) -> tuple[float, float]:
+    """(the value at the first target position, its mean over the context's positions; NaN without any)."""
+    context = per_position[:-n]
+    return float(per_position[-n]), float(context.mean()) if context.numel() else float("nan")
+
+
 def score(logp: torch.Tensor, passage: Passage, dense: torch.Tensor | None) -> Score:
     """``logp``: one model's log-probabilities on the passage; ``dense``: the dense model's (None: it is dense)."""
     n = len(passage.target)
     tail, tokens = logp[-n:], torch.tensor(passage.target)
     first = tail[0]
-    kl_target = kl_passage = 0.0
-    if dense is not None:
-        kl = (dense.exp() * (dense - logp)).sum(-1)
-        kl_target, kl_passage = float(kl[-n]), float(kl[:-n].mean()) if kl.numel() > n else float("nan")
-    entropy = -(logp.exp() * logp).sum(-1)
+    kl = (0.0, 0.0) if dense is None else _at_target_and_over_context((dense.exp() * (dense - logp)).sum(-1), n)
+    entropy = _at_target_and_over_context(-(logp.exp() * logp).sum(-1), n)
     return Score(float(tail.gather(1, tokens[:, None]).sum()), bool((tail.argmax(-1) == tokens).all()),
                  int((first > first[passage.target[0]]).sum()) + 1, int(first.argmax()) in set(passage.context),
-                 kl_target, kl_passage, float(entropy[-n]),
-                 float(entropy[:-n].mean()) if entropy.numel() > n else float("nan"))
+                 *kl, *entropy)
 
 
 @torch.no_grad()
