@@ -259,8 +259,7 @@ def print_table(path: Path) -> None:
     """One line per (row, experts kept): the mean over calibration seeds, with the range when there are several."""
     records = done(path)
     keys = sorted({(label, kept) for label, kept, _, _ in records}, key=lambda k: (-k[1], _order(k[0])))
-    base = next((r["perplexity"] for (label, _, m, _), r in records.items()
-                 if r["method"] is None and m == "ppl" and label != DENSE_LABEL), None)
+    base = next((r["perplexity"] for (_, _, m, _), r in records.items() if _is_fixture(r) and m == "ppl"), None)
     tasks = sorted({t for r in records.values() for t in r.get("tasks", {})})
     domains = sorted({d for r in records.values() for d in r.get("domains", {})})
     print(f"Machine: {platform.machine()}, torch {torch.__version__}; threads as recorded per row\n")
@@ -290,6 +289,11 @@ def print_table(path: Path) -> None:
     print_paired(records)
 
 
+def _is_fixture(record: dict[str, Any]) -> bool:
+    """A record of the unreduced fixture (the reference of ratios and paired differences), not the dense row."""
+    return record["method"] is None and record["label"] != DENSE_LABEL
+
+
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     """(mean of a − b, its standard error) over the same documents: the paired comparison of two models'
     0/1 scores. Its error is sd(a_i − b_i)/√n, small when the two mostly agree, where comparing the two
@@ -305,7 +309,7 @@ def print_paired(records: dict[tuple[str, int, str, int], dict[str, Any]]) -> No
     """Per task with per-document scores: every record's accuracy ± its standard error, and its paired
     difference from the unreduced fixture's on the same documents."""
     scored = [r for r in records.values() if r["measure"] == "tasks"]
-    fixture = next((r for r in scored if r["method"] is None and r["label"] != DENSE_LABEL), None)
+    fixture = next((r for r in scored if _is_fixture(r)), None)
     for task in sorted({t for r in scored for t in r["tasks"]}):
         rows_ = [r for r in scored if "per_document" in r["tasks"].get(task, {})]
         if not rows_:
