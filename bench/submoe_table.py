@@ -46,8 +46,12 @@ from lrcompress.recipe import PerplexitySpec
 DENSE_LABEL = "dense (the model the experts grew from)"
 
 
-def rows(dagger_ratio: float) -> list[tuple[str, str | None, dict[str, Any]]]:
-    """(label, compressor, options); compressor None: the unreduced fixture."""
+ORACLE = "family clusters (oracle)"
+
+
+def rows(dagger_ratio: float, oracle: list[list[int]] | None = None) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(label, compressor, options); compressor None: the unreduced fixture. The last rows merge the fixed
+    groups ``oracle`` (``expert_groups``; None: ``--oracle-groups`` not given, they are not run)."""
     return [
         ("fixture (no reduction)", None, {}),
         ("prune: frequency", "expert_prune", {}),
@@ -65,7 +69,21 @@ def rows(dagger_ratio: float) -> list[tuple[str, str | None, dict[str, Any]]]:
         ("Sub-MoE, subspace_energy 0.9", "submoe", {"subspace_energy": 0.9}),
         ("Sub-MoE, subspace_budget 0.5, uniform", "submoe", {"subspace_budget": 0.5}),
         ("Sub-MoE, subspace_budget 0.5, layers", "submoe", {"subspace_budget": 0.5, "rank_allocation": "layers"}),
+        # issue 32: the merges within groups the user knows (Branch-Train-MiX: the experts' domain families)
+        (f"averaging, {ORACLE}", "expert_average", {"expert_groups": oracle}),
+        (f"Sub-MoE, {ORACLE}", "submoe", {"expert_groups": oracle}),
+        (f"Sub-MoE + RegMean, {ORACLE}", "submoe", {"merge": "regmean", "expert_groups": oracle}),
     ]
+
+
+def parse_groups(text: str) -> list[list[int]] | None:
+    """'0,1/2,3' -> [[0, 1], [2, 3]] (groups separated by '/', members by ','); '' -> None."""
+    if not text:
+        return None
+    try:
+        return [[int(i) for i in group.split(",")] for group in text.split("/")]
+    except ValueError:
+        raise SystemExit(f"--oracle-groups {text!r}: expected groups of expert indices like 0,1/2,3") from None
 
 
 def done(path: Path) -> dict[tuple[str, int, str, int], dict[str, Any]]:
@@ -91,6 +109,9 @@ def reduce(fixture: str, method: str, options: dict[str, Any], kept: int, window
             "block_params": sum(r.params_after for r in records) / sum(r.params_before for r in records),
             # which experts each block merged or kept (issue 32: the clusters decide per-domain losses)
             "groups": {str(r.layer): r.details["groups"] for r in records if "groups" in r.details}}
+    routed = {str(r.layer): r.details["routed_tokens"] for r in records if "routed_tokens" in r.details}
+    if routed:                     # calibration tokens routed to each original expert (RegMean, Sub-MoE†)
+        info["routed_tokens"] = routed
     return model, loaded.tokenizer, info
 
 
@@ -111,6 +132,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--dagger-ratio", type=float, default=0.3)
     parser.add_argument("--only", default="", help="comma list of row numbers (1-based) to run")
+    parser.add_argument("--oracle-groups", default="",
+                        help="the last rows' fixed expert groups, e.g. 0,1/2,3/4,5/6,7 (run only where the number "
+                        "of groups is the experts kept; empty: those rows are not run)")
+    parser.add_argument("--tag", default="",
+                        help="appended to every reduced row's label as ' [TAG]', e.g. '12 per domain': rows on "
+                        "another calibration get their own records in --out instead of counting as done")
     parser.add_argument("--seeds", default="0", help="calibration sample seeds, e.g. 0,1,2 (each reduced row per seed)")
     parser.add_argument("--domains", action="store_true",
                         help="also each domain's held-out perplexity (a fixture built with --domains)")
@@ -141,15 +168,8 @@ def main() -> None:
     held_out = {s.name: s.held_out for s in splits} if args.domains else {}
     reference = block_reference(loaded.model, held_out, args.block_windows) if held_out else {}
     tasks = [t for t in args.tasks.split(",") if t]
-    only = {int(i) for i in args.only.split(",") if i}
     del loaded
-    # seed-major: a run stopped by a time limit has whole seeds (every row) rather than whole rows
-    numbered = [(n, row) for n, row in enumerate(rows(args.dagger_ratio), 1) if not only or n in only]
-    plan = [(label, method, options, experts, 0) for _, (label, method, options) in numbered if method is None]
-    plan += [(label, method, options, kept, seed) for seed in seeds for kept in kept_list
-             for _, (label, method, options) in numbered if method is not None]
-    if args.dense:
-        plan.insert(0, (DENSE_LABEL, None, {"dense": args.dense}, 0, 0))
+    plan = plan_rows(args, experts, kept_list, seeds)
     for label, method, options, kept, seed in plan:
         finished = done(out)
         wanted = ["ppl"] if args.max_windows else []
@@ -163,7 +183,8 @@ def main() -> None:
         else:
             model, tokenizer, info = reduce(args.fixture, method, options, kept, windows[seed])
         base = {"label": label, "method": method, "options": options, "kept": kept, "experts": experts, "seed": seed,
-                "calibration": args.calibration if method else None, "threads": torch.get_num_threads(), **info}
+                "calibration": args.calibration if method else None, "threads": torch.get_num_threads(),
+                "calibration_windows": len(windows[seed]) if method else None, **info}
         for measure in missing:
             started = time.perf_counter()
             if measure == "ppl":
@@ -184,6 +205,33 @@ def main() -> None:
                 handle.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
     print_table(out)
+
+
+def plan_rows(args: argparse.Namespace, experts: int, kept_list: list[int], seeds: list[int]
+              ) -> list[tuple[str, str | None, dict[str, Any], int, int]]:
+    """(label, method, options, experts kept, seed) of every row to run, seed-major (a run stopped by a time
+    limit has whole seeds, every row, rather than whole rows); ``--tag`` marks the reduced rows' labels."""
+    only = {int(i) for i in args.only.split(",") if i}
+    numbered = [(n, row) for n, row in enumerate(rows(args.dagger_ratio, parse_groups(args.oracle_groups)), 1)
+                if not only or n in only]
+    if only and any(options.get("expert_groups", []) is None for _, (_, _, options) in numbered):
+        raise SystemExit("--only names a fixed-groups (oracle) row: give --oracle-groups")
+    tag = f" [{args.tag}]" if args.tag else ""
+    plan = [(label, method, options, experts, 0) for _, (label, method, options) in numbered if method is None]
+    plan += [(label + tag, method, options, kept, seed) for seed in seeds for kept in kept_list
+             for _, (label, method, options) in numbered if method is not None and _fits(options, kept)]
+    if args.dense:
+        plan.insert(0, (DENSE_LABEL, None, {"dense": args.dense}, 0, 0))
+    return plan
+
+
+def _fits(options: dict[str, Any], kept: int) -> bool:
+    """Whether a row runs at ``kept`` experts: every row, except a fixed-groups row without groups (no
+    --oracle-groups) or with another number of groups than ``kept``."""
+    if "expert_groups" not in options:
+        return True
+    groups = options["expert_groups"]
+    return groups is not None and len(groups) == kept
 
 
 def fixture_splits(fixture: Path, tokenizer) -> list:
@@ -336,6 +384,7 @@ def _spread(values: list[float], form: str) -> str:
 
 def _order(label: str) -> int:
     labels = [r[0] for r in rows(0.0)]
+    label = label.split(" [")[0]                       # a --tag
     return next((i for i, known in enumerate(labels) if label.split(" (ratio")[0] == known.split(" (ratio")[0]), 99)
 
 

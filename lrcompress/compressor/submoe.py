@@ -79,11 +79,25 @@ class ExpertReductionConfig(CompressorConfig):
 
     @model_validator(mode="after")
     def _one_size(self) -> "ExpertReductionConfig":
-        if (self.num_experts is None) == (self.expert_ratio is None):
+        if self.fixed_groups is None and (self.num_experts is None) == (self.expert_ratio is None):
             raise ValueError("give exactly one of 'num_experts' or 'expert_ratio'")
         return self
 
-    def kept(self, experts: int) -> int:
+    @property
+    def fixed_groups(self) -> list[list[int]] | None:
+        """Expert groups given by the user (the merge compressors' ``expert_groups``); None: from statistics."""
+        return None
+
+    def kept(self, experts: int, block: str | None = None) -> int:
+        """E' for a block of ``experts`` experts (``block``: its name, for the error of fixed groups)."""
+        groups = self.fixed_groups
+        if groups is not None:
+            given = sum(len(group) for group in groups)
+            if given != experts:
+                raise LrcompressError(f"{block or 'a MoE block'} has {experts} experts, but 'expert_groups' is a "
+                                      f"partition of {given} (0..{given - 1}): it must cover every expert of every "
+                                      "MoE block the stage targets")
+            return len(groups)
         if self.num_experts is not None:
             kept = self.num_experts
         else:
@@ -93,7 +107,46 @@ class ExpertReductionConfig(CompressorConfig):
         return kept
 
 
-class SubMoEConfig(ExpertReductionConfig):
+class ExpertMergeConfig(ExpertReductionConfig):
+    """The options of the compressors that merge groups of experts (``submoe``, ``expert_average``):
+    ``expert_groups`` fixes the groups instead of clustering (E' = the number of groups)."""
+
+    expert_groups: list[list[int]] | None = Field(
+        None, description="merge exactly these groups of expert indices instead of clustering, e.g. "
+                          "[[0, 1], [2, 3]]: a partition of 0..E−1 into E' groups, the same in every MoE block")
+
+    @model_validator(mode="after")
+    def _groups_are_a_partition(self) -> "ExpertMergeConfig":
+        groups = self.expert_groups
+        if groups is None:
+            return self
+        members = [i for group in groups for i in group]
+        if not groups or any(not group for group in groups):
+            raise ValueError("'expert_groups' needs at least one group and no empty group")
+        repeated = sorted({i for i in members if members.count(i) > 1})
+        if repeated:
+            raise ValueError(f"'expert_groups' names expert(s) {repeated} in more than one group (it must be a "
+                             "partition: every expert in exactly one group)")
+        if sorted(members) != list(range(len(members))):
+            raise ValueError(f"'expert_groups' must be a partition of the experts 0..E−1: its {len(members)} "
+                             f"indices are {sorted(members)}, not 0..{len(members) - 1}")
+        if len(groups) == len(members):
+            raise ValueError("'expert_groups' has one group per expert: that is no reduction")
+        if self.expert_ratio is not None:
+            raise ValueError("'expert_groups' fixes the number of experts kept (one per group): drop 'expert_ratio'")
+        if self.num_experts is not None and self.num_experts != len(groups):
+            raise ValueError(f"'num_experts' is {self.num_experts} but 'expert_groups' has {len(groups)} groups: "
+                             "they must agree (or drop 'num_experts')")
+        if "clustering" in self.model_fields_set:
+            raise ValueError("'expert_groups' replaces the clustering: drop 'clustering'")
+        return self
+
+    @property
+    def fixed_groups(self) -> list[list[int]] | None:
+        return self.expert_groups
+
+
+class SubMoEConfig(ExpertMergeConfig):
     """Sub-MoE options; ``rank`` or ``ratio`` turns on Sub-MoE† (whitened, low-rank merged experts)."""
 
     merge: Literal["subspace", "regmean"] = Field(
@@ -170,7 +223,11 @@ class ExpertReducer(BlockCompressor):
     config: ExpertReductionConfig
 
     def groups(self, statistic: ExpertStatistic, similarity: torch.Tensor, kept: int) -> list[list[int]]:
-        """Members of each merged expert (default: output-similarity clusters)."""
+        """Members of each merged expert: the user's ``expert_groups`` (each sorted, ordered by their first
+        member, like the clusters), else output-similarity clusters."""
+        fixed = self.config.fixed_groups
+        if fixed is not None:
+            return sorted((sorted(group) for group in fixed), key=lambda group: group[0])
         if self.config.clustering == "hierarchical":
             return hierarchical_clusters(similarity, kept)
         return cluster_experts(similarity, kept, self.config.seed)
@@ -201,10 +258,14 @@ class ExpertReducer(BlockCompressor):
         after = kept * (self.merged_expert_params(module) + per_router)
         return Plan(total - experts * (per_expert + per_router) + after, rank=self.merged_rank(module))
 
+    def plan_for(self, name: str, module: nn.Module) -> Plan:
+        self.config.kept(expert_count(module), name)          # a block the fixed groups do not fit: named
+        return self.plan(module)
+
     def compress(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> BlockResult:
         statistic = stats[EXPERT_STATS]
         assert isinstance(statistic, ExpertStatistic)
-        kept = self.config.kept(expert_count(module))
+        kept = self.config.kept(expert_count(module), name)
         frequencies = statistic.frequencies()
         similarity = statistic.similarity(name)
         groups = self.groups(statistic, similarity, kept)
@@ -444,6 +505,9 @@ def _reached(members: list[int], w: torch.Tensor, counts: torch.Tensor) -> tuple
 class ExpertAverage(ExpertReducer):
     """Baseline: the same clusters, frequency-weighted average of the weights (M-SMoE style)."""
 
+    Config = ExpertMergeConfig
+    config: ExpertMergeConfig
+
     def merge(self, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return average_merge(weights, w)
 
@@ -452,6 +516,14 @@ class ExpertPruneConfig(ExpertReductionConfig):
     score: Literal["frequency", "reap"] = Field(
         "frequency", description="which experts stay: the most routed-to, or the highest REAP scores (mean "
                                  "gate weight × expert output norm over the tokens routed to the expert)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_groups(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "expert_groups" in data:
+            raise ValueError("'expert_groups' is an option of the merge compressors (submoe, expert_average): "
+                             "expert_prune merges nothing, it keeps the E' highest-scoring experts")
+        return data
 
 
 @register("expert_prune")
@@ -467,4 +539,4 @@ class ExpertPrune(ExpertReducer):
         return [[i] for i in most_frequent(scores, kept)]
 
 
-__all__ = ["ExpertAverage", "ExpertPrune", "ExpertReducer", "SubMoE", "INPUT_SAMPLE", "allocate_layer_ranks"]
+__all__ = ["ExpertAverage", "ExpertMergeConfig", "ExpertPrune", "ExpertReducer", "SubMoE", "INPUT_SAMPLE", "allocate_layer_ranks"]

@@ -82,7 +82,9 @@ def test_held_out_block_error_is_zero_for_the_unreduced_model_and_grows_with_a_c
     assert errors[0] == 0.0 and errors[1] > 0.01
 
 
-@pytest.mark.parametrize("method, options", [("expert_prune", {}), ("submoe", {})])
+@pytest.mark.parametrize("method, options", [("expert_prune", {}), ("submoe", {}),
+                                             ("expert_average", {"expert_groups": [[0, 3], [1, 2]]}),
+                                             ("submoe", {"merge": "regmean", "expert_groups": [[0, 3], [1, 2]]})])
 def test_reduce_records_which_experts_each_block_kept_or_merged(tmp_path, method, options):
     from btx import assemble, mlp_weights
     from submoe_table import reduce
@@ -97,7 +99,10 @@ def test_reduce_records_which_experts_each_block_kept_or_merged(tmp_path, method
     assert set(info["groups"]) == {"0", "1"}
     for groups in info["groups"].values():            # a partition of the 4 experts into 2 groups (pruning: 2 kept)
         members = sorted(i for group in groups for i in group)
-        assert len(groups) == 2 and (members == [0, 1, 2, 3] if method == "submoe" else len(members) == 2)
+        assert len(groups) == 2 and (members == [0, 1, 2, 3] if method != "expert_prune" else len(members) == 2)
+        if "expert_groups" in options:                  # the oracle rows: exactly the given groups, in every block
+            assert groups == [[0, 3], [1, 2]]
+    assert ("routed_tokens" in info) == (options.get("merge") == "regmean")
     assert json.loads(json.dumps(info)) == info
     assert all(layer.mlp.experts.down_proj.shape[0] == 2 for layer in model.model.layers)
 
