@@ -306,7 +306,7 @@ def windows_perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
 def print_table(path: Path) -> None:
     """One line per (row, experts kept): the mean over calibration seeds, with the range when there are several."""
     records = done(path)
-    keys = sorted({(label, kept) for label, kept, _, _ in records}, key=lambda k: (-k[1], _order(k[0])))
+    keys = sorted({(label, kept) for label, kept, _, _ in records}, key=lambda k: (-k[1], _order(k[0]), k[0]))
     base = next((r["perplexity"] for (_, _, m, _), r in records.items() if _is_fixture(r) and m == "ppl"), None)
     tasks = sorted({t for r in records.values() for t in r.get("tasks", {})})
     domains = sorted({d for r in records.values() for d in r.get("domains", {})})

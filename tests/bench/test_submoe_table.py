@@ -138,3 +138,47 @@ def test_printed_table_pairs_each_row_with_the_fixture_on_the_same_documents(tmp
     assert "| prune: frequency | 4 | 0 | 0.5000 ± 0.2500 | -0.2500 ± 0.2500 |" in out
     assert f"| {DENSE_LABEL} | 0 | 0 | 0.2500 ± 0.2500 | -0.5000 ± 0.2887 |" in out
     assert "| fixture (no reduction) | 8 | 0 | 0.7500 ± 0.2500 | – |" in out
+
+
+def test_oracle_rows_come_last_and_run_only_with_their_groups_at_their_size():
+    import argparse
+
+    from submoe_table import ORACLE, parse_groups, plan_rows, rows
+
+    assert [label for label, _, _ in rows(0.3)][:13] == [label for label, _, _ in rows(0.3, [[0, 1]])][:13]
+    assert parse_groups("0,1/2,3/4,5/6,7") == [[0, 1], [2, 3], [4, 5], [6, 7]] and parse_groups("") is None
+    with pytest.raises(SystemExit, match="--oracle-groups"):
+        parse_groups("0,1/a")
+
+    def plan(**given):
+        args = argparse.Namespace(**{"only": "", "oracle_groups": "", "tag": "", "dagger_ratio": 0.3, "dense": None,
+                                     **given})
+        return [(label, kept, seed, options) for label, _, options, kept, seed in plan_rows(args, 8, [6, 4], [0, 1])]
+
+    assert not any(ORACLE in label for label, *_ in plan())                  # no groups given: not run
+    oracle = [row for row in plan(oracle_groups="0,1/2,3/4,5/6,7") if ORACLE in row[0]]
+    assert [(label.split(",")[0], kept, seed) for label, kept, seed, _ in oracle] == [
+        ("averaging", 4, 0), ("Sub-MoE", 4, 0), ("Sub-MoE + RegMean", 4, 0),
+        ("averaging", 4, 1), ("Sub-MoE", 4, 1), ("Sub-MoE + RegMean", 4, 1)]       # only at 4 kept = 4 groups
+    assert all(options["expert_groups"] == [[0, 1], [2, 3], [4, 5], [6, 7]] for *_, options in oracle)
+    with pytest.raises(SystemExit, match="give --oracle-groups"):
+        plan(only="4,15")
+    tagged = plan(only="1,7", tag="12 per domain")
+    assert [(label, kept) for label, kept, *_ in tagged][:3] == [
+        ("fixture (no reduction)", 8), ("Sub-MoE clusters + RegMean [12 per domain]", 6),
+        ("Sub-MoE clusters + RegMean [12 per domain]", 4)]                  # the unreduced fixture is not tagged
+
+
+def test_tagged_rows_are_their_own_table_lines_in_the_rows_order(tmp_path, capsys):
+    records = [{"label": label, "method": "submoe", "kept": 4, "measure": "domains", "seed": 0,
+                "domains": {"code": value}, "block_rel_error": 0.1}
+               for label, value in [("Sub-MoE clusters + RegMean [12 per domain]", 3.0),
+                                    ("Sub-MoE clusters + RegMean", 4.0),
+                                    ("merge: frequency-weighted average (MC-SMoE-like)", 5.0)]]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print_table(path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "| 4 |" in line]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| merge: frequency-weighted average (MC-SMoE-like)", "| Sub-MoE clusters + RegMean",
+        "| Sub-MoE clusters + RegMean [12 per domain]"]
