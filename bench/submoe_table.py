@@ -20,6 +20,15 @@ fixture's ``fixture_info.json``, so they are the windows no expert and no router
 scored per document too, and ``--print`` gives each row's paired difference from the fixture on the same
 documents (its standard error is what says whether two rows differ); ``--dense MODEL`` adds the dense model
 the experts grew from as a reference row (its tasks and WikiText-2 perplexity only).
+
+The last rows merge fixed groups (``expert_groups``) given by ``--oracle-groups 0,1/2,3/4,5/6,7``: the
+"oracle" clusters of a fixture whose experts' families are known (on ``btx-specialist-v4``, experts 0–1 code,
+2–3 web, 4–5 book, 6–7 questions). The groups are an explicit option rather than read from the fixture's
+domain names because the expert index ↔ domain order is a property of how the fixture was built, not
+something its checkpoint records; they run only at the experts-kept count equal to the number of groups.
+``--tag TEXT`` appends " [TEXT]" to every reduced row's label, so rows on another calibration (e.g.
+``--per-domain 12``) are new records in the same ``--out`` instead of counting as done; every new record
+has ``calibration_windows``, and RegMean/Sub-MoE† records the calibration tokens routed to each expert.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ model stays a plain checkpoint with a smaller expert count in its config:
 1. routing frequencies f_i and the mean cosine similarity of expert outputs (``expert_outputs``);
 2. grouping: K-means (k-means++, seeded) on the similarity rows into E' clusters (submoe, average),
    or average-linkage hierarchical clustering on 1 − similarity (``clustering: hierarchical``), or the
-   E' most frequent / highest-REAP-score experts as singleton groups (prune);
+   E' most frequent / highest-REAP-score experts as singleton groups (prune); or, for the merges, the
+   groups the user fixes with ``expert_groups`` (below);
 3. merging per weight type (gate, up, down): union SVD with a shared, truncated U Σ and
    frequency-merged V blocks (submoe, the paper's merge), RegMean's Gram-weighted least squares
    (submoe ``merge: regmean``) or the frequency-weighted average (average);
@@ -19,6 +20,14 @@ model stays a plain checkpoint with a smaller expert count in its config:
    often each was used, so its logit should be the logit of the typical member token; for a 1-expert
    cluster it is exactly the old row, and pruning keeps the kept experts' rows unchanged (the softmax
    renormalizes over the remaining experts). Shared experts are never touched.
+
+Fixed groups (``expert_groups: [[0, 1], [2, 3], ...]``, submoe and expert_average; E' = the number of
+groups): why: a user may know which experts belong together better than output similarity on a
+calibration sample does, e.g. the experts of a Branch-Train-MiX MoE grown from one dense model per
+domain, two per family; and issue 32 needs the oracle comparison, "does the merge beat averaging within
+the right clusters", which no clustering found on its fixture. The groups must be a partition of
+0..E−1 (every expert once) and every targeted block must have E experts (else an error naming the
+block); they replace ``clustering``, and expert_prune refuses them (it merges nothing).
 
 The paper truncates the union SVD but leaves its rank open; the default here is the rank of one
 expert weight, r = min(out, in): the merged expert is one expert, so its shared basis keeps as many
