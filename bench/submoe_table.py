@@ -23,9 +23,10 @@ the experts grew from as a reference row (its tasks and WikiText-2 perplexity on
 
 The last rows merge fixed groups (``expert_groups``) given by ``--oracle-groups 0,1/2,3/4,5/6,7``: the
 "oracle" clusters of a fixture whose experts' families are known (on ``btx-specialist-v4``, experts 0–1 code,
-2–3 web, 4–5 book, 6–7 questions). The groups are an explicit option rather than read from the fixture's
-domain names because the expert index ↔ domain order is a property of how the fixture was built, not
-something its checkpoint records; they run only at the experts-kept count equal to the number of groups.
+2–3 web, 4–5 book, 6–7 questions). The groups are an explicit option rather than derived from the fixture's
+domain names (``fixture_info.json`` lists them in expert order): "family = the name before '_'" is only a
+naming habit of ``bench/btx_domains.py``, and an explicit option states in the command what was merged and
+lets any other grouping be compared. They run only where the experts kept equal the number of groups.
 ``--tag TEXT`` appends " [TEXT]" to every reduced row's label, so rows on another calibration (e.g.
 ``--per-domain 12``) are new records in the same ``--out`` instead of counting as done; every new record
 has ``calibration_windows``, and RegMean/Sub-MoE† records the calibration tokens routed to each expert.
