@@ -11,7 +11,8 @@ sample, and every trained expert is checkpointed under ``<out>/experts`` so that
 resumes where it stopped (``bench/btx_pilot.py`` prices the build first); ``--domain-lr web_a=5e-4,...`` gives
 domains their own peak rate (the others train at ``--lr``, exactly as before, so their saved experts are reused);
 ``--reinit r`` starts every expert from a Drop-Upcycling copy (``btx.drop_upcycle``: a random fraction r of its
-neurons re-initialized) instead of an exact copy of the dense MLP.
+neurons re-initialized) instead of an exact copy of the dense MLP (``--domain-reinit`` per domain), and
+``--router-steps N`` trains the assembled MoE's routers on its own next-token loss (``btx.train_routers``).
 
 See ``bench/btx.py`` for the method. The output directory (default: ``$LRCOMPRESS_MOE_FIXTURE``,
 else ``<dir of $LRCOMPRESS_SMOLLM2>/<model name>-btx-e<E>``; never inside the repository) holds a plain
