@@ -215,6 +215,7 @@ class TrainSettings:
     warmup: int = 0                  # warm-up steps of the cosine schedule
     draw: str = "random"             # "random": windows with replacement | "epochs": a fresh permutation per pass
     loss_positions: int = 0          # 0: every position | k: k seeded random positions per window
+    reinit: float = 0.0              # Drop-Upcycling: fraction of the MLP's neurons re-initialized first
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine") or self.draw not in ("random", "epochs"):
@@ -223,6 +224,8 @@ class TrainSettings:
             raise ValueError("warm-up needs schedule='cosine'")
         if not 0 <= self.warmup < self.steps or self.loss_positions < 0:
             raise ValueError("warmup must be in [0, steps) and loss_positions >= 0")
+        if not 0.0 <= self.reinit <= 1.0:
+            raise ValueError(f"reinit must be a fraction in [0, 1], got {self.reinit}")
 
 
 def learning_rate_factor(step: int, settings: TrainSettings) -> float:
@@ -245,6 +248,33 @@ def window_draws(windows: int, settings: TrainSettings, generator: torch.Generat
     passes = -(-total // windows)
     return torch.cat([torch.randperm(windows, generator=generator) for _ in range(passes)])[:total].reshape(
         settings.steps, settings.batch)
+
+
+def drop_upcycle(weights: tuple[torch.Tensor, ...], ratio: float, generator: torch.Generator
+                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Drop-Upcycling's partial re-initialization (Nakamura et al., ICLR 2025, arXiv 2502.19261) of one
+    expert's (gate, up, down): round(ratio · I) of the I intermediate neurons, drawn at random, get new
+    gate and up rows and a new down column, each weight drawn from N(μ, σ²) with μ, σ the mean and standard
+    deviation of that whole matrix in the dense MLP; every other weight is kept. Returns the new weights
+    and the re-initialized neuron indices.
+
+    Why (issue 32): experts copied from one dense MLP and fine-tuned stay within ≈ 10 % of each other at
+    any rate that keeps them better than the dense MLP on their own text (bench/history/issue32-submoe.md);
+    the paper re-initializes a different random part of every expert so that upcycled experts specialize
+    instead of staying copies, and the trained re-initialized neurons are domain features that the other
+    experts do not have (not aligned across experts: what an expert merge has to reconcile)."""
+    gate, up, down = weights
+    chosen = torch.randperm(gate.shape[0], generator=generator)[:round(ratio * gate.shape[0])]
+
+    def redrawn(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        mean, std = matrix.double().mean(), matrix.double().std()
+        return (torch.randn(shape, generator=generator, dtype=torch.float64) * std + mean).to(matrix.dtype)
+
+    gate, up, down = gate.clone(), up.clone(), down.clone()
+    gate[chosen] = redrawn(gate, (len(chosen), gate.shape[1]))
+    up[chosen] = redrawn(up, (len(chosen), up.shape[1]))
+    down[:, chosen] = redrawn(down, (down.shape[0], len(chosen)))
+    return (gate, up, down), chosen
 
 
 def next_token_loss(trunk: Trunk, hidden: torch.Tensor, ids: torch.Tensor, positions: int,
@@ -276,34 +306,67 @@ def train_expert(trunk: Trunk, layers: list[int], hidden: torch.Tensor, targets:
     weights far early, and the decay to 0 removes the step noise at the end (annealing), so distance and
     held-out quality stop pulling against each other. ``draw="epochs"`` keeps a domain's windows from
     repeating before all were seen; ``loss_positions`` cuts the 49k-vocabulary head's cost, ≈ 80% of a
-    full-loss step (bench/history/issue32-submoe.md)."""
+    full-loss step (bench/history/issue32-submoe.md); ``reinit`` > 0 starts every layer's copy from
+    ``drop_upcycle`` (its own generator, seeded by ``seed``, so the window draws are those of reinit 0)."""
     model = trunk.model
     originals = {i: copy.deepcopy(model.model.layers[i].mlp) for i in layers}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if settings.reinit:
+        reinit = torch.Generator().manual_seed(settings.seed)
+        for i in layers:
+            mlp = model.model.layers[i].mlp
+            new, _ = drop_upcycle(mlp_weights(mlp), settings.reinit, reinit)
+            for linear, w in zip((mlp.gate_proj, mlp.up_proj, mlp.down_proj), new):
+                linear.weight.data.copy_(w)
     params = [p for i in layers for p in model.model.layers[i].mlp.parameters()]
+    losses = fit_parameters(trunk, params, hidden, targets, settings, on_step)
+    trained = {i: mlp_weights(model.model.layers[i].mlp) for i in layers}
+    for i in layers:
+        model.model.layers[i].mlp = originals[i]
+    return trained, losses
+
+
+def fit_parameters(trunk: Trunk, params: list[nn.Parameter], hidden: torch.Tensor, targets: torch.Tensor,
+                   settings: TrainSettings, on_step: Callable[[int], None] | None = None) -> list[float]:
+    """AdamW (no weight decay) on ``params`` alone, every other weight of the trunk's model frozen, with the
+    rate schedule, window draws and next-token loss of ``settings``; returns the loss curve. The parameters
+    are trained in place and left frozen."""
+    for p in trunk.model.parameters():
+        p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(settings.seed)
-    draws = window_draws(len(hidden), settings, g)
     losses = []
-    for step, pick in enumerate(draws):
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * learning_rate_factor(step, settings)
-        loss = next_token_loss(trunk, hidden[pick], targets[pick], settings.loss_positions, g)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(len(losses))
-    trained = {i: mlp_weights(model.model.layers[i].mlp) for i in layers}
-    for i in layers:
-        model.model.layers[i].mlp = originals[i]
-    for p in params:
-        p.requires_grad_(False)
-    return trained, losses
+    try:
+        for step, pick in enumerate(window_draws(len(hidden), settings, g)):
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * learning_rate_factor(step, settings)
+            loss = next_token_loss(trunk, hidden[pick], targets[pick], settings.loss_positions, g)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(len(losses))
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return losses
+
+
+def train_routers(moe: nn.Module, layers: list[int], hidden: torch.Tensor, targets: torch.Tensor,
+                  settings: TrainSettings) -> list[float]:
+    """Branch-Train-MiX's last stage restricted to the routers: the routers of the MoE ``layers`` (started
+    from the domain classifiers of ``fit_routers``) are trained in place on the next-token loss of the
+    assembled MoE, experts and everything else frozen; ``hidden``: the frozen prefix's output on ``targets``.
+
+    Why (issue 32): a domain classifier sends a token to the experts of the domain it looks like, and about
+    half of web text's tokens look like book or question text, so the MoE can lose to the dense model on web
+    text although its web experts beat it (bench/history/issue32-submoe.md); BTX learns the router on the
+    language-modelling loss instead, which sends a token to the experts that predict it best. Trained on the
+    router-fit windows only (never an expert's training text, never held-out text)."""
+    return fit_parameters(Trunk(moe, min(layers)), [moe.model.layers[i].mlp.gate.weight for i in layers],
+                          hidden, targets, settings)
 
 
 def fit_router(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float = 1e-4,
@@ -373,6 +436,8 @@ class BuildSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     seed: int = 0
     domain_lr: dict[str, float] = field(default_factory=dict)   # domain name -> its peak rate (else train.lr)
+    domain_reinit: dict[str, float] = field(default_factory=dict)   # domain name -> its reinit (else train.reinit)
+    router_train: TrainSettings | None = None   # train_routers on the router-fit windows (None: classifiers only)
 
 
 def expert_train_settings(settings: BuildSettings, domain: int, name: str) -> TrainSettings:
@@ -382,9 +447,11 @@ def expert_train_settings(settings: BuildSettings, domain: int, name: str) -> Tr
     Why a per-domain rate (issue 32): one peak rate for all domains either leaves the experts of text the
     dense model already models well (web, book) worse than the dense MLP (2e-3) or keeps the others close to
     it; a domain absent from ``domain_lr`` is trained exactly as before (same settings, same fingerprint),
-    so its saved expert is reused."""
+    so its saved expert is reused. ``domain_reinit`` does the same for Drop-Upcycling's fraction
+    (``drop_upcycle``): what an expert can re-learn of its re-initialized neurons grows with its rate."""
     rate = settings.domain_lr.get(name, settings.train.lr)
-    return TrainSettings(**{**vars(settings.train), "seed": settings.seed + domain, "lr": rate})
+    reinit = settings.domain_reinit.get(name, settings.train.reinit)
+    return TrainSettings(**{**vars(settings.train), "seed": settings.seed + domain, "lr": rate, "reinit": reinit})
 
 
 @dataclass
@@ -442,9 +509,9 @@ def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: Bu
         raise ValueError("no MoE layers chosen")
     if len(splits) != settings.experts:
         raise ValueError(f"{len(splits)} domains for {settings.experts} experts")
-    unknown = sorted(set(settings.domain_lr) - {s.name for s in splits})
+    unknown = sorted((set(settings.domain_lr) | set(settings.domain_reinit)) - {s.name for s in splits})
     if unknown or any(not rate > 0 for rate in settings.domain_lr.values()):
-        raise ValueError(f"domain_lr: unknown domains {unknown} or a rate <= 0 in {settings.domain_lr}")
+        raise ValueError(f"domain_lr/domain_reinit: unknown domains {unknown} or a rate <= 0 in {settings.domain_lr}")
     dense.eval()
     trunk = Trunk(dense, layers[0])
     experts: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in layers}
@@ -485,7 +552,8 @@ def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: Bu
     differences = {i: expert_differences(experts[i], dense_mlps[i], torch.cat(features[i])[::7], act)
                    for i in layers}
     model = assemble(dense, experts, routers, settings.top_k)
-    info = {"domains": [s.name for s in splits], "moe_layers": layers,
+    trained_routers = route_by_loss(model, layers, splits, settings, prefix_cache) if settings.router_train else {}
+    info = {**trained_routers, "domains": [s.name for s in splits], "moe_layers": layers,
             "windows": {s.name: {k: len(getattr(s, k)) for k in ("train", "router_fit", "router_test", "held_out")}
                         for s in splits},
             "loss_first": [c[0] for c in curves], "loss_last5": [sum(c[-5:]) / len(c[-5:]) for c in curves],
@@ -496,12 +564,30 @@ def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: Bu
     return model, info
 
 
+def route_by_loss(model: nn.Module, layers: list[int], splits: list[DomainSplit], settings: BuildSettings,
+                  prefix_cache: Path | None) -> dict:
+    """``train_routers`` on every domain's router-fit windows, in place; the record: the loss curve's ends and
+    the trained routers' top-1 = domain accuracy on the MoE's own MLP inputs, in and out of sample."""
+    assert settings.router_train is not None
+    ids = torch.cat([s.router_fit for s in splits])
+    trunk = Trunk(model, min(layers))
+    losses = train_routers(model, layers, cached_prefix(trunk, ids, prefix_cache), ids, settings.router_train)
+    routers = {i: model.model.layers[i].mlp.gate.weight.detach() for i in layers}
+    fit = router_features(trunk, layers, [s.router_fit for s in splits])
+    test = router_features(trunk, layers, [s.router_test for s in splits])
+    return {"router_train_loss_first_last5": [losses[0], sum(losses[-5:]) / len(losses[-5:])],
+            "trained_router_top1_domain_accuracy": router_accuracy(routers, fit),
+            "trained_router_top1_domain_accuracy_out_of_sample": router_accuracy(routers, test)}
+
+
 def expert_fingerprint(layers: list[int], train: TrainSettings, windows: torch.Tensor) -> str:
     """What a saved expert must match to be reused: its layers, training settings and windows."""
     import hashlib
 
     digest = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return f"layers={layers};{sorted(vars(train).items())};windows={tuple(windows.shape)}:{digest}"
+    # reinit 0 is left out: the experts saved before the option existed keep their fingerprints
+    fields = sorted((k, v) for k, v in vars(train).items() if not (k == "reinit" and v == 0.0))
+    return f"layers={layers};{fields};windows={tuple(windows.shape)}:{digest}"
 
 
 def router_features(trunk: Trunk, layers: list[int], windows: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
@@ -523,18 +609,23 @@ def fit_routers(trunk: Trunk, layers: list[int], splits: list[DomainSplit]
     (labelled by domain), and its top-1 = domain accuracy on them and on the ``router_test`` windows."""
     fit = router_features(trunk, layers, [s.router_fit for s in splits])
     test = router_features(trunk, layers, [s.router_test for s in splits])
+    routers = {i: fit_router(torch.cat(fit[i]), domain_labels_of(fit[i]), len(splits)) for i in layers}
+    return routers, {"in_sample": router_accuracy(routers, fit), "out_of_sample": router_accuracy(routers, test)}
 
-    def labels(features):
-        return torch.cat([torch.full((len(f),), d, dtype=torch.long) for d, f in enumerate(features)])
 
-    routers, in_sample, out_of_sample = {}, {}, {}
-    for i in layers:
-        x, y = torch.cat(fit[i]), labels(fit[i])
-        routers[i] = fit_router(x, y, len(splits))
-        in_sample[i] = float(((x.double() @ routers[i].double().T).argmax(1) == y).double().mean())
-        xt, yt = torch.cat(test[i]), labels(test[i])
-        out_of_sample[i] = float(((xt.double() @ routers[i].double().T).argmax(1) == yt).double().mean()) if len(yt) else None
-    return routers, {"in_sample": in_sample, "out_of_sample": out_of_sample}
+def domain_labels_of(features: list[torch.Tensor]) -> torch.Tensor:
+    """The domain index of every row of ``torch.cat(features)`` (one tensor per domain)."""
+    return torch.cat([torch.full((len(f),), d, dtype=torch.long) for d, f in enumerate(features)])
+
+
+def router_accuracy(routers: dict[int, torch.Tensor], features: dict[int, list[torch.Tensor]]
+                    ) -> dict[int, float | None]:
+    """Per layer, the share of tokens whose top-1 expert is their domain's (None without tokens)."""
+    accuracy: dict[int, float | None] = {}
+    for i, router in routers.items():
+        x, y = torch.cat(features[i]), domain_labels_of(features[i])
+        accuracy[i] = float(((x.double() @ router.double().T).argmax(1) == y).double().mean()) if len(y) else None
+    return accuracy
 
 
 def held_out_loss(trunk: Trunk, ids: torch.Tensor, batch: int = 4, hidden: torch.Tensor | None = None) -> float:
@@ -590,6 +681,6 @@ def cached_prefix(trunk: Trunk, windows: torch.Tensor, cache: Path | None) -> to
 
 
 __all__ = ["BuildPaused", "BuildSettings", "DomainSplit", "Trunk", "TrainSettings", "assemble", "build", "build_from_domains",
-           "cached_prefix", "domain_labels", "domain_windows", "expert_differences", "expert_loss", "expert_train_settings", "fit_router", "fit_routers", "held_out_loss",
-           "learning_rate_factor", "mlp_weights", "moe_config", "next_token_loss", "paragraphs", "router_features",
-           "train_expert", "window_draws"]
+           "cached_prefix", "domain_labels", "domain_windows", "drop_upcycle", "expert_differences", "expert_loss", "expert_train_settings", "fit_router", "fit_routers", "held_out_loss",
+           "fit_parameters", "learning_rate_factor", "mlp_weights", "moe_config", "next_token_loss", "paragraphs",
+           "route_by_loss", "router_accuracy", "router_features", "train_expert", "train_routers", "window_draws"]

@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--draw", default="random", choices=["random", "epochs"])
     parser.add_argument("--loss-positions", type=int, default=0, help="0: the loss on every position")
+    parser.add_argument("--reinit", type=float, default=0.0,
+                        help="Drop-Upcycling: fraction of every expert's neurons re-initialized (btx.drop_upcycle)")
     parser.add_argument("--time-steps", type=int, default=0,
                         help="also time this many steps with the loss on every position and on --loss-positions")
     parser.add_argument("--prefix-cache", default=None, help="directory of cached prefix outputs (btx.cached_prefix)")
@@ -125,7 +127,7 @@ def main() -> None:
         for rate in rates:
             settings = TrainSettings(steps=args.steps, batch=args.batch, lr=rate, seed=args.seed + index,
                                      schedule=args.schedule, warmup=args.warmup, draw=args.draw,
-                                     loss_positions=args.loss_positions)
+                                     loss_positions=args.loss_positions, reinit=args.reinit)
             if args.time_steps and index == 0 and rate == rates[0]:
                 full = TrainSettings(**{**vars(settings), "loss_positions": 0})
                 record["step_seconds"] = {"all_positions": step_seconds(trunk, layers, hidden, split.train, full,

@@ -9,7 +9,10 @@ web, book and question text, two domains each), every domain's windows are split
 training, router-fit, router-test and held-out windows, the router's top-1 accuracy is reported out of
 sample, and every trained expert is checkpointed under ``<out>/experts`` so that an interrupted build
 resumes where it stopped (``bench/btx_pilot.py`` prices the build first); ``--domain-lr web_a=5e-4,...`` gives
-domains their own peak rate (the others train at ``--lr``, exactly as before, so their saved experts are reused).
+domains their own peak rate (the others train at ``--lr``, exactly as before, so their saved experts are reused);
+``--reinit r`` starts every expert from a Drop-Upcycling copy (``btx.drop_upcycle``: a random fraction r of its
+neurons re-initialized) instead of an exact copy of the dense MLP (``--domain-reinit`` per domain), and
+``--router-steps N`` trains the assembled MoE's routers on its own next-token loss (``btx.train_routers``).
 
 See ``bench/btx.py`` for the method. The output directory (default: ``$LRCOMPRESS_MOE_FIXTURE``,
 else ``<dir of $LRCOMPRESS_SMOLLM2>/<model name>-btx-e<E>``; never inside the repository) holds a plain
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -53,19 +57,19 @@ def default_out(model: str, experts: int) -> Path:
     return source.parent / f"{source.name}-btx-e{experts}"
 
 
-def parse_domain_lr(spec: str | None) -> dict[str, float]:
-    """``name=rate,name=rate`` -> {name: rate}; empty for None."""
+def parse_domain_values(spec: str | None, flag: str = "--domain-lr", upper: float = math.inf) -> dict[str, float]:
+    """``name=value,name=value`` -> {name: value} with 0 < value <= ``upper``; empty for None."""
     out: dict[str, float] = {}
     for part in (spec or "").split(","):
         if not part.strip():
             continue
-        name, sep, rate = part.partition("=")
+        name, sep, text = part.partition("=")
         try:
-            value = float(rate)
+            value = float(text)
         except ValueError:
             value = float("nan")
-        if not sep or not name.strip() or not value > 0 or name.strip() in out:
-            raise ValueError(f"--domain-lr: {part!r} is not name=positive rate (each name once)")
+        if not sep or not name.strip() or not 0 < value <= upper or name.strip() in out:
+            raise ValueError(f"{flag}: {part!r} is not name=value with 0 < value <= {upper:g} (each name once)")
         out[name.strip()] = value
     return out
 
@@ -102,6 +106,16 @@ def main() -> None:
                         help="training windows with replacement, or every window once per pass")
     parser.add_argument("--loss-positions", type=int, default=0,
                         help="next-token loss on this many random positions per window (0: all)")
+    parser.add_argument("--reinit", type=float, default=0.0,
+                        help="Drop-Upcycling: fraction of every expert's neurons re-initialized before training "
+                             "(btx.drop_upcycle; 0: plain copies of the dense MLP)")
+    parser.add_argument("--domain-reinit", default=None,
+                        help="--domains: per-domain --reinit, e.g. code_mbpp=0.02,web_a=0.01 (the others: --reinit)")
+    parser.add_argument("--router-steps", type=int, default=0,
+                        help="--domains: then train the routers on the MoE's next-token loss for this many steps "
+                             "(btx.train_routers, BTX's MiX stage for the routers; 0: the domain classifiers only)")
+    parser.add_argument("--router-lr", type=float, default=1e-3, help="peak rate of --router-steps (cosine)")
+    parser.add_argument("--router-batch", type=int, default=4, help="windows per step of --router-steps")
     parser.add_argument("--domain-lr", default=None,
                         help="--domains: per-domain peak rates, e.g. web_a=5e-4,book_a=1e-3 (the others: --lr)")
     parser.add_argument("--max-new-experts", type=int, default=None,
@@ -121,23 +135,33 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else default_out(args.model, args.experts)
     try:
-        domain_lr = parse_domain_lr(args.domain_lr)
+        domain_lr = parse_domain_values(args.domain_lr)
+        domain_reinit = parse_domain_values(args.domain_reinit, "--domain-reinit", upper=1.0)
     except ValueError as error:
         parser.error(str(error))
-    if domain_lr and not args.domains:
-        parser.error("--domain-lr needs --domains")
-    if set(domain_lr) - set((args.domains or "").split(",")):
-        parser.error(f"--domain-lr names domains not in --domains: {sorted(set(domain_lr) - set(args.domains.split(',')))}")
+    for flag, named in (("--domain-lr", domain_lr), ("--domain-reinit", domain_reinit)):
+        if named and not args.domains:
+            parser.error(f"{flag} needs --domains")
+        if set(named) - set((args.domains or "").split(",")):
+            parser.error(f"{flag} names domains not in --domains: {sorted(set(named) - set(args.domains.split(',')))}")
     settings = BuildSettings(experts=args.experts, top_k=args.top_k, moe_layers=layer_list(args.layers),
                              seq_len=args.seq_len, windows_per_domain=args.windows_per_domain,
                              router_windows=args.router_windows, seed=args.seed, domain_lr=domain_lr,
+                             domain_reinit=domain_reinit,
                              train=TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                                                  schedule=args.schedule, warmup=args.warmup, draw=args.draw,
-                                                 loss_positions=args.loss_positions))
+                                                 loss_positions=args.loss_positions, reinit=args.reinit))
+    if args.router_steps:
+        if not args.domains:
+            parser.error("--router-steps needs --domains (the routers train on the router-fit windows)")
+        settings.router_train = TrainSettings(steps=args.router_steps, batch=args.router_batch, lr=args.router_lr,
+                                              seed=args.seed, schedule="cosine", warmup=args.router_steps // 10,
+                                              draw="epochs", loss_positions=args.loss_positions)
     # what does not change the result is not recorded; the new training options only when set (so that
     # issue 15's recorded arguments still match)
     ignored = ("out", "threads", "max_new_experts", "prefix_cache")
-    defaults = {"schedule": "constant", "warmup": 0, "draw": "random", "loss_positions": 0, "domain_lr": None}
+    defaults = {"schedule": "constant", "warmup": 0, "draw": "random", "loss_positions": 0, "domain_lr": None,
+                "reinit": 0.0, "domain_reinit": None, "router_steps": 0, "router_lr": 1e-3, "router_batch": 4}
     recorded = {k: v for k, v in vars(args).items() if k not in ignored and defaults.get(k, object()) != v}
     info_path = out / "fixture_info.json"
     if info_path.exists() and json.loads(info_path.read_text()).get("arguments") == recorded:

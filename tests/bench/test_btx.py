@@ -245,14 +245,25 @@ def test_per_domain_rate_retrains_only_the_named_domain_at_its_rate(tmp_path, mo
         build_from_domains(dense, splits, BuildSettings(**{**vars(base), "domain_lr": {"web": 1e-3}}))
 
 
-def test_domain_lr_flag_parses_each_domain_once_with_a_positive_rate():
-    from build_moe_fixture import parse_domain_lr
+def test_domain_flags_parse_each_domain_once_with_a_value_in_range():
+    from build_moe_fixture import parse_domain_values
 
-    assert parse_domain_lr(None) == {}
-    assert parse_domain_lr("web_a=5e-4, book_b=1e-3") == {"web_a": 5e-4, "book_b": 1e-3}
+    assert parse_domain_values(None) == {}
+    assert parse_domain_values("web_a=5e-4, book_b=1e-3") == {"web_a": 5e-4, "book_b": 1e-3}
     for bad in ("web_a", "web_a=0", "web_a=x", "=1e-3", "web_a=1e-3,web_a=2e-3"):
         with pytest.raises(ValueError, match="--domain-lr"):
-            parse_domain_lr(bad)
+            parse_domain_values(bad)
+    assert parse_domain_values("code_mbpp=0.02", "--domain-reinit", upper=1.0) == {"code_mbpp": 0.02}
+    with pytest.raises(ValueError, match="--domain-reinit"):
+        parse_domain_values("code_mbpp=1.5", "--domain-reinit", upper=1.0)
+
+
+def test_domain_reinit_overrides_the_fraction_of_the_named_domain_only():
+    from btx import expert_train_settings
+
+    settings = BuildSettings(train=TrainSettings(steps=4, reinit=0.01), domain_reinit={"code": 0.02})
+    assert expert_train_settings(settings, 0, "code").reinit == 0.02
+    assert expert_train_settings(settings, 1, "web").reinit == 0.01
 
 
 def test_routing_shares_count_the_top_k_slots_per_family():
@@ -306,3 +317,66 @@ def test_expert_loss_from_a_computed_prefix_equals_the_full_pass_and_leaves_the_
     assert expert_loss(trunk, trained, ids, hidden=trunk.prefix(ids)) == pytest.approx(full, rel=1e-6)
     assert full != pytest.approx(expert_loss(trunk, {}, ids), rel=1e-4)        # the expert is in the model
     assert all(torch.equal(a, b) for a, b in zip(before, mlp_weights(dense.model.layers[2].mlp)))
+
+
+def test_drop_upcycle_redraws_only_the_chosen_neurons_from_each_matrix_statistics():
+    from btx import drop_upcycle
+
+    g0 = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(400, 32, generator=g0) * 0.05 + 0.01, torch.randn(400, 32, generator=g0) * 0.2
+    down = torch.randn(32, 400, generator=g0) * 0.1 - 0.02
+    (g, u, d), chosen = drop_upcycle((gate, up, down), 0.25, torch.Generator().manual_seed(1))
+    assert len(chosen) == 100 and len(set(chosen.tolist())) == 100
+    kept = torch.ones(400, dtype=torch.bool)
+    kept[chosen] = False
+    assert torch.equal(g[kept], gate[kept]) and torch.equal(u[kept], up[kept]) and torch.equal(d[:, kept], down[:, kept])
+    assert (g[chosen] != gate[chosen]).all() and (d[:, chosen] != down[:, chosen]).all()
+    for new, old in ((g[chosen], gate), (u[chosen], up), (d[:, chosen], down)):
+        assert float(new.mean()) == pytest.approx(float(old.mean()), abs=0.1 * float(old.std()))
+        assert float(new.std()) == pytest.approx(float(old.std()), rel=0.05)
+    _, other = drop_upcycle((gate, up, down), 0.25, torch.Generator().manual_seed(2))
+    assert set(other.tolist()) != set(chosen.tolist())
+    assert len(drop_upcycle((gate, up, down), 0.0, torch.Generator().manual_seed(1))[1]) == 0
+
+
+def test_reinit_experts_start_apart_and_keep_the_fingerprint_of_reinit_zero():
+    from btx import expert_fingerprint, train_expert
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    before = mlp_weights(dense.model.layers[2].mlp)
+    split = _splits(byte_tokenizer())[0]
+    trunk = Trunk(dense, 2)
+    hidden = trunk.prefix(split.train)
+    moved = {}
+    for ratio in (0.0, 0.25):
+        trained, _ = train_expert(trunk, [2], hidden, split.train, TrainSettings(steps=1, batch=2, lr=1e-6, reinit=ratio))
+        moved[ratio] = float(torch.cat([(a - b).flatten() for a, b in zip(trained[2], before)]).norm()
+                             / torch.cat([b.flatten() for b in before]).norm())
+    assert moved[0.0] < 1e-3 and 0.4 < moved[0.25] < 1.0      # ≈ √(2 · 0.25): a quarter of the neurons redrawn
+    assert all(torch.equal(a, b) for a, b in zip(before, mlp_weights(dense.model.layers[2].mlp)))
+    plain = expert_fingerprint([2], TrainSettings(steps=1), split.train)
+    assert "reinit" not in plain and "('reinit', 0.25)" in expert_fingerprint([2], TrainSettings(steps=1, reinit=0.25),
+                                                                            split.train)
+    with pytest.raises(ValueError, match="reinit"):
+        TrainSettings(reinit=1.5)
+
+
+def test_routers_trained_on_the_moe_loss_lower_it_and_change_nothing_else():
+    from btx import build_from_domains, held_out_loss
+
+    dense = tiny_model("llama", num_hidden_layers=3)
+    splits = _splits(byte_tokenizer())
+    train = TrainSettings(steps=3, batch=2, lr=1e-2)
+    plain, _ = build_from_domains(dense, splits, BuildSettings(experts=2, top_k=2, moe_layers=(1, 2), seq_len=32,
+                                                               train=train))
+    routed = BuildSettings(experts=2, top_k=2, moe_layers=(1, 2), seq_len=32, train=train,
+                           router_train=TrainSettings(steps=12, batch=2, lr=5e-2, draw="epochs"))
+    moe, info = build_from_domains(dense, splits, routed)
+    fit = torch.cat([s.router_fit for s in splits])
+    before, after = held_out_loss(Trunk(plain, 1), fit), held_out_loss(Trunk(moe, 1), fit)
+    assert after < before - 1e-3                                   # the routers learned the loss they train on
+    changed = [k for k, v in moe.state_dict().items() if not torch.equal(v, plain.state_dict()[k])]
+    assert sorted(changed) == ["model.layers.1.mlp.gate.weight", "model.layers.2.mlp.gate.weight"]
+    assert info["router_train_loss_first_last5"][0] > 0
+    assert set(info["trained_router_top1_domain_accuracy_out_of_sample"]) == {1, 2}
+    assert not any(p.requires_grad for p in moe.parameters())
