@@ -40,7 +40,10 @@ a synthetic MoE in ``bench/submoe_rank.py``: no truncation below min(out, in) ke
 Where the union already has rank ≤ min(out, in) (a weight with out ≤ in,
 such as a down projection), the default truncates nothing and that weight type is merged as the
 frequency-weighted average; the others (out > in: gate and up when I > hidden, down when I < hidden)
-are truncated.
+are truncated. What the truncation takes from the average is recorded per cluster
+(``share_of_average_removed``) and logged above 1%: ≈ 0.05% on experts fine-tuned apart, ≈ 5% on
+Drop-Upcycled experts that differ in which neurons they use, where it doubled web and book perplexity
+(bench/history/issue32-submoe.md).
 
 Sub-MoE† (``submoe`` with ``rank`` or ``ratio``): step 3 runs on weights whitened by each member's
 routed-token Gram and is truncated to rank r, and the merged experts are stored as low-rank pairs in a
@@ -302,6 +305,32 @@ class ExpertReducer(BlockCompressor):
         return self.merge(tensor[members], w)
 
 
+TRUNCATION_WARNING = 0.01    # share of the average a truncation may drop before it is reported
+
+
+def _share_removed(merged: torch.Tensor, average: torch.Tensor) -> float:
+    """‖merged − average‖ / ‖average‖: what the shared subspace's truncation took from the cluster's
+    frequency-weighted average (0 at full rank: the untruncated union SVD merge *is* the average)."""
+    norm = float(average.norm())
+    return round(float((merged - average.to(merged)).norm()) / norm, 6) if norm > 0 else 0.0
+
+
+def _warn_if_truncation_removes_signal(name: str, groups: list[list[int]], removed: dict[str, list[float | None]],
+                                       ranks: dict[str, int]) -> None:
+    """Log the clusters whose truncated merge drops more than ``TRUNCATION_WARNING`` of their average.
+
+    Why: the paper reads the dropped union directions as conflict between experts; on experts fine-tuned
+    a little apart they are ≈ 0.05% of the average, but on experts that differ in which neurons they use
+    (Drop-Upcycled experts, bench/history/issue32-submoe.md) the rank min(out, in) drops ≈ 5% of gate/up and
+    the merged block loses what each member learned alone (perplexity doubled on web and book text)."""
+    for kind, shares in removed.items():
+        for members, share in zip(groups, shares):
+            if share is not None and share > TRUNCATION_WARNING:
+                log.warning("%s: Sub-MoE's shared subspace (rank %d) drops %.1f%% of the merged %s of experts %s: "
+                            "the members differ beyond one expert's rank; expert_average keeps it",
+                            name, ranks[kind], 100 * share, kind, members)
+
+
 @register("submoe")
 class SubMoE(ExpertReducer):
     """Sub-MoE: output-similarity clusters merged in a shared subspace (union SVD); with ``rank`` or
@@ -368,17 +397,21 @@ class SubMoE(ExpertReducer):
         ranks = self._dense_ranks(name, module, stats)
         merged: dict[str, list[torch.Tensor]] = {kind: [] for kind in original.types()}
         kept: dict[str, list[int | None]] = {kind: [] for kind in original.types()}     # None: a 1-expert cluster
+        removed: dict[str, list[float | None]] = {kind: [] for kind in original.types()}
         for members, w in zip(groups, mix):
             for kind, tensor in original.types().items():
                 if len(members) == 1:
                     merged[kind].append(tensor[members[0]].to(torch.float64))
                     kept[kind].append(None)
+                    removed[kind].append(None)
                     continue
                 u, s, vt = union_svd_factors(tensor[members], w, ranks[kind], energy=self.config.subspace_energy)
                 merged[kind].append((u * s) @ vt)
                 kept[kind].append(len(s))
+                removed[kind].append(_share_removed(merged[kind][-1], average_merge(tensor[members], w)))
+        _warn_if_truncation_removes_signal(name, groups, removed, ranks)
         return MergedExperts(ExpertWeights(**{kind: torch.stack(ws) for kind, ws in merged.items()}),
-                             details={"subspace_ranks": ranks, "cluster_ranks": kept})
+                             details={"subspace_ranks": ranks, "cluster_ranks": kept, "share_of_average_removed": removed})
 
     def _dense_ranks(self, name: str, module: nn.Module, stats: Mapping[str, Statistic]) -> dict[str, int]:
         """Truncation rank of each weight type of this block (an energy rule may truncate further)."""

@@ -89,3 +89,25 @@ def test_groups_alone_or_with_the_matching_num_experts_are_valid():
         {"method": "submoe", "expert_groups": FAMILIES},
         {"method": "expert_average", "num_experts": 3, "expert_groups": FAMILIES, "seed": 1}]})
     assert recipe.stage_config(0).kept(6) == 3 and recipe.stage_config(1).fixed_groups == FAMILIES
+
+
+def test_a_truncation_that_drops_what_one_member_alone_learned_is_recorded_and_logged(caplog):
+    """Like experts: the default rank drops ≈ nothing of the average. Experts that differ in which neurons they
+    use (Drop-Upcycling: a quarter of one member's neurons redrawn) spread the union beyond one expert's rank:
+    the truncation drops a visible share of the average, recorded and logged (bench/history/issue32-submoe.md)."""
+    model, _, _ = prototype_moe([0, 0, 1, 1, 2, 2], noise=1e-3)
+    block = model.model.layers[0].mlp
+    stats = stats_for(block, tokens=96)[0]
+    compressor = moe_compressor("submoe", expert_groups=[[0, 1], [2, 3], [4, 5]])
+    with caplog.at_level("WARNING", logger="lrcompress.compressor.submoe"):
+        alike = compressor.compress("b", block, stats).details["share_of_average_removed"]
+    assert max(v for shares in alike.values() for v in shares) < 0.01 and not caplog.records
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        down = block.experts.down_proj                             # experts × hidden × I
+        neurons = torch.randperm(down.shape[2], generator=g)[:down.shape[2] // 4]
+        down[1][:, neurons] = torch.randn(down.shape[1], len(neurons), generator=g) * float(down[1].std())
+    with caplog.at_level("WARNING", logger="lrcompress.compressor.submoe"):
+        apart = compressor.compress("b", block, stats).details["share_of_average_removed"]
+    assert apart["down"][0] > 0.01 and apart["down"][1] < 0.01
+    assert any("drops" in r.getMessage() and "[0, 1]" in r.getMessage() for r in caplog.records)
