@@ -14,6 +14,12 @@ What it checks, 4 → 2 experts, measured before it was written (one thread):
   exactly the average and its gate/up projections the average projected onto the union's leading output
   directions, a change that moved the error by −0.3% and +0.003% in two measured layers (history file).
 
+The same build with Drop-Upcycled experts (``reinit`` 0.02: each expert redraws 2% of its neurons before
+training; bench/history/issue32-submoe.md, "Item 1 reached"), measured the same way (one thread, 43 s): experts
+28.7% apart; prune 0.278, REAP 0.306, averaging 0.218, Sub-MoE 0.235 (1.08× averaging), its truncation dropping
+6.4–6.6% of each cluster's averaged gate/up. Checked: merging within the families still beats pruning, and the
+paper's default merge is now clearly *worse* than averaging, recorded and warned about.
+
 Marked real_model: it fails, not skips, without SmolLM2 or, under CI / ``make test``, without the data.
 """
 import copy
@@ -46,9 +52,8 @@ def one_thread_for_the_module():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def specialists(data_dir):
-    """(the 4-expert MoE, calibration windows, held-out windows): ≈ 40 s of one thread."""
+def specialist_moe(data_dir, reinit: float = 0.0):
+    """(the 4-expert MoE, calibration windows, held-out windows): ≈ 25–40 s of one thread."""
     from btx import BuildSettings, TrainSettings, build_from_domains
     from btx_domains import domain_documents, split_domain
 
@@ -61,20 +66,26 @@ def specialists(data_dir):
                            router_test=2, held_out=4, seed=0) for name in DOMAINS]
     settings = BuildSettings(
         experts=4, top_k=2, moe_layers=(MOE_LAYER,), seq_len=128, windows_per_domain=16, router_windows=4,
-        train=TrainSettings(steps=30, batch=2, lr=2e-3, schedule="cosine", warmup=3, draw="epochs", loss_positions=32),
+        train=TrainSettings(steps=30, batch=2, lr=2e-3, schedule="cosine", warmup=3, draw="epochs", loss_positions=32,
+                            reinit=reinit),
         domain_lr={"qa_arc": 1e-3, "qa_piqa": 1e-3})
     moe, _ = build_from_domains(dense, splits, settings)
     return moe, torch.cat([s.router_fit for s in splits]), torch.cat([s.held_out for s in splits])
 
 
+@pytest.fixture(scope="module")
+def specialists(data_dir):
+    return specialist_moe(data_dir)
+
+
 def reduced(moe, calibration: torch.Tensor, method: str, **options):
-    """A copy of ``moe`` with 2 experts per MoE block, and the groups its block merged or kept."""
+    """A copy of ``moe`` with 2 experts per MoE block, and its block's record details (``groups``: merged or kept)."""
     model = copy.deepcopy(moe)
     cls = get_compressor(method)
     stage = Stage(0, cls(cls.Config(num_experts=2, **options)), ["*"])
     records = LayerwisePipeline(LayerWalk(model, adapter_for(model), calibration, PipelineSettings(batch_size=4)),
                                 [stage]).run()
-    return model, records[0].details["groups"]
+    return model, records[0].details
 
 
 def test_merging_the_specialist_families_beats_pruning_and_the_paper_merge_matches_averaging(specialists):
@@ -82,9 +93,24 @@ def test_merging_the_specialist_families_beats_pruning_and_the_paper_merge_match
     errors, groups = {}, {}
     for label, method, options in [("prune", "expert_prune", {}), ("average", "expert_average", {}),
                                    ("submoe", "submoe", {})]:
-        model, groups[label] = reduced(moe, calibration, method, **options)
-        errors[label] = block_error(moe, model, MOE_LAYER, held_out)
+        model, details = reduced(moe, calibration, method, **options)
+        errors[label], groups[label] = block_error(moe, model, MOE_LAYER, held_out), details["groups"]
     assert sorted(map(sorted, groups["submoe"])) == [[0, 1], [2, 3]], groups        # code | questions
     assert groups["average"] == groups["submoe"]
     assert errors["prune"] > 1.3 * errors["average"], errors                         # measured 1.49×
     assert errors["submoe"] <= 1.01 * errors["average"], errors                      # measured 0.997×
+
+
+def test_on_drop_upcycled_specialists_the_paper_merge_loses_what_averaging_keeps(data_dir, caplog):
+    moe, calibration, held_out = specialist_moe(data_dir, reinit=0.02)
+    errors, details = {}, {}
+    with caplog.at_level("WARNING", logger="lrcompress.compressor.submoe"):
+        for label, method in [("prune", "expert_prune"), ("average", "expert_average"), ("submoe", "submoe")]:
+            model, details[label] = reduced(moe, calibration, method)
+            errors[label] = block_error(moe, model, MOE_LAYER, held_out)
+    assert sorted(map(sorted, details["submoe"]["groups"])) == [[0, 1], [2, 3]], details["submoe"]["groups"]
+    assert errors["average"] < 0.9 * errors["prune"], errors                            # measured 0.78×
+    assert errors["submoe"] > 1.04 * errors["average"], errors                           # measured 1.08×
+    removed = details["submoe"]["share_of_average_removed"]
+    assert min(removed["gate"] + removed["up"]) > 0.03 and max(removed["down"]) < 1e-6, removed   # 6.4–6.6%, 0
+    assert sum("drops" in r.getMessage() for r in caplog.records) == 4                   # gate, up × 2 clusters
