@@ -517,30 +517,12 @@ def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: Bu
     experts: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in layers}
     curves, new, own_losses = [], 0, {}
     for domain, split in enumerate(splits):
-        train = expert_train_settings(settings, domain, split.name)
         path = checkpoints / f"expert-{domain}-{split.name}.pt" if checkpoints is not None else None
-        fingerprint = expert_fingerprint(layers, train, split.train)
-        saved = torch.load(path) if path is not None and path.exists() else None
-        if saved is not None and saved["fingerprint"] == fingerprint:
-            trained, losses, own = saved["trained"], saved["losses"], saved.get("own_held_out_loss")
-            progress(f"domain {domain} ({split.name}): reused {path.name}")
-        else:
-            if max_new_experts is not None and new >= max_new_experts:
-                raise BuildPaused(f"{new} new experts trained; stopped before domain {domain} ({split.name})")
-            started = time.perf_counter()
-            hidden = cached_prefix(trunk, split.train, prefix_cache)
-            progress(f"domain {domain} ({split.name}): prefix of {len(split.train)} windows "
-                     f"({time.perf_counter() - started:.0f} s)")
-            trained, losses = train_expert(trunk, layers, hidden, split.train, train)
-            own = expert_loss(trunk, trained, split.held_out) if len(split.held_out) else None
-            new += 1
-            progress(f"domain {domain} ({split.name}): loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} "
-                     f"({time.perf_counter() - started:.0f} s)")
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"fingerprint": fingerprint, "trained": trained, "losses": losses, "own_held_out_loss": own},
-                           path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
+        may_train = max_new_experts is None or new < max_new_experts
+        trained, losses, own, fresh = saved_or_trained_expert(trunk, layers, domain, split,
+                                                              expert_train_settings(settings, domain, split.name),
+                                                              path, may_train, prefix_cache, progress)
+        new += fresh
         for i in layers:
             experts[i].append(tuple(trained[i]))
         curves.append(losses)
@@ -561,7 +543,37 @@ def build_from_domains(dense: nn.Module, splits: list[DomainSplit], settings: Bu
             "router_top1_domain_accuracy_out_of_sample": accuracy["out_of_sample"],
             "expert_differences": differences, "expert_own_held_out_loss": own_losses,
             "expert_lr": {s.name: expert_train_settings(settings, d, s.name).lr for d, s in enumerate(splits)}}
+    if settings.train.reinit or settings.domain_reinit:
+        info["expert_reinit"] = {s.name: expert_train_settings(settings, d, s.name).reinit for d, s in enumerate(splits)}
     return model, info
+
+
+def saved_or_trained_expert(trunk: Trunk, layers: list[int], domain: int, split: DomainSplit, train: TrainSettings,
+                            path: Path | None, may_train: bool, prefix_cache: Path | None, progress
+                            ) -> tuple[dict[int, tuple[torch.Tensor, ...]], list[float], float | None, bool]:
+    """One domain's expert: the checkpoint at ``path`` when its fingerprint (layers, settings, windows) matches,
+    else trained now and saved there (write, then rename). Returns (weights per layer, loss curve, the expert's
+    own held-out loss or None, whether it was trained now); ``may_train`` False raises ``BuildPaused`` instead."""
+    fingerprint = expert_fingerprint(layers, train, split.train)
+    saved = torch.load(path) if path is not None and path.exists() else None
+    if saved is not None and saved["fingerprint"] == fingerprint:
+        progress(f"domain {domain} ({split.name}): reused {path.name}")
+        return saved["trained"], saved["losses"], saved.get("own_held_out_loss"), False
+    if not may_train:
+        raise BuildPaused(f"new experts trained up to the limit; stopped before domain {domain} ({split.name})")
+    started = time.perf_counter()
+    hidden = cached_prefix(trunk, split.train, prefix_cache)
+    progress(f"domain {domain} ({split.name}): prefix of {len(split.train)} windows ({time.perf_counter() - started:.0f} s)")
+    trained, losses = train_expert(trunk, layers, hidden, split.train, train)
+    own = expert_loss(trunk, trained, split.held_out) if len(split.held_out) else None
+    progress(f"domain {domain} ({split.name}): loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} "
+             f"({time.perf_counter() - started:.0f} s)")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"fingerprint": fingerprint, "trained": trained, "losses": losses, "own_held_out_loss": own},
+                   path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return trained, losses, own, True
 
 
 def route_by_loss(model: nn.Module, layers: list[int], splits: list[DomainSplit], settings: BuildSettings,
@@ -683,4 +695,4 @@ def cached_prefix(trunk: Trunk, windows: torch.Tensor, cache: Path | None) -> to
 __all__ = ["BuildPaused", "BuildSettings", "DomainSplit", "Trunk", "TrainSettings", "assemble", "build", "build_from_domains",
            "cached_prefix", "domain_labels", "domain_windows", "drop_upcycle", "expert_differences", "expert_loss", "expert_train_settings", "fit_router", "fit_routers", "held_out_loss",
            "fit_parameters", "learning_rate_factor", "mlp_weights", "moe_config", "next_token_loss", "paragraphs",
-           "route_by_loss", "router_accuracy", "router_features", "train_expert", "train_routers", "window_draws"]
+           "route_by_loss", "router_accuracy", "router_features", "saved_or_trained_expert", "train_expert", "train_routers", "window_draws"]

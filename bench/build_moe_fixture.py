@@ -84,7 +84,7 @@ def domain_losses(dense, moe, splits, settings: BuildSettings) -> dict[str, dict
                      "moe": held_out_loss(Trunk(moe, first), s.held_out)} for s in splits if len(s.held_out)}
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("LRCOMPRESS_SMOLLM2"))
     parser.add_argument("--out", default=None)
@@ -128,12 +128,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 test windows of 512 (0: skip)")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if not args.model:
-        sys.exit("give --model or set LRCOMPRESS_SMOLLM2")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else default_out(args.model, args.experts)
+    return parser
+
+
+def build_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BuildSettings:
+    """The build's settings from the arguments; a bad per-domain option is a usage error (exit 2)."""
     try:
         domain_lr = parse_domain_values(args.domain_lr)
         domain_reinit = parse_domain_values(args.domain_reinit, "--domain-reinit", upper=1.0)
@@ -157,6 +156,18 @@ def main() -> None:
         settings.router_train = TrainSettings(steps=args.router_steps, batch=args.router_batch, lr=args.router_lr,
                                               seed=args.seed, schedule="cosine", warmup=args.router_steps // 10,
                                               draw="epochs", loss_positions=args.loss_positions)
+    return settings
+
+
+def main() -> None:
+    parser = argument_parser()
+    args = parser.parse_args()
+    if not args.model:
+        sys.exit("give --model or set LRCOMPRESS_SMOLLM2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else default_out(args.model, args.experts)
+    settings = build_settings(args, parser)
     # what does not change the result is not recorded; the new training options only when set (so that
     # issue 15's recorded arguments still match)
     ignored = ("out", "threads", "max_new_experts", "prefix_cache")

@@ -380,3 +380,18 @@ def test_routers_trained_on_the_moe_loss_lower_it_and_change_nothing_else():
     assert info["router_train_loss_first_last5"][0] > 0
     assert set(info["trained_router_top1_domain_accuracy_out_of_sample"]) == {1, 2}
     assert not any(p.requires_grad for p in moe.parameters())
+
+
+def test_build_arguments_give_the_settings_and_refuse_a_per_domain_option_without_domains():
+    from build_moe_fixture import argument_parser, build_settings
+
+    parser = argument_parser()
+    args = parser.parse_args(["--domains", "code_mbpp,web_a", "--experts", "2", "--reinit", "0.01",
+                              "--domain-reinit", "code_mbpp=0.02", "--router-steps", "10", "--router-lr", "2e-2"])
+    settings = build_settings(args, parser)
+    assert settings.train.reinit == 0.01 and settings.domain_reinit == {"code_mbpp": 0.02}
+    assert settings.router_train.steps == 10 and settings.router_train.lr == 2e-2 and settings.router_train.warmup == 1
+    for bad in (["--domain-reinit", "code_mbpp=0.02"], ["--router-steps", "5"],
+                ["--domains", "web_a", "--domain-reinit", "code_mbpp=0.02"]):
+        with pytest.raises(SystemExit):
+            build_settings(parser.parse_args(bad), parser)
