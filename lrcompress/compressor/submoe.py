@@ -315,20 +315,19 @@ def _share_removed(merged: torch.Tensor, average: torch.Tensor) -> float:
     return round(float((merged - average.to(merged)).norm()) / norm, 6) if norm > 0 else 0.0
 
 
-def _warn_if_truncation_removes_signal(name: str, groups: list[list[int]], removed: dict[str, list[float | None]],
-                                       ranks: dict[str, int]) -> None:
-    """Log the clusters whose truncated merge drops more than ``TRUNCATION_WARNING`` of their average.
+def _warn_if_one_expert_rank_drops_signal(name: str, kind: str, members: list[int], share: float, rank: int,
+                                          one_expert_rank: int) -> None:
+    """Log a cluster whose merge at one expert's rank, min(out, in), drops more than ``TRUNCATION_WARNING`` of
+    its average (a smaller rank the user asked for drops more by design and is not reported).
 
     Why: the paper reads the dropped union directions as conflict between experts; on experts fine-tuned
     a little apart they are ≈ 0.05% of the average, but on experts that differ in which neurons they use
     (Drop-Upcycled experts, bench/history/issue32-submoe.md) the rank min(out, in) drops ≈ 5% of gate/up and
     the merged block loses what each member learned alone (perplexity doubled on web and book text)."""
-    for kind, shares in removed.items():
-        for members, share in zip(groups, shares):
-            if share is not None and share > TRUNCATION_WARNING:
-                log.warning("%s: Sub-MoE's shared subspace (rank %d) drops %.1f%% of the merged %s of experts %s: "
-                            "the members differ beyond one expert's rank; expert_average keeps it",
-                            name, ranks[kind], 100 * share, kind, members)
+    if rank >= one_expert_rank and share > TRUNCATION_WARNING:
+        log.warning("%s: Sub-MoE's shared subspace (rank %d) drops %.1f%% of the merged %s of experts %s: the "
+                    "members differ beyond one expert's rank; expert_average keeps it", name, rank, 100 * share,
+                    kind, members)
 
 
 @register("submoe")
@@ -409,7 +408,8 @@ class SubMoE(ExpertReducer):
                 merged[kind].append((u * s) @ vt)
                 kept[kind].append(len(s))
                 removed[kind].append(_share_removed(merged[kind][-1], average_merge(tensor[members], w)))
-        _warn_if_truncation_removes_signal(name, groups, removed, ranks)
+                _warn_if_one_expert_rank_drops_signal(name, kind, members, removed[kind][-1], len(s),
+                                                      min(tensor.shape[1:]))
         return MergedExperts(ExpertWeights(**{kind: torch.stack(ws) for kind, ws in merged.items()}),
                              details={"subspace_ranks": ranks, "cluster_ranks": kept, "share_of_average_removed": removed})
 

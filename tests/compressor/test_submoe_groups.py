@@ -111,3 +111,13 @@ def test_a_truncation_that_drops_what_one_member_alone_learned_is_recorded_and_l
         apart = compressor.compress("b", block, stats).details["share_of_average_removed"]
     assert apart["down"][0] > 0.01 and apart["down"][1] < 0.01
     assert any("drops" in r.getMessage() and "[0, 1]" in r.getMessage() for r in caplog.records)
+
+
+def test_a_smaller_shared_subspace_the_user_asked_for_is_recorded_but_not_warned_about(caplog):
+    model, _, _ = prototype_moe([0, 0, 1, 1, 2, 2], noise=1e-3)
+    block = model.model.layers[0].mlp
+    stats = stats_for(block, tokens=96)[0]
+    with caplog.at_level("WARNING", logger="lrcompress.compressor.submoe"):
+        result = moe_compressor("submoe", expert_groups=[[0, 1], [2, 3], [4, 5]], subspace_rank=4).compress(
+            "b", block, stats)
+    assert max(result.details["share_of_average_removed"]["down"]) > 0.1 and not caplog.records
