@@ -41,7 +41,7 @@ Where the union already has rank ≤ min(out, in) (a weight with out ≤ in,
 such as a down projection), the default truncates nothing and that weight type is merged as the
 frequency-weighted average; the others (out > in: gate and up when I > hidden, down when I < hidden)
 are truncated. What the truncation takes from the average is recorded per cluster
-(``share_of_average_removed``) and logged above 1%: ≈ 0.05% on experts fine-tuned apart, ≈ 5% on
+(``share_of_average_removed``) and, at the default rank, logged above 1%: ≈ 0.05% on experts fine-tuned apart, ≈ 5% on
 Drop-Upcycled experts that differ in which neurons they use, where it doubled web and book perplexity
 (bench/history/issue32-submoe.md).
 
