@@ -84,6 +84,11 @@ def domain_losses(dense, moe, splits, settings: BuildSettings) -> dict[str, dict
                      "moe": held_out_loss(Trunk(moe, first), s.held_out)} for s in splits if len(s.held_out)}
 
 
+# options added after issue 15's build: recorded in fixture_info.json only when not at the parser's default
+RECORDED_WHEN_SET = ("schedule", "warmup", "draw", "loss_positions", "domain_lr", "reinit", "domain_reinit",
+                     "router_steps", "router_lr", "router_batch")
+
+
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("LRCOMPRESS_SMOLLM2"))
@@ -171,9 +176,8 @@ def main() -> None:
     # what does not change the result is not recorded; the new training options only when set (so that
     # issue 15's recorded arguments still match)
     ignored = ("out", "threads", "max_new_experts", "prefix_cache")
-    defaults = {"schedule": "constant", "warmup": 0, "draw": "random", "loss_positions": 0, "domain_lr": None,
-                "reinit": 0.0, "domain_reinit": None, "router_steps": 0, "router_lr": 1e-3, "router_batch": 4}
-    recorded = {k: v for k, v in vars(args).items() if k not in ignored and defaults.get(k, object()) != v}
+    recorded = {k: v for k, v in vars(args).items()
+                if k not in ignored and not (k in RECORDED_WHEN_SET and v == parser.get_default(k))}
     info_path = out / "fixture_info.json"
     if info_path.exists() and json.loads(info_path.read_text()).get("arguments") == recorded:
         print(f"{out}: already built with these settings")
